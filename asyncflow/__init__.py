@@ -1,0 +1,39 @@
+"""AsyncFlow: asynchronous streaming RL post-training on Ray.
+
+Users import from here; `dataplane`, `services` and `workers` are for extension authors.
+"""
+
+from __future__ import annotations
+
+from asyncflow.config import AsyncFlowConfig, DataPlaneConfig, load_config
+from asyncflow.errors import (
+    AsyncFlowError,
+    CodecError,
+    ConfigError,
+    DataPlaneError,
+    LeaseError,
+    SchemaError,
+    StorageUnavailable,
+    StoreTimeout,
+    UnknownPartition,
+    WorkerError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncFlowConfig",
+    "AsyncFlowError",
+    "CodecError",
+    "ConfigError",
+    "DataPlaneConfig",
+    "DataPlaneError",
+    "LeaseError",
+    "SchemaError",
+    "StorageUnavailable",
+    "StoreTimeout",
+    "UnknownPartition",
+    "WorkerError",
+    "__version__",
+    "load_config",
+]

@@ -1,0 +1,109 @@
+"""The config tree of a run: one pydantic model per section, loaded from YAML.
+
+`load_config(path, overrides)` reads a YAML file, applies `key.path=value` overrides and
+validates everything at once; any problem raises ConfigError naming the field path, the
+value and the fix. Importing this package pulls in no torch, ray or vllm (a test checks).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError
+
+from asyncflow.config._base import Section
+from asyncflow.config.dataplane import DataPlaneConfig
+from asyncflow.errors import ConfigError
+
+__all__ = ["AsyncFlowConfig", "DataPlaneConfig", "Section", "load_config", "parse_config"]
+
+
+class AsyncFlowConfig(Section):
+    """The root of a run config. Each component receives only its own section."""
+
+    run_name: str = Field(
+        "run",
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Name of the run; used for the run directory and Ray names.",
+    )
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for every random number generator of the run.")
+    dataplane: DataPlaneConfig = Field(
+        default_factory=DataPlaneConfig, description="The streaming data store."
+    )
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> AsyncFlowConfig:
+    """Read `path` (YAML), apply `a.b.c=value` overrides, validate."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {e.strerror}. Check the path.") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e}). Fix the syntax at the position shown.") from None
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of sections, got {type(data).__name__}. "
+            "Start the file with keys such as `run_name:` and `dataplane:`."
+        )
+    for item in overrides:
+        _apply_override(data, item)
+    return parse_config(data, source=str(path))
+
+
+def parse_config(data: dict[str, Any], source: str = "<config>") -> AsyncFlowConfig:
+    """Validate a plain dict; every error found is reported at once."""
+    try:
+        return AsyncFlowConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_describe(e, source)) from None
+
+
+def _apply_override(data: dict[str, Any], item: str) -> None:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} is not of the form key.path=value, e.g. dataplane.lease_s=30")
+    node = data
+    *parents, leaf = key.strip().split(".")
+    for name in parents:
+        child = node.setdefault(name, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {name!r} is a value, not a section, so it has no {leaf!r}")
+        node = child
+    node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: {error.error_count()} invalid setting(s)"]
+    for err in error.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "<root>"
+        value = err.get("input")
+        if err["type"] == "extra_forbidden":
+            fix = f"remove `{where}` or check its spelling against the documented fields"
+            lines.append(f"  {where}: unknown field (value {value!r}); fix: {fix}")
+            continue
+        field = _field_info(where)
+        hint = f" ({field.description})" if field is not None and field.description else ""
+        lines.append(
+            f"  {where} = {value!r}: {err['msg']}{hint}; fix: set `{where}` to a valid value "
+            f"in {source} or with --set {where}=..."
+        )
+    return "\n".join(lines)
+
+
+def _field_info(path: str):
+    model: type[Section] | None = AsyncFlowConfig
+    info = None
+    for name in path.split("."):
+        if model is None or name not in model.model_fields:
+            return None
+        info = model.model_fields[name]
+        ann = info.annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, Section) else None
+    return info

@@ -1,0 +1,60 @@
+"""One error tree for the whole product.
+
+    AsyncFlowError
+    ├── ConfigError            a config file or override is invalid (names the field path)
+    ├── CodecError             a value cannot be encoded or a frame cannot be decoded
+    ├── DataPlaneError         the data store refused or could not serve a request
+    │   ├── SchemaError        a row does not match its partition's schema (dtype, shape, field)
+    │   ├── UnknownPartition   no partition of that name exists
+    │   ├── LeaseError         an ack or release names rows this consumer does not hold
+    │   ├── StoreTimeout       a put (store full) or get (too few ready rows) ran out of time
+    │   └── StorageUnavailable a storage unit or backend cannot be reached
+    └── WorkerError            a worker (rollout, reward, trainer, ...) failed
+
+Every message says what was given, what was expected, and how to fix it.
+"""
+
+from __future__ import annotations
+
+
+class AsyncFlowError(Exception):
+    """Base of every error raised by AsyncFlow."""
+
+
+class ConfigError(AsyncFlowError, ValueError):
+    """A config file, a `--set` override or a plugin path is invalid."""
+
+
+class CodecError(AsyncFlowError, TypeError):
+    """A value has no wire encoding, or bytes on the wire are not a valid frame."""
+
+
+class DataPlaneError(AsyncFlowError):
+    """The data store refused a request or could not serve it."""
+
+
+class SchemaError(DataPlaneError, ValueError):
+    """Rows do not match the partition schema; nothing of the request was stored."""
+
+
+class UnknownPartition(DataPlaneError, KeyError):
+    """The named partition does not exist in this store."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class LeaseError(DataPlaneError):
+    """Rows were acked or released by a consumer that does not hold their lease."""
+
+
+class StoreTimeout(DataPlaneError, TimeoutError):
+    """A put waited for capacity, or a get for ready rows, longer than its timeout."""
+
+
+class StorageUnavailable(DataPlaneError, ConnectionError):
+    """A storage unit or storage backend cannot be reached."""
+
+
+class WorkerError(AsyncFlowError, RuntimeError):
+    """A worker actor failed; the message names the worker and the cause."""

@@ -1,0 +1,443 @@
+"""The data store's client: put rows, get ready rows, ack them, stream them.
+
+One async implementation (`StoreClient`) plus a thin sync facade (`SyncStoreClient`).
+A client needs only the controller's address: it asks the controller where rows are and
+talks to the storage units directly, so the data never passes through the controller.
+It checks rows against the partition schema before anything leaves the process, so a
+bad put changes nothing in the store.
+
+This module knows nothing about Ray; `dataplane.store` finds addresses by store name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from asyncflow.errors import SchemaError
+from dataplane.schema import FieldSpec, parse_schema, to_column
+from dataplane.wire import Stub
+
+
+@dataclass
+class Batch:
+    """Rows handed to one consumer, with their data by field (leased until acked)."""
+
+    partition: str
+    consumer: str
+    rows: list[int]
+    data: dict[str, Any]  # dense fields: array (B, ...); ragged / str / any fields: list of B values
+    units: list[int] = field(repr=False)
+    groups: list[int] = field(repr=False)
+    versions: list[int] = field(repr=False)
+    lengths: list[int] = field(repr=False)
+    shards: list[list[int]] | None = field(default=None, repr=False)
+    end: bool = False  # the partition is sealed and this consumer has had every row
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, name: str) -> Any:
+        return self.data[name]
+
+    def shard(self, rank: int) -> Batch:
+        """The rows of one data-parallel rank (balanced sampler), as a Batch of their own."""
+        if self.shards is None:
+            raise SchemaError("this batch has no shards: get it with sampler='balanced' and dp_size > 1")
+        pos = {r: i for i, r in enumerate(self.rows)}
+        return self.select([pos[r] for r in self.shards[rank]])
+
+    def select(self, positions: Sequence[int]) -> Batch:
+        def pick(values):
+            return values[list(positions)] if hasattr(values, "shape") else [values[i] for i in positions]
+
+        return replace(
+            self,
+            rows=pick(self.rows),
+            data={k: pick(v) for k, v in self.data.items()},
+            units=pick(self.units),
+            groups=pick(self.groups),
+            versions=pick(self.versions),
+            lengths=pick(self.lengths),
+            shards=None,
+        )
+
+
+@dataclass
+class ClientStats:
+    puts: int = 0
+    gets: int = 0
+    rows_put: int = 0
+    rows_got: int = 0
+    bytes_put: int = 0
+    bytes_got: int = 0
+
+
+class StoreClient:
+    """Async client of one store. Use from any asyncio code: a Ray actor, the driver, a server."""
+
+    def __init__(self, address: str):
+        self.address = address
+        self._controller = Stub(address)
+        self._units: list[Stub] = []
+        self._schemas: dict[str, dict[str, FieldSpec]] = {}
+        self.stats = ClientStats()
+
+    @classmethod
+    async def connect(cls, address: str) -> StoreClient:
+        client = cls(address)
+        client._units = [Stub(a) for a in await client._controller.units()]
+        return client
+
+    async def close(self) -> None:
+        await asyncio.gather(self._controller.close(), *(u.close() for u in self._units))
+
+    # -------------------------------------------------------------- partitions
+
+    async def create_partition(
+        self, name: str, schema: Mapping[str, str], *, capacity: int | None = None,
+        consumers: Sequence[str] = (), exist_ok: bool = False, stale_policy: str | None = None,
+    ) -> dict:  # fmt: skip
+        """Declare a partition: `schema` maps field -> spec ('int64[*]', 'float32', 'str', ...).
+
+        `consumers` are registered now, so rows are kept until each of them has acked them;
+        `stale_policy` ("drop" | "regenerate") overrides dataplane.stale_policy.
+        """
+        parse_schema(dict(schema))  # refuse a bad schema here, with the same message as the store
+        info = await self._controller.create_partition(
+            name=name, schema=dict(schema), capacity=capacity, consumers=list(consumers),
+            exist_ok=exist_ok, stale_policy=stale_policy,
+        )  # fmt: skip
+        self._schemas[name] = parse_schema(info["schema"])
+        return info
+
+    async def register_consumer(self, partition: str, consumer: str) -> None:
+        await self._controller.register_consumer(partition=partition, consumer=consumer)
+
+    async def describe(self, partition: str) -> dict:
+        return await self._controller.describe(name=partition)
+
+    async def seal(self, partition: str) -> None:
+        """Announce that no new rows will come, so consumers drain the rest and their streams end."""
+        await self._controller.seal(partition=partition)
+
+    async def drop_partition(self, partition: str) -> None:
+        self._schemas.pop(partition, None)
+        await self._controller.drop_partition(partition=partition)
+
+    async def _schema(self, partition: str) -> dict[str, FieldSpec]:
+        schema = self._schemas.get(partition)
+        if schema is None:
+            schema = self._schemas[partition] = parse_schema((await self.describe(partition))["schema"])
+        return schema
+
+    # -------------------------------------------------------------- producing
+
+    async def put(
+        self, partition: str, data: Mapping[str, Any], rows: Batch | Sequence[int] | None = None, *,
+        group_size: int = 1, version: int | None = None, lengths: Sequence[int] | None = None,
+        timeout_s: float | None = None,
+    ) -> list[int]:  # fmt: skip
+        """Write fields. Without `rows`: new rows (grouped by `group_size`), waiting while the
+        partition is full. With `rows` (indices or a Batch): fill more fields of existing rows.
+
+        `version` is the policy version that produced these values; `lengths` (tokens per row)
+        feeds the balanced sampler and defaults to the longest ragged field written.
+        Returns the row indices. Nothing is stored if any value is refused.
+        """
+        schema = await self._schema(partition)
+        if not data:
+            raise SchemaError(f"put to {partition!r} with no fields; give at least one of {sorted(schema)}")
+        unknown = sorted(set(data) - set(schema))
+        if unknown:
+            raise SchemaError(
+                f"put to {partition!r}: unknown field(s) {unknown}; the schema has {sorted(schema)}. "
+                "Fix the name or create the partition with that field"
+            )
+        n = len(rows) if rows is not None else _row_count(data)
+        columns = {f: to_column(f, schema[f], v, n) for f, v in data.items()}
+        new = rows is None
+        if new:
+            placed = await self._controller.reserve(
+                partition=partition, n=n, group_size=group_size, timeout_s=timeout_s
+            )
+            rows, units = placed["rows"], placed["units"]
+        elif isinstance(rows, Batch):
+            rows, units = list(rows.rows), list(rows.units)
+        else:
+            rows = [int(r) for r in rows]
+            units = await self._controller.locate(partition=partition, rows=rows)
+        await self._write(partition, rows, units, columns, new)
+        if lengths is None:
+            lengths = [max((c.lengths[i] for c in columns.values()), default=0) for i in range(n)]
+        nbytes = [sum(c.nbytes[i] for c in columns.values()) for i in range(n)]
+        await self._controller.commit(
+            partition=partition, rows=rows, fields=list(columns), version=version,
+            lengths=list(lengths), nbytes=nbytes,
+        )  # fmt: skip
+        self.stats.puts += 1
+        self.stats.rows_put += n
+        self.stats.bytes_put += sum(nbytes)
+        return rows
+
+    async def _write(self, partition: str, rows: list[int], units: list[int], columns, new: bool) -> None:
+        by_unit = _positions_by_unit(units)
+        calls = [
+            self._units[u].write(
+                partition=partition,
+                rows=[rows[i] for i in pos],
+                columns={f: [c.values[i] for i in pos] for f, c in columns.items()},
+            )
+            for u, pos in by_unit.items()
+        ]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if not failed:
+            return
+        # All or nothing: take back what did land, then report the first failure.
+        undo = [
+            self._units[u].delete(partition=partition, rows=[rows[i] for i in pos], fields=list(columns))
+            for (u, pos), r in zip(by_unit.items(), results)
+            if not isinstance(r, BaseException)
+        ]
+        await asyncio.gather(*undo)
+        if new:
+            await self._controller.abort(partition=partition, rows=rows)
+        raise failed[0]
+
+    # -------------------------------------------------------------- consuming
+
+    async def get(
+        self, partition: str, fields: Sequence[str], batch_size: int, consumer: str, *,
+        sampler: str = "sequential", dp_size: int = 1, v_min: int | None = None,
+        timeout_s: float | None = None, allow_partial: bool = False, lease_s: float | None = None,
+    ) -> Batch:  # fmt: skip
+        """Lease up to `batch_size` rows with `fields` ready that `consumer` has not had.
+
+        Waits until the sampler can serve a full batch (raises StoreTimeout after
+        `timeout_s`, or returns what there is if `allow_partial`). With `v_min`, rows of an
+        older policy version are dropped or regenerated instead (dataplane.stale_policy).
+        """
+        meta = await self._controller.get(
+            partition=partition, consumer=consumer, fields=list(fields), batch_size=batch_size,
+            sampler=sampler, dp_size=dp_size, v_min=v_min, timeout_s=timeout_s,
+            allow_partial=allow_partial, lease_s=lease_s,
+        )  # fmt: skip
+        schema = await self._schema(partition)
+        data = await self._read(partition, meta["rows"], meta["units"], list(fields), schema)
+        self.stats.gets += 1
+        self.stats.rows_got += len(meta["rows"])
+        return Batch(
+            partition, consumer, meta["rows"], data, meta["units"], meta["groups"], meta["versions"],
+            meta["lengths"], meta["shards"], meta["end"],
+        )  # fmt: skip
+
+    async def _read(self, partition, rows, units, fields, schema) -> dict[str, Any]:
+        if not rows:
+            return {f: _assemble([], schema[f]) for f in fields}
+        by_unit = _positions_by_unit(units)
+        replies = await asyncio.gather(
+            *(
+                self._units[u].read(partition=partition, rows=[rows[i] for i in pos], fields=fields)
+                for u, pos in by_unit.items()
+            )
+        )
+        data = {}
+        for f in fields:
+            values: list[Any] = [None] * len(rows)
+            for pos, reply in zip(by_unit.values(), replies):
+                for i, v in zip(pos, reply[f]):
+                    values[i] = v
+            self.stats.bytes_got += sum(getattr(v, "nbytes", 0) for v in values)
+            data[f] = _assemble(values, schema[f])
+        return data
+
+    async def ack(self, batch: Batch) -> None:
+        """Complete the batch: this consumer is done with its rows."""
+        if batch.rows:
+            await self._controller.ack(
+                partition=batch.partition, consumer=batch.consumer, rows=list(batch.rows)
+            )
+
+    async def release(self, batch: Batch) -> None:
+        """Hand the batch back unprocessed; another instance of the consumer gets it."""
+        if batch.rows:
+            await self._controller.release(
+                partition=batch.partition, consumer=batch.consumer, rows=list(batch.rows)
+            )
+
+    async def renew(self, batch: Batch, lease_s: float | None = None) -> None:
+        """Extend the lease of a batch that takes long to process."""
+        await self._controller.renew(
+            partition=batch.partition, consumer=batch.consumer, rows=list(batch.rows), lease_s=lease_s
+        )
+
+    async def stream(
+        self, partition: str, fields: Sequence[str], batch_size: int, consumer: str, *,
+        auto_ack: bool = True, **get_kwargs: Any,
+    ) -> AsyncIterator[Batch]:  # fmt: skip
+        """Yield batches until the partition is sealed and drained.
+
+        With `auto_ack`, a batch is acked when the next one is asked for, so a consumer that
+        dies mid-batch never acks it and the batch is redelivered.
+        """
+        while True:
+            batch = await self.get(partition, fields, batch_size, consumer, **get_kwargs)
+            if batch.end:
+                return
+            if not batch.rows:
+                continue
+            yield batch
+            if auto_ack:
+                await self.ack(batch)
+
+    # -------------------------------------------------------------- whole store
+
+    async def store_stats(self) -> dict:
+        return await self._controller.stats()
+
+    async def checkpoint(self, path: str) -> dict:
+        """Save the whole store (rows, readiness, consumption) under directory `path`."""
+        return await self._controller.checkpoint(path=str(path))
+
+    async def restore(self, path: str) -> dict:
+        """Load a checkpoint into this freshly started store; leased rows become pending again."""
+        self._schemas.clear()
+        return await self._controller.restore(path=str(path))
+
+
+def _row_count(data: Mapping[str, Any]) -> int:
+    counts = {f: (v.shape[0] if getattr(v, "shape", ()) else len(v)) for f, v in data.items()}
+    if len(set(counts.values())) != 1:
+        raise SchemaError(f"fields give different row counts {counts}; every field needs one value per row")
+    return next(iter(counts.values()))
+
+
+def _positions_by_unit(units: Sequence[int]) -> dict[int, list[int]]:
+    by_unit: dict[int, list[int]] = {}
+    for i, u in enumerate(units):
+        by_unit.setdefault(u, []).append(i)
+    return by_unit
+
+
+def _assemble(values: list[Any], spec: FieldSpec) -> Any:
+    """Dense numeric fields become one (B, ...) array, without a copy when the cells lie back to back."""
+    if not spec.numeric or spec.ragged:
+        return values
+    if not values:
+        return np.empty((0, *spec.shape), dtype=spec.dtype if spec.dtype != "bfloat16" else "uint16")
+    first = values[0]
+    if isinstance(first, np.ndarray):
+        return _contiguous_view(values) if _back_to_back(values) else np.stack(values)
+    import torch  # only bfloat16 fields arrive as tensors
+
+    return torch.stack(values)
+
+
+def _back_to_back(values: list[np.ndarray]) -> bool:
+    step = values[0].nbytes
+    base = values[0].__array_interface__["data"][0]
+    owner = _owner(values[0])
+    return step > 0 and all(
+        v.__array_interface__["data"][0] == base + i * step and _owner(v) is owner and v.flags.c_contiguous
+        for i, v in enumerate(values)
+    )
+
+
+def _owner(arr: np.ndarray) -> Any:
+    base = arr.base
+    return base.obj if isinstance(base, memoryview) else base
+
+
+def _contiguous_view(values: list[np.ndarray]) -> np.ndarray:
+    first = values[0]
+    owner = _owner(first)
+    start = (
+        first.__array_interface__["data"][0] - np.frombuffer(owner, np.uint8).__array_interface__["data"][0]
+    )
+    return np.frombuffer(owner, first.dtype, len(values) * first.size, start).reshape(
+        len(values), *first.shape
+    )
+
+
+class SyncStoreClient:
+    """Blocking facade over StoreClient, for the driver and synchronous code.
+
+    It runs the async client on a private event loop in a daemon thread; every method is
+    the async method of the same name, awaited.
+    """
+
+    def __init__(self, address: str):
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="store-client", daemon=True)
+        self._thread.start()
+        self._client: StoreClient = self._run(StoreClient.connect(address))
+        self.address = address
+
+    def _run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    @property
+    def stats(self) -> ClientStats:
+        return self._client.stats
+
+    def create_partition(self, name, schema, **kw) -> dict:
+        return self._run(self._client.create_partition(name, schema, **kw))
+
+    def register_consumer(self, partition, consumer) -> None:
+        return self._run(self._client.register_consumer(partition, consumer))
+
+    def describe(self, partition) -> dict:
+        return self._run(self._client.describe(partition))
+
+    def seal(self, partition) -> None:
+        return self._run(self._client.seal(partition))
+
+    def drop_partition(self, partition) -> None:
+        return self._run(self._client.drop_partition(partition))
+
+    def put(self, partition, data, rows=None, **kw) -> list[int]:
+        return self._run(self._client.put(partition, data, rows, **kw))
+
+    def get(self, partition, fields, batch_size, consumer, **kw) -> Batch:
+        return self._run(self._client.get(partition, fields, batch_size, consumer, **kw))
+
+    def ack(self, batch: Batch) -> None:
+        return self._run(self._client.ack(batch))
+
+    def release(self, batch: Batch) -> None:
+        return self._run(self._client.release(batch))
+
+    def renew(self, batch: Batch, lease_s=None) -> None:
+        return self._run(self._client.renew(batch, lease_s))
+
+    def stream(self, partition, fields, batch_size, consumer, **kw) -> Iterator[Batch]:
+        agen = self._client.stream(partition, fields, batch_size, consumer, **kw)
+        try:
+            while True:
+                try:
+                    yield self._run(agen.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._run(agen.aclose())
+
+    def store_stats(self) -> dict:
+        return self._run(self._client.store_stats())
+
+    def checkpoint(self, path) -> dict:
+        return self._run(self._client.checkpoint(path))
+
+    def restore(self, path) -> dict:
+        return self._run(self._client.restore(path))
+
+    def close(self) -> None:
+        if self._loop.is_running():
+            self._run(self._client.close())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)

@@ -1,0 +1,699 @@
+"""The controller: metadata of every row, and who has consumed what.
+
+It tracks, per partition, each row's placement (which storage unit holds it), group,
+policy version, length and per-field readiness (a bitmask), and per consumer which rows
+are pending, leased (with a deadline) or done. It never sees the data itself.
+
+Everything runs on one asyncio loop and no method blocks it: a `get` that finds too few
+ready rows awaits a signal that a `commit`, a release or an expiry fires, so consumers
+are woken the moment rows become ready (push, not polling). A lease ends by `ack`, by
+expiry (the consumer died or hung), or when the connection that took it closes; the
+rows then go back to pending for another instance of that consumer.
+
+This class knows nothing about Ray or sockets: `dataplane.store` hosts it behind the
+wire, and the unit tests drive it directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from asyncflow.config import DataPlaneConfig
+from asyncflow.errors import DataPlaneError, LeaseError, SchemaError, StoreTimeout, UnknownPartition
+from dataplane.codec import pack, unpack
+from dataplane.samplers import Selection, make_sampler
+from dataplane.schema import FieldSpec, parse_schema
+
+_EMPTY = Selection([], None)
+
+
+class Signal:
+    """Wakes every current waiter at once; waiters that arrive later wait for the next fire."""
+
+    __slots__ = ("_future",)
+
+    def __init__(self) -> None:
+        self._future: asyncio.Future | None = None
+
+    def fire(self) -> None:
+        if self._future is not None and not self._future.done():
+            self._future.set_result(None)
+        self._future = None
+
+    async def wait(self, timeout_s: float) -> None:
+        if self._future is None:
+            self._future = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._future), max(timeout_s, 0.0))
+        except TimeoutError:
+            pass
+
+
+@dataclass(slots=True)
+class Row:
+    row: int
+    unit: int
+    group: int
+    group_size: int
+    length: int = 0
+    version: int = -1  # -1: no versioned field written yet
+    ready: int = 0  # bit i set: field i is written
+    versioned: int = 0  # fields written with a version (cleared on regenerate)
+    acked: int = 0  # bit j set: consumer j is done with this row
+    nbytes: int = 0
+
+
+@dataclass(slots=True)
+class Lease:
+    peer: int
+    deadline: float
+
+
+@dataclass
+class Consumer:
+    name: str
+    bit: int
+    pending: dict[int, None] = field(default_factory=dict)  # not handed out, not done (ordered)
+    ready: dict[int, None] = field(default_factory=dict)  # pending rows whose `mask` fields are ready
+    mask: int | None = None  # fields the consumer last asked for
+    leases: dict[int, Lease] = field(default_factory=dict)
+    signal: Signal = field(default_factory=Signal)
+    counts: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(
+            ("delivered", "acked", "redelivered", "dropped_stale", "regenerated", "waits"), 0
+        )
+    )
+    wait_s: float = 0.0
+
+
+@dataclass
+class Partition:
+    name: str
+    schema: dict[str, FieldSpec]
+    capacity: int
+    bits: dict[str, int]
+    stale_policy: str = "drop"
+    consumers: dict[str, Consumer] = field(default_factory=dict)
+    rows: dict[int, Row] = field(default_factory=dict)
+    next_row: int = 0
+    next_group: int = 0
+    sealed: bool = False
+    freed: int = 0
+    capacity_signal: Signal = field(default_factory=Signal)
+    put_waits: int = 0
+
+    def mask(self, fields: list[str]) -> int:
+        mask = 0
+        for name in fields:
+            bit = self.bits.get(name)
+            if bit is None:
+                raise SchemaError(
+                    f"partition {self.name!r} has no field {name!r}; its fields are {sorted(self.bits)}"
+                )
+            mask |= 1 << bit
+        return mask
+
+    def fields(self, mask: int) -> list[str]:
+        return [name for name, bit in self.bits.items() if mask >> bit & 1]
+
+
+class Controller:
+    RPC_METHODS = (
+        "create_partition", "describe", "register_consumer", "reserve", "abort", "commit", "locate",
+        "get", "ack", "release", "renew", "seal", "drop_partition", "stats", "checkpoint", "restore",
+        "units",
+    )  # fmt: skip
+
+    def __init__(self, config: DataPlaneConfig, units: list[Any], unit_addresses: list[str] | None = None):
+        """`units`: objects with the storage-unit methods (wire connections or local instances)."""
+        self.config = config
+        self._units = units
+        self._unit_addresses = unit_addresses or []
+        self._unit_bytes = [0] * len(units)  # committed bytes of live rows
+        self._unit_rows = [0] * len(units)  # live rows, committed or only reserved
+        self._deletes: dict[tuple[str, int], list[int]] = {}
+        self._partitions: dict[str, Partition] = {}
+        self._expiry: list[tuple[float, str, str, int]] = []  # (deadline, partition, consumer, row)
+        self._expiry_signal = Signal()
+        self._expiry_task: asyncio.Task | None = None
+        self._open = asyncio.Event()
+        self._open.set()
+
+    # ------------------------------------------------------------------ partitions
+
+    async def create_partition(
+        self, name: str, schema: dict[str, str], capacity: int | None = None,
+        consumers: list[str] = (), exist_ok: bool = False, stale_policy: str | None = None,
+    ) -> dict:  # fmt: skip
+        """Declare a partition. `stale_policy` ("drop" | "regenerate") overrides the store default."""
+        specs = parse_schema(schema)
+        stale_policy = stale_policy or self.config.stale_policy
+        if stale_policy not in ("drop", "regenerate"):
+            raise DataPlaneError(f"stale_policy {stale_policy!r} is not one of 'drop', 'regenerate'")
+        if name in self._partitions:
+            part = self._partitions[name]
+            if not exist_ok or {k: str(v) for k, v in part.schema.items()} != {
+                k: str(v) for k, v in specs.items()
+            }:
+                raise DataPlaneError(
+                    f"partition {name!r} already exists with schema "
+                    f"{ {k: str(v) for k, v in part.schema.items()} }; pick another name, or pass "
+                    "exist_ok=True with the same schema to attach to it"
+                )
+        else:
+            capacity = capacity or self.config.capacity_rows
+            if capacity < 1:
+                raise DataPlaneError(f"partition {name!r}: capacity {capacity} must be >= 1 rows")
+            bits = {f: i for i, f in enumerate(specs)}
+            self._partitions[name] = Partition(name, specs, capacity, bits, stale_policy)
+        for consumer in consumers:
+            await self.register_consumer(name, consumer)
+        return await self.describe(name)
+
+    async def describe(self, name: str) -> dict:
+        part = self._partition(name)
+        return {
+            "name": part.name,
+            "schema": {k: str(v) for k, v in part.schema.items()},
+            "capacity": part.capacity,
+            "consumers": list(part.consumers),
+            "sealed": part.sealed,
+            "stale_policy": part.stale_policy,
+        }
+
+    async def register_consumer(self, partition: str, consumer: str) -> None:
+        part = self._partition(partition)
+        if consumer in part.consumers:
+            return
+        if len(part.consumers) >= 62:
+            raise DataPlaneError(f"partition {partition!r} already has 62 consumers, the most it can track")
+        state = Consumer(consumer, len(part.consumers))
+        state.pending = dict.fromkeys(part.rows)  # a late consumer still sees every live row
+        part.consumers[consumer] = state
+
+    async def seal(self, partition: str) -> None:
+        """No new rows will come: waiting consumers get the partial batches that remain."""
+        part = self._partition(partition)
+        part.sealed = True
+        for c in part.consumers.values():
+            c.signal.fire()
+
+    async def drop_partition(self, partition: str) -> None:
+        part = self._partitions.pop(partition, None)
+        if part is None:
+            return
+        for c in part.consumers.values():
+            c.signal.fire()
+        part.capacity_signal.fire()
+        await asyncio.gather(*(u.drop_partition(partition=partition) for u in self._units))
+
+    async def units(self) -> list[str]:
+        return self._unit_addresses
+
+    def _partition(self, name: str) -> Partition:
+        part = self._partitions.get(name)
+        if part is None:
+            raise UnknownPartition(
+                f"no partition {name!r} in store {self.config.name!r}; existing: {sorted(self._partitions)}. "
+                "Create it with create_partition(name, schema) first."
+            )
+        return part
+
+    # ------------------------------------------------------------------ producing
+
+    async def reserve(
+        self, partition: str, n: int, group_size: int = 1, timeout_s: float | None = None
+    ) -> dict:
+        """Allocate `n` new rows (waiting while the partition is full) and place them on units."""
+        await self._open.wait()
+        part = self._partition(partition)
+        if n < 1 or group_size < 1 or n % group_size:
+            raise DataPlaneError(
+                f"put of {n} rows with group_size {group_size}: the row count must be a positive "
+                "multiple of group_size (rows of a group are put together)"
+            )
+        if n > part.capacity:
+            raise DataPlaneError(
+                f"put of {n} rows can never fit partition {partition!r} (capacity {part.capacity}); "
+                "put in smaller chunks or create the partition with a larger capacity"
+            )
+        if len(part.rows) + n > part.capacity:
+            part.put_waits += 1
+            await self._wait(
+                lambda: len(part.rows) + n <= part.capacity,
+                part.capacity_signal,
+                timeout_s or self.config.put_timeout_s,
+                f"put of {n} rows to {partition!r}: the partition stayed full ({len(part.rows)}/"
+                f"{part.capacity} rows) for {{timeout_s:.1f}} s; consumers are not acking rows. Check that "
+                "every registered consumer runs, or raise the capacity or put_timeout_s",
+            )
+        first = part.next_row
+        part.next_row += n
+        units = self._place(n)
+        for i in range(n):
+            group = part.next_group + i // group_size
+            part.rows[first + i] = Row(first + i, units[i], group, group_size)
+            for c in part.consumers.values():
+                c.pending[first + i] = None
+        part.next_group += n // group_size
+        return {"rows": list(range(first, first + n)), "units": units}
+
+    def _place(self, n: int) -> list[int]:
+        """Contiguous runs of up to 64 rows, each to the least-loaded unit.
+
+        Load is bytes held plus reserved rows at the average row size, so a burst of
+        reservations spreads out before their commits report real sizes.
+        """
+        units: list[int] = []
+        avg = sum(self._unit_bytes) / max(sum(self._unit_rows), 1)
+        for start in range(0, n, 64):
+            run = min(64, n - start)
+            unit = min(range(len(self._units)), key=lambda u: self._unit_bytes[u] + self._unit_rows[u] * avg)
+            self._unit_rows[unit] += run
+            units += [unit] * run
+        return units
+
+    async def abort(self, partition: str, rows: list[int]) -> None:
+        """Forget reserved rows whose write failed (their fields were never committed)."""
+        part = self._partition(partition)
+        for r in rows:
+            row = part.rows.get(r)
+            if row is not None and row.ready == 0:
+                self._free(part, row)
+
+    async def locate(self, partition: str, rows: list[int]) -> list[int]:
+        part = self._partition(partition)
+        return [self._row(part, r).unit for r in rows]
+
+    def _row(self, part: Partition, r: int) -> Row:
+        row = part.rows.get(r)
+        if row is None:
+            raise DataPlaneError(
+                f"partition {part.name!r} has no live row {r}: it was never put, or every consumer "
+                "has acked it and it was freed"
+            )
+        return row
+
+    async def commit(
+        self, partition: str, rows: list[int], fields: list[str], version: int | None = None,
+        lengths: list[int] | None = None, nbytes: list[int] | None = None,
+    ) -> None:  # fmt: skip
+        """Mark `fields` of `rows` written (the bytes are already on their units) and wake consumers."""
+        await self._open.wait()
+        part = self._partition(partition)
+        mask = part.mask(fields)
+        targets = [self._row(part, r) for r in rows]
+        for row in targets:
+            if row.ready & mask:
+                raise SchemaError(
+                    f"partition {partition!r}, row {row.row}: fields {part.fields(row.ready & mask)} "
+                    "were already written; a field is written once per row"
+                )
+        for i, row in enumerate(targets):
+            row.ready |= mask
+            if version is not None:
+                row.version = version if row.version < 0 else min(row.version, version)
+            if row.version >= 0:  # fields written since generation depend on it: regenerated with it
+                row.versioned |= mask
+            if lengths is not None:
+                row.length += lengths[i]
+            if nbytes is not None:
+                row.nbytes += nbytes[i]
+                self._unit_bytes[row.unit] += nbytes[i]
+        for c in part.consumers.values():
+            if c.mask is None or not (mask & c.mask):
+                continue
+            woke = False
+            for row in targets:
+                if row.row in c.pending and row.ready & c.mask == c.mask and row.row not in c.ready:
+                    c.ready[row.row] = None
+                    woke = True
+            if woke:
+                c.signal.fire()
+
+    # ------------------------------------------------------------------ consuming
+
+    async def get(
+        self, partition: str, consumer: str, fields: list[str], batch_size: int,
+        sampler: str = "sequential", dp_size: int = 1, v_min: int | None = None,
+        timeout_s: float | None = None, allow_partial: bool = False, lease_s: float | None = None,
+        peer: int = 0,
+    ) -> dict:  # fmt: skip
+        """Lease up to `batch_size` rows whose `fields` are ready, waiting (pushed, not polled) for them."""
+        await self._open.wait()
+        part = self._partition(partition)
+        c = part.consumers.get(consumer)
+        if c is None:
+            raise DataPlaneError(
+                f"consumer {consumer!r} is not registered on partition {partition!r} (registered: "
+                f"{sorted(part.consumers)}); pass it in create_partition(consumers=...) or call "
+                "register_consumer first, so rows are kept until it has read them"
+            )
+        if batch_size < 1:
+            raise DataPlaneError(f"batch_size {batch_size} must be >= 1")
+        chooser = make_sampler(sampler, dp_size)
+        mask = part.mask(fields)
+        if c.mask != mask:  # the consumer asks for other fields than last time: rebuild its ready set
+            c.mask = mask
+            c.ready = {r: None for r in c.pending if part.rows[r].ready & mask == mask}
+        timeout_s = self.config.get_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
+        started, waited = time.monotonic(), False
+        while True:
+            await self._open.wait()  # a checkpoint is being taken: change nothing until it is done
+            if v_min is not None:
+                await self._retire_stale(part, c, v_min)
+            drained = part.sealed and len(c.ready) == len(c.pending)  # nothing more can become ready
+            selection = chooser.select([part.rows[r] for r in c.ready], batch_size, drained)
+            if selection is not None and selection.rows:
+                break
+            if drained and not c.leases:  # end of stream: whatever is left can never be served
+                selection = _EMPTY
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                if allow_partial:
+                    selection = chooser.select([part.rows[r] for r in c.ready], batch_size, True) or _EMPTY
+                    break
+                raise StoreTimeout(
+                    f"get from {partition!r} for consumer {consumer!r}: fewer than {batch_size} rows with "
+                    f"fields {fields} became ready within {timeout_s:.1f} s ({len(c.ready)} ready, "
+                    f"{len(c.pending)} pending). Check that the producers of those fields run, or pass "
+                    "allow_partial=True / a longer timeout_s"
+                )
+            if not waited:
+                c.counts["waits"] += 1
+                waited = True
+            await c.signal.wait(remaining)
+            if part is not self._partitions.get(partition):
+                raise UnknownPartition(f"partition {partition!r} was dropped while {consumer!r} waited")
+        if waited:
+            c.wait_s += time.monotonic() - started
+        return self._lease(part, c, selection.rows, selection.shards, peer, lease_s)
+
+    def _lease(self, part, c: Consumer, rows: list[int], shards, peer: int, lease_s: float | None) -> dict:
+        deadline = time.monotonic() + (lease_s or self.config.lease_s)
+        for r in rows:
+            del c.pending[r]
+            c.ready.pop(r, None)
+            c.leases[r] = Lease(peer, deadline)
+        if rows:
+            heapq.heappush(self._expiry, (deadline, part.name, c.name, rows[0]))
+            self._expiry_signal.fire()
+            self._ensure_expiry_task()
+        c.counts["delivered"] += len(rows)
+        meta = [part.rows[r] for r in rows]
+        return {
+            "rows": rows,
+            "units": [m.unit for m in meta],
+            "groups": [m.group for m in meta],
+            "versions": [m.version for m in meta],
+            "lengths": [m.length for m in meta],
+            "shards": shards,
+            "end": part.sealed and not rows and not c.pending and not c.leases,
+        }
+
+    async def _retire_stale(self, part: Partition, c: Consumer, v_min: int) -> None:
+        stale = [r for r in c.ready if 0 <= part.rows[r].version < v_min]
+        if not stale:
+            return
+        if part.stale_policy == "drop":
+            for r in stale:
+                del c.pending[r]
+                del c.ready[r]
+                c.counts["dropped_stale"] += 1
+                self._done(part, c, part.rows[r])
+            return
+        await self._regenerate(part, c, [part.rows[r] for r in stale])
+
+    async def _regenerate(self, part: Partition, c: Consumer, rows: list[Row]) -> None:
+        """Clear the versioned fields of stale rows so that their producer makes them again."""
+        by_unit: dict[tuple[int, int], list[int]] = {}
+        for row in rows:
+            c.ready.pop(row.row, None)
+            by_unit.setdefault((row.unit, row.versioned), []).append(row.row)
+            row.ready &= ~row.versioned
+            row.version, row.versioned = -1, 0
+            c.counts["regenerated"] += 1
+        # The old cells must be gone before anyone can write the fields again.
+        await asyncio.gather(
+            *(
+                self._units[unit].delete(partition=part.name, rows=rs, fields=part.fields(mask))
+                for (unit, mask), rs in by_unit.items()
+            )
+        )
+        for row in rows:
+            for other in part.consumers.values():
+                if row.acked >> other.bit & 1:  # it already consumed the old version: it gets the new one
+                    row.acked &= ~(1 << other.bit)
+                    other.pending[row.row] = None
+                    if other.mask is not None and row.ready & other.mask == other.mask:
+                        other.ready[row.row] = None
+                    other.signal.fire()
+
+    async def ack(self, partition: str, consumer: str, rows: list[int], peer: int = 0) -> int:
+        await self._open.wait()
+        part = self._partition(partition)
+        c = self._consumer(part, consumer)
+        self._check_leases(part, c, rows, peer, "ack")
+        for r in rows:
+            del c.leases[r]
+            c.counts["acked"] += 1
+            self._done(part, c, part.rows[r])
+        if part.sealed:  # its last leases may have been what kept a waiting get from ending
+            c.signal.fire()
+        return len(rows)
+
+    async def release(self, partition: str, consumer: str, rows: list[int], peer: int = 0) -> int:
+        """Give leased rows back unprocessed; another instance gets them."""
+        part = self._partition(partition)
+        c = self._consumer(part, consumer)
+        self._check_leases(part, c, rows, peer, "release")
+        self._return(part, c, rows)
+        return len(rows)
+
+    async def renew(self, partition: str, consumer: str, rows: list[int], lease_s: float | None = None,
+                    peer: int = 0) -> None:  # fmt: skip
+        part = self._partition(partition)
+        c = self._consumer(part, consumer)
+        self._check_leases(part, c, rows, peer, "renew")
+        deadline = time.monotonic() + (lease_s or self.config.lease_s)
+        for r in rows:
+            c.leases[r].deadline = deadline
+        if rows:
+            heapq.heappush(self._expiry, (deadline, partition, consumer, rows[0]))
+
+    def _consumer(self, part: Partition, consumer: str) -> Consumer:
+        c = part.consumers.get(consumer)
+        if c is None:
+            raise DataPlaneError(f"consumer {consumer!r} is not registered on partition {part.name!r}")
+        return c
+
+    def _check_leases(self, part: Partition, c: Consumer, rows: list[int], peer: int, verb: str) -> None:
+        for r in rows:
+            lease = c.leases.get(r)
+            if lease is None or lease.peer != peer:
+                raise LeaseError(
+                    f"cannot {verb} row {r} of {part.name!r} for consumer {c.name!r}: this client does not "
+                    "hold its lease (it expired and the row was redelivered, it was already acked, or it "
+                    f"was never handed to this client). Nothing was {verb}ed; process rows within "
+                    "lease_s or renew() the lease"
+                )
+
+    def _return(self, part: Partition, c: Consumer, rows: list[int]) -> None:
+        for r in rows:
+            c.leases.pop(r, None)
+            c.pending[r] = None
+            row = part.rows[r]
+            if c.mask is not None and row.ready & c.mask == c.mask:
+                c.ready[r] = None
+        if rows:
+            c.signal.fire()
+
+    def _done(self, part: Partition, c: Consumer, row: Row) -> None:
+        row.acked |= 1 << c.bit
+        if all(row.acked >> other.bit & 1 for other in part.consumers.values()):
+            self._free(part, row)
+
+    def _free(self, part: Partition, row: Row) -> None:
+        del part.rows[row.row]
+        for c in part.consumers.values():
+            c.pending.pop(row.row, None)
+            c.ready.pop(row.row, None)
+        self._unit_bytes[row.unit] -= row.nbytes
+        self._unit_rows[row.unit] -= 1
+        part.freed += 1
+        part.capacity_signal.fire()
+        self._schedule_delete(part.name, row)
+
+    def _schedule_delete(self, partition: str, row: Row) -> None:
+        first = not self._deletes
+        self._deletes.setdefault((partition, row.unit), []).append(row.row)
+        if first:  # one delete request per unit for all rows freed in this loop iteration
+            asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self._flush_deletes()))
+
+    async def _flush_deletes(self) -> None:
+        batch, self._deletes = self._deletes, {}
+        await asyncio.gather(
+            *(self._units[unit].delete(partition=p, rows=rows) for (p, unit), rows in batch.items())
+        )
+
+    async def on_disconnect(self, peer: int) -> None:
+        """The connection that held leases closed (its process died): redeliver them now."""
+        for part in self._partitions.values():
+            for c in part.consumers.values():
+                lost = [r for r, lease in c.leases.items() if lease.peer == peer]
+                if lost:
+                    c.counts["redelivered"] += len(lost)
+                    self._return(part, c, lost)
+
+    # ------------------------------------------------------------------ leases expire
+
+    def _ensure_expiry_task(self) -> None:
+        if self._expiry_task is None or self._expiry_task.done():
+            self._expiry_task = asyncio.ensure_future(self._expire_leases())
+
+    async def _expire_leases(self) -> None:
+        while True:
+            if not self._expiry:
+                await self._expiry_signal.wait(3600)
+                continue
+            now = time.monotonic()
+            deadline = self._expiry[0][0]
+            if deadline > now:
+                await self._expiry_signal.wait(deadline - now)
+                continue
+            _, partition, consumer, _ = heapq.heappop(self._expiry)
+            part = self._partitions.get(partition)
+            c = part.consumers.get(consumer) if part else None
+            if c is None:
+                continue
+            expired = [r for r, lease in c.leases.items() if lease.deadline <= now]
+            if expired:
+                c.counts["redelivered"] += len(expired)
+                self._return(part, c, expired)
+
+    # ------------------------------------------------------------------ waiting, stats, checkpoint
+
+    async def _wait(self, ready, signal: Signal, timeout_s: float, message: str) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not ready():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise StoreTimeout(message.format(timeout_s=timeout_s))
+            await signal.wait(remaining)
+
+    async def stats(self) -> dict:
+        unit_stats = await asyncio.gather(*(u.stats() for u in self._units))
+        partitions = {}
+        for part in self._partitions.values():
+            partitions[part.name] = {
+                "rows": len(part.rows),
+                "capacity": part.capacity,
+                "created": part.next_row,
+                "freed": part.freed,
+                "put_waits": part.put_waits,
+                "ready": {
+                    f: sum(1 for r in part.rows.values() if r.ready >> b & 1) for f, b in part.bits.items()
+                },
+                "consumers": {
+                    c.name: {
+                        "pending": len(c.pending),
+                        "ready": len(c.ready),
+                        "leased": len(c.leases),
+                        "wait_s": round(c.wait_s, 4),
+                        **c.counts,
+                    }  # fmt: skip
+                    for c in part.consumers.values()
+                },
+            }
+        return {"partitions": partitions, "units": unit_stats}
+
+    async def checkpoint(self, path: str) -> dict:
+        """Save metadata and every unit's cells to `path` as one consistent snapshot."""
+        Path(path).mkdir(parents=True, exist_ok=True)
+        self._open.clear()  # producers and consumers wait while the snapshot is taken
+        try:
+            await asyncio.sleep(0)  # let requests already past the gate finish their synchronous part
+            meta = [_partition_state(p) for p in self._partitions.values()]
+            Path(path, "controller.msgpack").write_bytes(pack({"version": 1, "partitions": meta}))
+            counts = await asyncio.gather(
+                *(u.dump(path=str(Path(path, f"unit-{i}.bin"))) for i, u in enumerate(self._units))
+            )
+        finally:
+            self._open.set()
+        return {"partitions": len(meta), "rows": sum(len(p["rows"]) for p in meta), "unit_rows": counts}
+
+    async def restore(self, path: str) -> dict:
+        """Load a checkpoint into this (empty) store. Leased rows come back as pending."""
+        if self._partitions:
+            raise DataPlaneError(
+                f"restore into store {self.config.name!r} that already has partitions "
+                f"{sorted(self._partitions)}; restore into a freshly started store"
+            )
+        state = unpack(Path(path, "controller.msgpack").read_bytes())
+        n = len(self._units)
+        keep: list[dict[str, dict[int, list[str]]]] = [{} for _ in range(n)]
+        for saved in state["partitions"]:
+            part = _partition_from(saved, n)
+            self._partitions[part.name] = part
+            for row in part.rows.values():
+                keep[row.unit].setdefault(part.name, {})[row.row] = part.fields(row.ready)
+                self._unit_bytes[row.unit] += row.nbytes
+                self._unit_rows[row.unit] += 1
+        dumps = sorted(Path(path).glob("unit-*.bin"), key=lambda p: int(p.stem.split("-")[1]))
+        loaded = await asyncio.gather(
+            *(self._units[i % n].load(path=str(p), keep=keep[i % n]) for i, p in enumerate(dumps))
+        )
+        return {"partitions": len(self._partitions), "rows": sum(loaded)}
+
+
+def _partition_state(part: Partition) -> dict:
+    return {
+        "name": part.name,
+        "schema": {k: str(v) for k, v in part.schema.items()},
+        "capacity": part.capacity,
+        "stale_policy": part.stale_policy,
+        "next_row": part.next_row,
+        "next_group": part.next_group,
+        "sealed": part.sealed,
+        "consumers": list(part.consumers),
+        # Only committed rows: a reserved row whose put never finished was never the caller's.
+        "rows": [
+            [
+                r.row,
+                r.unit,
+                r.group,
+                r.group_size,
+                r.length,
+                r.version,
+                r.ready,
+                r.versioned,
+                r.acked,
+                r.nbytes,
+            ]
+            for r in part.rows.values()
+            if r.ready
+        ],
+    }
+
+
+def _partition_from(saved: dict, num_units: int) -> Partition:
+    schema = parse_schema(saved["schema"])
+    bits = {f: i for i, f in enumerate(schema)}
+    part = Partition(saved["name"], schema, saved["capacity"], bits, saved["stale_policy"])
+    part.next_row, part.next_group, part.sealed = saved["next_row"], saved["next_group"], saved["sealed"]
+    for values in saved["rows"]:
+        row = Row(*values)
+        row.unit = row.unit % num_units  # a store with fewer units folds the old units onto the new
+        part.rows[row.row] = row
+    for bit, name in enumerate(saved["consumers"]):
+        c = Consumer(name, bit)
+        c.pending = {r: None for r, row in part.rows.items() if not row.acked >> bit & 1}
+        part.consumers[name] = c
+    return part

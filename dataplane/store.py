@@ -1,0 +1,124 @@
+"""Starting a store on Ray, and finding one by name.
+
+`start_store(config)` launches the storage units and the controller as named Ray actors
+(each serving its plain class over the wire on the actor's event loop) and returns a
+handle; `connect(name)` finds a running store from any process of the Ray cluster.
+This is the only module of the data store that imports Ray.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+from asyncflow.config import DataPlaneConfig
+from asyncflow.errors import DataPlaneError, StorageUnavailable
+from dataplane.client import StoreClient, SyncStoreClient
+from dataplane.controller import Controller
+from dataplane.storage.memory import MemoryStorage
+from dataplane.wire import Server, Stub
+
+NAMESPACE = "asyncflow"
+
+
+class ServiceHost:
+    """The body of a store actor: builds one service object and serves it over the wire."""
+
+    def __init__(self, kind: str, config: dict, unit: int = 0, unit_addresses: list[str] | None = None):
+        self._kind, self._config, self._unit, self._unit_addresses = kind, config, unit, unit_addresses or []
+        self._address: str | None = None
+        self._server: Server | None = None
+
+    async def start(self) -> str:
+        if self._address is None:
+            if self._kind == "unit":
+                target: Any = MemoryStorage(self._unit)
+            else:
+                units = [Stub(a) for a in self._unit_addresses]
+                target = Controller(DataPlaneConfig(**self._config), units, self._unit_addresses)
+            self._server = Server(target, target.RPC_METHODS)
+            self._address = await self._server.start(ray.util.get_node_ip_address())
+        return self._address
+
+    async def address(self) -> str:
+        return await self.start()
+
+
+@dataclass
+class StoreHandle:
+    """A running store: its config, its actors and its controller's address."""
+
+    config: DataPlaneConfig
+    address: str
+    controller: Any
+    units: list[Any]
+
+    def client(self) -> SyncStoreClient:
+        """A blocking client (for the driver and plain scripts)."""
+        return SyncStoreClient(self.address)
+
+    async def async_client(self) -> StoreClient:
+        return await StoreClient.connect(self.address)
+
+    def shutdown(self) -> None:
+        for actor in [self.controller, *self.units]:
+            ray.kill(actor)
+
+
+def _actor_name(store: str, role: str) -> str:
+    return f"{store}.{role}"
+
+
+def start_store(config: DataPlaneConfig | None = None) -> StoreHandle:
+    """Launch a store's storage units and controller as named Ray actors (ray.init() first)."""
+    config = config or DataPlaneConfig()
+    if not ray.is_initialized():
+        raise DataPlaneError("start_store needs Ray: call ray.init() first (or run inside a Ray job)")
+    host = ray.remote(ServiceHost)
+    try:
+        ray.get_actor(_actor_name(config.name, "controller"), namespace=NAMESPACE)
+    except ValueError:
+        pass  # no store of that name: good
+    else:
+        raise DataPlaneError(
+            f"a store named {config.name!r} is already running in this Ray cluster; connect to it with "
+            "dataplane.store.connect(name), or set dataplane.name to another name"
+        )
+    units = [
+        host.options(
+            name=_actor_name(config.name, f"unit{i}"),
+            namespace=NAMESPACE,
+            num_cpus=config.storage_num_cpus,
+            max_restarts=0,
+        ).remote("unit", config.model_dump(), unit=i)  # fmt: skip
+        for i in range(config.num_storage_units)
+    ]
+    addresses = ray.get([u.start.remote() for u in units])
+    controller = host.options(
+        name=_actor_name(config.name, "controller"), namespace=NAMESPACE, num_cpus=config.controller_num_cpus
+    ).remote("controller", config.model_dump(), unit_addresses=addresses)
+    address = ray.get(controller.start.remote())
+    return StoreHandle(config, address, controller, units)
+
+
+def store_address(name: str = "asyncflow") -> str:
+    """The controller address of the running store `name` (looked up through Ray)."""
+    return ray.get(_lookup(name).address.remote())
+
+
+async def connect(name: str = "asyncflow") -> StoreClient:
+    """An async client of the running store `name`; call from any process of the Ray cluster."""
+    actor = _lookup(name)
+    return await StoreClient.connect(await actor.address.remote())
+
+
+def _lookup(name: str):
+    try:
+        return ray.get_actor(_actor_name(name, "controller"), namespace=NAMESPACE)
+    except ValueError:
+        raise StorageUnavailable(
+            f"no store named {name!r} runs in this Ray cluster; start one with start_store(), or check "
+            "dataplane.name and that this process joined the right cluster (RAY_ADDRESS)"
+        ) from None

@@ -1,0 +1,1 @@
+"""Engine services behind small protocols: serving, parallelism, flow-matching policies."""

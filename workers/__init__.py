@@ -1,0 +1,1 @@
+"""Worker roles (rollout, reward, reference, trainer, weight store) as plain classes."""
