@@ -12,14 +12,15 @@ This module knows nothing about Ray; `dataplane.store` finds addresses by store 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import numpy as np
-
-from asyncflow.errors import SchemaError
+from asyncflow.errors import DataPlaneError, SchemaError
+from dataplane.columns import assemble, wire
 from dataplane.schema import FieldSpec, parse_schema, to_column
 from dataplane.wire import Stub
 
@@ -86,6 +87,7 @@ class StoreClient:
         self._controller = Stub(address)
         self._units: list[Stub] = []
         self._schemas: dict[str, dict[str, FieldSpec]] = {}
+        self._reserved: dict[str, dict] = {}  # partition -> rows reserved for this client's next put
         self.stats = ClientStats()
 
     @classmethod
@@ -95,6 +97,10 @@ class StoreClient:
         return client
 
     async def close(self) -> None:
+        for partition, spare in self._reserved.items():  # give back capacity held for a next put
+            with contextlib.suppress(DataPlaneError):
+                await self._controller.abort(partition=partition, rows=spare["rows"])
+        self._reserved.clear()
         await asyncio.gather(self._controller.close(), *(u.close() for u in self._units))
 
     # -------------------------------------------------------------- partitions
@@ -163,9 +169,7 @@ class StoreClient:
         columns = {f: to_column(f, schema[f], v, n) for f, v in data.items()}
         new = rows is None
         if new:
-            placed = await self._controller.reserve(
-                partition=partition, n=n, group_size=group_size, timeout_s=timeout_s
-            )
+            placed = await self._reservation(partition, n, group_size, timeout_s)
             rows, units = placed["rows"], placed["units"]
         elif isinstance(rows, Batch):
             rows, units = list(rows.rows), list(rows.units)
@@ -176,14 +180,29 @@ class StoreClient:
         if lengths is None:
             lengths = [max((c.lengths[i] for c in columns.values()), default=0) for i in range(n)]
         nbytes = [sum(c.nbytes[i] for c in columns.values()) for i in range(n)]
-        await self._controller.commit(
+        spare = await self._controller.commit(
             partition=partition, rows=rows, fields=list(columns), version=version,
-            lengths=list(lengths), nbytes=nbytes,
+            lengths=list(lengths), nbytes=nbytes, reserve_next=[n, group_size] if new else None,
         )  # fmt: skip
+        if spare is not None:
+            spare.update(n=n, group_size=group_size, at=time.monotonic())
+            self._reserved[partition] = spare
         self.stats.puts += 1
         self.stats.rows_put += n
         self.stats.bytes_put += sum(nbytes)
         return rows
+
+    async def _reservation(self, partition: str, n: int, group_size: int, timeout_s: float | None) -> dict:
+        """Rows for a put of n new rows: the spare the last commit returned if it fits, else reserve."""
+        spare = self._reserved.pop(partition, None)
+        if spare is not None:
+            fresh = time.monotonic() - spare["at"] < spare["expires_in_s"] / 2
+            if fresh and spare["n"] == n and spare["group_size"] == group_size:
+                return spare
+            await self._controller.abort(partition=partition, rows=spare["rows"])
+        return await self._controller.reserve(
+            partition=partition, n=n, group_size=group_size, timeout_s=timeout_s
+        )
 
     async def _write(self, partition: str, rows: list[int], units: list[int], columns, new: bool) -> None:
         by_unit = _positions_by_unit(units)
@@ -191,7 +210,7 @@ class StoreClient:
             self._units[u].write(
                 partition=partition,
                 rows=[rows[i] for i in pos],
-                columns={f: [c.values[i] for i in pos] for f, c in columns.items()},
+                columns={f: wire(c, pos) for f, c in columns.items()},
             )
             for u, pos in by_unit.items()
         ]
@@ -216,17 +235,21 @@ class StoreClient:
         self, partition: str, fields: Sequence[str], batch_size: int, consumer: str, *,
         sampler: str = "sequential", dp_size: int = 1, v_min: int | None = None,
         timeout_s: float | None = None, allow_partial: bool = False, lease_s: float | None = None,
+        ack: Batch | None = None,
     ) -> Batch:  # fmt: skip
         """Lease up to `batch_size` rows with `fields` ready that `consumer` has not had.
 
         Waits until the sampler can serve a full batch (raises StoreTimeout after
         `timeout_s`, or returns what there is if `allow_partial`). With `v_min`, rows of an
         older policy version are dropped or regenerated instead (dataplane.stale_policy).
+        `ack` acks a previous batch of the same consumer in the same round trip.
         """
+        if ack is not None and ack.consumer != consumer:
+            raise SchemaError(f"ack= takes a batch of consumer {consumer!r}, got one of {ack.consumer!r}")
         meta = await self._controller.get(
             partition=partition, consumer=consumer, fields=list(fields), batch_size=batch_size,
             sampler=sampler, dp_size=dp_size, v_min=v_min, timeout_s=timeout_s,
-            allow_partial=allow_partial, lease_s=lease_s,
+            allow_partial=allow_partial, lease_s=lease_s, ack=list(ack.rows) if ack else None,
         )  # fmt: skip
         schema = await self._schema(partition)
         data = await self._read(partition, meta["rows"], meta["units"], list(fields), schema)
@@ -239,7 +262,7 @@ class StoreClient:
 
     async def _read(self, partition, rows, units, fields, schema) -> dict[str, Any]:
         if not rows:
-            return {f: _assemble([], schema[f]) for f in fields}
+            return {f: assemble([], schema[f], 0) for f in fields}
         by_unit = _positions_by_unit(units)
         replies = await asyncio.gather(
             *(
@@ -249,12 +272,9 @@ class StoreClient:
         )
         data = {}
         for f in fields:
-            values: list[Any] = [None] * len(rows)
-            for pos, reply in zip(by_unit.values(), replies):
-                for i, v in zip(pos, reply[f]):
-                    values[i] = v
-            self.stats.bytes_got += sum(getattr(v, "nbytes", 0) for v in values)
-            data[f] = _assemble(values, schema[f])
+            parts = [(pos, reply[f]) for pos, reply in zip(by_unit.values(), replies)]
+            self.stats.bytes_got += sum(int(getattr(w[1], "nbytes", 0)) for _, w in parts)
+            data[f] = assemble(parts, schema[f], len(rows))
         return data
 
     async def ack(self, batch: Batch) -> None:
@@ -279,22 +299,47 @@ class StoreClient:
 
     async def stream(
         self, partition: str, fields: Sequence[str], batch_size: int, consumer: str, *,
-        auto_ack: bool = True, **get_kwargs: Any,
+        auto_ack: bool = True, prefetch: bool = True, **get_kwargs: Any,
     ) -> AsyncIterator[Batch]:  # fmt: skip
         """Yield batches until the partition is sealed and drained.
 
-        With `auto_ack`, a batch is acked when the next one is asked for, so a consumer that
-        dies mid-batch never acks it and the batch is redelivered.
+        With `auto_ack`, a batch is acked together with a later request, so a consumer that
+        dies mid-batch never acks it and the batch is redelivered. With `prefetch`, the next
+        batch is asked for while the caller works on this one.
         """
-        while True:
-            batch = await self.get(partition, fields, batch_size, consumer, **get_kwargs)
-            if batch.end:
-                return
-            if not batch.rows:
-                continue
-            yield batch
-            if auto_ack:
-                await self.ack(batch)
+        done: Batch | None = None  # processed, ack not yet sent
+
+        def request() -> asyncio.Future:
+            nonlocal done
+            ack, done = done, None
+            return asyncio.ensure_future(
+                self.get(partition, fields, batch_size, consumer, ack=ack, **get_kwargs)
+            )
+
+        ahead: asyncio.Future | None = request()
+        try:
+            while True:
+                batch = await ahead
+                ahead = None
+                if batch.end:
+                    return
+                if prefetch or not batch.rows:
+                    ahead = request()
+                if not batch.rows:
+                    continue
+                yield batch
+                if auto_ack:
+                    done = batch
+                if ahead is None:
+                    ahead = request()
+        finally:
+            if ahead is not None:
+                ahead.cancel()
+                with contextlib.suppress(asyncio.CancelledError, DataPlaneError):
+                    unused = await ahead
+                    await self.release(unused)  # leased ahead of need: hand it to another instance
+            if done is not None:
+                await self.ack(done)
 
     # -------------------------------------------------------------- whole store
 
@@ -323,46 +368,6 @@ def _positions_by_unit(units: Sequence[int]) -> dict[int, list[int]]:
     for i, u in enumerate(units):
         by_unit.setdefault(u, []).append(i)
     return by_unit
-
-
-def _assemble(values: list[Any], spec: FieldSpec) -> Any:
-    """Dense numeric fields become one (B, ...) array, without a copy when the cells lie back to back."""
-    if not spec.numeric or spec.ragged:
-        return values
-    if not values:
-        return np.empty((0, *spec.shape), dtype=spec.dtype if spec.dtype != "bfloat16" else "uint16")
-    first = values[0]
-    if isinstance(first, np.ndarray):
-        return _contiguous_view(values) if _back_to_back(values) else np.stack(values)
-    import torch  # only bfloat16 fields arrive as tensors
-
-    return torch.stack(values)
-
-
-def _back_to_back(values: list[np.ndarray]) -> bool:
-    step = values[0].nbytes
-    base = values[0].__array_interface__["data"][0]
-    owner = _owner(values[0])
-    return step > 0 and all(
-        v.__array_interface__["data"][0] == base + i * step and _owner(v) is owner and v.flags.c_contiguous
-        for i, v in enumerate(values)
-    )
-
-
-def _owner(arr: np.ndarray) -> Any:
-    base = arr.base
-    return base.obj if isinstance(base, memoryview) else base
-
-
-def _contiguous_view(values: list[np.ndarray]) -> np.ndarray:
-    first = values[0]
-    owner = _owner(first)
-    start = (
-        first.__array_interface__["data"][0] - np.frombuffer(owner, np.uint8).__array_interface__["data"][0]
-    )
-    return np.frombuffer(owner, first.dtype, len(values) * first.size, start).reshape(
-        len(values), *first.shape
-    )
 
 
 class SyncStoreClient:

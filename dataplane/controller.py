@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import itertools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,10 +49,9 @@ class Signal:
     async def wait(self, timeout_s: float) -> None:
         if self._future is None:
             self._future = asyncio.get_running_loop().create_future()
-        try:
-            await asyncio.wait_for(asyncio.shield(self._future), max(timeout_s, 0.0))
-        except TimeoutError:
-            pass
+        # asyncio.wait, not wait_for: it neither cancels the shared future on timeout nor, as
+        # wait_for can on 3.11, turns a cancellation that races the timeout into a TimeoutError.
+        await asyncio.wait([self._future], timeout=max(timeout_s, 0.0))
 
 
 @dataclass(slots=True)
@@ -138,7 +138,8 @@ class Controller:
         self._unit_rows = [0] * len(units)  # live rows, committed or only reserved
         self._deletes: dict[tuple[str, int], list[int]] = {}
         self._partitions: dict[str, Partition] = {}
-        self._expiry: list[tuple[float, str, str, int]] = []  # (deadline, partition, consumer, row)
+        self._expiry: list[tuple[float, int, str, str, Any]] = []  # (deadline, seq, kind, partition, key)
+        self._expiry_seq = itertools.count()
         self._expiry_signal = Signal()
         self._expiry_task: asyncio.Task | None = None
         self._open = asyncio.Event()
@@ -193,7 +194,9 @@ class Controller:
         if len(part.consumers) >= 62:
             raise DataPlaneError(f"partition {partition!r} already has 62 consumers, the most it can track")
         state = Consumer(consumer, len(part.consumers))
-        state.pending = dict.fromkeys(part.rows)  # a late consumer still sees every live row
+        state.pending = {
+            r: None for r, row in part.rows.items() if row.ready
+        }  # a late consumer sees every row
         part.consumers[consumer] = state
 
     async def seal(self, partition: str) -> None:
@@ -258,10 +261,10 @@ class Controller:
         for i in range(n):
             group = part.next_group + i // group_size
             part.rows[first + i] = Row(first + i, units[i], group, group_size)
-            for c in part.consumers.values():
-                c.pending[first + i] = None
         part.next_group += n // group_size
-        return {"rows": list(range(first, first + n)), "units": units}
+        # A producer that dies between reserving and committing must not hold capacity forever.
+        self._push_expiry(time.monotonic() + self.config.lease_s, "reserve", partition, (first, n))
+        return {"rows": list(range(first, first + n)), "units": units, "expires_in_s": self.config.lease_s}
 
     def _place(self, n: int) -> list[int]:
         """Contiguous runs of up to 64 rows, each to the least-loaded unit.
@@ -302,8 +305,13 @@ class Controller:
     async def commit(
         self, partition: str, rows: list[int], fields: list[str], version: int | None = None,
         lengths: list[int] | None = None, nbytes: list[int] | None = None,
-    ) -> None:  # fmt: skip
-        """Mark `fields` of `rows` written (the bytes are already on their units) and wake consumers."""
+        reserve_next: list[int] | None = None,
+    ) -> dict | None:  # fmt: skip
+        """Mark `fields` of `rows` written (the bytes are already on their units) and wake consumers.
+
+        `reserve_next` = [n, group_size]: also reserve rows for the producer's next put, if they
+        fit right now, and return that reservation (saves the producer a round trip per put).
+        """
         await self._open.wait()
         part = self._partition(partition)
         mask = part.mask(fields)
@@ -314,6 +322,10 @@ class Controller:
                     f"partition {partition!r}, row {row.row}: fields {part.fields(row.ready & mask)} "
                     "were already written; a field is written once per row"
                 )
+        for row in targets:
+            if not row.ready:  # first fields of a reserved row: from now on consumers wait for it
+                for c in part.consumers.values():
+                    c.pending[row.row] = None
         for i, row in enumerate(targets):
             row.ready |= mask
             if version is not None:
@@ -335,6 +347,11 @@ class Controller:
                     woke = True
             if woke:
                 c.signal.fire()
+        if reserve_next is not None:
+            n, group_size = reserve_next
+            if len(part.rows) + n <= part.capacity:
+                return await self.reserve(partition, n, group_size)
+        return None
 
     # ------------------------------------------------------------------ consuming
 
@@ -342,9 +359,14 @@ class Controller:
         self, partition: str, consumer: str, fields: list[str], batch_size: int,
         sampler: str = "sequential", dp_size: int = 1, v_min: int | None = None,
         timeout_s: float | None = None, allow_partial: bool = False, lease_s: float | None = None,
-        peer: int = 0,
+        ack: list[int] | None = None, peer: int = 0,
     ) -> dict:  # fmt: skip
-        """Lease up to `batch_size` rows whose `fields` are ready, waiting (pushed, not polled) for them."""
+        """Lease up to `batch_size` rows whose `fields` are ready, waiting (pushed, not polled) for them.
+
+        `ack`: rows of this consumer's previous batch to ack first (saves a round trip per batch).
+        """
+        if ack:
+            await self.ack(partition, consumer, ack, peer)
         await self._open.wait()
         part = self._partition(partition)
         c = part.consumers.get(consumer)
@@ -363,7 +385,7 @@ class Controller:
             c.ready = {r: None for r in c.pending if part.rows[r].ready & mask == mask}
         timeout_s = self.config.get_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout_s
-        started, waited = time.monotonic(), False
+        started, waited, end = time.monotonic(), False, False
         while True:
             await self._open.wait()  # a checkpoint is being taken: change nothing until it is done
             if v_min is not None:
@@ -372,8 +394,10 @@ class Controller:
             selection = chooser.select([part.rows[r] for r in c.ready], batch_size, drained)
             if selection is not None and selection.rows:
                 break
-            if drained and not c.leases:  # end of stream: whatever is left can never be served
-                selection = _EMPTY
+            # End of stream: nothing left can be served, and no other instance holds rows that
+            # could come back (the caller's own leases are in its hands).
+            if drained and all(lease.peer == peer for lease in c.leases.values()):
+                selection, end = _EMPTY, True
                 break
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -394,7 +418,7 @@ class Controller:
                 raise UnknownPartition(f"partition {partition!r} was dropped while {consumer!r} waited")
         if waited:
             c.wait_s += time.monotonic() - started
-        return self._lease(part, c, selection.rows, selection.shards, peer, lease_s)
+        return self._lease(part, c, selection.rows, selection.shards, peer, lease_s) | {"end": end}
 
     def _lease(self, part, c: Consumer, rows: list[int], shards, peer: int, lease_s: float | None) -> dict:
         deadline = time.monotonic() + (lease_s or self.config.lease_s)
@@ -403,9 +427,7 @@ class Controller:
             c.ready.pop(r, None)
             c.leases[r] = Lease(peer, deadline)
         if rows:
-            heapq.heappush(self._expiry, (deadline, part.name, c.name, rows[0]))
-            self._expiry_signal.fire()
-            self._ensure_expiry_task()
+            self._push_expiry(deadline, "lease", part.name, c.name)
         c.counts["delivered"] += len(rows)
         meta = [part.rows[r] for r in rows]
         return {
@@ -415,7 +437,6 @@ class Controller:
             "versions": [m.version for m in meta],
             "lengths": [m.length for m in meta],
             "shards": shards,
-            "end": part.sealed and not rows and not c.pending and not c.leases,
         }
 
     async def _retire_stale(self, part: Partition, c: Consumer, v_min: int) -> None:
@@ -486,7 +507,7 @@ class Controller:
         for r in rows:
             c.leases[r].deadline = deadline
         if rows:
-            heapq.heappush(self._expiry, (deadline, partition, consumer, rows[0]))
+            self._push_expiry(deadline, "lease", partition, consumer)
 
     def _consumer(self, part: Partition, consumer: str) -> Consumer:
         c = part.consumers.get(consumer)
@@ -554,11 +575,14 @@ class Controller:
 
     # ------------------------------------------------------------------ leases expire
 
-    def _ensure_expiry_task(self) -> None:
+    def _push_expiry(self, deadline: float, kind: str, partition: str, key: Any) -> None:
+        heapq.heappush(self._expiry, (deadline, next(self._expiry_seq), kind, partition, key))
+        self._expiry_signal.fire()
         if self._expiry_task is None or self._expiry_task.done():
-            self._expiry_task = asyncio.ensure_future(self._expire_leases())
+            self._expiry_task = asyncio.ensure_future(self._expire())
 
-    async def _expire_leases(self) -> None:
+    async def _expire(self) -> None:
+        """Return expired leases to pending, and free reservations that were never committed."""
         while True:
             if not self._expiry:
                 await self._expiry_signal.wait(3600)
@@ -568,12 +592,16 @@ class Controller:
             if deadline > now:
                 await self._expiry_signal.wait(deadline - now)
                 continue
-            _, partition, consumer, _ = heapq.heappop(self._expiry)
+            _, _, kind, partition, key = heapq.heappop(self._expiry)
             part = self._partitions.get(partition)
-            c = part.consumers.get(consumer) if part else None
-            if c is None:
+            if part is None:
                 continue
-            expired = [r for r, lease in c.leases.items() if lease.deadline <= now]
+            if kind == "reserve":
+                first, n = key
+                await self.abort(partition, list(range(first, first + n)))
+                continue
+            c = part.consumers.get(key)
+            expired = [r for r, lease in c.leases.items() if lease.deadline <= now] if c else []
             if expired:
                 c.counts["redelivered"] += len(expired)
                 self._return(part, c, expired)
@@ -592,8 +620,10 @@ class Controller:
         unit_stats = await asyncio.gather(*(u.stats() for u in self._units))
         partitions = {}
         for part in self._partitions.values():
+            reserved = sum(1 for r in part.rows.values() if not r.ready)
             partitions[part.name] = {
-                "rows": len(part.rows),
+                "rows": len(part.rows) - reserved,
+                "reserved": reserved,
                 "capacity": part.capacity,
                 "created": part.next_row,
                 "freed": part.freed,

@@ -86,11 +86,13 @@ def parse_schema(fields: dict[str, str | FieldSpec]) -> dict[str, FieldSpec]:
 
 @dataclass(slots=True)
 class Column:
-    """One field's values for n rows, ready for a storage unit."""
+    """One field's validated values for n rows (see `dataplane.columns` for how it travels)."""
 
-    values: list[Any]  # one value per row (arrays are views, not copies, where possible)
+    kind: str  # "d" dense | "r" ragged | "o" objects
+    block: Any  # dense: the (n, ...) array or tensor; else None
+    rows: list[Any] | None  # ragged / objects: one value per row; else None
     nbytes: list[int]
-    lengths: list[int]  # leading dim of each row's value for ragged fields, else 0
+    lengths: list[int]  # leading dimension per row for ragged fields, else 0
 
 
 def to_column(field: str, spec: FieldSpec, value: Any, n_rows: int) -> Column:
@@ -106,20 +108,30 @@ def to_column(field: str, spec: FieldSpec, value: Any, n_rows: int) -> Column:
             )
         _check_dtype(field, spec, dtype)
         _check_shape(field, spec, tuple(shape[1:]), "every row")
-        rows = list(value) if len(shape) > 1 else list(value.reshape(n_rows, 1))
-        if len(shape) == 1:  # scalar field: one value per row
-            rows = [value[i : i + 1].reshape(()) for i in range(n_rows)]
-    elif isinstance(value, Sequence) and not isinstance(value, str | bytes):
+        row_bytes = int(value.nbytes) // max(n_rows, 1)
+        if spec.ragged:
+            return Column("r", None, list(value), [row_bytes] * n_rows, [int(shape[1])] * n_rows)
+        return Column("d", value, None, [row_bytes] * n_rows, [0] * n_rows)
+    if isinstance(value, Sequence) and not isinstance(value, str | bytes):
         if len(value) != n_rows:
             raise SchemaError(f"field {field!r}: got {len(value)} values for {n_rows} rows; give one per row")
         rows = [_row_array(field, spec, v, i) for i, v in enumerate(value)]
-    else:
-        raise SchemaError(
-            f"field {field!r}: got {type(value).__name__}; expected an array with one row per sample or "
-            f"a list of {n_rows} per-row values of {spec}"
-        )
-    lengths = [int(r.shape[0]) if spec.ragged else 0 for r in rows]
-    return Column(rows, [int(r.nbytes) for r in rows], lengths)
+        nbytes = [int(r.nbytes) for r in rows]
+        if spec.ragged:
+            return Column("r", None, rows, nbytes, [int(r.shape[0]) for r in rows])
+        return Column("d", _stack(rows), None, nbytes, [0] * n_rows)
+    raise SchemaError(
+        f"field {field!r}: got {type(value).__name__}; expected an array with one row per sample or "
+        f"a list of {n_rows} per-row values of {spec}"
+    )
+
+
+def _stack(rows: list[Any]) -> Any:
+    if rows and not isinstance(rows[0], np.ndarray):
+        import torch
+
+        return torch.stack(rows)
+    return np.stack(rows) if rows else np.empty(0)
 
 
 def _is_array(value: Any) -> bool:
@@ -175,4 +187,4 @@ def _object_column(field: str, spec: FieldSpec, value: Any, n_rows: int) -> Colu
             if not isinstance(v, kind):
                 raise SchemaError(f"field {field!r}, row {i}: expected {spec.dtype}, got {type(v).__name__}")
     sizes = [len(v) if isinstance(v, str | bytes) else 0 for v in value]
-    return Column(list(value), sizes, [0] * n_rows)
+    return Column("o", None, list(value), sizes, [0] * n_rows)

@@ -5,10 +5,11 @@ buffers of any arrays in it. On the socket a message is
 
     uint32 frame count | uint64 length per frame | the frames, back to back
 
-so arrays are written straight from their memory (`writelines`, no join) and read back
-as views into one receive buffer. Many requests share one connection: each carries an
-id, and the server runs every request as its own task, so a long-waiting `get` never
-holds up an `ack` behind it.
+Frames are written one by one straight from their memory (no join), and a large message
+is received by the kernel directly into a buffer of its own (`asyncio.BufferedProtocol`),
+so arrays decode as writable views of it: one copy from socket to array, no more. Many
+requests share one connection: each carries an id, and the server runs each request as
+its own task, so a long-waiting `get` never holds up an `ack` behind it.
 
 This module knows nothing about partitions or rows; it moves named calls and their
 results. Errors raised by a handler travel back by class name and message and are
@@ -21,9 +22,12 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import socket
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
+
+import numpy as np
 
 import asyncflow.errors as errors_module
 from asyncflow.errors import AsyncFlowError, CodecError, DataPlaneError, StorageUnavailable
@@ -32,30 +36,122 @@ from dataplane.codec import decode, encode
 log = logging.getLogger("asyncflow.dataplane")
 _COUNT = struct.Struct("<I")
 _MAX_FRAMES = 1 << 20
-_STREAM_LIMIT = 1 << 26  # asyncio's read buffer high-water mark; messages stream past it in chunks
+_SCRATCH = 1 << 16  # small messages are parsed from here; larger bodies get a buffer of their own
+_SOCKET_BUFFER = 4 << 20  # let the kernel take a whole put or read at once
 
 
-async def send_message(writer: asyncio.StreamWriter, value: Any) -> None:
-    frames = encode(value)
-    lengths = struct.pack(f"<I{len(frames)}Q", len(frames), *(memoryview(f).nbytes for f in frames))
-    writer.writelines([lengths, *frames])
-    await writer.drain()
+class _Messages(asyncio.BufferedProtocol):
+    """Frames messages on a stream socket; calls `on_message(value)` for each one received."""
 
+    def __init__(self, on_message: Callable[[Any], None], on_lost: Callable[[Exception | None], None]):
+        self._on_message, self._on_lost = on_message, on_lost
+        self._scratch = bytearray(_SCRATCH)
+        self._start = self._end = 0  # unparsed bytes are scratch[start:end]
+        self._body: np.ndarray | None = None  # a large body being received in place
+        self._filled = 0
+        self._lengths: tuple[int, ...] = ()
+        self.transport: asyncio.Transport | None = None
+        self._paused: asyncio.Future | None = None
 
-async def read_message(reader: asyncio.StreamReader) -> Any:
-    (count,) = _COUNT.unpack(await reader.readexactly(_COUNT.size))
-    if not 0 < count <= _MAX_FRAMES:
-        raise CodecError(
-            f"wire message announces {count} frames; expected 1..{_MAX_FRAMES}. Peer is not a store."
+    # ---- receiving
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._body is not None:
+            return memoryview(self._body[self._filled :])
+        if self._end == len(self._scratch):  # move the unparsed tail to the front (or grow for a big header)
+            tail = self._scratch[self._start : self._end]
+            if len(tail) == len(self._scratch):
+                self._scratch.extend(bytes(len(self._scratch)))
+            self._scratch[: len(tail)] = tail
+            self._start, self._end = 0, len(tail)
+        return memoryview(self._scratch)[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            if self._body is not None:
+                self._filled += nbytes
+                if self._filled == len(self._body):
+                    body, self._body = self._body, None
+                    self._deliver(memoryview(body))
+                return
+            self._end += nbytes
+            self._parse()
+        except CodecError as e:  # garbage on the wire: drop this connection, keep serving the rest
+            log.warning("closing connection: unreadable message (%s)", e)
+            self.transport.close()
+
+    def _parse(self) -> None:
+        while True:
+            avail = self._end - self._start
+            if avail < 4:
+                return
+            (count,) = _COUNT.unpack_from(self._scratch, self._start)
+            if not 0 < count <= _MAX_FRAMES:
+                raise CodecError(f"message announces {count} frames; expected 1..{_MAX_FRAMES}")
+            head = 4 + 8 * count
+            if avail < head:
+                return
+            self._lengths = struct.unpack_from(f"<{count}Q", self._scratch, self._start + 4)
+            total = sum(self._lengths)
+            body_at = self._start + head
+            have = min(avail - head, total)
+            if have == total and total <= _SCRATCH:  # small and complete: copy it out of the scratch
+                self._start = body_at + total
+                self._deliver(memoryview(bytearray(self._scratch[body_at : body_at + total])))
+                continue
+            # Large or partial: the rest goes straight into a buffer of its own (np.empty: no zero-fill
+            # pass over memory the socket is about to overwrite anyway).
+            body = np.empty(total, np.uint8)
+            body[:have] = np.frombuffer(self._scratch, np.uint8, have, body_at)
+            self._start = self._end = 0
+            if have == total:
+                self._deliver(memoryview(body))
+                continue
+            self._body, self._filled = body, have
+            return
+
+    def _deliver(self, body: memoryview) -> None:
+        frames, offset = [], 0
+        for n in self._lengths:
+            frames.append(body[offset : offset + n])
+            offset += n
+        self._on_message(decode(frames))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._paused is not None and not self._paused.done():
+            self._paused.set_exception(ConnectionResetError("connection lost"))
+        self._on_lost(exc)
+
+    # ---- sending
+
+    def pause_writing(self) -> None:
+        self._paused = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self._paused is not None and not self._paused.done():
+            self._paused.set_result(None)
+        self._paused = None
+
+    async def send(self, value: Any) -> None:
+        """Write one message; waits only when the peer reads slower than we write."""
+        frames = encode(value)
+        if self.transport is None or self.transport.is_closing():
+            raise ConnectionResetError("connection closed")
+        self.transport.write(
+            struct.pack(f"<I{len(frames)}Q", len(frames), *(memoryview(f).nbytes for f in frames))
         )
-    lengths = struct.unpack(f"<{count}Q", await reader.readexactly(8 * count))
-    # bytearray: arrays decoded from the message are writable views, not read-only ones
-    body = memoryview(bytearray(await reader.readexactly(sum(lengths))))
-    frames, offset = [], 0
-    for n in lengths:
-        frames.append(body[offset : offset + n])
-        offset += n
-    return decode(frames)
+        for frame in frames:  # each frame from its own memory: no joined copy of the message
+            self.transport.write(frame)
+        if self._paused is not None:
+            await self._paused
 
 
 def _error_payload(exc: BaseException) -> list[str]:
@@ -72,9 +168,6 @@ def _error_from(payload: list[str]) -> AsyncFlowError:
     return cls(text)
 
 
-Handler = Callable[..., Awaitable[Any]]
-
-
 class Server:
     """Serves the public async methods of `target` (those listed in `methods`).
 
@@ -84,46 +177,51 @@ class Server:
     """
 
     def __init__(self, target: object, methods: tuple[str, ...]):
-        self._handlers: dict[str, Handler] = {m: getattr(target, m) for m in methods}
+        self._handlers = {m: getattr(target, m) for m in methods}
         self._wants_peer = {m for m, h in self._handlers.items() if "peer" in h.__code__.co_varnames}
         self._on_disconnect = getattr(target, "on_disconnect", None)
         self._server: asyncio.Server | None = None
         self._peers = itertools.count(1)
         self._tasks: set[asyncio.Task] = set()
+        self._running: dict[tuple[int, int], asyncio.Task] = {}  # (peer, request id) -> its task
 
     async def start(self, host: str, port: int = 0) -> str:
-        self._server = await asyncio.start_server(self._serve, host, port, limit=_STREAM_LIMIT)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self._protocol, host, port)
         sock_host, sock_port = self._server.sockets[0].getsockname()[:2]
         return f"{sock_host}:{sock_port}"
 
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
-            for task in list(self._tasks):
+            for task in [*self._tasks, *self._running.values()]:
                 task.cancel()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _protocol(self) -> _Messages:
         peer = next(self._peers)
-        lock = asyncio.Lock()
-        try:
-            while True:
-                request = await read_message(reader)
-                task = asyncio.create_task(self._call(request, peer, writer, lock))
+        proto: _Messages
+
+        def on_message(request: Any) -> None:
+            if "c" in request:  # the caller gave up on a request: stop it if it is still running
+                task = self._running.get((peer, request["c"]))
+                if task is not None:
+                    task.cancel()
+                return
+            key = (peer, request["i"])
+            task = asyncio.ensure_future(self._call(request, peer, proto))
+            self._running[key] = task
+            task.add_done_callback(lambda _: self._running.pop(key, None))
+
+        def on_lost(exc: Exception | None) -> None:
+            if self._on_disconnect is not None:
+                task = asyncio.ensure_future(self._on_disconnect(peer))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass  # the peer went away
-        except CodecError as e:  # the peer spoke garbage: drop it, keep serving everyone else
-            log.warning("dropping connection %d: unreadable message (%s)", peer, e)
-        except Exception:
-            log.exception("connection %d failed", peer)
-            raise
-        finally:
-            writer.close()
-            if self._on_disconnect is not None:
-                await self._on_disconnect(peer)
 
-    async def _call(self, request: dict, peer: int, writer: asyncio.StreamWriter, lock: asyncio.Lock) -> None:
+        proto = _Messages(on_message, on_lost)
+        return proto
+
+    async def _call(self, request: dict, peer: int, proto: _Messages) -> None:
         rid, method = request["i"], request["m"]
         try:
             handler = self._handlers.get(method)
@@ -135,11 +233,14 @@ class Server:
             if method in self._wants_peer:
                 kwargs["peer"] = peer
             reply = {"i": rid, "r": await handler(**kwargs)}
+        except asyncio.CancelledError:
+            return  # cancelled by its caller, who no longer waits for a reply
         except Exception as exc:  # every failure goes back to the caller, typed
             reply = {"i": rid, "e": _error_payload(exc)}
-        async with lock:  # one message at a time on the socket
-            with contextlib.suppress(ConnectionError):
-                await send_message(writer, reply)
+        try:
+            await proto.send(reply)
+        except ConnectionError:
+            pass  # the caller is gone; if it held leases, on_disconnect hands them on
 
 
 class Connection:
@@ -148,76 +249,78 @@ class Connection:
     def __init__(self, address: str, connect_timeout_s: float = 10.0):
         self.address = address
         self._connect_timeout_s = connect_timeout_s
-        self._writer: asyncio.StreamWriter | None = None
-        self._reader_task: asyncio.Task | None = None
+        self._proto: _Messages | None = None
         self._pending: dict[int, asyncio.Future] = {}
         self._ids = itertools.count(1)
-        self._lock = asyncio.Lock()  # one message at a time on the socket; also one connect at a time
+        self._lock = asyncio.Lock()  # one connect at a time: concurrent first calls share it
 
-    async def _connect(self) -> asyncio.StreamWriter:
+    async def _connect(self) -> _Messages:
         host, _, port = self.address.rpartition(":")
+        loop = asyncio.get_running_loop()
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, int(port), limit=_STREAM_LIMIT), self._connect_timeout_s
+            _, proto = await asyncio.wait_for(
+                loop.create_connection(lambda: _Messages(self._on_reply, self._on_lost), host, int(port)),
+                self._connect_timeout_s,
             )
         except (OSError, TimeoutError) as e:
             raise StorageUnavailable(
                 f"cannot reach the data store at {self.address} ({e}); is the store still running? "
                 "Check that the Ray job that started it is alive and that this host can reach that address."
             ) from None
-        self._writer = writer
-        self._reader_task = asyncio.create_task(self._read_loop(reader))
-        return writer
+        self._proto = proto
+        return proto
 
-    async def _read_loop(self, reader: asyncio.StreamReader) -> None:
-        try:
-            while True:
-                reply = await read_message(reader)
-                future = self._pending.pop(reply["i"], None)
-                if future is None or future.done():
-                    continue
-                if "e" in reply:
-                    future.set_exception(_error_from(reply["e"]))
-                else:
-                    future.set_result(reply["r"])
-        except (asyncio.IncompleteReadError, ConnectionError, CodecError) as e:
-            self._fail_all(f"connection to the data store at {self.address} closed ({type(e).__name__})")
+    def _on_reply(self, reply: dict) -> None:
+        future = self._pending.pop(reply["i"], None)
+        if future is None or future.done():
+            return
+        if "e" in reply:
+            future.set_exception(_error_from(reply["e"]))
+        else:
+            future.set_result(reply["r"])
 
-    def _fail_all(self, why: str) -> None:
-        self._writer = None
+    def _on_lost(self, exc: Exception | None) -> None:
+        self._proto = None
         pending, self._pending = self._pending, {}
         for future in pending.values():
             if not future.done():
-                future.set_exception(StorageUnavailable(f"{why}; the request may not have completed."))
+                future.set_exception(
+                    StorageUnavailable(
+                        f"connection to the data store at {self.address} closed"
+                        f"{f' ({exc})' if exc else ''}; the request may not have completed."
+                    )
+                )
 
     async def call(self, method: str, **kwargs: Any) -> Any:
+        proto = self._proto
+        if proto is None:
+            async with self._lock:
+                proto = self._proto or await self._connect()
         rid = next(self._ids)
         future = asyncio.get_running_loop().create_future()
         self._pending[rid] = future
         try:
-            async with self._lock:  # concurrent first calls must share one connection, not race to open two
-                writer = self._writer or await self._connect()
-                await send_message(writer, {"i": rid, "m": method, "a": kwargs})
-        except StorageUnavailable:
+            await proto.send({"i": rid, "m": method, "a": kwargs})
+        except ConnectionError as e:
             self._pending.pop(rid, None)
-            raise
-        except (ConnectionError, RuntimeError) as e:
-            self._pending.pop(rid, None)
-            self._writer = None
             raise StorageUnavailable(
                 f"lost the data store at {self.address} while sending {method}: {e}"
             ) from None
-        return await future
+        try:
+            return await future
+        except asyncio.CancelledError:
+            # Tell the server, so a get still waiting there leases nothing. (If it already had, the
+            # rows come back to the consumer when the lease expires or this connection closes.)
+            self._pending.pop(rid, None)
+            if self._proto is proto:
+                with contextlib.suppress(ConnectionError):
+                    await asyncio.shield(proto.send({"c": rid}))
+            raise
 
     async def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        if self._reader_task is not None:
-            self._reader_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._reader_task
-            self._reader_task = None
+        if self._proto is not None and self._proto.transport is not None:
+            self._proto.transport.close()
+        self._proto = None
 
 
 class Stub:

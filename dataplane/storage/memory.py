@@ -1,10 +1,10 @@
 """A storage unit that holds rows in memory: the bytes half of the in-memory store.
 
 Clients write and read cells (one field of one row) here directly; the controller never
-sees them. Array cells are kept as views into the message buffer they arrived in, so
-nothing is decoded into Python objects or copied on the way in, and on the way out they
-go to the socket straight from that memory. (A received message's buffer lives until
-the last row written with it is freed.)
+sees them. A written column is kept as the buffer it arrived in and a cell is (chunk,
+index), so nothing is decoded into Python objects or copied on the way in, and a read of
+rows that were written together goes out as a slice of that same memory. (A received
+buffer lives until the last row written with it is freed.)
 
 A write is all-or-nothing: if any cell already exists ("field written twice") nothing
 of the request is stored. This class knows nothing about readiness, consumers or Ray.
@@ -18,10 +18,7 @@ from typing import Any
 
 from asyncflow.errors import DataPlaneError, SchemaError
 from dataplane.codec import pack, unpack
-
-
-def _nbytes(value: Any) -> int:
-    return int(getattr(value, "nbytes", None) or (len(value) if isinstance(value, str | bytes) else 0))
+from dataplane.columns import Chunk, read_column
 
 
 class MemoryStorage:
@@ -29,99 +26,121 @@ class MemoryStorage:
 
     def __init__(self, unit: int = 0):
         self.unit = unit
-        self._cells: dict[tuple[str, int], dict[str, Any]] = {}
+        # partition -> row -> segments; a segment is (the chunks of one write, the row's index in them).
+        # A row filled by three producers has three segments: one small tuple per row and write.
+        self._rows: dict[str, dict[int, list[tuple[dict[str, Chunk], int]]]] = {}
         self._bytes = 0
         self._writes = 0
         self._reads = 0
 
-    async def write(self, partition: str, rows: list[int], columns: dict[str, list[Any]]) -> int:
-        """Store `columns[field][i]` as field of `rows[i]`; refuse the whole write if any cell exists."""
-        for field, values in columns.items():
-            if len(values) != len(rows):
-                raise SchemaError(f"field {field!r}: {len(values)} values for {len(rows)} rows")
-            for row in rows:
-                cell = self._cells.get((partition, row))
-                if cell is not None and field in cell:
+    async def write(self, partition: str, rows: list[int], columns: dict[str, list]) -> int:
+        """Store row i of each column (see `dataplane.columns`) as that field of `rows[i]`.
+
+        The whole write is refused if any of its cells already exists.
+        """
+        chunks = {field: Chunk(column) for field, column in columns.items()}
+        for field, chunk in chunks.items():
+            if len(chunk) != len(rows):
+                raise SchemaError(f"field {field!r}: {len(chunk)} values for {len(rows)} rows")
+        table = self._rows.setdefault(partition, {})
+        for row in rows:  # check everything before changing anything
+            for written, _ in table.get(row, ()):
+                if not written.keys().isdisjoint(chunks):
+                    field = sorted(written.keys() & chunks.keys())[0]
                     raise SchemaError(
                         f"partition {partition!r}, row {row}: field {field!r} is already written; "
                         "a field is written once per row. Nothing of this put was stored."
                     )
-        added = 0
         for i, row in enumerate(rows):
-            cell = self._cells.setdefault((partition, row), {})
-            for field, values in columns.items():
-                cell[field] = values[i]
-                added += _nbytes(values[i])
+            segments = table.get(row)
+            if segments is None:
+                table[row] = [(chunks, i)]
+            else:
+                segments.append((chunks, i))
+        added = sum(chunk.total_nbytes() for chunk in chunks.values())
         self._bytes += added
         self._writes += 1
         return added
 
-    async def read(self, partition: str, rows: list[int], fields: list[str]) -> dict[str, list[Any]]:
-        out: dict[str, list[Any]] = {f: [] for f in fields}
-        for row in rows:
-            cell = self._cells.get((partition, row))
-            if cell is None:
-                raise DataPlaneError(
-                    f"storage unit {self.unit}: partition {partition!r} row {row} is not here"
-                )
-            for field in fields:
-                try:
-                    out[field].append(cell[field])
-                except KeyError:
-                    raise DataPlaneError(
-                        f"storage unit {self.unit}: row {row} of {partition!r} has no field {field!r}"
-                    ) from None
+    def _cell(self, partition: str, row: int, field: str) -> tuple[Chunk, int]:
+        segments = self._rows.get(partition, {}).get(row)
+        if segments is None:
+            raise DataPlaneError(f"storage unit {self.unit}: partition {partition!r} row {row} is not here")
+        for chunks, i in segments:
+            chunk = chunks.get(field)
+            if chunk is not None:
+                return chunk, i
+        raise DataPlaneError(f"storage unit {self.unit}: row {row} of {partition!r} has no field {field!r}")
+
+    async def read(self, partition: str, rows: list[int], fields: list[str]) -> dict[str, list]:
+        """One column per field for `rows`, in that order."""
         self._reads += 1
-        return out
+        return {f: read_column([self._cell(partition, row, f) for row in rows]) for f in fields}
 
     async def delete(self, partition: str, rows: list[int], fields: list[str] | None = None) -> int:
+        """Forget whole rows, or only some of their fields."""
+        table = self._rows.get(partition, {})
         freed = 0
         for row in rows:
-            if fields is None:
-                cell = self._cells.pop((partition, row), None) or {}
-                freed += sum(_nbytes(v) for v in cell.values())
+            segments = table.pop(row, None) if fields is None else table.get(row)
+            if not segments:
                 continue
-            cell = self._cells.get((partition, row))
-            for field in fields:
-                if cell is not None and field in cell:
-                    freed += _nbytes(cell.pop(field))
+            kept = []
+            for chunks, i in segments:
+                gone = chunks.keys() if fields is None else chunks.keys() & set(fields)
+                freed += sum(chunks[f].nbytes(i) for f in gone)
+                rest = {f: c for f, c in chunks.items() if f not in gone}
+                if rest:
+                    kept.append((rest, i))
+            if fields is not None:
+                table[row] = kept
         self._bytes -= freed
         return freed
 
     async def drop_partition(self, partition: str) -> int:
-        rows = [row for (p, row) in self._cells if p == partition]
-        return await self.delete(partition, rows)
+        return await self.delete(partition, list(self._rows.get(partition, {})))
+
+    def _row_values(self, segments) -> dict[str, Any]:
+        return {f: chunk.row(i) for chunks, i in segments for f, chunk in chunks.items()}
 
     async def dump(self, path: str) -> int:
-        """Write every cell to `path` as length-prefixed codec blobs; return the row count."""
-        tmp = f"{path}.tmp"
+        """Write every row to `path` as length-prefixed codec blobs; return the row count."""
+        tmp, count = f"{path}.tmp", 0
         with open(tmp, "wb") as f:
-            for (partition, row), cell in self._cells.items():
-                blob = pack([partition, row, cell])
-                f.write(len(blob).to_bytes(8, "little"))
-                f.write(blob)
+            for partition, table in self._rows.items():
+                for row, segments in table.items():
+                    blob = pack([partition, row, self._row_values(segments)])
+                    f.write(len(blob).to_bytes(8, "little"))
+                    f.write(blob)
+                    count += 1
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        return len(self._cells)
+        return count
 
     async def load(self, path: str, keep: dict[str, dict[int, list[str]]]) -> int:
-        """Load cells from a dump, keeping only `keep[partition][row]` fields (what the controller knows)."""
+        """Load rows from a dump, keeping only `keep[partition][row]` fields (what the controller knows)."""
         data = memoryview(Path(path).read_bytes())
         offset, loaded = 0, 0
         while offset < len(data):
             size = int.from_bytes(data[offset : offset + 8], "little")
-            partition, row, cell = unpack(data[offset + 8 : offset + 8 + size])
+            partition, row, values = unpack(data[offset + 8 : offset + 8 + size])
             offset += 8 + size
             wanted = keep.get(partition, {}).get(row)
             if not wanted:
                 continue
-            kept = {f: v for f, v in cell.items() if f in wanted}
-            self._cells[(partition, row)] = kept
-            self._bytes += sum(_nbytes(v) for v in kept.values())
+            chunks = {f: Chunk.of(v) for f, v in values.items() if f in wanted}
+            self._rows.setdefault(partition, {})[row] = [(chunks, 0)]
+            self._bytes += sum(chunk.total_nbytes() for chunk in chunks.values())
             loaded += 1
         return loaded
 
     async def stats(self) -> dict[str, int]:
-        return {"unit": self.unit, "rows": len(self._cells), "bytes": self._bytes, "writes": self._writes,
-                "reads": self._reads}  # fmt: skip
+        rows = sum(len(table) for table in self._rows.values())
+        return {
+            "unit": self.unit,
+            "rows": rows,
+            "bytes": self._bytes,
+            "writes": self._writes,
+            "reads": self._reads,
+        }

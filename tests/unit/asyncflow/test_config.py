@@ -1,0 +1,81 @@
+"""The config tree: strict, documented, bounded, with errors that name field, value and fix."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from asyncflow.config import AsyncFlowConfig, Section, load_config, parse_config
+from asyncflow.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def test_defaults_validate():
+    config = parse_config({})
+    assert config.dataplane.backend == "memory" and config.dataplane.num_storage_units == 2
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    load_config(path)
+
+
+def test_overrides_apply_with_yaml_typing(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("dataplane:\n  lease_s: 5\n")
+    config = load_config(path, ["dataplane.num_storage_units=4", "run_name=exp1"])
+    assert config.dataplane.num_storage_units == 4 and config.dataplane.lease_s == 5.0
+    assert config.run_name == "exp1"
+
+
+def test_errors_name_every_bad_field_with_value_and_fix():
+    with pytest.raises(ConfigError) as info:
+        parse_config({"seed": -1, "dataplane": {"num_storage_units": 0, "lese_s": 3}}, source="run.yaml")
+    text = str(info.value)
+    assert "3 invalid setting(s)" in text
+    assert "dataplane.num_storage_units = 0" in text and "greater than or equal to 1" in text
+    assert "--set dataplane.num_storage_units=" in text
+    assert "dataplane.lese_s: unknown field" in text
+    assert "seed = -1" in text
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("dataplane: [", "not valid YAML"), ("- a\n- b\n", "top level must be a mapping")],
+)
+def test_malformed_files_are_refused_clearly(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_missing_file_and_bad_override():
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config("/nonexistent/run.yaml")
+    with pytest.raises(ConfigError, match="key.path=value"):
+        load_config(ROOT / "examples" / "dataplane.yaml", ["no-equals-sign"])
+
+
+def test_every_field_has_a_description_and_sections_are_strict():
+    def walk(model: type[Section]):
+        assert model.model_config["extra"] == "forbid" and model.model_config["frozen"]
+        for name, field in model.model_fields.items():
+            assert field.description, f"{model.__name__}.{name} has no description"
+            if isinstance(field.annotation, type) and issubclass(field.annotation, Section):
+                walk(field.annotation)
+
+    walk(AsyncFlowConfig)
+
+
+def test_importing_config_pulls_in_no_torch_ray_or_vllm():
+    code = (
+        "import sys, asyncflow.config, asyncflow.errors; "
+        "print(sorted(m for m in ('torch', 'ray', 'vllm') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -1,0 +1,30 @@
+"""The public surface of `asyncflow` and `dataplane` is pinned: a change here is a decision."""
+
+from __future__ import annotations
+
+import asyncflow
+import dataplane
+
+
+def test_asyncflow_all_is_pinned():
+    assert sorted(asyncflow.__all__) == [
+        "AsyncFlowConfig", "AsyncFlowError", "CodecError", "ConfigError", "DataPlaneConfig",
+        "DataPlaneError", "LeaseError", "SchemaError", "StorageUnavailable", "StoreTimeout",
+        "UnknownPartition", "WorkerError", "__version__", "load_config",
+    ]  # fmt: skip
+    for name in asyncflow.__all__:
+        assert hasattr(asyncflow, name)
+
+
+def test_dataplane_all_is_pinned():
+    assert sorted(dataplane.__all__) == [
+        "Batch", "FieldSpec", "StoreClient", "StoreHandle", "SyncStoreClient", "connect", "start_store",
+        "store_address",
+    ]  # fmt: skip
+
+
+def test_errors_form_one_tree():
+    for name in asyncflow.__all__:
+        obj = getattr(asyncflow, name)
+        if isinstance(obj, type) and issubclass(obj, Exception):
+            assert issubclass(obj, asyncflow.AsyncFlowError)
