@@ -548,7 +548,7 @@ class Controller:
             c.ready.pop(row.row, None)
         self._unit_bytes[row.unit] -= row.nbytes
         self._unit_rows[row.unit] -= 1
-        part.freed += 1
+        part.freed += 1 if row.ready else 0  # a reservation given back was never a row anyone saw
         part.capacity_signal.fire()
         self._schedule_delete(part.name, row)
 

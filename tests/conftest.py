@@ -46,6 +46,13 @@ async def client(store):
 
 
 @pytest.fixture
+def client_sync(store):
+    c = store.client()
+    yield c
+    c.close()
+
+
+@pytest.fixture
 def pname() -> str:
     """A partition name no other test uses."""
     return f"p{uuid.uuid4().hex[:10]}"
