@@ -12,6 +12,7 @@ This module knows nothing about Ray; `dataplane.store` finds addresses by store 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import threading
 import time
@@ -299,44 +300,55 @@ class StoreClient:
 
     async def stream(
         self, partition: str, fields: Sequence[str], batch_size: int, consumer: str, *,
-        auto_ack: bool = True, prefetch: bool = True, **get_kwargs: Any,
+        auto_ack: bool = True, prefetch: int = 2, **get_kwargs: Any,
     ) -> AsyncIterator[Batch]:  # fmt: skip
         """Yield batches until the partition is sealed and drained.
 
         With `auto_ack`, a batch is acked together with a later request, so a consumer that
-        dies mid-batch never acks it and the batch is redelivered. With `prefetch`, the next
-        batch is asked for while the caller works on this one.
+        dies mid-batch never acks it and the batch is redelivered. Up to `prefetch` further
+        batches are asked for while the caller works on this one; they stay leased to this
+        client and are handed back if the caller stops early. Leaving the loop early (break,
+        exception) leaves the batch in hand leased and unacked: ack it if it was processed,
+        else it is redelivered when its lease ends.
         """
         done: Batch | None = None  # processed, ack not yet sent
+        ahead: collections.deque[tuple[asyncio.Future, Batch | None]] = collections.deque()
 
-        def request() -> asyncio.Future:
+        def request() -> None:
             nonlocal done
             ack, done = done, None
-            return asyncio.ensure_future(
-                self.get(partition, fields, batch_size, consumer, ack=ack, **get_kwargs)
-            )
+            get = self.get(partition, fields, batch_size, consumer, ack=ack, **get_kwargs)
+            ahead.append((asyncio.ensure_future(get), ack))
 
-        ahead: asyncio.Future | None = request()
+        finished = False
         try:
+            request()
             while True:
-                batch = await ahead
-                ahead = None
+                batch = await ahead.popleft()[0]
                 if batch.end:
+                    finished = True
                     return
-                if prefetch or not batch.rows:
-                    ahead = request()
+                while len(ahead) < max(prefetch, 0) + (0 if batch.rows else 1):
+                    request()
                 if not batch.rows:
                     continue
                 yield batch
                 if auto_ack:
                     done = batch
-                if ahead is None:
-                    ahead = request()
+                if not ahead:
+                    request()
         finally:
-            if ahead is not None:
-                ahead.cancel()
-                with contextlib.suppress(asyncio.CancelledError, DataPlaneError):
-                    unused = await ahead
+            # At the end of the stream the requests still out return at once (with end=True);
+            # if the caller stopped early they may be waiting for rows, so they are cancelled.
+            for future, _ in ahead if not finished else ():
+                future.cancel()
+            for future, ack in ahead:
+                try:
+                    unused = await future
+                except (asyncio.CancelledError, DataPlaneError):
+                    if ack is not None:  # the ack it carried may not have arrived: send it again
+                        await self.ack(ack)
+                else:
                     await self.release(unused)  # leased ahead of need: hand it to another instance
             if done is not None:
                 await self.ack(done)

@@ -391,7 +391,7 @@ class Controller:
             if v_min is not None:
                 await self._retire_stale(part, c, v_min)
             drained = part.sealed and len(c.ready) == len(c.pending)  # nothing more can become ready
-            selection = chooser.select([part.rows[r] for r in c.ready], batch_size, drained)
+            selection = chooser.select(_candidates(part, c, chooser, batch_size), batch_size, drained)
             if selection is not None and selection.rows:
                 break
             # End of stream: nothing left can be served, and no other instance holds rows that
@@ -402,7 +402,8 @@ class Controller:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 if allow_partial:
-                    selection = chooser.select([part.rows[r] for r in c.ready], batch_size, True) or _EMPTY
+                    selection = chooser.select(_candidates(part, c, chooser, batch_size), batch_size, True)
+                    selection = selection or _EMPTY
                     break
                 raise StoreTimeout(
                     f"get from {partition!r} for consumer {consumer!r}: fewer than {batch_size} rows with "
@@ -478,9 +479,13 @@ class Controller:
                     other.signal.fire()
 
     async def ack(self, partition: str, consumer: str, rows: list[int], peer: int = 0) -> int:
+        """Complete rows this client holds. Acking a row the consumer already completed is a no-op,
+        so an ack may be sent again when it is unknown whether the first one arrived."""
         await self._open.wait()
         part = self._partition(partition)
         c = self._consumer(part, consumer)
+        bit = 1 << c.bit
+        rows = [r for r in rows if r in part.rows and not part.rows[r].acked & bit]  # freed rows were acked
         self._check_leases(part, c, rows, peer, "ack")
         for r in rows:
             del c.leases[r]
@@ -681,6 +686,15 @@ class Controller:
             *(self._units[i % n].load(path=str(p), keep=keep[i % n]) for i, p in enumerate(dumps))
         )
         return {"partitions": len(self._partitions), "rows": sum(loaded)}
+
+
+def _candidates(part: Partition, c: Consumer, chooser: Any, batch_size: int) -> list[Row]:
+    """The ready rows a sampler chooses from, oldest first (Row has the Candidate attributes).
+
+    The sequential sampler only ever looks at the first batch_size, so only those are built.
+    """
+    rows = itertools.islice(c.ready, batch_size) if chooser.name == "sequential" else c.ready
+    return [part.rows[r] for r in rows]
 
 
 def _partition_state(part: Partition) -> dict:

@@ -277,6 +277,24 @@ async def test_stream_ends_after_seal_and_acks_as_it_goes(client, pname):
     assert (await client.store_stats())["partitions"][pname]["rows"] == 0
 
 
+async def test_leaving_a_stream_early_hands_back_what_it_fetched_ahead(store, client, pname):
+    await client.create_partition(pname, {"x": "int64"}, consumers=["c"])
+    await client.put(pname, {"x": np.arange(20)})
+    await client.seal(pname)
+    stream = client.stream(pname, ["x"], 4, "c", prefetch=3)
+    first = await anext(stream)  # two or three more batches are now in flight for this client
+    await stream.aclose()
+    await client.ack(first)
+    other = await StoreClient.connect(store.address)
+    try:
+        rest = [
+            int(v) for b in [b async for b in other.stream(pname, ["x"], 4, "c", timeout_s=5)] for v in b["x"]
+        ]
+    finally:
+        await other.close()
+    assert sorted(rest + first["x"].tolist()) == list(range(20))
+
+
 async def test_checkpoint_and_restore_keep_rows_and_consumption(ray_session, client, pname, tmp_path):
     from asyncflow.config import DataPlaneConfig
     from dataplane import start_store
