@@ -4,10 +4,12 @@ The workload and its timing rules live in `benchmarks/workload.py` (1024 samples
 prompt_ids int64[256], response_ids int64[512], behavior_logprobs float32[512], reward
 float32, put in chunks of 64 and read in micro-batches of 64; a ragged scenario with
 long-tailed responses and 4 consumers). Consumers run in their own Ray actors; the producer
-is this process. Every system's reads are checksummed against what was put.
+is this process. Every system's reads are checksummed against what was put. Our consumers
+read with `StoreClient.stream(prefetch=N)`, N batches asked for ahead; the peers read one
+batch at a time, so the prefetch 1 rows compare like with like.
 
     .venv/bin/python benchmarks/dataplane.py                  # all systems, all scenarios
-    .venv/bin/python benchmarks/dataplane.py --json out.json --repeats 5
+    .venv/bin/python benchmarks/dataplane.py --json out.json --repeats 5 --prefetch 1,4
     bash benchmarks/peers/setup_transferqueue.sh              # once, for the TransferQueue column
 
 TransferQueue runs in its own venv (`.bench/tq-venv`) as a subprocess with its own Ray.
@@ -53,8 +55,8 @@ def schema(ragged: bool) -> dict[str, str]:
 class Consumer:
     """One consumer instance in its own process, reading with the async client's stream()."""
 
-    def __init__(self, address: str, name: str):
-        self._address, self._name = address, name
+    def __init__(self, address: str, name: str, prefetch: int):
+        self._address, self._name, self._prefetch = address, name, prefetch
         self._client: StoreClient | None = None
 
     async def connect(self) -> None:
@@ -62,7 +64,9 @@ class Consumer:
 
     async def _batches(self, partition: str, count: int):
         """`count` batches of MICRO_BATCH rows, acked as the next is requested; (held-at, data) each."""
-        stream = self._client.stream(partition, wl.FIELDS, wl.MICRO_BATCH, self._name, timeout_s=60)
+        stream = self._client.stream(
+            partition, wl.FIELDS, wl.MICRO_BATCH, self._name, timeout_s=60, prefetch=self._prefetch
+        )
         out = []
         async for batch in stream:
             out.append((time.perf_counter(), batch.data))
@@ -121,12 +125,12 @@ async def run_store_repeat(client: StoreClient, consumers, names, samples, lat_c
     return put_s, get_s, [h[i] - t0 for h in held for i, t0 in enumerate(put_starts)], violations
 
 
-async def run_store(address: str, scenario: str, repeats: int) -> dict[str, float]:
+async def run_store(address: str, scenario: str, repeats: int, prefetch: int) -> dict[str, float]:
     spec = wl.SCENARIOS[scenario]
     samples = wl.make_samples(ragged=spec["ragged"])
     lat_chunks = wl.latency_chunks(samples)
     names = [f"{scenario}-consumer{i}" for i in range(spec["consumers"])]
-    consumers = [Consumer.remote(address, name) for name in names]
+    consumers = [Consumer.remote(address, name, prefetch) for name in names]
     await asyncio.gather(*(c.connect.remote() for c in consumers))
     client = await StoreClient.connect(address)
     try:
@@ -184,12 +188,15 @@ def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
                 r = per[scenario]
                 cells = [f"{r[c]:,.0f}" if "samples" in c else f"{r[c]:.1f}" for c in cols]
                 lines.append(f"| {scenario} | {system} | " + " | ".join(cells) + " |")
-        store, tq = results.get("asyncflow", {}).get(scenario), results.get("transferqueue", {}).get(scenario)
-        if store and tq:
+        tq = results.get("transferqueue", {}).get(scenario)
+        for system, per in results.items():
+            store = per.get(scenario)
+            if not (system.startswith("asyncflow") and store and tq):
+                continue
             put_x = store["put_samples_per_s"] / tq["put_samples_per_s"]
             get_x = store["get_samples_per_s"] / tq["get_samples_per_s"]
             lines.append(
-                f"| {scenario} | ratio asyncflow/TQ | {put_x:.1f}x | {get_x:.1f}x | | | "
+                f"| {scenario} | {system} / TransferQueue | {put_x:.1f}x | {get_x:.1f}x | | | "
                 f"{tq['latency_p50_ms'] / store['latency_p50_ms']:.1f}x lower | "
                 f"{tq['latency_p99_ms'] / store['latency_p99_ms']:.1f}x lower |"
             )
@@ -201,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenario", choices=[*wl.SCENARIOS, "all"], default="all")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--systems", default="asyncflow,ray_queue,transferqueue")
+    parser.add_argument(
+        "--prefetch", default="1,4", help="stream() read-ahead depths to run our store with (comma-separated)"
+    )
+    parser.add_argument("--units", type=int, default=2, help="storage units of our store (default 2)")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args(argv)
     scenarios = list(wl.SCENARIOS) if args.scenario == "all" else [args.scenario]
@@ -210,10 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         if "asyncflow" in systems:
-            store = start_store(DataPlaneConfig(name="bench", num_storage_units=2))
-            results["asyncflow"] = {
-                s: asyncio.run(run_store(store.address, s, args.repeats)) for s in scenarios
-            }
+            store = start_store(DataPlaneConfig(name="bench", num_storage_units=args.units))
+            for depth in map(int, args.prefetch.split(",")):
+                results[f"asyncflow (prefetch {depth})"] = {
+                    s: asyncio.run(run_store(store.address, s, args.repeats, depth)) for s in scenarios
+                }
             store.shutdown()
         if "ray_queue" in systems:
             results["ray_queue"] = {s: ray_queue.run(s, args.repeats) for s in scenarios}

@@ -20,106 +20,17 @@ import asyncio
 import heapq
 import itertools
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from asyncflow.config import DataPlaneConfig
 from asyncflow.errors import DataPlaneError, LeaseError, SchemaError, StoreTimeout, UnknownPartition
 from dataplane.codec import pack, unpack
+from dataplane.partition import Consumer, Lease, Partition, Row, Signal, candidates, from_snapshot, snapshot
 from dataplane.samplers import Selection, make_sampler
-from dataplane.schema import FieldSpec, parse_schema
+from dataplane.schema import parse_schema
 
 _EMPTY = Selection([], None)
-
-
-class Signal:
-    """Wakes every current waiter at once; waiters that arrive later wait for the next fire."""
-
-    __slots__ = ("_future",)
-
-    def __init__(self) -> None:
-        self._future: asyncio.Future | None = None
-
-    def fire(self) -> None:
-        if self._future is not None and not self._future.done():
-            self._future.set_result(None)
-        self._future = None
-
-    async def wait(self, timeout_s: float) -> None:
-        if self._future is None:
-            self._future = asyncio.get_running_loop().create_future()
-        # asyncio.wait, not wait_for: it neither cancels the shared future on timeout nor, as
-        # wait_for can on 3.11, turns a cancellation that races the timeout into a TimeoutError.
-        await asyncio.wait([self._future], timeout=max(timeout_s, 0.0))
-
-
-@dataclass(slots=True)
-class Row:
-    row: int
-    unit: int
-    group: int
-    group_size: int
-    length: int = 0
-    version: int = -1  # -1: no versioned field written yet
-    ready: int = 0  # bit i set: field i is written
-    versioned: int = 0  # fields written with a version (cleared on regenerate)
-    acked: int = 0  # bit j set: consumer j is done with this row
-    nbytes: int = 0
-
-
-@dataclass(slots=True)
-class Lease:
-    peer: int
-    deadline: float
-
-
-@dataclass
-class Consumer:
-    name: str
-    bit: int
-    pending: dict[int, None] = field(default_factory=dict)  # not handed out, not done (ordered)
-    ready: dict[int, None] = field(default_factory=dict)  # pending rows whose `mask` fields are ready
-    mask: int | None = None  # fields the consumer last asked for
-    leases: dict[int, Lease] = field(default_factory=dict)
-    signal: Signal = field(default_factory=Signal)
-    counts: dict[str, int] = field(
-        default_factory=lambda: dict.fromkeys(
-            ("delivered", "acked", "redelivered", "dropped_stale", "regenerated", "waits"), 0
-        )
-    )
-    wait_s: float = 0.0
-
-
-@dataclass
-class Partition:
-    name: str
-    schema: dict[str, FieldSpec]
-    capacity: int
-    bits: dict[str, int]
-    stale_policy: str = "drop"
-    consumers: dict[str, Consumer] = field(default_factory=dict)
-    rows: dict[int, Row] = field(default_factory=dict)
-    next_row: int = 0
-    next_group: int = 0
-    sealed: bool = False
-    freed: int = 0
-    capacity_signal: Signal = field(default_factory=Signal)
-    put_waits: int = 0
-
-    def mask(self, fields: list[str]) -> int:
-        mask = 0
-        for name in fields:
-            bit = self.bits.get(name)
-            if bit is None:
-                raise SchemaError(
-                    f"partition {self.name!r} has no field {name!r}; its fields are {sorted(self.bits)}"
-                )
-            mask |= 1 << bit
-        return mask
-
-    def fields(self, mask: int) -> list[str]:
-        return [name for name, bit in self.bits.items() if mask >> bit & 1]
 
 
 class Controller:
@@ -157,14 +68,11 @@ class Controller:
         if stale_policy not in ("drop", "regenerate"):
             raise DataPlaneError(f"stale_policy {stale_policy!r} is not one of 'drop', 'regenerate'")
         if name in self._partitions:
-            part = self._partitions[name]
-            if not exist_ok or {k: str(v) for k, v in part.schema.items()} != {
-                k: str(v) for k, v in specs.items()
-            }:
+            existing = self._partitions[name].schema_text()
+            if not exist_ok or existing != {k: str(v) for k, v in specs.items()}:
                 raise DataPlaneError(
-                    f"partition {name!r} already exists with schema "
-                    f"{ {k: str(v) for k, v in part.schema.items()} }; pick another name, or pass "
-                    "exist_ok=True with the same schema to attach to it"
+                    f"partition {name!r} already exists with schema {existing}; pick another name, or "
+                    "pass exist_ok=True with the same schema to attach to it"
                 )
         else:
             capacity = capacity or self.config.capacity_rows
@@ -180,7 +88,7 @@ class Controller:
         part = self._partition(name)
         return {
             "name": part.name,
-            "schema": {k: str(v) for k, v in part.schema.items()},
+            "schema": part.schema_text(),
             "capacity": part.capacity,
             "consumers": list(part.consumers),
             "sealed": part.sealed,
@@ -191,12 +99,8 @@ class Controller:
         part = self._partition(partition)
         if consumer in part.consumers:
             return
-        if len(part.consumers) >= 62:
-            raise DataPlaneError(f"partition {partition!r} already has 62 consumers, the most it can track")
         state = Consumer(consumer, len(part.consumers))
-        state.pending = {
-            r: None for r, row in part.rows.items() if row.ready
-        }  # a late consumer sees every row
+        state.pending = {r: None for r, row in part.rows.items() if row.ready}  # late, yet sees every row
         part.consumers[consumer] = state
 
     async def seal(self, partition: str) -> None:
@@ -391,7 +295,7 @@ class Controller:
             if v_min is not None:
                 await self._retire_stale(part, c, v_min)
             drained = part.sealed and len(c.ready) == len(c.pending)  # nothing more can become ready
-            selection = chooser.select(_candidates(part, c, chooser, batch_size), batch_size, drained)
+            selection = chooser.select(candidates(part, c, chooser, batch_size), batch_size, drained)
             if selection is not None and selection.rows:
                 break
             # End of stream: nothing left can be served, and no other instance holds rows that
@@ -402,7 +306,7 @@ class Controller:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 if allow_partial:
-                    selection = chooser.select(_candidates(part, c, chooser, batch_size), batch_size, True)
+                    selection = chooser.select(candidates(part, c, chooser, batch_size), batch_size, True)
                     selection = selection or _EMPTY
                     break
                 raise StoreTimeout(
@@ -655,7 +559,7 @@ class Controller:
         self._open.clear()  # producers and consumers wait while the snapshot is taken
         try:
             await asyncio.sleep(0)  # let requests already past the gate finish their synchronous part
-            meta = [_partition_state(p) for p in self._partitions.values()]
+            meta = [snapshot(p) for p in self._partitions.values()]
             Path(path, "controller.msgpack").write_bytes(pack({"version": 1, "partitions": meta}))
             counts = await asyncio.gather(
                 *(u.dump(path=str(Path(path, f"unit-{i}.bin"))) for i, u in enumerate(self._units))
@@ -675,7 +579,7 @@ class Controller:
         n = len(self._units)
         keep: list[dict[str, dict[int, list[str]]]] = [{} for _ in range(n)]
         for saved in state["partitions"]:
-            part = _partition_from(saved, n)
+            part = from_snapshot(saved, n)
             self._partitions[part.name] = part
             for row in part.rows.values():
                 keep[row.unit].setdefault(part.name, {})[row.row] = part.fields(row.ready)
@@ -686,58 +590,3 @@ class Controller:
             *(self._units[i % n].load(path=str(p), keep=keep[i % n]) for i, p in enumerate(dumps))
         )
         return {"partitions": len(self._partitions), "rows": sum(loaded)}
-
-
-def _candidates(part: Partition, c: Consumer, chooser: Any, batch_size: int) -> list[Row]:
-    """The ready rows a sampler chooses from, oldest first (Row has the Candidate attributes).
-
-    The sequential sampler only ever looks at the first batch_size, so only those are built.
-    """
-    rows = itertools.islice(c.ready, batch_size) if chooser.name == "sequential" else c.ready
-    return [part.rows[r] for r in rows]
-
-
-def _partition_state(part: Partition) -> dict:
-    return {
-        "name": part.name,
-        "schema": {k: str(v) for k, v in part.schema.items()},
-        "capacity": part.capacity,
-        "stale_policy": part.stale_policy,
-        "next_row": part.next_row,
-        "next_group": part.next_group,
-        "sealed": part.sealed,
-        "consumers": list(part.consumers),
-        # Only committed rows: a reserved row whose put never finished was never the caller's.
-        "rows": [
-            [
-                r.row,
-                r.unit,
-                r.group,
-                r.group_size,
-                r.length,
-                r.version,
-                r.ready,
-                r.versioned,
-                r.acked,
-                r.nbytes,
-            ]
-            for r in part.rows.values()
-            if r.ready
-        ],
-    }
-
-
-def _partition_from(saved: dict, num_units: int) -> Partition:
-    schema = parse_schema(saved["schema"])
-    bits = {f: i for i, f in enumerate(schema)}
-    part = Partition(saved["name"], schema, saved["capacity"], bits, saved["stale_policy"])
-    part.next_row, part.next_group, part.sealed = saved["next_row"], saved["next_group"], saved["sealed"]
-    for values in saved["rows"]:
-        row = Row(*values)
-        row.unit = row.unit % num_units  # a store with fewer units folds the old units onto the new
-        part.rows[row.row] = row
-    for bit, name in enumerate(saved["consumers"]):
-        c = Consumer(name, bit)
-        c.pending = {r: None for r, row in part.rows.items() if not row.acked >> bit & 1}
-        part.consumers[name] = c
-    return part

@@ -1,0 +1,162 @@
+"""The controller's records: a partition, its rows and its consumers, and how they are saved.
+
+Plain data and the few pure operations on it (which rows a sampler sees, a snapshot for a
+checkpoint and back). No I/O, no waiting beyond `Signal`, no knowledge of storage units.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+from asyncflow.errors import SchemaError
+from dataplane.schema import FieldSpec, parse_schema
+
+
+class Signal:
+    """Wakes every current waiter at once; waiters that arrive later wait for the next fire."""
+
+    __slots__ = ("_future",)
+
+    def __init__(self) -> None:
+        self._future: asyncio.Future | None = None
+
+    def fire(self) -> None:
+        if self._future is not None and not self._future.done():
+            self._future.set_result(None)
+        self._future = None
+
+    async def wait(self, timeout_s: float) -> None:
+        if self._future is None:
+            self._future = asyncio.get_running_loop().create_future()
+        # asyncio.wait, not wait_for: it neither cancels the shared future on timeout nor, as
+        # wait_for can on 3.11, turns a cancellation that races the timeout into a TimeoutError.
+        await asyncio.wait([self._future], timeout=max(timeout_s, 0.0))
+
+
+@dataclass(slots=True)
+class Row:
+    row: int
+    unit: int
+    group: int
+    group_size: int
+    length: int = 0
+    version: int = -1  # -1: no versioned field written yet
+    ready: int = 0  # bit i set: field i is written
+    versioned: int = 0  # fields written with a version (cleared on regenerate)
+    acked: int = 0  # bit j set: consumer j is done with this row
+    nbytes: int = 0
+
+
+@dataclass(slots=True)
+class Lease:
+    peer: int
+    deadline: float
+
+
+@dataclass
+class Consumer:
+    name: str
+    bit: int
+    pending: dict[int, None] = field(default_factory=dict)  # not handed out, not done (ordered)
+    ready: dict[int, None] = field(default_factory=dict)  # pending rows whose `mask` fields are ready
+    mask: int | None = None  # fields the consumer last asked for
+    leases: dict[int, Lease] = field(default_factory=dict)
+    signal: Signal = field(default_factory=Signal)
+    counts: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(
+            ("delivered", "acked", "redelivered", "dropped_stale", "regenerated", "waits"), 0
+        )
+    )
+    wait_s: float = 0.0
+
+
+@dataclass
+class Partition:
+    name: str
+    schema: dict[str, FieldSpec]
+    capacity: int
+    bits: dict[str, int]
+    stale_policy: str = "drop"
+    consumers: dict[str, Consumer] = field(default_factory=dict)
+    rows: dict[int, Row] = field(default_factory=dict)
+    next_row: int = 0
+    next_group: int = 0
+    sealed: bool = False
+    freed: int = 0
+    capacity_signal: Signal = field(default_factory=Signal)
+    put_waits: int = 0
+
+    def mask(self, fields: list[str]) -> int:
+        mask = 0
+        for name in fields:
+            bit = self.bits.get(name)
+            if bit is None:
+                raise SchemaError(
+                    f"partition {self.name!r} has no field {name!r}; its fields are {sorted(self.bits)}"
+                )
+            mask |= 1 << bit
+        return mask
+
+    def schema_text(self) -> dict[str, str]:
+        return {name: str(spec) for name, spec in self.schema.items()}
+
+    def fields(self, mask: int) -> list[str]:
+        return [name for name, bit in self.bits.items() if mask >> bit & 1]
+
+
+def candidates(part: Partition, c: Consumer, chooser: Any, batch_size: int) -> list[Row]:
+    """The ready rows a sampler chooses from, oldest first (Row has the Candidate attributes).
+
+    The sequential sampler only ever looks at the first batch_size, so only those are built.
+    """
+    rows = itertools.islice(c.ready, batch_size) if chooser.name == "sequential" else c.ready
+    return [part.rows[r] for r in rows]
+
+
+def snapshot(part: Partition) -> dict:
+    return {
+        "name": part.name,
+        "schema": part.schema_text(),
+        "capacity": part.capacity,
+        "stale_policy": part.stale_policy,
+        "next_row": part.next_row,
+        "next_group": part.next_group,
+        "sealed": part.sealed,
+        "consumers": list(part.consumers),
+        # Only committed rows: a reserved row whose put never finished was never the caller's.
+        "rows": [
+            [
+                r.row,
+                r.unit,
+                r.group,
+                r.group_size,
+                r.length,
+                r.version,
+                r.ready,
+                r.versioned,
+                r.acked,
+                r.nbytes,
+            ]
+            for r in part.rows.values()
+            if r.ready
+        ],
+    }
+
+
+def from_snapshot(saved: dict, num_units: int) -> Partition:
+    schema = parse_schema(saved["schema"])
+    bits = {f: i for i, f in enumerate(schema)}
+    part = Partition(saved["name"], schema, saved["capacity"], bits, saved["stale_policy"])
+    part.next_row, part.next_group, part.sealed = saved["next_row"], saved["next_group"], saved["sealed"]
+    for values in saved["rows"]:
+        row = Row(*values)
+        row.unit = row.unit % num_units  # a store with fewer units folds the old units onto the new
+        part.rows[row.row] = row
+    for bit, name in enumerate(saved["consumers"]):
+        c = Consumer(name, bit)
+        c.pending = {r: None for r, row in part.rows.items() if not row.acked >> bit & 1}
+        part.consumers[name] = c
+    return part
