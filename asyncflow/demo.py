@@ -105,8 +105,7 @@ def run_demo(samples: int = 4096, group_size: int = 8, producers: int = 2, score
         score_refs = [s.run.remote("demo", 16) for s in scoring]
         train_refs = [t.run.remote("demo", 2 * group_size) for t in training]
         start = time.perf_counter()
-        _follow(client, samples, put_refs, console)
-        client.seal("demo")
+        _follow(client, samples, put_refs, train_refs, console)
         seen = [r for rows in ray.get(train_refs) for r in rows]
         scored = sum(ray.get(score_refs))
         elapsed = time.perf_counter() - start
@@ -122,20 +121,23 @@ def run_demo(samples: int = 4096, group_size: int = 8, producers: int = 2, score
     return result
 
 
-def _follow(client, samples: int, put_refs, console: Console) -> None:
+def _follow(client, samples: int, put_refs, train_refs, console: Console) -> None:
+    """Show progress until the trainers are done; seal the partition once every put returned."""
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    sealed = False
     with Progress(*columns, console=console, transient=False) as progress:
         bars = {name: progress.add_task(name, total=samples) for name in ("put", "scored", "trained")}
         while True:
+            if not sealed and not ray.wait(put_refs, num_returns=len(put_refs), timeout=0)[1]:
+                client.seal("demo")  # no more rows will come: streams end once they are drained
+                sealed = True
+            done = not ray.wait(train_refs, num_returns=len(train_refs), timeout=0.2)[1]
             part = client.store_stats()["partitions"]["demo"]
             progress.update(bars["put"], completed=part["created"])
             progress.update(bars["scored"], completed=part["consumers"]["scorer"]["acked"])
             progress.update(bars["trained"], completed=part["consumers"]["trainer"]["acked"])
-            if (
-                not ray.wait(put_refs, num_returns=len(put_refs), timeout=0.2)[1]
-                and part["created"] >= samples
-            ):
-                break
+            if done:
+                return
 
 
 def _report(result: dict, console: Console) -> None:

@@ -320,27 +320,30 @@ class StoreClient:
             get = self.get(partition, fields, batch_size, consumer, ack=ack, **get_kwargs)
             ahead.append((asyncio.ensure_future(get), ack))
 
-        finished = False
+        ended = False  # the store said end: ask for nothing more, but take what is already coming
         try:
             request()
-            while True:
+            while ahead:
                 batch = await ahead.popleft()[0]
                 if batch.end:
-                    finished = True
-                    return
-                while len(ahead) < max(prefetch, 0) + (0 if batch.rows else 1):
-                    request()
+                    ended = True
+                    continue
+                if not ended:
+                    while len(ahead) < max(prefetch, 0) + (0 if batch.rows else 1):
+                        request()
                 if not batch.rows:
                     continue
                 yield batch
                 if auto_ack:
+                    if done is not None:  # no request was due to carry it: ack it on its own
+                        await self.ack(done)
                     done = batch
-                if not ahead:
+                if not ahead and not ended:
                     request()
         finally:
-            # At the end of the stream the requests still out return at once (with end=True);
-            # if the caller stopped early they may be waiting for rows, so they are cancelled.
-            for future, _ in ahead if not finished else ():
+            # Left early: requests still out may be waiting for rows, so they are cancelled, and
+            # rows they had already leased are handed back to the other instances.
+            for future, _ in ahead:
                 future.cancel()
             for future, ack in ahead:
                 try:
@@ -349,7 +352,7 @@ class StoreClient:
                     if ack is not None:  # the ack it carried may not have arrived: send it again
                         await self.ack(ack)
                 else:
-                    await self.release(unused)  # leased ahead of need: hand it to another instance
+                    await self.release(unused)
             if done is not None:
                 await self.ack(done)
 

@@ -228,6 +228,7 @@ class Controller:
                 )
         for row in targets:
             if not row.ready:  # first fields of a reserved row: from now on consumers wait for it
+                part.created += 1
                 for c in part.consumers.values():
                     c.pending[row.row] = None
         for i, row in enumerate(targets):
@@ -534,7 +535,7 @@ class Controller:
                 "rows": len(part.rows) - reserved,
                 "reserved": reserved,
                 "capacity": part.capacity,
-                "created": part.next_row,
+                "created": part.created,
                 "freed": part.freed,
                 "put_waits": part.put_waits,
                 "ready": {

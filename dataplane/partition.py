@@ -83,6 +83,7 @@ class Partition:
     consumers: dict[str, Consumer] = field(default_factory=dict)
     rows: dict[int, Row] = field(default_factory=dict)
     next_row: int = 0
+    created: int = 0  # rows committed so far (reservations not yet written do not count)
     next_group: int = 0
     sealed: bool = False
     freed: int = 0
@@ -123,6 +124,7 @@ def snapshot(part: Partition) -> dict:
         "capacity": part.capacity,
         "stale_policy": part.stale_policy,
         "next_row": part.next_row,
+        "created": part.created,
         "next_group": part.next_group,
         "sealed": part.sealed,
         "consumers": list(part.consumers),
@@ -151,6 +153,7 @@ def from_snapshot(saved: dict, num_units: int) -> Partition:
     bits = {f: i for i, f in enumerate(schema)}
     part = Partition(saved["name"], schema, saved["capacity"], bits, saved["stale_policy"])
     part.next_row, part.next_group, part.sealed = saved["next_row"], saved["next_group"], saved["sealed"]
+    part.created = saved["created"]
     for values in saved["rows"]:
         row = Row(*values)
         row.unit = row.unit % num_units  # a store with fewer units folds the old units onto the new

@@ -295,6 +295,33 @@ async def test_leaving_a_stream_early_hands_back_what_it_fetched_ahead(store, cl
     assert sorted(rest + first["x"].tolist()) == list(range(20))
 
 
+async def test_two_streaming_instances_ack_every_row_while_rows_trickle_in(store, client, pname):
+    """Short timeouts make empty batches, so read-ahead runs deeper; no ack may be dropped."""
+    await client.create_partition(pname, {"x": "int64"}, consumers=["c"])
+    readers = [await StoreClient.connect(store.address) for _ in range(2)]
+
+    async def drain(reader):
+        seen = []
+        async for batch in reader.stream(pname, ["x"], 16, "c", allow_partial=True, timeout_s=0.02):
+            seen += batch.rows
+            await asyncio.sleep(0.001)
+        return seen
+
+    try:
+        tasks = [asyncio.ensure_future(drain(r)) for r in readers]
+        for i in range(30):
+            await client.put(pname, {"x": np.arange(8)}, group_size=8)
+            await asyncio.sleep(0.004 * (i % 4))
+        await client.seal(pname)
+        seen = [r for part in await asyncio.gather(*tasks) for r in part]
+        stats = (await client.store_stats())["partitions"][pname]  # before the readers disconnect
+    finally:
+        for r in readers:
+            await r.close()
+    assert sorted(seen) == sorted(set(seen)) and len(seen) == 240
+    assert stats["rows"] == 0 and stats["consumers"]["c"]["acked"] == 240
+
+
 async def test_checkpoint_and_restore_keep_rows_and_consumption(ray_session, client, pname, tmp_path):
     from asyncflow.config import DataPlaneConfig
     from dataplane import start_store
