@@ -142,3 +142,36 @@ def test_checkpoint_then_a_new_ray_restores_and_delivers_the_rest_once(tmp_path)
     assert len(after) == len(set(after))  # none twice
     assert set(after) == set(range(100)) - acked  # none lost; leased-but-unacked came back
     assert leased <= set(after)
+
+
+@ray.remote(num_cpus=0.1)
+def put_through_named_store(name: str, partition: str) -> list[int]:
+    """Another process of the cluster finds the store by its name alone."""
+    import asyncio
+
+    from dataplane import connect
+
+    async def go():
+        client = await connect(name)
+        rows = await client.put(partition, {"uid": np.arange(3), "payload": [np.zeros(1, np.int64)] * 3})
+        await client.close()
+        return rows
+
+    return asyncio.run(go())
+
+
+def test_any_process_of_the_cluster_reaches_a_store_by_name(store, client_sync, pname):
+    from asyncflow.config import DataPlaneConfig
+    from asyncflow.errors import DataPlaneError, StorageUnavailable
+    from dataplane import start_store, store_address
+
+    client_sync.create_partition(pname, SCHEMA, consumers=["c"])
+    rows = ray.get(put_through_named_store.remote(store.config.name, pname))
+    batch = client_sync.get(pname, ["uid"], 3, "c")
+    assert batch.rows == rows and batch["uid"].tolist() == [0, 1, 2]
+    client_sync.ack(batch)
+    assert store_address(store.config.name) == store.address
+    with pytest.raises(DataPlaneError, match="already running"):
+        start_store(DataPlaneConfig(name=store.config.name))
+    with pytest.raises(StorageUnavailable, match="no store named 'nope'"):
+        store_address("nope")
