@@ -187,7 +187,10 @@ class StoreClient:
         )  # fmt: skip
         if spare is not None:
             spare.update(n=n, group_size=group_size, at=time.monotonic())
+            older = self._reserved.pop(partition, None)  # concurrent puts: keep one spare, return the other
             self._reserved[partition] = spare
+            if older is not None:
+                await self._controller.abort(partition=partition, rows=older["rows"])
         self.stats.puts += 1
         self.stats.rows_put += n
         self.stats.bytes_put += sum(nbytes)

@@ -192,6 +192,13 @@ async def test_version_window_regenerates_stale_rows(client, pname):
     assert counts["regenerated"] == 2
 
 
+async def test_concurrent_puts_from_one_client_hold_no_stray_capacity(client, pname):
+    await client.create_partition(pname, {"x": "int64"}, capacity=64, consumers=["c"])
+    await asyncio.gather(*(client.put(pname, {"x": np.arange(8)}) for _ in range(4)))
+    part = (await client.store_stats())["partitions"][pname]
+    assert part["rows"] == 32 and part["reserved"] <= 8  # at most one spare for the next put
+
+
 async def test_put_waits_while_full_and_resumes_when_rows_are_freed(client, pname):
     await client.create_partition(pname, {"x": "int64"}, capacity=4, consumers=["c"])
     await client.put(pname, {"x": np.arange(4)})
