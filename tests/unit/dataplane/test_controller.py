@@ -104,9 +104,8 @@ async def test_a_waiting_get_wakes_on_commit_not_on_a_timer(store):
     start = loop.time()
     await put(controller, units, "p", 2)
     got = await waiter
-    assert (
-        len(got["rows"]) == 2 and loop.time() - start < 0.5
-    )  # woken by the commit, long before the 30 s timeout
+    # woken by the commit, long before the 30 s timeout
+    assert len(got["rows"]) == 2 and loop.time() - start < 0.5
 
 
 async def test_sealed_partition_ends_streams_after_the_last_rows(store):
