@@ -40,6 +40,57 @@ _SCRATCH = 1 << 16  # small messages are parsed from here; larger bodies get a b
 _SOCKET_BUFFER = 4 << 20  # let the kernel take a whole put or read at once
 
 
+class _BufferPool:
+    """Receive buffers whose pages are already faulted in, made while the process is idle.
+
+    A store keeps what it receives, so every large message lands in fresh memory, and the
+    kernel faulting its pages in (~0.6 µs a page here) was most of the cost of a 512 KB
+    write. After a large message arrives, a buffer for the next one of about that size is
+    allocated and touched from the event loop's idle time (`call_soon`), off the path of
+    the request. Smaller or rarer sizes just get `np.empty`.
+    """
+
+    _MIN = 1 << 18  # below this, faults are cheap enough to take inline
+    _PAGE = 4096
+
+    def __init__(self, spares: int = 2):
+        self._spares = spares
+        self._ready: list[np.ndarray] = []
+        self._size = 0  # size class of the buffers kept ready
+        self._refilling = False
+
+    def take(self, n: int) -> np.ndarray:
+        if n < self._MIN:
+            return np.empty(n, np.uint8)  # np.empty: no zero-fill pass the socket would overwrite
+        size = -(-n // (64 << 10)) * (64 << 10)  # round up to 64 KiB so near sizes share a class
+        if size != self._size:
+            self._ready.clear()
+            self._size = size
+        try:
+            return self._ready.pop()[:n]
+        except IndexError:  # none ready (or another thread's loop took the last one)
+            return np.empty(n, np.uint8)
+
+    def after_delivery(self) -> None:
+        """Called once a large message was handed on: its handler runs first, then the refill."""
+        if not self._refilling and self._size:
+            self._refilling = True
+            asyncio.get_running_loop().call_soon(self._refill)
+
+    def _refill(self) -> None:
+        self._refilling = False
+        if len(self._ready) < self._spares:
+            buffer = np.empty(self._size, np.uint8)
+            buffer[:: self._PAGE] = 0  # one write per page faults it in now, not on the request path
+            self._ready.append(buffer)
+            if len(self._ready) < self._spares:
+                self._refilling = True
+                asyncio.get_running_loop().call_soon(self._refill)
+
+
+_buffers = _BufferPool()
+
+
 class _Messages(asyncio.BufferedProtocol):
     """Frames messages on a stream socket; calls `on_message(value)` for each one received."""
 
@@ -81,6 +132,7 @@ class _Messages(asyncio.BufferedProtocol):
                 if self._filled == len(self._body):
                     body, self._body = self._body, None
                     self._deliver(memoryview(body))
+                    _buffers.after_delivery()
                 return
             self._end += nbytes
             self._parse()
@@ -107,13 +159,13 @@ class _Messages(asyncio.BufferedProtocol):
                 self._start = body_at + total
                 self._deliver(memoryview(bytearray(self._scratch[body_at : body_at + total])))
                 continue
-            # Large or partial: the rest goes straight into a buffer of its own (np.empty: no zero-fill
-            # pass over memory the socket is about to overwrite anyway).
-            body = np.empty(total, np.uint8)
+            # Large or partial: the rest goes straight into a buffer of its own.
+            body = _buffers.take(total)
             body[:have] = np.frombuffer(self._scratch, np.uint8, have, body_at)
             self._start = self._end = 0
             if have == total:
                 self._deliver(memoryview(body))
+                _buffers.after_delivery()
                 continue
             self._body, self._filled = body, have
             return

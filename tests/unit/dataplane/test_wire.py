@@ -70,6 +70,15 @@ async def test_large_arrays_arrive_whole_writable_and_zero_copy_from_the_message
     assert [a.tolist() for a in got["ragged"]] == [[1.0, 1.0, 1.0], []]
 
 
+async def test_back_to_back_large_messages_reuse_prefaulted_buffers(served):
+    _, stub, _ = served
+    blocks = [np.full((64, 1024), k, dtype=np.int64) for k in range(6)]  # 512 KiB each
+    got = [await stub.echo(value=b) for b in blocks]
+    for k, g in enumerate(got):  # each reply has its own memory: no buffer was handed out twice
+        assert (g == k).all()
+    assert not any(np.shares_memory(a, b) for i, a in enumerate(got) for b in got[i + 1 :])
+
+
 async def test_cancelling_a_call_cancels_it_on_the_server(served):
     service, stub, _ = served
     task = asyncio.create_task(stub.wait())
