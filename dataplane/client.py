@@ -169,20 +169,21 @@ class StoreClient:
         n = len(rows) if rows is not None else _row_count(data)
         columns = {f: to_column(f, schema[f], v, n) for f, v in data.items()}
         new = rows is None
-        if new:
+        index: list[int]
+        if rows is None:
             placed = await self._reservation(partition, n, group_size, timeout_s)
-            rows, units = placed["rows"], placed["units"]
+            index, units = placed["rows"], placed["units"]
         elif isinstance(rows, Batch):
-            rows, units = list(rows.rows), list(rows.units)
+            index, units = list(rows.rows), list(rows.units)
         else:
-            rows = [int(r) for r in rows]
-            units = await self._controller.locate(partition=partition, rows=rows)
-        await self._write(partition, rows, units, columns, new)
+            index = [int(r) for r in rows]
+            units = await self._controller.locate(partition=partition, rows=index)
+        await self._write(partition, index, units, columns, new)
         if lengths is None:
             lengths = [max((c.lengths[i] for c in columns.values()), default=0) for i in range(n)]
         nbytes = [sum(c.nbytes[i] for c in columns.values()) for i in range(n)]
         spare = await self._controller.commit(
-            partition=partition, rows=rows, fields=list(columns), version=version,
+            partition=partition, rows=index, fields=list(columns), version=version,
             lengths=list(lengths), nbytes=nbytes, reserve_next=[n, group_size] if new else None,
         )  # fmt: skip
         if spare is not None:
@@ -194,7 +195,7 @@ class StoreClient:
         self.stats.puts += 1
         self.stats.rows_put += n
         self.stats.bytes_put += sum(nbytes)
-        return rows
+        return index
 
     async def _reservation(self, partition: str, n: int, group_size: int, timeout_s: float | None) -> dict:
         """Rows for a put of n new rows: the spare the last commit returned if it fits, else reserve."""

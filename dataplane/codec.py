@@ -116,7 +116,7 @@ def _native(arr: np.ndarray) -> tuple[str, np.ndarray]:
 
 def _byte_view(arr: np.ndarray) -> memoryview:
     # A buffer with a zero in its shape cannot be cast, and it has no memory to alias anyway.
-    return memoryview(arr).cast("B") if arr.size else _EMPTY
+    return arr.data.cast("B") if arr.size else _EMPTY
 
 
 def _torch_meta(t: Any, torch: Any) -> tuple[str, tuple[int, ...], str, memoryview]:

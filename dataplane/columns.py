@@ -68,8 +68,8 @@ class Chunk:
 
     def __init__(self, wire: list):
         self.kind, self.data = wire[0], wire[1]
-        self.shapes: list | None = None
-        self.offsets: list[int] | None = None
+        self.shapes: list = []  # ragged only: each row's shape, and where each row starts in `data`
+        self.offsets: list[int] = []
         if self.kind == "r":
             self.shapes = wire[2]
             self.offsets = [0]
@@ -176,11 +176,12 @@ def assemble(parts: Sequence[tuple[list[int], list]], spec: FieldSpec, n: int) -
     if spec.dtype == "bfloat16":
         import torch
 
-        out = torch.empty((n, *spec.shape), dtype=torch.bfloat16)
+        dims = [d for d in spec.shape if d is not None]  # a dense field has no variable dimension
+        out: Any = torch.empty((n, *dims), dtype=torch.bfloat16)
         for positions, wire in parts:
             out[torch.as_tensor(positions)] = wire[1]
         return out
-    out = np.empty((n, *spec.shape), dtype=spec.dtype)
+    dense: Any = np.empty((n, *spec.shape), dtype=spec.dtype)
     for positions, wire in parts:
-        out[positions] = wire[1]
-    return out
+        dense[positions] = wire[1]
+    return dense

@@ -20,6 +20,7 @@ import asyncio
 import heapq
 import itertools
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,7 @@ class Controller:
 
     async def create_partition(
         self, name: str, schema: dict[str, str], capacity: int | None = None,
-        consumers: list[str] = (), exist_ok: bool = False, stale_policy: str | None = None,
+        consumers: Sequence[str] = (), exist_ok: bool = False, stale_policy: str | None = None,
     ) -> dict:  # fmt: skip
         """Declare a partition. `stale_policy` ("drop" | "regenerate") overrides the store default."""
         specs = parse_schema(schema)
@@ -512,7 +513,7 @@ class Controller:
                 continue
             c = part.consumers.get(key)
             expired = [r for r, lease in c.leases.items() if lease.deadline <= now] if c else []
-            if expired:
+            if c is not None and expired:
                 c.counts["redelivered"] += len(expired)
                 self._return(part, c, expired)
 

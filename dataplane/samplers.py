@@ -28,6 +28,7 @@ from asyncflow.errors import DataPlaneError
 __all__ = [
     "BalancedSampler",
     "Candidate",
+    "RowInfo",
     "GroupSampler",
     "Sampler",
     "Selection",
@@ -47,6 +48,19 @@ class Candidate:
     length: int  # sequence length in tokens used for balancing (0 if unknown)
 
 
+class RowInfo(Protocol):
+    """What a sampler reads of a row: a `Candidate`, or the controller's own row record."""
+
+    @property
+    def row(self) -> int: ...
+    @property
+    def group(self) -> int: ...
+    @property
+    def group_size(self) -> int: ...
+    @property
+    def length(self) -> int: ...
+
+
 @dataclass(slots=True, frozen=True)
 class Selection:
     """The rows to hand out and, for balanced sampling, how they split over data-parallel ranks."""
@@ -62,7 +76,7 @@ class Sampler(Protocol):
     name: str
 
     def select(
-        self, candidates: Sequence[Candidate], batch_size: int, allow_partial: bool
+        self, candidates: Sequence[RowInfo], batch_size: int, allow_partial: bool
     ) -> Selection | None: ...
 
 
@@ -76,9 +90,7 @@ class SequentialSampler:
 
     name = "sequential"
 
-    def select(
-        self, candidates: Sequence[Candidate], batch_size: int, allow_partial: bool
-    ) -> Selection | None:
+    def select(self, candidates: Sequence[RowInfo], batch_size: int, allow_partial: bool) -> Selection | None:
         _check_batch_size(batch_size)
         if len(candidates) < batch_size and not allow_partial:
             return None
@@ -94,7 +106,7 @@ class _Group:
     rows: list[int]
 
 
-def _groups_in_order(candidates: Sequence[Candidate], batch_size: int) -> list[_Group]:
+def _groups_in_order(candidates: Sequence[RowInfo], batch_size: int) -> list[_Group]:
     """Groups by first ready row, after rejecting groups that could never be handed out."""
     groups: dict[int, _Group] = {}  # dicts keep insertion order = order of each group's first row
     for c in candidates:
@@ -128,7 +140,7 @@ def _check_group(gid: int, group: _Group, batch_size: int) -> None:
         )
 
 
-def _select_groups(candidates: Sequence[Candidate], batch_size: int, allow_partial: bool) -> list[int] | None:
+def _select_groups(candidates: Sequence[RowInfo], batch_size: int, allow_partial: bool) -> list[int] | None:
     """Rows of whole complete groups, oldest first; None when the batch should wait for more rows.
 
     Groups are taken in order of their first row and the scan stops at the first complete group
@@ -167,9 +179,7 @@ class GroupSampler:
 
     name = "group"
 
-    def select(
-        self, candidates: Sequence[Candidate], batch_size: int, allow_partial: bool
-    ) -> Selection | None:
+    def select(self, candidates: Sequence[RowInfo], batch_size: int, allow_partial: bool) -> Selection | None:
         rows = _select_groups(candidates, batch_size, allow_partial)
         return None if rows is None else Selection(rows, None)
 
@@ -195,9 +205,7 @@ class BalancedSampler:
         # Data-parallel ranks usually must step on the same number of sequences.
         self.equal_size = equal_size
 
-    def select(
-        self, candidates: Sequence[Candidate], batch_size: int, allow_partial: bool
-    ) -> Selection | None:
+    def select(self, candidates: Sequence[RowInfo], batch_size: int, allow_partial: bool) -> Selection | None:
         rows = _select_groups(candidates, batch_size, allow_partial)
         if rows is None:
             return None

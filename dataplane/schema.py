@@ -13,7 +13,7 @@ anything reaches the store. This module knows nothing about Ray or the network.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,7 +73,7 @@ class FieldSpec:
         return self.dtype in _NUMERIC
 
 
-def parse_schema(fields: dict[str, str | FieldSpec]) -> dict[str, FieldSpec]:
+def parse_schema(fields: Mapping[str, str | FieldSpec]) -> dict[str, FieldSpec]:
     if not isinstance(fields, dict) or not fields:
         raise SchemaError(f"a schema is a non-empty mapping field -> spec, got {fields!r}")
     out = {}
@@ -90,7 +90,7 @@ class Column:
 
     kind: str  # "d" dense | "r" ragged | "o" objects
     block: Any  # dense: the (n, ...) array or tensor; else None
-    rows: list[Any] | None  # ragged / objects: one value per row; else None
+    rows: list[Any]  # ragged / objects: one value per row; dense: empty
     nbytes: list[int]
     lengths: list[int]  # leading dimension per row for ragged fields, else 0
 
@@ -111,7 +111,7 @@ def to_column(field: str, spec: FieldSpec, value: Any, n_rows: int) -> Column:
         row_bytes = int(value.nbytes) // max(n_rows, 1)
         if spec.ragged:
             return Column("r", None, list(value), [row_bytes] * n_rows, [int(shape[1])] * n_rows)
-        return Column("d", value, None, [row_bytes] * n_rows, [0] * n_rows)
+        return Column("d", value, [], [row_bytes] * n_rows, [0] * n_rows)
     if isinstance(value, Sequence) and not isinstance(value, str | bytes):
         if len(value) != n_rows:
             raise SchemaError(f"field {field!r}: got {len(value)} values for {n_rows} rows; give one per row")
@@ -119,7 +119,7 @@ def to_column(field: str, spec: FieldSpec, value: Any, n_rows: int) -> Column:
         nbytes = [int(r.nbytes) for r in rows]
         if spec.ragged:
             return Column("r", None, rows, nbytes, [int(r.shape[0]) for r in rows])
-        return Column("d", _stack(rows), None, nbytes, [0] * n_rows)
+        return Column("d", _stack(rows), [], nbytes, [0] * n_rows)
     raise SchemaError(
         f"field {field!r}: got {type(value).__name__}; expected an array with one row per sample or "
         f"a list of {n_rows} per-row values of {spec}"

@@ -99,7 +99,7 @@ def start_store(config: DataPlaneConfig | None = None) -> StoreHandle:
     controller = host.options(
         name=_actor_name(config.name, "controller"), namespace=NAMESPACE, num_cpus=config.controller_num_cpus
     ).remote("controller", config.model_dump(), unit_addresses=addresses)
-    address = ray.get(controller.start.remote())
+    address = str(ray.get(controller.start.remote()))
     return StoreHandle(config, address, controller, units)
 
 

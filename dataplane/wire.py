@@ -116,7 +116,7 @@ class _Messages(asyncio.BufferedProtocol):
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._body is not None:
-            return memoryview(self._body[self._filled :])
+            return self._body[self._filled :].data
         if self._end == len(self._scratch):  # move the unparsed tail to the front (or grow for a big header)
             tail = self._scratch[self._start : self._end]
             if len(tail) == len(self._scratch):
@@ -131,14 +131,15 @@ class _Messages(asyncio.BufferedProtocol):
                 self._filled += nbytes
                 if self._filled == len(self._body):
                     body, self._body = self._body, None
-                    self._deliver(memoryview(body))
+                    self._deliver(body.data)
                     _buffers.after_delivery()
                 return
             self._end += nbytes
             self._parse()
         except CodecError as e:  # garbage on the wire: drop this connection, keep serving the rest
             log.warning("closing connection: unreadable message (%s)", e)
-            self.transport.close()
+            if self.transport is not None:
+                self.transport.close()
 
     def _parse(self) -> None:
         while True:
@@ -164,7 +165,7 @@ class _Messages(asyncio.BufferedProtocol):
             body[:have] = np.frombuffer(self._scratch, np.uint8, have, body_at)
             self._start = self._end = 0
             if have == total:
-                self._deliver(memoryview(body))
+                self._deliver(body.data)
                 _buffers.after_delivery()
                 continue
             self._body, self._filled = body, have
