@@ -21,8 +21,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from asyncflow.errors import DataPlaneError, SchemaError
-from dataplane.columns import assemble, wire
-from dataplane.schema import FieldSpec, parse_schema, to_column
+from dataplane.columns import assemble, to_column, wire
+from dataplane.schema import FieldSpec, parse_schema
 from dataplane.wire import Stub
 
 

@@ -1,4 +1,7 @@
-"""Columns: one field's values for many rows, in the shape they travel in.
+"""Columns: one field's values for many rows, checked and in the shape they travel in.
+
+`to_column` checks the values a producer gives for one field against the field's spec
+and builds the column, so that a bad row is refused before anything reaches the store.
 
 A put or a read moves each field as one column, not one message per row, so the wire
 carries a handful of buffers per request whatever the batch size:
@@ -18,11 +21,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from dataplane.schema import Column, FieldSpec
+from asyncflow.errors import SchemaError
+from dataplane.codec import array_meta
+from dataplane.schema import FieldSpec
 
 
 def _is_tensor(value: Any) -> bool:
@@ -47,6 +53,100 @@ def _stack(arrays: Sequence[Any]) -> Any:
 
         return torch.stack(list(arrays))
     return np.stack(arrays)
+
+
+@dataclass(slots=True)
+class Column:
+    """One field's validated values for n rows (see `dataplane.columns` for how it travels)."""
+
+    kind: str  # "d" dense | "r" ragged | "o" objects
+    block: Any  # dense: the (n, ...) array or tensor; else None
+    rows: list[Any]  # ragged / objects: one value per row; dense: empty
+    nbytes: list[int]
+    lengths: list[int]  # leading dimension per row for ragged fields, else 0
+
+
+def to_column(field: str, spec: FieldSpec, value: Any, n_rows: int) -> Column:
+    """Check `value` (all rows of one field) against `spec`; raise SchemaError naming the problem."""
+    if not spec.numeric:  # str, bytes, any
+        return _object_column(field, spec, value, n_rows)
+    if _is_array(value):
+        dtype, shape, _, _ = array_meta(value)
+        if len(shape) == 0 or shape[0] != n_rows:
+            raise SchemaError(
+                f"field {field!r}: got an array of shape {tuple(shape)} for {n_rows} rows; expected "
+                f"shape ({n_rows}, ...) with rows along the first dimension"
+            )
+        _check_dtype(field, spec, dtype)
+        _check_shape(field, spec, tuple(shape[1:]), "every row")
+        row_bytes = int(value.nbytes) // max(n_rows, 1)
+        if spec.ragged:
+            return Column("r", None, list(value), [row_bytes] * n_rows, [int(shape[1])] * n_rows)
+        return Column("d", value, [], [row_bytes] * n_rows, [0] * n_rows)
+    if isinstance(value, Sequence) and not isinstance(value, str | bytes):
+        if len(value) != n_rows:
+            raise SchemaError(f"field {field!r}: got {len(value)} values for {n_rows} rows; give one per row")
+        rows = [_row_array(field, spec, v, i) for i, v in enumerate(value)]
+        nbytes = [int(r.nbytes) for r in rows]
+        if spec.ragged:
+            return Column("r", None, rows, nbytes, [int(r.shape[0]) for r in rows])
+        return Column("d", _stack(rows) if rows else np.empty(0), [], nbytes, [0] * n_rows)
+    raise SchemaError(
+        f"field {field!r}: got {type(value).__name__}; expected an array with one row per sample or "
+        f"a list of {n_rows} per-row values of {spec}"
+    )
+
+
+def _row_array(field: str, spec: FieldSpec, value: Any, i: int) -> Any:
+    if not _is_array(value):
+        if spec.shape or not isinstance(value, int | float | bool | np.generic):
+            raise SchemaError(
+                f"field {field!r}, row {i}: got {type(value).__name__}; expected an array of {spec}"
+            )
+        if spec.dtype == "bfloat16":
+            raise SchemaError(f"field {field!r}, row {i}: bfloat16 values must be torch tensors")
+        # A plain number for a scalar field: cast only if the value survives the cast unchanged.
+        arr = np.asarray(value, dtype=spec.dtype)
+        if arr.item() != value and not (isinstance(value, float) and np.isnan(value)):
+            raise SchemaError(f"field {field!r}, row {i}: {value!r} does not fit dtype {spec.dtype}")
+        return arr
+    dtype, shape, _, _ = array_meta(value)
+    _check_dtype(field, spec, dtype, row=i)
+    _check_shape(field, spec, tuple(shape), f"row {i}")
+    return value
+
+
+def _check_dtype(field: str, spec: FieldSpec, dtype: str, row: int | None = None) -> None:
+    if dtype != spec.dtype:
+        where = f"field {field!r}" + ("" if row is None else f", row {row}")
+        raise SchemaError(
+            f"{where}: dtype {dtype} does not match the schema's {spec.dtype}; convert it first "
+            f"(e.g. `.astype(np.{spec.dtype})` or `.to(torch.{spec.dtype})`) or declare the field as "
+            f"'{dtype}{str(spec)[len(spec.dtype) :]}'"
+        )
+
+
+def _check_shape(field: str, spec: FieldSpec, shape: tuple[int, ...], where: str) -> None:
+    ok = len(shape) == len(spec.shape) and all(d is None or d == s for d, s in zip(spec.shape, shape))
+    if not ok:
+        raise SchemaError(
+            f"field {field!r}, {where}: shape {shape} does not match the schema's {spec} "
+            f"(expected {tuple('*' if d is None else d for d in spec.shape)}, '*' = any length)"
+        )
+
+
+def _object_column(field: str, spec: FieldSpec, value: Any, n_rows: int) -> Column:
+    if not isinstance(value, Sequence) or isinstance(value, str | bytes) or len(value) != n_rows:
+        raise SchemaError(
+            f"field {field!r}: expected a list of {n_rows} {spec.dtype} values, got {value!r:.80}"
+        )
+    kind = {"str": str, "bytes": bytes}.get(spec.dtype)
+    if kind is not None:
+        for i, v in enumerate(value):
+            if not isinstance(v, kind):
+                raise SchemaError(f"field {field!r}, row {i}: expected {spec.dtype}, got {type(v).__name__}")
+    sizes = [len(v) if isinstance(v, str | bytes) else 0 for v in value]
+    return Column("o", None, list(value), sizes, [0] * n_rows)
 
 
 def wire(column: Column, positions: Sequence[int]) -> list:
@@ -92,16 +192,10 @@ class Chunk:
         return self.data[i]
 
     def nbytes(self, i: int) -> int:
-        if self.kind == "d":
-            return int(self.data.nbytes) // max(len(self.data), 1)
-        if self.kind == "r":
-            return (
-                (self.offsets[i + 1] - self.offsets[i]) * self.data.element_size()
-                if _is_tensor(self.data)
-                else (self.offsets[i + 1] - self.offsets[i]) * self.data.itemsize
-            )
-        value = self.data[i]
-        return len(value) if isinstance(value, str | bytes) else 0
+        value = self.row(i)
+        if self.kind == "o":
+            return len(value) if isinstance(value, str | bytes) else 0
+        return int(value.nbytes)
 
     def total_nbytes(self) -> int:
         if self.kind == "o":
@@ -126,23 +220,6 @@ def read_column(refs: Sequence[tuple[Chunk, int]]) -> list:
     return join([c.row(i) for c, i in refs])
 
 
-def split(wire: list) -> list[Any]:
-    """Per-row cells of a received column: views into its buffers, no copies."""
-    kind = wire[0]
-    if kind == "d":
-        block = wire[1]
-        return [block[i, ...] for i in range(len(block))]  # `...` keeps 0-d rows arrays, not scalars
-    if kind == "r":
-        flat, shapes = wire[1], wire[2]
-        cells, offset = [], 0
-        for shape in shapes:
-            size = math.prod(shape)
-            cells.append(flat[offset : offset + size].reshape(shape))
-            offset += size
-        return cells
-    return list(wire[1])
-
-
 def join(cells: Sequence[Any]) -> list:
     """The column for a read: one array when the cells are arrays of one dtype, else a list."""
     if cells and all(_is_array(c) for c in cells):
@@ -155,8 +232,9 @@ def join(cells: Sequence[Any]) -> list:
 
 
 def rows_of(wire: list) -> list[Any]:
-    """One value per row from a column of any kind."""
-    return split(wire) if wire[0] in ("d", "r") else list(wire[1])
+    """One value per row from a column of any kind (views, not copies)."""
+    chunk = Chunk(wire)
+    return [chunk.row(i) for i in range(len(chunk))]
 
 
 def assemble(parts: Sequence[tuple[list[int], list]], spec: FieldSpec, n: int) -> Any:
