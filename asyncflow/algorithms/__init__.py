@@ -1,0 +1,40 @@
+"""The pure algorithm functions of the RL loop: log-probs, advantages, losses.
+
+Torch only: nothing here knows about Ray, the rollout engine, the data store or versions.
+The trainer composes them; `asyncflow.versioning` owns the staleness rule.
+"""
+
+from __future__ import annotations
+
+from asyncflow.algorithms.advantages import ESTIMATORS, Estimator, group_advantages
+from asyncflow.algorithms.logprobs import entropy, token_logprobs
+from asyncflow.algorithms.losses import (
+    AGGREGATIONS,
+    CORRECTIONS,
+    KL_KINDS,
+    Aggregation,
+    Correction,
+    KLKind,
+    aggregate,
+    importance_ratios,
+    kl_penalty,
+    policy_loss,
+)
+
+__all__ = [
+    "AGGREGATIONS",
+    "CORRECTIONS",
+    "ESTIMATORS",
+    "KL_KINDS",
+    "Aggregation",
+    "Correction",
+    "Estimator",
+    "KLKind",
+    "aggregate",
+    "entropy",
+    "group_advantages",
+    "importance_ratios",
+    "kl_penalty",
+    "policy_loss",
+    "token_logprobs",
+]

@@ -1,0 +1,67 @@
+"""Group-relative advantages: one scalar per sample from the rewards of its group.
+
+A group is the `n` samples drawn for one prompt; each sample's advantage is its reward
+against a baseline built from the other samples of the same group, so no value network is
+needed. The estimators differ only in the baseline and the scale.
+
+This module knows nothing about prompts, rewards' origin, tokens or versions: a (G, n) tensor
+of rewards in, a (G, n) tensor of advantages out, broadcast over tokens by the loss.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+import torch
+from torch import Tensor
+
+__all__ = ["ESTIMATORS", "Estimator", "group_advantages"]
+
+Estimator = Literal["grpo", "drgrpo", "rloo"]
+ESTIMATORS: tuple[str, ...] = get_args(Estimator)
+
+
+def group_advantages(rewards: Tensor, estimator: Estimator = "grpo", eps: float = 1e-6) -> Tensor:
+    """Advantages of each sample within its group, in float32: (G, n) -> (G, n).
+
+    Row g holds the rewards of the n samples of prompt g.
+
+    - "grpo": A_i = (r_i - mean(r)) / (std(r) + eps), the outcome-supervision advantage of
+      GRPO (Shao et al. 2024, DeepSeekMath, arXiv 2402.03300, §4.1.2). std is the *sample*
+      standard deviation (Bessel's correction, divisor n - 1), as in TRL, verl and OpenRLHF,
+      so results match theirs. A group whose rewards are all equal gets 0.
+    - "drgrpo": A_i = r_i - mean(r), no division by std, which Liu et al. 2025 ("Understanding
+      R1-Zero-Like Training", Dr. GRPO, arXiv 2503.20783, §3.1 and Fig. 1) show biases the
+      update toward prompts that are too easy or too hard.
+    - "rloo": A_i = r_i - mean_{j != i}(r_j) = n / (n - 1) * (r_i - mean(r)), the REINFORCE
+      leave-one-out baseline (Ahmadian et al. 2024, "Back to Basics", arXiv 2402.14740, the
+      RLOO estimator; after Kool et al. 2019). It needs n >= 2.
+
+    A group of one sample has no baseline but itself: "grpo" and "drgrpo" give 0 (no signal),
+    "rloo" raises because its estimator is undefined.
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown advantage estimator {estimator!r}; expected one of {ESTIMATORS}")
+    if rewards.dim() != 2:
+        raise ValueError(
+            f"group_advantages: rewards must be (G, n) = (prompts, samples per prompt), got shape "
+            f"{tuple(rewards.shape)}; reshape a flat batch with rewards.view(-1, n)"
+        )
+    r = rewards.float()  # (G, n)
+    if not bool(torch.isfinite(r).all()):
+        raise ValueError("group_advantages: rewards contain NaN or inf; check the reward function's output")
+    n = r.shape[1]
+    if estimator == "rloo" and n < 2:
+        raise ValueError(
+            f"group_advantages: 'rloo' needs at least 2 samples per group to form a leave-one-out "
+            f"baseline, got n={n}; sample n >= 2 per prompt or use 'grpo' / 'drgrpo'"
+        )
+    mean = r.mean(dim=1, keepdim=True)  # (G, 1)
+    if estimator == "rloo":
+        baseline = (r.sum(dim=1, keepdim=True) - r) / (n - 1)  # (G, n): mean of the other n-1
+        return r - baseline
+    centred = r - mean  # (G, n)
+    if estimator == "drgrpo" or n == 1:
+        return centred
+    std = r.std(dim=1, keepdim=True, correction=1)  # (G, 1)
+    return centred / (std + eps)
