@@ -1,0 +1,310 @@
+"""The embedded rollout engine: batched sampling from a transformers causal LM with a KV cache.
+
+Each request is expanded n times; the rows of a chunk are left-padded to a common
+length (an attention mask plus explicit position ids make a padded row compute exactly
+what it would alone), prefilled once, then decoded one token per step, feeding only the
+new token against the cache. Every sampled token carries the log-prob it had under the
+distribution it was drawn from and the policy version of the weights that drew it.
+
+Between steps the loop yields to the event loop, so pause(), update_weights() and
+close() land on a step boundary. After a weight update the in-flight rows are
+re-prefilled under the new weights: a token tagged with version v+1 was produced by v+1
+alone, not by v+1 reading keys and values that v wrote.
+
+The engine knows nothing about tokenization, the data store or Ray: token ids in, token
+ids out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from services.serving.protocol import Completion, FinishReason, Request, check_fits
+
+__all__ = ["TorchEngine", "sample_tokens"]
+
+
+class TorchEngine:
+    """Engine protocol implementation over an in-process transformers model (Llama / Qwen2 style)."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        *,
+        eos_token_id: int,
+        pad_token_id: int,
+        version: int = 0,
+        seed: int = 0,
+        max_batch_size: int = 256,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"TorchEngine: max_batch_size={max_batch_size}, expected >= 1 rows per forward")
+        self.version = version
+        self.max_batch_size = max_batch_size
+        self.stats: dict[str, float] = {"tokens_generated": 0, "generate_s": 0.0, "requests": 0}
+        self._model: PreTrainedModel | None = model.eval()
+        self._eos = eos_token_id
+        self._pad = pad_token_id
+        self._device = next(model.parameters()).device
+        self._max_positions = int(model.config.max_position_embeddings)
+        self._vocab_size = int(model.config.vocab_size)
+        # One stream for the engine's life: the same seed and the same calls give the same samples.
+        self._generator = torch.Generator(device=self._device).manual_seed(seed)
+        # Live references to parameters and buffers, so an update copies into what forward reads.
+        self._targets = dict(model.state_dict(keep_vars=True))
+        # transformers renamed the cache argument (past_key_values -> cache) within 5.x.
+        forward_args = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in forward_args else "past_key_values"
+        self._weights_epoch = 0  # bumped by every update; a row's cache is rebuilt when it changes
+        self._unpaused = asyncio.Event()
+        self._unpaused.set()
+
+    # ---------------------------------------------------------------- protocol
+
+    async def generate(self, requests: Sequence[Request]) -> list[Completion]:
+        self._open_model()
+        for request in requests:
+            check_fits(request, max_positions=self._max_positions, vocab_size=self._vocab_size)
+        rows = [(request, index) for request in requests for index in range(request.n)]
+        started = time.perf_counter()
+        completions: list[Completion] = []
+        for start in range(0, len(rows), self.max_batch_size):
+            completions += await self._generate_chunk(rows[start : start + self.max_batch_size])
+        self.stats["generate_s"] += time.perf_counter() - started
+        self.stats["tokens_generated"] += sum(len(c.response_ids) for c in completions)
+        self.stats["requests"] += len(requests)
+        return completions
+
+    async def update_weights(self, version: int, tensors: Mapping[str, torch.Tensor]) -> None:
+        self._open_model()
+        unknown = sorted(name for name in tensors if name not in self._targets)
+        mismatched = [
+            f"{name}: got {tuple(t.shape)}, expected {tuple(self._targets[name].shape)}"
+            for name, t in tensors.items()
+            if name in self._targets and tuple(t.shape) != tuple(self._targets[name].shape)
+        ]
+        if unknown or mismatched:
+            raise ValueError(
+                f"update_weights(version={version}): unknown names {unknown}, shape mismatches {mismatched}; "
+                "send tensors named and shaped as in model.state_dict(). No weight was changed."
+            )
+        with torch.no_grad():
+            for name, t in tensors.items():
+                self._targets[name].copy_(t)
+        self.version = version
+        self._weights_epoch += 1
+
+    async def pause(self) -> None:
+        # Steps never yield midway, so once this runs every decode loop sits at a step
+        # boundary and sees the cleared event before it computes again.
+        self._open_model()
+        self._unpaused.clear()
+
+    async def resume(self) -> None:
+        self._open_model()
+        self._unpaused.set()
+
+    async def close(self) -> None:
+        self._model = None
+        self._targets = {}
+        self._unpaused.set()  # release paused loops; they see the engine closed and abort
+
+    # ---------------------------------------------------------------- decoding
+
+    def _open_model(self) -> PreTrainedModel:
+        if self._model is None:
+            raise RuntimeError("TorchEngine is closed; build a new engine to generate again")
+        return self._model
+
+    async def _step_boundary(self) -> bool:
+        """Let other coroutines run, wait out a pause; False once the engine is closed."""
+        await asyncio.sleep(0)
+        await self._unpaused.wait()
+        return self._model is not None
+
+    async def _generate_chunk(self, rows: list[tuple[Request, int]]) -> list[Completion]:
+        batch = _Batch.build(rows, eos=self._eos, pad=self._pad, device=self._device)
+        if not await self._step_boundary():
+            return batch.completions(abort=True)
+        epoch, version = self._weights_epoch, self.version
+        logits, cache = self._prefill(batch.ids, batch.mask)  # (B, V)
+        for step in range(batch.max_steps):
+            tokens, logprobs = self._sample(logits, batch)
+            if batch.record(step, tokens, logprobs, version):
+                break
+            if not await self._step_boundary():
+                return batch.completions(abort=True)
+            if self._weights_epoch != epoch:  # new weights: rebuild the cache under them
+                epoch, version = self._weights_epoch, self.version
+                logits, cache = self._prefill(batch.ids, batch.mask)
+            else:
+                logits = self._decode(batch.ids[:, -1:], batch.mask, cache)
+        return batch.completions(abort=False)
+
+    @torch.inference_mode()
+    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, DynamicCache]:
+        model = self._open_model()
+        cache = DynamicCache(config=model.config)
+        # Positions count real tokens only, so a left-padded row sees the positions it would alone.
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+        out = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._cache_arg: cache},
+        )
+        return out.logits[:, -1].float(), cache  # (B, V)
+
+    @torch.inference_mode()
+    def _decode(self, new_ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+        model = self._open_model()
+        positions = mask.sum(-1, keepdim=True) - 1  # (B, 1)
+        out = model(
+            input_ids=new_ids,  # (B, 1)
+            attention_mask=mask,  # (B, T): the cache's columns plus the new token
+            position_ids=positions,
+            use_cache=True,
+            **{self._cache_arg: cache},
+        )
+        return out.logits[:, -1].float()  # (B, V)
+
+    @torch.inference_mode()
+    def _sample(self, logits: torch.Tensor, batch: _Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        return sample_tokens(
+            logits, batch.temperature, top_k=batch.top_k, top_p=batch.top_p, generator=self._generator
+        )
+
+
+def sample_tokens(
+    logits: torch.Tensor,  # (B, V)
+    temperature: torch.Tensor,  # (B,)
+    *,
+    top_k: torch.Tensor,  # (B,) long, 0 = off
+    top_p: torch.Tensor,  # (B,) float, 1 = off
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per row; returns (tokens (B,), log-probs (B,)) under the distribution sampled from.
+
+    Order as in vLLM and transformers: temperature, then top-k, then top-p on what top-k kept;
+    the log-prob is taken after truncation, renormalised over the kept tokens.
+    """
+    scores = logits.float() / temperature[:, None]  # (B, V)
+    use_k, use_p = top_k > 0, top_p < 1
+    if bool(use_k.any() or use_p.any()):
+        sorted_scores, order = scores.sort(-1, descending=True)  # (B, V)
+        rank = torch.arange(scores.shape[-1], device=scores.device)
+        drop = use_k[:, None] & (rank[None, :] >= top_k[:, None])  # (B, V), in sorted order
+        probs = torch.softmax(sorted_scores.masked_fill(drop, float("-inf")), -1)
+        mass_before = probs.cumsum(-1) - probs
+        # Rows with top_p == 1 skip the filter: the rounded cumulative sum can reach 1 early.
+        drop |= use_p[:, None] & (mass_before >= top_p[:, None])
+        scores = scores.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    logp = torch.log_softmax(scores, -1)  # (B, V)
+    tokens = torch.multinomial(logp.exp(), 1, generator=generator)  # (B, 1)
+    return tokens.squeeze(-1), logp.gather(-1, tokens).squeeze(-1)
+
+
+@dataclass
+class _Batch:
+    """The rows of one chunk: their token grid, sampling settings and what each has produced."""
+
+    rows: list[tuple[Request, int]]
+    ids: torch.Tensor  # (B, T) left-padded prompts, then one column per step
+    mask: torch.Tensor  # (B, T) 1 for real tokens
+    temperature: torch.Tensor  # (B,)
+    top_k: torch.Tensor  # (B,)
+    top_p: torch.Tensor  # (B,)
+    max_new: torch.Tensor  # (B,)
+    stop_ids: torch.Tensor  # (B, S) EOS and each row's stop ids, padded with -1
+    done: torch.Tensor  # (B,) bool
+    stopped: torch.Tensor  # (B,) bool: finished on a stop token
+    lengths: torch.Tensor  # (B,) response tokens kept per row
+    tokens: list[torch.Tensor]  # per step (B,)
+    logprobs: list[torch.Tensor]  # per step (B,)
+    versions: list[int]  # per step: the policy version that sampled it
+
+    @staticmethod
+    def build(rows: list[tuple[Request, int]], *, eos: int, pad: int, device: torch.device) -> _Batch:
+        prompts = [request.prompt_ids for request, _ in rows]
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, prompt in enumerate(prompts):
+            ids[i, width - len(prompt) :] = torch.tensor(prompt)
+            mask[i, width - len(prompt) :] = 1
+        stops = [(eos, *request.params.stop_token_ids) for request, _ in rows]
+        stop_ids = torch.full((len(rows), max(map(len, stops))), -1, dtype=torch.long)
+        for i, stop in enumerate(stops):
+            stop_ids[i, : len(stop)] = torch.tensor(stop)
+        params = [request.params for request, _ in rows]
+
+        def column(values: list[float] | list[int], dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        return _Batch(
+            rows=rows,
+            ids=ids.to(device),
+            mask=mask.to(device),
+            temperature=column([p.temperature for p in params], torch.float32),
+            top_k=column([p.top_k for p in params], torch.long),
+            top_p=column([p.top_p for p in params], torch.float32),
+            max_new=column([p.max_new_tokens for p in params], torch.long),
+            stop_ids=stop_ids.to(device),
+            done=torch.zeros(len(rows), dtype=torch.bool, device=device),
+            stopped=torch.zeros(len(rows), dtype=torch.bool, device=device),
+            lengths=torch.zeros(len(rows), dtype=torch.long, device=device),
+            tokens=[],
+            logprobs=[],
+            versions=[],
+        )
+
+    @property
+    def max_steps(self) -> int:
+        return int(self.max_new.max())
+
+    def record(self, step: int, tokens: torch.Tensor, logprobs: torch.Tensor, version: int) -> bool:
+        """Keep step `step`'s tokens for unfinished rows; True once every row has finished."""
+        live = ~self.done
+        hit_stop = (tokens[:, None] == self.stop_ids).any(-1) & live
+        self.lengths += live.long()
+        self.stopped |= hit_stop
+        self.done |= hit_stop | (live & (self.lengths >= self.max_new))
+        self.tokens.append(tokens)
+        self.logprobs.append(logprobs)
+        self.versions.append(version)
+        # Finished rows keep receiving tokens (cheaper than reshaping the cache); they are not returned.
+        self.ids = torch.cat([self.ids, tokens[:, None]], dim=1)
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        return bool(self.done.all())
+
+    def completions(self, *, abort: bool) -> list[Completion]:
+        steps = len(self.tokens)
+        tokens = torch.stack(self.tokens, 1).tolist() if steps else [[] for _ in self.rows]  # (B, steps)
+        logprobs = torch.stack(self.logprobs, 1).tolist() if steps else [[] for _ in self.rows]
+        out = []
+        for i, (request, index) in enumerate(self.rows):
+            n = int(self.lengths[i])
+            reason: FinishReason = "stop" if self.stopped[i] else "length"
+            if not self.done[i]:
+                reason = "abort" if abort else "length"
+            out.append(
+                Completion(
+                    request_id=request.request_id,
+                    index=index,
+                    prompt_ids=list(request.prompt_ids),
+                    response_ids=tokens[i][:n],
+                    logprobs=logprobs[i][:n],
+                    versions=self.versions[:n],
+                    finish_reason=reason,
+                )
+            )
+        return out
