@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from asyncflow.errors import DataPlaneError, SchemaError
-from dataplane.columns import assemble, to_column, wire
+from dataplane.columns import Column, assemble, to_column, wire
 from dataplane.schema import FieldSpec, parse_schema
 from dataplane.wire import Stub
 
@@ -93,6 +93,11 @@ class StoreClient:
 
     @classmethod
     async def connect(cls, address: str) -> StoreClient:
+        """A client of the store at `address`: a controller address, or a Redis store's URL."""
+        if address.startswith(("redis://", "rediss://")):
+            from dataplane.storage.redis import RedisStoreClient
+
+            return await RedisStoreClient.connect(address)
         client = cls(address)
         client._units = [Stub(a) for a in await client._controller.units()]
         return client
@@ -158,16 +163,12 @@ class StoreClient:
         Returns the row indices. Nothing is stored if any value is refused.
         """
         schema = await self._schema(partition)
-        if not data:
-            raise SchemaError(f"put to {partition!r} with no fields; give at least one of {sorted(schema)}")
-        unknown = sorted(set(data) - set(schema))
-        if unknown:
-            raise SchemaError(
-                f"put to {partition!r}: unknown field(s) {unknown}; the schema has {sorted(schema)}. "
-                "Fix the name or create the partition with that field"
-            )
-        n = len(rows) if rows is not None else _row_count(data)
-        columns = {f: to_column(f, schema[f], v, n) for f, v in data.items()}
+        n, columns = check_put(
+            partition,
+            schema,
+            data,
+            None if rows is None else list(rows.rows if isinstance(rows, Batch) else rows),
+        )
         new = rows is None
         index: list[int]
         if rows is None:
@@ -373,6 +374,22 @@ class StoreClient:
         """Load a checkpoint into this freshly started store; leased rows become pending again."""
         self._schemas.clear()
         return await self._controller.restore(path=str(path))
+
+
+def check_put(
+    partition: str, schema: dict[str, FieldSpec], data: Mapping[str, Any], rows: Sequence[int] | None
+) -> tuple[int, dict[str, Column]]:
+    """The row count and the checked columns of a put; SchemaError names the first problem."""
+    if not data:
+        raise SchemaError(f"put to {partition!r} with no fields; give at least one of {sorted(schema)}")
+    unknown = sorted(set(data) - set(schema))
+    if unknown:
+        raise SchemaError(
+            f"put to {partition!r}: unknown field(s) {unknown}; the schema has {sorted(schema)}. "
+            "Fix the name or create the partition with that field"
+        )
+    n = len(rows) if rows is not None else _row_count(data)
+    return n, {f: to_column(f, schema[f], v, n) for f, v in data.items()}
 
 
 def _row_count(data: Mapping[str, Any]) -> int:

@@ -55,6 +55,12 @@ class StoreHandle:
     controller: Any
     units: list[Any]
 
+    def __repr__(self) -> str:
+        from asyncflow.config.dataplane import redact_url
+
+        name, backend = self.config.name, self.config.backend
+        return f"StoreHandle(name={name!r}, backend={backend!r}, address={redact_url(self.address)!r})"
+
     def client(self) -> SyncStoreClient:
         """A blocking client (for the driver and plain scripts)."""
         return SyncStoreClient(self.address)
@@ -63,7 +69,8 @@ class StoreHandle:
         return await StoreClient.connect(self.address)
 
     def shutdown(self) -> None:
-        for actor in [self.controller, *self.units]:
+        """Stop the store's actors. A Redis store has none: its rows stay (drop_partition deletes them)."""
+        for actor in [self.controller, *self.units] if self.controller is not None else []:
             ray.kill(actor)
 
 
@@ -72,8 +79,16 @@ def _actor_name(store: str, role: str) -> str:
 
 
 def start_store(config: DataPlaneConfig | None = None) -> StoreHandle:
-    """Launch a store's storage units and controller as named Ray actors (ray.init() first)."""
+    """Launch a store's storage units and controller as named Ray actors (ray.init() first).
+
+    With `backend: redis` nothing is launched: the store lives in Redis, every client runs its
+    logic there, and the handle carries the address (`redis://...#<prefix>:<name>`).
+    """
     config = config or DataPlaneConfig()
+    if config.backend == "redis":
+        from dataplane.storage.redis import open_store
+
+        return StoreHandle(config, open_store(config), None, [])
     if not ray.is_initialized():
         raise DataPlaneError("start_store needs Ray: call ray.init() first (or run inside a Ray job)")
     host = ray.remote(ServiceHost)
@@ -109,7 +124,13 @@ def store_address(name: str = "asyncflow") -> str:
 
 
 async def connect(name: str = "asyncflow") -> StoreClient:
-    """An async client of the running store `name`; call from any process of the Ray cluster."""
+    """An async client of the running store `name`; call from any process of the Ray cluster.
+
+    `name` may instead be a Redis store's address (`redis://host:port/db#<prefix>:<name>`, the
+    fragment defaulting to `asyncflow:asyncflow`): then no Ray is needed at all.
+    """
+    if name.startswith(("redis://", "rediss://")):
+        return await StoreClient.connect(name)
     actor = _lookup(name)
     return await StoreClient.connect(await actor.address.remote())
 

@@ -25,15 +25,35 @@ def ray_session():
     ray.shutdown()
 
 
-@pytest.fixture(scope="session", params=["memory"])
+@pytest.fixture(scope="session", params=["memory", "redis"])
 def store(request, ray_session):
-    """A running store of each backend; the Redis backend joins this list when it lands."""
+    """A running store of each backend. The Redis one (127.0.0.1:6379, see .ci/run) gets a name of
+    its own per test session and is emptied at the end, so runs never see each other's rows."""
     from asyncflow.config import DataPlaneConfig
     from dataplane import start_store
 
-    handle = start_store(DataPlaneConfig(name=f"test-{request.param}", backend=request.param, lease_s=30.0))
+    name = f"test-{request.param}" + (f"-{uuid.uuid4().hex[:8]}" if request.param == "redis" else "")
+    handle = start_store(DataPlaneConfig(name=name, backend=request.param, lease_s=30.0))
     yield handle
     handle.shutdown()
+    if request.param == "redis":
+        purge_redis_store(handle.address)
+
+
+def purge_redis_store(address: str) -> None:
+    import asyncio
+
+    from dataplane.storage.redis import RedisStoreClient
+    from dataplane.storage.redis_snapshot import purge
+
+    async def run() -> None:
+        client = await RedisStoreClient.connect(address)
+        try:
+            await purge(client)
+        finally:
+            await client.close()
+
+    asyncio.run(run())
 
 
 @pytest.fixture

@@ -5,20 +5,124 @@ Only numbers and names: nothing here imports the store itself.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from asyncflow.config._base import Section
+
+
+def redact_url(url: str) -> str:
+    """`url` with its password (and a username that stands alone) replaced by `***`."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    if "@" not in parts.netloc:
+        return url
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user = userinfo.split(":", 1)[0] if ":" in userinfo else ""
+    netloc = f"{user}:***@{host}" if user else f"***@{host}"
+    return parts._replace(netloc=netloc).geturl()
+
+
+class RedactedURL(str):
+    """A URL whose repr hides the password, so a config printed or rejected never shows it."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return repr(redact_url(str(self)))
+
+
+class RedisConfig(Section):
+    """Where the Redis backend keeps rows and metadata, and how it talks to the server."""
+
+    url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        min_length=8,
+        max_length=2048,
+        description="Server URL: redis://[user:password@]host:port/db, or rediss:// for TLS. The "
+        "password is never logged or shown in errors.",
+    )
+    key_prefix: str = Field(
+        "asyncflow",
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Namespace of every key: keys are `<key_prefix>:<dataplane.name>:...`, so several "
+        "stores (or unrelated applications) share one server safely.",
+    )
+    max_connections: int = Field(
+        64,
+        ge=2,
+        le=10_000,
+        description="Connections per client process; a get that waits holds one for its blocking read.",
+    )
+    socket_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="Longest one command may take before the connection counts as lost."
+    )
+    connect_timeout_s: float = Field(5.0, gt=0, le=600, description="Longest a TCP/TLS connect may take.")
+    retry_deadline_s: float = Field(
+        30.0,
+        ge=0,
+        le=86_400,
+        description="How long a command is retried (exponential backoff) while the server is unreachable "
+        "before StorageUnavailable is raised; covers a Redis restart.",
+    )
+    heartbeat_s: float = Field(
+        1.0,
+        gt=0,
+        le=600,
+        description="How often a client that holds leases says it is alive; leases of a client silent for "
+        "3 heartbeats (its process died) are redelivered before lease_s ends.",
+    )
+    ssl_ca_certs: str | None = Field(
+        None, max_length=4096, description="rediss://: CA bundle that signed the server certificate."
+    )
+    ssl_certfile: str | None = Field(
+        None, max_length=4096, description="rediss://: client certificate, for servers that require one."
+    )
+    ssl_keyfile: str | None = Field(None, max_length=4096, description="rediss://: client certificate's key.")
+    ssl_cert_reqs: Literal["required", "optional", "none"] = Field(
+        "required",
+        description="rediss://: whether the server certificate must verify (`none` only for tests).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _hide_password(cls, data: Any) -> Any:
+        # Before any check: a rejected URL is echoed in the error, and must not show its password.
+        if isinstance(data, dict) and isinstance(data.get("url"), str):
+            data = {**data, "url": RedactedURL(data["url"])}
+        return data
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+            raise ValueError(
+                f"expected redis://host:port/db or rediss://host:port/db, got {redact_url(url)!r}"
+            )
+        try:
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError:
+            raise ValueError(f"the port of {redact_url(url)!r} is not a number in 1..65535") from None
+        if parts.path.strip("/") and not parts.path.strip("/").isdigit():
+            raise ValueError(f"the database of {redact_url(url)!r} must be a number, e.g. /0")
+        return RedactedURL(url)
 
 
 class DataPlaneConfig(Section):
     """Where samples live between producers and consumers, and how long anyone waits."""
 
-    backend: Literal["memory"] = Field(
+    backend: Literal["memory", "redis"] = Field(
         "memory",
         description="Storage backend. `memory`: storage-unit Ray actors hold the bytes "
-        "(default; needs nothing but Ray).",
+        "(default; needs nothing but Ray). `redis`: rows and metadata live in Redis "
+        "(dataplane.redis), durable with AOF and reachable from any process by URL.",
     )
     name: str = Field(
         "asyncflow",
@@ -61,4 +165,7 @@ class DataPlaneConfig(Section):
     )
     storage_num_cpus: float = Field(
         0.1, ge=0, le=64, description="Logical CPUs Ray reserves for each storage-unit actor."
+    )
+    redis: RedisConfig = Field(
+        default_factory=RedisConfig, description="The Redis backend (used when backend is `redis`)."
     )

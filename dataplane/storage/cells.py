@@ -1,0 +1,98 @@
+"""Cells: one field of one row as the bytes a key-value backend stores, and back.
+
+A column checked by `dataplane.columns.to_column` is cut into one byte string per row,
+and the cells of a read are put back together into what the schema promises (a dense
+field is one (n, ...) array, a ragged one a list of arrays, objects a list of values):
+
+    numeric, one or no `*` dim   the row's raw bytes (native order); the shape follows from
+                                 the spec and the byte count
+    numeric, several `*` dims    uint32 per `*` dim, then the raw bytes
+    str / bytes                  utf-8 / the bytes themselves
+    any                          a codec blob (`dataplane.codec.pack`: msgpack + raw buffers)
+
+Dense rows are views of the put's buffer, not copies. bfloat16 fields come back as torch
+tensors, every other numeric field as numpy arrays. No pickle. Knows nothing about Redis.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from dataplane.codec import array_from, array_meta, pack, unpack
+from dataplane.columns import Column
+from dataplane.schema import FieldSpec
+
+Cell = bytes | memoryview
+
+
+def _kind(spec: FieldSpec) -> str:
+    return "torch" if spec.dtype == "bfloat16" else "numpy"
+
+
+def _itemsize(spec: FieldSpec) -> int:
+    return 2 if spec.dtype == "bfloat16" else np.dtype(spec.dtype).itemsize
+
+
+def encode_column(spec: FieldSpec, column: Column, n: int) -> list[Cell]:
+    """One cell per row of a checked column."""
+    if column.kind == "d":
+        _, _, _, raw = array_meta(column.block)
+        step = len(raw) // max(n, 1)
+        return [raw[i * step : (i + 1) * step] for i in range(n)]
+    if column.kind == "r":
+        return [encode_value(spec, row) for row in column.rows]
+    return [encode_value(spec, value) for value in column.rows]
+
+
+def encode_value(spec: FieldSpec, value: Any) -> Cell:
+    """One row's value (an array of the spec's shape, or a str / bytes / any value) as a cell."""
+    if spec.dtype == "str":
+        return value.encode()
+    if spec.dtype == "bytes":
+        return bytes(value)
+    if spec.dtype == "any":
+        return pack(value)
+    _, shape, _, raw = array_meta(value)
+    var = (
+        [d for d, s in zip(shape, spec.shape) if s is None] if sum(s is None for s in spec.shape) > 1 else []
+    )
+    return struct.pack(f"<{len(var)}I", *var) + bytes(raw) if var else raw
+
+
+def decode_value(spec: FieldSpec, cell: bytes) -> Any:
+    if spec.dtype == "str":
+        return cell.decode()
+    if spec.dtype == "bytes":
+        return bytes(cell)
+    if spec.dtype == "any":
+        return unpack(cell)
+    return array_from(*_array_parts(spec, cell), _kind(spec))
+
+
+def _array_parts(spec: FieldSpec, cell: bytes) -> tuple[Any, str, tuple[int, ...]]:
+    nvar = sum(d is None for d in spec.shape)
+    if nvar > 1:
+        var = iter(struct.unpack_from(f"<{nvar}I", cell))
+        return (
+            memoryview(cell)[4 * nvar :],
+            spec.dtype,
+            tuple(next(var) if d is None else d for d in spec.shape),
+        )
+    if nvar == 1:
+        fixed = math.prod(d for d in spec.shape if d is not None) * _itemsize(spec)
+        free = len(cell) // fixed if fixed else 0
+        return cell, spec.dtype, tuple(free if d is None else d for d in spec.shape)
+    return cell, spec.dtype, tuple(d for d in spec.shape if d is not None)
+
+
+def decode_column(spec: FieldSpec, cells: Sequence[bytes]) -> Any:
+    """The cells of n rows of one field, in the schema's form (see `dataplane.columns.assemble`)."""
+    if spec.numeric and not spec.ragged:
+        shape = tuple(d for d in spec.shape if d is not None)
+        return array_from(b"".join(cells), spec.dtype, (len(cells), *shape), _kind(spec))
+    return [decode_value(spec, cell) for cell in cells]

@@ -1,0 +1,526 @@
+"""The Redis backend: rows, metadata and consumption state all live in Redis.
+
+No process holds state a crash can lose: every client runs the partition's logic as
+atomic Lua scripts (`dataplane.storage.redis_scripts`), so any number of processes attach
+to one store with only its URL, on Ray or not. A put is one script (capacity check, rows,
+cells, readiness), a get is one script (expire leases, version window, choose, lease,
+return the cells); group and balanced samplers read the candidates in a first script,
+choose with `dataplane.samplers` and lease exactly those rows in a second one. A client
+that must wait blocks in XREAD on the partition's one-entry event stream, from the id
+its last script saw, so a wake-up is never missed and nothing polls.
+
+Durability is Redis' own (AOF); a command that fails because the server went away is
+retried with backoff until `retry_deadline_s` (puts carry an id, so a retried put is
+stored once). A client that dies holding leases stops its heartbeat; its rows go back
+within three heartbeats instead of after `lease_s`. A client that closes gives them back
+at once. redis-py is imported only here, so `import dataplane` works without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from asyncflow.config import DataPlaneConfig
+from asyncflow.config.dataplane import RedisConfig, redact_url
+from asyncflow.errors import (
+    DataPlaneError,
+    LeaseError,
+    SchemaError,
+    StorageUnavailable,
+    StoreTimeout,
+    UnknownPartition,
+)
+from dataplane.client import Batch, ClientStats, StoreClient, check_put
+from dataplane.samplers import Candidate, make_sampler
+from dataplane.schema import FieldSpec, parse_schema
+from dataplane.storage import redis_scripts as lua
+from dataplane.storage import redis_snapshot as snapshots
+from dataplane.storage.cells import decode_column, encode_column
+
+DEFAULT_NAMESPACE = "asyncflow:asyncflow"
+
+
+def _redis() -> Any:
+    try:
+        import redis.asyncio as aioredis
+    except ImportError:
+        raise StorageUnavailable(
+            "dataplane.backend: redis needs the redis package: pip install 'asyncflow[redis]'"
+        ) from None
+    return aioredis
+
+
+def split_address(address: str) -> tuple[str, str]:
+    """(server URL, key namespace) of a store address `redis://host:port/db#<prefix>:<name>`."""
+    url, _, namespace = address.partition("#")
+    return url, namespace or DEFAULT_NAMESPACE
+
+
+def store_address(config: DataPlaneConfig) -> str:
+    return f"{config.redis.url}#{config.redis.key_prefix}:{config.name}"
+
+
+def _pool(url: str, rc: RedisConfig, sync: bool = False) -> Any:
+    options: dict[str, Any] = {
+        "max_connections": rc.max_connections,
+        "socket_timeout": rc.socket_timeout_s,
+        "socket_connect_timeout": rc.connect_timeout_s,
+        "timeout": None,  # wait for a free connection rather than fail
+    }
+    if url.startswith("rediss://"):
+        options |= {"ssl_cert_reqs": rc.ssl_cert_reqs}
+        options |= {k: v for k, v in rc.model_dump().items() if k.startswith("ssl_") and v is not None}
+    if sync:
+        import redis
+
+        return redis.BlockingConnectionPool.from_url(url, **options)
+    return _redis().BlockingConnectionPool.from_url(url, **options)
+
+
+def open_store(config: DataPlaneConfig) -> str:
+    """Check that the server answers and leave the store's settings there; returns its address."""
+    import redis
+
+    rc = config.redis
+    try:
+        with redis.Redis(connection_pool=_pool(rc.url, rc, sync=True)) as r:
+            settings = config.model_dump(exclude={"redis"})
+            r.set(f"{rc.key_prefix}:{config.name}:config", json.dumps(settings))
+    except redis.exceptions.AuthenticationError as e:
+        raise StorageUnavailable(
+            f"Redis at {redact_url(rc.url)} refused the credentials ({e}); check the username and password "
+            "in dataplane.redis.url and the server's ACL"
+        ) from None
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
+        raise StorageUnavailable(
+            f"RedisStorage cannot reach {redact_url(rc.url)} ({type(e).__name__}: {e}): is the server "
+            "running? Start one (redis-server), fix dataplane.redis.url, or set dataplane.backend: memory"
+        ) from None
+    return store_address(config)
+
+
+class RedisStoreClient(StoreClient):
+    """The store client on Redis: the same methods, arguments, Batch and errors as StoreClient."""
+
+    def __init__(self, address: str, config: DataPlaneConfig | None = None):
+        self.address = address
+        self.url, self.namespace = split_address(address)
+        self.config = config or DataPlaneConfig(backend="redis")
+        self._rc = self.config.redis
+        self._r = _redis().Redis(connection_pool=_pool(self.url, self._rc))
+        self._scripts = {
+            name: self._r.register_script(lua.PRELUDE + getattr(lua, name))
+            for name in ("CREATE", "REGISTER", "PUT_NEW", "PUT_FILL", "GET", "ACK", "LEASES", "ALIVE", "SEAL",
+                         "DROP", "SNAPSHOT", "RESTORE")
+        }  # fmt: skip
+        self._schemas: dict[str, dict[str, FieldSpec]] = {}
+        self._peer = uuid.uuid4().hex[:16]
+        self._held: set[str] = set()  # partitions this client took leases in: it heartbeats there
+        self._heartbeat: asyncio.Task | None = None
+        self._alive_ms = int(3000 * self._rc.heartbeat_s)
+        self.stats = ClientStats()
+
+    @classmethod
+    async def connect(cls, address: str, config: RedisConfig | None = None) -> RedisStoreClient:
+        """A client of the Redis store at `address` (URL, optionally `#<prefix>:<name>`).
+
+        The store's settings (lease_s, timeouts, capacity) are read from Redis, where
+        `start_store` left them; a store never started there gets the defaults.
+        """
+        client = cls(address, DataPlaneConfig(backend="redis", redis=config or RedisConfig()))
+        saved = await client._call(client._r.get, f"{client.namespace}:config")
+        if saved is not None:
+            settings = json.loads(saved)
+            settings["redis"] = client._rc.model_dump() | {"url": client.url}
+            client.config = DataPlaneConfig(**settings)
+        return client
+
+    def __repr__(self) -> str:
+        return f"RedisStoreClient({redact_url(self.url)!r}, namespace={self.namespace!r})"
+
+    async def close(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        for partition in sorted(self._held):  # leases this client still holds go back now
+            with contextlib.suppress(DataPlaneError):
+                await self._run("ALIVE", partition, self._peer, "0")
+        self._held.clear()
+        await self._r.aclose()
+        await self._r.connection_pool.disconnect()
+
+    # -------------------------------------------------------------- calling Redis
+
+    def _key(self, partition: str) -> str:
+        return f"{self.namespace}:{{{partition}}}"
+
+    async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """fn(*args), retried with exponential backoff while the server is unreachable."""
+        import redis.exceptions as exc
+
+        delay, give_up = 0.05, None
+        while True:
+            try:
+                return await fn(*args, **kwargs)
+            except exc.AuthenticationError as e:
+                raise StorageUnavailable(
+                    f"Redis at {redact_url(self.url)} refused the credentials ({e}); check the username and "
+                    "password in dataplane.redis.url and the server's ACL"
+                ) from None
+            except (exc.ConnectionError, exc.TimeoutError) as e:
+                now = time.monotonic()
+                give_up = give_up or now + self._rc.retry_deadline_s
+                if now >= give_up:
+                    raise StorageUnavailable(
+                        f"cannot reach Redis at {redact_url(self.url)} for {self._rc.retry_deadline_s:.0f} s "
+                        f"({type(e).__name__}: {e}): is redis-server running and reachable from this host? "
+                        "Check dataplane.redis.url (host, port, TLS), the firewall and the server's log; "
+                        "raise dataplane.redis.retry_deadline_s to ride out longer restarts, or set "
+                        "dataplane.backend: memory"
+                    ) from None
+                await asyncio.sleep(min(delay, max(give_up - now, 0.0)))
+                delay = min(delay * 2, 1.0)
+            except exc.ResponseError as e:
+                if "NOPERM" in str(e):
+                    raise StorageUnavailable(
+                        f"the Redis user of {redact_url(self.url)} may not run what the store needs ({e}); "
+                        "grant it +@all on keys ~{self.namespace}:* (or at least scripting, hash, sorted "
+                        "set and stream commands)"
+                    ) from None
+                raise
+
+    async def _run(self, name: str, partition: str, *args: Any) -> list:
+        reply = await self._call(self._scripts[name], args=[self._key(partition), *args])
+        if reply[0] == b"err":
+            raise self._error(partition, reply)
+        return reply
+
+    def _error(self, partition: str, reply: list) -> DataPlaneError:
+        kind = reply[1].decode()
+        if kind == "unknown":
+            return UnknownPartition(
+                f"no partition {partition!r} in store {self.namespace!r} at {redact_url(self.url)}. Create "
+                "it with create_partition(name, schema) first, or check the partition name and the store "
+                "(dataplane.name, dataplane.redis.key_prefix)"
+            )
+        if kind == "lease":
+            return LeaseError(f"row {int(reply[2])} of {partition!r}: this client does not hold its lease")
+        if kind == "norow":
+            return DataPlaneError(
+                f"partition {partition!r} has no live row {int(reply[2])}: it was never put, or every "
+                "consumer has acked it and it was freed"
+            )
+        if kind == "twice":
+            names = [f for f, b in self._bits(partition).items() if int(reply[3]) >> b & 1]
+            return SchemaError(
+                f"partition {partition!r}, row {int(reply[2])}: fields {names} were already written; a field "
+                "is written once per row. Nothing of this put was stored."
+            )
+        if kind == "exists":
+            return DataPlaneError(
+                f"partition {partition!r} already exists with schema {_schema_text(reply[2])}; pick another "
+                "name, or pass exist_ok=True with the same schema to attach to it"
+            )
+        if kind == "notreg":
+            return DataPlaneError(
+                f"consumer {reply[2].decode()!r} is not registered on partition {partition!r} (registered: "
+                f"{sorted(c.decode() for c in reply[3])}); pass it in create_partition(consumers=...) or "
+                "call register_consumer first, so rows are kept until it has read them"
+            )
+        if kind in ("consumers", "fields"):
+            return DataPlaneError(
+                f"partition {partition!r}: the Redis backend keeps at most 31 {kind} per partition; split "
+                "the partition, or use dataplane.backend: memory"
+            )
+        return DataPlaneError(f"partition {partition!r}: the store answered {reply!r}")
+
+    async def _block(self, partition: str, stream: str, last_id: bytes, timeout_s: float) -> None:
+        """Wait until the partition's `stream` gets an entry after `last_id`, or `timeout_s` passes."""
+        ms = int(min(timeout_s, self._rc.socket_timeout_s / 2) * 1000)
+        if ms > 0:
+            await self._call(self._r.xread, {f"{self._key(partition)}:{stream}": last_id}, count=1, block=ms)
+
+    def _start_heartbeat(self, partition: str) -> None:
+        self._held.add(partition)
+        if self._heartbeat is None or self._heartbeat.done():
+            self._heartbeat = asyncio.ensure_future(self._beat())
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(self._rc.heartbeat_s)
+            for partition in list(self._held):
+                with contextlib.suppress(DataPlaneError):
+                    await self._run("ALIVE", partition, self._peer, self._alive_ms)
+
+    # -------------------------------------------------------------- partitions
+
+    async def create_partition(
+        self, name: str, schema: Mapping[str, str], *, capacity: int | None = None,
+        consumers: Sequence[str] = (), exist_ok: bool = False, stale_policy: str | None = None,
+    ) -> dict:  # fmt: skip
+        specs = parse_schema(dict(schema))
+        stale_policy = stale_policy or self.config.stale_policy
+        if stale_policy not in ("drop", "regenerate"):
+            raise DataPlaneError(f"stale_policy {stale_policy!r} is not one of 'drop', 'regenerate'")
+        capacity = capacity or self.config.capacity_rows
+        if capacity < 1:
+            raise DataPlaneError(f"partition {name!r}: capacity {capacity} must be >= 1 rows")
+        text = json.dumps([[f, str(s)] for f, s in specs.items()])
+        await self._run(
+            "CREATE", name, text, capacity, stale_policy, int(exist_ok), f"{self.namespace}:partitions", name,
+            len(specs), *specs, len(consumers), *consumers,
+        )  # fmt: skip
+        self._schemas[name] = specs
+        return await self.describe(name)
+
+    async def register_consumer(self, partition: str, consumer: str) -> None:
+        await self._run("REGISTER", partition, consumer)
+
+    async def describe(self, partition: str) -> dict:
+        meta, cons = await self._meta(partition)
+        return {
+            "name": partition,
+            "schema": _schema_text(meta["schema"]),
+            "capacity": int(meta["capacity"]),
+            "consumers": cons,
+            "sealed": meta["sealed"] == "1",
+            "stale_policy": meta["stale"],
+        }
+
+    async def _meta(self, partition: str) -> tuple[dict[str, str], list[str]]:
+        async with self._r.pipeline(transaction=True) as pipe:
+            pipe.hgetall(f"{self._key(partition)}:meta").hgetall(f"{self._key(partition)}:cons")
+            meta, cons = await self._call(pipe.execute)
+        if not meta:
+            raise self._error(partition, [b"err", b"unknown"])
+        return _text(meta), [c.decode() for c, _ in sorted(cons.items(), key=lambda kv: int(kv[1]))]
+
+    async def seal(self, partition: str) -> None:
+        await self._run("SEAL", partition)
+
+    async def drop_partition(self, partition: str) -> None:
+        self._schemas.pop(partition, None)
+        await self._run("DROP", partition, f"{self.namespace}:partitions", partition)
+
+    def _bits(self, partition: str) -> dict[str, int]:
+        return {f: i for i, f in enumerate(self._schemas.get(partition, {}))}
+
+    def _mask(self, partition: str, fields: Sequence[str]) -> tuple[int, list[int]]:
+        bits = self._bits(partition)
+        unknown = [f for f in fields if f not in bits]
+        if unknown:
+            raise SchemaError(
+                f"partition {partition!r} has no field {unknown[0]!r}; its fields are {sorted(bits)}"
+            )
+        return sum(1 << bits[f] for f in set(fields)), [bits[f] for f in fields]
+
+    # -------------------------------------------------------------- producing
+
+    async def put(
+        self, partition: str, data: Mapping[str, Any], rows: Batch | Sequence[int] | None = None, *,
+        group_size: int = 1, version: int | None = None, lengths: Sequence[int] | None = None,
+        timeout_s: float | None = None,
+    ) -> list[int]:  # fmt: skip
+        schema = await self._schema(partition)
+        index = None if rows is None else [int(r) for r in (rows.rows if isinstance(rows, Batch) else rows)]
+        n, columns = check_put(partition, schema, data, index)
+        if lengths is None:
+            lengths = [max((c.lengths[i] for c in columns.values()), default=0) for i in range(n)]
+        nbytes = [sum(c.nbytes[i] for c in columns.values()) for i in range(n)]
+        _, bits = self._mask(partition, list(columns))
+        cells = [cell for f, c in columns.items() for cell in encode_column(schema[f], c, n)]
+        tail = [len(bits), *bits]
+        ver = "" if version is None else int(version)
+        if index is not None:
+            await self._run("PUT_FILL", partition, n, ver, *tail, *index, *lengths, *nbytes, *cells)
+        else:
+            index = await self._put_new(
+                partition, n, group_size, ver, tail + [*lengths, *nbytes, *cells], timeout_s
+            )
+        self.stats.puts += 1
+        self.stats.rows_put += n
+        self.stats.bytes_put += sum(nbytes)
+        return index
+
+    async def _put_new(
+        self, partition: str, n: int, group_size: int, version: Any, args: list, timeout_s: float | None
+    ) -> list[int]:
+        if n < 1 or group_size < 1 or n % group_size:
+            raise DataPlaneError(
+                f"put of {n} rows with group_size {group_size}: the row count must be a positive "
+                "multiple of group_size (rows of a group are put together)"
+            )
+        put_id, first = uuid.uuid4().hex, 1
+        timeout_s = timeout_s or self.config.put_timeout_s
+        deadline = time.monotonic() + timeout_s
+        while True:
+            reply = await self._call(
+                self._scripts["PUT_NEW"],
+                args=[self._key(partition), put_id, n, group_size, version, first, *args],
+            )
+            if reply[0] == b"ok":
+                return list(range(int(reply[1]), int(reply[1]) + n))
+            if reply[0] == b"err" and reply[1] == b"neverfits":
+                raise DataPlaneError(
+                    f"put of {n} rows can never fit partition {partition!r} (capacity {int(reply[2])}); "
+                    "put in smaller chunks or create the partition with a larger capacity"
+                )
+            if reply[0] == b"err":
+                raise self._error(partition, reply)
+            first = 0
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise StoreTimeout(
+                    f"put of {n} rows to {partition!r}: the partition stayed full ({int(reply[1])}/"
+                    f"{int(reply[2])} rows) for {timeout_s:.1f} s; consumers are not acking rows. Check that "
+                    "every registered consumer runs, or raise the capacity or put_timeout_s"
+                )
+            await self._block(partition, "space", reply[3], remaining)
+
+    # -------------------------------------------------------------- consuming
+
+    async def get(
+        self, partition: str, fields: Sequence[str], batch_size: int, consumer: str, *,
+        sampler: str = "sequential", dp_size: int = 1, v_min: int | None = None,
+        timeout_s: float | None = None, allow_partial: bool = False, lease_s: float | None = None,
+        ack: Batch | None = None,
+    ) -> Batch:  # fmt: skip
+        if ack is not None and ack.consumer != consumer:
+            raise SchemaError(f"ack= takes a batch of consumer {consumer!r}, got one of {ack.consumer!r}")
+        schema = await self._schema(partition)
+        if batch_size < 1:
+            raise DataPlaneError(f"batch_size {batch_size} must be >= 1")
+        chooser = make_sampler(sampler, dp_size)
+        mask, read_bits = self._mask(partition, fields)
+        timeout_s = self.config.get_timeout_s if timeout_s is None else timeout_s
+        started = time.monotonic()
+        deadline = started + timeout_s
+        acks = list(ack.rows) if ack is not None and ack.rows else []
+        mode = "seq" if chooser.name == "sequential" else "cand"
+        waited, partial = False, False
+        lease_ms = int(1000 * (lease_s or self.config.lease_s))
+        vmin = "" if v_min is None else int(v_min)
+
+        async def attempt(mode: str, rows: Sequence[int] = ()) -> list:
+            wait_ms = int(1000 * (time.monotonic() - started)) if waited else ""
+            return await self._run(
+                "GET", partition, consumer, self._peer, mask, batch_size, lease_ms, vmin, mode, int(partial),
+                self._alive_ms, wait_ms, len(read_bits), *read_bits, len(acks), *acks, len(rows), *rows,
+            )  # fmt: skip
+
+        while True:
+            try:
+                reply = await attempt(mode)
+            except LeaseError as e:
+                raise _lease_error(partition, consumer, "ack", str(e)) from None
+            acks = []  # sent: the script acked them before anything else
+            shards = None
+            if reply[0] == b"cand":
+                last, next_ms, nready, npend, drained, ended, flat = reply[1:8]
+                cands = [Candidate(*map(int, flat[i : i + 4])) for i in range(0, len(flat), 4)]
+                selection = chooser.select(cands, batch_size, bool(drained) or partial)
+                if selection is not None and selection.rows:
+                    reply, shards = await attempt("rows", selection.rows), selection.shards
+                    if reply[0] == b"conflict":
+                        continue  # another instance took one of them meanwhile: choose again
+                elif ended:
+                    reply = [b"end"]
+                elif partial:
+                    return self._batch(partition, consumer, [b"ok", [], [], [], []], fields, schema, None)
+                else:
+                    reply = [b"wait", last, next_ms, nready, npend]
+            if reply[0] == b"ok":
+                self._start_heartbeat(partition)
+                return self._batch(partition, consumer, reply, fields, schema, shards)
+            if reply[0] == b"end":
+                return Batch(partition, consumer, [], self._empty(fields, schema), [], [], [], [], None, True)
+            if reply[0] == b"conflict":
+                continue
+            last, next_ms, nready, npend = reply[1:5]
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                if allow_partial:
+                    partial = True
+                    continue
+                raise StoreTimeout(
+                    f"get from {partition!r} for consumer {consumer!r}: fewer than {batch_size} rows with "
+                    f"fields {list(fields)} became ready within {timeout_s:.1f} s ({int(nready)} ready, "
+                    f"{int(npend)} pending). Check that the producers of those fields run, or pass "
+                    "allow_partial=True / a longer timeout_s"
+                )
+            waited = True
+            wake = remaining if int(next_ms) < 0 else min(remaining, int(next_ms) / 1000 + 0.001)
+            await self._block(partition, "ev", last, wake)
+
+    def _empty(self, fields: Sequence[str], schema: dict[str, FieldSpec]) -> dict[str, Any]:
+        return {f: decode_column(schema[f], []) for f in fields}
+
+    def _batch(self, partition, consumer, reply, fields, schema, shards) -> Batch:
+        rows, groups, versions, lengths = ([int(v) for v in part] for part in reply[1:5])
+        data = {f: decode_column(schema[f], cells) for f, cells in zip(fields, reply[5:])}
+        self.stats.gets += 1
+        self.stats.rows_got += len(rows)
+        self.stats.bytes_got += sum(len(c) for cells in reply[5:] for c in cells)
+        return Batch(partition, consumer, rows, data, [0] * len(rows), groups, versions, lengths, shards)
+
+    async def ack(self, batch: Batch) -> None:
+        if batch.rows:
+            await self._leases("ACK", batch, "ack")
+
+    async def release(self, batch: Batch) -> None:
+        if batch.rows:
+            await self._leases("LEASES", batch, "release", "release", self._alive_ms)
+
+    async def renew(self, batch: Batch, lease_s: float | None = None) -> None:
+        if batch.rows:
+            ms = int(1000 * (lease_s or self.config.lease_s))
+            await self._leases("LEASES", batch, "renew", ms, self._alive_ms)
+
+    async def _leases(self, script: str, batch: Batch, verb: str, *args: Any) -> None:
+        try:
+            await self._run(script, batch.partition, batch.consumer, self._peer, *args, *batch.rows)
+        except LeaseError as e:
+            raise _lease_error(batch.partition, batch.consumer, verb, str(e)) from None
+
+    # -------------------------------------------------------------- whole store
+
+    async def store_stats(self) -> dict:
+        return await snapshots.stats(self)
+
+    async def checkpoint(self, path: str) -> dict:
+        """Save every partition of this store under directory `path`, in the memory backend's format.
+
+        Each partition is read in one atomic step; the durable path for a running store is Redis'
+        own AOF. A checkpoint restores into either backend.
+        """
+        return await snapshots.checkpoint(self, str(path))
+
+    async def restore(self, path: str) -> dict:
+        """Load a checkpoint (of either backend) into this store, which must have no partitions."""
+        self._schemas.clear()
+        return await snapshots.restore(self, str(path))
+
+    async def partitions(self) -> list[str]:
+        members = await self._call(self._r.smembers, f"{self.namespace}:partitions")
+        return sorted(m.decode() for m in members)
+
+
+def _lease_error(partition: str, consumer: str, verb: str, detail: str) -> LeaseError:
+    return LeaseError(
+        f"cannot {verb} {detail.split(':')[0]} for consumer {consumer!r}: this client does not hold its "
+        "lease (it expired and the row was redelivered, it was already acked, or it was never handed to this "
+        f"client). Nothing was {verb}ed; process rows within lease_s or renew() the lease"
+    )
+
+
+def _text(raw: dict) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+def _schema_text(raw: bytes | str) -> dict[str, str]:
+    return dict(json.loads(raw))

@@ -1,0 +1,564 @@
+"""The Redis backend's Lua scripts: every change to a partition is one atomic script.
+
+Keys of partition P in store namespace NS share the prefix `NS:{P}` (ARGV[1]; the braces
+make it one Redis Cluster hash slot):
+
+    :meta            HASH   schema, capacity, stale policy, counters, sealed, live rows, mask<j>
+    :bits  :cons     HASH   field -> bit, consumer -> bit
+    :rows            HASH   row -> msgpack [group, group_size, length, version, ready, versioned,
+                            acked, nbytes] (ready / versioned: field bits, acked: consumer bits)
+    :f<b>            HASH   row -> cell of field b (`dataplane.storage.cells`)
+    :ver             ZSET   row by policy version, so a version window finds stale rows in O(log n)
+    :c<j>:pend       ZSET   rows consumer j has neither been handed nor finished, by row number
+    :c<j>:ready      ZSET   the pending rows whose fields consumer j asks for are written
+    :c<j>:lease      ZSET   leased rows by deadline (server ms); :c<j>:hold HASH row -> client id
+    :c<j>:n          HASH   counters (delivered, acked, redelivered, ...)
+    :alive           ZSET   client id by the deadline of its heartbeat
+    :ev  :space      STREAM one entry (MAXLEN 1): appended when rows become ready / capacity
+                            frees, so a waiting client blocks in XREAD from the id it last saw
+    :puts            ZSET   ids of finished puts (10 min), so a put retried after a lost reply
+                            is not stored twice
+
+Scripts answer {"ok", ...}, {"err", kind, detail...} or a waiting state; the client turns
+errors into the exception tree with full messages. Knows nothing about Python objects.
+"""
+
+from __future__ import annotations
+
+PRELUDE = r"""
+local B = ARGV[1]
+local function k(s) return B .. ':' .. s end
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function notify(s) redis.call('XADD', k(s), 'MAXLEN', '1', '*', 'e', '1') end
+local function last_id(s)
+  local e = redis.call('XREVRANGE', k(s), '+', '-', 'COUNT', 1)
+  if #e == 0 then return '0-0' end
+  return e[1][1]
+end
+local function getrow(r)
+  local v = redis.call('HGET', k('rows'), r)
+  if not v then return nil end
+  return cmsgpack.unpack(v)
+end
+local function setrow(r, m) redis.call('HSET', k('rows'), r, cmsgpack.pack(m)) end
+local function bulk(cmd, key, args)
+  local i = 1
+  while i <= #args do
+    local j = math.min(i + 999, #args)
+    redis.call(cmd, key, unpack(args, i, j))
+    i = j + 1
+  end
+end
+local function has(m, mask) return mask ~= nil and bit.band(m, mask) == mask end
+local function cmask(j)
+  local v = redis.call('HGET', k('meta'), 'mask' .. j)
+  if v then return tonumber(v) end
+  return nil
+end
+local function meta(f) return redis.call('HGET', k('meta'), f) end
+local function nconsumers() return tonumber(meta('nc')) end
+local function consumer_bit(name)
+  local j = redis.call('HGET', k('cons'), name)
+  if j then return tonumber(j) end
+  return nil
+end
+local function c(j, s) return k('c' .. j .. ':' .. s) end
+
+-- rows go back to consumer j's pending (and ready) set
+local function give_back(j, rows, redelivered)
+  if #rows == 0 then return end
+  bulk('ZREM', c(j, 'lease'), rows)
+  bulk('HDEL', c(j, 'hold'), rows)
+  local m = cmask(j)
+  local pend, ready = {}, {}
+  for _, r in ipairs(rows) do
+    local row = getrow(r)
+    if row then
+      table.insert(pend, r); table.insert(pend, r)
+      if has(row[5], m) then table.insert(ready, r); table.insert(ready, r) end
+    end
+  end
+  bulk('ZADD', c(j, 'pend'), pend)
+  bulk('ZADD', c(j, 'ready'), ready)
+  if redelivered then redis.call('HINCRBY', c(j, 'n'), 'redelivered', #rows) end
+  notify('ev')
+end
+
+-- forget rows every consumer is done with: metadata, cells, version index
+local function free(rows)
+  if #rows == 0 then return end
+  local nf = tonumber(meta('nf'))
+  for b = 0, nf - 1 do bulk('HDEL', k('f' .. b), rows) end
+  bulk('HDEL', k('rows'), rows)
+  bulk('ZREM', k('ver'), rows)
+  redis.call('HINCRBY', k('meta'), 'live', -#rows)
+  redis.call('HINCRBY', k('meta'), 'freed', #rows)
+  notify('space')
+end
+
+-- consumer j is done with rows (acked or dropped as stale)
+local function done(j, rows)
+  local all = 2 ^ nconsumers() - 1
+  local gone = {}
+  for _, r in ipairs(rows) do
+    local m = getrow(r)
+    m[7] = bit.bor(m[7], 2 ^ j)
+    if m[7] == all then table.insert(gone, r) else setrow(r, m) end
+  end
+  free(gone)
+end
+
+-- the leases of `rows` held by `peer`: nil, or an error reply naming the first one that is not
+local function check_held(j, peer, rows)
+  for _, r in ipairs(rows) do
+    if redis.call('HGET', c(j, 'hold'), r) ~= peer then return {'err', 'lease', r} end
+  end
+  return nil
+end
+
+local function do_ack(j, peer, rows)
+  local bitj = 2 ^ j
+  local live = {}
+  for _, r in ipairs(rows) do
+    local m = getrow(r)
+    if m and bit.band(m[7], bitj) == 0 then table.insert(live, r) end
+  end
+  local e = check_held(j, peer, live)
+  if e then return e end
+  bulk('ZREM', c(j, 'lease'), live)
+  bulk('HDEL', c(j, 'hold'), live)
+  done(j, live)
+  if #live > 0 then redis.call('HINCRBY', c(j, 'n'), 'acked', #live) end
+  if meta('sealed') == '1' then notify('ev') end
+  return nil
+end
+
+local function register(name)
+  if consumer_bit(name) then return nil end
+  local j = nconsumers()
+  if j >= 31 then return {'err', 'consumers', j} end
+  redis.call('HSET', k('cons'), name, j)
+  redis.call('HSET', k('meta'), 'nc', j + 1)
+  local pend = {}
+  for _, r in ipairs(redis.call('HKEYS', k('rows'))) do table.insert(pend, r); table.insert(pend, r) end
+  bulk('ZADD', c(j, 'pend'), pend)
+  return nil
+end
+"""
+
+# ARGV: B, schema, capacity, stale_policy, exist_ok, registry key, partition, nf, fields..., nc, consumers...
+CREATE = r"""
+local schema, exist_ok = ARGV[2], ARGV[5]
+local nf = tonumber(ARGV[8])
+if redis.call('EXISTS', k('meta')) == 1 then
+  local existing = meta('schema')
+  if exist_ok ~= '1' or existing ~= schema then return {'err', 'exists', existing} end
+else
+  if nf > 31 then return {'err', 'fields', nf} end
+  redis.call('DEL', k('ev'), k('space'))
+  redis.call('HSET', k('meta'), 'schema', schema, 'capacity', ARGV[3], 'stale', ARGV[4], 'next_row', 0,
+    'next_group', 0, 'created', 0, 'freed', 0, 'put_waits', 0, 'sealed', 0, 'live', 0, 'nc', 0, 'nf', nf)
+  for i = 1, nf do redis.call('HSET', k('bits'), ARGV[8 + i], i - 1) end
+  redis.call('SADD', ARGV[6], ARGV[7])
+end
+local at = 9 + nf
+for i = 1, tonumber(ARGV[at]) do
+  local e = register(ARGV[at + i])
+  if e then return e end
+end
+return {'ok'}
+"""
+
+# ARGV: B, consumer
+REGISTER = r"""
+if redis.call('EXISTS', k('meta')) == 0 then return {'err', 'unknown'} end
+return register(ARGV[2]) or {'ok'}
+"""
+
+# ARGV: B, put id, n, group_size, version|'', first try 0|1, nf, bits..., lengths[n], nbytes[n], cells[nf*n]
+PUT_NEW = r"""
+if redis.call('EXISTS', k('meta')) == 0 then return {'err', 'unknown'} end
+local now = now_ms()
+local done_at = redis.call('ZSCORE', k('puts'), ARGV[2])
+if done_at then return {'ok', tonumber(redis.call('HGET', k('putrow'), ARGV[2]))} end
+local n, gs, nf = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[7])
+local cap, live = tonumber(meta('capacity')), tonumber(meta('live'))
+if n > cap then return {'err', 'neverfits', cap} end
+if live + n > cap then
+  if ARGV[6] == '1' then redis.call('HINCRBY', k('meta'), 'put_waits', 1) end
+  return {'full', live, cap, last_id('space')}
+end
+local first = redis.call('HINCRBY', k('meta'), 'next_row', n) - n
+local g0 = redis.call('HINCRBY', k('meta'), 'next_group', n / gs) - n / gs
+local mask, bits = 0, {}
+for i = 1, nf do bits[i] = tonumber(ARGV[7 + i]); mask = bit.bor(mask, 2 ^ bits[i]) end
+local version = tonumber(ARGV[5]) or -1
+local versioned = 0
+if version >= 0 then versioned = mask end
+local at = 8 + nf
+local rows, ver, pend = {}, {}, {}
+for i = 1, n do
+  local r = first + i - 1
+  rows[i] = r
+  local m = {g0 + math.floor((i - 1) / gs), gs, tonumber(ARGV[at + i - 1]), version, mask, versioned, 0,
+    tonumber(ARGV[at + n + i - 1])}
+  setrow(r, m)
+  table.insert(pend, r); table.insert(pend, r)
+  if version >= 0 then table.insert(ver, version); table.insert(ver, r) end
+end
+at = at + 2 * n
+for f = 1, nf do
+  local kv = {}
+  for i = 1, n do table.insert(kv, rows[i]); table.insert(kv, ARGV[at + (f - 1) * n + i - 1]) end
+  bulk('HSET', k('f' .. bits[f]), kv)
+end
+bulk('ZADD', k('ver'), ver)
+for j = 0, nconsumers() - 1 do
+  bulk('ZADD', c(j, 'pend'), pend)
+  if has(mask, cmask(j)) then bulk('ZADD', c(j, 'ready'), pend) end
+end
+redis.call('HINCRBY', k('meta'), 'live', n)
+redis.call('HINCRBY', k('meta'), 'created', n)
+redis.call('ZADD', k('puts'), now, ARGV[2])
+redis.call('HSET', k('putrow'), ARGV[2], first)
+local old = redis.call('ZRANGEBYSCORE', k('puts'), '-inf', now - 600000, 'LIMIT', 0, 100)
+if #old > 0 then bulk('ZREM', k('puts'), old); bulk('HDEL', k('putrow'), old) end
+notify('ev')
+return {'ok', first}
+"""
+
+# ARGV: B, n, version|'', nf, bits..., rows[n], lengths[n], nbytes[n], cells[nf*n]
+PUT_FILL = r"""
+if redis.call('EXISTS', k('meta')) == 0 then return {'err', 'unknown'} end
+local n, nf = tonumber(ARGV[2]), tonumber(ARGV[4])
+local version = tonumber(ARGV[3])
+local mask, bits = 0, {}
+for i = 1, nf do bits[i] = tonumber(ARGV[4 + i]); mask = bit.bor(mask, 2 ^ bits[i]) end
+local at = 5 + nf
+local rows, metas = {}, {}
+for i = 1, n do
+  local r = ARGV[at + i - 1]
+  local m = getrow(r)
+  if not m then return {'err', 'norow', r} end
+  if bit.band(m[5], mask) ~= 0 then return {'err', 'twice', r, bit.band(m[5], mask)} end
+  rows[i], metas[i] = r, m
+end
+local ver = {}
+for i = 1, n do
+  local m = metas[i]
+  m[5] = bit.bor(m[5], mask)
+  if version then
+    if m[4] < 0 then m[4] = version else m[4] = math.min(m[4], version) end
+    table.insert(ver, m[4]); table.insert(ver, rows[i])
+  end
+  if m[4] >= 0 then m[6] = bit.bor(m[6], mask) end
+  m[3] = m[3] + tonumber(ARGV[at + n + i - 1])
+  m[8] = m[8] + tonumber(ARGV[at + 2 * n + i - 1])
+  setrow(rows[i], m)
+end
+at = at + 3 * n
+for f = 1, nf do
+  local kv = {}
+  for i = 1, n do table.insert(kv, rows[i]); table.insert(kv, ARGV[at + (f - 1) * n + i - 1]) end
+  bulk('HSET', k('f' .. bits[f]), kv)
+end
+bulk('ZADD', k('ver'), ver)
+for j = 0, nconsumers() - 1 do
+  local cm = cmask(j)
+  if cm and bit.band(cm, mask) ~= 0 then
+    local ready = {}
+    for i = 1, n do
+      if has(metas[i][5], cm) and redis.call('ZSCORE', c(j, 'pend'), rows[i]) then
+        table.insert(ready, rows[i]); table.insert(ready, rows[i])
+      end
+    end
+    bulk('ZADD', c(j, 'ready'), ready)
+  end
+end
+notify('ev')
+return {'ok'}
+"""
+
+# ARGV: B, consumer, peer, mask, batch_size, lease_ms, v_min|'', mode seq|cand|rows, partial 0|1,
+#       alive_ms, wait_ms|'', nread, read bits..., nack, ack rows..., nrows, rows...
+GET = r"""
+if redis.call('EXISTS', k('meta')) == 0 then return {'err', 'unknown'} end
+local j = consumer_bit(ARGV[2])
+if not j then return {'err', 'notreg', ARGV[2], redis.call('HKEYS', k('cons'))} end
+local peer, mask, bs = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+local mode, partial = ARGV[8], ARGV[9] == '1'
+local nread = tonumber(ARGV[12])
+local at = 13 + nread
+local nack = tonumber(ARGV[at])
+local acks = {}
+for i = 1, nack do acks[i] = ARGV[at + i] end
+at = at + nack + 1
+local want = {}
+for i = 1, tonumber(ARGV[at]) do want[i] = ARGV[at + i] end
+if nack > 0 then
+  local e = do_ack(j, peer, acks)
+  if e then return e end
+end
+local now = now_ms()
+redis.call('ZADD', k('alive'), now + tonumber(ARGV[10]), peer)
+-- leases whose deadline passed, and leases of clients whose heartbeat stopped
+local expired = redis.call('ZRANGEBYSCORE', c(j, 'lease'), '-inf', now)
+give_back(j, expired, true)
+local dead = redis.call('ZRANGEBYSCORE', k('alive'), '-inf', now)
+if #dead > 0 then
+  local gone = {}
+  for _, p in ipairs(dead) do gone[p] = true end
+  for jj = 0, nconsumers() - 1 do
+    local held, lost = redis.call('HGETALL', c(jj, 'hold')), {}
+    for i = 1, #held, 2 do if gone[held[i + 1]] then table.insert(lost, held[i]) end end
+    give_back(jj, lost, true)
+  end
+  bulk('ZREM', k('alive'), dead)
+end
+-- the consumer asks for other fields than last time: rebuild its ready set
+if cmask(j) ~= mask then
+  redis.call('HSET', k('meta'), 'mask' .. j, mask)
+  redis.call('DEL', c(j, 'ready'))
+  local ready = {}
+  for _, r in ipairs(redis.call('ZRANGE', c(j, 'pend'), 0, -1)) do
+    if has(getrow(r)[5], mask) then table.insert(ready, r); table.insert(ready, r) end
+  end
+  bulk('ZADD', c(j, 'ready'), ready)
+end
+-- the version window: rows older than v_min are dropped or regenerated
+if ARGV[7] ~= '' then
+  local stale = {}
+  for _, r in ipairs(redis.call('ZRANGEBYSCORE', k('ver'), 0, '(' .. ARGV[7])) do
+    if redis.call('ZSCORE', c(j, 'ready'), r) then table.insert(stale, r) end
+  end
+  if #stale > 0 then
+    bulk('ZREM', c(j, 'ready'), stale)
+    if meta('stale') == 'drop' then
+      bulk('ZREM', c(j, 'pend'), stale)
+      redis.call('HINCRBY', c(j, 'n'), 'dropped_stale', #stale)
+      done(j, stale)
+    else
+      local nc = nconsumers()
+      for _, r in ipairs(stale) do
+        local m = getrow(r)
+        for b = 0, 30 do
+          if bit.band(m[6], 2 ^ b) ~= 0 then redis.call('HDEL', k('f' .. b), r) end
+        end
+        m[5] = bit.band(m[5], bit.bnot(m[6]))
+        m[4], m[6] = -1, 0
+        for o = 0, nc - 1 do
+          local om = cmask(o)
+          if bit.band(m[7], 2 ^ o) ~= 0 then
+            m[7] = bit.band(m[7], bit.bnot(2 ^ o))
+            redis.call('ZADD', c(o, 'pend'), r, r)
+            if has(m[5], om) then redis.call('ZADD', c(o, 'ready'), r, r) end
+          elseif not has(m[5], om) then
+            redis.call('ZREM', c(o, 'ready'), r)
+          end
+        end
+        setrow(r, m)
+      end
+      bulk('ZREM', k('ver'), stale)
+      redis.call('HINCRBY', c(j, 'n'), 'regenerated', #stale)
+      notify('ev')
+    end
+  end
+end
+local nready, npend = redis.call('ZCARD', c(j, 'ready')), redis.call('ZCARD', c(j, 'pend'))
+local drained = meta('sealed') == '1' and nready == npend
+
+local function lease(rows)
+  local deadline = now + tonumber(ARGV[6])
+  bulk('ZREM', c(j, 'pend'), rows)
+  bulk('ZREM', c(j, 'ready'), rows)
+  local zl, hold, groups, versions, lengths = {}, {}, {}, {}, {}
+  for i, r in ipairs(rows) do
+    table.insert(zl, deadline); table.insert(zl, r)
+    table.insert(hold, r); table.insert(hold, peer)
+    local m = getrow(r)
+    groups[i], versions[i], lengths[i] = m[1], m[4], m[3]
+  end
+  bulk('ZADD', c(j, 'lease'), zl)
+  bulk('HSET', c(j, 'hold'), hold)
+  if #rows > 0 then redis.call('HINCRBY', c(j, 'n'), 'delivered', #rows) end
+  if ARGV[11] ~= '' then
+    redis.call('HINCRBY', c(j, 'n'), 'waits', 1)
+    redis.call('HINCRBYFLOAT', c(j, 'n'), 'wait_s', tonumber(ARGV[11]) / 1000)
+  end
+  local out = {'ok', rows, groups, versions, lengths}
+  for i = 1, nread do
+    local cells = {}
+    if #rows > 0 then
+      local key = k('f' .. ARGV[12 + i])
+      local s = 1
+      while s <= #rows do
+        local e = math.min(s + 4999, #rows)
+        for _, v in ipairs(redis.call('HMGET', key, unpack(rows, s, e))) do table.insert(cells, v) end
+        s = e + 1
+      end
+    end
+    table.insert(out, cells)
+  end
+  return out
+end
+
+local function waiting(kind)
+  local next_ms = -1
+  local first = redis.call('ZRANGE', c(j, 'lease'), 0, 0, 'WITHSCORES')
+  if #first > 0 then
+    next_ms = tonumber(first[2]) - now
+    local hb = redis.call('ZRANGE', k('alive'), 0, 0, 'WITHSCORES')
+    if #hb > 0 then next_ms = math.min(next_ms, tonumber(hb[2]) - now) end
+  end
+  return {kind, last_id('ev'), next_ms, nready, npend}
+end
+
+local function ended()
+  if not drained then return false end
+  for _, p in ipairs(redis.call('HVALS', c(j, 'hold'))) do if p ~= peer then return false end end
+  return true
+end
+
+if mode == 'seq' then
+  local rows = redis.call('ZRANGE', c(j, 'ready'), 0, bs - 1)
+  if #rows == bs or (#rows > 0 and (drained or partial)) then return lease(rows) end
+  if ended() then return {'end'} end
+  if partial then return lease({}) end
+  return waiting('wait')
+elseif mode == 'rows' then
+  for _, r in ipairs(want) do
+    if not redis.call('ZSCORE', c(j, 'ready'), r) then return {'conflict'} end
+  end
+  return lease(want)
+end
+local out = waiting('cand')
+table.insert(out, drained and 1 or 0)
+table.insert(out, ended() and 1 or 0)
+local cand = {}
+for _, r in ipairs(redis.call('ZRANGE', c(j, 'ready'), 0, -1)) do
+  local m = getrow(r)
+  table.insert(cand, r); table.insert(cand, m[1]); table.insert(cand, m[2]); table.insert(cand, m[3])
+end
+table.insert(out, cand)
+return out
+"""
+
+# ARGV: B, consumer, peer, rows...
+ACK = r"""
+if redis.call('EXISTS', k('meta')) == 0 then return {'err', 'unknown'} end
+local j = consumer_bit(ARGV[2])
+if not j then return {'err', 'notreg', ARGV[2], redis.call('HKEYS', k('cons'))} end
+return do_ack(j, ARGV[3], {unpack(ARGV, 4)}) or {'ok'}
+"""
+
+# ARGV: B, consumer, peer, lease_ms|'' (renew) or 'release', alive_ms, rows...
+LEASES = r"""
+if redis.call('EXISTS', k('meta')) == 0 then return {'err', 'unknown'} end
+local j = consumer_bit(ARGV[2])
+if not j then return {'err', 'notreg', ARGV[2], redis.call('HKEYS', k('cons'))} end
+local rows = {unpack(ARGV, 6)}
+local e = check_held(j, ARGV[3], rows)
+if e then return e end
+if ARGV[4] == 'release' then
+  give_back(j, rows, false)
+  return {'ok'}
+end
+local now = now_ms()
+local zl = {}
+for _, r in ipairs(rows) do table.insert(zl, now + tonumber(ARGV[4])); table.insert(zl, r) end
+bulk('ZADD', c(j, 'lease'), zl)
+redis.call('ZADD', k('alive'), now + tonumber(ARGV[5]), ARGV[3])
+return {'ok'}
+"""
+
+# ARGV: B, peer, alive_ms ('0': the client closes: give its leases back now)
+ALIVE = r"""
+if redis.call('EXISTS', k('meta')) == 0 then return {'ok'} end
+if ARGV[3] ~= '0' then
+  redis.call('ZADD', k('alive'), now_ms() + tonumber(ARGV[3]), ARGV[2])
+  return {'ok'}
+end
+for j = 0, nconsumers() - 1 do
+  local held, lost = redis.call('HGETALL', c(j, 'hold')), {}
+  for i = 1, #held, 2 do if held[i + 1] == ARGV[2] then table.insert(lost, held[i]) end end
+  give_back(j, lost, true)
+end
+redis.call('ZREM', k('alive'), ARGV[2])
+return {'ok'}
+"""
+
+# ARGV: B
+SEAL = r"""
+if redis.call('EXISTS', k('meta')) == 0 then return {'err', 'unknown'} end
+redis.call('HSET', k('meta'), 'sealed', 1)
+notify('ev')
+return {'ok'}
+"""
+
+# ARGV: B, registry key, partition
+DROP = r"""
+if redis.call('EXISTS', k('meta')) == 0 then return {'ok'} end
+local keys = {k('meta'), k('bits'), k('cons'), k('rows'), k('ver'), k('alive'), k('puts'), k('putrow')}
+for b = 0, tonumber(meta('nf')) - 1 do table.insert(keys, k('f' .. b)) end
+for j = 0, nconsumers() - 1 do
+  for _, s in ipairs({'pend', 'ready', 'lease', 'hold', 'n'}) do table.insert(keys, c(j, s)) end
+end
+redis.call('DEL', unpack(keys))
+redis.call('SREM', ARGV[2], ARGV[3])
+notify('ev'); notify('space')
+redis.call('PEXPIRE', k('ev'), 60000)
+redis.call('PEXPIRE', k('space'), 60000)
+return {'ok'}
+"""
+
+# ARGV: B. Everything a snapshot or the stats need, read in one atomic step.
+SNAPSHOT = r"""
+if redis.call('EXISTS', k('meta')) == 0 then return {'err', 'unknown'} end
+local out = {redis.call('HGETALL', k('meta')), redis.call('HGETALL', k('cons')),
+  redis.call('HGETALL', k('rows'))}
+local counts = {}
+for j = 0, nconsumers() - 1 do
+  table.insert(counts, {redis.call('ZCARD', c(j, 'pend')), redis.call('ZCARD', c(j, 'ready')),
+    redis.call('ZCARD', c(j, 'lease')), redis.call('HGETALL', c(j, 'n'))})
+end
+table.insert(out, counts)
+if ARGV[2] == '1' then
+  for b = 0, tonumber(meta('nf')) - 1 do table.insert(out, redis.call('HGETALL', k('f' .. b))) end
+end
+return out
+"""
+
+# ARGV: B, registry key, partition, schema, capacity, stale, next_row, next_group, created, sealed, nf,
+#       fields..., nc, consumers..., then rows: id, packed meta pairs
+RESTORE = r"""
+if redis.call('EXISTS', k('meta')) == 1 then return {'err', 'exists', meta('schema')} end
+local nf = tonumber(ARGV[11])
+redis.call('HSET', k('meta'), 'schema', ARGV[4], 'capacity', ARGV[5], 'stale', ARGV[6], 'next_row', ARGV[7],
+  'next_group', ARGV[8], 'created', ARGV[9], 'freed', 0, 'put_waits', 0, 'sealed', ARGV[10], 'live', 0,
+  'nc', 0, 'nf', nf)
+for i = 1, nf do redis.call('HSET', k('bits'), ARGV[11 + i], i - 1) end
+local at = 12 + nf
+local nc = tonumber(ARGV[at])
+for i = 1, nc do
+  redis.call('HSET', k('cons'), ARGV[at + i], i - 1)
+end
+redis.call('HSET', k('meta'), 'nc', nc)
+at = at + nc + 1
+local rows, ver = {}, {}
+for i = at, #ARGV, 2 do
+  local r, m = ARGV[i], cmsgpack.unpack(ARGV[i + 1])
+  redis.call('HSET', k('rows'), r, ARGV[i + 1])
+  table.insert(rows, r)
+  if m[4] >= 0 then table.insert(ver, m[4]); table.insert(ver, r) end
+  for j = 0, nc - 1 do
+    if bit.band(m[7], 2 ^ j) == 0 then redis.call('ZADD', c(j, 'pend'), r, r) end
+  end
+end
+bulk('ZADD', k('ver'), ver)
+redis.call('HSET', k('meta'), 'live', #rows)
+redis.call('SADD', ARGV[2], ARGV[3])
+return {'ok', #rows}
+"""
