@@ -16,8 +16,8 @@ make it one Redis Cluster hash slot):
     :alive           ZSET   client id by the deadline of its heartbeat
     :ev  :space      STREAM one entry (MAXLEN 1): appended when rows become ready / capacity
                             frees, so a waiting client blocks in XREAD from the id it last saw
-    :puts            ZSET   ids of finished puts (10 min), so a put retried after a lost reply
-                            is not stored twice
+    :puts  :putrow    ZSET   ids of finished puts (10 min, at most 10000) / HASH id -> first row, so
+                            a put retried after a lost reply is not stored twice
 
 Scripts answer {"ok", ...}, {"err", kind, detail...} or a waiting state; the client turns
 errors into the exception tree with full messages. Knows nothing about Python objects.
@@ -224,7 +224,10 @@ redis.call('HINCRBY', k('meta'), 'live', n)
 redis.call('HINCRBY', k('meta'), 'created', n)
 redis.call('ZADD', k('puts'), now, ARGV[2])
 redis.call('HSET', k('putrow'), ARGV[2], first)
+-- put ids are kept 10 min (a retried put arrives within retry_deadline_s), at most 10000 of them
 local old = redis.call('ZRANGEBYSCORE', k('puts'), '-inf', now - 600000, 'LIMIT', 0, 100)
+local over = redis.call('ZCARD', k('puts')) - 10000
+if over > 0 then old = redis.call('ZRANGE', k('puts'), 0, over - 1) end
 if #old > 0 then bulk('ZREM', k('puts'), old); bulk('HDEL', k('putrow'), old) end
 notify('ev')
 return {'ok', first}

@@ -1,0 +1,234 @@
+"""The Redis backend beyond the contract suite: durability across a server restart, lost
+connections, credentials, dead clients' leases, retention, and access without Ray.
+
+The shared server on 127.0.0.1:6379 serves most tests; tests that stop a server, or need
+AOF or an ACL user, start a private `redis-server` on a free port in a temp dir.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from asyncflow.config import DataPlaneConfig, parse_config
+from asyncflow.errors import ConfigError, StorageUnavailable
+from dataplane import StoreClient, start_store
+from dataplane.storage.redis import RedisStoreClient
+from dataplane.storage.redis_snapshot import purge
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+SHARED = "redis://127.0.0.1:6379/0"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PrivateRedis:
+    """A redis-server of this test's own (AOF with fsync on every write), stopped and started at will."""
+
+    def __init__(self, directory: Path, *extra: str):
+        self.port, self.dir, self.extra = free_port(), directory, extra
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+                "--appendonly", "yes", "--appendfsync", "always", "--save", "", *self.extra]  # fmt: skip
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+        for _ in range(100):
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.05)
+        raise RuntimeError(f"redis-server on port {self.port} did not start")
+
+    def kill(self) -> None:
+        """As if the machine lost power: no shutdown, no final save."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+
+@pytest.fixture
+def private_redis(tmp_path):
+    server = PrivateRedis(tmp_path)
+    server.start()
+    yield server
+    server.kill()
+
+
+def redis_config(url: str, **redis) -> DataPlaneConfig:
+    return DataPlaneConfig(backend="redis", name=f"t{uuid.uuid4().hex[:8]}", redis={"url": url, **redis})
+
+
+async def test_a_server_restart_loses_no_put_row_and_returns_no_acked_row(private_redis):
+    handle = start_store(redis_config(private_redis.url, retry_deadline_s=30))
+    client = await StoreClient.connect(handle.address)
+    try:
+        await client.create_partition("p", {"x": "int64"}, consumers=["c"])
+        for i in range(10):
+            await client.put("p", {"x": np.arange(10 * i, 10 * i + 10)})
+        done = await client.get("p", ["x"], batch_size=30, consumer="c")
+        await client.ack(done)
+        private_redis.kill()
+        put = asyncio.ensure_future(client.put("p", {"x": np.arange(100, 110)}))  # retried until it is back
+        await asyncio.sleep(0.5)
+        assert not put.done()
+        private_redis.start()
+        await asyncio.wait_for(put, 20)
+        rest = await client.get("p", ["x"], batch_size=80, consumer="c", timeout_s=5)
+        assert sorted(rest["x"].tolist()) == list(range(30, 110))  # each put row once, no acked row
+        await client.ack(rest)
+        stats = (await client.store_stats())["partitions"]["p"]
+        assert stats["rows"] == 0 and stats["consumers"]["c"]["acked"] == 110
+    finally:
+        await client.close()
+
+
+async def test_an_unreachable_server_gives_a_clear_error_without_the_password():
+    port = free_port()  # nothing listens there
+    url = f"redis://trainer:hunter2@127.0.0.1:{port}/0"
+    with pytest.raises(StorageUnavailable, match="is the server running") as e:
+        start_store(redis_config(url))
+    assert "hunter2" not in str(e.value) and f"trainer:***@127.0.0.1:{port}" in str(e.value)
+    start = time.monotonic()
+    with pytest.raises(StorageUnavailable, match="is redis-server running") as e:
+        await RedisStoreClient.connect(f"{url}#asyncflow:x", DataPlaneConfig().redis.model_copy(
+            update={"retry_deadline_s": 0.5}))  # fmt: skip
+    assert 0.4 < time.monotonic() - start < 5  # retried with backoff until the deadline, then gave up
+    assert "hunter2" not in str(e.value) and "retry_deadline_s" in str(e.value)
+
+
+async def test_acl_user_and_password_in_the_url(tmp_path):
+    server = PrivateRedis(
+        tmp_path, "--user", "default", "off", "--user", "trainer", "on", ">s3cret", "~*", "&*", "+@all"
+    )
+    server.start()
+    try:
+        config = redis_config(f"redis://trainer:s3cret@127.0.0.1:{server.port}/0")
+        handle = start_store(config)
+        for shown in (repr(config), repr(handle), repr(await StoreClient.connect(handle.address))):
+            assert "s3cret" not in shown and "trainer:***@" in shown
+        client = await StoreClient.connect(handle.address)
+        await client.create_partition("p", {"x": "int64"}, consumers=["c"])
+        await client.put("p", {"x": np.arange(3)})
+        assert (await client.get("p", ["x"], 3, "c"))["x"].tolist() == [0, 1, 2]
+        await client.close()
+        with pytest.raises(StorageUnavailable, match="refused the credentials") as e:
+            start_store(redis_config(f"redis://trainer:wrong-pass@127.0.0.1:{server.port}/0"))
+        assert "wrong-pass" not in str(e.value)
+    finally:
+        server.kill()
+
+
+def test_config_errors_never_show_the_password():
+    with pytest.raises(ConfigError, match="expected redis://host:port/db") as e:
+        parse_config({"dataplane": {"backend": "redis", "redis": {"url": "http://u:hunter2@h:1/0"}}})
+    assert "hunter2" not in str(e.value) and "u:***@h" in str(e.value)
+    with pytest.raises(ConfigError, match="dataplane.redis.max_connections"):
+        parse_config({"dataplane": {"redis": {"max_connections": 0}}})
+    with pytest.raises(ConfigError, match="dataplane.backend"):
+        parse_config({"dataplane": {"backend": "postgres"}})
+
+
+async def test_leases_of_a_killed_client_come_back_within_heartbeats(pname):
+    handle = start_store(redis_config(SHARED, heartbeat_s=0.2))
+    client = await StoreClient.connect(handle.address)
+    await client.create_partition(pname, {"x": "int64"}, consumers=["c"])
+    await client.put(pname, {"x": np.arange(4)})
+    holder = textwrap.dedent(f"""
+        import asyncio, time
+        from asyncflow.config.dataplane import RedisConfig
+        from dataplane.storage.redis import RedisStoreClient
+        async def main():
+            c = await RedisStoreClient.connect({handle.address!r}, RedisConfig(heartbeat_s=0.2))
+            await c.get({pname!r}, ["x"], 4, "c", lease_s=600)
+            print("held", flush=True)
+            await asyncio.sleep(600)
+        asyncio.run(main())
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, cwd=ROOT)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"held"
+        os.kill(proc.pid, signal.SIGKILL)
+        start = time.monotonic()
+        batch = await client.get(pname, ["x"], batch_size=4, consumer="c", timeout_s=10)
+        assert sorted(batch["x"].tolist()) == [0, 1, 2, 3]
+        assert time.monotonic() - start < 3  # three heartbeats (0.6 s) and some slack, not lease_s (600 s)
+        await client.ack(batch)
+    finally:
+        proc.kill()
+        proc.wait()
+        await purge(client)
+        await client.close()
+
+
+async def test_a_long_stream_leaves_nothing_behind():
+    """Acked rows are deleted as they go: Redis holds at most `capacity` rows however long the run."""
+    handle = start_store(redis_config(SHARED))
+    client = await StoreClient.connect(handle.address)
+    raw = client._r  # type: ignore[attr-defined]
+    ns = handle.address.split("#")[1]
+    schema = {"ids": "int64[*]", "reward": "float32"}
+    await client.create_partition("long", schema, capacity=256, consumers=["trainer", "logger"])
+
+    async def produce():
+        rng = np.random.default_rng(0)
+        for _ in range(300):
+            ids = [rng.integers(0, 9, size=int(n)) for n in rng.integers(1, 64, size=64)]
+            await client.put("long", {"ids": ids, "reward": np.ones(64, np.float32)}, group_size=8)
+        await client.seal("long")
+
+    async def consume(name: str) -> int:
+        seen = 0
+        async for batch in client.stream("long", list(schema), 32, name, timeout_s=10):
+            seen += len(batch)
+        return seen
+
+    sizes = []
+
+    async def watch():
+        while True:
+            sizes.append(sum([await raw.memory_usage(k) or 0 async for k in raw.scan_iter(f"{ns}:*")]))
+            await asyncio.sleep(0.05)
+
+    watcher = asyncio.ensure_future(watch())
+    _, seen_t, seen_l = await asyncio.gather(produce(), consume("trainer"), consume("logger"))
+    watcher.cancel()
+    assert seen_t == seen_l == 19200
+    stats = (await client.store_stats())["partitions"]["long"]
+    assert stats["rows"] == 0 and stats["freed"] == 19200
+    assert await raw.hlen(f"{ns}:{{long}}:rows") == 0 and await raw.hlen(f"{ns}:{{long}}:f0") == 0
+    assert max(sizes) < 2_000_000  # 256 rows of < 600 bytes, plus bookkeeping: never the 19200 rows put
+    await client.drop_partition("long")
+    await purge(client)
+    left = [k async for k in raw.scan_iter(f"{ns}:*")]
+    assert all([0 < await raw.pttl(k) <= 60_000 for k in left])  # only wake-up streams, about to expire
+    await client.close()
+
+
+def test_readme_redis_example_runs_without_ray():
+    """The README's "Redis backend" snippet: a process outside Ray puts and gets by URL and partition."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Redis backend", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
