@@ -8,16 +8,42 @@ value and the fix. Importing this package pulls in no torch, ray or vllm (a test
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from asyncflow.config._base import Section
 from asyncflow.config.dataplane import DataPlaneConfig
+from asyncflow.config.rl import (
+    ModelConfig,
+    ReferenceConfig,
+    RewardConfig,
+    RolloutConfig,
+    TaskConfig,
+    TrainerConfig,
+    WarmupConfig,
+    WeightsConfig,
+    import_string,
+)
 from asyncflow.errors import ConfigError
 
-__all__ = ["AsyncFlowConfig", "DataPlaneConfig", "Section", "load_config", "parse_config"]
+__all__ = [
+    "AsyncFlowConfig",
+    "DataPlaneConfig",
+    "ModelConfig",
+    "ReferenceConfig",
+    "RewardConfig",
+    "RolloutConfig",
+    "Section",
+    "TaskConfig",
+    "TrainerConfig",
+    "WarmupConfig",
+    "WeightsConfig",
+    "import_string",
+    "load_config",
+    "parse_config",
+]
 
 
 class AsyncFlowConfig(Section):
@@ -31,9 +57,40 @@ class AsyncFlowConfig(Section):
         description="Name of the run; used for the run directory and Ray names.",
     )
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for every random number generator of the run.")
+    output_dir: str = Field("runs", min_length=1, description="Run directories are made under this folder.")
+    mode: Literal["async", "sync"] = Field(
+        "async",
+        description="async: workers stream, bounded by `staleness`; sync: generate -> reward -> train -> "
+        "sync weights, strictly alternating (the baseline).",
+    )
+    staleness: int = Field(
+        1, ge=0, le=1024, description="k: a sample trains while trainer_version - its version <= k (0: on-policy)."
+    )
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The policy's architecture.")
+    task: TaskConfig = Field(default_factory=TaskConfig, description="Prompts and the reward function.")
+    warmup: WarmupConfig = Field(default_factory=WarmupConfig, description="Supervised warm-start before RL.")
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Rollout workers and sampling.")
+    reward: RewardConfig = Field(default_factory=RewardConfig, description="Reward workers.")
+    reference: ReferenceConfig = Field(default_factory=ReferenceConfig, description="Reference log-probs (KL).")
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="Loss, optimizer, checkpoints.")
+    weights: WeightsConfig = Field(default_factory=WeightsConfig, description="The weight store.")
     dataplane: DataPlaneConfig = Field(
         default_factory=DataPlaneConfig, description="The streaming data store."
     )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AsyncFlowConfig:
+        if self.trainer.kl_coef > 0 and not self.reference.enabled:
+            raise ValueError(
+                f"trainer.kl_coef = {self.trainer.kl_coef} needs reference log-probs; "
+                "set reference.enabled: true, or trainer.kl_coef: 0"
+            )
+        if self.trainer.batch_prompts % self.trainer.minibatches:
+            raise ValueError(
+                f"trainer.batch_prompts = {self.trainer.batch_prompts} does not split into "
+                f"trainer.minibatches = {self.trainer.minibatches}; make it a multiple"
+            )
+        return self
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> AsyncFlowConfig:

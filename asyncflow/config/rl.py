@@ -1,0 +1,152 @@
+"""Config sections of an RL run: model, task, warm-start, rollout, reward, reference, trainer.
+
+Each worker receives only its own section. Plugins are "module:attr" strings, resolved and
+checked here when the config loads, so a typo fails before any actor starts. Nothing here
+imports torch, ray or vllm.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from asyncflow.config._base import Section
+
+# vLLM's CPU attention kernels take these head sizes only; keeping the torch engine to the
+# same set means a model that trains here also serves there.
+HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def import_string(spec: str) -> Any:
+    """Resolve "package.module:attr"; raise ValueError naming the spec and the fix."""
+    module, sep, attr = spec.partition(":")
+    if not sep or not module or not attr:
+        raise ValueError(f"{spec!r} is not of the form 'package.module:attribute'")
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        raise ValueError(f"cannot import module {module!r} of {spec!r} ({e}); check the name and PYTHONPATH") from None
+    try:
+        return getattr(mod, attr)
+    except AttributeError:
+        raise ValueError(f"module {module!r} has no attribute {attr!r} (from {spec!r})") from None
+
+
+class ModelConfig(Section):
+    """A Llama-style causal LM built locally from this shape (random init, then warm-start)."""
+
+    hidden_size: int = Field(64, ge=32, le=16384, description="Width of the residual stream.")
+    intermediate_size: int = Field(256, ge=8, le=65536, description="Width of the MLP.")
+    num_layers: int = Field(2, ge=1, le=128, description="Transformer blocks.")
+    num_heads: int = Field(2, ge=1, le=128, description="Attention heads; hidden_size / num_heads is the head size.")
+    max_positions: int = Field(64, ge=8, le=131072, description="Longest prompt + response in tokens.")
+
+    @model_validator(mode="after")
+    def _head_dim(self) -> ModelConfig:
+        head_dim, rest = divmod(self.hidden_size, self.num_heads)
+        if rest or head_dim not in HEAD_DIMS:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} / num_heads {self.num_heads} gives head size "
+                f"{self.hidden_size / self.num_heads:g}; it must be one of {HEAD_DIMS} (what vLLM's kernels take)"
+            )
+        return self
+
+
+class TaskConfig(Section):
+    """Where prompts come from and how responses are scored."""
+
+    source: str = Field(
+        "asyncflow.tasks.sorting:SortDigits",
+        description="'module:Class' of the task: it yields prompts with answers by index, deterministically.",
+    )
+    options: dict[str, int | float | str | bool] = Field(
+        default_factory=dict, description="Keyword arguments for the task class."
+    )
+    reward: str = Field(
+        "asyncflow.tasks.sorting:reward",
+        description="'module:function' called as function(prompt, response, answer) -> float.",
+    )
+    eval_prompts: int = Field(256, ge=0, le=100000, description="Held-out prompts scored before and after RL.")
+
+    @field_validator("source", "reward")
+    @classmethod
+    def _resolves(cls, spec: str) -> str:
+        if not callable(import_string(spec)):
+            raise ValueError(f"{spec!r} is not callable")
+        return spec
+
+
+class WarmupConfig(Section):
+    """Supervised warm-start on the task's answers before RL (0 steps: none)."""
+
+    steps: int = Field(0, ge=0, le=1_000_000, description="Supervised optimizer steps.")
+    batch_size: int = Field(64, ge=1, le=65536, description="Examples per supervised step.")
+    lr: float = Field(1e-3, gt=0, le=1.0, description="AdamW learning rate of the warm-start.")
+
+
+class RolloutConfig(Section):
+    """Rollout workers: they generate `n` samples per prompt with their engine."""
+
+    engine: Literal["torch"] = Field("torch", description="Serving engine: the embedded torch engine.")
+    num_workers: int = Field(1, ge=1, le=1024, description="Rollout worker actors.")
+    n: int = Field(8, ge=1, le=1024, description="Samples per prompt (the group size).")
+    groups_per_call: int = Field(8, ge=1, le=4096, description="Prompts per engine call, at most.")
+    temperature: float = Field(1.0, gt=0, le=10.0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1.0, description="Nucleus sampling mass (1: off).")
+    top_k: int = Field(0, ge=0, le=1_000_000, description="Top-k sampling (0: off).")
+    max_new_tokens: int = Field(16, ge=1, le=131072, description="Longest response in tokens.")
+    num_cpus: float = Field(0.5, gt=0, le=1024, description="Ray CPUs reserved per worker.")
+    torch_threads: int = Field(1, ge=1, le=1024, description="torch intra-op threads per worker.")
+    max_restarts: int = Field(2, ge=0, le=100, description="Times a dead worker is restarted before the run fails.")
+
+
+class RewardConfig(Section):
+    """Reward workers: they call the task's reward function on each response."""
+
+    num_workers: int = Field(1, ge=1, le=1024, description="Reward worker actors.")
+    timeout_s: float = Field(10.0, gt=0, le=3600, description="Per-call limit; past it the call is a failure.")
+    failure_reward: float = Field(0.0, ge=-1e6, le=1e6, description="Reward recorded for a failed call.")
+    batch_rows: int = Field(64, ge=1, le=65536, description="Rows scored per store round trip, at most.")
+    num_cpus: float = Field(0.25, gt=0, le=1024, description="Ray CPUs reserved per worker.")
+
+
+class ReferenceConfig(Section):
+    """The reference worker: log-probs of the initial policy, for a KL term."""
+
+    enabled: bool = Field(False, description="Compute reference log-probs (needed when trainer.kl_coef > 0).")
+    num_cpus: float = Field(0.25, gt=0, le=1024, description="Ray CPUs reserved.")
+    torch_threads: int = Field(1, ge=1, le=1024, description="torch intra-op threads.")
+
+
+class TrainerConfig(Section):
+    """The trainer: whole groups in, one optimizer step per batch, a new version out."""
+
+    steps: int = Field(100, ge=1, le=10_000_000, description="RL optimizer steps (= versions published).")
+    batch_prompts: int = Field(16, ge=1, le=65536, description="Prompts (whole groups) per step.")
+    lr: float = Field(2e-4, gt=0, le=1.0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, le=1.0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, le=1e6, description="Gradient clipping norm.")
+    estimator: Literal["grpo", "drgrpo", "rloo"] = Field("grpo", description="Group-relative advantage estimator.")
+    correction: Literal["none", "decoupled", "tis"] = Field(
+        "decoupled", description="Off-policy correction from behaviour log-probs."
+    )
+    clip_eps: float = Field(0.2, gt=0, le=10, description="PPO clip range (low side, and high side unless set).")
+    clip_eps_high: float | None = Field(None, gt=0, le=10, description="PPO clip range, high side (DAPO).")
+    is_cap: float | None = Field(2.0, gt=0, le=1e6, description="Cap on the behaviour importance weight.")
+    loss_agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = Field(
+        "token-mean", description="How per-token losses become one number."
+    )
+    kl_coef: float = Field(0.0, ge=0, le=100, description="Weight of the KL to the reference (needs reference).")
+    minibatches: int = Field(1, ge=1, le=1024, description="Optimizer steps per batch (its groups split evenly); the batch publishes one version.")
+    checkpoint_every: int = Field(0, ge=0, le=10_000_000, description="Steps between checkpoints (0: at the end only).")
+    num_cpus: float = Field(1.0, gt=0, le=1024, description="Ray CPUs reserved.")
+    torch_threads: int = Field(1, ge=1, le=1024, description="torch intra-op threads.")
+
+
+class WeightsConfig(Section):
+    """The weight store: recent versions as flat buffers that rollout pulls whole."""
+
+    keep_versions: int = Field(2, ge=1, le=1000, description="Versions kept; older ones are freed.")
+    bucket_mb: float = Field(64.0, gt=0, le=65536, description="Size of one flat buffer.")

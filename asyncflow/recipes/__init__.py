@@ -1,0 +1,1 @@
+"""Recipes: the visible loops that drive the workers of a run (see grpo.py)."""

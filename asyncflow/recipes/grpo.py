@@ -1,0 +1,236 @@
+"""GRPO, asynchronous or synchronous: the loops that drive a run, each on one screen.
+
+async: rollout, reward (and reference) workers stream on their own; the source admits
+prompts within the staleness bound; this loop only asks the trainer for steps.
+sync:  the same workers, strictly alternating generate -> reward -> train -> sync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from typing import Any
+
+import ray
+
+from asyncflow import workflow
+from asyncflow.config import AsyncFlowConfig
+from asyncflow.display import RunView
+from asyncflow.errors import WorkerError
+from asyncflow.rundir import RunDir
+from workers.samples import PARTITION, SCHEMA, consumers
+
+
+async def run_async(wf: workflow.Workflow, start: int, steps: int, on_step) -> None:
+    loops = [asyncio.ensure_future(supervise(a, wf.config.rollout.max_restarts)) for a in wf.streamers]
+    loops.append(asyncio.ensure_future(supervise(wf.source, 0)))
+    try:
+        for step in range(start + 1, steps + 1):
+            metrics = await _first(wf.trainer.call.remote("step"), loops)
+            await on_step(step, metrics)
+    finally:
+        for task in loops:
+            task.cancel()
+        await asyncio.gather(*loops, return_exceptions=True)
+
+
+async def run_sync(wf: workflow.Workflow, start: int, steps: int, on_step) -> None:
+    groups, n = wf.config.trainer.batch_prompts, wf.config.rollout.n
+    for step in range(start + 1, steps + 1):
+        await wf.source.call.remote("admit", groups, step - 1)
+        await asyncio.gather(*(r.call.remote("work", g) for r, g in zip(wf.rollouts, split(groups, len(wf.rollouts)))))
+        await asyncio.gather(*(w.call.remote("work", k) for w, k in zip(wf.rewards, split(groups * n, len(wf.rewards)))))
+        await asyncio.gather(*(r.call.remote("work", groups * n) for r in wf.references))
+        metrics = await wf.trainer.call.remote("step")
+        await asyncio.gather(*(r.call.remote("sync_weights", step) for r in wf.rollouts))
+        await on_step(step, metrics)
+
+
+def split(total: int, parts: int) -> list[int]:
+    return [total // parts + (i < total % parts) for i in range(parts)]
+
+
+async def supervise(actor: Any, restarts: int) -> None:
+    """Keep `actor.run()` going; Ray restarts a dead actor, this calls run() on the new one."""
+    failures = 0
+    while True:
+        ref = actor.call.remote("run")
+        try:
+            await ref
+            return
+        except asyncio.CancelledError:
+            ray.cancel(ref)
+            raise
+        except ray.exceptions.RayActorError as e:
+            failures += 1
+            if failures > restarts:
+                raise WorkerError(f"a worker died {failures} times (limit {restarts}): {e}") from None
+
+
+async def _first(ref: Any, loops: list[asyncio.Future]) -> Any:
+    """Await `ref`, but fail at once if a background loop failed meanwhile."""
+    step = asyncio.ensure_future(_await(ref))
+    done, _ = await asyncio.wait([step, *loops], return_when=asyncio.FIRST_COMPLETED)
+    for task in done:
+        if task is not step and task.exception() is not None:
+            step.cancel()
+            raise task.exception()  # type: ignore[misc]
+    return await step
+
+
+async def _await(ref: Any) -> Any:
+    return await ref
+
+
+class Run:
+    """One run: prepares the workers (warm-start or resume), loops, checkpoints, summarises."""
+
+    def __init__(self, config: AsyncFlowConfig, run: RunDir, view: RunView):
+        self.config, self.run, self.view = config, run, view
+        self.recent: deque[float] = deque(maxlen=10)
+        self.samples = self.tokens = 0
+        self.started = time.perf_counter()
+        self.workers: dict[str, str] = {}
+        self._stats_at = 0.0
+
+    async def main(self, resume: bool) -> dict:
+        config, run = self.config, self.run
+        state = run.latest_checkpoint() if resume else None
+        cursor = state[1]["cursor"] if state else 0
+        wf = workflow.start(config, cursor=cursor)
+        self.wf = wf
+        try:
+            client = await wf.store.async_client()
+            self.client = client
+            if state is None:
+                start = await self._fresh(client)
+            else:
+                start = await self._resume(client, *state)
+            if config.reference.enabled:
+                wf.references = [
+                    wf.spawn("reference", num_cpus=config.reference.num_cpus,
+                             extra={"weights_path": str(run.reference_weights)})  # fmt: skip
+                ]
+            evals = config.task.eval_prompts
+            before = await wf.rollouts[0].evaluate.remote(evals, start) if evals else None
+            self.view.note(f"{run.path}: step {start}/{config.trainer.steps}, eval reward before {before}")
+            self.started = time.perf_counter()
+            loop = run_async if config.mode == "async" else run_sync
+            with self.view:
+                await loop(wf, start, config.trainer.steps, self.on_step)
+            after = await wf.rollouts[0].evaluate.remote(evals, config.trainer.steps) if evals else None
+            if not config.trainer.checkpoint_every or config.trainer.steps % config.trainer.checkpoint_every:
+                await self.checkpoint(config.trainer.steps)
+            summary = self.summary(before, after)
+            run.write_summary(summary)
+            await client.close()
+            return summary
+        finally:
+            wf.shutdown()
+
+    async def _fresh(self, client) -> int:
+        wf = self.wf
+        await client.create_partition(
+            PARTITION, SCHEMA, consumers=consumers(self.config.reference.enabled), stale_policy="regenerate"
+        )
+        warm = await wf.trainer.warmup.remote()
+        self.view.note(f"warm-start: {warm}")
+        if self.config.reference.enabled:
+            await wf.trainer.call.remote("save_weights", str(self.run.reference_weights))
+        await wf.trainer.call.remote("publish")
+        return 0
+
+    async def _resume(self, client, path, state: dict) -> int:
+        await client.restore(str(path / "store"))
+        version = await self.wf.trainer.call.remote("load", str(path / "trainer"))
+        await self.wf.trainer.call.remote("publish")
+        self.run.truncate_logs(state["step"])
+        self.view.note(f"resumed from {path} (step {state['step']}, prompt cursor {state['cursor']})")
+        return version
+
+    async def on_step(self, step: int, m: dict) -> None:
+        self.samples += m["samples"]
+        self.tokens += m["tokens"]
+        self.recent.append(m["reward_mean"])
+        elapsed = time.perf_counter() - self.started
+        m.update(
+            step=step, elapsed_s=round(elapsed, 3), samples_per_s=self.samples / elapsed,
+            tokens_per_s=self.tokens / elapsed, reward_avg10=sum(self.recent) / len(self.recent),
+            staleness={str(k): v for k, v in m["staleness"].items()},
+        )  # fmt: skip
+        if time.monotonic() - self._stats_at > 1.0 or step == self.config.trainer.steps:
+            self._stats_at = time.monotonic()
+            m["workers"] = await self.worker_stats()
+        self.view.update(m, self.workers)
+        self.run.log(m)
+        every = self.config.trainer.checkpoint_every
+        if every and step % every == 0:
+            await self.checkpoint(step)
+
+    async def worker_stats(self) -> dict:
+        wf = self.wf
+        roles = {"rollout": wf.rollouts, "reward": wf.rewards, "reference": wf.references}
+        out: dict[str, Any] = {}
+        for role, actors in roles.items():
+            stats = await asyncio.gather(*(a.stats.remote() for a in actors), return_exceptions=True)
+            stats = [s for s in stats if isinstance(s, dict)]
+            if not stats:
+                continue
+            busy = sum(s["busy_s"] for s in stats)
+            idle = sum(s["idle_s"] for s in stats)
+            out[role] = {"idle_frac": idle / max(busy + idle, 1e-9), "samples": sum(s["samples"] for s in stats)}
+        store = (await self.client.store_stats())["partitions"].get(PARTITION, {})
+        queues = {name: c["ready"] for name, c in store.get("consumers", {}).items()}
+        out["queues"] = queues
+        self.workers = {
+            **{r: f"idle {v['idle_frac']:.0%}  samples {v['samples']}" for r, v in out.items() if r != "queues"},
+            "queues (ready rows)": "  ".join(f"{k} {v}" for k, v in queues.items()),
+        }
+        return out
+
+    async def checkpoint(self, step: int) -> None:
+        """Model, optimizer, version, every row in the store and the prompt cursor, consistently:
+        the source is paused (no put in flight) and the trainer is between steps."""
+        path = self.run.checkpoint_dir(step)
+        cursor = await self.wf.source.call.remote("pause")
+        try:
+            await self.client.checkpoint(str(path / "store"))
+            await self.wf.trainer.call.remote("save", str(path / "trainer"))
+        finally:
+            await self.wf.source.call.remote("resume")
+        import json
+
+        (path / "state.json").write_text(json.dumps({"step": step, "cursor": cursor}))
+
+    def summary(self, before: float | None, after: float | None) -> dict:
+        metrics = self.run.metrics()
+        first = metrics[: max(1, len(metrics) // 10)]
+        last = metrics[-max(1, len(metrics) // 10) :]
+        mean = lambda ms, k: sum(m[k] for m in ms) / len(ms)  # noqa: E731
+        hist: dict[str, int] = {}
+        for m in metrics:
+            for k, v in m["staleness"].items():
+                hist[k] = hist.get(k, 0) + v
+        return {
+            "run_dir": str(self.run.path),
+            "mode": self.config.mode,
+            "staleness_k": self.config.staleness,
+            "steps": len(metrics),
+            "eval_reward_before": before,
+            "eval_reward_after": after,
+            "reward_first_10pct": mean(first, "reward_mean") if metrics else None,
+            "reward_last_10pct": mean(last, "reward_mean") if metrics else None,
+            "samples_per_s": metrics[-1]["samples_per_s"] if metrics else None,
+            "tokens_per_s": metrics[-1]["tokens_per_s"] if metrics else None,
+            "staleness_histogram": dict(sorted(hist.items(), key=lambda kv: int(kv[0]))),
+            "seconds": round(time.perf_counter() - self.started, 2),
+        }
+
+
+def train(config: AsyncFlowConfig, *, resume: str | None = None, display: bool = True) -> dict:
+    """Run (or resume) RL post-training; returns the summary. Starts Ray here if needed."""
+    run = RunDir.open(resume) if resume else RunDir.create(config)
+    workflow.init_ray(config)
+    view = RunView(config.trainer.steps, config.run_name, enabled=display)
+    return asyncio.run(Run(config, run, view).main(resume=resume is not None))

@@ -1,0 +1,1 @@
+"""Parallelism services: how tensors are laid out and moved between workers."""

@@ -1,0 +1,55 @@
+"""ReferenceWorker: log-probs of the reference policy (the warm-started model, frozen) for
+every response, so the trainer can add a KL term. It knows nothing about the loss."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from asyncflow.algorithms import token_logprobs
+from workers.samples import PARTITION, REFERENCE, serve
+from workers.trainer import pack
+
+
+class ReferenceWorker:
+    def __init__(self, model: torch.nn.Module, store: Any, *, temperature: float, batch_rows: int = 64,
+                 get_timeout_s: float | None = None):  # fmt: skip
+        self.model, self.store, self.temperature = model.eval(), store, temperature
+        self.batch_rows, self.get_timeout_s = batch_rows, get_timeout_s
+        self.stats = {"samples": 0, "busy_s": 0.0, "idle_s": 0.0}
+
+    @torch.no_grad()
+    def logprobs(self, prompts: list[list[int]], responses: list[list[int]]) -> list:
+        ids, targets, mask = pack(prompts, responses)
+        lp = token_logprobs(self.model(ids).logits[:, :-1], targets, self.temperature)  # (B, T-1)
+        return [row[m].numpy() for row, m in zip(lp, mask)]
+
+    async def step(self, max_rows: int | None = None, *, wait: bool = True) -> int:
+        start = time.perf_counter()
+        fields = ["prompt_ids", "response_ids"]
+        size = max_rows or self.batch_rows
+        batch = await self.store.get(PARTITION, fields, size, REFERENCE, allow_partial=True, timeout_s=0)
+        if not len(batch) and wait and not batch.end:
+            batch = await self.store.get(PARTITION, fields, 1, REFERENCE, timeout_s=self.get_timeout_s)
+        got = time.perf_counter()
+        self.stats["idle_s"] += got - start
+        if not len(batch):
+            return 0
+        ref = self.logprobs([p.tolist() for p in batch["prompt_ids"]], [r.tolist() for r in batch["response_ids"]])
+        await self.store.put(PARTITION, {"ref_logprobs": ref}, rows=batch)
+        await self.store.ack(batch)
+        self.stats["samples"] += len(batch)
+        self.stats["busy_s"] += time.perf_counter() - got
+        return len(batch)
+
+    async def work(self, rows: int) -> int:
+        """Process exactly `rows` rows (sync mode)."""
+        done = 0
+        while done < rows:
+            done += await self.step(rows - done)
+        return done
+
+    async def run(self) -> None:
+        await serve(self.step)

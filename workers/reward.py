@@ -1,0 +1,84 @@
+"""RewardWorker: scores responses with the task's reward function, one call per sample.
+
+Each call runs in a thread with a deadline: a reward that raises or hangs is recorded as
+a failure (its error text in `reward_error`, `failure_reward` as the reward), never a dead
+run. A hung call's thread cannot be killed from Python; it is abandoned and counted, and
+the pool has spare threads so that the next calls still run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from workers.rollout import decode_response
+from workers.samples import PARTITION, REWARD, serve
+
+
+class RewardWorker:
+    def __init__(self, reward_fn: Any, tokenizer: Any, store: Any, *, timeout_s: float, failure_reward: float,
+                 batch_rows: int, get_timeout_s: float | None = None, threads: int = 8):  # fmt: skip
+        self.reward_fn, self.tokenizer, self.store = reward_fn, tokenizer, store
+        self.timeout_s, self.failure_reward, self.batch_rows = timeout_s, failure_reward, batch_rows
+        self.get_timeout_s = get_timeout_s
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="reward")
+        self.stats = {"samples": 0, "failures": 0, "timeouts": 0, "busy_s": 0.0, "idle_s": 0.0}
+
+    async def _score(self, prompt: str, response: str, answer: str) -> tuple[float, str]:
+        loop = asyncio.get_running_loop()
+        call = loop.run_in_executor(self._pool, self.reward_fn, prompt, response, answer)
+        done, _ = await asyncio.wait([call], timeout=self.timeout_s)  # wait_for would cancel-and-hang
+        if not done:
+            self.stats["timeouts"] += 1
+            self.stats["failures"] += 1
+            return self.failure_reward, f"timed out after {self.timeout_s:g} s"
+        try:
+            value = float(call.result())
+        except Exception as e:  # the user's reward function failed: record it, keep the run going
+            self.stats["failures"] += 1
+            return self.failure_reward, f"{type(e).__name__}: {e}"[:500]
+        return value, ""
+
+    async def step(self, max_rows: int | None = None, *, wait: bool = True) -> int:
+        start = time.perf_counter()
+        size = max_rows or self.batch_rows
+        fields = ["prompt_ids", "response_ids", "answer"]
+        batch = await self.store.get(PARTITION, fields, size, REWARD, allow_partial=True, timeout_s=0)
+        if not len(batch) and wait and not batch.end:
+            batch = await self.store.get(PARTITION, fields, 1, REWARD, timeout_s=self.get_timeout_s)
+        got = time.perf_counter()
+        self.stats["idle_s"] += got - start
+        if not len(batch):
+            return 0
+        scored = await asyncio.gather(
+            *(
+                self._score(
+                    self.tokenizer.decode(p.tolist()[1:], skip_special_tokens=True),  # without <bos>
+                    decode_response(self.tokenizer, r.tolist()),
+                    a,
+                )
+                for p, r, a in zip(batch["prompt_ids"], batch["response_ids"], batch["answer"])
+            )
+        )
+        await self.store.put(
+            PARTITION, {"reward": [s for s, _ in scored], "reward_error": [e for _, e in scored]}, rows=batch
+        )
+        await self.store.ack(batch)
+        self.stats["samples"] += len(batch)
+        self.stats["busy_s"] += time.perf_counter() - got
+        return len(batch)
+
+    async def work(self, rows: int) -> int:
+        """Process exactly `rows` rows (sync mode)."""
+        done = 0
+        while done < rows:
+            done += await self.step(rows - done)
+        return done
+
+    async def run(self) -> None:
+        await serve(self.step)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

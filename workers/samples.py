@@ -1,0 +1,61 @@
+"""The samples partition: one row per sample, its fields, and who fills which.
+
+Rows of one prompt form a group of `n` (GRPO needs whole groups). The source writes the
+prompt fields, rollout the response fields (with the policy version that made them),
+reward the reward fields, the reference (when enabled) its log-probs. The trainer takes
+whole groups whose fields are all ready.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from asyncflow.errors import StoreTimeout
+
+PARTITION = "samples"
+
+SCHEMA = {
+    # PromptSource
+    "prompt_ids": "int64[*]",
+    "prompt_index": "int64",  # position of the prompt in the task's stream: the resume cursor
+    "sample_index": "int64",  # 0..n-1 within the group
+    "answer": "str",
+    "admit_version": "int64",  # trainer version when admitted: rollout generates with >= this
+    # RolloutWorker
+    "response_ids": "int64[*]",
+    "behavior_logprobs": "float32[*]",
+    "token_versions": "int64[*]",  # the policy version that produced each token
+    "finish": "str",  # stop | length | abort
+    # RewardWorker
+    "reward": "float32",
+    "reward_error": "str",  # "" when the reward function returned normally
+    # ReferenceWorker
+    "ref_logprobs": "float32[*]",
+}
+
+PROMPT_FIELDS = ["prompt_ids", "prompt_index", "sample_index", "answer", "admit_version"]
+ROLLOUT_FIELDS = ["response_ids", "behavior_logprobs", "token_versions", "finish"]
+REWARD_FIELDS = ["reward", "reward_error"]
+
+# Consumers, named by role: every instance of a role shares one name, so each row goes to
+# exactly one instance of it.
+ROLLOUT, REWARD, REFERENCE, TRAINER = "rollout", "reward", "reference", "trainer"
+
+
+def consumers(reference: bool) -> list[str]:
+    return [ROLLOUT, REWARD, TRAINER] + ([REFERENCE] if reference else [])
+
+
+def trainer_fields(reference: bool) -> list[str]:
+    fields = ["prompt_ids", "prompt_index", "sample_index", *ROLLOUT_FIELDS[:3], "reward"]
+    return fields + (["ref_logprobs"] if reference else [])
+
+
+async def serve(step: Callable[[], Awaitable[int]]) -> None:
+    """Call a worker's `step` until the stream ends (a step returns 0)."""
+    while True:
+        try:
+            if not await step():
+                return
+        except StoreTimeout:
+            continue  # nothing to do for a while (the trainer is slow or paused): keep waiting

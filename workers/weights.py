@@ -1,0 +1,102 @@
+"""The weight store: the last few published policy versions, each as flat byte buckets.
+
+The trainer publishes version v+1 and goes on training; a rollout worker pulls the newest
+version when it reaches a safe point. Neither waits for the other except where the
+staleness bound says so (`wait_version`). A version travels as a few flat buffers and a
+small index (services.parallelism.buckets), never tensor by tensor.
+
+`WeightStore` is the plain class the workflow makes remote. `WeightClient` is what
+workers hold: it packs and unpacks buffers and talks to a store, local or remote, through
+the same four awaitable calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from asyncflow.errors import WorkerError
+from services.parallelism.buckets import Slot, flatten, unflatten
+
+
+class WeightStore:
+    def __init__(self, keep_versions: int = 2):
+        self.keep_versions = keep_versions
+        self._versions: OrderedDict[int, tuple[list, list[Any]]] = OrderedDict()
+        self._changed = asyncio.Condition()
+        self.published_at: dict[int, float] = {}
+
+    async def publish(self, version: int, index: list, buckets: list[Any]) -> None:
+        """Keep `version` (index: Slot.to_wire() rows; buckets: arrays or object refs to them)."""
+        latest = self.latest()
+        if version <= latest:
+            raise WorkerError(f"publish of version {version}: the store already holds {latest}; versions only grow")
+        async with self._changed:
+            self._versions[version] = (index, buckets)
+            self.published_at[version] = time.time()
+            while len(self._versions) > self.keep_versions:
+                self._versions.popitem(last=False)
+            self._changed.notify_all()
+
+    def latest(self) -> int:
+        """The newest published version, -1 before the first."""
+        return next(reversed(self._versions)) if self._versions else -1
+
+    async def wait_version(self, min_version: int, timeout_s: float | None = None) -> int:
+        """Return the newest version once it is >= min_version (raises TimeoutError after timeout_s)."""
+        async with self._changed:
+            await asyncio.wait_for(self._changed.wait_for(lambda: self.latest() >= min_version), timeout_s)
+        return self.latest()
+
+    async def get(self, min_version: int = 0, timeout_s: float | None = None) -> tuple[int, list, list[Any]]:
+        """The newest version (waiting until it is >= min_version) with its index and buckets."""
+        version = await self.wait_version(min_version, timeout_s)
+        index, buckets = self._versions[version]
+        return version, index, buckets
+
+
+class WeightClient:
+    """A worker's view of a weight store: publish a state dict, pull the newest one.
+
+    `store` is a WeightStore or a Ray actor handle of one (`remote=True`); with a remote
+    store, buckets go through Ray's object store once and every puller maps them.
+    """
+
+    def __init__(self, store: Any, *, remote: bool, bucket_mb: float = 64.0):
+        self.store, self.remote, self.bucket_bytes = store, remote, int(bucket_mb * 2**20)
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        if self.remote:
+            return await getattr(self.store, method).remote(*args)
+        result = getattr(self.store, method)(*args)
+        return await result if asyncio.iscoroutine(result) else result
+
+    async def publish(self, version: int, tensors: Mapping[str, torch.Tensor]) -> float:
+        """Publish `tensors` as `version`; returns the seconds it took."""
+        start = time.perf_counter()
+        slots, buckets = flatten(tensors, self.bucket_bytes)
+        payload: list[Any] = list(buckets)
+        if self.remote:
+            import ray
+
+            payload = [ray.put(b) for b in buckets]  # a list of refs is passed as refs, not resolved
+        await self._call("publish", version, [s.to_wire() for s in slots], payload)
+        return time.perf_counter() - start
+
+    async def latest(self) -> int:
+        return await self._call("latest")
+
+    async def wait_version(self, min_version: int, timeout_s: float | None = None) -> int:
+        return await self._call("wait_version", min_version, timeout_s)
+
+    async def pull(self, min_version: int = 0, timeout_s: float | None = None) -> tuple[int, dict[str, torch.Tensor]]:
+        """The newest version >= min_version as tensors (views of the received buffers)."""
+        version, index, buckets = await self._call("get", min_version, timeout_s)
+        if self.remote:
+            buckets = await asyncio.gather(*buckets)
+        return version, unflatten([Slot.from_wire(s) for s in index], list(buckets))
