@@ -139,6 +139,49 @@ async def test_acl_user_and_password_in_the_url(tmp_path):
         server.kill()
 
 
+def make_certs(directory: Path) -> None:
+    """A CA and a server certificate for 127.0.0.1, made with the openssl command line."""
+    for command in (
+        "req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 1 -subj /CN=asyncflow-test-ca",
+        "req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=127.0.0.1",
+        "x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out server.crt -extfile ext",
+    ):
+        (directory / "ext").write_text("subjectAltName=IP:127.0.0.1\n")
+        subprocess.run(["openssl", *command.split()], cwd=directory, check=True, capture_output=True)
+
+
+async def test_tls_with_a_ca_bundle(tmp_path):
+    make_certs(tmp_path)
+    server = PrivateRedis(tmp_path)
+    server.extra = (
+        "--port",
+        "0",
+        "--tls-port",
+        str(server.port),
+        "--tls-cert-file",
+        "server.crt",
+        "--tls-key-file",
+        "server.key",
+        "--tls-ca-cert-file",
+        "ca.crt",
+        "--tls-auth-clients",
+        "no",
+    )
+    server.start()
+    url = f"rediss://127.0.0.1:{server.port}/0"
+    try:
+        handle = start_store(redis_config(url, ssl_ca_certs=str(tmp_path / "ca.crt")))
+        client = await RedisStoreClient.connect(handle.address, handle.config.redis)
+        await client.create_partition("p", {"x": "float32[2]"}, consumers=["c"])
+        await client.put("p", {"x": np.ones((2, 2), np.float32)})
+        assert (await client.get("p", ["x"], 2, "c"))["x"].sum() == 4
+        await client.close()
+        with pytest.raises(StorageUnavailable, match="rediss://127.0.0.1"):  # the server's CA is not trusted
+            start_store(redis_config(url))
+    finally:
+        server.kill()
+
+
 def test_config_errors_never_show_the_password():
     with pytest.raises(ConfigError, match="expected redis://host:port/db") as e:
         parse_config({"dataplane": {"backend": "redis", "redis": {"url": "http://u:hunter2@h:1/0"}}})
