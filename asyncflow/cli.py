@@ -56,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="RL post-training from a config (or --resume a run directory)")
     run.add_argument("config", nargs="?", help="path to a YAML run config")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
-    run.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    run.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint"
+    )
     run.add_argument("--quiet", action="store_true", help="no live display, only the final summary")
     run.set_defaults(func=_run)
     demo = sub.add_parser("demo", help="stream samples through the data store with Ray actors")

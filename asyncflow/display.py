@@ -46,7 +46,8 @@ class RunView:
         elif time.monotonic() - self._last_line > 5 or m["step"] == self.total_steps:
             self._last_line = time.monotonic()
             self.console.print(
-                f"step {m['step']}/{self.total_steps}  reward {m['reward_mean']:.3f} (avg10 {m['reward_avg10']:.3f})  "
+                f"step {m['step']}/{self.total_steps}  reward {m['reward_mean']:.3f} "
+                f"(avg10 {m['reward_avg10']:.3f})  "
                 f"{m['samples_per_s']:.0f} samples/s  staleness {m['staleness']}"
             )
 

@@ -78,12 +78,12 @@ def _build(role: str, config: AsyncFlowConfig, index: int, weights_handle: Any, 
         set_threads(config.trainer.torch_threads)
         torch_seed(config.seed)
         _, model = make_policy(config.model, task, config.seed)
-        worker = TrainerWorker(
+        trainer = TrainerWorker(
             model, None, weights, config.trainer, n=config.rollout.n, staleness=config.staleness,
             temperature=config.rollout.temperature, reference=config.reference.enabled, get_timeout_s=timeout,
         )  # fmt: skip
-        worker.warmup_context = (task, make_policy(config.model, task, config.seed)[0])  # type: ignore[attr-defined]
-        return worker
+        trainer.warmup_context = (task, make_policy(config.model, task, config.seed)[0])  # type: ignore[attr-defined]
+        return trainer
     raise WorkerError(f"unknown worker role {role!r}")
 
 
@@ -97,8 +97,15 @@ class WorkerHost:
     """One worker in one actor. Ray re-runs the constructor when it restarts a dead actor,
     so a restarted worker is rebuilt from the same arguments and pulls weights again."""
 
-    def __init__(self, role: str, config: dict, index: int, store_address: str, weights_handle: Any,
-                 extra: dict | None = None):  # fmt: skip
+    def __init__(
+        self,
+        role: str,
+        config: dict,
+        index: int,
+        store_address: str,
+        weights_handle: Any,
+        extra: dict | None = None,
+    ):
         self.role, self.store_address = role, store_address
         self.config = AsyncFlowConfig.model_validate(config)
         extra = dict(extra or {})
@@ -155,11 +162,19 @@ class Workflow:
         """Workers that run a loop of their own in async mode."""
         return [*self.rollouts, *self.rewards, *self.references]
 
-    def spawn(self, role: str, index: int = 0, *, num_cpus: float, restarts: int = 0, extra: dict | None = None):
+    def spawn(
+        self, role: str, index: int = 0, *, num_cpus: float, restarts: int = 0, extra: dict | None = None
+    ):
         """A WorkerHost actor for `role`; Ray restarts it up to `restarts` times if it dies."""
         return (
             ray.remote(WorkerHost)
-            .options(num_cpus=num_cpus, max_restarts=restarts, max_concurrency=64)
+            .options(
+                name=f"{self.config.dataplane.name}.{role}{index}",
+                namespace="asyncflow",
+                num_cpus=num_cpus,
+                max_restarts=restarts,
+                max_concurrency=64,
+            )  # fmt: skip
             .remote(role, self.config.model_dump(mode="json"), index, self.store.address, self.weights, extra)
         )
 
@@ -202,11 +217,20 @@ def start(config: AsyncFlowConfig, *, cursor: int = 0) -> Workflow:
     from workers.weights import WeightStore
 
     store = start_store(config.dataplane)
-    weights = ray.remote(WeightStore).options(num_cpus=0.1).remote(config.weights.keep_versions)
+    weights = (
+        ray.remote(WeightStore)
+        .options(name=f"{config.dataplane.name}.weights", namespace="asyncflow", num_cpus=0.1)
+        .remote(config.weights.keep_versions)
+    )
     wf = Workflow(config, store, weights)
     r = config.rollout
     wf.source = wf.spawn("source", num_cpus=0.1, extra={"cursor": cursor})
     wf.trainer = wf.spawn("trainer", num_cpus=config.trainer.num_cpus)
-    wf.rollouts = [wf.spawn("rollout", i, num_cpus=r.num_cpus, restarts=r.max_restarts) for i in range(r.num_workers)]
-    wf.rewards = [wf.spawn("reward", i, num_cpus=config.reward.num_cpus, restarts=2) for i in range(config.reward.num_workers)]
+    wf.rollouts = [
+        wf.spawn("rollout", i, num_cpus=r.num_cpus, restarts=r.max_restarts) for i in range(r.num_workers)
+    ]
+    wf.rewards = [
+        wf.spawn("reward", i, num_cpus=config.reward.num_cpus, restarts=2)
+        for i in range(config.reward.num_workers)
+    ]
     return wf

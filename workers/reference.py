@@ -14,11 +14,18 @@ from workers.trainer import pack
 
 
 class ReferenceWorker:
-    def __init__(self, model: torch.nn.Module, store: Any, *, temperature: float, batch_rows: int = 64,
-                 get_timeout_s: float | None = None):  # fmt: skip
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        store: Any,
+        *,
+        temperature: float,
+        batch_rows: int = 64,
+        get_timeout_s: float | None = None,
+    ):
         self.model, self.store, self.temperature = model.eval(), store, temperature
         self.batch_rows, self.get_timeout_s = batch_rows, get_timeout_s
-        self.stats = {"samples": 0, "busy_s": 0.0, "idle_s": 0.0}
+        self.stats: dict[str, float] = {"samples": 0, "busy_s": 0.0, "idle_s": 0.0}
 
     @torch.no_grad()
     def logprobs(self, prompts: list[list[int]], responses: list[list[int]]) -> list:
@@ -37,7 +44,9 @@ class ReferenceWorker:
         self.stats["idle_s"] += got - start
         if not len(batch):
             return 0
-        ref = self.logprobs([p.tolist() for p in batch["prompt_ids"]], [r.tolist() for r in batch["response_ids"]])
+        ref = self.logprobs(
+            [p.tolist() for p in batch["prompt_ids"]], [r.tolist() for r in batch["response_ids"]]
+        )
         await self.store.put(PARTITION, {"ref_logprobs": ref}, rows=batch)
         await self.store.ack(batch)
         self.stats["samples"] += len(batch)

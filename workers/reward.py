@@ -18,13 +18,29 @@ from workers.samples import PARTITION, REWARD, serve
 
 
 class RewardWorker:
-    def __init__(self, reward_fn: Any, tokenizer: Any, store: Any, *, timeout_s: float, failure_reward: float,
-                 batch_rows: int, get_timeout_s: float | None = None, threads: int = 8):  # fmt: skip
+    def __init__(
+        self,
+        reward_fn: Any,
+        tokenizer: Any,
+        store: Any,
+        *,
+        timeout_s: float,
+        failure_reward: float,
+        batch_rows: int,
+        get_timeout_s: float | None = None,
+        threads: int = 8,
+    ):
         self.reward_fn, self.tokenizer, self.store = reward_fn, tokenizer, store
         self.timeout_s, self.failure_reward, self.batch_rows = timeout_s, failure_reward, batch_rows
         self.get_timeout_s = get_timeout_s
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="reward")
-        self.stats = {"samples": 0, "failures": 0, "timeouts": 0, "busy_s": 0.0, "idle_s": 0.0}
+        self.stats: dict[str, float] = {
+            "samples": 0,
+            "failures": 0,
+            "timeouts": 0,
+            "busy_s": 0.0,
+            "idle_s": 0.0,
+        }
 
     async def _score(self, prompt: str, response: str, answer: str) -> tuple[float, str]:
         loop = asyncio.get_running_loop()

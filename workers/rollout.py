@@ -19,12 +19,29 @@ from workers.samples import PARTITION, PROMPT_FIELDS, ROLLOUT, serve
 
 
 class RolloutWorker:
-    def __init__(self, engine: Any, store: Any, weights: Any, *, n: int, groups_per_call: int,
-                 params: SamplingParams, name: str = "rollout", get_timeout_s: float | None = None):  # fmt: skip
+    def __init__(
+        self,
+        engine: Any,
+        store: Any,
+        weights: Any,
+        *,
+        n: int,
+        groups_per_call: int,
+        params: SamplingParams,
+        name: str = "rollout",
+        get_timeout_s: float | None = None,
+    ):
         self.engine, self.store, self.weights = engine, store, weights
         self.n, self.groups_per_call, self.params, self.name = n, groups_per_call, params, name
         self.get_timeout_s = get_timeout_s
-        self.stats = {"samples": 0, "tokens": 0, "busy_s": 0.0, "idle_s": 0.0, "weight_syncs": 0, "sync_s": 0.0}
+        self.stats = {
+            "samples": 0,
+            "tokens": 0,
+            "busy_s": 0.0,
+            "idle_s": 0.0,
+            "weight_syncs": 0,
+            "sync_s": 0.0,
+        }
 
     async def sync_weights(self, min_version: int = 0) -> int:
         """Load the newest published version (waiting for one >= min_version); returns it."""
@@ -63,7 +80,7 @@ class RolloutWorker:
         ]
         completions = await self.engine.generate(requests)
         order = {(int(batch["prompt_index"][i]), int(batch["sample_index"][i])): i for i in range(len(batch))}
-        rows = [0] * len(batch)
+        rows: list[Any] = [None] * len(batch)
         for c in completions:
             rows[order[(int(c.request_id), c.index)]] = c
         await self.store.put(

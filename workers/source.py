@@ -19,8 +19,19 @@ from workers.samples import PARTITION
 
 
 class PromptSource:
-    def __init__(self, task: Any, tokenizer: Any, store: Any, weights: Any, *, n: int, batch_prompts: int,
-                 staleness: int, cursor: int = 0, prompts_per_put: int = 8):  # fmt: skip
+    def __init__(
+        self,
+        task: Any,
+        tokenizer: Any,
+        store: Any,
+        weights: Any,
+        *,
+        n: int,
+        batch_prompts: int,
+        staleness: int,
+        cursor: int = 0,
+        prompts_per_put: int = 8,
+    ):
         self.task, self.tokenizer, self.store, self.weights = task, tokenizer, store, weights
         self.n, self.batch_prompts, self.staleness = n, batch_prompts, staleness
         self.cursor, self.prompts_per_put = cursor, prompts_per_put

@@ -43,9 +43,20 @@ def on_grid(values: list[list[float]], mask: torch.Tensor) -> torch.Tensor:
 
 
 class TrainerWorker:
-    def __init__(self, model: torch.nn.Module, store: Any, weights: Any, config: TrainerConfig, *,
-                 n: int, staleness: int, temperature: float, reference: bool, version: int = 0,
-                 get_timeout_s: float | None = None):  # fmt: skip
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        store: Any,
+        weights: Any,
+        config: TrainerConfig,
+        *,
+        n: int,
+        staleness: int,
+        temperature: float,
+        reference: bool,
+        version: int = 0,
+        get_timeout_s: float | None = None,
+    ):
         self.model, self.store, self.weights, self.config = model.train(), store, weights, config
         self.n, self.staleness, self.temperature, self.reference = n, staleness, temperature, reference
         self.version, self.get_timeout_s = version, get_timeout_s
@@ -61,7 +72,9 @@ class TrainerWorker:
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr)
         start, loss = time.perf_counter(), torch.tensor(0.0)
         for step in range(config.steps):
-            examples = [task.example((1 << 36) + step * config.batch_size + i) for i in range(config.batch_size)]
+            examples = [
+                task.example((1 << 36) + step * config.batch_size + i) for i in range(config.batch_size)
+            ]
             prompts = [[tokenizer.bos_token_id, *tokenizer.encode(e.prompt)] for e in examples]
             answers = [[*tokenizer.encode(e.answer), tokenizer.eos_token_id] for e in examples]
             ids, targets, mask = pack(prompts, answers)
@@ -92,7 +105,9 @@ class TrainerWorker:
         return metrics
 
     def train_on(self, data: dict) -> dict:
-        order = sorted(range(len(data["reward"])), key=lambda i: (data["prompt_index"][i], data["sample_index"][i]))
+        order = sorted(
+            range(len(data["reward"])), key=lambda i: (data["prompt_index"][i], data["sample_index"][i])
+        )
         prompts = [data["prompt_ids"][i].tolist() for i in order]
         responses = [data["response_ids"][i].tolist() for i in order]
         ids, targets, mask = pack(prompts, responses)
@@ -121,7 +136,9 @@ class TrainerWorker:
                 max_tokens=mask.shape[1],
             )  # fmt: skip
             if ref is not None:
-                kl = aggregate(kl_penalty(logprobs, ref[rows]), mask[rows], self.config.loss_agg, mask.shape[1])
+                kl = aggregate(
+                    kl_penalty(logprobs, ref[rows]), mask[rows], self.config.loss_agg, mask.shape[1]
+                )
                 loss = loss + self.config.kl_coef * kl
                 stats["kl_ref"] = kl.item()
             self.optimizer.zero_grad(set_to_none=True)
@@ -145,7 +162,9 @@ class TrainerWorker:
 
     def save(self, path: str) -> None:
         Path(path).mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, f"{path}/model.safetensors")
+        save_file(
+            {k: v.contiguous() for k, v in self.model.state_dict().items()}, f"{path}/model.safetensors"
+        )
         torch.save(self.optimizer.state_dict(), f"{path}/optimizer.pt")
         Path(path, "trainer.json").write_text(json.dumps({"version": self.version}))
 

@@ -35,7 +35,9 @@ class WeightStore:
         """Keep `version` (index: Slot.to_wire() rows; buckets: arrays or object refs to them)."""
         latest = self.latest()
         if version <= latest:
-            raise WorkerError(f"publish of version {version}: the store already holds {latest}; versions only grow")
+            raise WorkerError(
+                f"publish of version {version}: the store already holds {latest}; versions only grow"
+            )
         async with self._changed:
             self._versions[version] = (index, buckets)
             self.published_at[version] = time.time()
@@ -94,7 +96,9 @@ class WeightClient:
     async def wait_version(self, min_version: int, timeout_s: float | None = None) -> int:
         return await self._call("wait_version", min_version, timeout_s)
 
-    async def pull(self, min_version: int = 0, timeout_s: float | None = None) -> tuple[int, dict[str, torch.Tensor]]:
+    async def pull(
+        self, min_version: int = 0, timeout_s: float | None = None
+    ) -> tuple[int, dict[str, torch.Tensor]]:
         """The newest version >= min_version as tensors (views of the received buffers)."""
         version, index, buckets = await self._call("get", min_version, timeout_s)
         if self.remote:

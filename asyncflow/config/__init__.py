@@ -64,14 +64,19 @@ class AsyncFlowConfig(Section):
         "sync weights, strictly alternating (the baseline).",
     )
     staleness: int = Field(
-        1, ge=0, le=1024, description="k: a sample trains while trainer_version - its version <= k (0: on-policy)."
+        1,
+        ge=0,
+        le=1024,
+        description="k: a sample trains while trainer_version - its version <= k (0: on-policy).",
     )
     model: ModelConfig = Field(default_factory=ModelConfig, description="The policy's architecture.")
     task: TaskConfig = Field(default_factory=TaskConfig, description="Prompts and the reward function.")
     warmup: WarmupConfig = Field(default_factory=WarmupConfig, description="Supervised warm-start before RL.")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Rollout workers and sampling.")
     reward: RewardConfig = Field(default_factory=RewardConfig, description="Reward workers.")
-    reference: ReferenceConfig = Field(default_factory=ReferenceConfig, description="Reference log-probs (KL).")
+    reference: ReferenceConfig = Field(
+        default_factory=ReferenceConfig, description="Reference log-probs (KL)."
+    )
     trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="Loss, optimizer, checkpoints.")
     weights: WeightsConfig = Field(default_factory=WeightsConfig, description="The weight store.")
     dataplane: DataPlaneConfig = Field(

@@ -27,7 +27,9 @@ def import_string(spec: str) -> Any:
     try:
         mod = importlib.import_module(module)
     except ImportError as e:
-        raise ValueError(f"cannot import module {module!r} of {spec!r} ({e}); check the name and PYTHONPATH") from None
+        raise ValueError(
+            f"cannot import module {module!r} of {spec!r} ({e}); check the name and PYTHONPATH"
+        ) from None
     try:
         return getattr(mod, attr)
     except AttributeError:
@@ -40,7 +42,9 @@ class ModelConfig(Section):
     hidden_size: int = Field(64, ge=32, le=16384, description="Width of the residual stream.")
     intermediate_size: int = Field(256, ge=8, le=65536, description="Width of the MLP.")
     num_layers: int = Field(2, ge=1, le=128, description="Transformer blocks.")
-    num_heads: int = Field(2, ge=1, le=128, description="Attention heads; hidden_size / num_heads is the head size.")
+    num_heads: int = Field(
+        2, ge=1, le=128, description="Attention heads; hidden_size / num_heads is the head size."
+    )
     max_positions: int = Field(64, ge=8, le=131072, description="Longest prompt + response in tokens.")
 
     @model_validator(mode="after")
@@ -49,7 +53,8 @@ class ModelConfig(Section):
         if rest or head_dim not in HEAD_DIMS:
             raise ValueError(
                 f"hidden_size {self.hidden_size} / num_heads {self.num_heads} gives head size "
-                f"{self.hidden_size / self.num_heads:g}; it must be one of {HEAD_DIMS} (what vLLM's kernels take)"
+                f"{self.hidden_size / self.num_heads:g}; it must be one of {HEAD_DIMS} "
+                "(what vLLM's kernels take)"
             )
         return self
 
@@ -68,7 +73,9 @@ class TaskConfig(Section):
         "asyncflow.tasks.sorting:reward",
         description="'module:function' called as function(prompt, response, answer) -> float.",
     )
-    eval_prompts: int = Field(256, ge=0, le=100000, description="Held-out prompts scored before and after RL.")
+    eval_prompts: int = Field(
+        256, ge=0, le=100000, description="Held-out prompts scored before and after RL."
+    )
 
     @field_validator("source", "reward")
     @classmethod
@@ -99,14 +106,18 @@ class RolloutConfig(Section):
     max_new_tokens: int = Field(16, ge=1, le=131072, description="Longest response in tokens.")
     num_cpus: float = Field(0.5, gt=0, le=1024, description="Ray CPUs reserved per worker.")
     torch_threads: int = Field(1, ge=1, le=1024, description="torch intra-op threads per worker.")
-    max_restarts: int = Field(2, ge=0, le=100, description="Times a dead worker is restarted before the run fails.")
+    max_restarts: int = Field(
+        2, ge=0, le=100, description="Times a dead worker is restarted before the run fails."
+    )
 
 
 class RewardConfig(Section):
     """Reward workers: they call the task's reward function on each response."""
 
     num_workers: int = Field(1, ge=1, le=1024, description="Reward worker actors.")
-    timeout_s: float = Field(10.0, gt=0, le=3600, description="Per-call limit; past it the call is a failure.")
+    timeout_s: float = Field(
+        10.0, gt=0, le=3600, description="Per-call limit; past it the call is a failure."
+    )
     failure_reward: float = Field(0.0, ge=-1e6, le=1e6, description="Reward recorded for a failed call.")
     batch_rows: int = Field(64, ge=1, le=65536, description="Rows scored per store round trip, at most.")
     num_cpus: float = Field(0.25, gt=0, le=1024, description="Ray CPUs reserved per worker.")
@@ -128,19 +139,32 @@ class TrainerConfig(Section):
     lr: float = Field(2e-4, gt=0, le=1.0, description="AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0, le=1.0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, le=1e6, description="Gradient clipping norm.")
-    estimator: Literal["grpo", "drgrpo", "rloo"] = Field("grpo", description="Group-relative advantage estimator.")
+    estimator: Literal["grpo", "drgrpo", "rloo"] = Field(
+        "grpo", description="Group-relative advantage estimator."
+    )
     correction: Literal["none", "decoupled", "tis"] = Field(
         "decoupled", description="Off-policy correction from behaviour log-probs."
     )
-    clip_eps: float = Field(0.2, gt=0, le=10, description="PPO clip range (low side, and high side unless set).")
+    clip_eps: float = Field(
+        0.2, gt=0, le=10, description="PPO clip range (low side, and high side unless set)."
+    )
     clip_eps_high: float | None = Field(None, gt=0, le=10, description="PPO clip range, high side (DAPO).")
     is_cap: float | None = Field(2.0, gt=0, le=1e6, description="Cap on the behaviour importance weight.")
     loss_agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = Field(
         "token-mean", description="How per-token losses become one number."
     )
-    kl_coef: float = Field(0.0, ge=0, le=100, description="Weight of the KL to the reference (needs reference).")
-    minibatches: int = Field(1, ge=1, le=1024, description="Optimizer steps per batch (its groups split evenly); the batch publishes one version.")
-    checkpoint_every: int = Field(0, ge=0, le=10_000_000, description="Steps between checkpoints (0: at the end only).")
+    kl_coef: float = Field(
+        0.0, ge=0, le=100, description="Weight of the KL to the reference (needs reference)."
+    )
+    minibatches: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="Optimizer steps per batch (its groups split evenly); the batch publishes one version.",
+    )
+    checkpoint_every: int = Field(
+        0, ge=0, le=10_000_000, description="Steps between checkpoints (0: at the end only)."
+    )
     num_cpus: float = Field(1.0, gt=0, le=1024, description="Ray CPUs reserved.")
     torch_threads: int = Field(1, ge=1, le=1024, description="torch intra-op threads.")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 import ray
@@ -39,8 +40,12 @@ async def run_sync(wf: workflow.Workflow, start: int, steps: int, on_step) -> No
     groups, n = wf.config.trainer.batch_prompts, wf.config.rollout.n
     for step in range(start + 1, steps + 1):
         await wf.source.call.remote("admit", groups, step - 1)
-        await asyncio.gather(*(r.call.remote("work", g) for r, g in zip(wf.rollouts, split(groups, len(wf.rollouts)))))
-        await asyncio.gather(*(w.call.remote("work", k) for w, k in zip(wf.rewards, split(groups * n, len(wf.rewards)))))
+        await asyncio.gather(
+            *(r.call.remote("work", g) for r, g in zip(wf.rollouts, split(groups, len(wf.rollouts))))
+        )
+        await asyncio.gather(
+            *(w.call.remote("work", k) for w, k in zip(wf.rewards, split(groups * n, len(wf.rewards))))
+        )
         await asyncio.gather(*(r.call.remote("work", groups * n) for r in wf.references))
         metrics = await wf.trainer.call.remote("step")
         await asyncio.gather(*(r.call.remote("sync_weights", step) for r in wf.rollouts))
@@ -68,7 +73,7 @@ async def supervise(actor: Any, restarts: int) -> None:
                 raise WorkerError(f"a worker died {failures} times (limit {restarts}): {e}") from None
 
 
-async def _first(ref: Any, loops: list[asyncio.Future]) -> Any:
+async def _first(ref: Any, loops: Sequence[asyncio.Future]) -> Any:
     """Await `ref`, but fail at once if a background loop failed meanwhile."""
     step = asyncio.ensure_future(_await(ref))
     done, _ = await asyncio.wait([step, *loops], return_when=asyncio.FIRST_COMPLETED)
@@ -109,8 +114,11 @@ class Run:
                 start = await self._resume(client, *state)
             if config.reference.enabled:
                 wf.references = [
-                    wf.spawn("reference", num_cpus=config.reference.num_cpus,
-                             extra={"weights_path": str(run.reference_weights)})  # fmt: skip
+                    wf.spawn(
+                        "reference",
+                        num_cpus=config.reference.num_cpus,
+                        extra={"weights_path": str(run.reference_weights)},
+                    )  # fmt: skip
                 ]
             evals = config.task.eval_prompts
             before = await wf.rollouts[0].evaluate.remote(evals, start) if evals else None
@@ -123,6 +131,9 @@ class Run:
             if not config.trainer.checkpoint_every or config.trainer.steps % config.trainer.checkpoint_every:
                 await self.checkpoint(config.trainer.steps)
             summary = self.summary(before, after)
+            stats = (await client.store_stats())["partitions"][PARTITION]["consumers"]["trainer"]
+            summary["admitted_prompts"] = await wf.source.call.remote("pause")
+            summary["untrained_rows"] = stats["pending"] + stats["leased"]  # kept in the final checkpoint
             run.write_summary(summary)
             await client.close()
             return summary
@@ -173,18 +184,25 @@ class Run:
         roles = {"rollout": wf.rollouts, "reward": wf.rewards, "reference": wf.references}
         out: dict[str, Any] = {}
         for role, actors in roles.items():
-            stats = await asyncio.gather(*(a.stats.remote() for a in actors), return_exceptions=True)
-            stats = [s for s in stats if isinstance(s, dict)]
+            replies = await asyncio.gather(*(a.stats.remote() for a in actors), return_exceptions=True)
+            stats = [s for s in replies if isinstance(s, dict)]
             if not stats:
                 continue
             busy = sum(s["busy_s"] for s in stats)
             idle = sum(s["idle_s"] for s in stats)
-            out[role] = {"idle_frac": idle / max(busy + idle, 1e-9), "samples": sum(s["samples"] for s in stats)}
+            out[role] = {
+                "idle_frac": idle / max(busy + idle, 1e-9),
+                "samples": sum(s["samples"] for s in stats),
+            }
         store = (await self.client.store_stats())["partitions"].get(PARTITION, {})
         queues = {name: c["ready"] for name, c in store.get("consumers", {}).items()}
         out["queues"] = queues
         self.workers = {
-            **{r: f"idle {v['idle_frac']:.0%}  samples {v['samples']}" for r, v in out.items() if r != "queues"},
+            **{
+                r: f"idle {v['idle_frac']:.0%}  samples {v['samples']}"
+                for r, v in out.items()
+                if r != "queues"
+            },
             "queues (ready rows)": "  ".join(f"{k} {v}" for k, v in queues.items()),
         }
         return out

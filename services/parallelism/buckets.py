@@ -8,10 +8,9 @@ This module knows nothing about Ray, models or versions: bytes in, tensors out.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
-
-import warnings
 
 import numpy as np
 import torch
@@ -63,7 +62,9 @@ def flatten(tensors: Mapping[str, torch.Tensor], bucket_bytes: int) -> tuple[lis
         for name, t in members:
             flat = t.detach().contiguous().reshape(-1).view(torch.uint8)  # bytes of any dtype, bf16 too
             buf[offset : offset + flat.numel()].copy_(flat)
-            slots.append(Slot(name, b, offset, flat.numel(), str(t.dtype).removeprefix("torch."), tuple(t.shape)))
+            slots.append(
+                Slot(name, b, offset, flat.numel(), str(t.dtype).removeprefix("torch."), tuple(t.shape))
+            )
             offset += flat.numel()
         buckets.append(buf.numpy())
     return slots, buckets
