@@ -1,4 +1,5 @@
-"""Data-plane benchmark: our store beside TransferQueue 0.1.11 and a plain-Ray queue, same run.
+"""Data-plane benchmark: our store (memory and Redis backends) beside TransferQueue 0.1.11, a
+plain-Ray queue and raw redis-py, same run.
 
 The workload and its timing rules live in `benchmarks/workload.py` (1024 samples of
 prompt_ids int64[256], response_ids int64[512], behavior_logprobs float32[512], reward
@@ -10,6 +11,7 @@ batch at a time, so the prefetch 1 rows compare like with like.
 
     .venv/bin/python benchmarks/dataplane.py                  # all systems, all scenarios
     .venv/bin/python benchmarks/dataplane.py --json out.json --repeats 5 --prefetch 1,4
+    .venv/bin/python benchmarks/dataplane.py --systems redis,raw-redis --redis-url redis://127.0.0.1:6379/0
     bash benchmarks/peers/setup_transferqueue.sh              # once, for the TransferQueue column
 
 TransferQueue runs in its own venv (`.bench/tq-venv`) as a subprocess with its own Ray.
@@ -35,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from asyncflow.config import DataPlaneConfig  # noqa: E402
 from benchmarks import workload as wl  # noqa: E402
-from benchmarks.peers import ray_queue  # noqa: E402
+from benchmarks.peers import raw_redis, ray_queue  # noqa: E402
 from dataplane import StoreClient, start_store  # noqa: E402
 
 TQ_PYTHON = ROOT / ".bench" / "tq-venv" / "bin" / "python"
@@ -188,6 +190,13 @@ def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
                 r = per[scenario]
                 cells = [f"{r[c]:,.0f}" if "samples" in c else f"{r[c]:.1f}" for c in cols]
                 lines.append(f"| {scenario} | {system} | " + " | ".join(cells) + " |")
+        raw = results.get("raw-redis", {}).get(scenario)
+        for system, per in results.items():
+            store = per.get(scenario)
+            if system.startswith("asyncflow-redis") and store and raw:
+                put_x = store["put_samples_per_s"] / raw["put_samples_per_s"]
+                get_x = store["get_samples_per_s"] / raw["get_samples_per_s"]
+                lines.append(f"| {scenario} | {system} / raw-redis | {put_x:.2f}x | {get_x:.2f}x | | | | |")
         tq = results.get("transferqueue", {}).get(scenario)
         for system, per in results.items():
             store = per.get(scenario)
@@ -207,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenario", choices=[*wl.SCENARIOS, "all"], default="all")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--systems", default="asyncflow,ray_queue,transferqueue")
+    parser.add_argument("--systems", default="asyncflow,redis,raw-redis,ray_queue,transferqueue")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="server for redis, raw-redis")
     parser.add_argument(
         "--prefetch", default="1,4", help="stream() read-ahead depths to run our store with (comma-separated)"
     )
@@ -227,6 +237,17 @@ def main(argv: list[str] | None = None) -> int:
                     s: asyncio.run(run_store(store.address, s, args.repeats, depth)) for s in scenarios
                 }
             store.shutdown()
+        if "redis" in systems:
+            config = DataPlaneConfig(
+                backend="redis", name=f"bench-{uuid.uuid4().hex[:6]}", redis={"url": args.redis_url}
+            )
+            store = start_store(config)
+            for depth in map(int, args.prefetch.split(",")):
+                results[f"asyncflow-redis (prefetch {depth})"] = {
+                    s: asyncio.run(run_store(store.address, s, args.repeats, depth)) for s in scenarios
+                }
+        if "raw-redis" in systems:
+            results["raw-redis"] = {s: raw_redis.run(s, args.repeats, args.redis_url) for s in scenarios}
         if "ray_queue" in systems:
             results["ray_queue"] = {s: ray_queue.run(s, args.repeats) for s in scenarios}
     finally:

@@ -121,6 +121,7 @@ class RedisStoreClient(StoreClient):
         }  # fmt: skip
         self._schemas: dict[str, dict[str, FieldSpec]] = {}
         self._peer = uuid.uuid4().hex[:16]
+        self._fifo: dict[tuple[str, str], asyncio.Lock] = {}
         self._held: set[str] = set()  # partitions this client took leases in: it heartbeats there
         self._heartbeat: asyncio.Task | None = None
         self._alive_ms = int(3000 * self._rc.heartbeat_s)
@@ -166,7 +167,13 @@ class RedisStoreClient(StoreClient):
         delay, give_up = 0.05, None
         while True:
             try:
-                return await fn(*args, **kwargs)
+                result = await fn(*args, **kwargs)
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # redis-py can swallow a cancellation that lands while it returns a connection
+                    # to the pool; a cancelled get must not go on to lease rows nobody takes.
+                    raise asyncio.CancelledError
+                return result
             except exc.AuthenticationError as e:
                 raise StorageUnavailable(
                     f"Redis at {redact_url(self.url)} refused the credentials ({e}); check the username and "
@@ -392,6 +399,19 @@ class RedisStoreClient(StoreClient):
     ) -> Batch:  # fmt: skip
         if ack is not None and ack.consumer != consumer:
             raise SchemaError(f"ack= takes a batch of consumer {consumer!r}, got one of {ack.consumer!r}")
+        # Gets of one consumer from this client are served in the order they were asked, as the
+        # memory store does: a stream's read-ahead must not take the rows its first request waits for.
+        async with self._fifo.setdefault((partition, consumer), asyncio.Lock()):
+            return await self._get(
+                partition, fields, batch_size, consumer, sampler, dp_size, v_min, timeout_s,
+                allow_partial, lease_s, ack,
+            )  # fmt: skip
+
+    async def _get(
+        self, partition: str, fields: Sequence[str], batch_size: int, consumer: str, sampler: str,
+        dp_size: int, v_min: int | None, timeout_s: float | None, allow_partial: bool,
+        lease_s: float | None, ack: Batch | None,
+    ) -> Batch:  # fmt: skip
         schema = await self._schema(partition)
         if batch_size < 1:
             raise DataPlaneError(f"batch_size {batch_size} must be >= 1")

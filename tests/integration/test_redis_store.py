@@ -275,3 +275,32 @@ def test_readme_redis_example_runs_without_ray():
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+async def test_leaving_a_stream_early_cancels_its_read_ahead_at_once(pname):
+    """A cancelled get must stop: redis-py may swallow the cancellation of a blocking read."""
+    handle = start_store(redis_config(SHARED))
+    client = await StoreClient.connect(handle.address)
+    try:
+        await client.create_partition(pname, {"x": "int64[64]"}, consumers=["c"])
+        for i in range(16):
+            await client.put(pname, {"x": np.full((64, 64), i)})
+        stream = client.stream(pname, ["x"], 64, "c", timeout_s=30, prefetch=4)
+        seen = [batch async for batch in _take(stream, 16)]
+        start = time.monotonic()
+        await stream.aclose()  # cancels four read-ahead gets that wait for rows that never come
+        await client.ack(seen[-1])
+        assert time.monotonic() - start < 2
+        stats = (await client.store_stats())["partitions"][pname]["consumers"]["c"]
+        assert stats["acked"] == 1024 and stats["leased"] == 0
+    finally:
+        await purge(client)
+        await client.close()
+
+
+async def _take(stream, n: int):
+    async for batch in stream:
+        yield batch
+        n -= 1
+        if n == 0:
+            return
