@@ -395,8 +395,10 @@ class RedisStoreClient(StoreClient):
         self, partition: str, fields: Sequence[str], batch_size: int, consumer: str, *,
         sampler: str = "sequential", dp_size: int = 1, v_min: int | None = None,
         timeout_s: float | None = None, allow_partial: bool = False, lease_s: float | None = None,
-        ack: Batch | None = None,
+        ack: Batch | None = None, writes: Sequence[str] = (),
     ) -> Batch:  # fmt: skip
+        # `writes` needs nothing here: a put is one atomic script, so a client that dies mid-put
+        # leaves no half-written cells for the next holder of the rows.
         if ack is not None and ack.consumer != consumer:
             raise SchemaError(f"ack= takes a batch of consumer {consumer!r}, got one of {ack.consumer!r}")
         # Gets of one consumer from this client are served in the order they were asked, as the
