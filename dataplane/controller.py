@@ -265,11 +265,14 @@ class Controller:
         self, partition: str, consumer: str, fields: list[str], batch_size: int,
         sampler: str = "sequential", dp_size: int = 1, v_min: int | None = None,
         timeout_s: float | None = None, allow_partial: bool = False, lease_s: float | None = None,
-        ack: list[int] | None = None, peer: int = 0,
+        ack: list[int] | None = None, writes: list[str] | None = None, peer: int = 0,
     ) -> dict:  # fmt: skip
         """Lease up to `batch_size` rows whose `fields` are ready, waiting (pushed, not polled) for them.
 
         `ack`: rows of this consumer's previous batch to ack first (saves a round trip per batch).
+        `writes`: fields this consumer fills in the rows it leases; if a lease is lost (the holder
+        died or let it expire), cells of those fields that were written but never committed are
+        deleted before the row is redelivered, so the next holder can write them.
         """
         if ack:
             await self.ack(partition, consumer, ack, peer)
@@ -285,6 +288,8 @@ class Controller:
         if batch_size < 1:
             raise DataPlaneError(f"batch_size {batch_size} must be >= 1")
         chooser = make_sampler(sampler, dp_size)
+        if writes:
+            c.writes |= part.mask(writes)
         mask = part.mask(fields)
         if c.mask != mask:  # the consumer asks for other fields than last time: rebuild its ready set
             c.mask = mask
@@ -481,8 +486,7 @@ class Controller:
             for c in part.consumers.values():
                 lost = [r for r, lease in c.leases.items() if lease.peer == peer]
                 if lost:
-                    c.counts["redelivered"] += len(lost)
-                    self._return(part, c, lost)
+                    await self._redeliver(part, c, lost)
 
     # ------------------------------------------------------------------ leases expire
 
@@ -514,8 +518,26 @@ class Controller:
             c = part.consumers.get(key)
             expired = [r for r, lease in c.leases.items() if lease.deadline <= now] if c else []
             if c is not None and expired:
-                c.counts["redelivered"] += len(expired)
-                self._return(part, c, expired)
+                await self._redeliver(part, c, expired)
+
+    async def _redeliver(self, part: Partition, c: Consumer, rows: list[int]) -> None:
+        """Hand rows whose lease was lost to the next instance. A holder that died inside a put may
+        have left cells on a unit that were never committed: delete them first."""
+        c.counts["redelivered"] += len(rows)
+        for r in rows:
+            c.leases.pop(r, None)
+        orphans: dict[tuple[int, int], list[int]] = {}
+        for r in rows:
+            row = part.rows.get(r)
+            if row is not None and c.writes & ~row.ready:
+                orphans.setdefault((row.unit, c.writes & ~row.ready), []).append(r)
+        await asyncio.gather(
+            *(
+                self._units[unit].delete(partition=part.name, rows=rs, fields=part.fields(mask))
+                for (unit, mask), rs in orphans.items()
+            )
+        )
+        self._return(part, c, [r for r in rows if r in part.rows])
 
     # ------------------------------------------------------------------ waiting, stats, checkpoint
 

@@ -63,6 +63,7 @@ class Consumer:
     pending: dict[int, None] = field(default_factory=dict)  # not handed out, not done (ordered)
     ready: dict[int, None] = field(default_factory=dict)  # pending rows whose `mask` fields are ready
     mask: int | None = None  # fields the consumer last asked for
+    writes: int = 0  # fields the consumer fills in the rows it leases (cleared when a lease is lost)
     leases: dict[int, Lease] = field(default_factory=dict)
     signal: Signal = field(default_factory=Signal)
     counts: dict[str, int] = field(

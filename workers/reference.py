@@ -12,6 +12,8 @@ from asyncflow.algorithms import token_logprobs
 from workers.samples import PARTITION, REFERENCE, serve
 from workers.trainer import pack
 
+WRITES = ["ref_logprobs"]
+
 
 class ReferenceWorker:
     def __init__(
@@ -37,9 +39,13 @@ class ReferenceWorker:
         start = time.perf_counter()
         fields = ["prompt_ids", "response_ids"]
         size = max_rows or self.batch_rows
-        batch = await self.store.get(PARTITION, fields, size, REFERENCE, allow_partial=True, timeout_s=0)
+        batch = await self.store.get(
+            PARTITION, fields, size, REFERENCE, allow_partial=True, timeout_s=0, writes=WRITES
+        )
         if not len(batch) and wait and not batch.end:
-            batch = await self.store.get(PARTITION, fields, 1, REFERENCE, timeout_s=self.get_timeout_s)
+            batch = await self.store.get(
+                PARTITION, fields, 1, REFERENCE, timeout_s=self.get_timeout_s, writes=WRITES
+            )
         got = time.perf_counter()
         self.stats["idle_s"] += got - start
         if not len(batch):

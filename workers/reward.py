@@ -14,7 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from workers.rollout import decode_response
-from workers.samples import PARTITION, REWARD, serve
+from workers.samples import PARTITION, REWARD, REWARD_FIELDS, serve
+
+WRITES = REWARD_FIELDS
 
 
 class RewardWorker:
@@ -61,9 +63,13 @@ class RewardWorker:
         start = time.perf_counter()
         size = max_rows or self.batch_rows
         fields = ["prompt_ids", "response_ids", "answer"]
-        batch = await self.store.get(PARTITION, fields, size, REWARD, allow_partial=True, timeout_s=0)
+        batch = await self.store.get(
+            PARTITION, fields, size, REWARD, allow_partial=True, timeout_s=0, writes=WRITES
+        )
         if not len(batch) and wait and not batch.end:
-            batch = await self.store.get(PARTITION, fields, 1, REWARD, timeout_s=self.get_timeout_s)
+            batch = await self.store.get(
+                PARTITION, fields, 1, REWARD, timeout_s=self.get_timeout_s, writes=WRITES
+            )
         got = time.perf_counter()
         self.stats["idle_s"] += got - start
         if not len(batch):

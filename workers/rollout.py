@@ -15,7 +15,9 @@ from typing import Any
 import numpy as np
 
 from services.serving import Request, SamplingParams
-from workers.samples import PARTITION, PROMPT_FIELDS, ROLLOUT, serve
+from workers.samples import PARTITION, PROMPT_FIELDS, ROLLOUT, ROLLOUT_FIELDS, serve
+
+WRITES = ROLLOUT_FIELDS
 
 
 class RolloutWorker:
@@ -61,11 +63,24 @@ class RolloutWorker:
         size = (max_groups or self.groups_per_call) * self.n
         # Whatever whole groups are ready now, up to `size`; if none, wait for one group.
         batch = await self.store.get(
-            PARTITION, PROMPT_FIELDS, size, ROLLOUT, sampler="group", allow_partial=True, timeout_s=0
+            PARTITION,
+            PROMPT_FIELDS,
+            size,
+            ROLLOUT,
+            sampler="group",
+            allow_partial=True,
+            timeout_s=0,
+            writes=WRITES,
         )
         if not len(batch) and wait and not batch.end:
             batch = await self.store.get(
-                PARTITION, PROMPT_FIELDS, self.n, ROLLOUT, sampler="group", timeout_s=self.get_timeout_s
+                PARTITION,
+                PROMPT_FIELDS,
+                self.n,
+                ROLLOUT,
+                sampler="group",
+                timeout_s=self.get_timeout_s,
+                writes=WRITES,
             )
         got = time.perf_counter()
         self.stats["idle_s"] += got - start

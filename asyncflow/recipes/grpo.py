@@ -67,6 +67,8 @@ async def supervise(actor: Any, restarts: int) -> None:
         except asyncio.CancelledError:
             ray.cancel(ref)
             raise
+        except ray.exceptions.ActorUnavailableError:
+            await asyncio.sleep(0.5)  # Ray is restarting it: ask again shortly
         except ray.exceptions.RayActorError as e:
             failures += 1
             if failures > restarts:
@@ -192,6 +194,7 @@ class Run:
             idle = sum(s["idle_s"] for s in stats)
             out[role] = {
                 "idle_frac": idle / max(busy + idle, 1e-9),
+                "busy_s": busy,
                 "samples": sum(s["samples"] for s in stats),
             }
         store = (await self.client.store_stats())["partitions"].get(PARTITION, {})

@@ -175,3 +175,36 @@ def test_any_process_of_the_cluster_reaches_a_store_by_name(store, client_sync, 
         start_store(DataPlaneConfig(name=store.config.name))
     with pytest.raises(StorageUnavailable, match="no store named 'nope'"):
         store_address("nope")
+
+
+async def test_a_holder_that_dies_mid_put_leaves_nothing_behind(ray_session, pname):
+    """The holder wrote its cells to a storage unit, then died before committing them: the row is
+    redelivered with those cells cleared, so the next holder's put succeeds."""
+    import uuid
+
+    from asyncflow.config import DataPlaneConfig
+    from dataplane import start_store
+    from dataplane.columns import to_column, wire
+    from dataplane.schema import parse_schema
+
+    handle = start_store(DataPlaneConfig(name=f"orphans-{uuid.uuid4().hex[:6]}", lease_s=30.0))
+    try:
+        survivor = await StoreClient.connect(handle.address)
+        await survivor.create_partition(pname, {"x": "int64", "y": "float32[*]"}, consumers=["filler"])
+        await survivor.put(pname, {"x": np.arange(4)})
+        doomed = await StoreClient.connect(handle.address)
+        batch = await doomed.get(pname, ["x"], 4, "filler", writes=["y"])
+        spec = parse_schema({"y": "float32[*]"})["y"]
+        column = to_column("y", spec, [np.ones(3, np.float32)] * 4, 4)
+        unit = doomed._units[batch.units[0]]
+        await unit.write(partition=pname, rows=batch.rows, columns={"y": wire(column, list(range(4)))})
+        await doomed.close()  # dies before the commit: the connection closes, the leases are lost
+        again = await survivor.get(pname, ["x"], 4, "filler", timeout_s=10)
+        assert sorted(again.rows) == sorted(batch.rows)
+        await survivor.put(pname, {"y": [np.full(2, 7, np.float32)] * 4}, rows=again)
+        await survivor.ack(again)
+        stats = (await survivor.store_stats())["partitions"][pname]["consumers"]["filler"]
+        assert stats["redelivered"] == 4 and stats["acked"] == 4
+        await survivor.close()
+    finally:
+        handle.shutdown()
