@@ -24,6 +24,7 @@ from asyncflow.errors import WorkerError
 def _build(role: str, config: AsyncFlowConfig, index: int, weights_handle: Any, extra: dict) -> Any:
     """Build a worker's synchronous parts (called in the actor; the store is connected later)."""
     from services.serving import SamplingParams
+    from services.serving.simulated import SimulatedEngine
     from services.serving.torch_engine import TorchEngine
     from workers.policy import make_policy, make_reward_fn, make_task, set_threads
     from workers.reference import ReferenceWorker
@@ -53,10 +54,18 @@ def _build(role: str, config: AsyncFlowConfig, index: int, weights_handle: Any, 
         c = config.rollout
         set_threads(c.torch_threads)
         tokenizer, model = make_policy(config.model, task, config.seed)
-        engine = TorchEngine(
-            model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, version=-1,
-            seed=config.seed * 1000 + index + 1000 * extra.get("incarnation", 0),
-        )  # fmt: skip
+        seed = config.seed * 1000 + index + 1000 * extra.get("incarnation", 0)
+        engine: Any
+        if c.engine == "simulated":
+            engine = SimulatedEngine(
+                vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, version=-1, seed=seed,
+                **c.simulated.model_dump(),
+            )  # fmt: skip
+        else:
+            engine = TorchEngine(
+                model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, version=-1,
+                seed=seed,
+            )  # fmt: skip
         params = SamplingParams(
             temperature=c.temperature, top_p=c.top_p, top_k=c.top_k, max_new_tokens=c.max_new_tokens,
             stop_token_ids=(tokenizer.eos_token_id,),

@@ -9,6 +9,7 @@ ack the rows. The trainer knows nothing about engines or how prompts are admitte
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -99,6 +100,8 @@ class TrainerWorker:
         )  # fmt: skip
         waited = time.perf_counter() - start
         metrics = self.train_on(batch.data)
+        if self.config.simulated_step_s_per_ktoken:  # benchmark only: a larger model's step time
+            await asyncio.sleep(self.config.simulated_step_s_per_ktoken * metrics["tokens"] / 1000)
         metrics["publish_s"] = await self.publish()
         await self.store.ack(batch)
         metrics.update(wait_s=waited, step_s=time.perf_counter() - start)

@@ -93,10 +93,31 @@ class WarmupConfig(Section):
     lr: float = Field(1e-3, gt=0, le=1.0, description="AdamW learning rate of the warm-start.")
 
 
+class SimulatedEngineConfig(Section):
+    """Benchmark only: the cost-model engine (services.serving.simulated). Each response has a
+    length floor(min_tokens * Pareto(alpha)), capped at max_new_tokens, and takes
+    prefill_s + time_per_token_s * length seconds of sleep; its tokens are random."""
+
+    time_per_token_s: float = Field(0.005, ge=0, le=10.0, description="Simulated decode time per token.")
+    prefill_s: float = Field(0.0, ge=0, le=600.0, description="Simulated fixed time per response.")
+    min_tokens: int = Field(16, ge=1, le=131072, description="Shortest response length (the Pareto scale).")
+    alpha: float = Field(
+        1.5, gt=0, le=100.0, description="Pareto shape of the lengths: smaller is a heavier tail."
+    )
+    update_s: float = Field(0.0, ge=0, le=600.0, description="Simulated time to load new weights.")
+
+
 class RolloutConfig(Section):
     """Rollout workers: they generate `n` samples per prompt with their engine."""
 
-    engine: Literal["torch"] = Field("torch", description="Serving engine: the embedded torch engine.")
+    engine: Literal["torch", "simulated"] = Field(
+        "torch",
+        description="Serving engine: the embedded torch engine, or the cost model of `simulated` "
+        "(benchmark only: random tokens, reward ~0).",
+    )
+    simulated: SimulatedEngineConfig = Field(
+        default_factory=SimulatedEngineConfig, description="The cost model, when engine is simulated."
+    )
     num_workers: int = Field(1, ge=1, le=1024, description="Rollout worker actors.")
     n: int = Field(8, ge=1, le=1024, description="Samples per prompt (the group size).")
     groups_per_call: int = Field(8, ge=1, le=4096, description="Prompts per engine call, at most.")
@@ -167,6 +188,13 @@ class TrainerConfig(Section):
     )
     num_cpus: float = Field(1.0, gt=0, le=1024, description="Ray CPUs reserved.")
     torch_threads: int = Field(1, ge=1, le=1024, description="torch intra-op threads.")
+    simulated_step_s_per_ktoken: float = Field(
+        0.0,
+        ge=0,
+        le=600.0,
+        description="Benchmark only: seconds of sleep added to each step per 1000 trained tokens, "
+        "to stand in for a larger model's training cost (0: off).",
+    )
 
 
 class WeightsConfig(Section):
