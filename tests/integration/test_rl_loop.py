@@ -65,7 +65,11 @@ def test_a_killed_rollout_worker_loses_no_sample(ray_session, tmp_path):
     import ray
 
     config = _config(
-        tmp_path, "trainer.steps=60", "task.eval_prompts=0", "rollout.num_workers=2", "rollout.groups_per_call=4"
+        tmp_path,
+        "trainer.steps=60",
+        "task.eval_prompts=0",
+        "rollout.num_workers=2",
+        "rollout.groups_per_call=4",
     )
     result: dict = {}
 
@@ -102,22 +106,25 @@ def test_resume_after_the_process_is_killed(tmp_path):
     cli = [sys.executable, "-m", "asyncflow.cli", "run"]
     args = [str(EXAMPLE), "--quiet", "--set", f"output_dir={tmp_path}", "--set", "trainer.steps=40",
             "--set", "trainer.checkpoint_every=10", "--set", "task.eval_prompts=0"]  # fmt: skip
-    first = subprocess.Popen(cli + args, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = subprocess.Popen(
+        cli + args, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and not list(Path(tmp_path).glob("*/checkpoints/step_0000020/state.json")):
+    while time.monotonic() < deadline and not list(
+        Path(tmp_path).glob("*/checkpoints/step_0000020/state.json")
+    ):
         assert first.poll() is None, first.communicate()
         time.sleep(0.1)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     (run_dir,) = Path(tmp_path).iterdir()
     assert not (run_dir / "summary.json").exists()
-    done = subprocess.run(cli + ["--resume", str(run_dir), "--quiet"], env=env, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    resume = cli + ["--resume", str(run_dir), "--quiet"]
+    done = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     import json
 
     summary = json.loads((run_dir / "summary.json").read_text())
-    summary.update(yaml_summary := {})  # noqa: F841
     steps = [m["step"] for m in RunDir(run_dir).metrics()]
     assert steps == list(range(1, 41))
     resumed_from = int(json.loads(sorted(run_dir.glob("checkpoints/*/state.json"))[0].read_text())["step"])

@@ -79,3 +79,32 @@ def test_importing_config_pulls_in_no_torch_ray_or_vllm():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_rl_sections_check_their_values_and_each_other():
+    from asyncflow.config import parse_config
+    from asyncflow.errors import ConfigError
+
+    config = parse_config({"mode": "sync", "staleness": 0, "trainer": {"estimator": "rloo"}})
+    assert config.mode == "sync" and config.trainer.estimator == "rloo"
+    with pytest.raises(ConfigError, match="head size 24"):
+        parse_config({"model": {"hidden_size": 48, "num_heads": 2}})
+    with pytest.raises(ConfigError, match="reference.enabled: true"):
+        parse_config({"trainer": {"kl_coef": 0.1}})
+    with pytest.raises(ConfigError, match="cannot import module 'no_such_module'"):
+        parse_config({"task": {"reward": "no_such_module:score"}})
+    with pytest.raises(ConfigError, match="not of the form 'package.module:attribute'"):
+        parse_config({"task": {"source": "asyncflow.tasks.sorting.SortDigits"}})
+    with pytest.raises(ConfigError, match="staleness"):
+        parse_config({"staleness": -1})
+
+
+def test_every_shipped_example_validates():
+    from pathlib import Path
+
+    from asyncflow.config import load_config
+
+    examples = sorted((Path(__file__).parents[3] / "examples").glob("*.yaml"))
+    assert len(examples) >= 2
+    for path in examples:
+        load_config(path)
