@@ -110,6 +110,9 @@ def figures(summary: dict, config: AsyncFlowConfig) -> dict[str, Any]:
         "rollout_idle": 1 - rollout_busy / (loop_s * config.rollout.num_workers),
         "step_s_median": statistics.median(m["step_s"] for m in metrics),
         "wait_s_median": statistics.median(m["wait_s"] for m in metrics),
+        # The same work in every system: how much longer it takes shows how much CPU it got.
+        "train_s_median": statistics.median(m["step_s"] - m["wait_s"] for m in metrics),
+        "rollout_ms_per_sample": 1000 * rollout_busy / metrics[-1]["workers"]["rollout"]["samples"],
         "loop_s": loop_s,
         "samples": sum(m["samples"] for m in metrics),
         "staleness_histogram": summary["staleness_histogram"],
@@ -136,8 +139,9 @@ def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def table(results: dict[str, dict[str, Any]]) -> str:
     lines = [
         "| system | samples/s | tokens/s | vs sync | eval reward after | train reward, last 10% "
-        "| trainer idle | rollout idle | step s (median) | staleness histogram (lag: samples) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| trainer idle | rollout idle | train s/step | rollout ms/sample "
+        "| staleness histogram (lag: samples) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for group, per in results.items():
         sync = per.get("sync")
@@ -148,7 +152,7 @@ def table(results: dict[str, dict[str, Any]]) -> str:
             lines.append(
                 f"| {group}{system} | {r['samples_per_s']:.1f} | {r['tokens_per_s']:.0f} | {ratio} | {after} "
                 f"| {r['reward_last_10pct']:.3f} | {r['trainer_idle']:.0%} | {r['rollout_idle']:.0%} "
-                f"| {r['step_s_median']:.3f} | {hist} |"
+                f"| {r['train_s_median']:.3f} | {r['rollout_ms_per_sample']:.2f} | {hist} |"
             )
     return "\n".join(lines)
 
