@@ -21,85 +21,115 @@ from asyncflow.config import AsyncFlowConfig
 from asyncflow.errors import WorkerError
 
 
-def _build(role: str, config: AsyncFlowConfig, index: int, weights_handle: Any, extra: dict) -> Any:
-    """Build a worker's synchronous parts (called in the actor; the store is connected later)."""
-    from services.serving import SamplingParams
+@dataclass
+class Context:
+    """What every role is built from: its config, the task, the tokenizer, the weight store."""
+
+    config: AsyncFlowConfig
+    index: int
+    task: Any
+    tokenizer: Any
+    weights: Any  # workers.weights.WeightClient
+    extra: dict
+
+
+def _source(ctx: Context) -> Any:
+    from workers.source import PromptSource
+
+    c = ctx.config
+    return PromptSource(
+        ctx.task, ctx.tokenizer, None, ctx.weights, n=c.rollout.n, batch_prompts=c.trainer.batch_prompts,
+        staleness=c.staleness, cursor=ctx.extra.get("cursor", 0),
+    )  # fmt: skip
+
+
+def _reward(ctx: Context) -> Any:
+    from workers.policy import make_reward_fn
+    from workers.reward import RewardWorker
+
+    r, timeout_s = ctx.config.reward, ctx.config.dataplane.get_timeout_s
+    return RewardWorker(
+        make_reward_fn(ctx.config.task), ctx.tokenizer, None, timeout_s=r.timeout_s,
+        failure_reward=r.failure_reward, batch_rows=r.batch_rows, get_timeout_s=timeout_s,
+    )  # fmt: skip
+
+
+def _engine(ctx: Context) -> Any:
     from services.serving.simulated import SimulatedEngine
     from services.serving.torch_engine import TorchEngine
-    from workers.policy import make_policy, make_reward_fn, make_task, set_threads
-    from workers.reference import ReferenceWorker
-    from workers.reward import RewardWorker
+    from workers.policy import make_model
+
+    c, tok = ctx.config, ctx.tokenizer
+    # A restarted worker samples with a fresh seed: it must not repeat its previous life's samples.
+    seed = c.seed * 1000 + ctx.index + 1000 * ctx.extra.get("incarnation", 0)
+    if c.rollout.engine == "simulated":
+        return SimulatedEngine(
+            vocab_size=len(tok), eos_token_id=tok.eos_token_id, version=-1, seed=seed,
+            **c.rollout.simulated.model_dump(),
+        )  # fmt: skip
+    model = make_model(c.model, len(tok), c.seed)  # weights come from the weight store
+    return TorchEngine(
+        model, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, version=-1, seed=seed
+    )
+
+
+def _rollout(ctx: Context) -> Any:
+    from services.serving import SamplingParams
+    from workers.policy import set_threads
     from workers.rollout import RolloutWorker
-    from workers.source import PromptSource
-    from workers.trainer import TrainerWorker
-    from workers.weights import WeightClient
 
-    task = make_task(config.task, config.seed)
-    weights = WeightClient(weights_handle, remote=True, bucket_mb=config.weights.bucket_mb)
-    timeout = config.dataplane.get_timeout_s
-    if role == "source":
-        tokenizer, _ = make_policy(config.model, task, config.seed)
-        return PromptSource(
-            task, tokenizer, None, weights, n=config.rollout.n, batch_prompts=config.trainer.batch_prompts,
-            staleness=config.staleness, cursor=extra.get("cursor", 0),
-        )  # fmt: skip
-    if role == "reward":
-        tokenizer, _ = make_policy(config.model, task, config.seed)
-        r = config.reward
-        return RewardWorker(
-            make_reward_fn(config.task), tokenizer, None, timeout_s=r.timeout_s,
-            failure_reward=r.failure_reward, batch_rows=r.batch_rows, get_timeout_s=timeout,
-        )  # fmt: skip
-    if role == "rollout":
-        c = config.rollout
-        set_threads(c.torch_threads)
-        tokenizer, model = make_policy(config.model, task, config.seed)
-        seed = config.seed * 1000 + index + 1000 * extra.get("incarnation", 0)
-        engine: Any
-        if c.engine == "simulated":
-            engine = SimulatedEngine(
-                vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, version=-1, seed=seed,
-                **c.simulated.model_dump(),
-            )  # fmt: skip
-        else:
-            engine = TorchEngine(
-                model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, version=-1,
-                seed=seed,
-            )  # fmt: skip
-        params = SamplingParams(
-            temperature=c.temperature, top_p=c.top_p, top_k=c.top_k, max_new_tokens=c.max_new_tokens,
-            stop_token_ids=(tokenizer.eos_token_id,),
-        )  # fmt: skip
-        worker = RolloutWorker(
-            engine, None, weights, n=c.n, groups_per_call=c.groups_per_call, params=params,
-            name=f"rollout{index}", get_timeout_s=timeout,
-        )  # fmt: skip
-        worker.eval_context = (task, tokenizer, make_reward_fn(config.task))  # type: ignore[attr-defined]
-        return worker
-    if role == "reference":
-        set_threads(config.reference.torch_threads)
-        _, model = make_policy(config.model, task, config.seed)
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(extra["weights_path"]))
-        return ReferenceWorker(model, None, temperature=config.rollout.temperature, get_timeout_s=timeout)
-    if role == "trainer":
-        set_threads(config.trainer.torch_threads)
-        torch_seed(config.seed)
-        _, model = make_policy(config.model, task, config.seed)
-        trainer = TrainerWorker(
-            model, None, weights, config.trainer, n=config.rollout.n, staleness=config.staleness,
-            temperature=config.rollout.temperature, reference=config.reference.enabled, get_timeout_s=timeout,
-        )  # fmt: skip
-        trainer.warmup_context = (task, make_policy(config.model, task, config.seed)[0])  # type: ignore[attr-defined]
-        return trainer
-    raise WorkerError(f"unknown worker role {role!r}")
+    c = ctx.config.rollout
+    set_threads(c.torch_threads)
+    params = SamplingParams(
+        temperature=c.temperature, top_p=c.top_p, top_k=c.top_k, max_new_tokens=c.max_new_tokens,
+        stop_token_ids=(ctx.tokenizer.eos_token_id,),
+    )  # fmt: skip
+    return RolloutWorker(
+        _engine(ctx), None, ctx.weights, n=c.n, groups_per_call=c.groups_per_call, params=params,
+        name=f"rollout{ctx.index}", get_timeout_s=ctx.config.dataplane.get_timeout_s,
+    )  # fmt: skip
 
 
-def torch_seed(seed: int) -> None:
+def _reference(ctx: Context) -> Any:
+    from safetensors.torch import load_file
+
+    from workers.policy import make_model, set_threads
+    from workers.reference import ReferenceWorker
+
+    set_threads(ctx.config.reference.torch_threads)
+    model = make_model(ctx.config.model, len(ctx.tokenizer), ctx.config.seed)
+    model.load_state_dict(load_file(ctx.extra["weights_path"]))
+    return ReferenceWorker(
+        model,
+        None,
+        temperature=ctx.config.rollout.temperature,
+        get_timeout_s=ctx.config.dataplane.get_timeout_s,
+    )
+
+
+def _trainer(ctx: Context) -> Any:
     import torch
 
-    torch.manual_seed(seed)
+    from workers.policy import make_model, set_threads
+    from workers.trainer import TrainerWorker
+
+    c = ctx.config
+    set_threads(c.trainer.torch_threads)
+    torch.manual_seed(c.seed)
+    return TrainerWorker(
+        make_model(c.model, len(ctx.tokenizer), c.seed), None, ctx.weights, c.trainer, n=c.rollout.n,
+        staleness=c.staleness, temperature=c.rollout.temperature, reference=c.reference.enabled,
+        get_timeout_s=c.dataplane.get_timeout_s,
+    )  # fmt: skip
+
+
+ROLES = {
+    "source": _source,
+    "rollout": _rollout,
+    "reward": _reward,
+    "reference": _reference,
+    "trainer": _trainer,
+}
 
 
 class WorkerHost:
@@ -115,11 +145,19 @@ class WorkerHost:
         weights_handle: Any,
         extra: dict | None = None,
     ):
+        from workers.policy import make_task, make_tokenizer
+        from workers.weights import WeightClient
+
+        if role not in ROLES:
+            raise WorkerError(f"unknown worker role {role!r}; one of {sorted(ROLES)}")
         self.role, self.store_address = role, store_address
         self.config = AsyncFlowConfig.model_validate(config)
         extra = dict(extra or {})
-        extra["incarnation"] = ray.get_runtime_context().was_current_actor_reconstructed
-        self.worker = _build(role, self.config, index, weights_handle, extra)
+        extra["incarnation"] = int(ray.get_runtime_context().was_current_actor_reconstructed)
+        self.task = make_task(self.config.task, self.config.seed)
+        self.tokenizer = make_tokenizer(self.task)
+        weights = WeightClient(weights_handle, remote=True, bucket_mb=self.config.weights.bucket_mb)
+        self.worker = ROLES[role](Context(self.config, index, self.task, self.tokenizer, weights, extra))
         self._connected: asyncio.Task | None = None
 
     async def _connect(self) -> None:
@@ -140,17 +178,17 @@ class WorkerHost:
 
     async def evaluate(self, count: int, min_version: int) -> float:
         """Mean reward on `count` held-out prompts with weights >= min_version (rollout only)."""
+        from workers.policy import make_reward_fn
+
         await self.call("sync_weights", min_version)
-        task, tokenizer, reward_fn = self.worker.eval_context
-        examples = [task.eval_example(i) for i in range(count)]
-        return await self.worker.evaluate(examples, tokenizer, reward_fn)
+        examples = [self.task.eval_example(i) for i in range(count)]
+        return await self.worker.evaluate(examples, self.tokenizer, make_reward_fn(self.config.task))
 
     def stats(self) -> dict:
         return dict(getattr(self.worker, "stats", {}))
 
     async def warmup(self) -> dict:
-        task, tokenizer = self.worker.warmup_context
-        return await asyncio.to_thread(self.worker.warmup, task, tokenizer, self.config.warmup)
+        return await asyncio.to_thread(self.worker.warmup, self.task, self.tokenizer, self.config.warmup)
 
 
 @dataclass

@@ -27,15 +27,18 @@ def make_reward_fn(config: TaskConfig) -> Any:
     return import_string(config.reward)
 
 
-def make_policy(config: ModelConfig, task: Any, seed: int) -> tuple[Any, Any]:
-    """The tokenizer of the task's symbols and a freshly initialised model."""
-    tokenizer = build_tokenizer(list(task.symbols))
-    model = build_model(
-        len(tokenizer), hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+def make_tokenizer(task: Any) -> Any:
+    """A tokenizer with one token per symbol of the task (plus <pad>, <bos>, <eos>)."""
+    return build_tokenizer(list(task.symbols))
+
+
+def make_model(config: ModelConfig, vocab_size: int, seed: int) -> Any:
+    """A freshly initialised model of the configured shape."""
+    return build_model(
+        vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
         num_layers=config.num_layers, num_heads=config.num_heads, max_positions=config.max_positions,
         seed=seed,
     )  # fmt: skip
-    return tokenizer, model
 
 
 def set_threads(n: int) -> None:

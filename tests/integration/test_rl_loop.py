@@ -53,12 +53,21 @@ def test_example_learns_at_toy_size(ray_session, tmp_path):
     assert [m["step"] for m in metrics] == list(range(1, 151))
 
 
-@pytest.mark.parametrize("overrides", [["mode=sync"], ["staleness=0"]], ids=["sync", "async-k0"])
+@pytest.mark.parametrize(
+    "overrides",
+    [["mode=sync", "reference.enabled=true", "trainer.kl_coef=0.05"], ["staleness=0"]],
+    ids=["sync-with-kl", "async-k0"],
+)
 def test_on_policy_modes_train_only_lag_zero(ray_session, tmp_path, overrides):
     config = _config(tmp_path, "trainer.steps=12", "task.eval_prompts=0", "rollout.num_workers=2", *overrides)
     summary = train(config, display=False)
     assert summary["staleness_histogram"] == {"0": 12 * 16 * 8}
     assert_exactly_once(summary)
+    metrics = RunDir(summary["run_dir"]).metrics()
+    assert all(m["is_weight_max"] <= 1 + 1e-4 for m in metrics)  # on-policy: behaviour = trainer's policy
+    if config.reference.enabled:
+        assert metrics[0]["kl_ref"] == pytest.approx(0, abs=1e-6)  # the reference is the policy at step 1
+        assert metrics[-1]["kl_ref"] > 0
 
 
 def test_a_killed_rollout_worker_loses_no_sample(ray_session, tmp_path):
