@@ -61,6 +61,7 @@ class RunView:
         t.add_row("throughput", f"{m['samples_per_s']:.1f} samples/s   {m['tokens_per_s']:.0f} tokens/s")
         t.add_row("staleness", "  ".join(f"lag {k}: {v}" for k, v in m["staleness"].items()))
         t.add_row("loss", f"{m.get('loss', 0):.4f}   mismatch_kl {m.get('mismatch_kl', 0):.2e}")
+        t.add_row("trainer", f"idle {m['trainer_idle_frac']:.0%}   version {m['version']}")
         for role, info in workers.items():
             t.add_row(role, info)
         return t

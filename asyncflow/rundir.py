@@ -8,6 +8,7 @@ checkpoints and a final summary. Everything a resumed run needs is in here.
       checkpoints/step_N/    store/ (rows in flight), trainer/ (model, optimizer), state.json
       reference.safetensors  the warm-started policy (reference for the KL term)
       summary.json           written at the end
+      reward.svg             the reward curve
 """
 
 from __future__ import annotations

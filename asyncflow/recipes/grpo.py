@@ -19,6 +19,7 @@ from asyncflow import workflow
 from asyncflow.config import AsyncFlowConfig
 from asyncflow.display import RunView
 from asyncflow.errors import WorkerError
+from asyncflow.plot import line_chart
 from asyncflow.rundir import RunDir
 from workers.samples import PARTITION, SCHEMA, consumers
 
@@ -97,6 +98,7 @@ class Run:
         self.config, self.run, self.view = config, run, view
         self.recent: deque[float] = deque(maxlen=10)
         self.samples = self.tokens = 0
+        self.trainer_wait_s = 0.0  # time the trainer spent waiting for data
         self.started = time.perf_counter()
         self.workers: dict[str, str] = {}
         self._stats_at = 0.0
@@ -133,6 +135,7 @@ class Run:
             if not config.trainer.checkpoint_every or config.trainer.steps % config.trainer.checkpoint_every:
                 await self.checkpoint(config.trainer.steps)
             summary = self.summary(before, after)
+            self.plot(before, after)
             stats = (await client.store_stats())["partitions"][PARTITION]["consumers"]["trainer"]
             summary["admitted_prompts"] = await wf.source.call.remote("pause")
             summary["untrained_rows"] = stats["pending"] + stats["leased"]  # kept in the final checkpoint
@@ -165,11 +168,13 @@ class Run:
     async def on_step(self, step: int, m: dict) -> None:
         self.samples += m["samples"]
         self.tokens += m["tokens"]
+        self.trainer_wait_s += m["wait_s"]
         self.recent.append(m["reward_mean"])
         elapsed = time.perf_counter() - self.started
         m.update(
             step=step, elapsed_s=round(elapsed, 3), samples_per_s=self.samples / elapsed,
             tokens_per_s=self.tokens / elapsed, reward_avg10=sum(self.recent) / len(self.recent),
+            trainer_idle_frac=self.trainer_wait_s / elapsed,
             staleness={str(k): v for k, v in m["staleness"].items()},
         )  # fmt: skip
         if time.monotonic() - self._stats_at > 1.0 or step == self.config.trainer.steps:
@@ -223,6 +228,23 @@ class Run:
         import json
 
         (path / "state.json").write_text(json.dumps({"step": step, "cursor": cursor}))
+
+    def plot(self, before: float | None, after: float | None) -> None:
+        """reward.svg: the training reward per step, its 10-step mean, and the held-out evals."""
+        metrics = self.run.metrics()
+        if not metrics:
+            return
+        series = {
+            "train reward (step mean)": [(m["step"], m["reward_mean"]) for m in metrics],
+            "train reward (10-step mean)": [(m["step"], m["reward_avg10"]) for m in metrics],
+        }
+        if before is not None and after is not None:
+            series["held-out eval"] = [(metrics[0]["step"] - 1, before), (metrics[-1]["step"], after)]
+        svg = line_chart(
+            series, title=f"{self.config.run_name}: {self.config.mode}, k = {self.config.staleness}",
+            x_label="step", y_label="reward",
+        )  # fmt: skip
+        (self.run.path / "reward.svg").write_text(svg)
 
     def summary(self, before: float | None, after: float | None) -> dict:
         metrics = self.run.metrics()
