@@ -21,6 +21,16 @@ from asyncflow.errors import (
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # `train` pulls in Ray and torch; load it on first use so `import asyncflow` stays light.
+    if name == "train":
+        from asyncflow.recipes.grpo import train
+
+        return train
+    raise AttributeError(f"module 'asyncflow' has no attribute {name!r}")
+
+
 __all__ = [
     "AsyncFlowConfig",
     "AsyncFlowError",
@@ -36,4 +46,5 @@ __all__ = [
     "WorkerError",
     "__version__",
     "load_config",
+    "train",
 ]

@@ -5,14 +5,14 @@ Knows nothing about runs: it draws series of (x, y) points on shared axes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from html import escape
 
 _COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd")
 
 
 def line_chart(
-    series: dict[str, Sequence[tuple[float, float]]], *, title: str, x_label: str, y_label: str,
+    series: Mapping[str, Sequence[tuple[float, float]]], *, title: str, x_label: str, y_label: str,
     width: int = 640, height: int = 360,
 ) -> str:  # fmt: skip
     """SVG text of one line per series, with axes, ticks and a legend."""

@@ -10,7 +10,7 @@ def test_asyncflow_all_is_pinned():
     assert sorted(asyncflow.__all__) == [
         "AsyncFlowConfig", "AsyncFlowError", "CodecError", "ConfigError", "DataPlaneConfig",
         "DataPlaneError", "LeaseError", "SchemaError", "StorageUnavailable", "StoreTimeout",
-        "UnknownPartition", "WorkerError", "__version__", "load_config",
+        "UnknownPartition", "WorkerError", "__version__", "load_config", "train",
     ]  # fmt: skip
     for name in asyncflow.__all__:
         assert hasattr(asyncflow, name)
