@@ -340,23 +340,51 @@ class RedisStoreClient(StoreClient):
             lengths = [max((c.lengths[i] for c in columns.values()), default=0) for i in range(n)]
         nbytes = [sum(c.nbytes[i] for c in columns.values()) for i in range(n)]
         _, bits = self._mask(partition, list(columns))
-        cells = [cell for f, c in columns.items() for cell in encode_column(schema[f], c, n)]
+        cells = [(b, encode_column(schema[f], c, n)) for b, (f, c) in zip(bits, columns.items())]
         tail = [len(bits), *bits]
         ver = "" if version is None else int(version)
+        if index is not None and not index:
+            return []
         if index is not None:
-            await self._run("PUT_FILL", partition, n, ver, *tail, *index, *lengths, *nbytes, *cells)
+            reply = await self._call(
+                self._put, partition, cells, "PUT_FILL", "-", n, ver, *tail, *index, *lengths, *nbytes
+            )
+            if reply[0] == b"err":
+                raise self._error(partition, reply)
         else:
             index = await self._put_new(
-                partition, n, group_size, ver, tail + [*lengths, *nbytes, *cells], timeout_s
+                partition, n, group_size, ver, cells, tail + [*lengths, *nbytes], timeout_s
             )
         self.stats.puts += 1
         self.stats.rows_put += n
         self.stats.bytes_put += sum(nbytes)
         return index
 
+    async def _put(self, partition: str, cells: list[tuple[int, list]], script: str, *args: Any) -> list:
+        """One transaction: the cells into a fresh chunk's keys (expiring), then the put's script,
+        which accepts the chunk (rows refer to it, its keys persist) or deletes it. A fresh chunk
+        per attempt: a retry after a lost reply must not touch the chunk the first one stored."""
+        key, chunk = self._key(partition), uuid.uuid4().hex[:12]
+        async with self._r.pipeline(transaction=True) as pipe:
+            for b, column in cells:
+                pipe.hset(f"{key}:x:{chunk}:{b}", mapping=dict(enumerate(column)))
+                pipe.pexpire(f"{key}:x:{chunk}:{b}", 600_000)
+            pipe.evalsha(self._scripts[script].sha, 0, key, *args[:1], chunk, *args[1:])
+            results = await pipe.execute(raise_on_error=False)
+        reply = results[-1]
+        if isinstance(reply, Exception):
+            import redis.exceptions
+
+            if not isinstance(reply, redis.exceptions.NoScriptError):
+                raise reply
+            await self._r.script_load(self._scripts[script].script)  # the server restarted
+            return await self._put(partition, cells, script, *args)
+        return reply
+
     async def _put_new(
-        self, partition: str, n: int, group_size: int, version: Any, args: list, timeout_s: float | None
-    ) -> list[int]:
+        self, partition: str, n: int, group_size: int, version: Any, cells: list, args: list,
+        timeout_s: float | None,
+    ) -> list[int]:  # fmt: skip
         if n < 1 or group_size < 1 or n % group_size:
             raise DataPlaneError(
                 f"put of {n} rows with group_size {group_size}: the row count must be a positive "
@@ -367,8 +395,7 @@ class RedisStoreClient(StoreClient):
         deadline = time.monotonic() + timeout_s
         while True:
             reply = await self._call(
-                self._scripts["PUT_NEW"],
-                args=[self._key(partition), put_id, n, group_size, version, first, *args],
+                self._put, partition, cells, "PUT_NEW", put_id, n, group_size, version, first, *args
             )
             if reply[0] == b"ok":
                 return list(range(int(reply[1]), int(reply[1]) + n))
@@ -453,12 +480,15 @@ class RedisStoreClient(StoreClient):
                 elif ended:
                     reply = [b"end"]
                 elif partial:
-                    return self._batch(partition, consumer, [b"ok", [], [], [], []], fields, schema, None)
+                    reply = [b"ok", [], [], [], [], *([] for _ in fields)]
                 else:
                     reply = [b"wait", last, next_ms, nready, npend]
             if reply[0] == b"ok":
                 self._start_heartbeat(partition)
-                return self._batch(partition, consumer, reply, fields, schema, shards)
+                batch = await self._batch(partition, consumer, reply, fields, read_bits, schema, shards)
+                if batch is not None:
+                    return batch
+                continue  # a field was regenerated meanwhile; the rows were handed back
             if reply[0] == b"end":
                 return Batch(partition, consumer, [], self._empty(fields, schema), [], [], [], [], None, True)
             if reply[0] == b"conflict":
@@ -482,13 +512,39 @@ class RedisStoreClient(StoreClient):
     def _empty(self, fields: Sequence[str], schema: dict[str, FieldSpec]) -> dict[str, Any]:
         return {f: decode_column(schema[f], []) for f in fields}
 
-    def _batch(self, partition, consumer, reply, fields, schema, shards) -> Batch:
+    async def _batch(self, partition, consumer, reply, fields, bits, schema, shards) -> Batch | None:
         rows, groups, versions, lengths = ([int(v) for v in part] for part in reply[1:5])
-        data = {f: decode_column(schema[f], cells) for f, cells in zip(fields, reply[5:])}
+        columns = await self._call(self._cells, partition, list(zip(bits, reply[5:])))
+        batch = Batch(partition, consumer, rows, {}, [0] * len(rows), groups, versions, lengths, shards)
+        if any(cell is None for cells in columns for cell in cells):
+            await self.release(batch)
+            return None
+        batch.data = {f: decode_column(schema[f], cells) for f, cells in zip(fields, columns)}
         self.stats.gets += 1
         self.stats.rows_got += len(rows)
-        self.stats.bytes_got += sum(len(c) for cells in reply[5:] for c in cells)
-        return Batch(partition, consumer, rows, data, [0] * len(rows), groups, versions, lengths, shards)
+        self.stats.bytes_got += sum(len(c) for cells in columns for c in cells)
+        return batch
+
+    async def _cells(self, partition: str, refs: list[tuple[int, list[bytes]]]) -> list[list]:
+        """The cells the references of a get point to: one HMGET per chunk and field, one round trip."""
+        key, plan = self._key(partition), []
+        async with self._r.pipeline(transaction=False) as pipe:
+            for f, (b, column) in enumerate(refs):
+                chunks: dict[bytes, tuple[list[int], list[bytes]]] = {}
+                for pos, ref in enumerate(column):
+                    chunk, _, idx = ref.rpartition(b":")
+                    where = chunks.setdefault(chunk, ([], []))
+                    where[0].append(pos)
+                    where[1].append(idx)
+                for chunk, (positions, idxs) in chunks.items():
+                    pipe.hmget(f"{key}:x:{chunk.decode()}:{b}", idxs)
+                    plan.append((f, positions))
+            replies = await pipe.execute() if plan else []
+        out: list[list] = [[None] * len(column) for _, column in refs]
+        for (f, positions), cells in zip(plan, replies):
+            for pos, cell in zip(positions, cells):
+                out[f][pos] = cell
+        return out
 
     async def ack(self, batch: Batch) -> None:
         if batch.rows:

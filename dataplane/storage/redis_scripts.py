@@ -7,7 +7,11 @@ make it one Redis Cluster hash slot):
     :bits  :cons     HASH   field -> bit, consumer -> bit
     :rows            HASH   row -> msgpack [group, group_size, length, version, ready, versioned,
                             acked, nbytes] (ready / versioned: field bits, acked: consumer bits)
-    :f<b>            HASH   row -> cell of field b (`dataplane.storage.cells`)
+    :r<b>            HASH   row -> "<chunk>:<i>": where the cell of field b is
+    :x:<chunk>:<b>   HASH   i -> cell (`dataplane.storage.cells`): the cells of one put, written
+                            by plain HSETs in the same MULTI/EXEC as the put's script, read by
+                            plain HMGETs after the get's script; cell bytes never pass through
+                            Lua (copying them into and out of Lua costs 50x the HSET itself)
     :ver             ZSET   row by policy version, so a version window finds stale rows in O(log n)
     :c<j>:pend       ZSET   rows consumer j has neither been handed nor finished, by row number
     :c<j>:ready      ZSET   the pending rows whose fields consumer j asks for are written
@@ -18,6 +22,9 @@ make it one Redis Cluster hash slot):
                             frees, so a waiting client blocks in XREAD from the id it last saw
     :puts  :putrow    ZSET   ids of finished puts (10 min, at most 10000) / HASH id -> first row, so
                             a put retried after a lost reply is not stored twice
+
+A put's chunk keys carry a TTL until its script accepts them (PERSIST), so a put whose
+script refused it, or whose client died between the two, leaves nothing behind.
 
 Scripts answer {"ok", ...}, {"err", kind, detail...} or a waiting state; the client turns
 errors into the exception tree with full messages. Knows nothing about Python objects.
@@ -87,11 +94,52 @@ local function give_back(j, rows, redelivered)
   notify('ev')
 end
 
+-- delete the cells of field b of rows (through their references)
+local function drop_cells(b, rows)
+  if #rows == 0 then return end
+  local chunks = {}
+  local s = 1
+  while s <= #rows do
+    local e = math.min(s + 4999, #rows)
+    local refs = redis.call('HMGET', k('r' .. b), unpack(rows, s, e))
+    for i = 1, e - s + 1 do
+      local ref = refs[i]
+      if ref then
+        local chunk, idx = string.match(ref, '^(.*):(%d+)$')
+        chunks[chunk] = chunks[chunk] or {}
+        table.insert(chunks[chunk], idx)
+      end
+    end
+    s = e + 1
+  end
+  for chunk, idxs in pairs(chunks) do bulk('HDEL', k('x:' .. chunk .. ':' .. b), idxs) end
+  bulk('HDEL', k('r' .. b), rows)
+end
+
+-- a put's chunk: accepted (its keys persist, rows refer to them) or refused (deleted)
+local function chunk_keys(chunk, bits)
+  local keys = {}
+  for _, b in ipairs(bits) do table.insert(keys, k('x:' .. chunk .. ':' .. b)) end
+  return keys
+end
+local function refuse(chunk, bits, reply)
+  redis.call('DEL', unpack(chunk_keys(chunk, bits)))
+  return reply
+end
+local function accept(chunk, bits, rows)
+  for _, key in ipairs(chunk_keys(chunk, bits)) do redis.call('PERSIST', key) end
+  for _, b in ipairs(bits) do
+    local kv = {}
+    for i, r in ipairs(rows) do table.insert(kv, r); table.insert(kv, chunk .. ':' .. (i - 1)) end
+    bulk('HSET', k('r' .. b), kv)
+  end
+end
+
 -- forget rows every consumer is done with: metadata, cells, version index
 local function free(rows)
   if #rows == 0 then return end
   local nf = tonumber(meta('nf'))
-  for b = 0, nf - 1 do bulk('HDEL', k('f' .. b), rows) end
+  for b = 0, nf - 1 do drop_cells(b, rows) end
   bulk('HDEL', k('rows'), rows)
   bulk('ZREM', k('ver'), rows)
   redis.call('HINCRBY', k('meta'), 'live', -#rows)
@@ -178,27 +226,31 @@ if redis.call('EXISTS', k('meta')) == 0 then return {'err', 'unknown'} end
 return register(ARGV[2]) or {'ok'}
 """
 
-# ARGV: B, put id, n, group_size, version|'', first try 0|1, nf, bits..., lengths[n], nbytes[n], cells[nf*n]
+# ARGV: B, put id, chunk, n, group_size, version|'', first try 0|1, nf, bits..., lengths[n], nbytes[n]
+# (the cells are already in the chunk's keys, written in the same transaction)
 PUT_NEW = r"""
-if redis.call('EXISTS', k('meta')) == 0 then return {'err', 'unknown'} end
+local chunk, nf = ARGV[3], tonumber(ARGV[8])
+local bits = {}
+for i = 1, nf do bits[i] = tonumber(ARGV[8 + i]) end
+if redis.call('EXISTS', k('meta')) == 0 then return refuse(chunk, bits, {'err', 'unknown'}) end
 local now = now_ms()
 local done_at = redis.call('ZSCORE', k('puts'), ARGV[2])
-if done_at then return {'ok', tonumber(redis.call('HGET', k('putrow'), ARGV[2]))} end
-local n, gs, nf = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[7])
+if done_at then return refuse(chunk, bits, {'ok', tonumber(redis.call('HGET', k('putrow'), ARGV[2]))}) end
+local n, gs = tonumber(ARGV[4]), tonumber(ARGV[5])
 local cap, live = tonumber(meta('capacity')), tonumber(meta('live'))
-if n > cap then return {'err', 'neverfits', cap} end
+if n > cap then return refuse(chunk, bits, {'err', 'neverfits', cap}) end
 if live + n > cap then
-  if ARGV[6] == '1' then redis.call('HINCRBY', k('meta'), 'put_waits', 1) end
-  return {'full', live, cap, last_id('space')}
+  if ARGV[7] == '1' then redis.call('HINCRBY', k('meta'), 'put_waits', 1) end
+  return refuse(chunk, bits, {'full', live, cap, last_id('space')})
 end
 local first = redis.call('HINCRBY', k('meta'), 'next_row', n) - n
 local g0 = redis.call('HINCRBY', k('meta'), 'next_group', n / gs) - n / gs
-local mask, bits = 0, {}
-for i = 1, nf do bits[i] = tonumber(ARGV[7 + i]); mask = bit.bor(mask, 2 ^ bits[i]) end
-local version = tonumber(ARGV[5]) or -1
+local mask = 0
+for i = 1, nf do mask = bit.bor(mask, 2 ^ bits[i]) end
+local version = tonumber(ARGV[6]) or -1
 local versioned = 0
 if version >= 0 then versioned = mask end
-local at = 8 + nf
+local at = 9 + nf
 local rows, ver, pend = {}, {}, {}
 for i = 1, n do
   local r = first + i - 1
@@ -209,12 +261,7 @@ for i = 1, n do
   table.insert(pend, r); table.insert(pend, r)
   if version >= 0 then table.insert(ver, version); table.insert(ver, r) end
 end
-at = at + 2 * n
-for f = 1, nf do
-  local kv = {}
-  for i = 1, n do table.insert(kv, rows[i]); table.insert(kv, ARGV[at + (f - 1) * n + i - 1]) end
-  bulk('HSET', k('f' .. bits[f]), kv)
-end
+accept(chunk, bits, rows)
 bulk('ZADD', k('ver'), ver)
 for j = 0, nconsumers() - 1 do
   bulk('ZADD', c(j, 'pend'), pend)
@@ -233,20 +280,20 @@ notify('ev')
 return {'ok', first}
 """
 
-# ARGV: B, n, version|'', nf, bits..., rows[n], lengths[n], nbytes[n], cells[nf*n]
+# ARGV: B, '-', chunk, n, version|'', nf, bits..., rows[n], lengths[n], nbytes[n] (cells: as PUT_NEW)
 PUT_FILL = r"""
-if redis.call('EXISTS', k('meta')) == 0 then return {'err', 'unknown'} end
-local n, nf = tonumber(ARGV[2]), tonumber(ARGV[4])
-local version = tonumber(ARGV[3])
+local chunk, n, nf = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[6])
+local version = tonumber(ARGV[5])
 local mask, bits = 0, {}
-for i = 1, nf do bits[i] = tonumber(ARGV[4 + i]); mask = bit.bor(mask, 2 ^ bits[i]) end
-local at = 5 + nf
+for i = 1, nf do bits[i] = tonumber(ARGV[6 + i]); mask = bit.bor(mask, 2 ^ bits[i]) end
+if redis.call('EXISTS', k('meta')) == 0 then return refuse(chunk, bits, {'err', 'unknown'}) end
+local at = 7 + nf
 local rows, metas = {}, {}
 for i = 1, n do
   local r = ARGV[at + i - 1]
   local m = getrow(r)
-  if not m then return {'err', 'norow', r} end
-  if bit.band(m[5], mask) ~= 0 then return {'err', 'twice', r, bit.band(m[5], mask)} end
+  if not m then return refuse(chunk, bits, {'err', 'norow', r}) end
+  if bit.band(m[5], mask) ~= 0 then return refuse(chunk, bits, {'err', 'twice', r, bit.band(m[5], mask)}) end
   rows[i], metas[i] = r, m
 end
 local ver = {}
@@ -262,12 +309,7 @@ for i = 1, n do
   m[8] = m[8] + tonumber(ARGV[at + 2 * n + i - 1])
   setrow(rows[i], m)
 end
-at = at + 3 * n
-for f = 1, nf do
-  local kv = {}
-  for i = 1, n do table.insert(kv, rows[i]); table.insert(kv, ARGV[at + (f - 1) * n + i - 1]) end
-  bulk('HSET', k('f' .. bits[f]), kv)
-end
+accept(chunk, bits, rows)
 bulk('ZADD', k('ver'), ver)
 for j = 0, nconsumers() - 1 do
   local cm = cmask(j)
@@ -348,7 +390,7 @@ if ARGV[7] ~= '' then
       for _, r in ipairs(stale) do
         local m = getrow(r)
         for b = 0, 30 do
-          if bit.band(m[6], 2 ^ b) ~= 0 then redis.call('HDEL', k('f' .. b), r) end
+          if bit.band(m[6], 2 ^ b) ~= 0 then drop_cells(b, {r}) end
         end
         m[5] = bit.band(m[5], bit.bnot(m[6]))
         m[4], m[6] = -1, 0
@@ -392,18 +434,18 @@ local function lease(rows)
     redis.call('HINCRBYFLOAT', c(j, 'n'), 'wait_s', tonumber(ARGV[11]) / 1000)
   end
   local out = {'ok', rows, groups, versions, lengths}
-  for i = 1, nread do
-    local cells = {}
+  for i = 1, nread do  -- where the cells are: the client reads them with plain HMGETs
+    local refs = {}
     if #rows > 0 then
-      local key = k('f' .. ARGV[12 + i])
+      local key = k('r' .. ARGV[12 + i])
       local s = 1
       while s <= #rows do
         local e = math.min(s + 4999, #rows)
-        for _, v in ipairs(redis.call('HMGET', key, unpack(rows, s, e))) do table.insert(cells, v) end
+        for _, v in ipairs(redis.call('HMGET', key, unpack(rows, s, e))) do table.insert(refs, v) end
         s = e + 1
       end
     end
-    table.insert(out, cells)
+    table.insert(out, refs)
   end
   return out
 end
@@ -505,7 +547,14 @@ return {'ok'}
 DROP = r"""
 if redis.call('EXISTS', k('meta')) == 0 then return {'ok'} end
 local keys = {k('meta'), k('bits'), k('cons'), k('rows'), k('ver'), k('alive'), k('puts'), k('putrow')}
-for b = 0, tonumber(meta('nf')) - 1 do table.insert(keys, k('f' .. b)) end
+for b = 0, tonumber(meta('nf')) - 1 do
+  local seen = {}
+  for _, ref in ipairs(redis.call('HVALS', k('r' .. b))) do
+    local chunk = string.match(ref, '^(.*):%d+$')
+    if not seen[chunk] then seen[chunk] = true; redis.call('DEL', k('x:' .. chunk .. ':' .. b)) end
+  end
+  table.insert(keys, k('r' .. b))
+end
 for j = 0, nconsumers() - 1 do
   for _, s in ipairs({'pend', 'ready', 'lease', 'hold', 'n'}) do table.insert(keys, c(j, s)) end
 end
@@ -529,7 +578,15 @@ for j = 0, nconsumers() - 1 do
 end
 table.insert(out, counts)
 if ARGV[2] == '1' then
-  for b = 0, tonumber(meta('nf')) - 1 do table.insert(out, redis.call('HGETALL', k('f' .. b))) end
+  for b = 0, tonumber(meta('nf')) - 1 do
+    local refs, cells = redis.call('HGETALL', k('r' .. b)), {}
+    for i = 1, #refs, 2 do
+      local chunk, idx = string.match(refs[i + 1], '^(.*):(%d+)$')
+      table.insert(cells, refs[i])
+      table.insert(cells, redis.call('HGET', k('x:' .. chunk .. ':' .. b), idx))
+    end
+    table.insert(out, cells)
+  end
 end
 return out
 """
@@ -558,6 +615,9 @@ for i = at, #ARGV, 2 do
   if m[4] >= 0 then table.insert(ver, m[4]); table.insert(ver, r) end
   for j = 0, nc - 1 do
     if bit.band(m[7], 2 ^ j) == 0 then redis.call('ZADD', c(j, 'pend'), r, r) end
+  end
+  for b = 0, nf - 1 do  -- the client wrote the cells to chunk 'restore', indexed by row
+    if bit.band(m[5], 2 ^ b) ~= 0 then redis.call('HSET', k('r' .. b), r, 'restore:' .. r) end
   end
 end
 bulk('ZADD', k('ver'), ver)

@@ -148,8 +148,8 @@ async def restore(client: RedisStoreClient, path: str) -> dict:
             for b, (f, spec) in enumerate(specs.items()):
                 for row in saved["rows"]:
                     values = cells.get((name, row[0]), {})
-                    if row[6] >> b & 1 and f in values:
-                        pipe.hset(f"{key}:f{b}", str(row[0]), encode_value(spec, values[f]))
+                    if row[6] >> b & 1 and f in values:  # chunk 'restore', indexed by row (RESTORE)
+                        pipe.hset(f"{key}:x:restore:{b}", str(row[0]), encode_value(spec, values[f]))
             await client._call(pipe.execute)
         rows = [x for row in saved["rows"] for x in (row[0], msgpack.packb(row[2:]))]
         await client._run(
