@@ -59,6 +59,24 @@ local function bulk(cmd, key, args)
     i = j + 1
   end
 end
+-- the metadata of many rows in one HMGET (false for a row that is gone), and back in one HSET
+local function getrows(rows)
+  local out = {}
+  local s = 1
+  while s <= #rows do
+    local e = math.min(s + 4999, #rows)
+    for _, v in ipairs(redis.call('HMGET', k('rows'), unpack(rows, s, e))) do
+      if v then table.insert(out, cmsgpack.unpack(v)) else table.insert(out, false) end
+    end
+    s = e + 1
+  end
+  return out
+end
+local function setrows(rows, metas)
+  local kv = {}
+  for i, r in ipairs(rows) do table.insert(kv, r); table.insert(kv, cmsgpack.pack(metas[i])) end
+  bulk('HSET', k('rows'), kv)
+end
 local function has(m, mask) return mask ~= nil and bit.band(m, mask) == mask end
 local function cmask(j)
   local v = redis.call('HGET', k('meta'), 'mask' .. j)
@@ -81,8 +99,9 @@ local function give_back(j, rows, redelivered)
   bulk('HDEL', c(j, 'hold'), rows)
   local m = cmask(j)
   local pend, ready = {}, {}
-  for _, r in ipairs(rows) do
-    local row = getrow(r)
+  local metas = getrows(rows)
+  for i, r in ipairs(rows) do
+    local row = metas[i]
     if row then
       table.insert(pend, r); table.insert(pend, r)
       if has(row[5], m) then table.insert(ready, r); table.insert(ready, r) end
@@ -150,19 +169,27 @@ end
 -- consumer j is done with rows (acked or dropped as stale)
 local function done(j, rows)
   local all = 2 ^ nconsumers() - 1
-  local gone = {}
-  for _, r in ipairs(rows) do
-    local m = getrow(r)
+  local gone, kept, keptm = {}, {}, {}
+  local metas = getrows(rows)
+  for i, r in ipairs(rows) do
+    local m = metas[i]
     m[7] = bit.bor(m[7], 2 ^ j)
-    if m[7] == all then table.insert(gone, r) else setrow(r, m) end
+    if m[7] == all then table.insert(gone, r) else table.insert(kept, r); table.insert(keptm, m) end
   end
+  setrows(kept, keptm)
   free(gone)
 end
 
 -- the leases of `rows` held by `peer`: nil, or an error reply naming the first one that is not
 local function check_held(j, peer, rows)
-  for _, r in ipairs(rows) do
-    if redis.call('HGET', c(j, 'hold'), r) ~= peer then return {'err', 'lease', r} end
+  local s = 1
+  while s <= #rows do
+    local e = math.min(s + 4999, #rows)
+    local holders = redis.call('HMGET', c(j, 'hold'), unpack(rows, s, e))
+    for i = 1, e - s + 1 do
+      if holders[i] ~= peer then return {'err', 'lease', rows[s + i - 1]} end
+    end
+    s = e + 1
   end
   return nil
 end
@@ -170,8 +197,9 @@ end
 local function do_ack(j, peer, rows)
   local bitj = 2 ^ j
   local live = {}
-  for _, r in ipairs(rows) do
-    local m = getrow(r)
+  local metas = getrows(rows)
+  for i, r in ipairs(rows) do
+    local m = metas[i]
     if m and bit.band(m[7], bitj) == 0 then table.insert(live, r) end
   end
   local e = check_held(j, peer, live)
@@ -251,16 +279,16 @@ local version = tonumber(ARGV[6]) or -1
 local versioned = 0
 if version >= 0 then versioned = mask end
 local at = 9 + nf
-local rows, ver, pend = {}, {}, {}
+local rows, ver, pend, metas = {}, {}, {}, {}
 for i = 1, n do
   local r = first + i - 1
   rows[i] = r
-  local m = {g0 + math.floor((i - 1) / gs), gs, tonumber(ARGV[at + i - 1]), version, mask, versioned, 0,
+  metas[i] = {g0 + math.floor((i - 1) / gs), gs, tonumber(ARGV[at + i - 1]), version, mask, versioned, 0,
     tonumber(ARGV[at + n + i - 1])}
-  setrow(r, m)
   table.insert(pend, r); table.insert(pend, r)
   if version >= 0 then table.insert(ver, version); table.insert(ver, r) end
 end
+setrows(rows, metas)
 accept(chunk, bits, rows)
 bulk('ZADD', k('ver'), ver)
 for j = 0, nconsumers() - 1 do
@@ -288,13 +316,13 @@ local mask, bits = 0, {}
 for i = 1, nf do bits[i] = tonumber(ARGV[6 + i]); mask = bit.bor(mask, 2 ^ bits[i]) end
 if redis.call('EXISTS', k('meta')) == 0 then return refuse(chunk, bits, {'err', 'unknown'}) end
 local at = 7 + nf
-local rows, metas = {}, {}
+local rows = {}
+for i = 1, n do rows[i] = ARGV[at + i - 1] end
+local metas = getrows(rows)
 for i = 1, n do
-  local r = ARGV[at + i - 1]
-  local m = getrow(r)
+  local r, m = rows[i], metas[i]
   if not m then return refuse(chunk, bits, {'err', 'norow', r}) end
   if bit.band(m[5], mask) ~= 0 then return refuse(chunk, bits, {'err', 'twice', r, bit.band(m[5], mask)}) end
-  rows[i], metas[i] = r, m
 end
 local ver = {}
 for i = 1, n do
@@ -307,8 +335,8 @@ for i = 1, n do
   if m[4] >= 0 then m[6] = bit.bor(m[6], mask) end
   m[3] = m[3] + tonumber(ARGV[at + n + i - 1])
   m[8] = m[8] + tonumber(ARGV[at + 2 * n + i - 1])
-  setrow(rows[i], m)
 end
+setrows(rows, metas)
 accept(chunk, bits, rows)
 bulk('ZADD', k('ver'), ver)
 for j = 0, nconsumers() - 1 do
@@ -367,9 +395,9 @@ end
 if cmask(j) ~= mask then
   redis.call('HSET', k('meta'), 'mask' .. j, mask)
   redis.call('DEL', c(j, 'ready'))
-  local ready = {}
-  for _, r in ipairs(redis.call('ZRANGE', c(j, 'pend'), 0, -1)) do
-    if has(getrow(r)[5], mask) then table.insert(ready, r); table.insert(ready, r) end
+  local ready, pend = {}, redis.call('ZRANGE', c(j, 'pend'), 0, -1)
+  for i, m in ipairs(getrows(pend)) do
+    if has(m[5], mask) then table.insert(ready, pend[i]); table.insert(ready, pend[i]) end
   end
   bulk('ZADD', c(j, 'ready'), ready)
 end
@@ -420,10 +448,11 @@ local function lease(rows)
   bulk('ZREM', c(j, 'pend'), rows)
   bulk('ZREM', c(j, 'ready'), rows)
   local zl, hold, groups, versions, lengths = {}, {}, {}, {}, {}
+  local metas = getrows(rows)
   for i, r in ipairs(rows) do
     table.insert(zl, deadline); table.insert(zl, r)
     table.insert(hold, r); table.insert(hold, peer)
-    local m = getrow(r)
+    local m = metas[i]
     groups[i], versions[i], lengths[i] = m[1], m[4], m[3]
   end
   bulk('ZADD', c(j, 'lease'), zl)
@@ -482,9 +511,9 @@ end
 local out = waiting('cand')
 table.insert(out, drained and 1 or 0)
 table.insert(out, ended() and 1 or 0)
-local cand = {}
-for _, r in ipairs(redis.call('ZRANGE', c(j, 'ready'), 0, -1)) do
-  local m = getrow(r)
+local cand, ready = {}, redis.call('ZRANGE', c(j, 'ready'), 0, -1)
+for i, m in ipairs(getrows(ready)) do
+  local r = ready[i]
   table.insert(cand, r); table.insert(cand, m[1]); table.insert(cand, m[2]); table.insert(cand, m[3])
 end
 table.insert(out, cand)
