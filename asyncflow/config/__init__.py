@@ -90,6 +90,13 @@ class AsyncFlowConfig(Section):
                 f"trainer.kl_coef = {self.trainer.kl_coef} needs reference log-probs; "
                 "set reference.enabled: true, or trainer.kl_coef: 0"
             )
+        batch_rows = self.trainer.batch_prompts * self.rollout.n
+        if self.dataplane.capacity_rows < batch_rows:
+            raise ValueError(
+                f"dataplane.capacity_rows = {self.dataplane.capacity_rows} cannot hold one training batch "
+                f"(trainer.batch_prompts x rollout.n = {batch_rows} rows); raise it to at least "
+                f"{(self.staleness + 1) * batch_rows} so rollout can run k = {self.staleness} steps ahead"
+            )
         if self.trainer.batch_prompts % self.trainer.minibatches:
             raise ValueError(
                 f"trainer.batch_prompts = {self.trainer.batch_prompts} does not split into "

@@ -97,6 +97,8 @@ def test_rl_sections_check_their_values_and_each_other():
         parse_config({"task": {"source": "asyncflow.tasks.sorting.SortDigits"}})
     with pytest.raises(ConfigError, match="staleness"):
         parse_config({"staleness": -1})
+    with pytest.raises(ConfigError, match="cannot hold one training batch"):
+        parse_config({"dataplane": {"capacity_rows": 100}, "trainer": {"batch_prompts": 16}})
 
 
 def test_every_shipped_example_validates():
