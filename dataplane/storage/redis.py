@@ -25,6 +25,7 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
+from urllib.parse import urlencode
 
 from asyncflow.config import DataPlaneConfig
 from asyncflow.config.dataplane import RedisConfig, redact_url
@@ -63,7 +64,13 @@ def split_address(address: str) -> tuple[str, str]:
 
 
 def store_address(config: DataPlaneConfig) -> str:
-    return f"{config.redis.url}#{config.redis.key_prefix}:{config.name}"
+    """The address a process needs to reach the store: the URL (with the TLS options as query
+    arguments, which redis-py reads) and the key namespace after '#'."""
+    rc, url = config.redis, config.redis.url
+    if url.startswith("rediss://"):
+        tls = {k: v for k, v in rc.model_dump().items() if k.startswith("ssl_") and v is not None}
+        url += ("&" if "?" in url else "?") + urlencode(tls)
+    return f"{url}#{rc.key_prefix}:{config.name}"
 
 
 def _pool(url: str, rc: RedisConfig, sync: bool = False) -> Any:
@@ -91,6 +98,7 @@ def open_store(config: DataPlaneConfig) -> str:
     try:
         with redis.Redis(connection_pool=_pool(rc.url, rc, sync=True)) as r:
             settings = config.model_dump(exclude={"redis"})
+            settings["redis"] = rc.model_dump(exclude={"url"})  # sizes, timeouts, paths: no secret
             r.set(f"{rc.key_prefix}:{config.name}:config", json.dumps(settings))
     except redis.exceptions.AuthenticationError as e:
         raise StorageUnavailable(
@@ -136,10 +144,15 @@ class RedisStoreClient(StoreClient):
         """
         client = cls(address, DataPlaneConfig(backend="redis", redis=config or RedisConfig()))
         saved = await client._call(client._r.get, f"{client.namespace}:config")
-        if saved is not None:
-            settings = json.loads(saved)
-            settings["redis"] = client._rc.model_dump() | {"url": client.url}
-            client.config = DataPlaneConfig(**settings)
+        if saved is None:
+            return client
+        settings = json.loads(saved)
+        if config is None:  # the pool sizes and timeouts the store was started with
+            await client._r.aclose()
+            await client._r.connection_pool.disconnect()
+            settings["redis"] = settings.get("redis", {}) | {"url": client.url}
+            return cls(address, DataPlaneConfig(**settings))
+        client.config = DataPlaneConfig(**(settings | {"redis": config.model_dump()}))
         return client
 
     def __repr__(self) -> str:

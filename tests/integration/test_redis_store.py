@@ -171,7 +171,7 @@ async def test_tls_with_a_ca_bundle(tmp_path):
     url = f"rediss://127.0.0.1:{server.port}/0"
     try:
         handle = start_store(redis_config(url, ssl_ca_certs=str(tmp_path / "ca.crt")))
-        client = await RedisStoreClient.connect(handle.address, handle.config.redis)
+        client = await StoreClient.connect(handle.address)  # the address carries the CA bundle
         await client.create_partition("p", {"x": "float32[2]"}, consumers=["c"])
         await client.put("p", {"x": np.ones((2, 2), np.float32)})
         assert (await client.get("p", ["x"], 2, "c"))["x"].sum() == 4
