@@ -19,6 +19,7 @@ import ray
 
 from asyncflow.config import AsyncFlowConfig
 from asyncflow.errors import WorkerError
+from dataplane.store import NAMESPACE  # every named actor of a run lives beside its store's
 
 
 @dataclass
@@ -142,7 +143,7 @@ class WorkerHost:
         config: dict,
         index: int,
         store_address: str,
-        weights_handle: Any,
+        weights_name: str,
         extra: dict | None = None,
     ):
         from workers.policy import make_task, make_tokenizer
@@ -156,7 +157,10 @@ class WorkerHost:
         extra["incarnation"] = int(ray.get_runtime_context().was_current_actor_reconstructed)
         self.task = make_task(self.config.task, self.config.seed)
         self.tokenizer = make_tokenizer(self.task)
-        weights = WeightClient(weights_handle, remote=True, bucket_mb=self.config.weights.bucket_mb)
+        # Looked up by name, not passed as a handle: a handle among the constructor arguments
+        # would keep Ray from restarting this actor reliably (ray-project/ray#53727).
+        handle = ray.get_actor(weights_name, namespace=NAMESPACE)
+        weights = WeightClient(handle, remote=True, bucket_mb=self.config.weights.bucket_mb)
         self.worker = ROLES[role](Context(self.config, index, self.task, self.tokenizer, weights, extra))
         self._connected: asyncio.Task | None = None
 
@@ -205,6 +209,10 @@ class Workflow:
     references: list[Any] = field(default_factory=list)
 
     @property
+    def weights_name(self) -> str:
+        return f"{self.config.dataplane.name}.weights"
+
+    @property
     def streamers(self) -> list[Any]:
         """Workers that run a loop of their own in async mode."""
         return [*self.rollouts, *self.rewards, *self.references]
@@ -217,12 +225,14 @@ class Workflow:
             ray.remote(WorkerHost)
             .options(
                 name=f"{self.config.dataplane.name}.{role}{index}",
-                namespace="asyncflow",
+                namespace=NAMESPACE,
                 num_cpus=num_cpus,
                 max_restarts=restarts,
                 max_concurrency=64,
             )  # fmt: skip
-            .remote(role, self.config.model_dump(mode="json"), index, self.store.address, self.weights, extra)
+            .remote(
+                role, self.config.model_dump(mode="json"), index, self.store.address, self.weights_name, extra
+            )
         )
 
     def shutdown(self) -> None:
@@ -266,7 +276,7 @@ def start(config: AsyncFlowConfig, *, cursor: int = 0) -> Workflow:
     store = start_store(config.dataplane)
     weights = (
         ray.remote(WeightStore)
-        .options(name=f"{config.dataplane.name}.weights", namespace="asyncflow", num_cpus=0.1)
+        .options(name=f"{config.dataplane.name}.weights", namespace=NAMESPACE, num_cpus=0.1)
         .remote(config.weights.keep_versions)
     )
     wf = Workflow(config, store, weights)
