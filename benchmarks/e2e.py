@@ -43,7 +43,7 @@ import ray
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from asyncflow.config import AsyncFlowConfig, parse_config  # noqa: E402
+from asyncflow.config import AsyncFlowConfig, load_config, parse_config  # noqa: E402
 from asyncflow.recipes.grpo import train  # noqa: E402
 from asyncflow.workflow import cpus_needed  # noqa: E402
 
@@ -100,8 +100,12 @@ def figures(summary: dict, config: AsyncFlowConfig) -> dict[str, Any]:
     loop_s = metrics[-1]["elapsed_s"]
     trainer_busy = sum(m["step_s"] - m["wait_s"] for m in metrics)
     rollout_busy = metrics[-1]["workers"]["rollout"]["busy_s"]
+    # From the end of step 1 on: without the workers' start-up (16+ actors booting on 2 cores
+    # can take 20 s) and, in async mode, without filling the pipeline.
+    steady_s = loop_s - metrics[0]["elapsed_s"]
     return {
         "samples_per_s": summary["samples_per_s"],
+        "steady_samples_per_s": sum(m["samples"] for m in metrics[1:]) / steady_s,
         "tokens_per_s": summary["tokens_per_s"],
         "eval_reward_before": summary["eval_reward_before"],
         "eval_reward_after": summary["eval_reward_after"],
@@ -117,6 +121,17 @@ def figures(summary: dict, config: AsyncFlowConfig) -> dict[str, Any]:
         "samples": sum(m["samples"] for m in metrics),
         "staleness_histogram": summary["staleness_histogram"],
     }
+
+
+def collect(root: Path) -> dict[str, dict[str, list[dict]]]:
+    """Figures of finished runs, from their run directories (named e2e-{system}-{workers}-{repeat})."""
+    runs: dict[str, dict[str, list[dict]]] = {}
+    for path in sorted(root.glob("e2e-*/summary.json")):
+        config = load_config(path.parent / "config.yaml")
+        system, group = config.run_name.split("-")[1:-2], config.run_name.split("-")[-2]
+        result = figures(json.loads(path.read_text()) | {"run_dir": str(path.parent)}, config)
+        runs.setdefault(group, {}).setdefault("-".join(system), []).append(result)
+    return {g: {s: per[s] for s in SYSTEMS if s in per} for g, per in runs.items()}
 
 
 def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -138,19 +153,21 @@ def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def table(results: dict[str, dict[str, Any]]) -> str:
     lines = [
-        "| system | samples/s | tokens/s | vs sync | eval reward after | train reward, last 10% "
-        "| trainer idle | rollout idle | train s/step | rollout ms/sample "
+        "| system | samples/s | tokens/s | vs sync | samples/s from step 2 | vs sync | eval reward after "
+        "| train reward, last 10% | trainer idle | rollout idle | train s/step | rollout ms/sample "
         "| staleness histogram (lag: samples) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for group, per in results.items():
         sync = per.get("sync")
         for system, r in per.items():
             ratio = f"{r['samples_per_s'] / sync['samples_per_s']:.2f}x" if sync else ""
+            steady = f"{r['steady_samples_per_s'] / sync['steady_samples_per_s']:.2f}x" if sync else ""
             after = "" if r["eval_reward_after"] is None else f"{r['eval_reward_after']:.3f}"
             hist = ", ".join(f"{k}: {v}" for k, v in r["staleness_histogram"].items())
             lines.append(
-                f"| {group}{system} | {r['samples_per_s']:.1f} | {r['tokens_per_s']:.0f} | {ratio} | {after} "
+                f"| {group}{system} | {r['samples_per_s']:.1f} | {r['tokens_per_s']:.0f} | {ratio} "
+                f"| {r['steady_samples_per_s']:.1f} | {steady} | {after} "
                 f"| {r['reward_last_10pct']:.3f} | {r['trainer_idle']:.0%} | {r['rollout_idle']:.0%} "
                 f"| {r['train_s_median']:.3f} | {r['rollout_ms_per_sample']:.2f} | {hist} |"
             )
@@ -187,6 +204,11 @@ def main(argv: list[str] | None = None) -> int:
         "other load on a shared machine)",
     )  # fmt: skip
     parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument(
+        "--from-runs",
+        type=Path,
+        help="run nothing: tabulate the run directories under this one (with --mode)",
+    )
     args = parser.parse_args(argv)
     systems = args.systems.split(",")
     steps = args.steps or (200 if args.mode == "real" else 40)
@@ -203,10 +225,13 @@ def main(argv: list[str] | None = None) -> int:
         data["dataplane"]["name"] = name  # every run starts its own store in the one Ray instance
         return parse_config(data)
 
-    os.environ["RAY_worker_niceness"] = str(args.worker_niceness)  # read by the raylet Ray starts here
-    need = max(cpus_needed(config(s, g, 0)) for s in systems for g in groups)
-    ray.init(num_cpus=max(2, math.ceil(need)), include_dashboard=False, log_to_driver=False)
-    runs: dict[str, dict[str, list[dict]]] = {}
+    runs = collect(args.from_runs) if args.from_runs else {}
+    if args.from_runs:
+        groups = []  # nothing to run
+    else:
+        os.environ["RAY_worker_niceness"] = str(args.worker_niceness)  # read by the raylet Ray starts
+        need = max(cpus_needed(config(s, g, 0)) for s in systems for g in groups)
+        ray.init(num_cpus=max(2, math.ceil(need)), include_dashboard=False, log_to_driver=False)
     try:
         for repeat in range(args.repeats):
             for group in groups:
@@ -222,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
                         file=sys.stderr,
                     )  # fmt: skip
     finally:
-        ray.shutdown()
+        if ray.is_initialized():
+            ray.shutdown()
     label = (lambda g: "") if args.mode == "real" else (lambda g: f"{g} workers, ")
     results = {label(int(g)): {s: median_of(r) for s, r in per.items()} for g, per in runs.items()}
     print(table(results))
