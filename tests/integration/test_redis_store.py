@@ -304,3 +304,34 @@ async def _take(stream, n: int):
         n -= 1
         if n == 0:
             return
+
+
+async def test_checkpoint_restores_into_a_fresh_redis_store(tmp_path, pname):
+    source = await StoreClient.connect(start_store(redis_config(SHARED)).address)
+    target = await StoreClient.connect(start_store(redis_config(SHARED)).address)
+    try:
+        schema = {"ids": "int64[*]", "meta": "any", "score": "float32"}
+        await source.create_partition(pname, schema, consumers=["a", "b"])
+        rows = await source.put(pname, {"ids": [np.arange(3), np.arange(1)], "meta": [{"k": 1}, None]})
+        await source.put(pname, {"score": np.array([0.5], np.float32)}, rows=rows[:1])
+        done = await source.get(pname, ["ids"], batch_size=1, consumer="a")
+        await source.ack(done)
+        await source.checkpoint(str(tmp_path))
+        assert (await target.restore(str(tmp_path)))["rows"] == 2
+        a = await target.get(pname, ["ids", "meta"], batch_size=1, consumer="a", timeout_s=2)
+        assert a.rows == [rows[1]] and a["meta"] == [None]  # the acked row did not come back
+        b = await target.get(pname, list(schema), batch_size=1, consumer="b", timeout_s=2)
+        assert b["ids"][0].tolist() == [0, 1, 2] and b["score"].tolist() == [0.5]
+        await target.put(
+            pname, {"score": np.array([1.5], np.float32)}, rows=rows[1:]
+        )  # unfinished fields go on
+        await target.ack(a)
+        await target.ack(b)
+        last = await target.get(pname, list(schema), batch_size=1, consumer="b", timeout_s=2)
+        assert last["score"].tolist() == [1.5]
+        await target.ack(last)
+        assert (await target.store_stats())["partitions"][pname]["rows"] == 0
+    finally:
+        for client in (source, target):
+            await purge(client)
+            await client.close()
