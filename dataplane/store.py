@@ -86,7 +86,7 @@ def start_store(config: DataPlaneConfig | None = None) -> StoreHandle:
     """
     config = config or DataPlaneConfig()
     if config.backend == "redis":
-        from dataplane.storage.redis import open_store
+        from dataplane.storage.redis_connection import open_store
 
         return StoreHandle(config, open_store(config), None, [])
     if not ray.is_initialized():

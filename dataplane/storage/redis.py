@@ -13,7 +13,7 @@ Durability is Redis' own (AOF); a command that fails because the server went awa
 retried with backoff until `retry_deadline_s` (puts carry an id, so a retried put is
 stored once). A client that dies holding leases stops its heartbeat; its rows go back
 within three heartbeats instead of after `lease_s`. A client that closes gives them back
-at once. redis-py is imported only here, so `import dataplane` works without it.
+at once. redis-py is imported only by these modules, so `import dataplane` works without it.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
-from urllib.parse import urlencode
 
 from asyncflow.config import DataPlaneConfig
 from asyncflow.config.dataplane import RedisConfig, redact_url
@@ -33,9 +32,7 @@ from asyncflow.errors import (
     DataPlaneError,
     LeaseError,
     SchemaError,
-    StorageUnavailable,
     StoreTimeout,
-    UnknownPartition,
 )
 from dataplane.client import Batch, ClientStats, StoreClient, check_put
 from dataplane.samplers import Candidate, make_sampler
@@ -43,74 +40,16 @@ from dataplane.schema import FieldSpec, parse_schema
 from dataplane.storage import redis_scripts as lua
 from dataplane.storage import redis_snapshot as snapshots
 from dataplane.storage.cells import decode_column, encode_column
-
-DEFAULT_NAMESPACE = "asyncflow:asyncflow"
-
-
-def _redis() -> Any:
-    try:
-        import redis.asyncio as aioredis
-    except ImportError:
-        raise StorageUnavailable(
-            "dataplane.backend: redis needs the redis package: pip install 'asyncflow[redis]'"
-        ) from None
-    return aioredis
-
-
-def split_address(address: str) -> tuple[str, str]:
-    """(server URL, key namespace) of a store address `redis://host:port/db#<prefix>:<name>`."""
-    url, _, namespace = address.partition("#")
-    return url, namespace or DEFAULT_NAMESPACE
-
-
-def store_address(config: DataPlaneConfig) -> str:
-    """The address a process needs to reach the store: the URL (with the TLS options as query
-    arguments, which redis-py reads) and the key namespace after '#'."""
-    rc, url = config.redis, config.redis.url
-    if url.startswith("rediss://"):
-        tls = {k: v for k, v in rc.model_dump().items() if k.startswith("ssl_") and v is not None}
-        url += ("&" if "?" in url else "?") + urlencode(tls)
-    return f"{url}#{rc.key_prefix}:{config.name}"
-
-
-def _pool(url: str, rc: RedisConfig, sync: bool = False) -> Any:
-    options: dict[str, Any] = {
-        "max_connections": rc.max_connections,
-        "socket_timeout": rc.socket_timeout_s,
-        "socket_connect_timeout": rc.connect_timeout_s,
-        "timeout": None,  # wait for a free connection rather than fail
-    }
-    if url.startswith("rediss://"):
-        options |= {"ssl_cert_reqs": rc.ssl_cert_reqs}
-        options |= {k: v for k, v in rc.model_dump().items() if k.startswith("ssl_") and v is not None}
-    if sync:
-        import redis
-
-        return redis.BlockingConnectionPool.from_url(url, **options)
-    return _redis().BlockingConnectionPool.from_url(url, **options)
-
-
-def open_store(config: DataPlaneConfig) -> str:
-    """Check that the server answers and leave the store's settings there; returns its address."""
-    import redis
-
-    rc = config.redis
-    try:
-        with redis.Redis(connection_pool=_pool(rc.url, rc, sync=True)) as r:
-            settings = config.model_dump(exclude={"redis"})
-            settings["redis"] = rc.model_dump(exclude={"url"})  # sizes, timeouts, paths: no secret
-            r.set(f"{rc.key_prefix}:{config.name}:config", json.dumps(settings))
-    except redis.exceptions.AuthenticationError as e:
-        raise StorageUnavailable(
-            f"Redis at {redact_url(rc.url)} refused the credentials ({e}); check the username and password "
-            "in dataplane.redis.url and the server's ACL"
-        ) from None
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
-        raise StorageUnavailable(
-            f"RedisStorage cannot reach {redact_url(rc.url)} ({type(e).__name__}: {e}): is the server "
-            "running? Start one (redis-server), fix dataplane.redis.url, or set dataplane.backend: memory"
-        ) from None
-    return store_address(config)
+from dataplane.storage.redis_connection import (
+    aioredis,
+    call,
+    lease_error,
+    make_pool,
+    schema_text,
+    script_error,
+    split_address,
+    text,
+)
 
 
 class RedisStoreClient(StoreClient):
@@ -121,7 +60,7 @@ class RedisStoreClient(StoreClient):
         self.url, self.namespace = split_address(address)
         self.config = config or DataPlaneConfig(backend="redis")
         self._rc = self.config.redis
-        self._r = _redis().Redis(connection_pool=_pool(self.url, self._rc))
+        self._r = aioredis().Redis(connection_pool=make_pool(self.url, self._rc))
         self._scripts = {
             name: self._r.register_script(lua.PRELUDE + getattr(lua, name))
             for name in ("CREATE", "REGISTER", "PUT_NEW", "PUT_FILL", "GET", "ACK", "LEASES", "ALIVE", "SEAL",
@@ -175,44 +114,7 @@ class RedisStoreClient(StoreClient):
 
     async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """fn(*args), retried with exponential backoff while the server is unreachable."""
-        import redis.exceptions as exc
-
-        delay, give_up = 0.05, None
-        while True:
-            try:
-                result = await fn(*args, **kwargs)
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    # redis-py can swallow a cancellation that lands while it returns a connection
-                    # to the pool; a cancelled get must not go on to lease rows nobody takes.
-                    raise asyncio.CancelledError
-                return result
-            except exc.AuthenticationError as e:
-                raise StorageUnavailable(
-                    f"Redis at {redact_url(self.url)} refused the credentials ({e}); check the username and "
-                    "password in dataplane.redis.url and the server's ACL"
-                ) from None
-            except (exc.ConnectionError, exc.TimeoutError) as e:
-                now = time.monotonic()
-                give_up = give_up or now + self._rc.retry_deadline_s
-                if now >= give_up:
-                    raise StorageUnavailable(
-                        f"cannot reach Redis at {redact_url(self.url)} for {self._rc.retry_deadline_s:.0f} s "
-                        f"({type(e).__name__}: {e}): is redis-server running and reachable from this host? "
-                        "Check dataplane.redis.url (host, port, TLS), the firewall and the server's log; "
-                        "raise dataplane.redis.retry_deadline_s to ride out longer restarts, or set "
-                        "dataplane.backend: memory"
-                    ) from None
-                await asyncio.sleep(min(delay, max(give_up - now, 0.0)))
-                delay = min(delay * 2, 1.0)
-            except exc.ResponseError as e:
-                if "NOPERM" in str(e):
-                    raise StorageUnavailable(
-                        f"the Redis user of {redact_url(self.url)} may not run what the store needs ({e}); "
-                        "grant it +@all on keys ~{self.namespace}:* (or at least scripting, hash, sorted "
-                        "set and stream commands)"
-                    ) from None
-                raise
+        return await call(self.url, self.namespace, self._rc, fn, *args, **kwargs)
 
     async def _run(self, name: str, partition: str, *args: Any) -> list:
         reply = await self._call(self._scripts[name], args=[self._key(partition), *args])
@@ -221,43 +123,7 @@ class RedisStoreClient(StoreClient):
         return reply
 
     def _error(self, partition: str, reply: list) -> DataPlaneError:
-        kind = reply[1].decode()
-        if kind == "unknown":
-            return UnknownPartition(
-                f"no partition {partition!r} in store {self.namespace!r} at {redact_url(self.url)}. Create "
-                "it with create_partition(name, schema) first, or check the partition name and the store "
-                "(dataplane.name, dataplane.redis.key_prefix)"
-            )
-        if kind == "lease":
-            return LeaseError(f"row {int(reply[2])} of {partition!r}: this client does not hold its lease")
-        if kind == "norow":
-            return DataPlaneError(
-                f"partition {partition!r} has no live row {int(reply[2])}: it was never put, or every "
-                "consumer has acked it and it was freed"
-            )
-        if kind == "twice":
-            names = [f for f, b in self._bits(partition).items() if int(reply[3]) >> b & 1]
-            return SchemaError(
-                f"partition {partition!r}, row {int(reply[2])}: fields {names} were already written; a field "
-                "is written once per row. Nothing of this put was stored."
-            )
-        if kind == "exists":
-            return DataPlaneError(
-                f"partition {partition!r} already exists with schema {_schema_text(reply[2])}; pick another "
-                "name, or pass exist_ok=True with the same schema to attach to it"
-            )
-        if kind == "notreg":
-            return DataPlaneError(
-                f"consumer {reply[2].decode()!r} is not registered on partition {partition!r} (registered: "
-                f"{sorted(c.decode() for c in reply[3])}); pass it in create_partition(consumers=...) or "
-                "call register_consumer first, so rows are kept until it has read them"
-            )
-        if kind in ("consumers", "fields"):
-            return DataPlaneError(
-                f"partition {partition!r}: the Redis backend keeps at most 31 {kind} per partition; split "
-                "the partition, or use dataplane.backend: memory"
-            )
-        return DataPlaneError(f"partition {partition!r}: the store answered {reply!r}")
+        return script_error(partition, self.namespace, self.url, self._bits(partition), reply)
 
     async def _block(self, partition: str, stream: str, last_id: bytes, timeout_s: float) -> None:
         """Wait until the partition's `stream` gets an entry after `last_id`, or `timeout_s` passes."""
@@ -305,7 +171,7 @@ class RedisStoreClient(StoreClient):
         meta, cons = await self._meta(partition)
         return {
             "name": partition,
-            "schema": _schema_text(meta["schema"]),
+            "schema": schema_text(meta["schema"]),
             "capacity": int(meta["capacity"]),
             "consumers": cons,
             "sealed": meta["sealed"] == "1",
@@ -318,7 +184,7 @@ class RedisStoreClient(StoreClient):
             meta, cons = await self._call(pipe.execute)
         if not meta:
             raise self._error(partition, [b"err", b"unknown"])
-        return _text(meta), [c.decode() for c, _ in sorted(cons.items(), key=lambda kv: int(kv[1]))]
+        return text(meta), [c.decode() for c, _ in sorted(cons.items(), key=lambda kv: int(kv[1]))]
 
     async def seal(self, partition: str) -> None:
         await self._run("SEAL", partition)
@@ -479,7 +345,7 @@ class RedisStoreClient(StoreClient):
             try:
                 reply = await attempt(mode)
             except LeaseError as e:
-                raise _lease_error(partition, consumer, "ack", str(e)) from None
+                raise lease_error(partition, consumer, "ack", str(e)) from None
             acks = []  # sent: the script acked them before anything else
             shards = None
             if reply[0] == b"cand":
@@ -576,7 +442,7 @@ class RedisStoreClient(StoreClient):
         try:
             await self._run(script, batch.partition, batch.consumer, self._peer, *args, *batch.rows)
         except LeaseError as e:
-            raise _lease_error(batch.partition, batch.consumer, verb, str(e)) from None
+            raise lease_error(batch.partition, batch.consumer, verb, str(e)) from None
 
     # -------------------------------------------------------------- whole store
 
@@ -599,19 +465,3 @@ class RedisStoreClient(StoreClient):
     async def partitions(self) -> list[str]:
         members = await self._call(self._r.smembers, f"{self.namespace}:partitions")
         return sorted(m.decode() for m in members)
-
-
-def _lease_error(partition: str, consumer: str, verb: str, detail: str) -> LeaseError:
-    return LeaseError(
-        f"cannot {verb} {detail.split(':')[0]} for consumer {consumer!r}: this client does not hold its "
-        "lease (it expired and the row was redelivered, it was already acked, or it was never handed to this "
-        f"client). Nothing was {verb}ed; process rows within lease_s or renew() the lease"
-    )
-
-
-def _text(raw: dict) -> dict[str, str]:
-    return {k.decode(): v.decode() for k, v in raw.items()}
-
-
-def _schema_text(raw: bytes | str) -> dict[str, str]:
-    return dict(json.loads(raw))
