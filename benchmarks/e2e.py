@@ -16,8 +16,9 @@ Two modes:
              costs an extra sleep per 1000 tokens. Responses are random tokens, so the
              reward stays ~0: this mode measures scheduling, not learning.
 
-    .venv/bin/python benchmarks/e2e.py --repeats 3 --json docs/bench-e2e.json
-    .venv/bin/python benchmarks/e2e.py --mode simulated --workers 16,32 --json docs/bench-e2e-sim.json
+    .venv/bin/python benchmarks/e2e.py --repeats 3 --steps 200 --json docs/bench-e2e.json
+    .venv/bin/python benchmarks/e2e.py --mode simulated --workers 16,32 --steps 60 --repeats 1 \\
+        --json docs/bench-e2e-sim.json
     .venv/bin/python benchmarks/e2e.py --systems sync,async-k2 --steps 50 --repeats 1   # quick look
 
 samples/s and tokens/s count trained samples and their response tokens over the RL loop
