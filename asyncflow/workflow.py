@@ -235,6 +235,10 @@ class Workflow:
             )
         )
 
+    async def ready(self) -> None:
+        """Wait until every worker actor has been built (actors start in parallel)."""
+        await asyncio.gather(*(a.pid.remote() for a in [self.source, self.trainer, *self.streamers]))
+
     def shutdown(self) -> None:
         for actor in [self.source, self.trainer, *self.streamers, self.weights]:
             if actor is not None:
@@ -264,6 +268,9 @@ def init_ray(config: AsyncFlowConfig) -> None:
         ray.init()
         return
     cpus = max(os.cpu_count() or 1, math.ceil(cpus_needed(config)))
+    # Ray starts workers at niceness 15; here they are the job, not background work, and at 15
+    # anything else on a shared machine starves them.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
 
 

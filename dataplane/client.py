@@ -20,6 +20,8 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
+
 from asyncflow.errors import DataPlaneError, SchemaError
 from dataplane.columns import Column, assemble, to_column, wire
 from dataplane.schema import FieldSpec, parse_schema
@@ -68,6 +70,38 @@ class Batch:
             lengths=pick(self.lengths),
             shards=None,
         )
+
+    def __add__(self, other: Batch) -> Batch:
+        """Two batches of one consumer and partition as one (e.g. a waited-for group plus the
+        groups that became ready with it); acking or filling the sum covers both."""
+        if (other.partition, other.consumer) != (self.partition, self.consumer):
+            raise SchemaError(
+                f"cannot join a batch of {other.consumer!r} on {other.partition!r} to one of "
+                f"{self.consumer!r} on {self.partition!r}"
+            )
+
+        def join(a, b):
+            if hasattr(a, "shape") and hasattr(b, "shape") and type(a) is type(b):
+                return np.concatenate([a, b]) if isinstance(a, np.ndarray) else torch_cat(a, b)
+            return list(a) + list(b)
+
+        return replace(
+            self,
+            rows=self.rows + other.rows,
+            data={k: join(v, other.data[k]) for k, v in self.data.items()},
+            units=self.units + other.units,
+            groups=self.groups + other.groups,
+            versions=self.versions + other.versions,
+            lengths=self.lengths + other.lengths,
+            shards=None,
+            end=other.end,
+        )
+
+
+def torch_cat(a: Any, b: Any) -> Any:
+    import torch  # only bfloat16 fields come back as tensors; torch is loaded already then
+
+    return torch.cat([a, b])
 
 
 @dataclass

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from asyncflow.algorithms import token_logprobs
-from workers.samples import PARTITION, REFERENCE, serve
+from workers.samples import PARTITION, REFERENCE, serve, take
 from workers.trainer import pack
 
 WRITES = ["ref_logprobs"]
@@ -39,13 +39,9 @@ class ReferenceWorker:
         start = time.perf_counter()
         fields = ["prompt_ids", "response_ids"]
         size = max_rows or self.batch_rows
-        batch = await self.store.get(
-            PARTITION, fields, size, REFERENCE, allow_partial=True, timeout_s=0, writes=WRITES
+        batch = await take(
+            self.store, fields, size, REFERENCE, writes=WRITES, wait=wait, timeout_s=self.get_timeout_s
         )
-        if not len(batch) and wait and not batch.end:
-            batch = await self.store.get(
-                PARTITION, fields, 1, REFERENCE, timeout_s=self.get_timeout_s, writes=WRITES
-            )
         got = time.perf_counter()
         self.stats["idle_s"] += got - start
         if not len(batch):

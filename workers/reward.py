@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from workers.rollout import decode_response
-from workers.samples import PARTITION, REWARD, REWARD_FIELDS, serve
+from workers.samples import PARTITION, REWARD, REWARD_FIELDS, serve, take
 
 WRITES = REWARD_FIELDS
 
@@ -63,13 +63,9 @@ class RewardWorker:
         start = time.perf_counter()
         size = max_rows or self.batch_rows
         fields = ["prompt_ids", "response_ids", "answer"]
-        batch = await self.store.get(
-            PARTITION, fields, size, REWARD, allow_partial=True, timeout_s=0, writes=WRITES
+        batch = await take(
+            self.store, fields, size, REWARD, writes=WRITES, wait=wait, timeout_s=self.get_timeout_s
         )
-        if not len(batch) and wait and not batch.end:
-            batch = await self.store.get(
-                PARTITION, fields, 1, REWARD, timeout_s=self.get_timeout_s, writes=WRITES
-            )
         got = time.perf_counter()
         self.stats["idle_s"] += got - start
         if not len(batch):

@@ -15,9 +15,7 @@ from typing import Any
 import numpy as np
 
 from services.serving import Request, SamplingParams
-from workers.samples import PARTITION, PROMPT_FIELDS, ROLLOUT, ROLLOUT_FIELDS, serve
-
-WRITES = ROLLOUT_FIELDS
+from workers.samples import PARTITION, PROMPT_FIELDS, ROLLOUT, ROLLOUT_FIELDS, serve, take
 
 
 class RolloutWorker:
@@ -61,27 +59,10 @@ class RolloutWorker:
         written (0 when the stream has ended, or, with wait=False, when nothing is ready)."""
         start = time.perf_counter()
         size = (max_groups or self.groups_per_call) * self.n
-        # Whatever whole groups are ready now, up to `size`; if none, wait for one group.
-        batch = await self.store.get(
-            PARTITION,
-            PROMPT_FIELDS,
-            size,
-            ROLLOUT,
-            sampler="group",
-            allow_partial=True,
-            timeout_s=0,
-            writes=WRITES,
-        )
-        if not len(batch) and wait and not batch.end:
-            batch = await self.store.get(
-                PARTITION,
-                PROMPT_FIELDS,
-                self.n,
-                ROLLOUT,
-                sampler="group",
-                timeout_s=self.get_timeout_s,
-                writes=WRITES,
-            )
+        batch = await take(
+            self.store, PROMPT_FIELDS, size, ROLLOUT, unit=self.n, sampler="group", writes=ROLLOUT_FIELDS,
+            wait=wait, timeout_s=self.get_timeout_s,
+        )  # fmt: skip
         got = time.perf_counter()
         self.stats["idle_s"] += got - start
         if not len(batch):

@@ -8,7 +8,8 @@ whole groups whose fields are all ready.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from asyncflow.errors import StoreTimeout
 
@@ -59,3 +60,20 @@ async def serve(step: Callable[[], Awaitable[int]]) -> None:
                 return
         except StoreTimeout:
             continue  # nothing to do for a while (the trainer is slow or paused): keep waiting
+
+
+async def take(store: Any, fields: Sequence[str], size: int, consumer: str, *, unit: int = 1,
+               sampler: str = "sequential", writes: Sequence[str] = (), wait: bool = True,
+               timeout_s: float | None = None) -> Any:  # fmt: skip
+    """Up to `size` rows that are ready now; if none, wait for `unit` rows (one group), then take
+    what became ready with them. Producers put in bunches, so one wake-up fills a whole call."""
+    kw = {"sampler": sampler, "writes": writes}
+    batch = await store.get(PARTITION, fields, size, consumer, allow_partial=True, timeout_s=0, **kw)
+    if len(batch) or batch.end or not wait:
+        return batch
+    batch = await store.get(PARTITION, fields, unit, consumer, timeout_s=timeout_s, **kw)
+    if len(batch) and size > len(batch):
+        batch = batch + await store.get(
+            PARTITION, fields, size - len(batch), consumer, allow_partial=True, timeout_s=0, **kw
+        )
+    return batch

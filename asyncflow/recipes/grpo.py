@@ -110,6 +110,7 @@ class Run:
         wf = workflow.start(config, cursor=cursor)
         self.wf = wf
         try:
+            await wf.ready()
             client = await wf.store.async_client()
             self.client = client
             if state is None:
@@ -124,6 +125,7 @@ class Run:
                         extra={"weights_path": str(run.reference_weights)},
                     )  # fmt: skip
                 ]
+                await wf.ready()
             evals = config.task.eval_prompts
             before = await wf.rollouts[0].evaluate.remote(evals, start) if evals else None
             self.view.note(f"{run.path}: step {start}/{config.trainer.steps}, eval reward before {before}")
