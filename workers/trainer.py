@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from asyncflow.algorithms import aggregate, group_advantages, kl_penalty, policy_loss, token_logprobs
 from asyncflow.config import TrainerConfig, WarmupConfig
 from asyncflow.versioning import min_usable_version, staleness_histogram
+from services.parallelism.balance import micro_batches
 from workers.samples import PARTITION, TRAINER, trainer_fields
 
 
@@ -41,6 +43,30 @@ def on_grid(values: list[list[float]], mask: torch.Tensor) -> torch.Tensor:
     grid = torch.zeros(mask.shape, dtype=torch.float32)
     grid[mask] = torch.tensor([v for row in values for v in row], dtype=torch.float32)
     return grid
+
+
+@dataclass
+class _Row:
+    """One sample as the trainer needs it (plain lists: rows are regrouped per micro-batch)."""
+
+    prompt: list[int]
+    response: list[int]
+    behavior: list[float]
+    versions: list[int]
+    reward: float
+    ref: list[float] | None
+
+    @classmethod
+    def of(cls, data: dict, i: int, reference: bool) -> _Row:
+        return cls(
+            data["prompt_ids"][i].tolist(), data["response_ids"][i].tolist(),
+            data["behavior_logprobs"][i].tolist(), data["token_versions"][i].tolist(),
+            float(data["reward"][i]), data["ref_logprobs"][i].tolist() if reference else None,
+        )  # fmt: skip
+
+    def version(self, default: int) -> int:
+        """The oldest version that produced a token of this sample (its staleness counts from it)."""
+        return min(self.versions, default=default)
 
 
 class TrainerWorker:
@@ -108,58 +134,86 @@ class TrainerWorker:
         return metrics
 
     def train_on(self, data: dict) -> dict:
+        """One batch of whole groups: advantages, then `minibatches` optimizer steps, each
+        accumulating gradients over length-balanced micro-batches."""
         order = sorted(
             range(len(data["reward"])), key=lambda i: (data["prompt_index"][i], data["sample_index"][i])
         )
-        prompts = [data["prompt_ids"][i].tolist() for i in order]
-        responses = [data["response_ids"][i].tolist() for i in order]
-        ids, targets, mask = pack(prompts, responses)
-        behavior = on_grid([data["behavior_logprobs"][i].tolist() for i in order], mask)  # (B, L-1)
-        rewards = torch.tensor([float(data["reward"][i]) for i in order]).view(-1, self.n)  # (G, n)
+        rows = [_Row.of(data, i, self.reference) for i in order]
+        rewards = torch.tensor([r.reward for r in rows]).view(-1, self.n)  # (G, n)
         advantages = group_advantages(rewards, self.config.estimator).view(-1)  # (B,)
-        ref = on_grid([data["ref_logprobs"][i].tolist() for i in order], mask) if self.reference else None
-        row_versions = [min(data["token_versions"][i].tolist(), default=self.version) for i in order]
-
-        groups = torch.arange(len(order)).view(-1, self.n)  # (G, n) row positions
-        minibatches = groups.chunk(self.config.minibatches)
+        max_tokens = max(len(r.response) for r in rows)  # Dr.GRPO's constant divisor
+        groups = torch.arange(len(rows)).view(-1, self.n)  # (G, n) row positions
+        minibatches = [g.reshape(-1).tolist() for g in groups.chunk(self.config.minibatches)]
         proximal = None
         if len(minibatches) > 1:  # the policy before this batch's first update (decoupled PPO)
-            with torch.no_grad():
-                proximal = token_logprobs(self.model(ids).logits[:, :-1], targets, self.temperature)
+            proximal = self._logprobs_no_grad(rows)
         stats: dict[str, float] = {}
-        for rows in minibatches:
-            rows = rows.reshape(-1)
-            logits = self.model(ids[rows]).logits[:, :-1]  # (b, L-1, V)
-            logprobs = token_logprobs(logits, targets[rows], self.temperature)  # (b, L-1)
-            loss, stats = policy_loss(
-                logprobs, behavior[rows], advantages[rows], mask[rows],
-                proximal_logprobs=logprobs.detach() if proximal is None else proximal[rows],
-                correction=self.config.correction, clip_eps=self.config.clip_eps,
-                clip_eps_high=self.config.clip_eps_high, is_cap=self.config.is_cap, agg=self.config.loss_agg,
-                max_tokens=mask.shape[1],
-            )  # fmt: skip
-            if ref is not None:
-                kl = aggregate(
-                    kl_penalty(logprobs, ref[rows]), mask[rows], self.config.loss_agg, mask.shape[1]
-                )
-                loss = loss + self.config.kl_coef * kl
-                stats["kl_ref"] = kl.item()
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
-            self.optimizer.step()
-            stats.update(loss=loss.item(), grad_norm=grad_norm.item())
+        for positions in minibatches:
+            stats = self._update([rows[p] for p in positions], advantages[positions], max_tokens,
+                                 None if proximal is None else [proximal[p] for p in positions])  # fmt: skip
         self.version += 1
         return {
             "version": self.version,
-            "samples": len(order),
-            "tokens": int(mask.sum()),
+            "samples": len(rows),
+            "tokens": sum(len(r.response) for r in rows),
             "reward_mean": rewards.mean().item(),
-            "response_len": mask.sum(1).float().mean().item(),
-            "staleness": staleness_histogram(self.version - 1, row_versions),
+            "response_len": sum(len(r.response) for r in rows) / len(rows),
+            "staleness": staleness_histogram(self.version - 1, [r.version(self.version) for r in rows]),
             "trained": [[int(data["prompt_index"][i]), int(data["sample_index"][i])] for i in order],
             **stats,
         }
+
+    def _micro(self, rows: list[_Row]) -> list[list[int]]:
+        return micro_batches([len(r.prompt) + len(r.response) for r in rows], self.config.micro_batch_tokens)
+
+    @torch.no_grad()
+    def _logprobs_no_grad(self, rows: list[_Row]) -> list[torch.Tensor]:
+        out: list[torch.Tensor] = [torch.empty(0)] * len(rows)
+        for micro in self._micro(rows):
+            ids, targets, mask = pack([rows[i].prompt for i in micro], [rows[i].response for i in micro])
+            lp = token_logprobs(self.model(ids).logits[:, :-1], targets, self.temperature)  # (b, L-1)
+            for k, i in enumerate(micro):
+                out[i] = lp[k][mask[k]]
+        return out
+
+    def _update(self, rows: list[_Row], advantages: torch.Tensor, max_tokens: int,
+                proximal: list[torch.Tensor] | None) -> dict[str, float]:  # fmt: skip
+        """One optimizer step over `rows`, the same as one padded pass: each micro-batch's loss is
+        weighted by its share of what the aggregation averages over (tokens, or sequences)."""
+        c = self.config
+        per_token = c.loss_agg == "token-mean"
+        total = sum(len(r.response) if per_token else bool(r.response) for r in rows)
+        self.optimizer.zero_grad(set_to_none=True)
+        stats: dict[str, float] = {}
+        for micro in self._micro(rows):
+            batch = [rows[i] for i in micro]
+            ids, targets, mask = pack([r.prompt for r in batch], [r.response for r in batch])
+            logprobs = token_logprobs(self.model(ids).logits[:, :-1], targets, self.temperature)  # (b, L-1)
+            prox = (
+                logprobs.detach()
+                if proximal is None
+                else on_grid([proximal[i].tolist() for i in micro], mask)
+            )
+            loss, part = policy_loss(
+                logprobs, on_grid([r.behavior for r in batch], mask), advantages[micro], mask,
+                proximal_logprobs=prox, correction=c.correction, clip_eps=c.clip_eps,
+                clip_eps_high=c.clip_eps_high, is_cap=c.is_cap, agg=c.loss_agg, max_tokens=max_tokens,
+            )  # fmt: skip
+            if self.reference:
+                ref = on_grid([r.ref or [] for r in batch], mask)
+                kl = aggregate(kl_penalty(logprobs, ref), mask, c.loss_agg, max_tokens)
+                loss = loss + c.kl_coef * kl
+                part["kl_ref"] = kl.item()
+            share = sum(len(r.response) if per_token else bool(r.response) for r in batch) / max(total, 1)
+            (loss * share).backward()
+            part["loss"] = loss.item()
+            for k, v in part.items():  # micro-batch figures, weighted like the loss
+                stats[k] = max(stats.get(k, v), v) if k.endswith("_max") else stats.get(k, 0.0) + v * share
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.max_grad_norm)
+        self.optimizer.step()
+        stats["grad_norm"] = grad_norm.item()
+        return stats
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -183,6 +183,11 @@ class TrainerConfig(Section):
         le=1024,
         description="Optimizer steps per batch (its groups split evenly); the batch publishes one version.",
     )
+    micro_batch_tokens: int = Field(
+        1024, ge=0, le=10_000_000,
+        description="Padded tokens per forward/backward pass; rows are sorted by length and gradients "
+        "accumulate over the passes (0: the whole batch in one pass).",
+    )  # fmt: skip
     checkpoint_every: int = Field(
         0, ge=0, le=10_000_000, description="Steps between checkpoints (0: at the end only)."
     )

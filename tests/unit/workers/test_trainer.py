@@ -4,6 +4,7 @@ right way; without Ray or a store."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from asyncflow.algorithms import token_logprobs
@@ -73,3 +74,62 @@ async def test_one_step_raises_the_probability_of_rewarded_responses():
     assert metrics["is_weight_max"] <= 1 + 1e-5  # on-policy: the importance weights are 1
     assert after[0] > before[0]  # the rewarded response became more likely
     assert (after[1:] - before[1:]).mean() < 0  # the others, less
+
+
+def _long_tail_batch(model, tok):
+    import asyncio
+
+    engine = TorchEngine(model, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, seed=5)
+    prompts = ["1>", "9876543210>", "55>", "123>"]
+    requests = [Request(str(i), [tok.bos_token_id, *tok.encode(p)], 4, SamplingParams(max_new_tokens=12))
+                for i, p in enumerate(prompts)]  # fmt: skip
+    completions = asyncio.run(engine.generate(requests))
+    g = torch.Generator().manual_seed(0)
+    return {
+        "prompt_ids": [np.array(c.prompt_ids) for c in completions],
+        "response_ids": [np.array(c.response_ids) for c in completions],
+        "behavior_logprobs": [
+            np.array(c.logprobs, dtype=np.float32) - 0.05 for c in completions
+        ],  # off-policy
+        "token_versions": [np.array(c.versions) for c in completions],
+        "reward": torch.rand(16, generator=g).numpy(),
+        "ref_logprobs": [np.array(c.logprobs, dtype=np.float32) + 0.1 for c in completions],
+        "prompt_index": np.repeat(np.arange(4), 4),
+        "sample_index": np.tile(np.arange(4), 4),
+    }
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+def test_micro_batches_give_the_gradient_of_one_padded_pass(agg):
+    """Length-balanced micro-batches only change how the work is cut, not the update."""
+    tok = build_tokenizer(list("0123456789>"))
+    data = _long_tail_batch(build_model(len(tok), seed=1), tok)
+    grads = []
+    for budget in (0, 40):  # one pass; several small ones
+        model = build_model(len(tok), seed=2)
+        config = TrainerConfig(batch_prompts=4, loss_agg=agg, micro_batch_tokens=budget, kl_coef=0.1)
+        trainer = TrainerWorker(model, None, None, config, n=4, staleness=1, temperature=1.0, reference=True)
+        assert len(trainer._micro(trainer_rows(data))) == (1 if budget == 0 else pytest.approx(5, abs=3))
+        metrics = trainer.train_on(data)
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    assert metrics["is_weight_max"] > 1  # the batch really was off-policy
+
+
+def trainer_rows(data):
+    from workers.trainer import _Row
+
+    return [_Row.of(data, i, True) for i in range(len(data["reward"]))]
+
+
+def test_micro_batches_respect_the_budget_and_cover_every_row():
+    from services.parallelism.balance import micro_batches
+
+    lengths = [3, 30, 4, 4, 10, 2, 5]
+    groups = micro_batches(lengths, 12)
+    assert sorted(i for g in groups for i in g) == list(range(7))
+    assert all(len(g) * max(lengths[i] for i in g) <= 12 or len(g) == 1 for g in groups)
+    assert micro_batches(lengths, 0) == [sorted(range(7), key=lambda i: lengths[i])]
+    with pytest.raises(ValueError, match="token_budget"):
+        micro_batches(lengths, -1)
