@@ -18,7 +18,7 @@ import ray
 from asyncflow import workflow
 from asyncflow.config import AsyncFlowConfig
 from asyncflow.display import RunView
-from asyncflow.errors import WorkerError
+from asyncflow.errors import ConfigError, WorkerError
 from asyncflow.plot import line_chart
 from asyncflow.rundir import RunDir
 from workers.samples import PARTITION, SCHEMA, consumers
@@ -142,6 +142,7 @@ class Run:
             summary["admitted_prompts"] = await wf.source.call.remote("pause")
             summary["untrained_rows"] = stats["pending"] + stats["leased"]  # kept in the final checkpoint
             run.write_summary(summary)
+            await client.drop_partition(PARTITION)  # its rows live on in the final checkpoint
             await client.close()
             return summary
         finally:
@@ -149,6 +150,12 @@ class Run:
 
     async def _fresh(self, client) -> int:
         wf = self.wf
+        if PARTITION in (await client.store_stats())["partitions"]:  # a durable store (Redis) outlives runs
+            raise ConfigError(
+                f"store {self.config.dataplane.name!r} already holds a {PARTITION!r} partition (another run "
+                "uses it, or one ended without cleaning up); set dataplane.name to a name of its own, or "
+                "continue that run with --resume"
+            )
         await client.create_partition(
             PARTITION, SCHEMA, consumers=consumers(self.config.reference.enabled), stale_policy="regenerate"
         )
@@ -160,6 +167,10 @@ class Run:
         return 0
 
     async def _resume(self, client, path, state: dict) -> int:
+        # The checkpoint is the consistent cut (model, cursor and rows together): whatever a durable
+        # store still holds from after it is replaced by it.
+        if PARTITION in (await client.store_stats())["partitions"]:
+            await client.drop_partition(PARTITION)
         await client.restore(str(path / "store"))
         version = await self.wf.trainer.call.remote("load", str(path / "trainer"))
         await self.wf.trainer.call.remote("publish")

@@ -139,3 +139,27 @@ def test_resume_after_the_process_is_killed(tmp_path):
     resumed_from = int(json.loads(sorted(run_dir.glob("checkpoints/*/state.json"))[0].read_text())["step"])
     assert resumed_from >= 10
     assert_exactly_once(summary)
+
+
+def test_a_run_on_the_redis_store_cleans_up_after_itself(ray_session, tmp_path):
+    """The same loop on the durable store: exactly once, and the run's partition is gone at the end
+    (its rows live on in the final checkpoint), so the next run with that store name starts clean."""
+    import asyncio
+
+    from dataplane import StoreClient
+
+    config = _config(tmp_path, "trainer.steps=8", "task.eval_prompts=0", "dataplane.backend=redis")
+    summary = train(config, display=False)
+    assert summary["steps"] == 8
+    assert_exactly_once(summary)
+
+    async def partitions() -> dict:
+        from dataplane.store import start_store
+
+        client = await StoreClient.connect(start_store(config.dataplane).address)
+        try:
+            return (await client.store_stats())["partitions"]
+        finally:
+            await client.close()
+
+    assert "samples" not in asyncio.run(partitions())

@@ -160,21 +160,31 @@ def put_through_named_store(name: str, partition: str) -> list[int]:
     return asyncio.run(go())
 
 
-def test_any_process_of_the_cluster_reaches_a_store_by_name(store, client_sync, pname):
+def test_any_process_of_the_cluster_reaches_a_store_by_name(ray_session, pname):
+    """Names are how Ray processes find a memory store (its actors are named); a Redis store is
+    found by its address instead, which the Redis tests cover."""
+    import uuid
+
     from asyncflow.config import DataPlaneConfig
     from asyncflow.errors import DataPlaneError, StorageUnavailable
     from dataplane import start_store, store_address
 
-    client_sync.create_partition(pname, SCHEMA, consumers=["c"])
-    rows = ray.get(put_through_named_store.remote(store.config.name, pname))
-    batch = client_sync.get(pname, ["uid"], 3, "c")
-    assert batch.rows == rows and batch["uid"].tolist() == [0, 1, 2]
-    client_sync.ack(batch)
-    assert store_address(store.config.name) == store.address
-    with pytest.raises(DataPlaneError, match="already running"):
-        start_store(DataPlaneConfig(name=store.config.name))
-    with pytest.raises(StorageUnavailable, match="no store named 'nope'"):
-        store_address("nope")
+    store = start_store(DataPlaneConfig(name=f"named-{uuid.uuid4().hex[:6]}"))
+    client_sync = store.client()
+    try:
+        client_sync.create_partition(pname, SCHEMA, consumers=["c"])
+        rows = ray.get(put_through_named_store.remote(store.config.name, pname))
+        batch = client_sync.get(pname, ["uid"], 3, "c")
+        assert batch.rows == rows and batch["uid"].tolist() == [0, 1, 2]
+        client_sync.ack(batch)
+        assert store_address(store.config.name) == store.address
+        with pytest.raises(DataPlaneError, match="already running"):
+            start_store(DataPlaneConfig(name=store.config.name))
+        with pytest.raises(StorageUnavailable, match="no store named 'nope'"):
+            store_address("nope")
+    finally:
+        client_sync.close()
+        store.shutdown()
 
 
 async def test_a_holder_that_dies_mid_put_leaves_nothing_behind(ray_session, pname):
