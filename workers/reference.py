@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from asyncflow.algorithms import token_logprobs
-from workers.samples import PARTITION, REFERENCE, serve, take
+from workers.samples import PARTITION, REFERENCE, serve, take, work_through
 from workers.trainer import pack
 
 WRITES = ["ref_logprobs"]
@@ -57,10 +57,7 @@ class ReferenceWorker:
 
     async def work(self, rows: int) -> int:
         """Process exactly `rows` rows (sync mode)."""
-        done = 0
-        while done < rows:
-            done += await self.step(rows - done)
-        return done
+        return await work_through(self.step, rows)
 
     async def run(self) -> None:
         await serve(self.step)

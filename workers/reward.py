@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from workers.rollout import decode_response
-from workers.samples import PARTITION, REWARD, REWARD_FIELDS, serve, take
+from workers.samples import PARTITION, REWARD, REWARD_FIELDS, serve, take, work_through
 
 WRITES = REWARD_FIELDS
 
@@ -90,10 +90,7 @@ class RewardWorker:
 
     async def work(self, rows: int) -> int:
         """Process exactly `rows` rows (sync mode)."""
-        done = 0
-        while done < rows:
-            done += await self.step(rows - done)
-        return done
+        return await work_through(self.step, rows)
 
     async def run(self) -> None:
         await serve(self.step)

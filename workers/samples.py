@@ -62,6 +62,14 @@ async def serve(step: Callable[[], Awaitable[int]]) -> None:
             continue  # nothing to do for a while (the trainer is slow or paused): keep waiting
 
 
+async def work_through(step: Callable[[int], Awaitable[int]], rows: int) -> int:
+    """Call `step(at_most)` until exactly `rows` rows are done (sync mode: a fixed share)."""
+    done = 0
+    while done < rows:
+        done += await step(rows - done)
+    return done
+
+
 async def take(store: Any, fields: Sequence[str], size: int, consumer: str, *, unit: int = 1,
                sampler: str = "sequential", writes: Sequence[str] = (), wait: bool = True,
                timeout_s: float | None = None) -> Any:  # fmt: skip
