@@ -29,7 +29,6 @@ class WeightStore:
         self.keep_versions = keep_versions
         self._versions: OrderedDict[int, tuple[list, list[Any]]] = OrderedDict()
         self._changed = asyncio.Condition()
-        self.published_at: dict[int, float] = {}
 
     async def publish(self, version: int, index: list, buckets: list[Any]) -> None:
         """Keep `version` (index: Slot.to_wire() rows; buckets: arrays or object refs to them)."""
@@ -40,7 +39,6 @@ class WeightStore:
             )
         async with self._changed:
             self._versions[version] = (index, buckets)
-            self.published_at[version] = time.time()
             while len(self._versions) > self.keep_versions:
                 self._versions.popitem(last=False)
             self._changed.notify_all()
