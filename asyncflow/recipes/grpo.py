@@ -32,6 +32,9 @@ async def run_async(wf: workflow.Workflow, start: int, steps: int, on_step) -> N
             metrics = await _first(wf.trainer.call.remote("step"), loops)
             await on_step(step, metrics)
     finally:
+        # Stop admitting first: a source cancelled inside a put would leave rows in the store
+        # beyond its cursor, and a later resume would admit those prompts again.
+        await asyncio.gather(wf.source.call.remote("pause"), return_exceptions=True)
         for task in loops:
             task.cancel()
         await asyncio.gather(*loops, return_exceptions=True)
