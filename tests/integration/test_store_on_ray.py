@@ -70,6 +70,8 @@ def test_every_consumer_gets_every_row_exactly_once_across_instances(store, clie
     producers = [Producer.remote(store.address) for _ in range(3)]
     trainers = [Consumer.remote(store.address, "trainer") for _ in range(3)]
     logger = Consumer.remote(store.address, "logger")
+    # Every instance is up before rows flow; on 2 cores a late actor would find the work done.
+    ray.get([a.__ray_ready__.remote() for a in [*producers, *trainers, logger]])
     draining = [c.drain.remote(pname, 16) for c in trainers] + [logger.drain.remote(pname, 32)]
     ray.get([p.put_ids.remote(pname, ids[k::3], 20) for k, p in enumerate(producers)])
     client_sync.seal(pname)
