@@ -108,7 +108,7 @@ async def checkpoint(client: RedisStoreClient, path: str) -> dict:
                     "next_group": int(meta["next_group"]),
                     "sealed": meta["sealed"] == "1",
                     "consumers": cons,
-                    "rows": [[r, 0, *m] for r, m in rows.items()],
+                    "rows": [[r, 0, *m[:8]] for r, m in rows.items()],
                 }
             )
         out.flush()
