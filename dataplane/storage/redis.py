@@ -70,6 +70,8 @@ class RedisStoreClient(StoreClient):
         self._peer = uuid.uuid4().hex[:16]
         self._fifo: dict[tuple[str, str], asyncio.Lock] = {}
         self._held: set[str] = set()  # partitions this client took leases in: it heartbeats there
+        # (partition, consumer) -> row -> id of the lease this client holds the row under
+        self._leases: dict[tuple[str, str], dict[int, str]] = {}
         self._heartbeat: asyncio.Task | None = None
         self._alive_ms = int(3000 * self._rc.heartbeat_s)
         self.stats = ClientStats()
@@ -104,6 +106,7 @@ class RedisStoreClient(StoreClient):
             with contextlib.suppress(DataPlaneError):
                 await self._run("ALIVE", partition, self._peer, "0")
         self._held.clear()
+        self._leases.clear()
         await self._r.aclose()
         await self._r.connection_pool.disconnect()
 
@@ -328,7 +331,7 @@ class RedisStoreClient(StoreClient):
         timeout_s = self.config.get_timeout_s if timeout_s is None else timeout_s
         started = time.monotonic()
         deadline = started + timeout_s
-        acks = list(ack.rows) if ack is not None and ack.rows else []
+        acks = self._held_rows(partition, consumer, ack.rows) if ack is not None and ack.rows else []
         mode = "seq" if chooser.name == "sequential" else "cand"
         waited, partial = False, False
         lease_ms = int(1000 * (lease_s or self.config.lease_s))
@@ -338,7 +341,7 @@ class RedisStoreClient(StoreClient):
             wait_ms = int(1000 * (time.monotonic() - started)) if waited else ""
             return await self._run(
                 "GET", partition, consumer, self._peer, mask, batch_size, lease_ms, vmin, mode, int(partial),
-                self._alive_ms, wait_ms, len(read_bits), *read_bits, len(acks), *acks, len(rows), *rows,
+                self._alive_ms, wait_ms, len(read_bits), *read_bits, len(acks) // 2, *acks, len(rows), *rows,
             )  # fmt: skip
 
         while True:
@@ -346,7 +349,9 @@ class RedisStoreClient(StoreClient):
                 reply = await attempt(mode)
             except LeaseError as e:
                 raise lease_error(partition, consumer, "ack", str(e)) from None
-            acks = []  # sent: the script acked them before anything else
+            if acks:  # sent: the script acked them before anything else
+                self._forget(partition, consumer, ack.rows if ack is not None else [])
+                acks = []
             shards = None
             if reply[0] == b"cand":
                 last, next_ms, nready, npend, drained, ended, flat = reply[1:8]
@@ -359,7 +364,7 @@ class RedisStoreClient(StoreClient):
                 elif ended:
                     reply = [b"end"]
                 elif partial:
-                    reply = [b"ok", [], [], [], [], *([] for _ in fields)]
+                    reply = [b"ok", [], [], [], [], b"", *([] for _ in fields)]
                 else:
                     reply = [b"wait", last, next_ms, nready, npend]
             if reply[0] == b"ok":
@@ -393,7 +398,11 @@ class RedisStoreClient(StoreClient):
 
     async def _batch(self, partition, consumer, reply, fields, bits, schema, shards) -> Batch | None:
         rows, groups, versions, lengths = ([int(v) for v in part] for part in reply[1:5])
-        columns = await self._call(self._cells, partition, list(zip(bits, reply[5:])))
+        if rows:
+            held = self._leases.setdefault((partition, consumer), {})
+            lease = reply[5].decode()
+            held.update((r, lease) for r in rows)
+        columns = await self._call(self._cells, partition, list(zip(bits, reply[6:])))
         batch = Batch(partition, consumer, rows, {}, [0] * len(rows), groups, versions, lengths, shards)
         if any(cell is None for cells in columns for cell in cells):
             await self.release(batch)
@@ -427,22 +436,38 @@ class RedisStoreClient(StoreClient):
 
     async def ack(self, batch: Batch) -> None:
         if batch.rows:
-            await self._leases("ACK", batch, "ack")
+            await self._lease_call("ACK", batch, "ack")
+            self._forget(batch.partition, batch.consumer, batch.rows)
 
     async def release(self, batch: Batch) -> None:
         if batch.rows:
-            await self._leases("LEASES", batch, "release", "release", self._alive_ms)
+            await self._lease_call("LEASES", batch, "release", "release", self._alive_ms)
+            self._forget(batch.partition, batch.consumer, batch.rows)
 
     async def renew(self, batch: Batch, lease_s: float | None = None) -> None:
         if batch.rows:
             ms = int(1000 * (lease_s or self.config.lease_s))
-            await self._leases("LEASES", batch, "renew", ms, self._alive_ms)
+            reply = await self._lease_call("LEASES", batch, "renew", ms, self._alive_ms)
+            held = self._leases[(batch.partition, batch.consumer)]
+            held.update((int(r), reply[1].decode()) for r in batch.rows)
 
-    async def _leases(self, script: str, batch: Batch, verb: str, *args: Any) -> None:
+    async def _lease_call(self, script: str, batch: Batch, verb: str, *args: Any) -> list:
+        rows = self._held_rows(batch.partition, batch.consumer, batch.rows)
         try:
-            await self._run(script, batch.partition, batch.consumer, self._peer, *args, *batch.rows)
+            return await self._run(script, batch.partition, batch.consumer, self._peer, *args, *rows)
         except LeaseError as e:
             raise lease_error(batch.partition, batch.consumer, verb, str(e)) from None
+
+    def _held_rows(self, partition: str, consumer: str, rows: Sequence[int]) -> list:
+        """lease id, row, ... for `rows`: the lease this client holds each under ('-': none, which the
+        script refuses with the row's number)."""
+        held = self._leases.get((partition, consumer), {})
+        return [x for r in rows for x in (held.get(int(r), "-"), int(r))]
+
+    def _forget(self, partition: str, consumer: str, rows: Sequence[int]) -> None:
+        held = self._leases.get((partition, consumer), {})
+        for r in rows:
+            held.pop(int(r), None)
 
     # -------------------------------------------------------------- whole store
 

@@ -19,7 +19,10 @@ make it one Redis Cluster hash slot):
     :ver             ZSET   row by policy version, so a version window finds stale rows in O(log n)
     :c<j>:pend       ZSET   rows consumer j has neither been handed nor finished, by row number
     :c<j>:ready      ZSET   the pending rows whose fields consumer j asks for are written
-    :c<j>:lease      ZSET   leased rows by deadline (server ms); :c<j>:hold HASH row -> client id
+    :c<j>:lease      ZSET   lease id -> deadline (server ms); a lease is one handed-out batch, its
+                            id '<client id>/<n>'; :c<j>:lrows HASH lease id -> msgpack list of the
+                            rows it still holds (a lease per batch, not per row: per-row lease
+                            entries were a third of a get's server time)
     :c<j>:n          HASH   counters (delivered, acked, redelivered, ...)
     :alive           ZSET   client id by the deadline of its heartbeat
     :ev  :space      STREAM one entry (MAXLEN 1): appended when rows become ready / capacity
@@ -96,11 +99,73 @@ local function consumer_bit(name)
 end
 local function c(j, s) return k('c' .. j .. ':' .. s) end
 
--- rows go back to consumer j's pending (and ready) set
+-- leases: who holds one, a new one, the rows of ended ones
+local function holder(id) return string.match(id, '^(.*)/%d+$') end
+local function new_lease(j, peer, rows, deadline)
+  if #rows == 0 then return '' end
+  local id = peer .. '/' .. redis.call('HINCRBY', c(j, 'n'), 'leases', 1)
+  redis.call('ZADD', c(j, 'lease'), deadline, id)
+  redis.call('HSET', c(j, 'lrows'), id, cmsgpack.pack(rows))
+  return id
+end
+local function end_leases(j, ids)
+  local rows = {}
+  local s = 1
+  while s <= #ids do
+    local e = math.min(s + 4999, #ids)
+    for _, v in ipairs(redis.call('HMGET', c(j, 'lrows'), unpack(ids, s, e))) do
+      if v then for _, r in ipairs(cmsgpack.unpack(v)) do table.insert(rows, r) end end
+    end
+    s = e + 1
+  end
+  bulk('HDEL', c(j, 'lrows'), ids)
+  bulk('ZREM', c(j, 'lease'), ids)
+  return rows
+end
+local function leases_of(j, peers)  -- ids of consumer j's leases held by the clients in set `peers`
+  local ids = {}
+  for _, id in ipairs(redis.call('HKEYS', c(j, 'lrows'))) do
+    if peers[holder(id)] then table.insert(ids, id) end
+  end
+  return ids
+end
+-- rows come off the leases `peer` holds them under; held: lease id, row, lease id, row, ... Changes
+-- nothing and answers an error naming the row unless peer holds every row under the lease named
+-- with it (a repeated row counts once).
+local function take(j, peer, held)
+  local leases, order = {}, {}
+  for i = 1, #held, 2 do
+    local id, r = held[i], held[i + 1]
+    local l = leases[id]
+    if l == nil then
+      l = false
+      local v = holder(id) == peer and redis.call('HGET', c(j, 'lrows'), id)
+      if v then
+        l = {}
+        for _, x in ipairs(cmsgpack.unpack(v)) do l[x] = 1 end
+      end
+      leases[id] = l
+      table.insert(order, id)
+    end
+    if not l or not l[r] then return {'err', 'lease', r} end
+    l[r] = 0
+  end
+  for _, id in ipairs(order) do
+    local left = {}
+    for x, v in pairs(leases[id]) do if v == 1 then table.insert(left, x) end end
+    if #left == 0 then
+      redis.call('HDEL', c(j, 'lrows'), id)
+      redis.call('ZREM', c(j, 'lease'), id)
+    else
+      redis.call('HSET', c(j, 'lrows'), id, cmsgpack.pack(left))
+    end
+  end
+  return nil
+end
+
+-- rows (off their leases) go back to consumer j's pending (and ready) set
 local function give_back(j, rows, redelivered)
   if #rows == 0 then return end
-  bulk('ZREM', c(j, 'lease'), rows)
-  bulk('HDEL', c(j, 'hold'), rows)
   local m = cmask(j)
   local pend, ready = {}, {}
   local metas = getrows(rows)
@@ -191,32 +256,23 @@ local function done(j, rows, metas)
   free(gone, gonem)
 end
 
--- the leases of `rows` held by `peer`: nil, or an error reply naming the first one that is not
-local function check_held(j, peer, rows)
-  local s = 1
-  while s <= #rows do
-    local e = math.min(s + 4999, #rows)
-    local holders = redis.call('HMGET', c(j, 'hold'), unpack(rows, s, e))
-    for i = 1, e - s + 1 do
-      if holders[i] ~= peer then return {'err', 'lease', rows[s + i - 1]} end
-    end
-    s = e + 1
-  end
-  return nil
-end
-
-local function do_ack(j, peer, rows)
+-- consumer j acks rows held by peer; held: lease id, row, ... (a row j already acked is skipped)
+local function do_ack(j, peer, held)
   local bitj = 2 ^ j
-  local live, livem = {}, {}
+  local rows, seen = {}, {}
+  for i = 2, #held, 2 do rows[i / 2] = held[i] end
   local metas = getrows(rows)
+  local live, livem, liveheld = {}, {}, {}
   for i, r in ipairs(rows) do
     local m = metas[i]
-    if m and bit.band(m[7], bitj) == 0 then table.insert(live, r); table.insert(livem, m) end
+    if m and bit.band(m[7], bitj) == 0 and not seen[r] then
+      seen[r] = true
+      table.insert(live, r); table.insert(livem, m)
+      table.insert(liveheld, held[2 * i - 1]); table.insert(liveheld, r)
+    end
   end
-  local e = check_held(j, peer, live)
+  local e = take(j, peer, liveheld)
   if e then return e end
-  bulk('ZREM', c(j, 'lease'), live)
-  bulk('HDEL', c(j, 'hold'), live)
   done(j, live, livem)
   if #live > 0 then redis.call('HINCRBY', c(j, 'n'), 'acked', #live) end
   if meta('sealed') == '1' then notify('ev') end
@@ -369,7 +425,7 @@ return {'ok'}
 """
 
 # ARGV: B, consumer, peer, mask, batch_size, lease_ms, v_min|'', mode seq|cand|rows, partial 0|1,
-#       alive_ms, wait_ms|'', nread, read bits..., nack, ack rows..., nrows, rows...
+#       alive_ms, wait_ms|'', nread, read bits..., nack, (lease id, row) x nack, nrows, rows...
 GET = r"""
 if redis.call('EXISTS', k('meta')) == 0 then return {'err', 'unknown'} end
 local j = consumer_bit(ARGV[2])
@@ -380,8 +436,8 @@ local nread = tonumber(ARGV[12])
 local at = 13 + nread
 local nack = tonumber(ARGV[at])
 local acks = {}
-for i = 1, nack do acks[i] = ARGV[at + i] end
-at = at + nack + 1
+for i = 1, 2 * nack do acks[i] = ARGV[at + i] end
+at = at + 2 * nack + 1
 local want = {}
 for i = 1, tonumber(ARGV[at]) do want[i] = ARGV[at + i] end
 if nack > 0 then
@@ -392,16 +448,12 @@ local now = now_ms()
 redis.call('ZADD', k('alive'), now + tonumber(ARGV[10]), peer)
 -- leases whose deadline passed, and leases of clients whose heartbeat stopped
 local expired = redis.call('ZRANGEBYSCORE', c(j, 'lease'), '-inf', now)
-give_back(j, expired, true)
+give_back(j, end_leases(j, expired), true)
 local dead = redis.call('ZRANGEBYSCORE', k('alive'), '-inf', now)
 if #dead > 0 then
   local gone = {}
   for _, p in ipairs(dead) do gone[p] = true end
-  for jj = 0, nconsumers() - 1 do
-    local held, lost = redis.call('HGETALL', c(jj, 'hold')), {}
-    for i = 1, #held, 2 do if gone[held[i + 1]] then table.insert(lost, held[i]) end end
-    give_back(jj, lost, true)
-  end
+  for jj = 0, nconsumers() - 1 do give_back(jj, end_leases(jj, leases_of(jj, gone)), true) end
   bulk('ZREM', k('alive'), dead)
 end
 -- the consumer asks for other fields than last time: rebuild its ready set
@@ -460,22 +512,16 @@ local function lease(rows)
   local deadline = now + tonumber(ARGV[6])
   bulk('ZREM', c(j, 'pend'), rows)
   bulk('ZREM', c(j, 'ready'), rows)
-  local zl, hold, groups, versions, lengths = {}, {}, {}, {}, {}
+  local groups, versions, lengths = {}, {}, {}
   local metas = getrows(rows)
-  for i, r in ipairs(rows) do
-    table.insert(zl, deadline); table.insert(zl, r)
-    table.insert(hold, r); table.insert(hold, peer)
-    local m = metas[i]
-    groups[i], versions[i], lengths[i] = m[1], m[4], m[3]
-  end
-  bulk('ZADD', c(j, 'lease'), zl)
-  bulk('HSET', c(j, 'hold'), hold)
+  for i, m in ipairs(metas) do groups[i], versions[i], lengths[i] = m[1], m[4], m[3] end
+  local id = new_lease(j, peer, rows, deadline)
   if #rows > 0 then redis.call('HINCRBY', c(j, 'n'), 'delivered', #rows) end
   if ARGV[11] ~= '' then
     redis.call('HINCRBY', c(j, 'n'), 'waits', 1)
     redis.call('HINCRBYFLOAT', c(j, 'n'), 'wait_s', tonumber(ARGV[11]) / 1000)
   end
-  local out = {'ok', rows, groups, versions, lengths}
+  local out = {'ok', rows, groups, versions, lengths, id}
   for i = 1, nread do  -- where the cells are: the client reads them with plain HMGETs
     local b, refs = tonumber(ARGV[12 + i]) + 1, {}
     for n, m in ipairs(metas) do refs[n] = m[9][b] .. ':' .. m[10][b] end
@@ -497,7 +543,7 @@ end
 
 local function ended()
   if not drained then return false end
-  for _, p in ipairs(redis.call('HVALS', c(j, 'hold'))) do if p ~= peer then return false end end
+  for _, id in ipairs(redis.call('HKEYS', c(j, 'lrows'))) do if holder(id) ~= peer then return false end end
   return true
 end
 
@@ -525,7 +571,7 @@ table.insert(out, cand)
 return out
 """
 
-# ARGV: B, consumer, peer, rows...
+# ARGV: B, consumer, peer, (lease id, row)...
 ACK = r"""
 if redis.call('EXISTS', k('meta')) == 0 then return {'err', 'unknown'} end
 local j = consumer_bit(ARGV[2])
@@ -533,24 +579,27 @@ if not j then return {'err', 'notreg', ARGV[2], redis.call('HKEYS', k('cons'))} 
 return do_ack(j, ARGV[3], {unpack(ARGV, 4)}) or {'ok'}
 """
 
-# ARGV: B, consumer, peer, lease_ms|'' (renew) or 'release', alive_ms, rows...
+# ARGV: B, consumer, peer, lease_ms (renew) or 'release', alive_ms, (lease id, row)...
+# renew answers the id of the one new lease the rows are now held under
 LEASES = r"""
 if redis.call('EXISTS', k('meta')) == 0 then return {'err', 'unknown'} end
 local j = consumer_bit(ARGV[2])
 if not j then return {'err', 'notreg', ARGV[2], redis.call('HKEYS', k('cons'))} end
-local rows = {unpack(ARGV, 6)}
-local e = check_held(j, ARGV[3], rows)
+local held = {unpack(ARGV, 6)}
+local e = take(j, ARGV[3], held)
 if e then return e end
+local rows, seen = {}, {}
+for i = 2, #held, 2 do
+  if not seen[held[i]] then seen[held[i]] = true; table.insert(rows, held[i]) end
+end
 if ARGV[4] == 'release' then
   give_back(j, rows, false)
   return {'ok'}
 end
 local now = now_ms()
-local zl = {}
-for _, r in ipairs(rows) do table.insert(zl, now + tonumber(ARGV[4])); table.insert(zl, r) end
-bulk('ZADD', c(j, 'lease'), zl)
+local id = new_lease(j, ARGV[3], rows, now + tonumber(ARGV[4]))
 redis.call('ZADD', k('alive'), now + tonumber(ARGV[5]), ARGV[3])
-return {'ok'}
+return {'ok', id}
 """
 
 # ARGV: B, peer, alive_ms ('0': the client closes: give its leases back now)
@@ -560,11 +609,7 @@ if ARGV[3] ~= '0' then
   redis.call('ZADD', k('alive'), now_ms() + tonumber(ARGV[3]), ARGV[2])
   return {'ok'}
 end
-for j = 0, nconsumers() - 1 do
-  local held, lost = redis.call('HGETALL', c(j, 'hold')), {}
-  for i = 1, #held, 2 do if held[i + 1] == ARGV[2] then table.insert(lost, held[i]) end end
-  give_back(j, lost, true)
-end
+for j = 0, nconsumers() - 1 do give_back(j, end_leases(j, leases_of(j, {[ARGV[2]] = true})), true) end
 redis.call('ZREM', k('alive'), ARGV[2])
 return {'ok'}
 """
@@ -584,7 +629,7 @@ local keys = {k('meta'), k('bits'), k('cons'), k('rows'), k('ver'), k('alive'), 
   k('xc')}
 for _, ref in ipairs(redis.call('HKEYS', k('xc'))) do redis.call('DEL', k('x:' .. ref)) end
 for j = 0, nconsumers() - 1 do
-  for _, s in ipairs({'pend', 'ready', 'lease', 'hold', 'n'}) do table.insert(keys, c(j, s)) end
+  for _, s in ipairs({'pend', 'ready', 'lease', 'lrows', 'n'}) do table.insert(keys, c(j, s)) end
 end
 redis.call('DEL', unpack(keys))
 redis.call('SREM', ARGV[2], ARGV[3])
@@ -596,13 +641,18 @@ return {'ok'}
 
 # ARGV: B. Everything a snapshot or the stats need, read in one atomic step.
 SNAPSHOT = r"""
+local function leased(j)
+  local n = 0
+  for _, v in ipairs(redis.call('HVALS', c(j, 'lrows'))) do n = n + #cmsgpack.unpack(v) end
+  return n
+end
 if redis.call('EXISTS', k('meta')) == 0 then return {'err', 'unknown'} end
 local out = {redis.call('HGETALL', k('meta')), redis.call('HGETALL', k('cons')),
   redis.call('HGETALL', k('rows'))}
 local counts = {}
 for j = 0, nconsumers() - 1 do
   table.insert(counts, {redis.call('ZCARD', c(j, 'pend')), redis.call('ZCARD', c(j, 'ready')),
-    redis.call('ZCARD', c(j, 'lease')), redis.call('HGETALL', c(j, 'n'))})
+    leased(j), redis.call('HGETALL', c(j, 'n'))})
 end
 table.insert(out, counts)
 if ARGV[2] == '1' then
