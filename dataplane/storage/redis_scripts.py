@@ -16,6 +16,9 @@ make it one Redis Cluster hash slot):
     :xc              HASH   "<chunk>:<b>" -> rows still referring to that chunk's cells: a chunk is
                             deleted whole when its last row lets go (one DEL instead of a HDEL
                             per cell, which was a fifth of a get's server time)
+    :missing         HASH   field bit -> live rows that lack that field: a consumer whose fields no
+                            row lacks gets its ready set as a copy of its pending set, without
+                            reading any row's metadata
     :ver             ZSET   row by policy version, so a version window finds stale rows in O(log n)
     :c<j>:pend       ZSET   rows consumer j has neither been handed nor finished, by row number
     :c<j>:ready      ZSET   the pending rows whose fields consumer j asks for are written
@@ -188,7 +191,7 @@ local function release_cells(counts)
   for ref, n in pairs(counts) do
     if redis.call('HINCRBY', k('xc'), ref, -n) <= 0 then
       redis.call('HDEL', k('xc'), ref)
-      redis.call('DEL', k('x:' .. ref))
+      redis.call('UNLINK', k('x:' .. ref))  -- freed off the server's main thread
     end
   end
 end
@@ -227,10 +230,24 @@ local function no_cells(nf)
 end
 
 -- forget rows every consumer is done with: metadata, cells, version index
+-- live rows lacking field b change by delta[b]
+local function missing(delta)
+  for b, n in pairs(delta) do if n ~= 0 then redis.call('HINCRBY', k('missing'), b, n) end end
+end
+local function lacking(delta, m, nf, sign)  -- count the fields row meta m lacks into delta
+  for b = 0, nf - 1 do
+    if bit.band(m[5], 2 ^ b) == 0 then delta[b] = (delta[b] or 0) + sign end
+  end
+end
+
 local function free(rows, metas)
   if #rows == 0 then return end
-  local counts = {}
-  for _, m in ipairs(metas) do forget_cells(counts, m, 2 ^ 31 - 1) end
+  local counts, delta, nf = {}, {}, tonumber(meta('nf'))
+  for _, m in ipairs(metas) do
+    lacking(delta, m, nf, -1)
+    forget_cells(counts, m, 2 ^ 31 - 1)
+  end
+  missing(delta)
   release_cells(counts)
   bulk('HDEL', k('rows'), rows)
   bulk('ZREM', k('ver'), rows)
@@ -359,6 +376,9 @@ for i = 1, n do
 end
 accept(chunk, bits, metas)
 setrows(rows, metas)
+local delta = {}
+for b = 0, nfs - 1 do if bit.band(mask, 2 ^ b) == 0 then delta[b] = n end end
+missing(delta)
 bulk('ZADD', k('ver'), ver)
 for j = 0, nconsumers() - 1 do
   bulk('ZADD', c(j, 'pend'), pend)
@@ -407,6 +427,9 @@ for i = 1, n do
 end
 accept(chunk, bits, metas)
 setrows(rows, metas)
+local delta = {}
+for _, b in ipairs(bits) do delta[b] = -n end
+missing(delta)
 bulk('ZADD', k('ver'), ver)
 for j = 0, nconsumers() - 1 do
   local cm = cmask(j)
@@ -460,11 +483,21 @@ end
 if cmask(j) ~= mask then
   redis.call('HSET', k('meta'), 'mask' .. j, mask)
   redis.call('DEL', c(j, 'ready'))
-  local ready, pend = {}, redis.call('ZRANGE', c(j, 'pend'), 0, -1)
-  for i, m in ipairs(getrows(pend)) do
-    if has(m[5], mask) then table.insert(ready, pend[i]); table.insert(ready, pend[i]) end
+  local complete = true  -- no live row lacks a field of the mask: every pending row is ready
+  for b = 0, tonumber(meta('nf')) - 1 do
+    if bit.band(mask, 2 ^ b) ~= 0 and tonumber(redis.call('HGET', k('missing'), b) or 0) > 0 then
+      complete = false
+    end
   end
-  bulk('ZADD', c(j, 'ready'), ready)
+  if complete then
+    redis.call('COPY', c(j, 'pend'), c(j, 'ready'))
+  else
+    local ready, pend = {}, redis.call('ZRANGE', c(j, 'pend'), 0, -1)
+    for i, m in ipairs(getrows(pend)) do
+      if has(m[5], mask) then table.insert(ready, pend[i]); table.insert(ready, pend[i]) end
+    end
+    bulk('ZADD', c(j, 'ready'), ready)
+  end
 end
 -- the version window: rows older than v_min are dropped or regenerated
 if ARGV[7] ~= '' then
@@ -480,9 +513,10 @@ if ARGV[7] ~= '' then
       done(j, stale, getrows(stale))
     else
       local nc = nconsumers()
-      local counts = {}
+      local counts, delta = {}, {}
       for _, r in ipairs(stale) do
         local m = getrow(r)
+        for b = 0, 30 do if bit.band(m[6], 2 ^ b) ~= 0 then delta[b] = (delta[b] or 0) + 1 end end
         forget_cells(counts, m, m[6])
         m[5] = bit.band(m[5], bit.bnot(m[6]))
         m[4], m[6] = -1, 0
@@ -499,6 +533,7 @@ if ARGV[7] ~= '' then
         setrow(r, m)
       end
       release_cells(counts)
+      missing(delta)
       bulk('ZREM', k('ver'), stale)
       redis.call('HINCRBY', c(j, 'n'), 'regenerated', #stale)
       notify('ev')
@@ -626,7 +661,7 @@ return {'ok'}
 DROP = r"""
 if redis.call('EXISTS', k('meta')) == 0 then return {'ok'} end
 local keys = {k('meta'), k('bits'), k('cons'), k('rows'), k('ver'), k('alive'), k('puts'), k('putrow'),
-  k('xc')}
+  k('xc'), k('missing')}
 for _, ref in ipairs(redis.call('HKEYS', k('xc'))) do redis.call('DEL', k('x:' .. ref)) end
 for j = 0, nconsumers() - 1 do
   for _, s in ipairs({'pend', 'ready', 'lease', 'lrows', 'n'}) do table.insert(keys, c(j, s)) end
@@ -689,9 +724,10 @@ for i = 1, nc do
 end
 redis.call('HSET', k('meta'), 'nc', nc)
 at = at + nc + 1
-local rows, ver, cells = {}, {}, {}
+local rows, ver, cells, delta = {}, {}, {}, {}
 for i = at, #ARGV, 2 do
   local r, m = ARGV[i], cmsgpack.unpack(ARGV[i + 1])
+  lacking(delta, m, nf, 1)
   m[9], m[10] = no_cells(nf)
   for b = 0, nf - 1 do  -- the client wrote the cells to chunk 'restore', indexed by row
     if bit.band(m[5], 2 ^ b) ~= 0 then
@@ -707,6 +743,7 @@ for i = at, #ARGV, 2 do
   end
 end
 for b, n in pairs(cells) do redis.call('HSET', k('xc'), 'restore:' .. b, n) end
+missing(delta)
 bulk('ZADD', k('ver'), ver)
 redis.call('HSET', k('meta'), 'live', #rows)
 redis.call('SADD', ARGV[2], ARGV[3])
