@@ -6,9 +6,10 @@ make it one Redis Cluster hash slot):
     :meta            HASH   schema, capacity, stale policy, counters, sealed, live rows, mask<j>
     :bits  :cons     HASH   field -> bit, consumer -> bit
     :rows            HASH   row -> msgpack [group, group_size, length, version, ready, versioned,
-                            acked, nbytes, chunks, idxs] (ready / versioned: field bits, acked:
-                            consumer bits; chunks[b + 1] / idxs[b + 1]: where the cell of field b is,
-                            '' / -1 while it has none)
+                            0, nbytes, chunks, idxs] (ready / versioned: field bits; chunks[b + 1] /
+                            idxs[b + 1]: where the cell of field b is, '' / -1 while it has none)
+    :acked           HASH   row -> bits of the consumers that acked it (an integer, so an ack
+                            reads and writes no msgpack metadata unless it frees the row)
     :x:<chunk>:<b>   HASH   i -> cell (`dataplane.storage.cells`): the cells of one put, written
                             by plain HSETs in the same MULTI/EXEC as the put's script, read by
                             plain HMGETs after the get's script; cell bytes never pass through
@@ -250,27 +251,37 @@ local function free(rows, metas)
   missing(delta)
   release_cells(counts)
   bulk('HDEL', k('rows'), rows)
+  bulk('HDEL', k('acked'), rows)
   bulk('ZREM', k('ver'), rows)
   redis.call('HINCRBY', k('meta'), 'live', -#rows)
   redis.call('HINCRBY', k('meta'), 'freed', #rows)
   notify('space')
 end
 
--- consumer j is done with rows (acked or dropped as stale); metas: their metadata (getrows)
-local function done(j, rows, metas)
-  local all = 2 ^ nconsumers() - 1
-  local gone, gonem, kept, keptm = {}, {}, {}, {}
-  for i, r in ipairs(rows) do
-    local m = metas[i]
-    m[7] = bit.bor(m[7], 2 ^ j)
-    if m[7] == all then
-      table.insert(gone, r); table.insert(gonem, m)
-    else
-      table.insert(kept, r); table.insert(keptm, m)
+-- the bits of the consumers that acked each row (false: the row is gone)
+local function acked_bits(rows)
+  local out = {}
+  local s = 1
+  while s <= #rows do
+    local e = math.min(s + 4999, #rows)
+    for _, v in ipairs(redis.call('HMGET', k('acked'), unpack(rows, s, e))) do
+      table.insert(out, v and tonumber(v) or false)
     end
+    s = e + 1
   end
-  setrows(kept, keptm)
-  free(gone, gonem)
+  return out
+end
+
+-- consumer j is done with rows (acked or dropped as stale); acked: their acked_bits
+local function done(j, rows, acked)
+  local all = 2 ^ nconsumers() - 1
+  local gone, kept = {}, {}
+  for i, r in ipairs(rows) do
+    local a = bit.bor(acked[i], 2 ^ j)
+    if a == all then table.insert(gone, r) else table.insert(kept, r); table.insert(kept, a) end
+  end
+  bulk('HSET', k('acked'), kept)
+  free(gone, getrows(gone))
 end
 
 -- consumer j acks rows held by peer; held: lease id, row, ... (a row j already acked is skipped)
@@ -278,19 +289,19 @@ local function do_ack(j, peer, held)
   local bitj = 2 ^ j
   local rows, seen = {}, {}
   for i = 2, #held, 2 do rows[i / 2] = held[i] end
-  local metas = getrows(rows)
-  local live, livem, liveheld = {}, {}, {}
+  local acked = acked_bits(rows)
+  local live, livea, liveheld = {}, {}, {}
   for i, r in ipairs(rows) do
-    local m = metas[i]
-    if m and bit.band(m[7], bitj) == 0 and not seen[r] then
+    local a = acked[i]
+    if a and bit.band(a, bitj) == 0 and not seen[r] then
       seen[r] = true
-      table.insert(live, r); table.insert(livem, m)
+      table.insert(live, r); table.insert(livea, a)
       table.insert(liveheld, held[2 * i - 1]); table.insert(liveheld, r)
     end
   end
   local e = take(j, peer, liveheld)
   if e then return e end
-  done(j, live, livem)
+  done(j, live, livea)
   if #live > 0 then redis.call('HINCRBY', c(j, 'n'), 'acked', #live) end
   if meta('sealed') == '1' then notify('ev') end
   return nil
@@ -363,7 +374,7 @@ local version = tonumber(ARGV[6]) or -1
 local versioned = 0
 if version >= 0 then versioned = mask end
 local at = 9 + nf
-local rows, ver, pend, metas = {}, {}, {}, {}
+local rows, ver, pend, metas, acked = {}, {}, {}, {}, {}
 local nfs = tonumber(meta('nf'))
 for i = 1, n do
   local r = first + i - 1
@@ -372,10 +383,12 @@ for i = 1, n do
   metas[i] = {g0 + math.floor((i - 1) / gs), gs, tonumber(ARGV[at + i - 1]), version, mask, versioned, 0,
     tonumber(ARGV[at + n + i - 1]), chunks, idxs}
   table.insert(pend, r); table.insert(pend, r)
+  table.insert(acked, r); table.insert(acked, 0)
   if version >= 0 then table.insert(ver, version); table.insert(ver, r) end
 end
 accept(chunk, bits, metas)
 setrows(rows, metas)
+bulk('HSET', k('acked'), acked)
 local delta = {}
 for b = 0, nfs - 1 do if bit.band(mask, 2 ^ b) == 0 then delta[b] = n end end
 missing(delta)
@@ -510,7 +523,7 @@ if ARGV[7] ~= '' then
     if meta('stale') == 'drop' then
       bulk('ZREM', c(j, 'pend'), stale)
       redis.call('HINCRBY', c(j, 'n'), 'dropped_stale', #stale)
-      done(j, stale, getrows(stale))
+      done(j, stale, acked_bits(stale))
     else
       local nc = nconsumers()
       local counts, delta = {}, {}
@@ -520,10 +533,11 @@ if ARGV[7] ~= '' then
         forget_cells(counts, m, m[6])
         m[5] = bit.band(m[5], bit.bnot(m[6]))
         m[4], m[6] = -1, 0
+        local acked = acked_bits({r})[1]
+        redis.call('HSET', k('acked'), r, 0)
         for o = 0, nc - 1 do
           local om = cmask(o)
-          if bit.band(m[7], 2 ^ o) ~= 0 then
-            m[7] = bit.band(m[7], bit.bnot(2 ^ o))
+          if bit.band(acked, 2 ^ o) ~= 0 then
             redis.call('ZADD', c(o, 'pend'), r, r)
             if has(m[5], om) then redis.call('ZADD', c(o, 'ready'), r, r) end
           elseif not has(m[5], om) then
@@ -661,7 +675,7 @@ return {'ok'}
 DROP = r"""
 if redis.call('EXISTS', k('meta')) == 0 then return {'ok'} end
 local keys = {k('meta'), k('bits'), k('cons'), k('rows'), k('ver'), k('alive'), k('puts'), k('putrow'),
-  k('xc'), k('missing')}
+  k('xc'), k('missing'), k('acked')}
 for _, ref in ipairs(redis.call('HKEYS', k('xc'))) do redis.call('DEL', k('x:' .. ref)) end
 for j = 0, nconsumers() - 1 do
   for _, s in ipairs({'pend', 'ready', 'lease', 'lrows', 'n'}) do table.insert(keys, c(j, s)) end
@@ -690,6 +704,7 @@ for j = 0, nconsumers() - 1 do
     leased(j), redis.call('HGETALL', c(j, 'n'))})
 end
 table.insert(out, counts)
+table.insert(out, redis.call('HGETALL', k('acked')))
 if ARGV[2] == '1' then
   local rows = out[3]
   local metas = {}
@@ -728,6 +743,9 @@ local rows, ver, cells, delta = {}, {}, {}, {}
 for i = at, #ARGV, 2 do
   local r, m = ARGV[i], cmsgpack.unpack(ARGV[i + 1])
   lacking(delta, m, nf, 1)
+  redis.call('HSET', k('acked'), r, m[7])
+  local acked = m[7]
+  m[7] = 0
   m[9], m[10] = no_cells(nf)
   for b = 0, nf - 1 do  -- the client wrote the cells to chunk 'restore', indexed by row
     if bit.band(m[5], 2 ^ b) ~= 0 then
@@ -739,7 +757,7 @@ for i = at, #ARGV, 2 do
   table.insert(rows, r)
   if m[4] >= 0 then table.insert(ver, m[4]); table.insert(ver, r) end
   for j = 0, nc - 1 do
-    if bit.band(m[7], 2 ^ j) == 0 then redis.call('ZADD', c(j, 'pend'), r, r) end
+    if bit.band(acked, 2 ^ j) == 0 then redis.call('ZADD', c(j, 'pend'), r, r) end
   end
 end
 for b, n in pairs(cells) do redis.call('HSET', k('xc'), 'restore:' .. b, n) end

@@ -34,7 +34,9 @@ def _decode(reply: list) -> tuple[dict[str, str], list[str], dict[int, list], li
     meta = {k.decode(): v.decode() for k, v in _pairs(reply[0]).items()}
     cons = [c.decode() for c, _ in sorted(_pairs(reply[1]).items(), key=lambda kv: int(kv[1]))]
     rows = {int(r): msgpack.unpackb(m) for r, m in _pairs(reply[2]).items()}
-    return meta, cons, dict(sorted(rows.items())), reply[3], reply[4:]
+    for r, bits in _pairs(reply[4]).items():  # acked bits live beside the metadata
+        rows[int(r)][6] = int(bits)
+    return meta, cons, dict(sorted(rows.items())), reply[3], reply[5:]
 
 
 async def stats(client: RedisStoreClient) -> dict:

@@ -346,7 +346,9 @@ async def test_a_consumer_first_asking_for_a_field_some_rows_lack_gets_only_comp
     raw = client._r  # type: ignore[attr-defined]
     missing = f"{handle.address.split('#')[1]}:{{{pname}}}:missing"
     try:
-        await client.create_partition(pname, {"x": "int64", "y": "int64"}, consumers=["c"], stale_policy="drop")
+        await client.create_partition(
+            pname, {"x": "int64", "y": "int64"}, consumers=["c"], stale_policy="drop"
+        )
         rows = await client.put(pname, {"x": np.arange(6)})
         await client.put(pname, {"y": np.arange(3) * 10}, rows=rows[:3], version=0)
         assert {int(v) for v in (await raw.hgetall(missing)).values()} <= {0, 3}
