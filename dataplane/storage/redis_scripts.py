@@ -6,8 +6,8 @@ make it one Redis Cluster hash slot):
     :meta            HASH   schema, capacity, stale policy, counters, sealed, live rows, mask<j>
     :bits  :cons     HASH   field -> bit, consumer -> bit
     :rows            HASH   row -> msgpack [group, group_size, length, version, ready, versioned,
-                            0, nbytes, chunks, idxs] (ready / versioned: field bits; chunks[b + 1] /
-                            idxs[b + 1]: where the cell of field b is, '' / -1 while it has none)
+                            0, nbytes, ref of field 0, ref of field 1, ...] (ready / versioned:
+                            field bits; a ref, '<chunk>:<i>', is where the cell is, '' if none)
     :acked           HASH   row -> bits of the consumers that acked it (an integer, so an ack
                             reads and writes no msgpack metadata unless it frees the row)
     :x:<chunk>:<b>   HASH   i -> cell (`dataplane.storage.cells`): the cells of one put, written
@@ -198,11 +198,11 @@ local function release_cells(counts)
 end
 -- row meta m lets go of its cells of the fields in `mask` (counted into `counts`)
 local function forget_cells(counts, m, mask)
-  for b = 0, #m[9] - 1 do
-    if bit.band(mask, 2 ^ b) ~= 0 and m[9][b + 1] ~= '' then
-      local ref = m[9][b + 1] .. ':' .. b
+  for b = 0, #m - 9 do
+    if bit.band(mask, 2 ^ b) ~= 0 and m[9 + b] ~= '' then
+      local ref = string.match(m[9 + b], '^(.*):%d+$') .. ':' .. b
       counts[ref] = (counts[ref] or 0) + 1
-      m[9][b + 1], m[10][b + 1] = '', -1
+      m[9 + b] = ''
     end
   end
 end
@@ -221,13 +221,8 @@ local function accept(chunk, bits, metas)
   for _, key in ipairs(chunk_keys(chunk, bits)) do redis.call('PERSIST', key) end
   for _, b in ipairs(bits) do
     redis.call('HSET', k('xc'), chunk .. ':' .. b, #metas)
-    for i, m in ipairs(metas) do m[9][b + 1], m[10][b + 1] = chunk, i - 1 end
+    for i, m in ipairs(metas) do m[9 + b] = chunk .. ':' .. (i - 1) end
   end
-end
-local function no_cells(nf)
-  local chunks, idxs = {}, {}
-  for b = 1, nf do chunks[b], idxs[b] = '', -1 end
-  return chunks, idxs
 end
 
 -- forget rows every consumer is done with: metadata, cells, version index
@@ -379,9 +374,9 @@ local nfs = tonumber(meta('nf'))
 for i = 1, n do
   local r = first + i - 1
   rows[i] = r
-  local chunks, idxs = no_cells(nfs)
   metas[i] = {g0 + math.floor((i - 1) / gs), gs, tonumber(ARGV[at + i - 1]), version, mask, versioned, 0,
-    tonumber(ARGV[at + n + i - 1]), chunks, idxs}
+    tonumber(ARGV[at + n + i - 1])}
+  for b = 0, nfs - 1 do metas[i][9 + b] = '' end
   table.insert(pend, r); table.insert(pend, r)
   table.insert(acked, r); table.insert(acked, 0)
   if version >= 0 then table.insert(ver, version); table.insert(ver, r) end
@@ -572,8 +567,8 @@ local function lease(rows)
   end
   local out = {'ok', rows, groups, versions, lengths, id}
   for i = 1, nread do  -- where the cells are: the client reads them with plain HMGETs
-    local b, refs = tonumber(ARGV[12 + i]) + 1, {}
-    for n, m in ipairs(metas) do refs[n] = m[9][b] .. ':' .. m[10][b] end
+    local b, refs = tonumber(ARGV[12 + i]), {}
+    for n, m in ipairs(metas) do refs[n] = m[9 + b] end
     table.insert(out, refs)
   end
   return out
@@ -709,12 +704,13 @@ if ARGV[2] == '1' then
   local rows = out[3]
   local metas = {}
   for i = 2, #rows, 2 do metas[i / 2] = cmsgpack.unpack(rows[i]) end
-  for b = 1, tonumber(meta('nf')) do
+  for b = 0, tonumber(meta('nf')) - 1 do
     local cells = {}
     for i, m in ipairs(metas) do
-      if m[9][b] ~= '' then
+      if m[9 + b] ~= '' then
+        local chunk, idx = string.match(m[9 + b], '^(.*):(%d+)$')
         table.insert(cells, rows[2 * i - 1])
-        table.insert(cells, redis.call('HGET', k('x:' .. m[9][b] .. ':' .. (b - 1)), m[10][b]))
+        table.insert(cells, redis.call('HGET', k('x:' .. chunk .. ':' .. b), idx))
       end
     end
     table.insert(out, cells)
@@ -746,10 +742,10 @@ for i = at, #ARGV, 2 do
   redis.call('HSET', k('acked'), r, m[7])
   local acked = m[7]
   m[7] = 0
-  m[9], m[10] = no_cells(nf)
   for b = 0, nf - 1 do  -- the client wrote the cells to chunk 'restore', indexed by row
+    m[9 + b] = ''
     if bit.band(m[5], 2 ^ b) ~= 0 then
-      m[9][b + 1], m[10][b + 1] = 'restore', tonumber(r)
+      m[9 + b] = 'restore:' .. r
       cells[b] = (cells[b] or 0) + 1
     end
   end
