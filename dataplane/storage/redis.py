@@ -310,19 +310,30 @@ class RedisStoreClient(StoreClient):
         # leaves no half-written cells for the next holder of the rows.
         if ack is not None and ack.consumer != consumer:
             raise SchemaError(f"ack= takes a batch of consumer {consumer!r}, got one of {ack.consumer!r}")
-        # Gets of one consumer from this client are served in the order they were asked, as the
-        # memory store does: a stream's read-ahead must not take the rows its first request waits for.
-        async with self._fifo.setdefault((partition, consumer), asyncio.Lock()):
-            return await self._get(
-                partition, fields, batch_size, consumer, sampler, dp_size, v_min, timeout_s,
-                allow_partial, lease_s, ack,
-            )  # fmt: skip
+        # Gets of one consumer from this client lease rows in the order they were asked, as the
+        # memory store does: a stream's read-ahead must not take the rows its first request waits
+        # for. Reading the cells needs no order, so the next get's lease overlaps this one's read.
+        fifo = self._fifo.setdefault((partition, consumer), asyncio.Lock())
+        while True:
+            async with fifo:
+                got = await self._get(
+                    partition, fields, batch_size, consumer, sampler, dp_size, v_min, timeout_s,
+                    allow_partial, lease_s, ack,
+                )  # fmt: skip
+            if isinstance(got, Batch):
+                return got
+            batch = await self._batch(partition, consumer, fields, *got)
+            if batch is not None:
+                return batch
+            ack = None  # sent; a field was regenerated meanwhile and the rows went back: ask again
 
     async def _get(
         self, partition: str, fields: Sequence[str], batch_size: int, consumer: str, sampler: str,
         dp_size: int, v_min: int | None, timeout_s: float | None, allow_partial: bool,
         lease_s: float | None, ack: Batch | None,
-    ) -> Batch:  # fmt: skip
+    ) -> Batch | tuple:  # fmt: skip
+        """Lease rows: a Batch when there is nothing to read (end, or partial and empty), else what
+        `_batch` needs to read the leased rows' cells."""
         schema = await self._schema(partition)
         if batch_size < 1:
             raise DataPlaneError(f"batch_size {batch_size} must be >= 1")
@@ -369,10 +380,7 @@ class RedisStoreClient(StoreClient):
                     reply = [b"wait", last, next_ms, nready, npend]
             if reply[0] == b"ok":
                 self._start_heartbeat(partition)
-                batch = await self._batch(partition, consumer, reply, fields, read_bits, schema, shards)
-                if batch is not None:
-                    return batch
-                continue  # a field was regenerated meanwhile; the rows were handed back
+                return reply, read_bits, schema, shards
             if reply[0] == b"end":
                 return Batch(partition, consumer, [], self._empty(fields, schema), [], [], [], [], None, True)
             if reply[0] == b"conflict":
@@ -396,14 +404,21 @@ class RedisStoreClient(StoreClient):
     def _empty(self, fields: Sequence[str], schema: dict[str, FieldSpec]) -> dict[str, Any]:
         return {f: decode_column(schema[f], []) for f in fields}
 
-    async def _batch(self, partition, consumer, reply, fields, bits, schema, shards) -> Batch | None:
+    async def _batch(self, partition, consumer, fields, reply, bits, schema, shards) -> Batch | None:
+        """The leased rows of a get's `reply` with their cells; None (rows handed back) if a cell
+        went missing meanwhile (its field was regenerated)."""
         rows, groups, versions, lengths = ([int(v) for v in part] for part in reply[1:5])
         if rows:
             held = self._leases.setdefault((partition, consumer), {})
             lease = reply[5].decode()
             held.update((r, lease) for r in rows)
-        columns = await self._call(self._cells, partition, list(zip(bits, reply[6:])))
         batch = Batch(partition, consumer, rows, {}, [0] * len(rows), groups, versions, lengths, shards)
+        try:
+            columns = await self._call(self._cells, partition, list(zip(bits, reply[6:])))
+        except asyncio.CancelledError:
+            if rows:  # leased, never handed over: give them back now rather than when the lease ends
+                await asyncio.shield(self.release(batch))
+            raise
         if any(cell is None for cells in columns for cell in cells):
             await self.release(batch)
             return None
