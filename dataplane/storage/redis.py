@@ -26,6 +26,8 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import msgpack
+
 from asyncflow.config import DataPlaneConfig
 from asyncflow.config.dataplane import RedisConfig, redact_url
 from asyncflow.errors import (
@@ -342,7 +344,7 @@ class RedisStoreClient(StoreClient):
         timeout_s = self.config.get_timeout_s if timeout_s is None else timeout_s
         started = time.monotonic()
         deadline = started + timeout_s
-        acks = self._held_rows(partition, consumer, ack.rows) if ack is not None and ack.rows else []
+        acks = self._held_rows(partition, consumer, ack.rows) if ack is not None and ack.rows else b""
         mode = "seq" if chooser.name == "sequential" else "cand"
         waited, partial = False, False
         lease_ms = int(1000 * (lease_s or self.config.lease_s))
@@ -352,7 +354,7 @@ class RedisStoreClient(StoreClient):
             wait_ms = int(1000 * (time.monotonic() - started)) if waited else ""
             return await self._run(
                 "GET", partition, consumer, self._peer, mask, batch_size, lease_ms, vmin, mode, int(partial),
-                self._alive_ms, wait_ms, len(read_bits), *read_bits, len(acks) // 2, *acks, len(rows), *rows,
+                self._alive_ms, wait_ms, len(read_bits), *read_bits, acks, len(rows), *rows,
             )  # fmt: skip
 
         while True:
@@ -362,7 +364,7 @@ class RedisStoreClient(StoreClient):
                 raise lease_error(partition, consumer, "ack", str(e)) from None
             if acks:  # sent: the script acked them before anything else
                 self._forget(partition, consumer, ack.rows if ack is not None else [])
-                acks = []
+                acks = b""
             shards = None
             if reply[0] == b"cand":
                 last, next_ms, nready, npend, drained, ended, flat = reply[1:8]
@@ -469,15 +471,15 @@ class RedisStoreClient(StoreClient):
     async def _lease_call(self, script: str, batch: Batch, verb: str, *args: Any) -> list:
         rows = self._held_rows(batch.partition, batch.consumer, batch.rows)
         try:
-            return await self._run(script, batch.partition, batch.consumer, self._peer, *args, *rows)
+            return await self._run(script, batch.partition, batch.consumer, self._peer, *args, rows)
         except LeaseError as e:
             raise lease_error(batch.partition, batch.consumer, verb, str(e)) from None
 
-    def _held_rows(self, partition: str, consumer: str, rows: Sequence[int]) -> list:
-        """lease id, row, ... for `rows`: the lease this client holds each under ('-': none, which the
-        script refuses with the row's number)."""
+    def _held_rows(self, partition: str, consumer: str, rows: Sequence[int]) -> bytes:
+        """lease id, row, ... for `rows` as the scripts take them (one msgpack argument, rows as
+        strings): the lease this client holds each under ('-': none, which the script refuses)."""
         held = self._leases.get((partition, consumer), {})
-        return [x for r in rows for x in (held.get(int(r), "-"), int(r))]
+        return msgpack.packb([x for r in rows for x in (held.get(int(r), "-"), str(int(r)))])
 
     def _forget(self, partition: str, consumer: str, rows: Sequence[int]) -> None:
         held = self._leases.get((partition, consumer), {})
