@@ -10,6 +10,7 @@ from asyncflow.errors import (
     AsyncFlowError,
     CodecError,
     ConfigError,
+    ControlError,
     DataPlaneError,
     LeaseError,
     SchemaError,
@@ -23,19 +24,25 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # `train` pulls in Ray and torch; load it on first use so `import asyncflow` stays light.
+    # `train` pulls in Ray and torch, `Client` Ray; load them on first use so `import asyncflow` stays light.
     if name == "train":
         from asyncflow.recipes.grpo import train
 
         return train
+    if name == "Client":
+        from asyncflow.control import Client
+
+        return Client
     raise AttributeError(f"module 'asyncflow' has no attribute {name!r}")
 
 
 __all__ = [
     "AsyncFlowConfig",
     "AsyncFlowError",
+    "Client",
     "CodecError",
     "ConfigError",
+    "ControlError",
     "DataPlaneConfig",
     "DataPlaneError",
     "LeaseError",

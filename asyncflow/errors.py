@@ -9,7 +9,8 @@
     │   ├── LeaseError         an ack or release names rows this consumer does not hold
     │   ├── StoreTimeout       a put (store full) or get (too few ready rows) ran out of time
     │   └── StorageUnavailable a storage unit or backend cannot be reached
-    └── WorkerError            a worker (rollout, reward, trainer, ...) failed
+    ├── WorkerError            a worker (rollout, reward, trainer, ...) failed
+    └── ControlError           a live run cannot be found or refused a command (asyncflow.Client)
 
 Every message says what was given, what was expected, and how to fix it.
 """
@@ -58,3 +59,7 @@ class StorageUnavailable(DataPlaneError, ConnectionError):
 
 class WorkerError(AsyncFlowError, RuntimeError):
     """A worker actor failed; the message names the worker and the cause."""
+
+
+class ControlError(AsyncFlowError, RuntimeError):
+    """No live run of that name, or the run refused or could not apply a command."""

@@ -207,6 +207,7 @@ class Workflow:
     rollouts: list[Any] = field(default_factory=list)
     rewards: list[Any] = field(default_factory=list)
     references: list[Any] = field(default_factory=list)
+    loops: dict[Any, Any] = field(default_factory=dict)  # async mode: actor -> the task supervising it
 
     @property
     def weights_name(self) -> str:

@@ -85,3 +85,7 @@ class PromptSource:
 
     def resume(self) -> None:
         self._running.set()
+
+    def set_staleness(self, k: int) -> None:
+        """A new bound k (a steered run): admission follows it from the next put on."""
+        self.staleness = k

@@ -112,6 +112,10 @@ class TrainerWorker:
             optimizer.step()
         return {"steps": config.steps, "loss": loss.item(), "seconds": time.perf_counter() - start}
 
+    def set_staleness(self, k: int) -> None:
+        """A new bound k (a steered run): the version window of every later step follows it."""
+        self.staleness = k
+
     async def publish(self) -> float:
         return await self.weights.publish(self.version, self.model.state_dict())
 

@@ -11,12 +11,14 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import ray
 
 from asyncflow import workflow
 from asyncflow.config import AsyncFlowConfig
+from asyncflow.control import Steering, StopRun
 from asyncflow.display import RunView
 from asyncflow.errors import ConfigError, WorkerError
 from asyncflow.plot import line_chart
@@ -25,16 +27,19 @@ from workers.samples import PARTITION, SCHEMA, consumers
 
 
 async def run_async(wf: workflow.Workflow, start: int, steps: int, on_step) -> None:
-    loops = [asyncio.ensure_future(supervise(a, wf.config.rollout.max_restarts)) for a in wf.streamers]
-    loops.append(asyncio.ensure_future(supervise(wf.source, 0)))
+    # One supervising task per looping actor, in wf.loops: a steered run adds and removes some.
+    for actor in wf.streamers:
+        wf.loops[actor] = asyncio.ensure_future(supervise(actor, wf.config.rollout.max_restarts))
+    wf.loops[wf.source] = asyncio.ensure_future(supervise(wf.source, 0))
     try:
         for step in range(start + 1, steps + 1):
-            metrics = await _first(wf.trainer.call.remote("step"), loops)
+            metrics = await _first(wf.trainer.call.remote("step"), list(wf.loops.values()))
             await on_step(step, metrics)
     finally:
         # Stop admitting first: a source cancelled inside a put would leave rows in the store
         # beyond its cursor, and a later resume would admit those prompts again.
         await asyncio.gather(wf.source.call.remote("pause"), return_exceptions=True)
+        loops = list(wf.loops.values())
         for task in loops:
             task.cancel()
         await asyncio.gather(*loops, return_exceptions=True)
@@ -105,14 +110,17 @@ class Run:
         self.started = time.perf_counter()
         self.workers: dict[str, str] = {}
         self._stats_at = 0.0
+        self.steering: Steering | None = None  # applies what clients ask (asyncflow.control)
+        self.checkpointed = -1  # step of the last checkpoint taken
 
     async def main(self, resume: bool) -> dict:
         config, run = self.config, self.run
         state = run.latest_checkpoint() if resume else None
         cursor = state[1]["cursor"] if state else 0
         wf = workflow.start(config, cursor=cursor)
-        self.wf = wf
+        self.wf, ended = wf, "failed"
         try:
+            self.steering = Steering(wf, str(run.path), checkpoint=self.checkpoint, supervise=supervise)
             await wf.ready()
             client = await wf.store.async_client()
             self.client = client
@@ -133,23 +141,36 @@ class Run:
             before = await wf.rollouts[0].evaluate.remote(evals, start) if evals else None
             self.view.note(f"{run.path}: step {start}/{config.trainer.steps}, eval reward before {before}")
             self.started = time.perf_counter()
+            await self.steering.started(start)
             loop = run_async if config.mode == "async" else run_sync
-            with self.view:
-                await loop(wf, start, config.trainer.steps, self.on_step)
+            try:
+                with self.view:
+                    await loop(wf, start, config.trainer.steps, self.on_step)
+            except StopRun as stop:  # a client asked: checkpoint here and end; --resume continues
+                path = await self.checkpoint(stop.step)
+                await self.steering.reply(stop.request, {"step": stop.step, "checkpoint": str(path)})
+                ended = "stopped"
+                return await self.finish(self.summary(before, None) | {"stopped_at_step": stop.step})
             after = await wf.rollouts[0].evaluate.remote(evals, config.trainer.steps) if evals else None
-            if not config.trainer.checkpoint_every or config.trainer.steps % config.trainer.checkpoint_every:
-                await self.checkpoint(config.trainer.steps)
-            summary = self.summary(before, after)
-            self.plot(before, after)
-            stats = (await client.store_stats())["partitions"][PARTITION]["consumers"]["trainer"]
-            summary["admitted_prompts"] = await wf.source.call.remote("pause")
-            summary["untrained_rows"] = stats["pending"] + stats["leased"]  # kept in the final checkpoint
-            run.write_summary(summary)
-            await client.drop_partition(PARTITION)  # its rows live on in the final checkpoint
-            await client.close()
-            return summary
+            await self.checkpoint(config.trainer.steps)
+            ended = "finished"
+            return await self.finish(self.summary(before, after))
         finally:
+            if self.steering is not None:
+                await self.steering.close(ended)
             wf.shutdown()
+
+    async def finish(self, summary: dict) -> dict:
+        """Plot, count what is left untrained, write the summary, drop the store's partition."""
+        client = self.client
+        self.plot(summary["eval_reward_before"], summary["eval_reward_after"])
+        stats = (await client.store_stats())["partitions"][PARTITION]["consumers"]["trainer"]
+        summary["admitted_prompts"] = await self.wf.source.call.remote("pause")
+        summary["untrained_rows"] = stats["pending"] + stats["leased"]  # kept in the final checkpoint
+        self.run.write_summary(summary)
+        await client.drop_partition(PARTITION)  # its rows live on in the final checkpoint
+        await client.close()
+        return summary
 
     async def _fresh(self, client) -> int:
         wf = self.wf
@@ -201,6 +222,8 @@ class Run:
         every = self.config.trainer.checkpoint_every
         if every and step % every == 0:
             await self.checkpoint(step)
+        if self.steering is not None:
+            await self.steering.between_steps(step, m)  # what clients asked; may wait here, or stop
 
     async def worker_stats(self) -> dict:
         wf = self.wf
@@ -231,19 +254,24 @@ class Run:
         }
         return out
 
-    async def checkpoint(self, step: int) -> None:
+    async def checkpoint(self, step: int) -> Path:
         """Model, optimizer, version, every row in the store and the prompt cursor, consistently:
         the source is paused (no put in flight) and the trainer is between steps."""
         path = self.run.checkpoint_dir(step)
+        if self.checkpointed == step:
+            return path
         cursor = await self.wf.source.call.remote("pause")
         try:
             await self.client.checkpoint(str(path / "store"))
             await self.wf.trainer.call.remote("save", str(path / "trainer"))
         finally:
-            await self.wf.source.call.remote("resume")
+            if not (self.steering and self.steering.paused):  # a run a client paused stays paused
+                await self.wf.source.call.remote("resume")
         import json
 
         (path / "state.json").write_text(json.dumps({"step": step, "cursor": cursor}))
+        self.checkpointed = step
+        return path
 
     def plot(self, before: float | None, after: float | None) -> None:
         """reward.svg: the training reward per step, its 10-step mean, and the held-out evals."""

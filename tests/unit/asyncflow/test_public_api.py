@@ -8,7 +8,8 @@ import dataplane
 
 def test_asyncflow_all_is_pinned():
     assert sorted(asyncflow.__all__) == [
-        "AsyncFlowConfig", "AsyncFlowError", "CodecError", "ConfigError", "DataPlaneConfig",
+        "AsyncFlowConfig", "AsyncFlowError", "Client", "CodecError", "ConfigError", "ControlError",
+        "DataPlaneConfig",
         "DataPlaneError", "LeaseError", "SchemaError", "StorageUnavailable", "StoreTimeout",
         "UnknownPartition", "WorkerError", "__version__", "load_config", "train",
     ]  # fmt: skip
