@@ -4,6 +4,11 @@ asyncflow validate CONFIG [--set key=value ...]   check a run config, print it r
 asyncflow run CONFIG [--set key=value ...]        RL post-training (prints the run directory)
 asyncflow run --resume RUN_DIR                     continue a run from its last checkpoint
 asyncflow demo [--samples N]                       stream samples through the data store on Ray
+asyncflow submit CONFIG --address URL [--set ...]  run it as a job on a Ray cluster (prints the job id)
+asyncflow jobs status|logs|stop JOB_ID             follow a submitted job
+asyncflow ctl VERB [VALUE] [--name NAME]           steer a live run: status, metrics, pause, resume,
+                                                   set-staleness K, scale-rollout N, checkpoint, stop
+asyncflow render-k8s CONFIG [-o DIR]               KubeRay, Redis and config manifests for Kubernetes
 """
 
 from __future__ import annotations
@@ -46,6 +51,98 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if result["trained"] == result["distinct"] == result["samples"] else 1
 
 
+def _submit(args: argparse.Namespace) -> int:
+    from asyncflow import jobs
+
+    job_id = jobs.submit(
+        args.config, args.set, address=args.address, working_dir=args.working_dir,
+        submission_id=args.submission_id,
+    )  # fmt: skip
+    config = load_config(args.config, args.set)
+    if not config.output_dir.startswith("/"):
+        print(
+            f"# note: output_dir {config.output_dir!r} is relative: the run directory lands in the job's "
+            "temporary working directory on the cluster; set output_dir to a shared absolute path to keep it",
+            file=sys.stderr,
+        )
+    print(job_id)
+    hint = f"--address {args.address} " if args.address else ""
+    print(f"# follow it: asyncflow jobs logs {job_id} {hint}--follow", file=sys.stderr)
+    print(
+        f"# steer it:  asyncflow ctl status --name {config.dataplane.name}  (from the cluster)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    from asyncflow import jobs
+
+    if args.action == "status":
+        state = (
+            jobs.wait(args.job_id, args.address, args.wait)
+            if args.wait
+            else jobs.status(args.job_id, args.address)
+        )
+        print(yaml.safe_dump(state, sort_keys=False), end="")
+        return 0 if not args.wait or state["status"] == "SUCCEEDED" else 1
+    if args.action == "logs":
+        for text in jobs.logs(args.job_id, args.address, follow=args.follow):
+            print(text, end="", flush=True)
+        return 0
+    print("stopped" if jobs.stop(args.job_id, args.address) else "not running")
+    return 0
+
+
+def _ctl(args: argparse.Namespace) -> int:
+    import json
+
+    from asyncflow.control import Client
+
+    needs_value = args.verb in ("set-staleness", "scale-rollout")
+    if needs_value != (args.value is not None) and args.verb != "metrics":
+        raise ConfigError(
+            f"asyncflow ctl {args.verb} {'needs a number, e.g. 2' if needs_value else 'takes no value'}"
+        )
+    client = Client(args.name, address=args.address, wait_s=args.wait)
+    if args.verb == "metrics":  # every step's line so far, then as they come, until the run ends
+        for line in client.metrics(after_step=args.value or 0):
+            print(json.dumps(line), flush=True)
+        return 0
+    verb = getattr(client, args.verb.replace("-", "_"))
+    reply = verb(args.value) if needs_value else verb()
+    print(yaml.safe_dump(reply, sort_keys=False), end="")
+    return 0
+
+
+def _render_k8s(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from asyncflow import k8s
+
+    config = load_config(args.config, args.set)
+    password = Path(args.redis_password_file).read_text().strip() if args.redis_password_file else None
+    files = k8s.render(config, redis_password=password)
+    if args.no_secret:
+        files.pop("secret.yaml", None)
+    if args.output is None:  # one stream for `kubectl apply -f -`: the chosen Ray variant only
+        other = "raycluster.yaml" if args.kind == "rayjob" else "rayjob.yaml"
+        print("---\n".join(k8s.dump(docs) for name, docs in files.items() if name != other), end="")
+        return 0
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, docs in files.items():
+        (out / name).write_text(
+            f"# Rendered by `asyncflow render-k8s {args.config}`: edit the config, not this.\n"
+            + k8s.dump(docs)
+        )
+    print(
+        f"# wrote {', '.join(files)} to {out}/ (apply rayjob.yaml or raycluster.yaml, not both)",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="asyncflow", description="Asynchronous streaming RL post-training.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -65,6 +162,52 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--samples", type=int, default=4096, help="samples to stream (default 4096)")
     demo.add_argument("--group-size", type=int, default=8, help="samples per prompt (default 8)")
     demo.set_defaults(func=_demo)
+
+    address_help = (
+        "Ray dashboard (job server) address, http://HOST:8265 (default: RAY_API_SERVER_ADDRESS / RAY_ADDRESS)"
+    )
+    submit = sub.add_parser(
+        "submit", help="run a config as a job on an existing Ray cluster (prints the job id)"
+    )
+    submit.add_argument("config", help="path to a YAML run config, inside the working directory")
+    submit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
+    submit.add_argument("--address", help=address_help)
+    submit.add_argument("--working-dir", default=".", help="folder uploaded with the job (default: .)")
+    submit.add_argument("--submission-id", help="the job id to use (default: one Ray makes up)")
+    submit.set_defaults(func=_submit)
+    jobs = sub.add_parser("jobs", help="follow a submitted job: status, logs, stop")
+    jobs.add_argument("action", choices=["status", "logs", "stop"])
+    jobs.add_argument("job_id", help="the id `asyncflow submit` printed")
+    jobs.add_argument("--address", help=address_help)
+    jobs.add_argument("--follow", action="store_true", help="logs: keep printing until the job ends")
+    jobs.add_argument("--wait", type=float, metavar="SECONDS", help="status: wait up to SECONDS for the end")
+    jobs.set_defaults(func=_jobs)
+    verbs = ["status", "metrics", "pause", "resume", "set-staleness", "scale-rollout", "checkpoint", "stop"]
+    ctl = sub.add_parser("ctl", help="steer a live run (from any process of its Ray cluster)")
+    ctl.add_argument("verb", choices=verbs)
+    ctl.add_argument(
+        "value", nargs="?", type=int, help="set-staleness K, scale-rollout N (metrics: after step)"
+    )
+    ctl.add_argument("--name", default="asyncflow", help="the run's dataplane.name (default: asyncflow)")
+    ctl.add_argument(
+        "--address", help="Ray cluster address, HOST:6379 or ray://HOST:10001 (default: RAY_ADDRESS)"
+    )
+    ctl.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait for the run to start")
+    ctl.set_defaults(func=_ctl)
+    render = sub.add_parser("render-k8s", help="Kubernetes manifests (KubeRay, Redis, config) of a config")
+    render.add_argument("config", help="path to a YAML run config (its deploy.k8s section)")
+    render.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
+    render.add_argument("-o", "--output", metavar="DIR", help="write one file per object kind into DIR")
+    render.add_argument(
+        "--kind", choices=["rayjob", "raycluster"], default="rayjob", help="stdout: which variant"
+    )
+    render.add_argument(
+        "--redis-password-file", metavar="FILE", help="the Redis password (default: a random one)"
+    )
+    render.add_argument(
+        "--no-secret", action="store_true", help="leave the Secret out (create it with kubectl)"
+    )
+    render.set_defaults(func=_render_k8s)
     return parser
 
 

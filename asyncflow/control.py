@@ -41,16 +41,16 @@ def control_name(store: str) -> str:
 class StopRun(Exception):
     """Raised out of the loop at a step boundary when a client asked the run to stop."""
 
-    def __init__(self, step: int, request: int):
+    def __init__(self, step: int, requests: list[int]):
         super().__init__(f"stop requested at step {step}")
-        self.step, self.request = step, request
+        self.step, self.requests = step, requests
 
 
 class RunControl:
     """The control actor's body: a mailbox for commands, a board for status and metrics."""
 
-    def __init__(self, keep_metrics: int = 10_000):
-        self.state: dict[str, Any] = {"state": "starting"}
+    def __init__(self, state: dict, keep_metrics: int = 10_000):
+        self.state = state
         self.lines: deque[dict] = deque(maxlen=keep_metrics)
         self.inbox: list[tuple[int, str, list]] = []
         self.replies: dict[int, asyncio.Future] = {}
@@ -100,7 +100,9 @@ class RunControl:
 
     # -------------------------------------------------------------- the run's side
 
-    def publish(self, state: dict, line: dict | None = None, take: bool = True) -> list[tuple[int, str, list]]:
+    def publish(
+        self, state: dict, line: dict | None = None, take: bool = True
+    ) -> list[tuple[int, str, list]]:
         """New status (and a step's metrics line); returns the commands that arrived meanwhile
         (with take=False they stay queued)."""
         self.state = state
@@ -178,7 +180,7 @@ class Steering:
         self.actor = (
             ray.remote(RunControl)
             .options(name=name, namespace=NAMESPACE, num_cpus=0, max_concurrency=1000)
-            .remote()
+            .remote(self.status("starting"))
         )
 
     def status(self, state: str) -> dict:
@@ -210,24 +212,24 @@ class Steering:
         return "paused" if self.paused else "running"
 
     async def _apply(self, commands: list[tuple[int, str, list]]) -> None:
-        stop = None
+        replies, stops = [], [key for key, verb, _ in commands if verb == "stop"]  # stop goes last
         for key, verb, args in commands:
             if verb == "stop":
-                stop = stop or key  # applied last, once the others are done
                 continue
             try:
                 reply = await getattr(self, verb)(*args) if verb in VERBS else {"error": f"no verb {verb!r}"}
             except ControlError as e:
                 reply = {"error": str(e)}
-            await self.reply(key, reply)
-        if commands:
-            await self.actor.publish.remote(self.status(self._state()), take=False)
-        if stop is not None:
-            await self.actor.publish.remote(self.status("stopping"), take=False)
-            raise StopRun(self.step, stop)
+            replies.append((key, reply))
+        if commands:  # the status first: a client that has its reply sees the change in status()
+            state = "stopping" if stops else self._state()
+            await self.actor.publish.remote(self.status(state), take=False)
+        await self.reply([key for key, _ in replies], [reply for _, reply in replies])
+        if stops:
+            raise StopRun(self.step, stops)
 
-    async def reply(self, key: int, reply: dict) -> None:
-        await self.actor.reply.remote(key, reply)
+    async def reply(self, keys: list[int], replies: list[dict]) -> None:
+        await asyncio.gather(*(self.actor.reply.remote(k, r) for k, r in zip(keys, replies)))
 
     async def close(self, state: str, **extra: Any) -> None:
         """Tell clients the run ended, let their calls return, then remove the actor."""

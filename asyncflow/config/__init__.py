@@ -15,6 +15,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from asyncflow.config._base import Section
 from asyncflow.config.dataplane import DataPlaneConfig
+from asyncflow.config.deploy import DeployConfig
 from asyncflow.config.rl import (
     ModelConfig,
     ReferenceConfig,
@@ -31,6 +32,7 @@ from asyncflow.errors import ConfigError
 __all__ = [
     "AsyncFlowConfig",
     "DataPlaneConfig",
+    "DeployConfig",
     "ModelConfig",
     "ReferenceConfig",
     "RewardConfig",
@@ -81,6 +83,9 @@ class AsyncFlowConfig(Section):
     weights: WeightsConfig = Field(default_factory=WeightsConfig, description="The weight store.")
     dataplane: DataPlaneConfig = Field(
         default_factory=DataPlaneConfig, description="The streaming data store."
+    )
+    deploy: DeployConfig = Field(
+        default_factory=DeployConfig, description="Ray job submission and Kubernetes; the run ignores it."
     )
 
     @model_validator(mode="after")

@@ -78,6 +78,13 @@ class RedisConfig(Section):
         description="How often a client that holds leases says it is alive; leases of a client silent for "
         "3 heartbeats (its process died) are redelivered before lease_s ends.",
     )
+    password_env: str | None = Field(
+        None,
+        max_length=256,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Name of an environment variable holding the password (on Kubernetes, filled from a "
+        "Secret), for a url without one; the process that starts the run reads it.",
+    )
     ssl_ca_certs: str | None = Field(
         None, max_length=4096, description="rediss://: CA bundle that signed the server certificate."
     )
@@ -113,6 +120,15 @@ class RedisConfig(Section):
         if parts.path.strip("/") and not parts.path.strip("/").isdigit():
             raise ValueError(f"the database of {redact_url(url)!r} must be a number, e.g. /0")
         return RedactedURL(url)
+
+    @model_validator(mode="after")
+    def _one_password(self) -> RedisConfig:
+        if self.password_env and urlsplit(self.url).password:
+            raise ValueError(
+                f"url {redact_url(self.url)!r} carries a password and password_env names "
+                f"{self.password_env!r}; keep one of them"
+            )
+        return self
 
 
 class DataPlaneConfig(Section):

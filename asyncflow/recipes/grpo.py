@@ -148,7 +148,8 @@ class Run:
                     await loop(wf, start, config.trainer.steps, self.on_step)
             except StopRun as stop:  # a client asked: checkpoint here and end; --resume continues
                 path = await self.checkpoint(stop.step)
-                await self.steering.reply(stop.request, {"step": stop.step, "checkpoint": str(path)})
+                reply = {"step": stop.step, "checkpoint": str(path)}
+                await self.steering.reply(stop.requests, [reply] * len(stop.requests))
                 ended = "stopped"
                 return await self.finish(self.summary(before, None) | {"stopped_at_step": stop.step})
             after = await wf.rollouts[0].evaluate.remote(evals, config.trainer.steps) if evals else None

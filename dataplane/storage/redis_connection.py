@@ -10,13 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode, urlsplit
 
 from asyncflow.config import DataPlaneConfig
 from asyncflow.config.dataplane import RedisConfig, redact_url
-from asyncflow.errors import DataPlaneError, LeaseError, SchemaError, StorageUnavailable, UnknownPartition
+from asyncflow.errors import (
+    ConfigError,
+    DataPlaneError,
+    LeaseError,
+    SchemaError,
+    StorageUnavailable,
+    UnknownPartition,
+)
 
 DEFAULT_NAMESPACE = "asyncflow:asyncflow"
 
@@ -37,10 +45,26 @@ def split_address(address: str) -> tuple[str, str]:
     return url, namespace or DEFAULT_NAMESPACE
 
 
+def server_url(rc: RedisConfig) -> str:
+    """`rc.url`, with the password from the environment variable `rc.password_env` if it names one."""
+    if not rc.password_env:
+        return rc.url
+    password = os.environ.get(rc.password_env)
+    if password is None:
+        raise ConfigError(
+            f"dataplane.redis.password_env names {rc.password_env!r}, but this process has no such "
+            "environment variable; set it (the Kubernetes manifests fill it from the Redis Secret), "
+            "or put the password in dataplane.redis.url"
+        )
+    parts = urlsplit(rc.url)
+    user = quote(parts.username or "", safe="")
+    return parts._replace(netloc=f"{user}:{quote(password, safe='')}@{parts.netloc}").geturl()
+
+
 def store_address(config: DataPlaneConfig) -> str:
     """The address a process needs to reach the store: the URL (with the TLS options as query
     arguments, which redis-py reads) and the key namespace after '#'."""
-    rc, url = config.redis, config.redis.url
+    rc, url = config.redis, server_url(config.redis)
     if url.startswith("rediss://"):
         tls = {k: v for k, v in rc.model_dump().items() if k.startswith("ssl_") and v is not None}
         url += ("&" if "?" in url else "?") + urlencode(tls)
@@ -70,9 +94,9 @@ def open_store(config: DataPlaneConfig) -> str:
 
     rc = config.redis
     try:
-        with redis.Redis(connection_pool=make_pool(rc.url, rc, sync=True)) as r:
+        with redis.Redis(connection_pool=make_pool(server_url(rc), rc, sync=True)) as r:
             settings = config.model_dump(exclude={"redis"})
-            settings["redis"] = rc.model_dump(exclude={"url"})  # sizes, timeouts, paths: no secret
+            settings["redis"] = rc.model_dump(exclude={"url", "password_env"})  # no secret
             r.set(f"{rc.key_prefix}:{config.name}:config", json.dumps(settings))
     except redis.exceptions.AuthenticationError as e:
         raise StorageUnavailable(

@@ -1,0 +1,163 @@
+"""Config of where a run is deployed (`deploy:` in a run config): Ray job submission and Kubernetes.
+
+A run ignores this section; `asyncflow submit` reads `deploy.ray` (what the job's runtime
+environment carries) and `asyncflow render-k8s` reads `deploy.k8s` (the KubeRay cluster,
+the Redis StatefulSet, the shared volume for run directories). Only names and numbers here.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from asyncflow.config._base import Section
+
+# Kubernetes resource quantities: "500m", "2", "16Gi", "1.5".
+QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
+# An RFC 1123 label: what names of Kubernetes objects and worker groups may be.
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+LABELS = dict[str, str]
+
+
+class RayJobConfig(Section):
+    """What `asyncflow submit` sends with the job besides the working directory."""
+
+    pip: list[str] = Field(
+        default_factory=list,
+        max_length=256,
+        description="Packages pip-installs into the job's runtime environment (e.g. 'asyncflow[redis]'); "
+        "empty when the cluster's image already has everything.",
+    )
+    env_vars: dict[str, str] = Field(
+        default_factory=dict, description="Environment variables of the job's driver and every worker."
+    )
+    excludes: list[str] = Field(
+        default_factory=lambda: [".git", ".venv", "runs", "*.safetensors", "*.pt"],
+        max_length=256,
+        description="Paths (gitignore syntax) of the working directory not uploaded with the job.",
+    )
+    entrypoint_num_cpus: float = Field(
+        0.0, ge=0, le=1024, description="CPUs Ray reserves for the driver (`asyncflow run`) itself."
+    )
+
+
+class PodConfig(Section):
+    """Resources and placement of one kind of pod."""
+
+    cpu: str = Field("2", pattern=QUANTITY, description="CPU request and limit (a Kubernetes quantity).")
+    memory: str = Field("8Gi", pattern=QUANTITY, description="Memory request and limit.")
+    gpus: int = Field(0, ge=0, le=64, description="nvidia.com/gpu per pod; >0 selects the CUDA image.")
+    node_selector: LABELS = Field(
+        default_factory=dict, description="Node labels the pod must land on (e.g. a GPU node pool)."
+    )
+
+
+class HeadConfig(PodConfig):
+    """The Ray head pod: Ray's services and the run's driver (`asyncflow run`)."""
+
+    ray_cpus: int = Field(
+        0,
+        ge=0,
+        le=1024,
+        description="CPUs the head offers to actors (0: workers run every actor; the head only the "
+        "driver and Ray's services).",
+    )
+
+
+class WorkerGroupConfig(PodConfig):
+    """One Ray worker group: identical pods that run the run's actors."""
+
+    name: str = Field(..., min_length=1, max_length=40, pattern=DNS_LABEL, description="Group name.")
+    replicas: int = Field(1, ge=0, le=10_000, description="Pods at start.")
+    min_replicas: int = Field(0, ge=0, le=10_000, description="Fewest pods (with autoscaling).")
+    max_replicas: int = Field(8, ge=1, le=10_000, description="Most pods (with autoscaling).")
+
+
+class RedisDeployConfig(Section):
+    """The Redis StatefulSet holding the durable data store (rendered when dataplane.backend is redis)."""
+
+    image: str = Field("redis:7.4-alpine", min_length=1, description="Redis server image.")
+    storage: str = Field("20Gi", pattern=QUANTITY, description="Size of its PersistentVolumeClaim (AOF).")
+    storage_class: str | None = Field(None, description="StorageClass of the claim (None: the default).")
+    appendfsync: Literal["always", "everysec"] = Field(
+        "everysec", description="AOF fsync policy: `always` loses nothing, `everysec` at most 1 s of writes."
+    )
+    cpu: str = Field("1", pattern=QUANTITY, description="CPU request and limit.")
+    memory: str = Field("4Gi", pattern=QUANTITY, description="Memory request and limit.")
+
+
+class K8sConfig(Section):
+    """KubeRay manifests (`asyncflow render-k8s`): a RayJob or RayCluster with head and worker
+    groups, a Redis StatefulSet, a Secret with its password, a ConfigMap with this config, and a
+    shared volume for run directories (checkpoints are written by several pods)."""
+
+    namespace: str = Field("asyncflow", max_length=63, pattern=DNS_LABEL, description="Kubernetes namespace.")
+    name: str | None = Field(
+        None,
+        max_length=40,
+        pattern=DNS_LABEL,
+        description="Prefix of every object's name (None: run_name, lowercased, '_' and '.' as '-').",
+    )
+    image: str = Field(
+        "asyncflow:0.1.0-cpu",
+        min_length=1,
+        description="Image of CPU pods (deploy/docker/Dockerfile, target cpu), as your cluster pulls it.",
+    )
+    gpu_image: str = Field(
+        "asyncflow:0.1.0-cuda",
+        min_length=1,
+        description="Image of pods with GPUs (deploy/docker/Dockerfile, target cuda).",
+    )
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
+        "IfNotPresent", description="When the kubelet pulls the images."
+    )
+    ray_version: str = Field(
+        "2.60.0", pattern=r"^[0-9]+\.[0-9]+\.[0-9]+$", description="Ray version inside the images."
+    )
+    head: HeadConfig = Field(default_factory=HeadConfig, description="The Ray head pod.")
+    worker_groups: list[WorkerGroupConfig] = Field(
+        default_factory=lambda: [WorkerGroupConfig(name="cpu", cpu="4", memory="16Gi")],
+        min_length=1,
+        max_length=32,
+        description="Ray worker groups (e.g. a CPU group for reward and the store, a GPU group for "
+        "rollout and the trainer).",
+    )
+    autoscaling: bool = Field(
+        False, description="Ray's autoscaler adds and removes worker pods within min/max_replicas."
+    )
+    redis: RedisDeployConfig = Field(default_factory=RedisDeployConfig, description="The Redis StatefulSet.")
+    runs_storage: str = Field(
+        "100Gi", pattern=QUANTITY, description="Size of the shared (ReadWriteMany) claim of run directories."
+    )
+    runs_storage_class: str | None = Field(
+        None,
+        description="StorageClass that offers ReadWriteMany (NFS, EFS, Filestore, CephFS; None: default).",
+    )
+    runs_mount: str = Field(
+        "/runs", pattern=r"^/", description="Where every pod mounts it; the run's output_dir."
+    )
+    ttl_s_after_finished: int = Field(
+        3600, ge=0, le=10_000_000, description="RayJob: seconds its cluster stays after the job ends."
+    )
+
+    @field_validator("worker_groups")
+    @classmethod
+    def _distinct_groups(cls, groups: list[WorkerGroupConfig]) -> list[WorkerGroupConfig]:
+        names = [g.name for g in groups]
+        if len(set(names)) != len(names):
+            raise ValueError(f"worker group names must differ, got {names}")
+        for g in groups:
+            if not g.min_replicas <= g.replicas <= g.max_replicas:
+                raise ValueError(
+                    f"worker group {g.name!r}: need min_replicas <= replicas <= max_replicas, got "
+                    f"{g.min_replicas} <= {g.replicas} <= {g.max_replicas}"
+                )
+        return groups
+
+
+class DeployConfig(Section):
+    """Where the run is deployed; the run itself ignores this section."""
+
+    ray: RayJobConfig = Field(default_factory=RayJobConfig, description="Ray job submission.")
+    k8s: K8sConfig = Field(default_factory=K8sConfig, description="Kubernetes (KubeRay) manifests.")

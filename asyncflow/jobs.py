@@ -1,0 +1,126 @@
+"""Ray Job Submission: run a config on an existing Ray cluster, then follow the job.
+
+`submit` validates the config here (a typo fails before anything is sent), then asks the
+cluster's job server (the Ray dashboard, http://HOST:8265) to run `asyncflow run CONFIG`
+with the working directory (the project: its code, the config, custom tasks and rewards)
+and `deploy.ray`'s packages and variables carried by the job's runtime environment. In the
+job RAY_ADDRESS is set, so `asyncflow run` joins the cluster rather than starting a Ray of
+its own (asyncflow.workflow.init_ray); plain `ray job submit --working-dir . -- asyncflow run
+CONFIG` runs the same job. The job server's address comes from `address`, else from
+RAY_API_SERVER_ADDRESS or RAY_ADDRESS, as with the `ray job` commands.
+"""
+
+from __future__ import annotations
+
+import shlex
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from asyncflow.config import load_config
+from asyncflow.errors import ConfigError, ControlError
+
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+def job_client(address: str | None) -> Any:
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise ControlError(
+            f"cannot reach a Ray job server at {address or '(RAY_API_SERVER_ADDRESS / RAY_ADDRESS)'}: {e}. "
+            "Pass the dashboard's address (http://HOST:8265) and check that the cluster is up; on a "
+            "cluster with token authentication set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN"
+        ) from None
+
+
+def entrypoint(config_path: str, overrides: list[str] | tuple[str, ...]) -> str:
+    sets = [arg for item in overrides for arg in ("--set", item)]
+    return shlex.join(["asyncflow", "run", config_path, *sets])
+
+
+def submit(
+    config_path: str | Path,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    address: str | None = None,
+    working_dir: str | Path = ".",
+    submission_id: str | None = None,
+) -> str:
+    """Submit `asyncflow run CONFIG` as a Ray job; returns its submission id."""
+    config = load_config(config_path, overrides)  # fails here, before anything is sent
+    root, path = Path(working_dir).resolve(), Path(config_path).resolve()
+    if not path.is_relative_to(root):
+        raise ConfigError(
+            f"config {str(config_path)!r} is not inside the working directory {str(root)!r}, which is "
+            "what travels to the cluster; move it there or pass --working-dir a folder that holds it"
+        )
+    ray_env = config.deploy.ray
+    env: dict[str, Any] = {"working_dir": str(root), "excludes": list(ray_env.excludes)}
+    if ray_env.pip:
+        env["pip"] = list(ray_env.pip)
+    if ray_env.env_vars:
+        env["env_vars"] = dict(ray_env.env_vars)
+    return job_client(address).submit_job(
+        entrypoint=entrypoint(path.relative_to(root).as_posix(), overrides),
+        runtime_env=env,
+        submission_id=submission_id,
+        entrypoint_num_cpus=ray_env.entrypoint_num_cpus or None,
+        metadata={"asyncflow_run": config.run_name, "asyncflow_name": config.dataplane.name},
+    )
+
+
+def status(job_id: str, address: str | None = None) -> dict:
+    """The job's status, message, entrypoint, metadata and times."""
+    try:
+        info = job_client(address).get_job_info(job_id)
+    except RuntimeError as e:
+        raise ControlError(f"no job {job_id!r} on that cluster ({e}); `ray job list` shows them") from None
+    return {
+        "job_id": job_id,
+        "status": str(info.status.value),
+        "message": info.message,
+        "entrypoint": info.entrypoint,
+        "metadata": dict(info.metadata or {}),
+        "start_time": info.start_time,
+        "end_time": info.end_time,
+    }
+
+
+def wait(job_id: str, address: str | None = None, timeout_s: float = 3600.0, poll_s: float = 1.0) -> dict:
+    """Poll until the job has ended (or timeout_s passed); returns its status."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        state = status(job_id, address)
+        if state["status"] in TERMINAL or time.monotonic() >= deadline:
+            return state
+        time.sleep(poll_s)
+
+
+def logs(job_id: str, address: str | None = None, follow: bool = False) -> Iterator[str]:
+    """The job's output so far, or (follow) as it is written until the job ends."""
+    client = job_client(address)
+    if not follow:
+        yield client.get_job_logs(job_id)
+        return
+    import asyncio
+
+    stream = client.tail_job_logs(job_id)
+    loop = asyncio.new_event_loop()
+    try:
+        while True:
+            try:
+                yield loop.run_until_complete(stream.__anext__())
+            except StopAsyncIteration:
+                return
+    finally:
+        loop.close()
+
+
+def stop(job_id: str, address: str | None = None) -> bool:
+    """Ask Ray to end the job (SIGTERM, then SIGKILL); True if it was running. The run can be
+    continued from its last checkpoint with --resume; `asyncflow ctl stop` checkpoints first."""
+    return bool(job_client(address).stop_job(job_id))
