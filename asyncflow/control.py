@@ -177,7 +177,7 @@ class Steering:
                 f"a run named {self.config.dataplane.name!r} is already running on this Ray cluster "
                 "(its control actor exists); give this run a dataplane.name of its own"
             )
-        self.actor = (
+        self.actor: Any = (
             ray.remote(RunControl)
             .options(name=name, namespace=NAMESPACE, num_cpus=0, max_concurrency=1000)
             .remote(self.status("starting"))

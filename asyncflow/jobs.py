@@ -31,7 +31,8 @@ def job_client(address: str | None) -> Any:
         return JobSubmissionClient(address)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise ControlError(
-            f"cannot reach a Ray job server at {address or '(RAY_API_SERVER_ADDRESS / RAY_ADDRESS)'}: {e}. "
+            f"cannot reach a Ray job server at {address or '(RAY_API_SERVER_ADDRESS / RAY_ADDRESS)'} "
+            f"({str(e).rstrip('.')}). "
             "Pass the dashboard's address (http://HOST:8265) and check that the cluster is up; on a "
             "cluster with token authentication set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN"
         ) from None
@@ -75,8 +76,9 @@ def submit(
 
 def status(job_id: str, address: str | None = None) -> dict:
     """The job's status, message, entrypoint, metadata and times."""
+    client = job_client(address)
     try:
-        info = job_client(address).get_job_info(job_id)
+        info = client.get_job_info(job_id)
     except RuntimeError as e:
         raise ControlError(f"no job {job_id!r} on that cluster ({e}); `ray job list` shows them") from None
     return {

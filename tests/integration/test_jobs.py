@@ -86,7 +86,8 @@ class RayHead:
         the head's process group: GCS, raylet, dashboard and their workers (SIGTERM drains for 30 s)."""
         stop_jobs = (
             "import sys, time; from ray.job_submission import JobSubmissionClient\n"
-            "c = JobSubmissionClient(sys.argv[1]); live = lambda: [j for j in c.list_jobs() if not j.status.is_terminal()]\n"
+            "c = JobSubmissionClient(sys.argv[1])\n"
+            "live = lambda: [j for j in c.list_jobs() if not j.status.is_terminal()]\n"
             "[c.stop_job(j.submission_id) for j in live()]\n"
             "deadline = time.time() + 30\n"
             "while live() and time.time() < deadline: time.sleep(0.5)\n"

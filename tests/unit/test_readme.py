@@ -18,5 +18,7 @@ def test_readme_python_blocks_run():
     assert blocks, "the README shows no Python example"
     for block in blocks:
         code = block.replace("ray.init()", "ray.init(num_cpus=4, include_dashboard=False)")
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=240
+        )
         assert out.returncode == 0, out.stderr[-3000:]
