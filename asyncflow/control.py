@@ -231,10 +231,10 @@ class Steering:
     async def reply(self, keys: list[int], replies: list[dict]) -> None:
         await asyncio.gather(*(self.actor.reply.remote(k, r) for k, r in zip(keys, replies)))
 
-    async def close(self, state: str, **extra: Any) -> None:
+    async def close(self, state: str) -> None:
         """Tell clients the run ended, let their calls return, then remove the actor."""
         # Best effort: the run's own outcome (its exception, if any) matters more than this.
-        await asyncio.gather(self.actor.close.remote({**self.status(state), **extra}), return_exceptions=True)
+        await asyncio.gather(self.actor.close.remote(self.status(state)), return_exceptions=True)
         ray.kill(self.actor)
 
     # -------------------------------------------------------------- the verbs
@@ -252,10 +252,8 @@ class Steering:
 
     async def set_staleness(self, k: int) -> dict:
         """The new bound holds for every step after this one: admission and the trainer's window."""
-        if not isinstance(k, int) or k < 0:
-            raise ControlError(f"staleness must be an int >= 0 (0: on-policy), got {k!r}")
-        if self.config.dataplane.capacity_rows < (k + 1) * self.config.trainer.batch_prompts:
-            raise ControlError(f"staleness {k} would admit more rows than dataplane.capacity_rows holds")
+        if not isinstance(k, int) or not 0 <= k <= 1024:
+            raise ControlError(f"staleness must be an int in 0..1024 (0: on-policy), got {k!r}")
         await asyncio.gather(
             self.wf.source.call.remote("set_staleness", k), self.wf.trainer.call.remote("set_staleness", k)
         )

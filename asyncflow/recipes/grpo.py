@@ -303,7 +303,7 @@ class Run:
         return {
             "run_dir": str(self.run.path),
             "mode": self.config.mode,
-            "staleness_k": self.config.staleness,
+            "staleness_k": self.steering.staleness if self.steering else self.config.staleness,
             "steps": len(metrics),
             "eval_reward_before": before,
             "eval_reward_after": after,

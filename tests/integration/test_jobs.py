@@ -111,7 +111,7 @@ def head():
 
 def sets(tmp_path: Path, name: str, *extra: str) -> list[str]:
     pairs = [f"output_dir={tmp_path}", f"dataplane.name={name}", "task.eval_prompts=0", "warmup.steps=5",
-             "rollout.groups_per_call=4", *extra]  # fmt: skip
+             "rollout.groups_per_call=4", "dataplane.num_storage_units=1", *extra]  # fmt: skip
     return [arg for p in pairs for arg in ("--set", p)]
 
 
@@ -127,9 +127,11 @@ def test_submit_runs_the_example_as_a_job_and_its_metrics_are_read(head, tmp_pat
     assert state["status"] == "SUCCEEDED" and state["metadata"]["asyncflow_name"] == name, state
     assert state["entrypoint"].startswith("asyncflow run examples/sort.yaml --set output_dir=")
     logs = head.cli("jobs", "logs", job_id, "--address", head.url).stdout
-    (line,) = [
-        x for x in logs.splitlines() if x.startswith("run_dir: ")
-    ]  # `asyncflow run` ends with its summary
+    assert (
+        head.cli("jobs", "logs", job_id, "--address", head.url, "--follow").stdout == logs
+    )  # ended: returns
+    # `asyncflow run` ends by printing its summary
+    (line,) = [x for x in logs.splitlines() if x.startswith("run_dir: ")]
     run_dir = Path(line.removeprefix("run_dir: "))
     assert run_dir.parent == tmp_path and json.loads((run_dir / "summary.json").read_text())["steps"] == 4
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -137,23 +139,21 @@ def test_submit_runs_the_example_as_a_job_and_its_metrics_are_read(head, tmp_pat
     assert all(m["samples"] == 16 * 8 for m in metrics)
 
 
-def test_plain_ray_job_submit_runs_a_run_that_ctl_steers_from_another_process(head, tmp_path):
+def test_a_plain_ray_job_runs_and_ctl_steers_it_from_another_process(head, tmp_path):
     """`ray job submit -- asyncflow run CONFIG`: the run joins the job's cluster; `asyncflow ctl`
     (another process, through Ray) reads its status and stops it with a checkpoint; the job succeeds."""
-    name, job_id = f"ctl-{uuid.uuid4().hex[:6]}", f"plain-{uuid.uuid4().hex[:6]}"
+    name, job_id, out_dir = f"ctl-{uuid.uuid4().hex[:6]}", f"plain-{uuid.uuid4().hex[:6]}", tmp_path
     head.run(str(BIN / "ray"), "job", "submit", "--address", head.url, "--submission-id", job_id, "--no-wait",
              "--working-dir", ".", "--", "asyncflow", "run", "examples/sort.yaml",
-             *sets(tmp_path, name, "trainer.steps=500"))  # fmt: skip
+             *sets(out_dir, name, "trainer.steps=500"))  # fmt: skip
     ctl = ["ctl", "--name", name, "--address", head.gcs]
     status = yaml.safe_load(head.cli(*ctl, "status", "--wait", "240", timeout=300).stdout)
     assert status["state"] in ("running", "starting") and status["steps"] == 500
     stopped = yaml.safe_load(head.cli(*ctl, "stop", timeout=300).stdout)
     assert Path(stopped["checkpoint"], "state.json").exists()
-    state = yaml.safe_load(
-        head.cli("jobs", "status", job_id, "--address", head.url, "--wait", "120", timeout=150).stdout
-    )
-    assert state["status"] == "SUCCEEDED", state
-    (run_dir,) = tmp_path.iterdir()
+    wait = ["jobs", "status", job_id, "--address", head.url, "--wait", "120"]
+    assert yaml.safe_load(head.cli(*wait, timeout=150).stdout)["status"] == "SUCCEEDED"
+    (run_dir,) = out_dir.iterdir()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["stopped_at_step"] == stopped["step"] == summary["steps"]
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == stopped["step"]
