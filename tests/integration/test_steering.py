@@ -50,7 +50,7 @@ def test_every_verb_takes_effect_on_a_live_run_and_a_stopped_run_resumes_losing_
     ray, name = ray_session, f"steer-{uuid.uuid4().hex[:8]}"
     overrides = [f"output_dir={tmp_path}", f"dataplane.name={name}", "trainer.steps=300",
                  "task.eval_prompts=0", "warmup.steps=5", "rollout.groups_per_call=4",
-                 "trainer.checkpoint_every=0"]  # fmt: skip
+                 "trainer.checkpoint_every=0", "dataplane.num_storage_units=1"]  # fmt: skip
     result: dict = {}
 
     def run() -> None:
