@@ -64,7 +64,11 @@ def build_engine(engine: str, shape: dict, workdir: Path) -> tuple[Any, Any, Any
         return VLLMEngine(save_model(model, tok, workdir), eos_token_id=tok.eos_token_id, seed=0), model, tok
     from services.serving.torch_engine import TorchEngine
 
-    return TorchEngine(model, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, seed=0), model, tok
+    return (
+        TorchEngine(model, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, seed=0),
+        model,
+        tok,
+    )
 
 
 async def child_generate(engine_name: str, workload: str, repeats: int, workdir: Path) -> dict:
@@ -80,7 +84,9 @@ async def child_generate(engine_name: str, workload: str, repeats: int, workdir:
     rounds = []
     for r in range(repeats + 1):  # round 0 warms up
         requests = [
-            Request(f"{r}.{i}", [tok.bos_token_id, *tok.encode(task.example(r * prompts + i).prompt)], n, params)
+            Request(
+                f"{r}.{i}", [tok.bos_token_id, *tok.encode(task.example(r * prompts + i).prompt)], n, params
+            )
             for i in range(prompts)
         ]
         t = time.perf_counter()
@@ -90,14 +96,13 @@ async def child_generate(engine_name: str, workload: str, repeats: int, workdir:
     rates = [tokens / s for tokens, s in rounds[1:]]
     return {
         "engine": engine_name, "workload": workload, "start_s": start_s, "first_round_s": rounds[0][1],
-        "tokens_per_s": statistics.median(rates), "tokens_per_round": statistics.median(t for t, _ in rounds[1:]),
+        "tokens_per_s": statistics.median(rates),
+        "tokens_per_round": statistics.median(t for t, _ in rounds[1:]),
         "sequences": prompts * n, "max_new_tokens": max_new,
     }  # fmt: skip
 
 
 async def child_update(engine_name: str, repeats: int, workdir: Path) -> dict:
-    import torch
-
     from services.models import build_model
 
     shape = WORKLOADS["wide"][0]
@@ -112,7 +117,8 @@ async def child_update(engine_name: str, repeats: int, workdir: Path) -> dict:
     await engine.close()
     return {
         "engine": engine_name, "mb": nbytes / 2**20, "update_s": statistics.median(times[1:]),
-        "memcpy_same_size_s": memcpy_s(nbytes, repeats), "memcpy_256mib_gb_per_s": 2**28 / memcpy_s(2**28, 5) / 1e9,
+        "memcpy_same_size_s": memcpy_s(nbytes, repeats),
+        "memcpy_256mib_gb_per_s": 2**28 / memcpy_s(2**28, 5) / 1e9,
     }  # fmt: skip
 
 
@@ -137,10 +143,13 @@ def child_e2e(engine_name: str, steps: int | None, out_dir: Path) -> dict:
     if steps:
         overrides.append(f"trainer.steps={steps}")
     summary = train(load_config(ROOT / "examples" / "sort.yaml", overrides), display=False)
-    metrics = [json.loads(line) for line in Path(summary["run_dir"], "metrics.jsonl").read_text().splitlines()]
+    metrics = [
+        json.loads(line) for line in Path(summary["run_dir"], "metrics.jsonl").read_text().splitlines()
+    ]
     return {
         "engine": engine_name, "steps": summary["steps"], "samples_per_s": summary["samples_per_s"],
-        "eval_reward_before": summary["eval_reward_before"], "eval_reward_after": summary["eval_reward_after"],
+        "eval_reward_before": summary["eval_reward_before"],
+        "eval_reward_after": summary["eval_reward_after"],
         "mismatch_kl_mean": statistics.mean(m["mismatch_kl"] for m in metrics), "seconds": summary["seconds"],
     }  # fmt: skip
 
@@ -167,19 +176,24 @@ def run_child(part: str, engine: str, args: argparse.Namespace, workload: str = 
     env.pop("RAY_ADDRESS", None)
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode:
-        raise RuntimeError(f"{part}/{engine}{'/' + workload if workload else ''} failed:\n{done.stderr[-4000:]}")
+        raise RuntimeError(
+            f"{part}/{engine}{'/' + workload if workload else ''} failed:\n{done.stderr[-4000:]}"
+        )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def tables(results: dict[str, list[dict]]) -> str:
     lines = []
     if results.get("generate"):
-        lines += ["| workload | sequences x max tokens | engine | start s | 1st round s | tokens/round | tokens/s |",
-                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "| workload | sequences x max tokens | engine | start s | 1st round s | tokens/round | tok/s |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in results["generate"]:
             lines.append(
-                f"| {r['workload']} | {r['sequences']} x {r['max_new_tokens']} | {r['engine']} | {r['start_s']:.1f} "
-                f"| {r['first_round_s']:.2f} | {r['tokens_per_round']:.0f} | {r['tokens_per_s']:,.0f} |"
+                f"| {r['workload']} | {r['sequences']} x {r['max_new_tokens']} | {r['engine']} "
+                f"| {r['start_s']:.1f} | {r['first_round_s']:.2f} | {r['tokens_per_round']:.0f} "
+                f"| {r['tokens_per_s']:,.0f} |"
             )
         by = {(r["workload"], r["engine"]): r["tokens_per_s"] for r in results["generate"]}
         for w in WORKLOADS:
@@ -187,8 +201,10 @@ def tables(results: dict[str, list[dict]]) -> str:
                 lines.append(f"| {w} | | vllm / torch | | | | {by[w, 'vllm'] / by[w, 'torch']:.2f}x |")
         lines.append("")
     if results.get("update"):
-        lines += ["| engine | weights MB | update s | update MB/s | memcpy same size MB/s | memcpy 256 MiB GB/s |",
-                  "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "| engine | weights MB | update s | update MB/s | memcpy same size MB/s | memcpy 256 MiB GB/s |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in results["update"]:
             lines.append(
                 f"| {r['engine']} | {r['mb']:.1f} | {r['update_s']:.4f} | {r['mb'] / r['update_s']:,.0f} "
@@ -212,7 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engines", default=",".join(ENGINES))
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds (generate, update)")
-    parser.add_argument("--e2e-steps", type=int, default=0, help="RL steps of the e2e runs (0: the example's)")
+    parser.add_argument(
+        "--e2e-steps", type=int, default=0, help="RL steps of the e2e runs (0: the example's)"
+    )
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--child", choices=["generate", "update", "e2e"], help=argparse.SUPPRESS)
     parser.add_argument("--engine", choices=ENGINES, help=argparse.SUPPRESS)

@@ -114,7 +114,9 @@ class VLLMConfig(Section):
     kv_cache_gib: float = Field(
         0.25, gt=0, le=4096, description="Memory for the KV cache, allocated at start (GiB)."
     )
-    max_num_seqs: int = Field(256, ge=1, le=65536, description="Sequences decoded together per step, at most.")
+    max_num_seqs: int = Field(
+        256, ge=1, le=65536, description="Sequences decoded together per step, at most."
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32",
         description="Weights and activations. float32 matches the trainer's log-probs; bfloat16 is the "

@@ -77,7 +77,7 @@ class VLLMEngine:
         on_update: OnUpdate = "keep",
         max_num_seqs: int = 256,
         kv_cache_gib: float = 0.25,
-        dtype: str = "float32",
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
     ) -> None:
         if on_update not in ("keep", "abort"):
             raise ValueError(
@@ -112,7 +112,8 @@ class VLLMEngine:
             logprobs_mode="processed_logprobs",
             skip_tokenizer_init=True,  # token ids in and out
             generation_config="vllm",  # sampling comes from the request alone, not the model dir
-            enforce_eager=True,  # no compile step: start in seconds
+            # CPU: no compile step, start in seconds. GPU: vLLM's default torch.compile + CUDA graphs.
+            enforce_eager=not torch.cuda.is_available(),
         )
         self._engine: Any = LLMEngine.from_engine_args(args)
         self._engine.set_weight_version(str(version))
@@ -224,10 +225,15 @@ class VLLMEngine:
             sample.vllm_id,
             {"prompt_token_ids": list(sample.request.prompt_ids)},
             VLLMParams(
-                temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, max_tokens=p.max_new_tokens,
-                stop_token_ids=[self._eos, *p.stop_token_ids], logprobs=0, detokenize=False,
+                temperature=p.temperature,
+                top_p=p.top_p,
+                top_k=p.top_k,
+                max_tokens=p.max_new_tokens,
+                stop_token_ids=[self._eos, *p.stop_token_ids],
+                logprobs=0,
+                detokenize=False,
                 output_kind=RequestOutputKind.FINAL_ONLY,
-            ),  # fmt: skip
+            ),
         )
 
     def _abort(self, samples: list[_Sample]) -> None:
@@ -261,7 +267,9 @@ class VLLMEngine:
     def _finished(self, sample: _Sample, out: Any) -> Completion:
         tokens = list(out.token_ids)
         logprobs = [out.logprobs[j][t].logprob for j, t in enumerate(tokens)]
-        versions = [int(span.version) for span in out.weight_versions or [] for _ in range(span.start, span.end)]
+        versions = [
+            int(span.version) for span in out.weight_versions or [] for _ in range(span.start, span.end)
+        ]
         if len(versions) != len(tokens):
             raise RuntimeError(
                 f"vLLM labelled {len(versions)} of {len(tokens)} tokens with a weight version; "

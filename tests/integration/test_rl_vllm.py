@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-
-from asyncflow.rundir import RunDir
-from asyncflow.recipes.grpo import train
 from test_rl_loop import _config, assert_exactly_once  # pytest puts this folder on sys.path
+
+from asyncflow.recipes.grpo import train
+from asyncflow.rundir import RunDir
 
 pytestmark = pytest.mark.integration
 

@@ -135,7 +135,8 @@ def greedy(m, prompt: list[int], steps: int) -> list[int]:
 
 
 async def test_weight_update_makes_greedy_outputs_those_of_the_new_model(engine, model_a, model_b):
-    requests = [Request(f"g{i}", p, params=SamplingParams(top_k=1, max_new_tokens=8)) for i, p in enumerate(prompts(6))]  # fmt: skip
+    params = SamplingParams(top_k=1, max_new_tokens=8)
+    requests = [Request(f"g{i}", p, params=params) for i, p in enumerate(prompts(6))]
     await set_weights(engine, model_a)
     before = [c.response_ids for c in await engine.generate(requests)]
     version = await set_weights(engine, model_b)
@@ -150,7 +151,9 @@ async def test_weight_update_makes_greedy_outputs_those_of_the_new_model(engine,
 
 async def test_update_rejects_unknown_names_and_shapes(engine, model_a):
     bad = {"model.norm.weight": torch.ones(3), "not.a.weight": torch.ones(1)}
-    with pytest.raises(ValueError, match=r"not\.a\.weight.*model\.norm\.weight: got \(3,\), expected \(64,\)"):
+    with pytest.raises(
+        ValueError, match=r"not\.a\.weight.*model\.norm\.weight: got \(3,\), expected \(64,\)"
+    ):
         await engine.update_weights(99, bad)
     assert engine.version != 99
 
@@ -161,7 +164,8 @@ async def test_partial_rollout_keeps_requests_and_tags_tokens_by_version(engine,
     context (so the KV cache was recomputed under v + 1, not reused from v)."""
     v = await set_weights(engine, model_a)
     params = SamplingParams(max_new_tokens=40)
-    call = asyncio.ensure_future(engine.generate([Request(f"p{i}", p, n=2, params=params) for i, p in enumerate(prompts(8))]))  # fmt: skip
+    requests = [Request(f"p{i}", p, n=2, params=params) for i, p in enumerate(prompts(8))]
+    call = asyncio.ensure_future(engine.generate(requests))
     await wait_steps(engine, 4)  # past the prefill: every response has tokens from v
     await engine.pause()
     paused_at = engine.stats["steps"]
@@ -189,7 +193,8 @@ async def test_abort_mode_requeues_requests_in_flight(engine, model_a, model_b):
     engine.on_update = "abort"
     try:
         params = SamplingParams(max_new_tokens=40)
-        call = asyncio.ensure_future(engine.generate([Request(f"q{i}", p, n=2, params=params) for i, p in enumerate(prompts(8))]))  # fmt: skip
+        requests = [Request(f"q{i}", p, n=2, params=params) for i, p in enumerate(prompts(8))]
+        call = asyncio.ensure_future(engine.generate(requests))
         await wait_steps(engine, 4)
         await engine.update_weights(v + 1000, model_b.state_dict())
         out = await call
