@@ -31,7 +31,8 @@ close lands on a step boundary.
 
 The engine knows nothing about tokenization, the data store or Ray: token ids in, token
 ids out. It loads the model from a Hugging Face directory (services.models.save_model
-writes one).
+writes one). Its host process is vLLM's: vLLM seeds the global RNGs with `seed`, and its
+CPU worker turns `torch.set_num_threads` into a no-op, so set threads before building it.
 """
 
 from __future__ import annotations
