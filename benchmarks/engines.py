@@ -106,13 +106,16 @@ async def child_update(engine_name: str, repeats: int, workdir: Path) -> dict:
     from services.models import build_model
 
     shape = WORKLOADS["wide"][0]
-    engine, model, tok = build_engine(engine_name, shape, workdir)
-    other = build_model(len(tok), max_positions=MAX_POSITIONS, seed=1, **shape).state_dict()
-    nbytes = sum(t.numel() * t.element_size() for t in other.values())
+    engine, _, tok = build_engine(engine_name, shape, workdir)
+    # Two state dicts of their own: the torch engine's model is not among them, so every copy is real.
+    states = [
+        build_model(len(tok), max_positions=MAX_POSITIONS, seed=s, **shape).state_dict() for s in (1, 2)
+    ]
+    nbytes = sum(t.numel() * t.element_size() for t in states[0].values())
     times = []
     for v in range(1, repeats + 2):
         t = time.perf_counter()
-        await engine.update_weights(v, other if v % 2 else model.state_dict())
+        await engine.update_weights(v, states[v % 2])
         times.append(time.perf_counter() - t)
     await engine.close()
     return {
@@ -134,12 +137,12 @@ def memcpy_s(nbytes: int, repeats: int) -> float:
     return statistics.median(times[1:])
 
 
-def child_e2e(engine_name: str, steps: int | None, out_dir: Path) -> dict:
+def child_e2e(engine_name: str, steps: int | None, seed: int, out_dir: Path) -> dict:
     from asyncflow.config import load_config
     from asyncflow.recipes.grpo import train
 
     overrides = [f"output_dir={out_dir}", f"dataplane.name=bench-engines-{uuid.uuid4().hex[:8]}",
-                 f"rollout.engine={engine_name}"]  # fmt: skip
+                 f"rollout.engine={engine_name}", f"seed={seed}"]  # fmt: skip
     if steps:
         overrides.append(f"trainer.steps={steps}")
     summary = train(load_config(ROOT / "examples" / "sort.yaml", overrides), display=False)
@@ -147,7 +150,8 @@ def child_e2e(engine_name: str, steps: int | None, out_dir: Path) -> dict:
         json.loads(line) for line in Path(summary["run_dir"], "metrics.jsonl").read_text().splitlines()
     ]
     return {
-        "engine": engine_name, "steps": summary["steps"], "samples_per_s": summary["samples_per_s"],
+        "engine": engine_name, "seed": seed, "steps": summary["steps"],
+        "samples_per_s": summary["samples_per_s"],
         "eval_reward_before": summary["eval_reward_before"],
         "eval_reward_after": summary["eval_reward_after"],
         "mismatch_kl_mean": statistics.mean(m["mismatch_kl"] for m in metrics), "seconds": summary["seconds"],
@@ -160,14 +164,15 @@ def child(args: argparse.Namespace) -> dict:
             return asyncio.run(child_generate(args.engine, args.workload, args.repeats, Path(tmp)))
         if args.child == "update":
             return asyncio.run(child_update(args.engine, args.repeats, Path(tmp)))
-        return child_e2e(args.engine, args.e2e_steps, Path(tmp))
+        return child_e2e(args.engine, args.e2e_steps, args.seed, Path(tmp))
 
 
 # ---------------------------------------------------------------- parent side
 
 
-def run_child(part: str, engine: str, args: argparse.Namespace, workload: str = "") -> dict:
+def run_child(part: str, engine: str, args: argparse.Namespace, workload: str = "", seed: int = 0) -> dict:
     cmd = [sys.executable, __file__, "--child", part, "--engine", engine, "--repeats", str(args.repeats)]
+    cmd += ["--seed", str(seed)]
     if workload:
         cmd += ["--workload", workload]
     if args.e2e_steps:
@@ -176,9 +181,7 @@ def run_child(part: str, engine: str, args: argparse.Namespace, workload: str = 
     env.pop("RAY_ADDRESS", None)
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode:
-        raise RuntimeError(
-            f"{part}/{engine}{'/' + workload if workload else ''} failed:\n{done.stderr[-4000:]}"
-        )
+        raise RuntimeError(f"{part}/{engine}/{workload or seed} failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -212,12 +215,15 @@ def tables(results: dict[str, list[dict]]) -> str:
             )
         lines.append("")
     if results.get("e2e"):
-        lines += ["| engine | steps | samples/s | eval before | eval after | mean mismatch_kl | run s |",
-                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "| engine | seed | steps | samples/s | eval before | eval after | mean mismatch_kl | run s |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for r in results["e2e"]:
             lines.append(
-                f"| {r['engine']} | {r['steps']} | {r['samples_per_s']:.1f} | {r['eval_reward_before']:.3f} "
-                f"| {r['eval_reward_after']:.3f} | {r['mismatch_kl_mean']:.2e} | {r['seconds']:.0f} |"
+                f"| {r['engine']} | {r['seed']} | {r['steps']} | {r['samples_per_s']:.1f} "
+                f"| {r['eval_reward_before']:.3f} | {r['eval_reward_after']:.3f} "
+                f"| {r['mismatch_kl_mean']:.2e} | {r['seconds']:.0f} |"
             )
     return "\n".join(lines)
 
@@ -231,10 +237,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--e2e-steps", type=int, default=0, help="RL steps of the e2e runs (0: the example's)"
     )
+    parser.add_argument("--seeds", default="0,1", help="comma-separated seeds of the e2e runs")
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--child", choices=["generate", "update", "e2e"], help=argparse.SUPPRESS)
     parser.add_argument("--engine", choices=ENGINES, help=argparse.SUPPRESS)
     parser.add_argument("--workload", choices=list(WORKLOADS), help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(child(args)))
@@ -242,13 +250,14 @@ def main(argv: list[str] | None = None) -> int:
     engines = args.engines.split(",")
     results: dict[str, list[dict]] = {}
     for part in args.parts.split(","):
+        jobs = [("", e, 0) for e in engines]
         if part == "generate":
-            jobs = [(w, e) for w in args.workloads.split(",") for e in engines]
-        else:
-            jobs = [("", e) for e in engines]
-        for workload, engine in jobs:
-            results.setdefault(part, []).append(run_child(part, engine, args, workload))
-            print(f"done: {part} {engine} {workload}", file=sys.stderr, flush=True)
+            jobs = [(w, e, 0) for w in args.workloads.split(",") for e in engines]
+        if part == "e2e":
+            jobs = [("", e, int(s)) for s in args.seeds.split(",") for e in engines]
+        for workload, engine, seed in jobs:
+            results.setdefault(part, []).append(run_child(part, engine, args, workload, seed))
+            print(f"done: {part} {engine} {workload or seed}", file=sys.stderr, flush=True)
     print(tables(results))
     if args.json:
         args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, **results}, indent=2))

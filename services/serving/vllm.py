@@ -113,6 +113,7 @@ class VLLMEngine:
             logprobs_mode="processed_logprobs",
             skip_tokenizer_init=True,  # token ids in and out
             generation_config="vllm",  # sampling comes from the request alone, not the model dir
+            disable_log_stats=True,  # per-step Prometheus bookkeeping; self.stats counts what we report
             # CPU: no compile step, start in seconds. GPU: vLLM's default torch.compile + CUDA graphs.
             enforce_eager=not torch.cuda.is_available(),
         )
