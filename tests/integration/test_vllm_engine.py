@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import random
 
+import numpy as np
 import psutil
 import pytest
 import torch
@@ -49,10 +51,19 @@ def engine(model_a, tmp_path_factory):
 
     path = save_model(model_a, build_tokenizer(list(SYMBOLS)), tmp_path_factory.mktemp("model"))
     children = {p.pid for p in psutil.Process().children(recursive=True)}
+    # vLLM in process seeds the global RNGs and turns torch.set_num_threads into a no-op;
+    # put all of it back afterwards, so later tests in this process see what they would alone.
+    set_threads, threads = torch.set_num_threads, torch.get_num_threads()
+    rng = random.getstate(), np.random.get_state(), torch.get_rng_state()
     e = VLLMEngine(path, eos_token_id=EOS_ID, version=0, seed=0, kv_cache_gib=0.0625)
     e.children_before = children  # type: ignore[attr-defined]  # for the shutdown test
     yield e
     asyncio.run(e.close())
+    torch.set_num_threads = set_threads
+    torch.set_num_threads(threads)
+    random.setstate(rng[0])
+    np.random.set_state(rng[1])
+    torch.set_rng_state(rng[2])
 
 
 def prompts(count: int) -> list[list[int]]:
