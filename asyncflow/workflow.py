@@ -69,9 +69,28 @@ def _engine(ctx: Context) -> Any:
             **c.rollout.simulated.model_dump(),
         )  # fmt: skip
     model = make_model(c.model, len(tok), c.seed)  # weights come from the weight store
+    if c.rollout.engine == "vllm":
+        return _vllm_engine(ctx, model, seed)
     return TorchEngine(
         model, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, version=-1, seed=seed
     )
+
+
+def _vllm_engine(ctx: Context, model: Any, seed: int) -> Any:
+    import tempfile
+
+    from services.models import save_model
+    from services.serving.vllm import VLLMEngine
+
+    r = ctx.config.rollout
+    # vLLM loads a model directory; once loaded it keeps the weights in memory.
+    with tempfile.TemporaryDirectory(prefix="asyncflow-vllm-") as model_dir:
+        save_model(model, ctx.tokenizer, model_dir)
+        return VLLMEngine(
+            model_dir, eos_token_id=ctx.tokenizer.eos_token_id, version=-1, seed=seed,
+            on_update="abort" if r.partial_rollout == "abort" else "keep", max_num_seqs=r.vllm.max_num_seqs,
+            kv_cache_gib=r.vllm.kv_cache_gib, dtype=r.vllm.dtype,
+        )  # fmt: skip
 
 
 def _rollout(ctx: Context) -> Any:
@@ -88,6 +107,7 @@ def _rollout(ctx: Context) -> Any:
     return RolloutWorker(
         _engine(ctx), None, ctx.weights, n=c.n, groups_per_call=c.groups_per_call, params=params,
         name=f"rollout{ctx.index}", get_timeout_s=ctx.config.dataplane.get_timeout_s,
+        partial_rollout=c.partial_rollout != "off",
     )  # fmt: skip
 
 

