@@ -139,10 +139,10 @@ class TrainerWorker:
         order = sorted(
             range(len(data["reward"])), key=lambda i: (data["prompt_index"][i], data["sample_index"][i])
         )
-        rows = [_Row.of(data, i, self.reference) for i in order]
+        rows = self._rows(data, order)
         rewards = torch.tensor([r.reward for r in rows]).view(-1, self.n)  # (G, n)
         advantages = group_advantages(rewards, self.config.estimator).view(-1)  # (B,)
-        max_tokens = max(len(r.response) for r in rows)  # Dr.GRPO's constant divisor
+        max_tokens = max(len(r.behavior) for r in rows)  # Dr.GRPO's constant divisor
         groups = torch.arange(len(rows)).view(-1, self.n)  # (G, n) row positions
         minibatches = [g.reshape(-1).tolist() for g in groups.chunk(self.config.minibatches)]
         proximal = None
@@ -156,13 +156,17 @@ class TrainerWorker:
         return {
             "version": self.version,
             "samples": len(rows),
-            "tokens": sum(len(r.response) for r in rows),
+            "tokens": sum(len(r.behavior) for r in rows),  # scored actions: tokens, or denoising steps
             "reward_mean": rewards.mean().item(),
-            "response_len": sum(len(r.response) for r in rows) / len(rows),
+            "response_len": sum(len(r.behavior) for r in rows) / len(rows),
             "staleness": staleness_histogram(self.version - 1, [r.version(self.version) for r in rows]),
             "trained": [[int(data["prompt_index"][i]), int(data["sample_index"][i])] for i in order],
             **stats,
         }
+
+    def _rows(self, data: dict, order: list[int]) -> list[Any]:
+        """The batch's samples in training order (whole groups, in sample order)."""
+        return [_Row.of(data, i, self.reference) for i in order]
 
     def _micro(self, rows: list[_Row]) -> list[list[int]]:
         return micro_batches([len(r.prompt) + len(r.response) for r in rows], self.config.micro_batch_tokens)
