@@ -30,7 +30,6 @@ __all__ = ["bellman_grid", "jump_costs"]
 def jump_costs(model: VelocityMLP, x: Tensor, fine_steps: int, cond: Tensor | None = None) -> Tensor:
     """c(i, j) for i < j on the fine grid (inf elsewhere), from source samples x at t = 1: (N+1, N+1)."""
     grid = uniform_grid(fine_steps)
-    cond = x.new_zeros(x.shape[0], model.condition_dim) if cond is None else cond
     path, velocities = [x], []
     for i in range(fine_steps):
         v = model(path[-1], x.new_full((x.shape[0],), float(grid[i])), cond)

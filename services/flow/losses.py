@@ -84,8 +84,8 @@ def splitmeanflow_loss(
     if not model.mean_flow:
         raise ValueError("splitmeanflow needs a mean-flow model: VelocityMLP(..., mean_flow=True)")
     batch = x_data.shape[0]
-    t = _times(batch, generator)  # (B,)
-    r = t * _times(batch, generator)  # (B,), r <= t
+    a, b = _times(batch, generator), _times(batch, generator)
+    t, r = torch.maximum(a, b), torch.minimum(a, b)  # (B,): r <= t, uniform on the triangle
     on_boundary = torch.rand(batch, generator=generator) < boundary
     r = torch.where(on_boundary, t, r)
     lam = _times(batch, generator)

@@ -69,12 +69,13 @@ class VelocityMLP(nn.Module):
                 f"VelocityMLP: x must be (B, {self.dim}) and t (B,), got {tuple(x.shape)} and "
                 f"{tuple(t.shape)}"
             )
-        if cond is None:
-            cond = x.new_zeros(batch, self.condition_dim)
-        if cond.shape != (batch, self.condition_dim):
+        if cond is None and not self.condition_dim:
+            cond = x.new_zeros(batch, 0)
+        if cond is None or cond.shape != (batch, self.condition_dim):
             raise ValueError(
                 f"VelocityMLP: cond must be (B, {self.condition_dim}) = {(batch, self.condition_dim)}, "
-                f"got {tuple(cond.shape)}; pass the task's condition vector for every row"
+                f"got {None if cond is None else tuple(cond.shape)}; pass the task's condition vector for "
+                "every row"
             )
         if (r is not None) != self.mean_flow:
             raise ValueError(

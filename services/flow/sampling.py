@@ -50,21 +50,17 @@ def check_grid(grid: Tensor) -> list[float]:
     return times
 
 
-def _cond(model: VelocityMLP, x: Tensor, cond: Tensor | None) -> Tensor:
-    return x.new_zeros(x.shape[0], model.condition_dim) if cond is None else cond
-
-
 @torch.no_grad()
 def euler(model: VelocityMLP, x: Tensor, grid: Tensor, cond: Tensor | None = None) -> Tensor:
     """Integrate the ODE from x at t = 1 along `grid` to t = 0: (B, D) -> (B, D)."""
-    times, cond = check_grid(grid), _cond(model, x, cond)
+    times = check_grid(grid)
     for t, t_next in zip(times, times[1:]):
         x = x + (t_next - t) * model(x, x.new_full((x.shape[0],), t), cond)
     return x
 
 
 def sde_step(
-    model: VelocityMLP, x: Tensor, t: float, t_next: float, cond: Tensor, noise_level: float, *,
+    model: VelocityMLP, x: Tensor, t: float, t_next: float, cond: Tensor | None, noise_level: float, *,
     t_root: float, x_next: Tensor | None = None, generator: torch.Generator | None = None,
     reduce: Reduce = "sum",
 ) -> tuple[Tensor, Tensor, float, Tensor]:  # fmt: skip
@@ -95,7 +91,7 @@ def sde_sample(
     generator: torch.Generator | None = None, reduce: Reduce = "sum",
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Roll the SDE from x (t = 1) along `grid`: latents (K+1, B, D) and step log-probs (K, B)."""
-    times, cond = check_grid(grid), _cond(model, x, cond)
+    times = check_grid(grid)
     latents, logps = [x], []
     for t, t_next in zip(times, times[1:]):
         x, _, _, logp = sde_step(
@@ -120,7 +116,6 @@ def step_logprobs(
             f"step_logprobs: latents must be (B, K+1, D) with K+1 = {len(times)} grid points, "
             f"got {tuple(latents.shape)}"
         )
-    cond = _cond(model, latents[:, 0], cond)
     out = [
         sde_step(
             model, latents[:, k], t, t_next, cond, noise_level, t_root=times[1], x_next=latents[:, k + 1],
@@ -136,7 +131,7 @@ def mean_flow_sample(model: VelocityMLP, x: Tensor, grid: Tensor, cond: Tensor |
     """A mean-flow model's jumps along `grid`: z_r = z_t - (t - r) * u(z_t, r, t); (B, D) -> (B, D).
 
     One step (grid [1, 0]) is x_0 = x_1 - u(x_1, 0, 1)."""
-    times, cond = check_grid(grid), _cond(model, x, cond)
+    times = check_grid(grid)
     for t, r in zip(times, times[1:]):
         x = x - (t - r) * model(x, x.new_full((x.shape[0],), t), cond, r=x.new_full((x.shape[0],), r))
     return x
