@@ -117,12 +117,11 @@ def make_loss(name: str, *, wcfm_eps: float = 10.0, boundary: float = 0.5) -> Lo
 
 def fit(
     model: VelocityMLP, loss: Loss, data: Callable[[int, int], tuple[Tensor, Tensor | None]], *,
-    steps: int, batch_size: int, lr: float, source: Callable[[int, torch.Generator], Tensor] | None = None,
-    seed: int = 0,
+    steps: int, batch_size: int, lr: float, source: Callable[[int, int], Tensor] | None = None, seed: int = 0,
 ) -> float:  # fmt: skip
-    """Adam steps on `loss`; `data(step, batch_size)` gives (x_data, cond), `source(batch_size,
-    generator)` the source samples (standard normal by default). Returns the mean loss of the
-    last tenth of the steps."""
+    """Adam steps on `loss`; `data(step, batch_size)` gives (x_data, cond), `source(step, batch_size)`
+    the source samples (standard normal by default). Returns the mean loss of the last tenth
+    of the steps."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     tail: list[float] = []
@@ -131,7 +130,7 @@ def fit(
         if source is None:
             x_source = torch.randn(x_data.shape, generator=generator)
         else:
-            x_source = source(batch_size, generator)
+            x_source = source(step, batch_size)
         value = loss(model, x_data, x_source, cond, generator)
         optimizer.zero_grad(set_to_none=True)
         value.backward()

@@ -37,7 +37,7 @@ def _setup(n: int = 8, **trainer):
 
 
 async def _rollout(kind, engine, groups: int, n: int) -> dict:
-    """What the trainer gets from the store: the source's, rollout's and reward's fields of `groups` groups."""
+    """What the trainer gets from the store: the fields of `groups` groups after rollout and reward."""
     examples = [kind.task.example(i) for i in range(groups)]
     prompts = kind.prompts(examples)["condition"]
     outputs = await engine.generate(
