@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from asyncflow.algorithms import aggregate, kl_penalty, policy_loss
 from asyncflow.config import TrainerConfig, WarmupConfig
 from services.flow.losses import fit, make_loss
 from workers.samples import trainer_fields
@@ -112,27 +111,20 @@ class FlowTrainerWorker(TrainerWorker):
     def _update(self, rows: list[Any], advantages: torch.Tensor, max_tokens: int,
                 proximal: list[torch.Tensor] | None) -> dict[str, float]:  # fmt: skip
         """One optimizer step over `rows` in one pass (a flow sample is small)."""
-        c = self.config
         logprobs = self._logprobs(rows)  # (B, K)
         behavior = torch.tensor([r.behavior for r in rows], dtype=torch.float32)  # (B, K)
-        mask = torch.ones_like(behavior, dtype=torch.bool)
-        loss, stats = policy_loss(
-            logprobs, behavior, advantages, mask,
-            proximal_logprobs=logprobs.detach() if proximal is None else torch.stack(proximal),
-            correction=c.correction, clip_eps=c.clip_eps, clip_eps_high=c.clip_eps_high, is_cap=c.is_cap,
-            agg=c.loss_agg, max_tokens=max_tokens,
-        )  # fmt: skip
+        prox = logprobs.detach() if proximal is None else torch.stack(proximal)
+        ref = torch.tensor([r.ref for r in rows], dtype=torch.float32) if self.reference else None
+        mask = torch.ones_like(behavior, dtype=torch.bool)  # every step of every sample counts
+        loss, stats = self._loss(logprobs, behavior, advantages, mask, prox, ref, max_tokens)
         # 0 exactly when rollout and trainer agree bit for bit (lag 0): any grid, sigma, dtype or
         # conditioning mismatch shows here first.
         stats["logprob_diff_max"] = (logprobs.detach() - behavior).abs().max().item()
-        if self.reference:
-            ref = torch.tensor([r.ref for r in rows], dtype=torch.float32)  # (B, K)
-            kl = aggregate(kl_penalty(logprobs, ref), mask, c.loss_agg, max_tokens)
-            loss = loss + c.kl_coef * kl
-            stats["kl_ref"] = kl.item()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         stats["loss"] = loss.item()
-        stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.max_grad_norm).item()
+        stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), self.config.max_grad_norm
+        ).item()
         self.optimizer.step()
         return stats

@@ -32,14 +32,9 @@ class ReferenceWorker:
         start = time.perf_counter()
         size = max_rows or self.batch_rows
         batch = await take(
-            self.store,
-            self.kind.reference_reads,
-            size,
-            REFERENCE,
-            writes=WRITES,
-            wait=wait,
+            self.store, self.kind.reference_reads, size, REFERENCE, writes=WRITES, wait=wait,
             timeout_s=self.get_timeout_s,
-        )
+        )  # fmt: skip
         got = time.perf_counter()
         self.stats["idle_s"] += got - start
         if not len(batch):

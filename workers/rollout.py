@@ -1,5 +1,7 @@
 """RolloutWorker: takes prompt groups from the store, samples `n` responses per prompt with
-its engine, writes them back with behaviour log-probs and the version of every token.
+its engine, writes them back with behaviour log-probs and the version of every token (or
+denoising step, for a flow policy: the kind, workers.kinds, says what prompts and responses
+are and how they become engine requests and store fields).
 
 Weights are pulled at a safe point, between engine calls (deferred update): the worker
 never waits for the trainer unless a prompt was admitted at a version newer than the

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 
 from asyncflow.algorithms import aggregate, group_advantages, kl_penalty, policy_loss, token_logprobs
 from asyncflow.config import TrainerConfig, WarmupConfig
@@ -199,16 +200,16 @@ class TrainerWorker:
                 if proximal is None
                 else on_grid([proximal[i].tolist() for i in micro], mask)
             )
-            loss, part = policy_loss(
-                logprobs, on_grid([r.behavior for r in batch], mask), advantages[micro], mask,
-                proximal_logprobs=prox, correction=c.correction, clip_eps=c.clip_eps,
-                clip_eps_high=c.clip_eps_high, is_cap=c.is_cap, agg=c.loss_agg, max_tokens=max_tokens,
-            )  # fmt: skip
-            if self.reference:
-                ref = on_grid([r.ref or [] for r in batch], mask)
-                kl = aggregate(kl_penalty(logprobs, ref), mask, c.loss_agg, max_tokens)
-                loss = loss + c.kl_coef * kl
-                part["kl_ref"] = kl.item()
+            ref = on_grid([r.ref or [] for r in batch], mask) if self.reference else None
+            loss, part = self._loss(
+                logprobs,
+                on_grid([r.behavior for r in batch], mask),
+                advantages[micro],
+                mask,
+                prox,
+                ref,
+                max_tokens,
+            )
             share = sum(len(r.response) if per_token else bool(r.response) for r in batch) / max(total, 1)
             (loss * share).backward()
             part["loss"] = loss.item()
@@ -218,6 +219,24 @@ class TrainerWorker:
         self.optimizer.step()
         stats["grad_norm"] = grad_norm.item()
         return stats
+
+    def _loss(
+        self, logprobs: Tensor, behavior: Tensor, advantages: Tensor, mask: Tensor, proximal: Tensor,
+        ref: Tensor | None, max_tokens: int,
+    ) -> tuple[Tensor, dict[str, float]]:  # fmt: skip
+        """The policy loss over a (B, T) grid of actions (tokens, or denoising steps), plus the KL
+        to the reference when its log-probs are given."""
+        c = self.config
+        loss, part = policy_loss(
+            logprobs, behavior, advantages, mask, proximal_logprobs=proximal, correction=c.correction,
+            clip_eps=c.clip_eps, clip_eps_high=c.clip_eps_high, is_cap=c.is_cap, agg=c.loss_agg,
+            max_tokens=max_tokens,
+        )  # fmt: skip
+        if ref is not None:
+            kl = aggregate(kl_penalty(logprobs, ref), mask, c.loss_agg, max_tokens)
+            loss = loss + c.kl_coef * kl
+            part["kl_ref"] = kl.item()
+        return loss, part
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -193,7 +193,10 @@ class FlowEngine:
         return self._samples(rows, latents, grid, logps, versions, "stop")
 
     @staticmethod
-    def _samples(rows, latents, grid, logps, versions, reason) -> list[FlowSample]:
+    def _samples(
+        rows: list[tuple[FlowRequest, int]], latents: list[torch.Tensor], grid: torch.Tensor,
+        logps: list[torch.Tensor], versions: list[int], reason: Literal["stop", "abort"],
+    ) -> list[FlowSample]:  # fmt: skip
         path = torch.stack(latents, dim=1)  # (B, steps+1, D)
         logprobs = torch.stack(logps, dim=1).tolist() if logps else [[] for _ in rows]  # (B, steps)
         return [
