@@ -24,7 +24,8 @@ from dataplane.store import NAMESPACE  # every named actor of a run lives beside
 
 @dataclass
 class Context:
-    """What every role is built from: its config, the task, the tokenizer, the weight store."""
+    """What every role is built from: its config, the task, the tokenizer, the weight store,
+    and the policy kind (workers.kinds: token or flow), which knows what rows hold."""
 
     config: AsyncFlowConfig
     index: int
@@ -32,6 +33,7 @@ class Context:
     tokenizer: Any
     weights: Any  # workers.weights.WeightClient
     extra: dict
+    kind: Any = None
 
 
 def _source(ctx: Context) -> Any:
@@ -39,7 +41,7 @@ def _source(ctx: Context) -> Any:
 
     c = ctx.config
     return PromptSource(
-        ctx.task, ctx.tokenizer, None, ctx.weights, n=c.rollout.n, batch_prompts=c.trainer.batch_prompts,
+        ctx.task, ctx.kind, None, ctx.weights, n=c.rollout.n, batch_prompts=c.trainer.batch_prompts,
         staleness=c.staleness, cursor=ctx.extra.get("cursor", 0),
     )  # fmt: skip
 
@@ -50,7 +52,7 @@ def _reward(ctx: Context) -> Any:
 
     r, timeout_s = ctx.config.reward, ctx.config.dataplane.get_timeout_s
     return RewardWorker(
-        make_reward_fn(ctx.config.task), ctx.tokenizer, None, timeout_s=r.timeout_s,
+        make_reward_fn(ctx.config.task), ctx.kind, None, timeout_s=r.timeout_s,
         failure_reward=r.failure_reward, batch_rows=r.batch_rows, get_timeout_s=timeout_s,
     )  # fmt: skip
 
@@ -63,6 +65,8 @@ def _engine(ctx: Context) -> Any:
     c, tok = ctx.config, ctx.tokenizer
     # A restarted worker samples with a fresh seed: it must not repeat its previous life's samples.
     seed = c.seed * 1000 + ctx.index + 1000 * ctx.extra.get("incarnation", 0)
+    if c.policy == "flow":
+        return ctx.kind.engine(seed)
     if c.rollout.engine == "simulated":
         return SimulatedEngine(
             vocab_size=len(tok), eos_token_id=tok.eos_token_id, version=-1, seed=seed,
@@ -94,19 +98,14 @@ def _vllm_engine(ctx: Context, model: Any, seed: int) -> Any:
 
 
 def _rollout(ctx: Context) -> Any:
-    from services.serving import SamplingParams
     from workers.policy import set_threads
     from workers.rollout import RolloutWorker
 
     c = ctx.config.rollout
     set_threads(c.torch_threads)
-    params = SamplingParams(
-        temperature=c.temperature, top_p=c.top_p, top_k=c.top_k, max_new_tokens=c.max_new_tokens,
-        stop_token_ids=(ctx.tokenizer.eos_token_id,),
-    )  # fmt: skip
     return RolloutWorker(
-        _engine(ctx), None, ctx.weights, n=c.n, groups_per_call=c.groups_per_call, params=params,
-        name=f"rollout{ctx.index}", get_timeout_s=ctx.config.dataplane.get_timeout_s,
+        _engine(ctx), None, ctx.weights, n=c.n, groups_per_call=c.groups_per_call, params=ctx.kind.params(),
+        kind=ctx.kind, name=f"rollout{ctx.index}", get_timeout_s=ctx.config.dataplane.get_timeout_s,
         partial_rollout=c.partial_rollout != "off",
     )  # fmt: skip
 
@@ -114,31 +113,32 @@ def _rollout(ctx: Context) -> Any:
 def _reference(ctx: Context) -> Any:
     from safetensors.torch import load_file
 
-    from workers.policy import make_model, set_threads
+    from workers.policy import set_threads
     from workers.reference import ReferenceWorker
 
     set_threads(ctx.config.reference.torch_threads)
-    model = make_model(ctx.config.model, len(ctx.tokenizer), ctx.config.seed)
+    model = ctx.kind.model(ctx.config.seed)
     model.load_state_dict(load_file(ctx.extra["weights_path"]))
-    return ReferenceWorker(
-        model,
-        None,
-        temperature=ctx.config.rollout.temperature,
-        get_timeout_s=ctx.config.dataplane.get_timeout_s,
-    )
+    return ReferenceWorker(model, None, kind=ctx.kind, get_timeout_s=ctx.config.dataplane.get_timeout_s)
 
 
 def _trainer(ctx: Context) -> Any:
     import torch
 
-    from workers.policy import make_model, set_threads
+    from workers.flow_trainer import FlowTrainerWorker
+    from workers.policy import set_threads
     from workers.trainer import TrainerWorker
 
     c = ctx.config
     set_threads(c.trainer.torch_threads)
     torch.manual_seed(c.seed)
+    if c.policy == "flow":
+        return FlowTrainerWorker(
+            ctx.kind.model(c.seed), None, ctx.weights, c.trainer, ctx.kind, n=c.rollout.n,
+            staleness=c.staleness, reference=c.reference.enabled, get_timeout_s=c.dataplane.get_timeout_s,
+        )  # fmt: skip
     return TrainerWorker(
-        make_model(c.model, len(ctx.tokenizer), c.seed), None, ctx.weights, c.trainer, n=c.rollout.n,
+        ctx.kind.model(c.seed), None, ctx.weights, c.trainer, n=c.rollout.n,
         staleness=c.staleness, temperature=c.rollout.temperature, reference=c.reference.enabled,
         get_timeout_s=c.dataplane.get_timeout_s,
     )  # fmt: skip
@@ -166,7 +166,8 @@ class WorkerHost:
         weights_name: str,
         extra: dict | None = None,
     ):
-        from workers.policy import make_task, make_tokenizer
+        from workers.kinds import make_kind
+        from workers.policy import make_task
         from workers.weights import WeightClient
 
         if role not in ROLES:
@@ -176,12 +177,15 @@ class WorkerHost:
         extra = dict(extra or {})
         extra["incarnation"] = int(ray.get_runtime_context().was_current_actor_reconstructed)
         self.task = make_task(self.config.task, self.config.seed)
-        self.tokenizer = make_tokenizer(self.task)
+        self.kind = make_kind(self.config, self.task)
+        self.tokenizer = self.kind.tokenizer
         # Looked up by name, not passed as a handle: a handle among the constructor arguments
         # would keep Ray from restarting this actor reliably (ray-project/ray#53727).
         handle = ray.get_actor(weights_name, namespace=NAMESPACE)
         weights = WeightClient(handle, remote=True, bucket_mb=self.config.weights.bucket_mb)
-        self.worker = ROLES[role](Context(self.config, index, self.task, self.tokenizer, weights, extra))
+        self.worker = ROLES[role](
+            Context(self.config, index, self.task, self.tokenizer, weights, extra, self.kind)
+        )
         self._connected: asyncio.Task | None = None
 
     async def _connect(self) -> None:
@@ -206,7 +210,7 @@ class WorkerHost:
 
         await self.call("sync_weights", min_version)
         examples = [self.task.eval_example(i) for i in range(count)]
-        return await self.worker.evaluate(examples, self.tokenizer, make_reward_fn(self.config.task))
+        return await self.worker.evaluate(examples, make_reward_fn(self.config.task, evaluation=True))
 
     def stats(self) -> dict:
         return dict(getattr(self.worker, "stats", {}))

@@ -23,8 +23,9 @@ def make_task(config: TaskConfig, seed: int) -> Any:
         raise ValueError(f"task {config.source} rejected task.options {config.options}: {e}") from None
 
 
-def make_reward_fn(config: TaskConfig) -> Any:
-    return import_string(config.reward)
+def make_reward_fn(config: TaskConfig, *, evaluation: bool = False) -> Any:
+    """The training reward, or with evaluation=True the held-out one (task.eval_reward, if set)."""
+    return import_string(config.eval_reward if evaluation and config.eval_reward else config.reward)
 
 
 def make_tokenizer(task: Any) -> Any:

@@ -1,5 +1,6 @@
 """ReferenceWorker: log-probs of the reference policy (the warm-started model, frozen) for
-every response, so the trainer can add a KL term. It knows nothing about the loss."""
+every response (per token, or per denoising step of a flow policy: the kind computes them),
+so the trainer can add a KL term. It knows nothing about the loss."""
 
 from __future__ import annotations
 
@@ -8,9 +9,7 @@ from typing import Any
 
 import torch
 
-from asyncflow.algorithms import token_logprobs
 from workers.samples import PARTITION, REFERENCE, serve, take, work_through
-from workers.trainer import pack
 
 WRITES = ["ref_logprobs"]
 
@@ -21,34 +20,26 @@ class ReferenceWorker:
         model: torch.nn.Module,
         store: Any,
         *,
-        temperature: float,
+        kind: Any,
         batch_rows: int = 64,
         get_timeout_s: float | None = None,
     ):
-        self.model, self.store, self.temperature = model.eval(), store, temperature
+        self.model, self.store, self.kind = model.eval(), store, kind
         self.batch_rows, self.get_timeout_s = batch_rows, get_timeout_s
         self.stats: dict[str, float] = {"samples": 0, "busy_s": 0.0, "idle_s": 0.0}
 
-    @torch.no_grad()
-    def logprobs(self, prompts: list[list[int]], responses: list[list[int]]) -> list:
-        ids, targets, mask = pack(prompts, responses)
-        lp = token_logprobs(self.model(ids).logits[:, :-1], targets, self.temperature)  # (B, T-1)
-        return [row[m].numpy() for row, m in zip(lp, mask)]
-
     async def step(self, max_rows: int | None = None, *, wait: bool = True) -> int:
         start = time.perf_counter()
-        fields = ["prompt_ids", "response_ids"]
         size = max_rows or self.batch_rows
         batch = await take(
-            self.store, fields, size, REFERENCE, writes=WRITES, wait=wait, timeout_s=self.get_timeout_s
-        )
+            self.store, self.kind.reference_reads, size, REFERENCE, writes=WRITES, wait=wait,
+            timeout_s=self.get_timeout_s,
+        )  # fmt: skip
         got = time.perf_counter()
         self.stats["idle_s"] += got - start
         if not len(batch):
             return 0
-        ref = self.logprobs(
-            [p.tolist() for p in batch["prompt_ids"]], [r.tolist() for r in batch["response_ids"]]
-        )
+        ref = self.kind.reference_logprobs(self.model, batch)
         await self.store.put(PARTITION, {"ref_logprobs": ref}, rows=batch)
         await self.store.ack(batch)
         self.stats["samples"] += len(batch)

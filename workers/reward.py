@@ -13,7 +13,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from workers.rollout import decode_response
+import numpy as np
+
 from workers.samples import PARTITION, REWARD, REWARD_FIELDS, serve, take, work_through
 
 WRITES = REWARD_FIELDS
@@ -23,7 +24,7 @@ class RewardWorker:
     def __init__(
         self,
         reward_fn: Any,
-        tokenizer: Any,
+        kind: Any,
         store: Any,
         *,
         timeout_s: float,
@@ -32,7 +33,7 @@ class RewardWorker:
         get_timeout_s: float | None = None,
         threads: int = 8,
     ):
-        self.reward_fn, self.tokenizer, self.store = reward_fn, tokenizer, store
+        self.reward_fn, self.kind, self.store = reward_fn, kind, store
         self.timeout_s, self.failure_reward, self.batch_rows = timeout_s, failure_reward, batch_rows
         self.get_timeout_s = get_timeout_s
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="reward")
@@ -44,9 +45,9 @@ class RewardWorker:
             "idle_s": 0.0,
         }
 
-    async def _score(self, prompt: str, response: str, answer: str) -> tuple[float, str]:
+    async def _score(self, *args: Any) -> tuple[float, str]:
         loop = asyncio.get_running_loop()
-        call = loop.run_in_executor(self._pool, self.reward_fn, prompt, response, answer)
+        call = loop.run_in_executor(self._pool, self.reward_fn, *args)
         done, _ = await asyncio.wait([call], timeout=self.timeout_s)  # wait_for would cancel-and-hang
         if not done:
             self.stats["timeouts"] += 1
@@ -62,7 +63,7 @@ class RewardWorker:
     async def step(self, max_rows: int | None = None, *, wait: bool = True) -> int:
         start = time.perf_counter()
         size = max_rows or self.batch_rows
-        fields = ["prompt_ids", "response_ids", "answer"]
+        fields = [self.kind.prompt_field, self.kind.response_field, "answer"]
         batch = await take(
             self.store, fields, size, REWARD, writes=WRITES, wait=wait, timeout_s=self.get_timeout_s
         )
@@ -71,17 +72,16 @@ class RewardWorker:
         if not len(batch):
             return 0
         scored = await asyncio.gather(
-            *(
-                self._score(
-                    self.tokenizer.decode(p.tolist()[1:], skip_special_tokens=True),  # without <bos>
-                    decode_response(self.tokenizer, r.tolist()),
-                    a,
-                )
-                for p, r, a in zip(batch["prompt_ids"], batch["response_ids"], batch["answer"])
-            )
+            *(self._score(*self.kind.reward_args(*row)) for row in zip(*(batch[f] for f in fields)))
         )
         await self.store.put(
-            PARTITION, {"reward": [s for s, _ in scored], "reward_error": [e for _, e in scored]}, rows=batch
+            PARTITION,
+            # One float32 array: a list of Python floats would have to be exact in float32 (-0.1 is not).
+            {
+                "reward": np.asarray([s for s, _ in scored], np.float32),
+                "reward_error": [e for _, e in scored],
+            },
+            rows=batch,
         )
         await self.store.ack(batch)
         self.stats["samples"] += len(batch)

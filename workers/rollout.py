@@ -1,5 +1,7 @@
 """RolloutWorker: takes prompt groups from the store, samples `n` responses per prompt with
-its engine, writes them back with behaviour log-probs and the version of every token.
+its engine, writes them back with behaviour log-probs and the version of every token (or
+denoising step, for a flow policy: the kind, workers.kinds, says what prompts and responses
+are and how they become engine requests and store fields).
 
 Weights are pulled at a safe point, between engine calls (deferred update): the worker
 never waits for the trainer unless a prompt was admitted at a version newer than the
@@ -16,10 +18,7 @@ import asyncio
 import time
 from typing import Any
 
-import numpy as np
-
-from services.serving import Request, SamplingParams
-from workers.samples import PARTITION, PROMPT_FIELDS, ROLLOUT, ROLLOUT_FIELDS, serve, take
+from workers.samples import PARTITION, ROLLOUT, serve, take
 
 
 class RolloutWorker:
@@ -31,7 +30,8 @@ class RolloutWorker:
         *,
         n: int,
         groups_per_call: int,
-        params: SamplingParams,
+        params: Any,
+        kind: Any,
         name: str = "rollout",
         get_timeout_s: float | None = None,
         partial_rollout: bool = False,
@@ -39,6 +39,7 @@ class RolloutWorker:
         self.engine, self.store, self.weights = engine, store, weights
         self.partial_rollout = partial_rollout
         self.n, self.groups_per_call, self.params, self.name = n, groups_per_call, params, name
+        self.kind = kind  # workers.kinds: what prompts and responses are
         self.get_timeout_s = get_timeout_s
         self.stats = {
             "samples": 0,
@@ -67,8 +68,8 @@ class RolloutWorker:
         start = time.perf_counter()
         size = (max_groups or self.groups_per_call) * self.n
         batch = await take(
-            self.store, PROMPT_FIELDS, size, ROLLOUT, unit=self.n, sampler="group", writes=ROLLOUT_FIELDS,
-            wait=wait, timeout_s=self.get_timeout_s,
+            self.store, self.kind.prompt_fields, size, ROLLOUT, unit=self.n, sampler="group",
+            writes=self.kind.rollout_fields, wait=wait, timeout_s=self.get_timeout_s,
         )  # fmt: skip
         got = time.perf_counter()
         self.stats["idle_s"] += got - start
@@ -77,9 +78,9 @@ class RolloutWorker:
         # The safe point: weights at least as new as the version each prompt was admitted at.
         await self.sync_weights(max(int(v) for v in batch["admit_version"]))
         heads = range(0, len(batch), self.n)  # rows of a group are adjacent, in sample order
+        prompts = batch[self.kind.prompt_field]
         requests = [
-            Request(f"{batch['prompt_index'][i]}", batch["prompt_ids"][i].tolist(), self.n, self.params)
-            for i in heads
+            self.kind.request(f"{batch['prompt_index'][i]}", prompts[i], self.n, self.params) for i in heads
         ]
         completions = await self._generate(requests)
         order = {(int(batch["prompt_index"][i]), int(batch["sample_index"][i])): i for i in range(len(batch))}
@@ -88,22 +89,17 @@ class RolloutWorker:
             rows[order[(int(c.request_id), c.index)]] = c
         await self.store.put(
             PARTITION,
-            {
-                "response_ids": [np.asarray(c.response_ids, dtype=np.int64) for c in rows],
-                "behavior_logprobs": [np.asarray(c.logprobs, dtype=np.float32) for c in rows],
-                "token_versions": [np.asarray(c.versions, dtype=np.int64) for c in rows],
-                "finish": [c.finish_reason for c in rows],
-            },
+            self.kind.results(rows),
             rows=batch,
             version=min(min(c.versions, default=self.engine.version) for c in rows),
         )
         await self.store.ack(batch)
         self.stats["samples"] += len(rows)
-        self.stats["tokens"] += sum(len(c.response_ids) for c in rows)
+        self.stats["tokens"] += sum(len(c.versions) for c in rows)  # tokens, or denoising steps
         self.stats["busy_s"] += time.perf_counter() - got
         return len(rows)
 
-    async def _generate(self, requests: list[Request]) -> list:
+    async def _generate(self, requests: list) -> list:
         """engine.generate, loading each version published meanwhile when partial rollout is on."""
         call = asyncio.ensure_future(self.engine.generate(requests))
         newer: asyncio.Future | None = None
@@ -132,22 +128,12 @@ class RolloutWorker:
         """Generate until the prompt stream ends (the workflow seals it) or the task is cancelled."""
         await serve(self.step)
 
-    async def evaluate(self, examples: list[Any], tokenizer: Any, reward_fn: Any) -> float:
+    async def evaluate(self, examples: list[Any], reward_fn: Any) -> float:
         """Mean reward of one sample per held-out prompt, with the current weights."""
-        requests = [
-            Request(f"eval{i}", [tokenizer.bos_token_id, *tokenizer.encode(e.prompt)], 1, self.params)
-            for i, e in enumerate(examples)
-        ]
-        completions = await self.engine.generate(requests)
+        prompts = self.kind.prompts(examples)[self.kind.prompt_field]
+        requests = [self.kind.request(f"eval{i}", p, 1, self.params) for i, p in enumerate(prompts)]
+        responses = self.kind.results(await self.engine.generate(requests))[self.kind.response_field]
         rewards = [
-            reward_fn(e.prompt, decode_response(tokenizer, c.response_ids), e.answer)
-            for e, c in zip(examples, completions)
+            reward_fn(*self.kind.reward_args(p, r, e.answer)) for p, r, e in zip(prompts, responses, examples)
         ]
         return sum(rewards) / max(len(rewards), 1)
-
-
-def decode_response(tokenizer: Any, ids: list[int]) -> str:
-    """Response text without the end-of-sequence token."""
-    if ids and ids[-1] == tokenizer.eos_token_id:
-        ids = ids[:-1]
-    return tokenizer.decode(ids, skip_special_tokens=True)

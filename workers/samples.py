@@ -3,7 +3,8 @@
 Rows of one prompt form a group of `n` (GRPO needs whole groups). The source writes the
 prompt fields, rollout the response fields (with the policy version that made them),
 reward the reward fields, the reference (when enabled) its log-probs. The trainer takes
-whole groups whose fields are all ready.
+whole groups whose fields are all ready. A flow-matching policy's rows (FLOW_SCHEMA) share
+the bookkeeping, reward and reference fields and differ in what a prompt and a response are.
 """
 
 from __future__ import annotations
@@ -38,6 +39,26 @@ PROMPT_FIELDS = ["prompt_ids", "prompt_index", "sample_index", "answer", "admit_
 ROLLOUT_FIELDS = ["response_ids", "behavior_logprobs", "token_versions", "finish"]
 REWARD_FIELDS = ["reward", "reward_error"]
 
+# A flow-matching policy's rows: a condition instead of prompt ids, and instead of tokens the
+# SDE trajectory, one "action" per denoising step (services.flow.engine).
+FLOW_SCHEMA = {
+    "condition": "float32[*]",  # PromptSource: what the policy is conditioned on (may be empty)
+    **{k: SCHEMA[k] for k in ("prompt_index", "sample_index", "answer", "admit_version")},
+    "latents": "float32[*,*]",  # RolloutWorker: x at each grid point (K+1, D), noise first, sample last
+    "timesteps": "float32[*]",  # the grid (K+1,), from 1 to 0
+    "behavior_logprobs": "float32[*]",  # log-prob of each step under the sampling weights (K,)
+    "step_versions": "int64[*]",  # the policy version that took each step (K,)
+    **{k: SCHEMA[k] for k in (*REWARD_FIELDS, "ref_logprobs")},
+}
+FLOW_PROMPT_FIELDS = ["condition", *PROMPT_FIELDS[1:]]
+FLOW_ROLLOUT_FIELDS = ["latents", "timesteps", "behavior_logprobs", "step_versions"]
+
+
+def schema(policy: str) -> dict[str, str]:
+    """The samples partition's fields for a policy kind ("token" or "flow")."""
+    return FLOW_SCHEMA if policy == "flow" else SCHEMA
+
+
 # Consumers, named by role: every instance of a role shares one name, so each row goes to
 # exactly one instance of it.
 ROLLOUT, REWARD, REFERENCE, TRAINER = "rollout", "reward", "reference", "trainer"
@@ -47,8 +68,11 @@ def consumers(reference: bool) -> list[str]:
     return [ROLLOUT, REWARD, TRAINER] + ([REFERENCE] if reference else [])
 
 
-def trainer_fields(reference: bool) -> list[str]:
-    fields = ["prompt_ids", "prompt_index", "sample_index", *ROLLOUT_FIELDS[:3], "reward"]
+def trainer_fields(reference: bool, policy: str = "token") -> list[str]:
+    if policy == "flow":
+        fields = ["condition", "prompt_index", "sample_index", *FLOW_ROLLOUT_FIELDS, "reward"]
+    else:
+        fields = ["prompt_ids", "prompt_index", "sample_index", *ROLLOUT_FIELDS[:3], "reward"]
     return fields + (["ref_logprobs"] if reference else [])
 
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import numpy as np
-
 from asyncflow.versioning import admission_limit
 from workers.samples import PARTITION
 
@@ -22,7 +20,7 @@ class PromptSource:
     def __init__(
         self,
         task: Any,
-        tokenizer: Any,
+        kind: Any,
         store: Any,
         weights: Any,
         *,
@@ -32,7 +30,7 @@ class PromptSource:
         cursor: int = 0,
         prompts_per_put: int = 8,
     ):
-        self.task, self.tokenizer, self.store, self.weights = task, tokenizer, store, weights
+        self.task, self.kind, self.store, self.weights = task, kind, store, weights
         self.n, self.batch_prompts, self.staleness = n, batch_prompts, staleness
         self.cursor, self.prompts_per_put = cursor, prompts_per_put
         self._running = asyncio.Event()
@@ -45,15 +43,15 @@ class PromptSource:
         while count > 0:
             take = min(count, self.prompts_per_put)
             examples = [self.task.example(i) for i in range(self.cursor, self.cursor + take)]
-            ids = [[self.tokenizer.bos_token_id, *self.tokenizer.encode(e.prompt)] for e in examples]
-            rows = [(k, e, p) for k, (e, p) in enumerate(zip(examples, ids)) for _ in range(self.n)]
+            prompts = self.kind.prompts(examples)  # {field: one value per example}
+            rows = [k for k in range(take) for _ in range(self.n)]  # each example n times
             await self.store.put(
                 PARTITION,
                 {
-                    "prompt_ids": [np.asarray(p, dtype=np.int64) for _, _, p in rows],
-                    "prompt_index": [self.cursor + k for k, _, _ in rows],
+                    **{field: [values[k] for k in rows] for field, values in prompts.items()},
+                    "prompt_index": [self.cursor + k for k in rows],
                     "sample_index": [j % self.n for j in range(len(rows))],
-                    "answer": [e.answer for _, e, _ in rows],
+                    "answer": [examples[k].answer for k in rows],
                     "admit_version": [version] * len(rows),
                 },
                 group_size=self.n,

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 
 from asyncflow.algorithms import aggregate, group_advantages, kl_penalty, policy_loss, token_logprobs
 from asyncflow.config import TrainerConfig, WarmupConfig
@@ -143,10 +144,10 @@ class TrainerWorker:
         order = sorted(
             range(len(data["reward"])), key=lambda i: (data["prompt_index"][i], data["sample_index"][i])
         )
-        rows = [_Row.of(data, i, self.reference) for i in order]
+        rows = self._rows(data, order)
         rewards = torch.tensor([r.reward for r in rows]).view(-1, self.n)  # (G, n)
         advantages = group_advantages(rewards, self.config.estimator).view(-1)  # (B,)
-        max_tokens = max(len(r.response) for r in rows)  # Dr.GRPO's constant divisor
+        max_tokens = max(len(r.behavior) for r in rows)  # Dr.GRPO's constant divisor
         groups = torch.arange(len(rows)).view(-1, self.n)  # (G, n) row positions
         minibatches = [g.reshape(-1).tolist() for g in groups.chunk(self.config.minibatches)]
         proximal = None
@@ -160,13 +161,17 @@ class TrainerWorker:
         return {
             "version": self.version,
             "samples": len(rows),
-            "tokens": sum(len(r.response) for r in rows),
+            "tokens": sum(len(r.behavior) for r in rows),  # scored actions: tokens, or denoising steps
             "reward_mean": rewards.mean().item(),
-            "response_len": sum(len(r.response) for r in rows) / len(rows),
+            "response_len": sum(len(r.behavior) for r in rows) / len(rows),
             "staleness": staleness_histogram(self.version - 1, [r.version(self.version) for r in rows]),
             "trained": [[int(data["prompt_index"][i]), int(data["sample_index"][i])] for i in order],
             **stats,
         }
+
+    def _rows(self, data: dict, order: list[int]) -> list[Any]:
+        """The batch's samples in training order (whole groups, in sample order)."""
+        return [_Row.of(data, i, self.reference) for i in order]
 
     def _micro(self, rows: list[_Row]) -> list[list[int]]:
         return micro_batches([len(r.prompt) + len(r.response) for r in rows], self.config.micro_batch_tokens)
@@ -199,16 +204,16 @@ class TrainerWorker:
                 if proximal is None
                 else on_grid([proximal[i].tolist() for i in micro], mask)
             )
-            loss, part = policy_loss(
-                logprobs, on_grid([r.behavior for r in batch], mask), advantages[micro], mask,
-                proximal_logprobs=prox, correction=c.correction, clip_eps=c.clip_eps,
-                clip_eps_high=c.clip_eps_high, is_cap=c.is_cap, agg=c.loss_agg, max_tokens=max_tokens,
-            )  # fmt: skip
-            if self.reference:
-                ref = on_grid([r.ref or [] for r in batch], mask)
-                kl = aggregate(kl_penalty(logprobs, ref), mask, c.loss_agg, max_tokens)
-                loss = loss + c.kl_coef * kl
-                part["kl_ref"] = kl.item()
+            ref = on_grid([r.ref or [] for r in batch], mask) if self.reference else None
+            loss, part = self._loss(
+                logprobs,
+                on_grid([r.behavior for r in batch], mask),
+                advantages[micro],
+                mask,
+                prox,
+                ref,
+                max_tokens,
+            )
             share = sum(len(r.response) if per_token else bool(r.response) for r in batch) / max(total, 1)
             (loss * share).backward()
             part["loss"] = loss.item()
@@ -218,6 +223,24 @@ class TrainerWorker:
         self.optimizer.step()
         stats["grad_norm"] = grad_norm.item()
         return stats
+
+    def _loss(
+        self, logprobs: Tensor, behavior: Tensor, advantages: Tensor, mask: Tensor, proximal: Tensor,
+        ref: Tensor | None, max_tokens: int,
+    ) -> tuple[Tensor, dict[str, float]]:  # fmt: skip
+        """The policy loss over a (B, T) grid of actions (tokens, or denoising steps), plus the KL
+        to the reference when its log-probs are given."""
+        c = self.config
+        loss, part = policy_loss(
+            logprobs, behavior, advantages, mask, proximal_logprobs=proximal, correction=c.correction,
+            clip_eps=c.clip_eps, clip_eps_high=c.clip_eps_high, is_cap=c.is_cap, agg=c.loss_agg,
+            max_tokens=max_tokens,
+        )  # fmt: skip
+        if ref is not None:
+            kl = aggregate(kl_penalty(logprobs, ref), mask, c.loss_agg, max_tokens)
+            loss = loss + c.kl_coef * kl
+            part["kl_ref"] = kl.item()
+        return loss, part
 
     # ------------------------------------------------------------------ checkpoints
 

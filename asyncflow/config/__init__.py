@@ -16,6 +16,7 @@ from pydantic import Field, ValidationError, model_validator
 from asyncflow.config._base import Section
 from asyncflow.config.dataplane import DataPlaneConfig
 from asyncflow.config.deploy import DeployConfig
+from asyncflow.config.flow import FlowConfig
 from asyncflow.config.rl import (
     ModelConfig,
     ReferenceConfig,
@@ -33,6 +34,7 @@ __all__ = [
     "AsyncFlowConfig",
     "DataPlaneConfig",
     "DeployConfig",
+    "FlowConfig",
     "ModelConfig",
     "ReferenceConfig",
     "RewardConfig",
@@ -71,7 +73,15 @@ class AsyncFlowConfig(Section):
         le=1024,
         description="k: a sample trains while trainer_version - its version <= k (0: on-policy).",
     )
+    policy: Literal["token", "flow"] = Field(
+        "token",
+        description="The kind of policy: a language model (token) or a flow-matching generator (flow, "
+        "configured in `flow`); it selects the rows' fields, the engine and how log-probs are recomputed.",
+    )
     model: ModelConfig = Field(default_factory=ModelConfig, description="The policy's architecture.")
+    flow: FlowConfig = Field(
+        default_factory=FlowConfig, description="The flow-matching policy (policy: flow)."
+    )
     task: TaskConfig = Field(default_factory=TaskConfig, description="Prompts and the reward function.")
     warmup: WarmupConfig = Field(default_factory=WarmupConfig, description="Supervised warm-start before RL.")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Rollout workers and sampling.")
@@ -90,6 +100,13 @@ class AsyncFlowConfig(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> AsyncFlowConfig:
+        is_flow_task = hasattr(import_string(self.task.source), "condition_dim")
+        if is_flow_task != (self.policy == "flow"):
+            kind = "flow" if is_flow_task else "token"
+            raise ValueError(
+                f"policy = {self.policy!r} but task.source {self.task.source!r} is a {kind} task; "
+                f"set policy: {kind}, or pick a task of that kind"
+            )
         if self.trainer.kl_coef > 0 and not self.reference.enabled:
             raise ValueError(
                 f"trainer.kl_coef = {self.trainer.kl_coef} needs reference log-probs; "

@@ -76,11 +76,16 @@ class TaskConfig(Section):
     eval_prompts: int = Field(
         256, ge=0, le=100000, description="Held-out prompts scored before and after RL."
     )
+    eval_reward: str | None = Field(
+        None,
+        description="'module:function' scored on the held-out prompts instead of `reward` (e.g. a "
+        "success rate beside a shaped training reward); unset: the training reward.",
+    )
 
-    @field_validator("source", "reward")
+    @field_validator("source", "reward", "eval_reward")
     @classmethod
-    def _resolves(cls, spec: str) -> str:
-        if not callable(import_string(spec)):
+    def _resolves(cls, spec: str | None) -> str | None:
+        if spec is not None and not callable(import_string(spec)):
             raise ValueError(f"{spec!r} is not callable")
         return spec
 

@@ -23,7 +23,7 @@ from asyncflow.display import RunView
 from asyncflow.errors import ConfigError, WorkerError
 from asyncflow.plot import line_chart
 from asyncflow.rundir import RunDir
-from workers.samples import PARTITION, SCHEMA, consumers
+from workers.samples import PARTITION, consumers, schema
 
 
 async def run_async(wf: workflow.Workflow, start: int, steps: int, on_step) -> None:
@@ -182,7 +182,10 @@ class Run:
                 "continue that run with --resume"
             )
         await client.create_partition(
-            PARTITION, SCHEMA, consumers=consumers(self.config.reference.enabled), stale_policy="regenerate"
+            PARTITION,
+            schema(self.config.policy),
+            consumers=consumers(self.config.reference.enabled),
+            stale_policy="regenerate",
         )
         warm = await wf.trainer.warmup.remote()
         self.view.note(f"warm-start: {warm}")

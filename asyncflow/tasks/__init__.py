@@ -3,18 +3,26 @@
 A task knows nothing about tokens, models or the data store: it maps an index to a prompt
 and an answer (deterministically, so a resumed run picks up at a cursor) and scores text.
 Tasks and rewards are plugged in by "module:attr" strings in `task.source` / `task.reward`.
+Token tasks map an index to text; flow tasks (`FlowTask`) to a condition vector, and also
+give data to pre-train the flow on.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True)
 class Example:
     prompt: str  # what the policy sees
     answer: str  # what the reward checks against; also the warm-start target
+
+
+@dataclass(frozen=True)
+class FlowExample:
+    condition: tuple[float, ...]  # what a flow-matching policy is conditioned on (empty: nothing)
+    answer: str  # what the reward checks against
 
 
 class Task(Protocol):
@@ -25,4 +33,19 @@ class Task(Protocol):
     def eval_example(self, index: int) -> Example: ...  # held-out prompt number `index`
 
 
-__all__ = ["Example", "Task"]
+class FlowTask(Protocol):
+    """A task for a flow-matching policy: conditions in, points of R^dim out."""
+
+    dim: int  # dimension of a sample
+    condition_dim: int  # length of every condition vector (0: unconditional)
+
+    def example(self, index: int) -> FlowExample: ...
+
+    def eval_example(self, index: int) -> FlowExample: ...
+
+    def data(
+        self, index: int, count: int
+    ) -> tuple[Any, Any]: ...  # pre-training batch: (count, dim), (count, condition_dim)
+
+
+__all__ = ["Example", "FlowExample", "FlowTask", "Task"]

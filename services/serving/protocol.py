@@ -16,7 +16,7 @@ from typing import Literal, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["Completion", "Engine", "FinishReason", "Request", "SamplingParams", "check_fits"]
+__all__ = ["Completion", "Engine", "FinishReason", "Request", "SamplingParams", "check_fits", "copy_weights"]
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -103,6 +103,26 @@ def check_fits(request: Request, *, max_positions: int, vocab_size: int) -> None
             f"Request {request.request_id!r}: prompt id {max(request.prompt_ids)} is outside the "
             f"vocabulary of {vocab_size}; encode prompts with the model's own tokenizer"
         )
+
+
+def copy_weights(
+    targets: Mapping[str, torch.Tensor], version: int, tensors: Mapping[str, torch.Tensor]
+) -> None:
+    """Copy `tensors` into the live `targets` (a model's state_dict(keep_vars=True)), all or none."""
+    unknown = sorted(name for name in tensors if name not in targets)
+    mismatched = [
+        f"{name}: got {tuple(t.shape)}, expected {tuple(targets[name].shape)}"
+        for name, t in tensors.items()
+        if name in targets and tuple(t.shape) != tuple(targets[name].shape)
+    ]
+    if unknown or mismatched:
+        raise ValueError(
+            f"update_weights(version={version}): unknown names {unknown}, shape mismatches {mismatched}; "
+            "send tensors named and shaped as in model.state_dict(). No weight was changed."
+        )
+    with torch.no_grad():
+        for name, t in tensors.items():
+            targets[name].copy_(t)
 
 
 @runtime_checkable

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from services.serving.protocol import Completion, FinishReason, Request, check_fits
+from services.serving.protocol import Completion, FinishReason, Request, check_fits, copy_weights
 
 __all__ = ["TorchEngine", "sample_tokens"]
 
@@ -84,20 +84,7 @@ class TorchEngine:
 
     async def update_weights(self, version: int, tensors: Mapping[str, torch.Tensor]) -> None:
         self._open_model()
-        unknown = sorted(name for name in tensors if name not in self._targets)
-        mismatched = [
-            f"{name}: got {tuple(t.shape)}, expected {tuple(self._targets[name].shape)}"
-            for name, t in tensors.items()
-            if name in self._targets and tuple(t.shape) != tuple(self._targets[name].shape)
-        ]
-        if unknown or mismatched:
-            raise ValueError(
-                f"update_weights(version={version}): unknown names {unknown}, shape mismatches {mismatched}; "
-                "send tensors named and shaped as in model.state_dict(). No weight was changed."
-            )
-        with torch.no_grad():
-            for name, t in tensors.items():
-                self._targets[name].copy_(t)
+        copy_weights(self._targets, version, tensors)
         self.version = version
         self._weights_epoch += 1
 

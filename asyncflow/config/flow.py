@@ -1,0 +1,48 @@
+"""Config of a flow-matching policy (`policy: flow`): its velocity model, its sampler and how
+it is pre-trained. The RL side (batch, loss, clip, KL, staleness) is the same `trainer`
+section as for token policies; `warmup` gives the pre-training's steps, batch size and rate.
+Nothing here imports torch."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from asyncflow.config._base import Section
+
+
+class FlowConfig(Section):
+    """A flow-matching policy: conditional MLP velocity model, Flow-GRPO SDE sampler."""
+
+    hidden_size: int = Field(128, ge=8, le=65536, description="Width of the velocity MLP.")
+    num_layers: int = Field(3, ge=1, le=64, description="Hidden layers of the velocity MLP.")
+    time_features: int = Field(
+        16, ge=1, le=1024, description="Sinusoidal frequencies of the time embedding (2x as many inputs)."
+    )
+    steps: int = Field(
+        10, ge=1, le=1000, description="K: SDE steps per sample, each one log-prob and PPO term."
+    )
+    noise_level: float = Field(
+        0.7, gt=0, le=10,
+        description="a in sigma_t = a * sqrt(t / (1 - t)): the exploration noise of the SDE sampler "
+        "(Flow-GRPO's default 0.7; RL needs > 0).",
+    )  # fmt: skip
+    grid: Literal["uniform", "boss"] = Field(
+        "uniform",
+        description="Step times: uniform, or BOSS's Bellman-optimal grid for the pre-trained weights.",
+    )
+    boss_fine_steps: int = Field(
+        100, ge=2, le=10000, description="Fine Euler steps BOSS measures jump costs on (N)."
+    )
+    logprob: Literal["sum", "mean"] = Field(
+        "sum",
+        description="A step's log-prob over dimensions: the exact sum, or Flow-GRPO's mean (for "
+        "high-dimensional latents, where sums make ratios explode).",
+    )
+    pretrain_loss: Literal["icfm", "otcfm", "wcfm"] = Field(
+        "icfm", description="Pre-training (warmup) loss: I-CFM, minibatch OT-CFM (needs scipy), or W-CFM."
+    )
+    wcfm_eps: float = Field(
+        10.0, gt=0, le=1e6, description="W-CFM's kernel width eps in exp(-|x - y|^2 / eps)."
+    )
