@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -29,7 +29,7 @@ import torch
 from services.flow.boss import bellman_grid, jump_costs
 from services.flow.model import VelocityMLP
 from services.flow.sampling import Reduce, check_grid, sde_step, uniform_grid
-from services.serving.protocol import copy_weights
+from services.serving.protocol import InProcessEngine
 
 __all__ = ["FlowEngine", "FlowRequest", "FlowSample", "FlowSamplingParams"]
 
@@ -95,22 +95,18 @@ class FlowSample:
         return self.latents[-1]
 
 
-class FlowEngine:
+class FlowEngine(InProcessEngine):
     """Engine protocol implementation over an in-process VelocityMLP."""
 
     def __init__(
         self, model: VelocityMLP, *, version: int = 0, seed: int = 0, boss_fine_steps: int = 100,
         boss_samples: int = 512,
     ) -> None:  # fmt: skip
-        self.version = version
+        super().__init__(model, version)
         self.stats: dict[str, float] = {"samples_generated": 0, "generate_s": 0.0, "requests": 0}
-        self._model: VelocityMLP | None = model.eval()
-        self._targets = dict(model.state_dict(keep_vars=True))
         self._generator = torch.Generator().manual_seed(seed)
         self._boss = (boss_fine_steps, boss_samples, seed)
         self._grids: dict[int, torch.Tensor] = {}  # BOSS grids by step count, fixed once computed
-        self._unpaused = asyncio.Event()
-        self._unpaused.set()
 
     # ---------------------------------------------------------------- protocol
 
@@ -134,24 +130,6 @@ class FlowEngine:
         self.stats["samples_generated"] += len(out)
         self.stats["requests"] += len(requests)
         return out
-
-    async def update_weights(self, version: int, tensors: Mapping[str, torch.Tensor]) -> None:
-        self._open_model()
-        copy_weights(self._targets, version, tensors)
-        self.version = version
-
-    async def pause(self) -> None:
-        self._open_model()
-        self._unpaused.clear()
-
-    async def resume(self) -> None:
-        self._open_model()
-        self._unpaused.set()
-
-    async def close(self) -> None:
-        self._model = None
-        self._targets = {}
-        self._unpaused.set()  # release paused calls; they see the engine closed and abort
 
     # ---------------------------------------------------------------- sampling
 
@@ -212,8 +190,3 @@ class FlowEngine:
             )  # fmt: skip
             for i, (request, index) in enumerate(rows)
         ]
-
-    def _open_model(self) -> VelocityMLP:
-        if self._model is None:
-            raise RuntimeError("FlowEngine is closed; build a new engine to generate again")
-        return self._model

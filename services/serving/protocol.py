@@ -10,9 +10,10 @@ beyond torch tensors for weights.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
@@ -123,6 +124,45 @@ def copy_weights(
     with torch.no_grad():
         for name, t in tensors.items():
             targets[name].copy_(t)
+
+
+class InProcessEngine:
+    """What the engines over an in-process torch module share: new weights copied in place into
+    the live parameters, pause / resume (generation loops wait on `_unpaused` at their step
+    boundaries) and close. Subclasses generate."""
+
+    def __init__(self, model: torch.nn.Module, version: int) -> None:
+        self.version = version
+        self._model: Any = model.eval()
+        # Live references to parameters and buffers, so an update copies into what forward reads.
+        self._targets = dict(model.state_dict(keep_vars=True))
+        self._unpaused = asyncio.Event()
+        self._unpaused.set()
+
+    async def update_weights(self, version: int, tensors: Mapping[str, torch.Tensor]) -> None:
+        self._open_model()
+        copy_weights(self._targets, version, tensors)
+        self.version = version
+
+    async def pause(self) -> None:
+        # Steps never yield midway, so once this runs every generation loop sits at a step
+        # boundary and sees the cleared event before it computes again.
+        self._open_model()
+        self._unpaused.clear()
+
+    async def resume(self) -> None:
+        self._open_model()
+        self._unpaused.set()
+
+    async def close(self) -> None:
+        self._model = None
+        self._targets = {}
+        self._unpaused.set()  # release paused loops; they see the engine closed and abort
+
+    def _open_model(self) -> Any:
+        if self._model is None:
+            raise RuntimeError(f"{type(self).__name__} is closed; build a new engine to generate again")
+        return self._model
 
 
 @runtime_checkable

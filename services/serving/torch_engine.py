@@ -26,12 +26,12 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from services.serving.protocol import Completion, FinishReason, Request, check_fits, copy_weights
+from services.serving.protocol import Completion, FinishReason, InProcessEngine, Request, check_fits
 
 __all__ = ["TorchEngine", "sample_tokens"]
 
 
-class TorchEngine:
+class TorchEngine(InProcessEngine):
     """Engine protocol implementation over an in-process transformers model (Llama / Qwen2 style)."""
 
     def __init__(
@@ -46,10 +46,9 @@ class TorchEngine:
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"TorchEngine: max_batch_size={max_batch_size}, expected >= 1 rows per forward")
-        self.version = version
+        super().__init__(model, version)
         self.max_batch_size = max_batch_size
         self.stats: dict[str, float] = {"tokens_generated": 0, "generate_s": 0.0, "requests": 0}
-        self._model: PreTrainedModel | None = model.eval()
         self._eos = eos_token_id
         self._pad = pad_token_id
         self._device = next(model.parameters()).device
@@ -57,14 +56,10 @@ class TorchEngine:
         self._vocab_size = int(model.config.vocab_size)
         # One stream for the engine's life: the same seed and the same calls give the same samples.
         self._generator = torch.Generator(device=self._device).manual_seed(seed)
-        # Live references to parameters and buffers, so an update copies into what forward reads.
-        self._targets = dict(model.state_dict(keep_vars=True))
         # transformers renamed the cache argument (past_key_values -> cache) within 5.x.
         forward_args = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in forward_args else "past_key_values"
         self._weights_epoch = 0  # bumped by every update; a row's cache is rebuilt when it changes
-        self._unpaused = asyncio.Event()
-        self._unpaused.set()
 
     # ---------------------------------------------------------------- protocol
 
@@ -83,32 +78,10 @@ class TorchEngine:
         return completions
 
     async def update_weights(self, version: int, tensors: Mapping[str, torch.Tensor]) -> None:
-        self._open_model()
-        copy_weights(self._targets, version, tensors)
-        self.version = version
+        await super().update_weights(version, tensors)
         self._weights_epoch += 1
 
-    async def pause(self) -> None:
-        # Steps never yield midway, so once this runs every decode loop sits at a step
-        # boundary and sees the cleared event before it computes again.
-        self._open_model()
-        self._unpaused.clear()
-
-    async def resume(self) -> None:
-        self._open_model()
-        self._unpaused.set()
-
-    async def close(self) -> None:
-        self._model = None
-        self._targets = {}
-        self._unpaused.set()  # release paused loops; they see the engine closed and abort
-
     # ---------------------------------------------------------------- decoding
-
-    def _open_model(self) -> PreTrainedModel:
-        if self._model is None:
-            raise RuntimeError("TorchEngine is closed; build a new engine to generate again")
-        return self._model
 
     async def _step_boundary(self) -> bool:
         """Let other coroutines run, wait out a pause; False once the engine is closed."""

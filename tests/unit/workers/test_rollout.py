@@ -22,7 +22,7 @@ async def test_a_version_published_mid_call_is_loaded_only_with_partial_rollout(
     engine = TorchEngine(build_model(VOCAB, seed=2), eos_token_id=EOS_ID, pad_token_id=PAD_ID, version=-1)
     worker = RolloutWorker(
         engine, None, weights, n=2, groups_per_call=4, params=SamplingParams(max_new_tokens=40),
-        partial_rollout=partial,
+        kind=None, partial_rollout=partial,  # no store: the kind (what rows hold) is never asked
     )  # fmt: skip
     await worker.sync_weights(0)
     requests = [Request(f"{i}", [1, 3 + i], 2, worker.params) for i in range(8)]
