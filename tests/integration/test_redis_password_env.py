@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 import time
@@ -15,12 +14,7 @@ from asyncflow.config import DataPlaneConfig
 from asyncflow.errors import ConfigError, StorageUnavailable
 from dataplane import StoreClient, start_store
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(
-        shutil.which("redis-server") is None, reason="needs redis-server (.ci/run installs it)"
-    ),
-]
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
