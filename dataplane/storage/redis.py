@@ -1,13 +1,14 @@
 """The Redis backend: rows, metadata and consumption state all live in Redis.
 
-No process holds state a crash can lose: every client runs the partition's logic as
-atomic Lua scripts (`dataplane.storage.redis_scripts`), so any number of processes attach
-to one store with only its URL, on Ray or not. A put is one script (capacity check, rows,
-cells, readiness), a get is one script (expire leases, version window, choose, lease,
-return the cells); group and balanced samplers read the candidates in a first script,
-choose with `dataplane.samplers` and lease exactly those rows in a second one. A client
-that must wait blocks in XREAD on the partition's one-entry event stream, from the id
-its last script saw, so a wake-up is never missed and nothing polls.
+No process holds state a crash can lose: every client runs the partition's logic as atomic
+Lua scripts (`dataplane.storage.redis_scripts`; key layout in `redis_lua`), so any number
+of processes attach to one store with only its URL, on Ray or not. A put is one script
+(capacity check, rows, cells, readiness), a get is one script (expire leases, version
+window, choose, lease, say where the cells are, which the client then reads with plain
+HMGETs); group and balanced samplers read the candidates in a first script, choose with
+`dataplane.samplers` and lease exactly those rows in a second one. A client that must wait
+blocks in XREAD on the partition's one-entry event stream, from the id its last script
+saw, so a wake-up is never missed and nothing polls.
 
 Durability is Redis' own (AOF); a command that fails because the server went away is
 retried with backoff until `retry_deadline_s` (puts carry an id, so a retried put is

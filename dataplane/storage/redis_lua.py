@@ -1,0 +1,322 @@
+"""The Redis backend's key layout and the Lua functions every script starts with.
+
+Keys of partition P in store namespace NS share the prefix `NS:{P}` (ARGV[1]; the braces
+make it one Redis Cluster hash slot):
+
+    :meta            HASH   schema, capacity, stale policy, counters, sealed, live rows, mask<j>
+    :bits  :cons     HASH   field -> bit, consumer -> bit
+    :rows            HASH   row -> msgpack [group, group_size, length, version, ready, versioned,
+                            0, nbytes, ref of field 0, ref of field 1, ...] (ready / versioned:
+                            field bits; a ref, '<chunk>:<i>', is where the cell is, '' if none)
+    :acked           HASH   row -> bits of the consumers that acked it (an integer, so an ack
+                            reads and writes no msgpack metadata unless it frees the row)
+    :x:<chunk>:<b>   HASH   i -> cell (`dataplane.storage.cells`): the cells of one put, written
+                            by plain HSETs in the same MULTI/EXEC as the put's script, read by
+                            plain HMGETs after the get's script; cell bytes never pass through
+                            Lua (copying them into and out of Lua costs 50x the HSET itself)
+    :xc              HASH   "<chunk>:<b>" -> rows still referring to that chunk's cells: a chunk is
+                            deleted whole when its last row lets go (one DEL instead of a HDEL
+                            per cell, which was a fifth of a get's server time)
+    :missing         HASH   field bit -> live rows that lack that field: a consumer whose fields no
+                            row lacks gets its ready set as a copy of its pending set, without
+                            reading any row's metadata
+    :ver             ZSET   row by policy version, so a version window finds stale rows in O(log n)
+    :c<j>:pend       ZSET   rows consumer j has neither been handed nor finished, by row number
+    :c<j>:ready      ZSET   the pending rows whose fields consumer j asks for are written
+    :c<j>:lease      ZSET   lease id -> deadline (server ms); a lease is one handed-out batch, its
+                            id '<client id>/<n>'; :c<j>:lrows HASH lease id -> msgpack list of the
+                            rows it still holds (a lease per batch, not per row: per-row lease
+                            entries were a third of a get's server time)
+    :c<j>:n          HASH   counters (delivered, acked, redelivered, ...)
+    :alive           ZSET   client id by the deadline of its heartbeat
+    :ev  :space      STREAM one entry (MAXLEN 1): appended when rows become ready / capacity
+                            frees, so a waiting client blocks in XREAD from the id it last saw
+    :puts  :putrow    ZSET   ids of finished puts (10 min, at most 10000) / HASH id -> first row, so
+                            a put retried after a lost reply is not stored twice
+
+A put's chunk keys carry a TTL until its script accepts them (PERSIST), so a put whose
+script refused it, or whose client died between the two, leaves nothing behind.
+
+Scripts answer {"ok", ...}, {"err", kind, detail...} or a waiting state; the client turns
+errors into the exception tree with full messages. Knows nothing about Python objects.
+"""
+
+from __future__ import annotations
+
+PRELUDE = r"""
+local B = ARGV[1]
+local function k(s) return B .. ':' .. s end
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function notify(s) redis.call('XADD', k(s), 'MAXLEN', '1', '*', 'e', '1') end
+local function last_id(s)
+  local e = redis.call('XREVRANGE', k(s), '+', '-', 'COUNT', 1)
+  if #e == 0 then return '0-0' end
+  return e[1][1]
+end
+local function getrow(r)
+  local v = redis.call('HGET', k('rows'), r)
+  if not v then return nil end
+  return cmsgpack.unpack(v)
+end
+local function setrow(r, m) redis.call('HSET', k('rows'), r, cmsgpack.pack(m)) end
+local function bulk(cmd, key, args)
+  local i = 1
+  while i <= #args do
+    local j = math.min(i + 999, #args)
+    redis.call(cmd, key, unpack(args, i, j))
+    i = j + 1
+  end
+end
+-- the metadata of many rows in one HMGET (false for a row that is gone), and back in one HSET
+local function getrows(rows)
+  local out = {}
+  local s = 1
+  while s <= #rows do
+    local e = math.min(s + 4999, #rows)
+    for _, v in ipairs(redis.call('HMGET', k('rows'), unpack(rows, s, e))) do
+      if v then table.insert(out, cmsgpack.unpack(v)) else table.insert(out, false) end
+    end
+    s = e + 1
+  end
+  return out
+end
+local function setrows(rows, metas)
+  local kv = {}
+  for i, r in ipairs(rows) do table.insert(kv, r); table.insert(kv, cmsgpack.pack(metas[i])) end
+  bulk('HSET', k('rows'), kv)
+end
+local function has(m, mask) return mask ~= nil and bit.band(m, mask) == mask end
+local function cmask(j)
+  local v = redis.call('HGET', k('meta'), 'mask' .. j)
+  if v then return tonumber(v) end
+  return nil
+end
+local function meta(f) return redis.call('HGET', k('meta'), f) end
+local function nconsumers() return tonumber(meta('nc')) end
+local function consumer_bit(name)
+  local j = redis.call('HGET', k('cons'), name)
+  if j then return tonumber(j) end
+  return nil
+end
+local function c(j, s) return k('c' .. j .. ':' .. s) end
+
+-- leases: who holds one, a new one, the rows of ended ones
+local function holder(id) return string.match(id, '^(.*)/%d+$') end
+local function new_lease(j, peer, rows, deadline)
+  if #rows == 0 then return '' end
+  local id = peer .. '/' .. redis.call('HINCRBY', c(j, 'n'), 'leases', 1)
+  redis.call('ZADD', c(j, 'lease'), deadline, id)
+  redis.call('HSET', c(j, 'lrows'), id, cmsgpack.pack(rows))
+  return id
+end
+local function end_leases(j, ids)
+  local rows = {}
+  local s = 1
+  while s <= #ids do
+    local e = math.min(s + 4999, #ids)
+    for _, v in ipairs(redis.call('HMGET', c(j, 'lrows'), unpack(ids, s, e))) do
+      if v then for _, r in ipairs(cmsgpack.unpack(v)) do table.insert(rows, r) end end
+    end
+    s = e + 1
+  end
+  bulk('HDEL', c(j, 'lrows'), ids)
+  bulk('ZREM', c(j, 'lease'), ids)
+  return rows
+end
+local function leases_of(j, peers)  -- ids of consumer j's leases held by the clients in set `peers`
+  local ids = {}
+  for _, id in ipairs(redis.call('HKEYS', c(j, 'lrows'))) do
+    if peers[holder(id)] then table.insert(ids, id) end
+  end
+  return ids
+end
+-- lease id, row, lease id, row, ... as the client sends them: one msgpack argument ('' for none)
+-- instead of two per row, which cost the client more to encode than the script to run
+local function held_arg(s)
+  if s == '' then return {} end
+  return cmsgpack.unpack(s)
+end
+-- rows come off the leases `peer` holds them under; held: lease id, row, lease id, row, ... Changes
+-- nothing and answers an error naming the row unless peer holds every row under the lease named
+-- with it (a repeated row counts once).
+local function take(j, peer, held)
+  local leases, order = {}, {}
+  for i = 1, #held, 2 do
+    local id, r = held[i], held[i + 1]
+    local l = leases[id]
+    if l == nil then
+      l = false
+      local v = holder(id) == peer and redis.call('HGET', c(j, 'lrows'), id)
+      if v then
+        l = {}
+        for _, x in ipairs(cmsgpack.unpack(v)) do l[x] = 1 end
+      end
+      leases[id] = l
+      table.insert(order, id)
+    end
+    if not l or not l[r] then return {'err', 'lease', r} end
+    l[r] = 0
+  end
+  for _, id in ipairs(order) do
+    local left = {}
+    for x, v in pairs(leases[id]) do if v == 1 then table.insert(left, x) end end
+    if #left == 0 then
+      redis.call('HDEL', c(j, 'lrows'), id)
+      redis.call('ZREM', c(j, 'lease'), id)
+    else
+      redis.call('HSET', c(j, 'lrows'), id, cmsgpack.pack(left))
+    end
+  end
+  return nil
+end
+
+-- rows (off their leases) go back to consumer j's pending (and ready) set
+local function give_back(j, rows, redelivered)
+  if #rows == 0 then return end
+  local m = cmask(j)
+  local pend, ready = {}, {}
+  local metas = getrows(rows)
+  for i, r in ipairs(rows) do
+    local row = metas[i]
+    if row then
+      table.insert(pend, r); table.insert(pend, r)
+      if has(row[5], m) then table.insert(ready, r); table.insert(ready, r) end
+    end
+  end
+  bulk('ZADD', c(j, 'pend'), pend)
+  bulk('ZADD', c(j, 'ready'), ready)
+  if redelivered then redis.call('HINCRBY', c(j, 'n'), 'redelivered', #rows) end
+  notify('ev')
+end
+
+-- cells rows no longer refer to: `counts` maps "<chunk>:<b>" to how many; a chunk whose last
+-- referring row let go is deleted whole
+local function release_cells(counts)
+  for ref, n in pairs(counts) do
+    if redis.call('HINCRBY', k('xc'), ref, -n) <= 0 then
+      redis.call('HDEL', k('xc'), ref)
+      redis.call('UNLINK', k('x:' .. ref))  -- freed off the server's main thread
+    end
+  end
+end
+-- row meta m lets go of its cells of the fields in `mask` (counted into `counts`)
+local function forget_cells(counts, m, mask)
+  for b = 0, #m - 9 do
+    if bit.band(mask, 2 ^ b) ~= 0 and m[9 + b] ~= '' then
+      local ref = string.match(m[9 + b], '^(.*):%d+$') .. ':' .. b
+      counts[ref] = (counts[ref] or 0) + 1
+      m[9 + b] = ''
+    end
+  end
+end
+
+-- a put's chunk: accepted (its keys persist, rows refer to them) or refused (deleted)
+local function chunk_keys(chunk, bits)
+  local keys = {}
+  for _, b in ipairs(bits) do table.insert(keys, k('x:' .. chunk .. ':' .. b)) end
+  return keys
+end
+local function refuse(chunk, bits, reply)
+  redis.call('DEL', unpack(chunk_keys(chunk, bits)))
+  return reply
+end
+local function accept(chunk, bits, metas)
+  for _, key in ipairs(chunk_keys(chunk, bits)) do redis.call('PERSIST', key) end
+  for _, b in ipairs(bits) do
+    redis.call('HSET', k('xc'), chunk .. ':' .. b, #metas)
+    for i, m in ipairs(metas) do m[9 + b] = chunk .. ':' .. (i - 1) end
+  end
+end
+
+-- forget rows every consumer is done with: metadata, cells, version index
+-- live rows lacking field b change by delta[b]
+local function missing(delta)
+  for b, n in pairs(delta) do if n ~= 0 then redis.call('HINCRBY', k('missing'), b, n) end end
+end
+local function lacking(delta, m, nf, sign)  -- count the fields row meta m lacks into delta
+  for b = 0, nf - 1 do
+    if bit.band(m[5], 2 ^ b) == 0 then delta[b] = (delta[b] or 0) + sign end
+  end
+end
+
+local function free(rows, metas)
+  if #rows == 0 then return end
+  local counts, delta, nf = {}, {}, tonumber(meta('nf'))
+  for _, m in ipairs(metas) do
+    lacking(delta, m, nf, -1)
+    forget_cells(counts, m, 2 ^ 31 - 1)
+  end
+  missing(delta)
+  release_cells(counts)
+  bulk('HDEL', k('rows'), rows)
+  bulk('HDEL', k('acked'), rows)
+  bulk('ZREM', k('ver'), rows)
+  redis.call('HINCRBY', k('meta'), 'live', -#rows)
+  redis.call('HINCRBY', k('meta'), 'freed', #rows)
+  notify('space')
+end
+
+-- the bits of the consumers that acked each row (false: the row is gone)
+local function acked_bits(rows)
+  local out = {}
+  local s = 1
+  while s <= #rows do
+    local e = math.min(s + 4999, #rows)
+    for _, v in ipairs(redis.call('HMGET', k('acked'), unpack(rows, s, e))) do
+      table.insert(out, v and tonumber(v) or false)
+    end
+    s = e + 1
+  end
+  return out
+end
+
+-- consumer j is done with rows (acked or dropped as stale); acked: their acked_bits
+local function done(j, rows, acked)
+  local all = 2 ^ nconsumers() - 1
+  local gone, kept = {}, {}
+  for i, r in ipairs(rows) do
+    local a = bit.bor(acked[i], 2 ^ j)
+    if a == all then table.insert(gone, r) else table.insert(kept, r); table.insert(kept, a) end
+  end
+  bulk('HSET', k('acked'), kept)
+  free(gone, getrows(gone))
+end
+
+-- consumer j acks rows held by peer; held: lease id, row, ... (a row j already acked is skipped)
+local function do_ack(j, peer, held)
+  local bitj = 2 ^ j
+  local rows, seen = {}, {}
+  for i = 2, #held, 2 do rows[i / 2] = held[i] end
+  local acked = acked_bits(rows)
+  local live, livea, liveheld = {}, {}, {}
+  for i, r in ipairs(rows) do
+    local a = acked[i]
+    if a and bit.band(a, bitj) == 0 and not seen[r] then
+      seen[r] = true
+      table.insert(live, r); table.insert(livea, a)
+      table.insert(liveheld, held[2 * i - 1]); table.insert(liveheld, r)
+    end
+  end
+  local e = take(j, peer, liveheld)
+  if e then return e end
+  done(j, live, livea)
+  if #live > 0 then redis.call('HINCRBY', c(j, 'n'), 'acked', #live) end
+  if meta('sealed') == '1' then notify('ev') end
+  return nil
+end
+
+local function register(name)
+  if consumer_bit(name) then return nil end
+  local j = nconsumers()
+  if j >= 31 then return {'err', 'consumers', j} end
+  redis.call('HSET', k('cons'), name, j)
+  redis.call('HSET', k('meta'), 'nc', j + 1)
+  local pend = {}
+  for _, r in ipairs(redis.call('HKEYS', k('rows'))) do table.insert(pend, r); table.insert(pend, r) end
+  bulk('ZADD', c(j, 'pend'), pend)
+  return nil
+end
+"""
