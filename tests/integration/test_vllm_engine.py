@@ -50,7 +50,7 @@ def engine(model_a, tmp_path_factory):
     from services.serving.vllm import VLLMEngine
 
     path = save_model(model_a, build_tokenizer(list(SYMBOLS)), tmp_path_factory.mktemp("model"))
-    children = {p.pid for p in psutil.Process().children(recursive=True)}
+    children = child_pids()
     # vLLM in process seeds the global RNGs and turns torch.set_num_threads into a no-op;
     # put all of it back afterwards, so later tests in this process see what they would alone.
     set_threads, threads = torch.set_num_threads, torch.get_num_threads()
@@ -64,6 +64,24 @@ def engine(model_a, tmp_path_factory):
     random.setstate(rng[0])
     np.random.set_state(rng[1])
     torch.set_rng_state(rng[2])
+
+
+def child_pids() -> set[int]:
+    """This process's direct children (vLLM's engine core would be one; Ray's workers from other
+    tests are grandchildren that come and go, so they are not counted)."""
+    return {p.pid for p in psutil.Process().children(recursive=False)}
+
+
+def new_children(before: set[int]) -> list[str]:
+    """Children started since `before`, with their command lines (for the failure message)."""
+    new = []
+    for p in psutil.Process().children(recursive=False):
+        if p.pid not in before:
+            try:
+                new.append(f"{p.pid}: {' '.join(p.cmdline())}")
+            except psutil.NoSuchProcess:
+                pass  # exited meanwhile
+    return new
 
 
 def prompts(count: int) -> list[list[int]]:
@@ -95,7 +113,7 @@ async def test_starts_in_process(engine):
     assert isinstance(engine, Engine)
     assert engine.version == 0
     # In process: vLLM started no child process (its workers would be orphans if the actor died).
-    assert {p.pid for p in psutil.Process().children(recursive=True)} == engine.children_before
+    assert new_children(engine.children_before) == []
 
 
 async def test_sampled_logprobs_match_the_trainer(engine, model_a):
@@ -225,7 +243,7 @@ async def test_close_frees_the_engine_and_leaves_no_process(engine):
     assert dist.is_initialized()  # vLLM's (one-rank) process group lives in this process
     await engine.close()
     assert not dist.is_initialized()
-    assert {p.pid for p in psutil.Process().children(recursive=True)} == engine.children_before
+    assert new_children(engine.children_before) == []
     with pytest.raises(RuntimeError, match="closed"):
         await engine.generate([Request("x", [1])])
     await engine.close()  # idempotent
