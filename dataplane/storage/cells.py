@@ -49,6 +49,17 @@ def encode_column(spec: FieldSpec, column: Column, n: int) -> list[Cell]:
     return [encode_value(spec, value) for value in column.rows]
 
 
+def encode_run(spec: FieldSpec, column: Column, n: int) -> tuple[Cell, list[int]]:
+    """The cells of a checked column back to back, and their byte lengths (one length when every
+    cell has it): what a key-value backend stores as one value. A dense column is its buffer as is."""
+    if column.kind == "d":
+        _, _, _, raw = array_meta(column.block)
+        return raw, [len(raw) // max(n, 1)]
+    cells = encode_column(spec, column, n)
+    lengths = [len(c) for c in cells]
+    return b"".join(cells), lengths[:1] if len(set(lengths)) == 1 else lengths
+
+
 def encode_value(spec: FieldSpec, value: Any) -> Cell:
     """One row's value (an array of the spec's shape, or a str / bytes / any value) as a cell."""
     if spec.dtype == "str":
@@ -66,7 +77,7 @@ def encode_value(spec: FieldSpec, value: Any) -> Cell:
 
 def decode_value(spec: FieldSpec, cell: bytes) -> Any:
     if spec.dtype == "str":
-        return cell.decode()
+        return str(cell, "utf-8")
     if spec.dtype == "bytes":
         return bytes(cell)
     if spec.dtype == "any":
@@ -93,8 +104,7 @@ def _array_parts(spec: FieldSpec, cell: bytes) -> tuple[Any, str, tuple[int, ...
 def decode_column(spec: FieldSpec, cells: Sequence[bytes]) -> Any:
     """The cells of n rows of one field, in the schema's form (see `dataplane.columns.assemble`)."""
     if spec.numeric and not spec.ragged:
-        shape = tuple(d for d in spec.shape if d is not None)
-        return array_from(b"".join(cells), spec.dtype, (len(cells), *shape), _kind(spec))
+        return decode_dense(spec, b"".join(cells), len(cells))
     if spec.numeric and _kind(spec) == "numpy" and sum(d is None for d in spec.shape) == 1:
         # The common ragged field (token ids, log-probs): a plain view per row, 18x faster than
         # the checked path, which only multi-`*` and bfloat16 fields need.
@@ -103,3 +113,9 @@ def decode_column(spec: FieldSpec, cells: Sequence[bytes]) -> Any:
             return [np.frombuffer(cell, dtype) for cell in cells]
         return [np.frombuffer(cell, dtype).reshape(_array_parts(spec, cell)[2]) for cell in cells]
     return [decode_value(spec, cell) for cell in cells]
+
+
+def decode_dense(spec: FieldSpec, cells: Cell, n: int) -> Any:
+    """n rows of a dense numeric field from their cells back to back, as one array (no copy)."""
+    shape = tuple(d for d in spec.shape if d is not None)
+    return array_from(cells, spec.dtype, (n, *shape), _kind(spec))

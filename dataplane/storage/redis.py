@@ -42,7 +42,7 @@ from dataplane.samplers import Candidate, make_sampler
 from dataplane.schema import FieldSpec, parse_schema
 from dataplane.storage import redis_scripts as lua
 from dataplane.storage import redis_snapshot as snapshots
-from dataplane.storage.cells import decode_column, encode_column
+from dataplane.storage.cells import decode_column, decode_dense, encode_run
 from dataplane.storage.redis_connection import (
     aioredis,
     call,
@@ -225,8 +225,9 @@ class RedisStoreClient(StoreClient):
             lengths = [max((c.lengths[i] for c in columns.values()), default=0) for i in range(n)]
         nbytes = [sum(c.nbytes[i] for c in columns.values()) for i in range(n)]
         _, bits = self._mask(partition, list(columns))
-        cells = [(b, encode_column(schema[f], c, n)) for b, (f, c) in zip(bits, columns.items())]
-        tail = [len(bits), *bits]
+        runs = [(b, *encode_run(schema[f], c, n)) for b, (f, c) in zip(bits, columns.items())]
+        cells = [(b, blob) for b, blob, _ in runs]
+        tail = [len(bits), *bits, msgpack.packb([lengths for *_, lengths in runs])]
         ver = "" if version is None else int(version)
         if index is not None and not index:
             return []
@@ -245,15 +246,15 @@ class RedisStoreClient(StoreClient):
         self.stats.bytes_put += sum(nbytes)
         return index
 
-    async def _put(self, partition: str, cells: list[tuple[int, list]], script: str, *args: Any) -> list:
-        """One transaction: the cells into a fresh chunk's keys (expiring), then the put's script,
-        which accepts the chunk (rows refer to it, its keys persist) or deletes it. A fresh chunk
-        per attempt: a retry after a lost reply must not touch the chunk the first one stored."""
+    async def _put(self, partition: str, cells: list[tuple[int, Any]], script: str, *args: Any) -> list:
+        """One transaction: each field's cells, back to back, into a fresh chunk's key (expiring),
+        then the put's script, which accepts the chunk (rows refer to spans of it, its keys
+        persist) or deletes it. A fresh chunk per attempt: a retry after a lost reply must not
+        touch the chunk the first one stored."""
         key, chunk = self._key(partition), uuid.uuid4().hex[:12]
         async with self._r.pipeline(transaction=True) as pipe:
-            for b, column in cells:
-                pipe.hset(f"{key}:x:{chunk}:{b}", mapping=dict(enumerate(column)))
-                pipe.pexpire(f"{key}:x:{chunk}:{b}", 600_000)
+            for b, blob in cells:
+                pipe.set(f"{key}:x:{chunk}:{b}", blob, px=600_000)
             pipe.evalsha(self._scripts[script].sha, 0, key, *args[:1], chunk, *args[1:])
             results = await pipe.execute(raise_on_error=False)
         reply = results[-1]
@@ -341,7 +342,7 @@ class RedisStoreClient(StoreClient):
         if batch_size < 1:
             raise DataPlaneError(f"batch_size {batch_size} must be >= 1")
         chooser = make_sampler(sampler, dp_size)
-        mask, read_bits = self._mask(partition, fields)
+        mask, read_bits = self._mask(partition, fields)  # bits in the order of fields
         timeout_s = self.config.get_timeout_s if timeout_s is None else timeout_s
         started = time.monotonic()
         deadline = started + timeout_s
@@ -355,7 +356,7 @@ class RedisStoreClient(StoreClient):
             wait_ms = int(1000 * (time.monotonic() - started)) if waited else ""
             return await self._run(
                 "GET", partition, consumer, self._peer, mask, batch_size, lease_ms, vmin, mode, int(partial),
-                self._alive_ms, wait_ms, len(read_bits), *read_bits, acks, len(rows), *rows,
+                self._alive_ms, wait_ms, acks, len(rows), *rows,
             )  # fmt: skip
 
         while True:
@@ -378,7 +379,7 @@ class RedisStoreClient(StoreClient):
                 elif ended:
                     reply = [b"end"]
                 elif partial:
-                    reply = [b"ok", [], [], [], [], b"", *([] for _ in fields)]
+                    reply = [b"ok", [], b"", b""]
                 else:
                     reply = [b"wait", last, next_ms, nready, npend]
             if reply[0] == b"ok":
@@ -410,47 +411,71 @@ class RedisStoreClient(StoreClient):
     async def _batch(self, partition, consumer, fields, reply, bits, schema, shards) -> Batch | None:
         """The leased rows of a get's `reply` with their cells; None (rows handed back) if a cell
         went missing meanwhile (its field was regenerated)."""
-        rows, groups, versions, lengths = ([int(v) for v in part] for part in reply[1:5])
+        rows = [int(r) for r in reply[1]]
+        unpacker = msgpack.Unpacker(max_buffer_size=max(len(reply[3]), 1))
+        unpacker.feed(reply[3])
+        metas = list(unpacker)  # each row's metadata (layout in redis_lua), as stored
         if rows:
+            if None in metas:
+                raise DataPlaneError(
+                    f"partition {partition!r} handed out row {rows[metas.index(None)]} without its metadata: "
+                    "the store's keys were changed from outside AsyncFlow; drop the partition and put again"
+                )
             held = self._leases.setdefault((partition, consumer), {})
-            lease = reply[5].decode()
+            lease = reply[2].decode()
             held.update((r, lease) for r in rows)
+        groups, versions, lengths = [m[0] for m in metas], [m[3] for m in metas], [m[2] for m in metas]
         batch = Batch(partition, consumer, rows, {}, [0] * len(rows), groups, versions, lengths, shards)
         try:
-            columns = await self._call(self._cells, partition, list(zip(bits, reply[6:])))
+            columns = await self._call(
+                self._columns, partition, [(b, schema[f]) for b, f in zip(bits, fields)], metas
+            )
         except asyncio.CancelledError:
             if rows:  # leased, never handed over: give them back now rather than when the lease ends
                 await asyncio.shield(self.release(batch))
             raise
-        if any(cell is None for cells in columns for cell in cells):
+        if columns is None:
             await self.release(batch)
             return None
-        batch.data = {f: decode_column(schema[f], cells) for f, cells in zip(fields, columns)}
+        batch.data = dict(zip(fields, columns))
         self.stats.gets += 1
         self.stats.rows_got += len(rows)
-        self.stats.bytes_got += sum(len(c) for cells in columns for c in cells)
+        self.stats.bytes_got += sum(m[8 + 3 * b + 2] for m in metas for b in bits)
         return batch
 
-    async def _cells(self, partition: str, refs: list[tuple[int, list[bytes]]]) -> list[list]:
-        """The cells the references of a get point to: one HMGET per chunk and field, one round trip."""
-        key, plan = self._key(partition), []
+    async def _columns(self, partition: str, wanted: list[tuple[int, FieldSpec]], metas: list) -> list | None:
+        """The columns of fields `wanted` (bit, spec) of the rows whose metadata is `metas`: one
+        GETRANGE per run of adjacent cells of a chunk (rows are put and got in order, so mostly one
+        per field), all in one round trip. None if a chunk is gone (its field was regenerated)."""
+        key, plans = self._key(partition), []
         async with self._r.pipeline(transaction=False) as pipe:
-            for f, (b, column) in enumerate(refs):
-                chunks: dict[bytes, tuple[list[int], list[bytes]]] = {}
-                for pos, ref in enumerate(column):
-                    chunk, _, idx = ref.rpartition(b":")
-                    where = chunks.setdefault(chunk, ([], []))
-                    where[0].append(pos)
-                    where[1].append(idx)
-                for chunk, (positions, idxs) in chunks.items():
-                    pipe.hmget(f"{key}:x:{chunk.decode()}:{b}", idxs)
-                    plan.append((f, positions))
-            replies = await pipe.execute() if plan else []
-        out: list[list] = [[None] * len(column) for _, column in refs]
-        for (f, positions), cells in zip(plan, replies):
-            for pos, cell in zip(positions, cells):
-                out[f][pos] = cell
-        return out
+            for b, _ in wanted:
+                runs = _runs([m[8 + 3 * b : 11 + 3 * b] for m in metas])
+                if runs is None:
+                    return None
+                for chunk, begin, end, _ in runs:
+                    if end > begin:
+                        pipe.getrange(f"{key}:x:{chunk}:{b}", begin, end - 1)
+                plans.append(runs)
+            replies = iter(await pipe.execute() if len(pipe) else [])
+        columns = []
+        for (_, spec), runs in zip(wanted, plans):
+            cells: list = [b""] * len(metas)
+            whole = None
+            for _, begin, end, members in runs:
+                data = next(replies) if end > begin else b""
+                if len(data) != end - begin:
+                    return None
+                if len(runs) == 1 and spec.numeric and not spec.ragged and _in_order(members):
+                    whole = data  # the column's cells back to back in row order: nothing to cut out
+                    continue
+                view = memoryview(data)
+                for pos, off, size in members:
+                    cells[pos] = view[off - begin : off - begin + size]
+            columns.append(
+                decode_column(spec, cells) if whole is None else decode_dense(spec, whole, len(metas))
+            )
+        return columns
 
     async def ack(self, batch: Batch) -> None:
         if batch.rows:
@@ -508,3 +533,23 @@ class RedisStoreClient(StoreClient):
     async def partitions(self) -> list[str]:
         members = await self._call(self._r.smembers, f"{self.namespace}:partitions")
         return sorted(m.decode() for m in members)
+
+
+def _runs(refs: list[list]) -> list[tuple[str, int, int, list[tuple[int, int, int]]]] | None:
+    """Where the cells of one field are, refs[i] = [chunk, offset, length] of row i, as runs of
+    adjacent cells: (chunk, first byte, end byte, [(row position, offset, length), ...]). None if
+    a row has no cell (chunk '')."""
+    runs: list = []
+    for chunk, off, size, pos in sorted((*ref, pos) for pos, ref in enumerate(refs)):
+        if not chunk:
+            return None
+        if runs and runs[-1][0] == chunk and runs[-1][2] == off:
+            runs[-1][2] = off + size
+            runs[-1][3].append((pos, off, size))
+        else:
+            runs.append([chunk, off, off + size, [(pos, off, size)]])
+    return [tuple(r) for r in runs]
+
+
+def _in_order(members: list[tuple[int, int, int]]) -> bool:
+    return all(pos == i for i, (pos, _, _) in enumerate(members))

@@ -6,14 +6,19 @@ make it one Redis Cluster hash slot):
     :meta            HASH   schema, capacity, stale policy, counters, sealed, live rows, mask<j>
     :bits  :cons     HASH   field -> bit, consumer -> bit
     :rows            HASH   row -> msgpack [group, group_size, length, version, ready, versioned,
-                            0, nbytes, ref of field 0, ref of field 1, ...] (ready / versioned:
-                            field bits; a ref, '<chunk>:<i>', is where the cell is, '' if none)
+                            0, nbytes, then chunk, offset, length for each field] (ready /
+                            versioned: field bits; chunk, offset, length: where the field's cell
+                            is, chunk '' if none). A get hands the client these blobs as they
+                            are, and the client reads what it needs from them
     :acked           HASH   row -> bits of the consumers that acked it (an integer, so an ack
                             reads and writes no msgpack metadata unless it frees the row)
-    :x:<chunk>:<b>   HASH   i -> cell (`dataplane.storage.cells`): the cells of one put, written
-                            by plain HSETs in the same MULTI/EXEC as the put's script, read by
-                            plain HMGETs after the get's script; cell bytes never pass through
-                            Lua (copying them into and out of Lua costs 50x the HSET itself)
+    :x:<chunk>:<b>   STRING the cells (`dataplane.storage.cells`) of field b of one put, back to
+                            back: written by a plain SET in the same MULTI/EXEC as the put's
+                            script, read by plain GETRANGEs after the get's script, one per run
+                            of adjacent cells (a whole get is mostly one per field; a hash of
+                            cells cost the client twice as much to ask for and parse); cell
+                            bytes never pass through Lua (copying them in and out of Lua costs
+                            50x the write itself)
     :xc              HASH   "<chunk>:<b>" -> rows still referring to that chunk's cells: a chunk is
                             deleted whole when its last row lets go (one DEL instead of a HDEL
                             per cell, which was a fifth of a get's server time)
@@ -204,11 +209,11 @@ local function release_cells(counts)
 end
 -- row meta m lets go of its cells of the fields in `mask` (counted into `counts`)
 local function forget_cells(counts, m, mask)
-  for b = 0, #m - 9 do
-    if bit.band(mask, 2 ^ b) ~= 0 and m[9 + b] ~= '' then
-      local ref = string.match(m[9 + b], '^(.*):%d+$') .. ':' .. b
+  for b = 0, (#m - 8) / 3 - 1 do
+    if bit.band(mask, 2 ^ b) ~= 0 and m[9 + 3 * b] ~= '' then
+      local ref = m[9 + 3 * b] .. ':' .. b
       counts[ref] = (counts[ref] or 0) + 1
-      m[9 + b] = ''
+      m[9 + 3 * b], m[10 + 3 * b], m[11 + 3 * b] = '', 0, 0
     end
   end
 end
@@ -223,11 +228,18 @@ local function refuse(chunk, bits, reply)
   redis.call('DEL', unpack(chunk_keys(chunk, bits)))
   return reply
 end
-local function accept(chunk, bits, metas)
+-- spans: per field (in the order of bits) the byte length of each row's cell, or one length
+-- that every cell has (a dense field)
+local function accept(chunk, bits, metas, spans)
   for _, key in ipairs(chunk_keys(chunk, bits)) do redis.call('PERSIST', key) end
-  for _, b in ipairs(bits) do
+  for f, b in ipairs(bits) do
     redis.call('HSET', k('xc'), chunk .. ':' .. b, #metas)
-    for i, m in ipairs(metas) do m[9 + b] = chunk .. ':' .. (i - 1) end
+    local lengths, off = spans[f], 0
+    for i, m in ipairs(metas) do
+      local size = lengths[i] or lengths[1]
+      m[9 + 3 * b], m[10 + 3 * b], m[11 + 3 * b] = chunk, off, size
+      off = off + size
+    end
   end
 end
 

@@ -39,7 +39,8 @@ if redis.call('EXISTS', k('meta')) == 0 then return {'err', 'unknown'} end
 return register(ARGV[2]) or {'ok'}
 """
 
-# ARGV: B, put id, chunk, n, group_size, version|'', first try 0|1, nf, bits..., lengths[n], nbytes[n]
+# ARGV: B, put id, chunk, n, group_size, version|'', first try 0|1, nf, bits..., spans (msgpack, see
+#       accept), lengths[n], nbytes[n]
 # (the cells are already in the chunk's keys, written in the same transaction)
 PUT_NEW = r"""
 local chunk, nf = ARGV[3], tonumber(ARGV[8])
@@ -63,7 +64,8 @@ for i = 1, nf do mask = bit.bor(mask, 2 ^ bits[i]) end
 local version = tonumber(ARGV[6]) or -1
 local versioned = 0
 if version >= 0 then versioned = mask end
-local at = 9 + nf
+local spans = cmsgpack.unpack(ARGV[9 + nf])
+local at = 10 + nf
 local rows, ver, pend, metas, acked = {}, {}, {}, {}, {}
 local nfs = tonumber(meta('nf'))
 for i = 1, n do
@@ -71,12 +73,12 @@ for i = 1, n do
   rows[i] = r
   metas[i] = {g0 + math.floor((i - 1) / gs), gs, tonumber(ARGV[at + i - 1]), version, mask, versioned, 0,
     tonumber(ARGV[at + n + i - 1])}
-  for b = 0, nfs - 1 do metas[i][9 + b] = '' end
+  for b = 0, nfs - 1 do metas[i][9 + 3 * b], metas[i][10 + 3 * b], metas[i][11 + 3 * b] = '', 0, 0 end
   table.insert(pend, r); table.insert(pend, r)
   table.insert(acked, r); table.insert(acked, 0)
   if version >= 0 then table.insert(ver, version); table.insert(ver, r) end
 end
-accept(chunk, bits, metas)
+accept(chunk, bits, metas, spans)
 setrows(rows, metas)
 bulk('HSET', k('acked'), acked)
 local delta = {}
@@ -100,14 +102,14 @@ notify('ev')
 return {'ok', first}
 """
 
-# ARGV: B, '-', chunk, n, version|'', nf, bits..., rows[n], lengths[n], nbytes[n] (cells: as PUT_NEW)
+# ARGV: B, '-', chunk, n, version|'', nf, bits..., spans, rows[n], lengths[n], nbytes[n] (as PUT_NEW)
 PUT_FILL = r"""
 local chunk, n, nf = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[6])
 local version = tonumber(ARGV[5])
 local mask, bits = 0, {}
 for i = 1, nf do bits[i] = tonumber(ARGV[6 + i]); mask = bit.bor(mask, 2 ^ bits[i]) end
 if redis.call('EXISTS', k('meta')) == 0 then return refuse(chunk, bits, {'err', 'unknown'}) end
-local at = 7 + nf
+local at = 8 + nf
 local rows = {}
 for i = 1, n do rows[i] = ARGV[at + i - 1] end
 local metas = getrows(rows)
@@ -128,7 +130,7 @@ for i = 1, n do
   m[3] = m[3] + tonumber(ARGV[at + n + i - 1])
   m[8] = m[8] + tonumber(ARGV[at + 2 * n + i - 1])
 end
-accept(chunk, bits, metas)
+accept(chunk, bits, metas, cmsgpack.unpack(ARGV[7 + nf]))
 setrows(rows, metas)
 local delta = {}
 for _, b in ipairs(bits) do delta[b] = -n end
@@ -151,15 +153,14 @@ return {'ok'}
 """
 
 # ARGV: B, consumer, peer, mask, batch_size, lease_ms, v_min|'', mode seq|cand|rows, partial 0|1,
-#       alive_ms, wait_ms|'', nread, read bits..., acks (held_arg), nrows, rows...
+#       alive_ms, wait_ms|'', acks (held_arg), nrows, rows...
 GET = r"""
 if redis.call('EXISTS', k('meta')) == 0 then return {'err', 'unknown'} end
 local j = consumer_bit(ARGV[2])
 if not j then return {'err', 'notreg', ARGV[2], redis.call('HKEYS', k('cons'))} end
 local peer, mask, bs = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
 local mode, partial = ARGV[8], ARGV[9] == '1'
-local nread = tonumber(ARGV[12])
-local at = 13 + nread
+local at = 12
 local acks = held_arg(ARGV[at])
 at = at + 1
 local want = {}
@@ -249,22 +250,24 @@ local function lease(rows)
   local deadline = now + tonumber(ARGV[6])
   bulk('ZREM', c(j, 'pend'), rows)
   bulk('ZREM', c(j, 'ready'), rows)
-  local groups, versions, lengths = {}, {}, {}
-  local metas = getrows(rows)
-  for i, m in ipairs(metas) do groups[i], versions[i], lengths[i] = m[1], m[4], m[3] end
   local id = new_lease(j, peer, rows, deadline)
   if #rows > 0 then redis.call('HINCRBY', c(j, 'n'), 'delivered', #rows) end
   if ARGV[11] ~= '' then
     redis.call('HINCRBY', c(j, 'n'), 'waits', 1)
     redis.call('HINCRBYFLOAT', c(j, 'n'), 'wait_s', tonumber(ARGV[11]) / 1000)
   end
-  local out = {'ok', rows, groups, versions, lengths, id}
-  for i = 1, nread do  -- where the cells are: the client reads them with plain HMGETs
-    local b, refs = tonumber(ARGV[12 + i]), {}
-    for n, m in ipairs(metas) do refs[n] = m[9 + b] end
-    table.insert(out, refs)
+  -- the rows' metadata as stored, back to back: the client unpacks it (group, version, length,
+  -- where the cells are) and reads the cells with plain GETRANGEs
+  local blobs = {}
+  local s = 1
+  while s <= #rows do
+    local e = math.min(s + 4999, #rows)
+    for _, v in ipairs(redis.call('HMGET', k('rows'), unpack(rows, s, e))) do
+      table.insert(blobs, v or '\192')  -- msgpack nil: the client refuses a row without metadata
+    end
+    s = e + 1
   end
-  return out
+  return {'ok', rows, id, table.concat(blobs)}
 end
 
 local function waiting(kind)
@@ -400,10 +403,12 @@ if ARGV[2] == '1' then
   for b = 0, tonumber(meta('nf')) - 1 do
     local cells = {}
     for i, m in ipairs(metas) do
-      if m[9 + b] ~= '' then
-        local chunk, idx = string.match(m[9 + b], '^(.*):(%d+)$')
+      local chunk, off, size = m[9 + 3 * b], m[10 + 3 * b], m[11 + 3 * b]
+      if chunk ~= '' then
         table.insert(cells, rows[2 * i - 1])
-        table.insert(cells, redis.call('HGET', k('x:' .. chunk .. ':' .. b), idx))
+        local cell = ''
+        if size > 0 then cell = redis.call('GETRANGE', k('x:' .. chunk .. ':' .. b), off, off + size - 1) end
+        table.insert(cells, cell)
       end
     end
     table.insert(out, cells)
@@ -413,7 +418,8 @@ return out
 """
 
 # ARGV: B, registry key, partition, schema, capacity, stale, next_row, next_group, created, sealed, nf,
-#       fields..., nc, consumers..., then rows: id, packed meta pairs
+#       fields..., nc, consumers..., then rows: id, packed meta pairs (the meta's refs point into the
+#       chunks the client wrote the cells to)
 RESTORE = r"""
 if redis.call('EXISTS', k('meta')) == 1 then return {'err', 'exists', meta('schema')} end
 local nf = tonumber(ARGV[11])
@@ -435,11 +441,12 @@ for i = at, #ARGV, 2 do
   redis.call('HSET', k('acked'), r, m[7])
   local acked = m[7]
   m[7] = 0
-  for b = 0, nf - 1 do  -- the client wrote the cells to chunk 'restore', indexed by row
-    m[9 + b] = ''
-    if bit.band(m[5], 2 ^ b) ~= 0 then
-      m[9 + b] = 'restore:' .. r
-      cells[b] = (cells[b] or 0) + 1
+  for b = 0, nf - 1 do
+    local chunk = m[9 + 3 * b] or ''
+    if bit.band(m[5], 2 ^ b) ~= 0 and chunk ~= '' then
+      cells[chunk .. ':' .. b] = (cells[chunk .. ':' .. b] or 0) + 1
+    else
+      m[9 + 3 * b], m[10 + 3 * b], m[11 + 3 * b] = '', 0, 0
     end
   end
   redis.call('HSET', k('rows'), r, cmsgpack.pack(m))
@@ -449,7 +456,7 @@ for i = at, #ARGV, 2 do
     if bit.band(acked, 2 ^ j) == 0 then redis.call('ZADD', c(j, 'pend'), r, r) end
   end
 end
-for b, n in pairs(cells) do redis.call('HSET', k('xc'), 'restore:' .. b, n) end
+for ref, n in pairs(cells) do redis.call('HSET', k('xc'), ref, n) end
 missing(delta)
 bulk('ZADD', k('ver'), ver)
 redis.call('HSET', k('meta'), 'live', #rows)

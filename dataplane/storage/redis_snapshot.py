@@ -23,6 +23,7 @@ from dataplane.storage.cells import decode_value, encode_value
 if TYPE_CHECKING:
     from dataplane.storage.redis import RedisStoreClient
 
+RESTORE_CHUNK = 1024  # rows whose cells a restore writes as one chunk (one value per field)
 _COUNTS = ("delivered", "acked", "redelivered", "dropped_stale", "regenerated", "waits")
 
 
@@ -146,14 +147,24 @@ async def restore(client: RedisStoreClient, path: str) -> dict:
     for saved in state["partitions"]:
         name, specs = saved["name"], parse_schema(saved["schema"])
         key = client._key(name)
-        async with client._r.pipeline(transaction=False) as pipe:
-            for b, (f, spec) in enumerate(specs.items()):
-                for row in saved["rows"]:
-                    values = cells.get((name, row[0]), {})
-                    if row[6] >> b & 1 and f in values:  # chunk 'restore', indexed by row (RESTORE)
-                        pipe.hset(f"{key}:x:restore:{b}", str(row[0]), encode_value(spec, values[f]))
-            await client._call(pipe.execute)
-        rows = [x for row in saved["rows"] for x in (row[0], msgpack.packb(row[2:]))]
+        refs: list[list] = [["", 0, 0] * len(specs) for _ in saved["rows"]]  # chunk, offset, length
+        for first in range(0, len(saved["rows"]), RESTORE_CHUNK):  # chunks as a put writes them
+            chunk = f"restore{first // RESTORE_CHUNK}"
+            async with client._r.pipeline(transaction=False) as pipe:
+                for b, (f, spec) in enumerate(specs.items()):
+                    blob = bytearray()
+                    for i, row in enumerate(saved["rows"][first : first + RESTORE_CHUNK], first):
+                        values = cells.get((name, row[0]), {})
+                        if row[6] >> b & 1 and f in values:
+                            cell = encode_value(spec, values[f])
+                            refs[i][3 * b : 3 * b + 3] = [chunk, len(blob), len(cell)]
+                            blob += cell
+                    if blob:
+                        pipe.set(f"{key}:x:{chunk}:{b}", bytes(blob))
+                await client._call(pipe.execute)
+        rows = [
+            x for row, ref in zip(saved["rows"], refs) for x in (row[0], msgpack.packb([*row[2:10], *ref]))
+        ]
         await client._run(
             "RESTORE", name, f"{client.namespace}:partitions", name,
             json.dumps([[f, str(s)] for f, s in specs.items()]), saved["capacity"], saved["stale_policy"],

@@ -24,6 +24,7 @@ import pytest
 from asyncflow.config import DataPlaneConfig, parse_config
 from asyncflow.errors import ConfigError, StorageUnavailable
 from dataplane import StoreClient, start_store
+from dataplane.storage import redis_snapshot as snapshots
 from dataplane.storage.redis import RedisStoreClient
 from dataplane.storage.redis_snapshot import purge
 
@@ -307,7 +308,9 @@ async def _take(stream, n: int):
             return
 
 
-async def test_checkpoint_restores_into_a_fresh_redis_store(tmp_path, pname):
+@pytest.mark.parametrize("restore_chunk", [1, 1024])  # a chunk per row, and one for all rows
+async def test_checkpoint_restores_into_a_fresh_redis_store(tmp_path, pname, restore_chunk, monkeypatch):
+    monkeypatch.setattr(snapshots, "RESTORE_CHUNK", restore_chunk)
     source = await StoreClient.connect(start_store(redis_config(SHARED)).address)
     target = await StoreClient.connect(start_store(redis_config(SHARED)).address)
     try:
@@ -365,3 +368,33 @@ async def test_a_consumer_first_asking_for_a_field_some_rows_lack_gets_only_comp
     finally:
         await purge(client)
         await client.close()
+
+
+async def test_a_get_reads_the_cells_of_rows_apart_in_one_chunk(pname):
+    """A put's cells of a field are one value and a get reads runs of adjacent cells; rows that
+    are not adjacent (others were taken meanwhile) come back right, ragged and dense alike."""
+    handle = start_store(redis_config(SHARED))
+    one, two = [await StoreClient.connect(handle.address) for _ in range(2)]
+    try:
+        schema = {"ids": "int64[*]", "x": "float32[2]", "text": "str"}
+        await one.create_partition(pname, schema, consumers=["c"])
+        ids = [np.arange(i % 4) for i in range(8)]  # lengths 0..3: empty cells too
+        x = np.arange(16, dtype=np.float32).reshape(8, 2)
+        rows = await one.put(pname, {"ids": ids, "x": x, "text": [f"row {i}" for i in range(8)]})
+        first = await one.get(pname, list(schema), 2, "c")  # rows 0, 1
+        taken = await two.get(pname, list(schema), 3, "c")  # rows 2, 3, 4
+        await one.release(first)
+        batch = await one.get(pname, list(schema), 5, "c")  # rows 0, 1, 5, 6, 7: two runs
+        assert batch.rows == [rows[i] for i in (0, 1, 5, 6, 7)]
+        for got, i in zip(batch["ids"], (0, 1, 5, 6, 7)):
+            assert got.tolist() == ids[i].tolist()
+        assert batch["x"].tolist() == x[[0, 1, 5, 6, 7]].tolist()
+        assert batch["text"] == ["row 0", "row 1", "row 5", "row 6", "row 7"]
+        assert [t.tolist() for t in taken["ids"]] == [ids[i].tolist() for i in (2, 3, 4)]
+        await one.ack(batch)
+        await two.ack(taken)
+        assert (await one.store_stats())["partitions"][pname]["rows"] == 0
+    finally:
+        await purge(one)
+        for client in (one, two):
+            await client.close()
