@@ -75,7 +75,7 @@ def encode_value(spec: FieldSpec, value: Any) -> Cell:
     return struct.pack(f"<{len(var)}I", *var) + bytes(raw) if var else raw
 
 
-def decode_value(spec: FieldSpec, cell: bytes) -> Any:
+def decode_value(spec: FieldSpec, cell: Cell) -> Any:
     if spec.dtype == "str":
         return str(cell, "utf-8")
     if spec.dtype == "bytes":
@@ -85,7 +85,7 @@ def decode_value(spec: FieldSpec, cell: bytes) -> Any:
     return array_from(*_array_parts(spec, cell), _kind(spec))
 
 
-def _array_parts(spec: FieldSpec, cell: bytes) -> tuple[Any, str, tuple[int, ...]]:
+def _array_parts(spec: FieldSpec, cell: Cell) -> tuple[Any, str, tuple[int, ...]]:
     nvar = sum(d is None for d in spec.shape)
     if nvar > 1:
         var = iter(struct.unpack_from(f"<{nvar}I", cell))
@@ -101,7 +101,7 @@ def _array_parts(spec: FieldSpec, cell: bytes) -> tuple[Any, str, tuple[int, ...
     return cell, spec.dtype, tuple(d for d in spec.shape if d is not None)
 
 
-def decode_column(spec: FieldSpec, cells: Sequence[bytes]) -> Any:
+def decode_column(spec: FieldSpec, cells: Sequence[Cell]) -> Any:
     """The cells of n rows of one field, in the schema's form (see `dataplane.columns.assemble`)."""
     if spec.numeric and not spec.ragged:
         return decode_dense(spec, b"".join(cells), len(cells))
@@ -119,3 +119,22 @@ def decode_dense(spec: FieldSpec, cells: Cell, n: int) -> Any:
     """n rows of a dense numeric field from their cells back to back, as one array (no copy)."""
     shape = tuple(d for d in spec.shape if d is not None)
     return array_from(cells, spec.dtype, (n, *shape), _kind(spec))
+
+
+def decode_run(spec: FieldSpec, run: bytes, lengths: Sequence[int]) -> Any:
+    """Like decode_column, from the cells back to back in `run` (byte lengths `lengths`): views of
+    `run`, cut as one array where the field allows (dense, or ragged numeric with one `*`)."""
+    if spec.numeric and not spec.ragged:
+        return decode_dense(spec, run, len(lengths))
+    if spec.numeric and _kind(spec) == "numpy" and len(spec.shape) == 1:
+        dtype = np.dtype(spec.dtype)
+        flat, out, at = np.frombuffer(run, dtype), [], 0
+        for size in lengths:
+            out.append(flat[at : at + size // dtype.itemsize])
+            at += size // dtype.itemsize
+        return out
+    view, cells, at = memoryview(run), [], 0
+    for size in lengths:
+        cells.append(view[at : at + size])
+        at += size
+    return decode_column(spec, cells)

@@ -42,7 +42,7 @@ from dataplane.samplers import Candidate, make_sampler
 from dataplane.schema import FieldSpec, parse_schema
 from dataplane.storage import redis_scripts as lua
 from dataplane.storage import redis_snapshot as snapshots
-from dataplane.storage.cells import decode_column, decode_dense, encode_run
+from dataplane.storage.cells import decode_column, decode_run, encode_run
 from dataplane.storage.redis_connection import (
     aioredis,
     call,
@@ -197,6 +197,9 @@ class RedisStoreClient(StoreClient):
 
     async def drop_partition(self, partition: str) -> None:
         self._schemas.pop(partition, None)
+        self._held.discard(partition)  # nothing left there to keep alive
+        for key in [k for k in self._leases if k[0] == partition]:
+            del self._leases[key]
         await self._run("DROP", partition, f"{self.namespace}:partitions", partition)
 
     def _bits(self, partition: str) -> dict[str, int]:
@@ -412,9 +415,7 @@ class RedisStoreClient(StoreClient):
         """The leased rows of a get's `reply` with their cells; None (rows handed back) if a cell
         went missing meanwhile (its field was regenerated)."""
         rows = [int(r) for r in reply[1]]
-        unpacker = msgpack.Unpacker(max_buffer_size=max(len(reply[3]), 1))
-        unpacker.feed(reply[3])
-        metas = list(unpacker)  # each row's metadata (layout in redis_lua), as stored
+        metas = msgpack.unpackb(_array_header(len(rows)) + reply[3])  # as stored (layout: redis_lua)
         if rows:
             if None in metas:
                 raise DataPlaneError(
@@ -466,15 +467,16 @@ class RedisStoreClient(StoreClient):
                 data = next(replies) if end > begin else b""
                 if len(data) != end - begin:
                     return None
-                if len(runs) == 1 and spec.numeric and not spec.ragged and _in_order(members):
-                    whole = data  # the column's cells back to back in row order: nothing to cut out
-                    continue
+                if len(runs) == 1 and _in_order(members):  # the column's cells back to back, in order
+                    whole = data
+                    break
                 view = memoryview(data)
                 for pos, off, size in members:
                     cells[pos] = view[off - begin : off - begin + size]
-            columns.append(
-                decode_column(spec, cells) if whole is None else decode_dense(spec, whole, len(metas))
-            )
+            if whole is None:
+                columns.append(decode_column(spec, cells))
+            else:
+                columns.append(decode_run(spec, whole, [size for _, _, size in runs[0][3]]))
         return columns
 
     async def ack(self, batch: Batch) -> None:
@@ -535,10 +537,25 @@ class RedisStoreClient(StoreClient):
         return sorted(m.decode() for m in members)
 
 
+def _array_header(n: int) -> bytes:
+    """msgpack's header of an array of n items: with n packed items after it, one packed array."""
+    if n < 16:
+        return bytes([0x90 | n])
+    return b"\xdc" + n.to_bytes(2, "big") if n < 1 << 16 else b"\xdd" + n.to_bytes(4, "big")
+
+
 def _runs(refs: list[list]) -> list[tuple[str, int, int, list[tuple[int, int, int]]]] | None:
     """Where the cells of one field are, refs[i] = [chunk, offset, length] of row i, as runs of
     adjacent cells: (chunk, first byte, end byte, [(row position, offset, length), ...]). None if
     a row has no cell (chunk '')."""
+    if refs and refs[0][0]:  # the common case: one put's rows in order
+        chunk, begin, end = refs[0][0], refs[0][1], refs[0][1]
+        for c, off, size in refs:
+            if c != chunk or off != end:
+                break
+            end = off + size
+        else:
+            return [(chunk, begin, end, [(pos, off, size) for pos, (_, off, size) in enumerate(refs)])]
     runs: list = []
     for chunk, off, size, pos in sorted((*ref, pos) for pos, ref in enumerate(refs)):
         if not chunk:

@@ -8,7 +8,14 @@ import torch
 
 from dataplane.columns import to_column
 from dataplane.schema import FieldSpec
-from dataplane.storage.cells import decode_column, decode_value, encode_column, encode_value
+from dataplane.storage.cells import (
+    decode_column,
+    decode_run,
+    decode_value,
+    encode_column,
+    encode_run,
+    encode_value,
+)
 
 
 @pytest.mark.parametrize(
@@ -24,10 +31,16 @@ from dataplane.storage.cells import decode_column, decode_value, encode_column, 
         ("any", [{"k": [1, 2]}, None]),
     ],
 )
-def test_columns_round_trip(spec, values):
+@pytest.mark.parametrize("whole", [False, True], ids=["cells", "run"])
+def test_columns_round_trip(spec, values, whole):
+    """Per-row cells, and (as the Redis backend stores them) all cells back to back in one run."""
     field = FieldSpec.parse(spec)
-    cells = encode_column(field, to_column("f", field, values, 2), 2)
-    back = decode_column(field, [bytes(c) for c in cells])
+    column = to_column("f", field, values, 2)
+    if whole:
+        run, lengths = encode_run(field, column, 2)
+        back = decode_run(field, bytes(run), lengths * 2 if len(lengths) == 1 else lengths)
+    else:
+        back = decode_column(field, [bytes(c) for c in encode_column(field, column, 2)])
     if isinstance(back, np.ndarray):
         np.testing.assert_array_equal(back, values)
         assert back.dtype == np.dtype(field.dtype)
