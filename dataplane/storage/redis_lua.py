@@ -75,17 +75,21 @@ local function bulk(cmd, key, args)
     i = j + 1
   end
 end
+-- HMGET of any number of fields (Lua's unpack takes a few thousand at most); false for a missing one
+local function hmget(key, fields)
+  local out = {}
+  local s = 1
+  while s <= #fields do
+    local e = math.min(s + 4999, #fields)
+    for _, v in ipairs(redis.call('HMGET', key, unpack(fields, s, e))) do table.insert(out, v) end
+    s = e + 1
+  end
+  return out
+end
 -- the metadata of many rows in one HMGET (false for a row that is gone), and back in one HSET
 local function getrows(rows)
   local out = {}
-  local s = 1
-  while s <= #rows do
-    local e = math.min(s + 4999, #rows)
-    for _, v in ipairs(redis.call('HMGET', k('rows'), unpack(rows, s, e))) do
-      if v then table.insert(out, cmsgpack.unpack(v)) else table.insert(out, false) end
-    end
-    s = e + 1
-  end
+  for i, v in ipairs(hmget(k('rows'), rows)) do out[i] = v and cmsgpack.unpack(v) end
   return out
 end
 local function setrows(rows, metas)
@@ -119,13 +123,8 @@ local function new_lease(j, peer, rows, deadline)
 end
 local function end_leases(j, ids)
   local rows = {}
-  local s = 1
-  while s <= #ids do
-    local e = math.min(s + 4999, #ids)
-    for _, v in ipairs(redis.call('HMGET', c(j, 'lrows'), unpack(ids, s, e))) do
-      if v then for _, r in ipairs(cmsgpack.unpack(v)) do table.insert(rows, r) end end
-    end
-    s = e + 1
+  for _, v in ipairs(hmget(c(j, 'lrows'), ids)) do
+    if v then for _, r in ipairs(cmsgpack.unpack(v)) do table.insert(rows, r) end end
   end
   bulk('HDEL', c(j, 'lrows'), ids)
   bulk('ZREM', c(j, 'lease'), ids)
@@ -274,14 +273,7 @@ end
 -- the bits of the consumers that acked each row (false: the row is gone)
 local function acked_bits(rows)
   local out = {}
-  local s = 1
-  while s <= #rows do
-    local e = math.min(s + 4999, #rows)
-    for _, v in ipairs(redis.call('HMGET', k('acked'), unpack(rows, s, e))) do
-      table.insert(out, v and tonumber(v) or false)
-    end
-    s = e + 1
-  end
+  for i, v in ipairs(hmget(k('acked'), rows)) do out[i] = v and tonumber(v) end
   return out
 end
 

@@ -258,15 +258,8 @@ local function lease(rows)
   end
   -- the rows' metadata as stored, back to back: the client unpacks it (group, version, length,
   -- where the cells are) and reads the cells with plain GETRANGEs
-  local blobs = {}
-  local s = 1
-  while s <= #rows do
-    local e = math.min(s + 4999, #rows)
-    for _, v in ipairs(redis.call('HMGET', k('rows'), unpack(rows, s, e))) do
-      table.insert(blobs, v or '\192')  -- msgpack nil: the client refuses a row without metadata
-    end
-    s = e + 1
-  end
+  local blobs = hmget(k('rows'), rows)
+  for i, v in ipairs(blobs) do blobs[i] = v or '\192' end  -- msgpack nil: the client refuses such a row
   return {'ok', rows, id, table.concat(blobs)}
 end
 
