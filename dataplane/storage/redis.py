@@ -451,32 +451,29 @@ class RedisStoreClient(StoreClient):
         key, plans = self._key(partition), []
         async with self._r.pipeline(transaction=False) as pipe:
             for b, _ in wanted:
-                runs = _runs([m[8 + 3 * b : 11 + 3 * b] for m in metas])
-                if runs is None:
+                plan = _runs([m[8 + 3 * b : 11 + 3 * b] for m in metas])
+                if plan is None:
                     return None
-                for chunk, begin, end, _ in runs:
+                for chunk, begin, end, _ in plan[0]:
                     if end > begin:
                         pipe.getrange(f"{key}:x:{chunk}:{b}", begin, end - 1)
-                plans.append(runs)
+                plans.append(plan)
             replies = iter(await pipe.execute() if len(pipe) else [])
         columns = []
-        for (_, spec), runs in zip(wanted, plans):
+        for (_, spec), (runs, whole) in zip(wanted, plans):
             cells: list = [b""] * len(metas)
-            whole = None
             for _, begin, end, members in runs:
                 data = next(replies) if end > begin else b""
                 if len(data) != end - begin:
                     return None
-                if len(runs) == 1 and _in_order(members):  # the column's cells back to back, in order
-                    whole = data
+                if whole:  # the column's cells back to back, in row order
+                    columns.append(decode_run(spec, data, [size for _, _, size in members]))
                     break
                 view = memoryview(data)
                 for pos, off, size in members:
                     cells[pos] = view[off - begin : off - begin + size]
-            if whole is None:
-                columns.append(decode_column(spec, cells))
             else:
-                columns.append(decode_run(spec, whole, [size for _, _, size in runs[0][3]]))
+                columns.append(decode_column(spec, cells))
         return columns
 
     async def ack(self, batch: Batch) -> None:
@@ -544,10 +541,10 @@ def _array_header(n: int) -> bytes:
     return b"\xdc" + n.to_bytes(2, "big") if n < 1 << 16 else b"\xdd" + n.to_bytes(4, "big")
 
 
-def _runs(refs: list[list]) -> list[tuple[str, int, int, list[tuple[int, int, int]]]] | None:
+def _runs(refs: list[list]) -> tuple[list[tuple[str, int, int, list]], bool] | None:
     """Where the cells of one field are, refs[i] = [chunk, offset, length] of row i, as runs of
-    adjacent cells: (chunk, first byte, end byte, [(row position, offset, length), ...]). None if
-    a row has no cell (chunk '')."""
+    adjacent cells: (chunk, first byte, end byte, [(row position, offset, length), ...]), and
+    whether they are one run in row order. None if a row has no cell (chunk '')."""
     if refs and refs[0][0]:  # the common case: one put's rows in order
         chunk, begin, end = refs[0][0], refs[0][1], refs[0][1]
         for c, off, size in refs:
@@ -555,7 +552,7 @@ def _runs(refs: list[list]) -> list[tuple[str, int, int, list[tuple[int, int, in
                 break
             end = off + size
         else:
-            return [(chunk, begin, end, [(pos, off, size) for pos, (_, off, size) in enumerate(refs)])]
+            return [(chunk, begin, end, [(pos, off, size) for pos, (_, off, size) in enumerate(refs)])], True
     runs: list = []
     for chunk, off, size, pos in sorted((*ref, pos) for pos, ref in enumerate(refs)):
         if not chunk:
@@ -565,8 +562,4 @@ def _runs(refs: list[list]) -> list[tuple[str, int, int, list[tuple[int, int, in
             runs[-1][3].append((pos, off, size))
         else:
             runs.append([chunk, off, off + size, [(pos, off, size)]])
-    return [tuple(r) for r in runs]
-
-
-def _in_order(members: list[tuple[int, int, int]]) -> bool:
-    return all(pos == i for i, (pos, _, _) in enumerate(members))
+    return [tuple(r) for r in runs], False
