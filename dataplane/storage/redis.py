@@ -54,6 +54,8 @@ from dataplane.storage.redis_connection import (
     text,
 )
 
+MAX_VALUE_BYTES = 512 * 2**20  # Redis' largest string value (proto-max-bulk-len's default)
+
 
 class RedisStoreClient(StoreClient):
     """The store client on Redis: the same methods, arguments, Batch and errors as StoreClient."""
@@ -229,6 +231,13 @@ class RedisStoreClient(StoreClient):
         nbytes = [sum(c.nbytes[i] for c in columns.values()) for i in range(n)]
         _, bits = self._mask(partition, list(columns))
         runs = [(b, *encode_run(schema[f], c, n)) for b, (f, c) in zip(bits, columns.items())]
+        for f, (_, blob, _) in zip(columns, runs):
+            if len(blob) > MAX_VALUE_BYTES:
+                raise DataPlaneError(
+                    f"put of {n} rows to {partition!r}: field {f!r} holds {len(blob) / 2**20:.0f} MiB, "
+                    f"over the {MAX_VALUE_BYTES // 2**20} MiB that Redis stores in one value (a put's "
+                    "cells of a field are one value); put fewer rows at a time"
+                )
         cells = [(b, blob) for b, blob, _ in runs]
         tail = [len(bits), *bits, msgpack.packb([lengths for *_, lengths in runs])]
         ver = "" if version is None else int(version)

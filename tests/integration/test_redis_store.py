@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from asyncflow.config import DataPlaneConfig, parse_config
-from asyncflow.errors import ConfigError, StorageUnavailable
+from asyncflow.errors import ConfigError, DataPlaneError, StorageUnavailable
 from dataplane import StoreClient, start_store
 from dataplane.storage import redis_snapshot as snapshots
 from dataplane.storage.redis import RedisStoreClient
@@ -398,3 +398,22 @@ async def test_a_get_reads_the_cells_of_rows_apart_in_one_chunk(pname):
         await purge(one)
         for client in (one, two):
             await client.close()
+
+
+async def test_a_put_over_the_redis_value_limit_is_refused_before_anything_is_stored(pname, monkeypatch):
+    """A put's cells of one field are one Redis value; one over Redis' limit (lowered here to
+    1 KiB) is refused with the field and the fix named, and the partition keeps what it had."""
+    import dataplane.storage.redis as backend
+
+    monkeypatch.setattr(backend, "MAX_VALUE_BYTES", 1024)
+    client = await StoreClient.connect(start_store(redis_config(SHARED)).address)
+    try:
+        await client.create_partition(pname, {"x": "int64[*]"}, consumers=["c"])
+        await client.put(pname, {"x": [np.arange(4)]})
+        with pytest.raises(DataPlaneError, match="field 'x' holds .* put fewer rows at a time"):
+            await client.put(pname, {"x": [np.arange(100), np.arange(100)]})
+        batch = await client.get(pname, ["x"], 8, "c", timeout_s=0.3, allow_partial=True)
+        assert [a.tolist() for a in batch["x"]] == [[0, 1, 2, 3]]
+    finally:
+        await purge(client)
+        await client.close()
