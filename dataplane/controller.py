@@ -551,30 +551,7 @@ class Controller:
 
     async def stats(self) -> dict:
         unit_stats = await asyncio.gather(*(u.stats() for u in self._units))
-        partitions = {}
-        for part in self._partitions.values():
-            reserved = sum(1 for r in part.rows.values() if not r.ready)
-            partitions[part.name] = {
-                "rows": len(part.rows) - reserved,
-                "reserved": reserved,
-                "capacity": part.capacity,
-                "created": part.created,
-                "freed": part.freed,
-                "put_waits": part.put_waits,
-                "ready": {
-                    f: sum(1 for r in part.rows.values() if r.ready >> b & 1) for f, b in part.bits.items()
-                },
-                "consumers": {
-                    c.name: {
-                        "pending": len(c.pending),
-                        "ready": len(c.ready),
-                        "leased": len(c.leases),
-                        "wait_s": round(c.wait_s, 4),
-                        **c.counts,
-                    }  # fmt: skip
-                    for c in part.consumers.values()
-                },
-            }
+        partitions = {part.name: part.stats() for part in self._partitions.values()}
         return {"partitions": partitions, "units": unit_stats}
 
     async def checkpoint(self, path: str) -> dict:

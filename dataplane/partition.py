@@ -108,6 +108,31 @@ class Partition:
     def fields(self, mask: int) -> list[str]:
         return [name for name, bit in self.bits.items() if mask >> bit & 1]
 
+    def stats(self) -> dict:
+        """Rows, capacity, readiness per field and each consumer's counts (`store_stats()`)."""
+        reserved = sum(1 for r in self.rows.values() if not r.ready)
+        return {
+            "rows": len(self.rows) - reserved,
+            "reserved": reserved,
+            "capacity": self.capacity,
+            "created": self.created,
+            "freed": self.freed,
+            "put_waits": self.put_waits,
+            "ready": {
+                f: sum(1 for r in self.rows.values() if r.ready >> b & 1) for f, b in self.bits.items()
+            },
+            "consumers": {
+                c.name: {
+                    "pending": len(c.pending),
+                    "ready": len(c.ready),
+                    "leased": len(c.leases),
+                    "wait_s": round(c.wait_s, 4),
+                    **c.counts,
+                }  # fmt: skip
+                for c in self.consumers.values()
+            },
+        }
+
 
 def candidates(part: Partition, c: Consumer, chooser: Any, batch_size: int) -> list[Row]:
     """The ready rows a sampler chooses from, oldest first (Row has the Candidate attributes).
