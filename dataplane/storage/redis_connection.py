@@ -74,7 +74,9 @@ def store_address(config: DataPlaneConfig) -> str:
 def make_pool(url: str, rc: RedisConfig, sync: bool = False) -> Any:
     options: dict[str, Any] = {
         "max_connections": rc.max_connections,
-        "socket_timeout": rc.socket_timeout_s,
+        # async: `call` bounds a whole command (a pipeline: all of it) instead, once; redis-py's
+        # own timeout is a context per reply read, a tenth of a small get's client time
+        "socket_timeout": rc.socket_timeout_s if sync else None,
         "socket_connect_timeout": rc.connect_timeout_s,
         "timeout": None,  # wait for a free connection rather than fail
     }
@@ -118,7 +120,11 @@ async def call(url: str, namespace: str, rc: RedisConfig, fn: Any, *args: Any, *
     delay, give_up = 0.05, None
     while True:
         try:
-            result = await fn(*args, **kwargs)
+            try:
+                async with asyncio.timeout(rc.socket_timeout_s):
+                    result = await fn(*args, **kwargs)
+            except TimeoutError:  # redis-py dropped the connection the command was cut off on
+                raise exc.TimeoutError(f"no reply within socket_timeout_s={rc.socket_timeout_s:g}") from None
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 # redis-py can swallow a cancellation that lands while it returns a connection

@@ -51,6 +51,8 @@ from __future__ import annotations
 PRELUDE = r"""
 local B = ARGV[1]
 local function k(s) return B .. ':' .. s end
+local POW = {}  -- POW[b] = 2 ^ b, a table lookup instead of a pow() per test
+for b = 0, 31 do POW[b] = 2 ^ b end
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -196,23 +198,29 @@ local function give_back(j, rows, redelivered)
   notify('ev')
 end
 
--- cells rows no longer refer to: `counts` maps "<chunk>:<b>" to how many; a chunk whose last
--- referring row let go is deleted whole
+-- cells rows no longer refer to: counts[chunk][b] rows let go of field b's cells of that chunk; a
+-- chunk whose last referring row let go is deleted whole
 local function release_cells(counts)
-  for ref, n in pairs(counts) do
-    if redis.call('HINCRBY', k('xc'), ref, -n) <= 0 then
-      redis.call('HDEL', k('xc'), ref)
-      redis.call('UNLINK', k('x:' .. ref))  -- freed off the server's main thread
+  for chunk, per in pairs(counts) do
+    for b, n in pairs(per) do
+      local ref = chunk .. ':' .. b
+      if redis.call('HINCRBY', k('xc'), ref, -n) <= 0 then
+        redis.call('HDEL', k('xc'), ref)
+        redis.call('UNLINK', k('x:' .. ref))  -- freed off the server's main thread
+      end
     end
   end
 end
 -- row meta m lets go of its cells of the fields in `mask` (counted into `counts`)
 local function forget_cells(counts, m, mask)
   for b = 0, (#m - 8) / 3 - 1 do
-    if bit.band(mask, 2 ^ b) ~= 0 and m[9 + 3 * b] ~= '' then
-      local ref = m[9 + 3 * b] .. ':' .. b
-      counts[ref] = (counts[ref] or 0) + 1
-      m[9 + 3 * b], m[10 + 3 * b], m[11 + 3 * b] = '', 0, 0
+    local at = 9 + 3 * b
+    local chunk = m[at]
+    if chunk ~= '' and bit.band(mask, POW[b]) ~= 0 then
+      local per = counts[chunk]
+      if not per then per = {}; counts[chunk] = per end
+      per[b] = (per[b] or 0) + 1
+      m[at], m[at + 1], m[at + 2] = '', 0, 0
     end
   end
 end
@@ -248,8 +256,9 @@ local function missing(delta)
   for b, n in pairs(delta) do if n ~= 0 then redis.call('HINCRBY', k('missing'), b, n) end end
 end
 local function lacking(delta, m, nf, sign)  -- count the fields row meta m lacks into delta
+  if m[5] == POW[nf] - 1 then return end  -- it has them all
   for b = 0, nf - 1 do
-    if bit.band(m[5], 2 ^ b) == 0 then delta[b] = (delta[b] or 0) + sign end
+    if bit.band(m[5], POW[b]) == 0 then delta[b] = (delta[b] or 0) + sign end
   end
 end
 
@@ -279,10 +288,10 @@ end
 
 -- consumer j is done with rows (acked or dropped as stale); acked: their acked_bits
 local function done(j, rows, acked)
-  local all = 2 ^ nconsumers() - 1
+  local all = POW[nconsumers()] - 1
   local gone, kept = {}, {}
   for i, r in ipairs(rows) do
-    local a = bit.bor(acked[i], 2 ^ j)
+    local a = bit.bor(acked[i], POW[j])
     if a == all then table.insert(gone, r) else table.insert(kept, r); table.insert(kept, a) end
   end
   bulk('HSET', k('acked'), kept)
@@ -291,7 +300,7 @@ end
 
 -- consumer j acks rows held by peer; held: lease id, row, ... (a row j already acked is skipped)
 local function do_ack(j, peer, held)
-  local bitj = 2 ^ j
+  local bitj = POW[j]
   local rows, seen = {}, {}
   for i = 2, #held, 2 do rows[i / 2] = held[i] end
   local acked = acked_bits(rows)

@@ -60,7 +60,7 @@ end
 local first = redis.call('HINCRBY', k('meta'), 'next_row', n) - n
 local g0 = redis.call('HINCRBY', k('meta'), 'next_group', n / gs) - n / gs
 local mask = 0
-for i = 1, nf do mask = bit.bor(mask, 2 ^ bits[i]) end
+for i = 1, nf do mask = bit.bor(mask, POW[bits[i]]) end
 local version = tonumber(ARGV[6]) or -1
 local versioned = 0
 if version >= 0 then versioned = mask end
@@ -82,7 +82,7 @@ accept(chunk, bits, metas, spans)
 setrows(rows, metas)
 bulk('HSET', k('acked'), acked)
 local delta = {}
-for b = 0, nfs - 1 do if bit.band(mask, 2 ^ b) == 0 then delta[b] = n end end
+for b = 0, nfs - 1 do if bit.band(mask, POW[b]) == 0 then delta[b] = n end end
 missing(delta)
 bulk('ZADD', k('ver'), ver)
 for j = 0, nconsumers() - 1 do
@@ -107,7 +107,7 @@ PUT_FILL = r"""
 local chunk, n, nf = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[6])
 local version = tonumber(ARGV[5])
 local mask, bits = 0, {}
-for i = 1, nf do bits[i] = tonumber(ARGV[6 + i]); mask = bit.bor(mask, 2 ^ bits[i]) end
+for i = 1, nf do bits[i] = tonumber(ARGV[6 + i]); mask = bit.bor(mask, POW[bits[i]]) end
 if redis.call('EXISTS', k('meta')) == 0 then return refuse(chunk, bits, {'err', 'unknown'}) end
 local at = 8 + nf
 local rows = {}
@@ -187,7 +187,7 @@ if cmask(j) ~= mask then
   redis.call('DEL', c(j, 'ready'))
   local complete = true  -- no live row lacks a field of the mask: every pending row is ready
   for b = 0, tonumber(meta('nf')) - 1 do
-    if bit.band(mask, 2 ^ b) ~= 0 and tonumber(redis.call('HGET', k('missing'), b) or 0) > 0 then
+    if bit.band(mask, POW[b]) ~= 0 and tonumber(redis.call('HGET', k('missing'), b) or 0) > 0 then
       complete = false
     end
   end
@@ -218,7 +218,7 @@ if ARGV[7] ~= '' then
       local counts, delta = {}, {}
       for _, r in ipairs(stale) do
         local m = getrow(r)
-        for b = 0, 30 do if bit.band(m[6], 2 ^ b) ~= 0 then delta[b] = (delta[b] or 0) + 1 end end
+        for b = 0, 30 do if bit.band(m[6], POW[b]) ~= 0 then delta[b] = (delta[b] or 0) + 1 end end
         forget_cells(counts, m, m[6])
         m[5] = bit.band(m[5], bit.bnot(m[6]))
         m[4], m[6] = -1, 0
@@ -226,7 +226,7 @@ if ARGV[7] ~= '' then
         redis.call('HSET', k('acked'), r, 0)
         for o = 0, nc - 1 do
           local om = cmask(o)
-          if bit.band(acked, 2 ^ o) ~= 0 then
+          if bit.band(acked, POW[o]) ~= 0 then
             redis.call('ZADD', c(o, 'pend'), r, r)
             if has(m[5], om) then redis.call('ZADD', c(o, 'ready'), r, r) end
           elseif not has(m[5], om) then
@@ -436,7 +436,7 @@ for i = at, #ARGV, 2 do
   m[7] = 0
   for b = 0, nf - 1 do
     local chunk = m[9 + 3 * b] or ''
-    if bit.band(m[5], 2 ^ b) ~= 0 and chunk ~= '' then
+    if bit.band(m[5], POW[b]) ~= 0 and chunk ~= '' then
       cells[chunk .. ':' .. b] = (cells[chunk .. ':' .. b] or 0) + 1
     else
       m[9 + 3 * b], m[10 + 3 * b], m[11 + 3 * b] = '', 0, 0
@@ -446,7 +446,7 @@ for i = at, #ARGV, 2 do
   table.insert(rows, r)
   if m[4] >= 0 then table.insert(ver, m[4]); table.insert(ver, r) end
   for j = 0, nc - 1 do
-    if bit.band(acked, 2 ^ j) == 0 then redis.call('ZADD', c(j, 'pend'), r, r) end
+    if bit.band(acked, POW[j]) == 0 then redis.call('ZADD', c(j, 'pend'), r, r) end
   end
 end
 for ref, n in pairs(cells) do redis.call('HSET', k('xc'), ref, n) end

@@ -118,6 +118,34 @@ async def test_an_unreachable_server_gives_a_clear_error_without_the_password():
     assert "hunter2" not in str(e.value) and "retry_deadline_s" in str(e.value)
 
 
+async def test_a_server_that_stops_answering_is_retried_then_named(private_redis):
+    """A hung server (the process stopped, its socket open) costs a command socket_timeout_s, is
+    retried until retry_deadline_s, and past it gives StorageUnavailable; one that answers again
+    in time completes the put once."""
+    config = redis_config(private_redis.url, socket_timeout_s=0.3, retry_deadline_s=3)
+    client = await StoreClient.connect(start_store(config).address)
+    try:
+        await client.create_partition("p", {"x": "int64"}, consumers=["c"])
+        private_redis.proc.send_signal(signal.SIGSTOP)
+        put = asyncio.ensure_future(client.put("p", {"x": np.arange(5)}))
+        await asyncio.sleep(1.0)  # several timed-out attempts
+        assert not put.done()
+        private_redis.proc.send_signal(signal.SIGCONT)
+        assert await asyncio.wait_for(put, 10) == list(range(5))
+        got = await client.get("p", ["x"], batch_size=5, consumer="c", allow_partial=True, timeout_s=1)
+        assert got["x"].tolist() == list(range(5))  # stored once, though it was sent several times
+
+        private_redis.proc.send_signal(signal.SIGSTOP)
+        start = time.monotonic()
+        with pytest.raises(StorageUnavailable, match="retry_deadline_s") as e:
+            await client.ack(got)
+        assert 2.5 < time.monotonic() - start < 8 and "TimeoutError" in str(e.value)
+        private_redis.proc.send_signal(signal.SIGCONT)
+    finally:
+        private_redis.proc.send_signal(signal.SIGCONT)
+        await client.close()
+
+
 async def test_acl_user_and_password_in_the_url(tmp_path):
     server = PrivateRedis(
         tmp_path, "--user", "default", "off", "--user", "trainer", "on", ">s3cret", "~*", "&*", "+@all"
