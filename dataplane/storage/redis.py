@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import time
 import uuid
@@ -129,6 +130,22 @@ class RedisStoreClient(StoreClient):
         if reply[0] == b"err":
             raise self._error(partition, reply)
         return reply
+
+    async def _many(self, commands: list[tuple]) -> list:
+        """The replies to `commands`, sent in one write on one connection: a pipeline without
+        redis-py's per-command bookkeeping (a tenth of a small get's client time)."""
+        if not commands:
+            return []
+        pool = self._r.connection_pool
+        conn = await pool.get_connection()
+        try:
+            await conn.send_packed_command(conn.pack_commands(commands))
+            return [await conn.read_response() for _ in commands]
+        except BaseException:
+            await conn.disconnect(nowait=True)  # replies may be left unread on it
+            raise
+        finally:
+            await pool.release(conn)
 
     def _error(self, partition: str, reply: list) -> DataPlaneError:
         return script_error(partition, self.namespace, self.url, self._bits(partition), reply)
@@ -450,39 +467,43 @@ class RedisStoreClient(StoreClient):
         batch.data = dict(zip(fields, columns))
         self.stats.gets += 1
         self.stats.rows_got += len(rows)
-        self.stats.bytes_got += sum(m[8 + 3 * b + 2] for m in metas for b in bits)
+        self.stats.bytes_got += sum(m[8 + 3 * b + 2] for b in bits for m in metas)
         return batch
 
     async def _columns(self, partition: str, wanted: list[tuple[int, FieldSpec]], metas: list) -> list | None:
         """The columns of fields `wanted` (bit, spec) of the rows whose metadata is `metas`: one
         GETRANGE per run of adjacent cells of a chunk (rows are put and got in order, so mostly one
         per field), all in one round trip. None if a chunk is gone (its field was regenerated)."""
-        key, plans = self._key(partition), []
-        async with self._r.pipeline(transaction=False) as pipe:
-            for b, _ in wanted:
-                plan = _runs([m[8 + 3 * b : 11 + 3 * b] for m in metas])
-                if plan is None:
-                    return None
-                for chunk, begin, end, _ in plan[0]:
-                    if end > begin:
-                        pipe.getrange(f"{key}:x:{chunk}:{b}", begin, end - 1)
-                plans.append(plan)
-            replies = iter(await pipe.execute() if len(pipe) else [])
+        key, plans, reads = self._key(partition), [], []
+        for b, _ in wanted:
+            plan = _runs(metas, 8 + 3 * b)
+            if plan is None:
+                return None
+            reads += [
+                ("GETRANGE", f"{key}:x:{chunk}:{b}", begin, end - 1)
+                for chunk, begin, end, _ in plan[0]
+                if end > begin
+            ]
+            plans.append(plan)
+        replies = iter(await self._many(reads))
         columns = []
-        for (_, spec), (runs, whole) in zip(wanted, plans):
+        for (_, spec), (runs, sizes) in zip(wanted, plans):
+            if sizes is not None:  # one run in row order: the column's cells back to back
+                chunk, begin, end, _ = runs[0]
+                data = next(replies) if end > begin else b""
+                if len(data) != end - begin:
+                    return None
+                columns.append(decode_run(spec, data, sizes))
+                continue
             cells: list = [b""] * len(metas)
             for _, begin, end, members in runs:
                 data = next(replies) if end > begin else b""
                 if len(data) != end - begin:
                     return None
-                if whole:  # the column's cells back to back, in row order
-                    columns.append(decode_run(spec, data, [size for _, _, size in members]))
-                    break
                 view = memoryview(data)
                 for pos, off, size in members:
                     cells[pos] = view[off - begin : off - begin + size]
-            else:
-                columns.append(decode_column(spec, cells))
+            columns.append(decode_column(spec, cells))
         return columns
 
     async def ack(self, batch: Batch) -> None:
@@ -550,20 +571,18 @@ def _array_header(n: int) -> bytes:
     return b"\xdc" + n.to_bytes(2, "big") if n < 1 << 16 else b"\xdd" + n.to_bytes(4, "big")
 
 
-def _runs(refs: list[list]) -> tuple[list[tuple[str, int, int, list]], bool] | None:
-    """Where the cells of one field are, refs[i] = [chunk, offset, length] of row i, as runs of
-    adjacent cells: (chunk, first byte, end byte, [(row position, offset, length), ...]), and
-    whether they are one run in row order. None if a row has no cell (chunk '')."""
-    if refs and refs[0][0]:  # the common case: one put's rows in order
-        chunk, begin, end = refs[0][0], refs[0][1], refs[0][1]
-        for c, off, size in refs:
-            if c != chunk or off != end:
-                break
-            end = off + size
-        else:
-            return [(chunk, begin, end, [(pos, off, size) for pos, (_, off, size) in enumerate(refs)])], True
+def _runs(metas: list[list], at: int) -> tuple[list[tuple[str, int, int, list]], list[int] | None] | None:
+    """Where the cells of one field are, metas[i][at : at + 3] = chunk, offset, length of row i's,
+    as runs of adjacent cells: (chunk, first byte, end byte, [(row position, offset, length), ...]),
+    and, if they are one run in row order, the cells' lengths (the members are then not listed).
+    None if a row has no cell (chunk '')."""
+    chunks = [m[at] for m in metas]
+    offsets, sizes = [m[at + 1] for m in metas], [m[at + 2] for m in metas]
+    if chunks and chunks[0] and chunks.count(chunks[0]) == len(chunks):  # mostly: one put's rows in order
+        if offsets == list(itertools.accumulate(sizes[:-1], initial=offsets[0])):
+            return [(chunks[0], offsets[0], offsets[-1] + sizes[-1], [])], sizes
     runs: list = []
-    for chunk, off, size, pos in sorted((*ref, pos) for pos, ref in enumerate(refs)):
+    for chunk, off, size, pos in sorted(zip(chunks, offsets, sizes, range(len(chunks)))):
         if not chunk:
             return None
         if runs and runs[-1][0] == chunk and runs[-1][2] == off:
@@ -571,4 +590,4 @@ def _runs(refs: list[list]) -> tuple[list[tuple[str, int, int, list]], bool] | N
             runs[-1][3].append((pos, off, size))
         else:
             runs.append([chunk, off, off + size, [(pos, off, size)]])
-    return [tuple(r) for r in runs], False
+    return [tuple(r) for r in runs], None
