@@ -10,6 +10,8 @@ make it one Redis Cluster hash slot):
                             versioned: field bits; chunk, offset, length: where the field's cell
                             is, chunk '' if none). A get hands the client these blobs as they
                             are, and the client reads what it needs from them
+    :refs            HASH   row -> its ready bits and the chunks of its cells, as one short string
+                            (`refkey`): what freeing the row needs, without unpacking its metadata
     :acked           HASH   row -> bits of the consumers that acked it (an integer, so an ack
                             reads and writes no msgpack metadata unless it frees the row)
     :x:<chunk>:<b>   STRING the cells (`dataplane.storage.cells`) of field b of one put, back to
@@ -68,7 +70,21 @@ local function getrow(r)
   if not v then return nil end
   return cmsgpack.unpack(v)
 end
-local function setrow(r, m) redis.call('HSET', k('rows'), r, cmsgpack.pack(m)) end
+-- a row's refs: its ready bits, then "<chunk>:<b>" for each field cell it has, space-separated; kept
+-- beside its metadata (always written with it) so that freeing rows reads one short string per
+-- row, and mostly the same one for all rows of a put, instead of unpacking each row's metadata
+local function refkey(m)
+  local parts = {m[5]}
+  for b = 0, (#m - 8) / 3 - 1 do
+    local chunk = m[9 + 3 * b]
+    if chunk ~= '' then table.insert(parts, chunk .. ':' .. b) end
+  end
+  return table.concat(parts, ' ')
+end
+local function setrow(r, m)
+  redis.call('HSET', k('rows'), r, cmsgpack.pack(m))
+  redis.call('HSET', k('refs'), r, refkey(m))
+end
 local function bulk(cmd, key, args)
   local i = 1
   while i <= #args do
@@ -95,9 +111,13 @@ local function getrows(rows)
   return out
 end
 local function setrows(rows, metas)
-  local kv = {}
-  for i, r in ipairs(rows) do table.insert(kv, r); table.insert(kv, cmsgpack.pack(metas[i])) end
+  local kv, refs = {}, {}
+  for i, r in ipairs(rows) do
+    table.insert(kv, r); table.insert(kv, cmsgpack.pack(metas[i]))
+    table.insert(refs, r); table.insert(refs, refkey(metas[i]))
+  end
   bulk('HSET', k('rows'), kv)
+  bulk('HSET', k('refs'), refs)
 end
 local function has(m, mask) return mask ~= nil and bit.band(m, mask) == mask end
 local function cmask(j)
@@ -198,16 +218,13 @@ local function give_back(j, rows, redelivered)
   notify('ev')
 end
 
--- cells rows no longer refer to: counts[chunk][b] rows let go of field b's cells of that chunk; a
--- chunk whose last referring row let go is deleted whole
+-- cells rows no longer refer to: `counts` maps "<chunk>:<b>" to how many; a chunk whose last
+-- referring row let go is deleted whole
 local function release_cells(counts)
-  for chunk, per in pairs(counts) do
-    for b, n in pairs(per) do
-      local ref = chunk .. ':' .. b
-      if redis.call('HINCRBY', k('xc'), ref, -n) <= 0 then
-        redis.call('HDEL', k('xc'), ref)
-        redis.call('UNLINK', k('x:' .. ref))  -- freed off the server's main thread
-      end
+  for ref, n in pairs(counts) do
+    if redis.call('HINCRBY', k('xc'), ref, -n) <= 0 then
+      redis.call('HDEL', k('xc'), ref)
+      redis.call('UNLINK', k('x:' .. ref))  -- freed off the server's main thread
     end
   end
 end
@@ -215,11 +232,9 @@ end
 local function forget_cells(counts, m, mask)
   for b = 0, (#m - 8) / 3 - 1 do
     local at = 9 + 3 * b
-    local chunk = m[at]
-    if chunk ~= '' and bit.band(mask, POW[b]) ~= 0 then
-      local per = counts[chunk]
-      if not per then per = {}; counts[chunk] = per end
-      per[b] = (per[b] or 0) + 1
+    if m[at] ~= '' and bit.band(mask, POW[b]) ~= 0 then
+      local ref = m[at] .. ':' .. b
+      counts[ref] = (counts[ref] or 0) + 1
       m[at], m[at + 1], m[at + 2] = '', 0, 0
     end
   end
@@ -255,23 +270,34 @@ end
 local function missing(delta)
   for b, n in pairs(delta) do if n ~= 0 then redis.call('HINCRBY', k('missing'), b, n) end end
 end
-local function lacking(delta, m, nf, sign)  -- count the fields row meta m lacks into delta
-  if m[5] == POW[nf] - 1 then return end  -- it has them all
+local function lacking(delta, ready, nf, n)  -- n rows with field bits `ready`: what they lack, into delta
+  if ready == POW[nf] - 1 then return end  -- they have them all
   for b = 0, nf - 1 do
-    if bit.band(m[5], POW[b]) == 0 then delta[b] = (delta[b] or 0) + sign end
+    if bit.band(ready, POW[b]) == 0 then delta[b] = (delta[b] or 0) + n end
   end
 end
 
-local function free(rows, metas)
+local function free(rows)
   if #rows == 0 then return end
+  local byref, old = {}, {}
+  for i, v in ipairs(hmget(k('refs'), rows)) do
+    if v then byref[v] = (byref[v] or 0) + 1 else table.insert(old, rows[i]) end
+  end
+  for _, m in ipairs(getrows(old)) do  -- rows stored before refs were kept
+    if m then byref[refkey(m)] = (byref[refkey(m)] or 0) + 1 end
+  end
   local counts, delta, nf = {}, {}, tonumber(meta('nf'))
-  for _, m in ipairs(metas) do
-    lacking(delta, m, nf, -1)
-    forget_cells(counts, m, 2 ^ 31 - 1)
+  for key, n in pairs(byref) do
+    local ready = nil
+    for tok in string.gmatch(key, '%S+') do
+      if ready == nil then ready = tonumber(tok) else counts[tok] = (counts[tok] or 0) + n end
+    end
+    lacking(delta, ready, nf, -n)
   end
   missing(delta)
   release_cells(counts)
   bulk('HDEL', k('rows'), rows)
+  bulk('HDEL', k('refs'), rows)
   bulk('HDEL', k('acked'), rows)
   bulk('ZREM', k('ver'), rows)
   redis.call('HINCRBY', k('meta'), 'live', -#rows)
@@ -295,7 +321,7 @@ local function done(j, rows, acked)
     if a == all then table.insert(gone, r) else table.insert(kept, r); table.insert(kept, a) end
   end
   bulk('HSET', k('acked'), kept)
-  free(gone, getrows(gone))
+  free(gone)
 end
 
 -- consumer j acks rows held by peer; held: lease id, row, ... (a row j already acked is skipped)

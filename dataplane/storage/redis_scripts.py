@@ -358,8 +358,8 @@ return {'ok'}
 # ARGV: B, registry key, partition
 DROP = r"""
 if redis.call('EXISTS', k('meta')) == 0 then return {'ok'} end
-local keys = {k('meta'), k('bits'), k('cons'), k('rows'), k('ver'), k('alive'), k('puts'), k('putrow'),
-  k('xc'), k('missing'), k('acked')}
+local keys = {k('meta'), k('bits'), k('cons'), k('rows'), k('refs'), k('ver'), k('alive'), k('puts'),
+  k('putrow'), k('xc'), k('missing'), k('acked')}
 for _, ref in ipairs(redis.call('HKEYS', k('xc'))) do redis.call('DEL', k('x:' .. ref)) end
 for j = 0, nconsumers() - 1 do
   for _, s in ipairs({'pend', 'ready', 'lease', 'lrows', 'n'}) do table.insert(keys, c(j, s)) end
@@ -430,7 +430,7 @@ at = at + nc + 1
 local rows, ver, cells, delta = {}, {}, {}, {}
 for i = at, #ARGV, 2 do
   local r, m = ARGV[i], cmsgpack.unpack(ARGV[i + 1])
-  lacking(delta, m, nf, 1)
+  lacking(delta, m[5], nf, 1)
   redis.call('HSET', k('acked'), r, m[7])
   local acked = m[7]
   m[7] = 0
@@ -442,7 +442,7 @@ for i = at, #ARGV, 2 do
       m[9 + 3 * b], m[10 + 3 * b], m[11 + 3 * b] = '', 0, 0
     end
   end
-  redis.call('HSET', k('rows'), r, cmsgpack.pack(m))
+  setrow(r, m)
   table.insert(rows, r)
   if m[4] >= 0 then table.insert(ver, m[4]); table.insert(ver, r) end
   for j = 0, nc - 1 do

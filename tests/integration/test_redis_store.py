@@ -288,7 +288,8 @@ async def test_a_long_stream_leaves_nothing_behind():
     assert seen_t == seen_l == 19200
     stats = (await client.store_stats())["partitions"]["long"]
     assert stats["rows"] == 0 and stats["freed"] == 19200
-    assert await raw.hlen(f"{ns}:{{long}}:rows") == 0 and await raw.hlen(f"{ns}:{{long}}:xc") == 0
+    for kind in ("rows", "refs", "xc", "acked"):
+        assert await raw.hlen(f"{ns}:{{long}}:{kind}") == 0, kind
     assert [k async for k in raw.scan_iter(f"{ns}:{{long}}:x:*")] == []  # every chunk of cells is gone
     assert max(sizes) < 2_000_000  # 256 rows of < 600 bytes, plus bookkeeping: never the 19200 rows put
     await client.drop_partition("long")
@@ -444,4 +445,29 @@ async def test_a_put_over_the_redis_value_limit_is_refused_before_anything_is_st
         assert [a.tolist() for a in batch["x"]] == [[0, 1, 2, 3]]
     finally:
         await purge(client)
+        await client.close()
+
+
+async def test_rows_stored_without_refs_are_freed_from_their_metadata(pname):
+    """A store written before rows kept their refs (ready bits, chunks) beside their metadata:
+    freeing its rows reads the metadata instead, and still deletes every chunk and count."""
+    handle = start_store(redis_config(SHARED))
+    client = await StoreClient.connect(handle.address)
+    raw, key = client._r, client._key(pname)  # type: ignore[attr-defined]
+    try:
+        await client.create_partition(pname, {"ids": "int64[*]", "r": "float32"}, consumers=["c"])
+        await client.put(pname, {"ids": [np.arange(3), np.arange(5)]})  # rows 0, 1 lack "r"
+        await client.put(pname, {"r": np.ones(2, np.float32)}, rows=[0, 1])
+        await client.put(pname, {"ids": [np.arange(2)] * 2, "r": np.zeros(2, np.float32)})
+        assert await raw.hlen(f"{key}:refs") == 4
+        await raw.hdel(f"{key}:refs", 0, 2)  # as an older version left them
+        got = await client.get(pname, ["ids", "r"], batch_size=4, consumer="c")
+        assert [len(x) for x in got["ids"]] == [3, 5, 2, 2]
+        await client.ack(got)
+        for kind in ("rows", "refs", "xc", "acked"):
+            assert await raw.hlen(f"{key}:{kind}") == 0, kind
+        assert [k async for k in raw.scan_iter(f"{key}:x:*")] == []
+        assert all(int(n) == 0 for n in (await raw.hgetall(f"{key}:missing")).values())
+    finally:
+        await client.drop_partition(pname)
         await client.close()
