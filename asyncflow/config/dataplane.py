@@ -61,7 +61,10 @@ class RedisConfig(Section):
         description="Connections per client process; a get that waits holds one for its blocking read.",
     )
     socket_timeout_s: float = Field(
-        30.0, gt=0, le=3600, description="Longest one command may take before the connection counts as lost."
+        30.0,
+        gt=0,
+        le=3600,
+        description="Longest one command (or pipeline) may take before the connection counts as lost.",
     )
     connect_timeout_s: float = Field(5.0, gt=0, le=600, description="Longest a TCP/TLS connect may take.")
     retry_deadline_s: float = Field(

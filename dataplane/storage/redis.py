@@ -5,7 +5,7 @@ Lua scripts (`dataplane.storage.redis_scripts`; key layout in `redis_lua`), so a
 of processes attach to one store with only its URL, on Ray or not. A put is one script
 (capacity check, rows, cells, readiness), a get is one script (expire leases, version
 window, choose, lease, say where the cells are, which the client then reads with plain
-HMGETs); group and balanced samplers read the candidates in a first script, choose with
+GETRANGEs); group and balanced samplers read the candidates in a first script, choose with
 `dataplane.samplers` and lease exactly those rows in a second one. A client that must wait
 blocks in XREAD on the partition's one-entry event stream, from the id its last script
 saw, so a wake-up is never missed and nothing polls.
