@@ -467,7 +467,7 @@ class RedisStoreClient(StoreClient):
         batch.data = dict(zip(fields, columns))
         self.stats.gets += 1
         self.stats.rows_got += len(rows)
-        self.stats.bytes_got += sum(m[8 + 3 * b + 2] for b in bits for m in metas)
+        self.stats.bytes_got += sum(m[8 + 3 * b + 2] for m in metas for b in bits)
         return batch
 
     async def _columns(self, partition: str, wanted: list[tuple[int, FieldSpec]], metas: list) -> list | None:

@@ -284,7 +284,10 @@ local function free(rows)
     if v then byref[v] = (byref[v] or 0) + 1 else table.insert(old, rows[i]) end
   end
   for _, m in ipairs(getrows(old)) do  -- rows stored before refs were kept
-    if m then byref[refkey(m)] = (byref[refkey(m)] or 0) + 1 end
+    if m then
+      local key = refkey(m)
+      byref[key] = (byref[key] or 0) + 1
+    end
   end
   local counts, delta, nf = {}, {}, tonumber(meta('nf'))
   for key, n in pairs(byref) do
