@@ -290,9 +290,11 @@ class RedisStoreClient(StoreClient):
         if isinstance(reply, Exception):
             import redis.exceptions
 
+            if cells:  # the script did not run: nothing will accept or delete this chunk
+                await self._r.delete(*(f"{key}:x:{chunk}:{b}" for b, _ in cells))
             if not isinstance(reply, redis.exceptions.NoScriptError):
                 raise reply
-            await self._r.script_load(self._scripts[script].script)  # the server restarted
+            await self._r.script_load(self._scripts[script].script)  # new to this server (or restarted)
             return await self._put(partition, cells, script, *args)
         return reply
 

@@ -471,3 +471,23 @@ async def test_rows_stored_without_refs_are_freed_from_their_metadata(pname):
     finally:
         await client.drop_partition(pname)
         await client.close()
+
+
+async def test_a_put_to_a_server_without_the_scripts_leaves_no_stray_cells(pname):
+    """A server that does not know the put script yet (new, restarted, flushed) refuses it inside
+    the put's transaction after the cells were written: those cells are deleted, the put is
+    retried, and only the chunk it stored remains, kept."""
+    handle = start_store(redis_config(SHARED))
+    client = await StoreClient.connect(handle.address)
+    raw, key = client._r, client._key(pname)  # type: ignore[attr-defined]
+    try:
+        await client.create_partition(pname, {"x": "int64"}, consumers=["c"])
+        await raw.script_flush()
+        assert await client.put(pname, {"x": np.arange(4)}) == [0, 1, 2, 3]
+        chunks = [k async for k in raw.scan_iter(f"{key}:x:*")]
+        assert len(chunks) == 1 and await raw.pttl(chunks[0]) == -1
+        got = await client.get(pname, ["x"], batch_size=4, consumer="c")
+        assert got["x"].tolist() == [0, 1, 2, 3]
+    finally:
+        await client.drop_partition(pname)
+        await client.close()
