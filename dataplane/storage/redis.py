@@ -133,7 +133,7 @@ class RedisStoreClient(StoreClient):
 
     async def _many(self, commands: list[tuple]) -> list:
         """The replies to `commands`, sent in one write on one connection: a pipeline without
-        redis-py's per-command bookkeeping (a tenth of a small get's client time)."""
+        redis-py's pipeline object and per-command callbacks (~35 of a get's ~500 µs of client CPU)."""
         if not commands:
             return []
         pool = self._r.connection_pool

@@ -140,7 +140,6 @@ async def test_a_server_that_stops_answering_is_retried_then_named(private_redis
         with pytest.raises(StorageUnavailable, match="retry_deadline_s") as e:
             await client.ack(got)
         assert 2.5 < time.monotonic() - start < 8 and "TimeoutError" in str(e.value)
-        private_redis.proc.send_signal(signal.SIGCONT)
     finally:
         private_redis.proc.send_signal(signal.SIGCONT)
         await client.close()
