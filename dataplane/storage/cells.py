@@ -121,7 +121,7 @@ def decode_dense(spec: FieldSpec, cells: Cell, n: int) -> Any:
     return array_from(cells, spec.dtype, (n, *shape), _kind(spec))
 
 
-def decode_run(spec: FieldSpec, run: bytes, lengths: Sequence[int]) -> Any:
+def decode_run(spec: FieldSpec, run: Cell, lengths: Sequence[int]) -> Any:
     """Like decode_column, from the cells back to back in `run` (byte lengths `lengths`): views of
     `run`, cut as one array where the field allows (dense, or ragged numeric with one `*`)."""
     if spec.numeric and not spec.ragged:

@@ -20,7 +20,8 @@ make it one Redis Cluster hash slot):
                             of adjacent cells (a whole get is mostly one per field; a hash of
                             cells cost the client twice as much to ask for and parse); cell
                             bytes never pass through Lua (copying them in and out of Lua costs
-                            50x the write itself)
+                            50x the write itself), and a read lands straight in the buffers
+                            the batch's arrays are views of (`redis_reads`)
     :xc              HASH   "<chunk>:<b>" -> rows still referring to that chunk's cells: a chunk is
                             deleted whole when its last row lets go (one DEL instead of a HDEL
                             per cell, which was a fifth of a get's server time)

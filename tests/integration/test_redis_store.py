@@ -200,9 +200,11 @@ async def test_tls_with_a_ca_bundle(tmp_path):
     try:
         handle = start_store(redis_config(url, ssl_ca_certs=str(tmp_path / "ca.crt")))
         client = await StoreClient.connect(handle.address)  # the address carries the CA bundle
-        await client.create_partition("p", {"x": "float32[2]"}, consumers=["c"])
-        await client.put("p", {"x": np.ones((2, 2), np.float32)})
-        assert (await client.get("p", ["x"], 2, "c"))["x"].sum() == 4
+        await client.create_partition("p", {"x": "float32[2]", "big": "uint8[300000]"}, consumers=["c"])
+        big = np.random.default_rng(0).integers(0, 256, (2, 300_000), np.uint8)  # replies of many TLS records
+        await client.put("p", {"x": np.ones((2, 2), np.float32), "big": big})
+        got = await client.get("p", ["x", "big"], 2, "c")
+        assert got["x"].sum() == 4 and np.array_equal(got["big"], big)
         await client.close()
         with pytest.raises(StorageUnavailable, match="rediss://127.0.0.1"):  # the server's CA is not trusted
             start_store(redis_config(url))

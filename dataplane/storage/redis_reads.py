@@ -1,0 +1,181 @@
+"""Cell reads that land straight in the arrays they become.
+
+A get's cells are a few long GETRANGEs, mostly one per field (`redis_lua` has the layout).
+Read through redis-py, a 0.5 MB reply was copied four times on its way in (socket -> stream
+buffer -> `read()` bytes -> hiredis' buffer -> the reply's bytes), 0.4 of a 64-row get's
+0.8 ms. Here each read has its own connection whose protocol is an asyncio BufferedProtocol:
+the kernel copies a reply's bytes once, into a fresh numpy buffer that the batch's columns are
+then views of, and only the few bytes of each reply's header pass through a scratch buffer.
+
+The connection is opened by redis-py, so TLS, the ACL user and password, the database and the
+timeouts are exactly those of every other command; then its transport is taken over. A read
+that fails, is cancelled or times out closes its connection (a reply may be half read) and
+raises what redis-py would (`ConnectionError`, `ResponseError`), so `call` retries as for any
+command. Knows nothing about partitions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+SCRATCH = 4096  # bytes of reply header (and of short replies) read at a time
+
+
+class _Replies(asyncio.BufferedProtocol):
+    """One connection's reader of the RESP replies to GETRANGEs: each bulk reply's bytes are
+    received into a buffer of their own, its header and the CRLF after it into `scratch`."""
+
+    def __init__(self, writer: asyncio.StreamWriter):
+        self.transport = writer.transport
+        self.writer = writer  # kept: a StreamWriter closes its transport when it is collected
+        self.scratch = bytearray(SCRATCH)
+        self.n = 0  # bytes in scratch
+        self.buf: np.ndarray | None = None  # the bulk reply being received, and how much of it is in
+        self.dest: memoryview | None = None
+        self.filled = 0
+        self.lost = False
+        self.crlf = False  # the CRLF that ends a bulk reply is still to come
+        self.replies: list[Any] = []
+        self.want = 0
+        self.waiter: asyncio.Future | None = None
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self.dest is not None:  # exactly the rest of the reply: nothing after it lands there
+            return self.dest[self.filled :]
+        return memoryview(self.scratch)[self.n :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            if self.dest is not None:
+                self.filled += nbytes
+                if self.filled == len(self.dest):
+                    self._done(self.buf)
+            else:
+                self.n += nbytes
+            self._parse()
+        except Exception as e:  # a reply we cannot read: this connection is done for
+            self._fail(_connection_error(f"unreadable reply from Redis ({e})"))
+
+    def _parse(self) -> None:
+        while self.dest is None:
+            head = self.scratch
+            if self.crlf:
+                if self.n < 2:
+                    return
+                if head[:2] != b"\r\n":
+                    raise ValueError("a bulk reply does not end in CRLF")
+                self._drop(2)
+                self.crlf = False
+            end = head.find(b"\r\n", 0, self.n)
+            if end < 0:
+                if self.n == len(head):
+                    raise ValueError(f"a reply header longer than {len(head)} bytes")
+                return
+            kind, line = head[0], bytes(head[1:end])
+            if kind == ord("$"):
+                size = max(int(line), 0)  # -1: a null reply, which GETRANGE answers as ""
+                buf = np.empty(size, np.uint8)
+                have = min(size, self.n - end - 2)
+                buf[:have] = np.frombuffer(head, np.uint8, have, end + 2)
+                self._drop(end + 2 + have)
+                self.buf, self.dest, self.filled = buf, buf.data, have
+                if have == size:
+                    self._done(buf)
+            elif kind == ord("-"):
+                self._drop(end + 2)
+                self._done(_response_error(line.decode(errors="replace")))
+            else:
+                raise ValueError(f"unexpected reply type {chr(kind)!r}")
+
+    def _drop(self, count: int) -> None:
+        self.scratch[: self.n - count] = self.scratch[count : self.n]
+        self.n -= count
+
+    def _done(self, reply: Any) -> None:
+        self.replies.append(reply)
+        self.buf = self.dest = None
+        self.crlf = not isinstance(reply, Exception)
+        if len(self.replies) == self.want and self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    def _fail(self, error: Exception) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(error)
+        self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self._fail(_connection_error(f"Redis closed the connection ({exc or 'end of stream'})"))
+
+    def eof_received(self) -> bool:
+        return False  # close the transport; connection_lost fails the read
+
+    async def read(self, request: bytes, want: int) -> list[Any]:
+        self.replies, self.want = [], want
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(request)  # type: ignore[attr-defined]
+        await self.waiter
+        return self.replies
+
+
+class CellReads:
+    """GETRANGEs on connections of their own (opened like the pool's, then taken over)."""
+
+    def __init__(self, pool: Any):
+        self._pool = pool
+        self._idle: list[_Replies] = []
+
+    async def getranges(self, reads: Sequence[tuple[str, int, int]]) -> list[memoryview]:
+        """The bytes [begin, end) of each (key, begin, end), one round trip, end > begin. A missing
+        key gives b"" (as GETRANGE does); an error reply raises redis' ResponseError."""
+        request = b"".join(_getrange(key, begin, end) for key, begin, end in reads)
+        while self._idle and self._idle[-1].lost:  # closed while idle (a server restart, say)
+            self._idle.pop()
+        conn = self._idle.pop() if self._idle else await self._open()
+        try:
+            replies = await conn.read(request, len(reads))
+        except BaseException:
+            conn.transport.close()  # a reply may be half read on it
+            raise
+        self._idle.append(conn)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return [r.data for r in replies]
+
+    async def _open(self) -> _Replies:
+        conn = self._pool.make_connection()
+        await conn.connect()  # TLS, AUTH, SELECT as for every other command
+        reader, writer = conn._reader, conn._writer
+        if reader is None or writer is None or len(reader._buffer):
+            raise _connection_error("a new connection was not left idle after its handshake")
+        conn._reader = conn._writer = None  # ours now: redis-py must not read from it or close it
+        replies = _Replies(writer)
+        writer.transport.set_protocol(replies)
+        return replies
+
+    def close(self) -> None:
+        for conn in self._idle:
+            conn.transport.close()
+        self._idle.clear()
+
+
+def _getrange(key: str, begin: int, end: int) -> bytes:
+    args = [b"GETRANGE", key.encode(), str(begin).encode(), str(end - 1).encode()]
+    return b"*4\r\n" + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
+
+
+def _connection_error(message: str) -> Exception:
+    import redis.exceptions
+
+    return redis.exceptions.ConnectionError(message)
+
+
+def _response_error(message: str) -> Exception:
+    import redis.exceptions
+
+    return redis.exceptions.ResponseError(message)
