@@ -54,7 +54,7 @@ from dataplane.storage.redis_connection import (
     split_address,
     text,
 )
-from dataplane.storage.redis_reads import CellReads
+from dataplane.storage.redis_wire import Wire
 
 MAX_VALUE_BYTES = 512 * 2**20  # Redis' largest string value (proto-max-bulk-len's default)
 
@@ -68,7 +68,7 @@ class RedisStoreClient(StoreClient):
         self.config = config or DataPlaneConfig(backend="redis")
         self._rc = self.config.redis
         self._r = aioredis().Redis(connection_pool=make_pool(self.url, self._rc))
-        self._cells = CellReads(self._r.connection_pool)  # where a get's cell bytes come in
+        self._wire = Wire(self._r.connection_pool)  # script calls and cell reads
         self._scripts = {
             name: self._r.register_script(lua.PRELUDE + getattr(lua, name))
             for name in ("CREATE", "REGISTER", "PUT_NEW", "PUT_FILL", "GET", "ACK", "LEASES", "ALIVE", "SEAL",
@@ -115,7 +115,7 @@ class RedisStoreClient(StoreClient):
                 await self._run("ALIVE", partition, self._peer, "0")
         self._held.clear()
         self._leases.clear()
-        self._cells.close()
+        self._wire.close()
         await self._r.aclose()
         await self._r.connection_pool.disconnect()
 
@@ -129,10 +129,23 @@ class RedisStoreClient(StoreClient):
         return await call(self.url, self.namespace, self._rc, fn, *args, **kwargs)
 
     async def _run(self, name: str, partition: str, *args: Any) -> list:
-        reply = await self._call(self._scripts[name], args=[self._key(partition), *args])
+        reply = await self._call(self._eval, self._scripts[name], self._key(partition), *args)
         if reply[0] == b"err":
             raise self._error(partition, reply)
         return reply
+
+    async def _eval(self, script: Any, *args: Any) -> Any:
+        """The script's reply to `args`; a server that does not know the script yet (new,
+        restarted, or its script cache flushed) is given it first."""
+        import redis.exceptions
+
+        try:
+            return await self._wire.command("EVALSHA", script.sha, 0, *args)
+        except redis.exceptions.ResponseError as e:
+            if not str(e).startswith("NOSCRIPT"):
+                raise
+        await self._wire.command("SCRIPT", "LOAD", script.script)
+        return await self._wire.command("EVALSHA", script.sha, 0, *args)
 
     def _error(self, partition: str, reply: list) -> DataPlaneError:
         return script_error(partition, self.namespace, self.url, self._bits(partition), reply)
@@ -469,7 +482,7 @@ class RedisStoreClient(StoreClient):
                 return None
             reads += [(f"{key}:x:{chunk}:{b}", begin, end) for chunk, begin, end, _ in plan[0] if end > begin]
             plans.append(plan)
-        replies = iter(await self._cells.getranges(reads) if reads else [])
+        replies = iter(await self._wire.getranges(reads) if reads else [])
         columns = []
         for (_, spec), (runs, sizes) in zip(wanted, plans):
             if sizes is not None:  # one run in row order: the column's cells back to back

@@ -21,7 +21,7 @@ make it one Redis Cluster hash slot):
                             cells cost the client twice as much to ask for and parse); cell
                             bytes never pass through Lua (copying them in and out of Lua costs
                             50x the write itself), and a read lands straight in the buffers
-                            the batch's arrays are views of (`redis_reads`)
+                            the batch's arrays are views of (`redis_wire`)
     :xc              HASH   "<chunk>:<b>" -> rows still referring to that chunk's cells: a chunk is
                             deleted whole when its last row lets go (one DEL instead of a HDEL
                             per cell, which was a fifth of a get's server time)

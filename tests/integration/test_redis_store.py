@@ -477,7 +477,8 @@ async def test_rows_stored_without_refs_are_freed_from_their_metadata(pname):
 async def test_a_put_to_a_server_without_the_scripts_leaves_no_stray_cells(pname):
     """A server that does not know the put script yet (new, restarted, flushed) refuses it inside
     the put's transaction after the cells were written: those cells are deleted, the put is
-    retried, and only the chunk it stored remains, kept."""
+    retried, and only the chunk it stored remains, kept. The get after it meets an unknown script
+    too, on the client's own connections (`redis_wire`): it is given the script and retried."""
     handle = start_store(redis_config(SHARED))
     client = await StoreClient.connect(handle.address)
     raw, key = client._r, client._key(pname)  # type: ignore[attr-defined]

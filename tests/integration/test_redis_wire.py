@@ -1,6 +1,6 @@
-"""The cell reader (`dataplane.storage.redis_reads`) against a real Redis: reply bytes exact
-whatever their size and content, Redis' answers for a missing key and a wrong type, and a
-connection the server closed replaced by a fresh one."""
+"""The Redis wire (`dataplane.storage.redis_wire`) against a real Redis: cell replies exact
+whatever their size and content, Redis' answers for a missing key and a wrong type, command
+replies as redis-py gives them, and a connection the server closed replaced by a fresh one."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from dataplane.storage.redis_reads import CellReads
+from dataplane.storage.redis_wire import Wire, _Commands, _Replies
 
 pytestmark = pytest.mark.integration
 
@@ -38,7 +38,7 @@ async def test_replies_of_any_size_and_content_arrive_exact_and_writable(server)
     values[6] = (b"$5\r\n\r\n" * 1000)[:4096]
     for i, v in enumerate(values):
         await r.set(f"{prefix}:{i}", v)
-    reads = CellReads(r.connection_pool)
+    reads = Wire(r.connection_pool)
     try:
         for _ in range(2):  # the second time on the same connection: nothing left over from the first
             got = await reads.getranges([(f"{prefix}:{i}", 0, len(v)) for i, v in enumerate(values)])
@@ -55,7 +55,7 @@ async def test_a_missing_key_reads_empty_and_a_wrong_type_raises_on_a_usable_con
     r, prefix = server
     await r.set(f"{prefix}:s", b"abc")
     await r.hset(f"{prefix}:h", "f", "v")
-    reads = CellReads(r.connection_pool)
+    reads = Wire(r.connection_pool)
     try:
         got = await reads.getranges([(f"{prefix}:gone", 0, 10), (f"{prefix}:s", 0, 3)])
         assert [bytes(g) for g in got] == [b"", b"abc"]
@@ -66,20 +66,43 @@ async def test_a_missing_key_reads_empty_and_a_wrong_type_raises_on_a_usable_con
         reads.close()
 
 
+async def test_command_replies_are_those_redis_py_gives_and_errors_raise(server):
+    r, prefix = server
+    script = "return {'ok', 7, ARGV[1], {ARGV[2], -1}, '', redis.call('GET', KEYS[1])}"
+    args = ["é\r\n", b"\x00\xff" * 3000]
+    wire = Wire(r.connection_pool)
+    try:
+        await r.set(f"{prefix}:k", b"v")
+        expected = await r.eval(script, 1, f"{prefix}:k", *args)
+        assert await wire.command("EVAL", script, 1, f"{prefix}:k", *args) == expected
+        with pytest.raises(redis.exceptions.ResponseError, match="wrong number of arguments"):
+            await wire.command("HSET", f"{prefix}:h")
+        assert await wire.command("INCRBY", f"{prefix}:n", 5) == 5  # the same connection, in step
+        assert len(wire._idle[_Commands]) == 1
+        with pytest.raises(TypeError, match="not list"):
+            await wire.command("SET", f"{prefix}:k", [1])
+    finally:
+        wire.close()
+
+
 async def test_a_connection_the_server_closed_is_replaced(server):
     r, prefix = server
     await r.set(f"{prefix}:s", b"abc")
-    reads = CellReads(r.connection_pool)
+    reads = Wire(r.connection_pool)
     try:
         assert bytes((await reads.getranges([(f"{prefix}:s", 0, 3)]))[0]) == b"abc"
-        (conn,) = reads._idle
-        host, port = conn.transport.get_extra_info("sockname")[:2]
-        assert await r.client_kill(f"{host}:{port}")
+        assert await reads.command("GET", f"{prefix}:s") == b"abc"
+        conns = [reads._idle[_Replies][0], reads._idle[_Commands][0]]
+        for conn in conns:
+            host, port = conn.transport.get_extra_info("sockname")[:2]
+            assert await r.client_kill(f"{host}:{port}")
         for _ in range(200):  # until the close reaches this event loop
-            if conn.lost:
+            if all(conn.lost for conn in conns):
                 break
             await asyncio.sleep(0.01)
-        assert conn.lost
+        assert all(conn.lost for conn in conns)
         assert bytes((await reads.getranges([(f"{prefix}:s", 0, 3)]))[0]) == b"abc"
+        assert await reads.command("GET", f"{prefix}:s") == b"abc"
+        assert not set(conns) & {*reads._idle[_Replies], *reads._idle[_Commands]}
     finally:
         reads.close()

@@ -1,14 +1,18 @@
-"""Cell reads that land straight in the arrays they become.
+"""The two hot commands on connections of their own: a get's script and its cell reads.
 
-A get's cells are a few long GETRANGEs, mostly one per field (`redis_lua` has the layout).
-Read through redis-py, a 0.5 MB reply was copied four times on its way in (socket -> stream
-buffer -> `read()` bytes -> hiredis' buffer -> the reply's bytes), 0.4 of a 64-row get's
-0.8 ms. Here each read has its own connection whose protocol is an asyncio BufferedProtocol:
-the kernel copies a reply's bytes once, into a fresh numpy buffer that the batch's columns are
-then views of, and only the few bytes of each reply's header pass through a scratch buffer.
+A get is one script call and a few long GETRANGEs (mostly one per field; `redis_lua` has the
+layout). Through redis-py, a 0.5 MB reply was copied four times on its way in (socket ->
+stream buffer -> `read()` bytes -> hiredis' buffer -> the reply's bytes), 0.4 of a 64-row
+get's 0.8 ms, and a script call cost 93 µs of client CPU where the bytes on the wire need 27.
+Here each has a protocol of its own on connections taken over from redis-py:
 
-The connection is opened by redis-py, so TLS, the ACL user and password, the database and the
-timeouts are exactly those of every other command; then its transport is taken over. A read
+    _Replies   an asyncio BufferedProtocol for GETRANGEs: the kernel copies a reply's bytes
+               once, into a fresh numpy buffer that the batch's columns are then views of;
+               only each reply's header passes through a scratch buffer
+    _Commands  one command at a time, its reply parsed by hiredis as it arrives
+
+Connections are opened by redis-py, so TLS, the ACL user and password, the database and the
+timeouts are exactly those of every other command; then the transport is taken over. A call
 that fails, is cancelled or times out closes its connection (a reply may be half read) and
 raises what redis-py would (`ConnectionError`, `ResponseError`), so `call` retries as for any
 command. Knows nothing about partitions.
@@ -122,51 +126,123 @@ class _Replies(asyncio.BufferedProtocol):
         return self.replies
 
 
-class CellReads:
-    """GETRANGEs on connections of their own (opened like the pool's, then taken over)."""
+class _Commands(asyncio.Protocol):
+    """One connection's reader of whole replies, one command at a time, parsed by hiredis."""
+
+    def __init__(self, writer: asyncio.StreamWriter):
+        import hiredis
+
+        self.transport = writer.transport
+        self.writer = writer  # kept: a StreamWriter closes its transport when it is collected
+        self.parser = hiredis.Reader(replyError=_response_error)
+        self.waiter: asyncio.Future | None = None
+        self.lost = False
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed(data)
+            reply = self.parser.gets()
+        except Exception as e:
+            self._fail(_connection_error(f"unreadable reply from Redis ({e})"))
+            return
+        if reply is not False and self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(reply)
+
+    def _fail(self, error: Exception) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(error)
+        self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self._fail(_connection_error(f"Redis closed the connection ({exc or 'end of stream'})"))
+
+    def eof_received(self) -> bool:
+        return False
+
+    async def run(self, request: bytes) -> Any:
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(request)  # type: ignore[attr-defined]
+        return await self.waiter
+
+
+class Wire:
+    """Script calls and GETRANGEs on connections opened like the pool's, then taken over."""
 
     def __init__(self, pool: Any):
         self._pool = pool
-        self._idle: list[_Replies] = []
+        self._idle: dict[type, list] = {_Replies: [], _Commands: []}
 
     async def getranges(self, reads: Sequence[tuple[str, int, int]]) -> list[memoryview]:
         """The bytes [begin, end) of each (key, begin, end), one round trip, end > begin. A missing
         key gives b"" (as GETRANGE does); an error reply raises redis' ResponseError."""
-        request = b"".join(_getrange(key, begin, end) for key, begin, end in reads)
-        while self._idle and self._idle[-1].lost:  # closed while idle (a server restart, say)
-            self._idle.pop()
-        conn = self._idle.pop() if self._idle else await self._open()
+        request = b"".join(_pack(b"GETRANGE", key, begin, end - 1) for key, begin, end in reads)
+        conn = await self._acquire(_Replies)
         try:
             replies = await conn.read(request, len(reads))
         except BaseException:
             conn.transport.close()  # a reply may be half read on it
             raise
-        self._idle.append(conn)
+        self._idle[_Replies].append(conn)
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
         return [r.data for r in replies]
 
-    async def _open(self) -> _Replies:
+    async def command(self, *args: Any) -> Any:
+        """One command's reply; an error reply raises redis' ResponseError (errors nested in an
+        array reply are left in it)."""
+        request = _pack(*args)
+        conn = await self._acquire(_Commands)
+        try:
+            reply = await conn.run(request)
+        except BaseException:
+            conn.transport.close()
+            raise
+        self._idle[_Commands].append(conn)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    async def _acquire(self, kind: type) -> Any:
+        idle = self._idle[kind]
+        while idle and idle[-1].lost:  # closed while idle (a server restart, say)
+            idle.pop()
+        if idle:
+            return idle.pop()
         conn = self._pool.make_connection()
         await conn.connect()  # TLS, AUTH, SELECT as for every other command
         reader, writer = conn._reader, conn._writer
         if reader is None or writer is None or len(reader._buffer):
             raise _connection_error("a new connection was not left idle after its handshake")
         conn._reader = conn._writer = None  # ours now: redis-py must not read from it or close it
-        replies = _Replies(writer)
-        writer.transport.set_protocol(replies)
-        return replies
+        protocol = kind(writer)
+        writer.transport.set_protocol(protocol)
+        return protocol
 
     def close(self) -> None:
-        for conn in self._idle:
-            conn.transport.close()
-        self._idle.clear()
+        for idle in self._idle.values():
+            for conn in idle:
+                conn.transport.close()
+            idle.clear()
 
 
-def _getrange(key: str, begin: int, end: int) -> bytes:
-    args = [b"GETRANGE", key.encode(), str(begin).encode(), str(end - 1).encode()]
-    return b"*4\r\n" + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
+def _pack(*args: Any) -> bytes:
+    """A command in RESP, its arguments encoded as redis-py encodes them."""
+    parts = [b"*%d\r\n" % len(args)]
+    for a in args:
+        if isinstance(a, str):
+            a = a.encode()
+        elif isinstance(a, int) and not isinstance(a, bool):
+            a = b"%d" % a
+        elif isinstance(a, float):
+            a = repr(a).encode()
+        elif not isinstance(a, bytes | bytearray | memoryview):
+            raise TypeError(
+                f"a Redis command argument must be bytes, str, int or float, not {type(a).__name__}"
+            )
+        parts.append(b"$%d\r\n%s\r\n" % (len(a), a))
+    return b"".join(parts)
 
 
 def _connection_error(message: str) -> Exception:
