@@ -452,7 +452,7 @@ class RedisStoreClient(StoreClient):
                 )
             held = self._leases.setdefault((partition, consumer), {})
             lease = reply[2].decode()
-            held.update((r, lease) for r in rows)
+            held.update(zip(rows, itertools.repeat(lease)))
         groups, versions, lengths = [m[0] for m in metas], [m[3] for m in metas], [m[2] for m in metas]
         batch = Batch(partition, consumer, rows, {}, [0] * len(rows), groups, versions, lengths, shards)
         try:
@@ -531,13 +531,16 @@ class RedisStoreClient(StoreClient):
     def _held_rows(self, partition: str, consumer: str, rows: Sequence[int]) -> bytes:
         """lease id, row, ... for `rows` as the scripts take them (one msgpack argument, rows as
         strings): the lease this client holds each under ('-': none, which the script refuses)."""
-        held = self._leases.get((partition, consumer), {})
-        return msgpack.packb([x for r in rows for x in (held.get(int(r), "-"), str(int(r)))])
+        rows = [int(r) for r in rows]
+        get = self._leases.get((partition, consumer), {}).get
+        flat: list[str] = [""] * (2 * len(rows))
+        flat[::2], flat[1::2] = [get(r, "-") for r in rows], map(str, rows)
+        return msgpack.packb(flat)
 
     def _forget(self, partition: str, consumer: str, rows: Sequence[int]) -> None:
-        held = self._leases.get((partition, consumer), {})
+        pop = self._leases.get((partition, consumer), {}).pop
         for r in rows:
-            held.pop(int(r), None)
+            pop(int(r), None)
 
     # -------------------------------------------------------------- whole store
 

@@ -13,7 +13,9 @@ make it one Redis Cluster hash slot):
     :refs            HASH   row -> its ready bits and the chunks of its cells, as one short string
                             (`refkey`): what freeing the row needs, without unpacking its metadata
     :acked           HASH   row -> bits of the consumers that acked it (an integer, so an ack
-                            reads and writes no msgpack metadata unless it frees the row)
+                            reads and writes no msgpack metadata unless it frees the row); no
+                            entry: acked by no one, so a partition with one consumer never
+                            writes it
     :x:<chunk>:<b>   STRING the cells (`dataplane.storage.cells`) of field b of one put, back to
                             back: written by a plain SET in the same MULTI/EXEC as the put's
                             script, read by plain GETRANGEs after the get's script, one per run
@@ -278,10 +280,10 @@ local function lacking(delta, ready, nf, n)  -- n rows with field bits `ready`: 
   end
 end
 
-local function free(rows)
+local function free(rows, refs)  -- refs: the rows' refs strings if the caller read them
   if #rows == 0 then return end
   local byref, old = {}, {}
-  for i, v in ipairs(hmget(k('refs'), rows)) do
+  for i, v in ipairs(refs or hmget(k('refs'), rows)) do
     if v then byref[v] = (byref[v] or 0) + 1 else table.insert(old, rows[i]) end
   end
   for _, m in ipairs(getrows(old)) do  -- rows stored before refs were kept
@@ -309,23 +311,36 @@ local function free(rows)
   notify('space')
 end
 
--- the bits of the consumers that acked each row (false: the row is gone)
+-- the bits of the consumers that acked each row (false: the row is gone), and the rows' refs
+-- strings. A row is put without an :acked entry (none: acked by no one), so with one consumer,
+-- whose ack frees the row, the hash is never written or read. A live row has refs, or, if an
+-- earlier version stored it, an :acked entry.
 local function acked_bits(rows)
+  local refs = hmget(k('refs'), rows)
+  local read = nconsumers() > 1
+  for i = 1, #rows do read = read or not refs[i] end
+  local acked = read and hmget(k('acked'), rows) or {}
   local out = {}
-  for i, v in ipairs(hmget(k('acked'), rows)) do out[i] = v and tonumber(v) end
-  return out
+  for i = 1, #rows do
+    if acked[i] then out[i] = tonumber(acked[i]) else out[i] = refs[i] and 0 end
+  end
+  return out, refs
 end
 
--- consumer j is done with rows (acked or dropped as stale); acked: their acked_bits
-local function done(j, rows, acked)
+-- consumer j is done with rows (acked or dropped as stale); acked, refs: their acked_bits
+local function done(j, rows, acked, refs)
   local all = POW[nconsumers()] - 1
-  local gone, kept = {}, {}
+  local gone, gonerefs, kept = {}, {}, {}
   for i, r in ipairs(rows) do
     local a = bit.bor(acked[i], POW[j])
-    if a == all then table.insert(gone, r) else table.insert(kept, r); table.insert(kept, a) end
+    if a == all then
+      table.insert(gone, r); table.insert(gonerefs, refs[i])
+    else
+      table.insert(kept, r); table.insert(kept, a)
+    end
   end
   bulk('HSET', k('acked'), kept)
-  free(gone)
+  free(gone, gonerefs)
 end
 
 -- consumer j acks rows held by peer; held: lease id, row, ... (a row j already acked is skipped)
@@ -333,19 +348,19 @@ local function do_ack(j, peer, held)
   local bitj = POW[j]
   local rows, seen = {}, {}
   for i = 2, #held, 2 do rows[i / 2] = held[i] end
-  local acked = acked_bits(rows)
-  local live, livea, liveheld = {}, {}, {}
+  local acked, refs = acked_bits(rows)
+  local live, livea, liverefs, liveheld = {}, {}, {}, {}
   for i, r in ipairs(rows) do
     local a = acked[i]
     if a and bit.band(a, bitj) == 0 and not seen[r] then
       seen[r] = true
-      table.insert(live, r); table.insert(livea, a)
+      table.insert(live, r); table.insert(livea, a); table.insert(liverefs, refs[i])
       table.insert(liveheld, held[2 * i - 1]); table.insert(liveheld, r)
     end
   end
   local e = take(j, peer, liveheld)
   if e then return e end
-  done(j, live, livea)
+  done(j, live, livea, liverefs)
   if #live > 0 then redis.call('HINCRBY', c(j, 'n'), 'acked', #live) end
   if meta('sealed') == '1' then notify('ev') end
   return nil

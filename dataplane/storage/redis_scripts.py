@@ -66,7 +66,7 @@ local versioned = 0
 if version >= 0 then versioned = mask end
 local spans = cmsgpack.unpack(ARGV[9 + nf])
 local at = 10 + nf
-local rows, ver, pend, metas, acked = {}, {}, {}, {}, {}
+local rows, ver, pend, metas = {}, {}, {}, {}
 local nfs = tonumber(meta('nf'))
 for i = 1, n do
   local r = first + i - 1
@@ -75,12 +75,10 @@ for i = 1, n do
     tonumber(ARGV[at + n + i - 1])}
   for b = 0, nfs - 1 do metas[i][9 + 3 * b], metas[i][10 + 3 * b], metas[i][11 + 3 * b] = '', 0, 0 end
   table.insert(pend, r); table.insert(pend, r)
-  table.insert(acked, r); table.insert(acked, 0)
   if version >= 0 then table.insert(ver, version); table.insert(ver, r) end
 end
 accept(chunk, bits, metas, spans)
 setrows(rows, metas)
-bulk('HSET', k('acked'), acked)
 local delta = {}
 for b = 0, nfs - 1 do if bit.band(mask, POW[b]) == 0 then delta[b] = n end end
 missing(delta)
@@ -212,7 +210,8 @@ if ARGV[7] ~= '' then
     if meta('stale') == 'drop' then
       bulk('ZREM', c(j, 'pend'), stale)
       redis.call('HINCRBY', c(j, 'n'), 'dropped_stale', #stale)
-      done(j, stale, acked_bits(stale))
+      local acked, refs = acked_bits(stale)
+      done(j, stale, acked, refs)
     else
       local nc = nconsumers()
       local counts, delta = {}, {}
@@ -223,7 +222,7 @@ if ARGV[7] ~= '' then
         m[5] = bit.band(m[5], bit.bnot(m[6]))
         m[4], m[6] = -1, 0
         local acked = acked_bits({r})[1]
-        redis.call('HSET', k('acked'), r, 0)
+        redis.call('HDEL', k('acked'), r)
         for o = 0, nc - 1 do
           local om = cmask(o)
           if bit.band(acked, POW[o]) ~= 0 then
@@ -431,7 +430,7 @@ local rows, ver, cells, delta = {}, {}, {}, {}
 for i = at, #ARGV, 2 do
   local r, m = ARGV[i], cmsgpack.unpack(ARGV[i + 1])
   lacking(delta, m[5], nf, 1)
-  redis.call('HSET', k('acked'), r, m[7])
+  if m[7] ~= 0 then redis.call('HSET', k('acked'), r, m[7]) end
   local acked = m[7]
   m[7] = 0
   for b = 0, nf - 1 do

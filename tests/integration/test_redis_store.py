@@ -450,8 +450,9 @@ async def test_a_put_over_the_redis_value_limit_is_refused_before_anything_is_st
 
 
 async def test_rows_stored_without_refs_are_freed_from_their_metadata(pname):
-    """A store written before rows kept their refs (ready bits, chunks) beside their metadata:
-    freeing its rows reads the metadata instead, and still deletes every chunk and count."""
+    """A store written before rows kept their refs (ready bits, chunks) beside their metadata, and
+    with an :acked entry for every row: freeing its rows reads the metadata instead, and still
+    deletes every chunk and count."""
     handle = start_store(redis_config(SHARED))
     client = await StoreClient.connect(handle.address)
     raw, key = client._r, client._key(pname)  # type: ignore[attr-defined]
@@ -461,7 +462,8 @@ async def test_rows_stored_without_refs_are_freed_from_their_metadata(pname):
         await client.put(pname, {"r": np.ones(2, np.float32)}, rows=[0, 1])
         await client.put(pname, {"ids": [np.arange(2)] * 2, "r": np.zeros(2, np.float32)})
         assert await raw.hlen(f"{key}:refs") == 4
-        await raw.hdel(f"{key}:refs", 0, 2)  # as an older version left them
+        await raw.hdel(f"{key}:refs", 0, 2)  # as an older version left them: no refs, acked by no one
+        await raw.hset(f"{key}:acked", mapping={0: 0, 2: 0})
         got = await client.get(pname, ["ids", "r"], batch_size=4, consumer="c")
         assert [len(x) for x in got["ids"]] == [3, 5, 2, 2]
         await client.ack(got)
@@ -490,6 +492,34 @@ async def test_a_put_to_a_server_without_the_scripts_leaves_no_stray_cells(pname
         assert len(chunks) == 1 and await raw.pttl(chunks[0]) == -1
         got = await client.get(pname, ["x"], batch_size=4, consumer="c")
         assert got["x"].tolist() == [0, 1, 2, 3]
+    finally:
+        await client.drop_partition(pname)
+        await client.close()
+
+
+async def test_acked_bits_are_kept_only_for_rows_a_consumer_still_needs(pname):
+    """A row is put without an :acked entry; one consumer's ack frees it, so that hash is never
+    written. With two consumers a row acked by one gets an entry until the other acks it; an ack
+    repeated after the row is gone changes nothing."""
+    handle = start_store(redis_config(SHARED))
+    client = await StoreClient.connect(handle.address)
+    raw, key = client._r, client._key(pname)  # type: ignore[attr-defined]
+    try:
+        await client.create_partition(pname, {"x": "int64"}, consumers=["a"])
+        await client.put(pname, {"x": np.arange(4)})
+        first = await client.get(pname, ["x"], batch_size=2, consumer="a")
+        await client.ack(first)
+        assert not await raw.exists(f"{key}:acked") and await raw.hlen(f"{key}:rows") == 2
+        await client.register_consumer(pname, "b")  # rows 2, 3: pending for both
+        got_b = await client.get(pname, ["x"], batch_size=2, consumer="b")
+        await client.ack(got_b)
+        assert await raw.hgetall(f"{key}:acked") == {b"2": b"2", b"3": b"2"}  # bit 1: consumer b
+        got_a = await client.get(pname, ["x"], batch_size=2, consumer="a")
+        assert got_a["x"].tolist() == [2, 3]
+        await client.ack(got_a)
+        assert not await raw.exists(f"{key}:acked") and await raw.hlen(f"{key}:rows") == 0
+        stats = (await client.store_stats())["partitions"][pname]
+        assert stats["consumers"]["a"]["acked"] == 4 and stats["consumers"]["b"]["acked"] == 2
     finally:
         await client.drop_partition(pname)
         await client.close()
