@@ -8,7 +8,8 @@ window, choose, lease, say where the cells are, which the client then reads with
 GETRANGEs); group and balanced samplers read the candidates in a first script, choose with
 `dataplane.samplers` and lease exactly those rows in a second one. A client that must wait
 blocks in XREAD on the partition's one-entry event stream, from the id its last script
-saw, so a wake-up is never missed and nothing polls.
+saw, so a wake-up is never missed and nothing polls. Script calls and cell reads, a get's hot
+path, go over connections of the client's own (`redis_wire`); everything else through redis-py.
 
 Durability is Redis' own (AOF); a command that fails because the server went away is
 retried with backoff until `retry_deadline_s` (puts carry an id, so a retried put is
