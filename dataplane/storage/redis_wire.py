@@ -29,23 +29,48 @@ import numpy as np
 SCRATCH = 4096  # bytes of reply header (and of short replies) read at a time
 
 
-class _Replies(asyncio.BufferedProtocol):
+class _Taken:
+    """What both protocols share: the transport taken over from redis-py, the pending call's
+    future, and failing it when the connection goes."""
+
+    def __init__(self, writer: asyncio.StreamWriter):
+        self.transport: Any = writer.transport
+        self.writer = writer  # kept: a StreamWriter closes its transport when it is collected
+        self.waiter: asyncio.Future | None = None
+        self.lost = False
+
+    def _send(self, request: bytes) -> asyncio.Future:
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(request)
+        return self.waiter
+
+    def _fail(self, error: Exception) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(error)
+        self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self._fail(_connection_error(f"Redis closed the connection ({exc or 'end of stream'})"))
+
+    def eof_received(self) -> bool:
+        return False  # close the transport; connection_lost fails the call
+
+
+class _Replies(_Taken, asyncio.BufferedProtocol):
     """One connection's reader of the RESP replies to GETRANGEs: each bulk reply's bytes are
     received into a buffer of their own, its header and the CRLF after it into `scratch`."""
 
     def __init__(self, writer: asyncio.StreamWriter):
-        self.transport = writer.transport
-        self.writer = writer  # kept: a StreamWriter closes its transport when it is collected
+        super().__init__(writer)
         self.scratch = bytearray(SCRATCH)
         self.n = 0  # bytes in scratch
         self.buf: np.ndarray | None = None  # the bulk reply being received, and how much of it is in
         self.dest: memoryview | None = None
         self.filled = 0
-        self.lost = False
         self.crlf = False  # the CRLF that ends a bulk reply is still to come
         self.replies: list[Any] = []
         self.want = 0
-        self.waiter: asyncio.Future | None = None
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self.dest is not None:  # exactly the rest of the reply: nothing after it lands there
@@ -106,37 +131,20 @@ class _Replies(asyncio.BufferedProtocol):
         if len(self.replies) == self.want and self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
 
-    def _fail(self, error: Exception) -> None:
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_exception(error)
-        self.transport.close()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
-        self._fail(_connection_error(f"Redis closed the connection ({exc or 'end of stream'})"))
-
-    def eof_received(self) -> bool:
-        return False  # close the transport; connection_lost fails the read
-
     async def read(self, request: bytes, want: int) -> list[Any]:
         self.replies, self.want = [], want
-        self.waiter = asyncio.get_running_loop().create_future()
-        self.transport.write(request)  # type: ignore[attr-defined]
-        await self.waiter
+        await self._send(request)
         return self.replies
 
 
-class _Commands(asyncio.Protocol):
+class _Commands(_Taken, asyncio.Protocol):
     """One connection's reader of whole replies, one command at a time, parsed by hiredis."""
 
     def __init__(self, writer: asyncio.StreamWriter):
         import hiredis
 
-        self.transport = writer.transport
-        self.writer = writer  # kept: a StreamWriter closes its transport when it is collected
+        super().__init__(writer)
         self.parser = hiredis.Reader(replyError=_response_error)
-        self.waiter: asyncio.Future | None = None
-        self.lost = False
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -148,22 +156,8 @@ class _Commands(asyncio.Protocol):
         if reply is not False and self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(reply)
 
-    def _fail(self, error: Exception) -> None:
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_exception(error)
-        self.transport.close()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
-        self._fail(_connection_error(f"Redis closed the connection ({exc or 'end of stream'})"))
-
-    def eof_received(self) -> bool:
-        return False
-
     async def run(self, request: bytes) -> Any:
-        self.waiter = asyncio.get_running_loop().create_future()
-        self.transport.write(request)  # type: ignore[attr-defined]
-        return await self.waiter
+        return await self._send(request)
 
 
 class Wire:
