@@ -58,7 +58,8 @@ class RedisConfig(Section):
         64,
         ge=2,
         le=10_000,
-        description="Connections per client process; a get that waits holds one for its blocking read.",
+        description="Connections per client process, for plain commands and again for each of a get's "
+        "script calls and cell reads; a get that waits holds one for its blocking read.",
     )
     socket_timeout_s: float = Field(
         30.0,

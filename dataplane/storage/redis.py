@@ -69,7 +69,7 @@ class RedisStoreClient(StoreClient):
         self.config = config or DataPlaneConfig(backend="redis")
         self._rc = self.config.redis
         self._r = aioredis().Redis(connection_pool=make_pool(self.url, self._rc))
-        self._wire = Wire(self._r.connection_pool)  # script calls and cell reads
+        self._wire = Wire(self._r.connection_pool, self._rc.max_connections)  # script calls, cell reads
         self._scripts = {
             name: self._r.register_script(lua.PRELUDE + getattr(lua, name))
             for name in ("CREATE", "REGISTER", "PUT_NEW", "PUT_FILL", "GET", "ACK", "LEASES", "ALIVE", "SEAL",

@@ -131,7 +131,7 @@ class _Replies(_Taken, asyncio.BufferedProtocol):
         if len(self.replies) == self.want and self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
 
-    async def read(self, request: bytes, want: int) -> list[Any]:
+    async def call(self, request: bytes, want: int) -> list[Any]:
         self.replies, self.want = [], want
         await self._send(request)
         return self.replies
@@ -156,28 +156,24 @@ class _Commands(_Taken, asyncio.Protocol):
         if reply is not False and self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(reply)
 
-    async def run(self, request: bytes) -> Any:
+    async def call(self, request: bytes) -> Any:
         return await self._send(request)
 
 
 class Wire:
-    """Script calls and GETRANGEs on connections opened like the pool's, then taken over."""
+    """Script calls and GETRANGEs on connections opened like the pool's, then taken over; at most
+    `limit` of each kind at once (`dataplane.redis.max_connections`)."""
 
-    def __init__(self, pool: Any):
+    def __init__(self, pool: Any, limit: int):
         self._pool = pool
         self._idle: dict[type, list] = {_Replies: [], _Commands: []}
+        self._slots = {kind: asyncio.Semaphore(limit) for kind in self._idle}
 
     async def getranges(self, reads: Sequence[tuple[str, int, int]]) -> list[memoryview]:
         """The bytes [begin, end) of each (key, begin, end), one round trip, end > begin. A missing
         key gives b"" (as GETRANGE does); an error reply raises redis' ResponseError."""
         request = b"".join(_pack(b"GETRANGE", key, begin, end - 1) for key, begin, end in reads)
-        conn = await self._acquire(_Replies)
-        try:
-            replies = await conn.read(request, len(reads))
-        except BaseException:
-            conn.transport.close()  # a reply may be half read on it
-            raise
-        self._idle[_Replies].append(conn)
+        replies = await self._use(_Replies, request, len(reads))
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
@@ -186,17 +182,21 @@ class Wire:
     async def command(self, *args: Any) -> Any:
         """One command's reply; an error reply raises redis' ResponseError (errors nested in an
         array reply are left in it)."""
-        request = _pack(*args)
-        conn = await self._acquire(_Commands)
-        try:
-            reply = await conn.run(request)
-        except BaseException:
-            conn.transport.close()
-            raise
-        self._idle[_Commands].append(conn)
+        reply = await self._use(_Commands, _pack(*args))
         if isinstance(reply, Exception):
             raise reply
         return reply
+
+    async def _use(self, kind: type, *call: Any) -> Any:
+        async with self._slots[kind]:
+            conn = await self._acquire(kind)
+            try:
+                reply = await conn.call(*call)
+            except BaseException:
+                conn.transport.close()  # a reply may be half read on it
+                raise
+            self._idle[kind].append(conn)
+            return reply
 
     async def _acquire(self, kind: type) -> Any:
         idle = self._idle[kind]

@@ -38,7 +38,7 @@ async def test_replies_of_any_size_and_content_arrive_exact_and_writable(server)
     values[6] = (b"$5\r\n\r\n" * 1000)[:4096]
     for i, v in enumerate(values):
         await r.set(f"{prefix}:{i}", v)
-    reads = Wire(r.connection_pool)
+    reads = Wire(r.connection_pool, 4)
     try:
         for _ in range(2):  # the second time on the same connection: nothing left over from the first
             got = await reads.getranges([(f"{prefix}:{i}", 0, len(v)) for i, v in enumerate(values)])
@@ -55,7 +55,7 @@ async def test_a_missing_key_reads_empty_and_a_wrong_type_raises_on_a_usable_con
     r, prefix = server
     await r.set(f"{prefix}:s", b"abc")
     await r.hset(f"{prefix}:h", "f", "v")
-    reads = Wire(r.connection_pool)
+    reads = Wire(r.connection_pool, 4)
     try:
         got = await reads.getranges([(f"{prefix}:gone", 0, 10), (f"{prefix}:s", 0, 3)])
         assert [bytes(g) for g in got] == [b"", b"abc"]
@@ -70,7 +70,7 @@ async def test_command_replies_are_those_redis_py_gives_and_errors_raise(server)
     r, prefix = server
     script = "return {'ok', 7, ARGV[1], {ARGV[2], -1}, '', redis.call('GET', KEYS[1])}"
     args = ["é\r\n", b"\x00\xff" * 3000]
-    wire = Wire(r.connection_pool)
+    wire = Wire(r.connection_pool, 4)
     try:
         await r.set(f"{prefix}:k", b"v")
         expected = await r.eval(script, 1, f"{prefix}:k", *args)
@@ -88,7 +88,7 @@ async def test_command_replies_are_those_redis_py_gives_and_errors_raise(server)
 async def test_a_connection_the_server_closed_is_replaced(server):
     r, prefix = server
     await r.set(f"{prefix}:s", b"abc")
-    reads = Wire(r.connection_pool)
+    reads = Wire(r.connection_pool, 4)
     try:
         assert bytes((await reads.getranges([(f"{prefix}:s", 0, 3)]))[0]) == b"abc"
         assert await reads.command("GET", f"{prefix}:s") == b"abc"
@@ -106,3 +106,19 @@ async def test_a_connection_the_server_closed_is_replaced(server):
         assert not set(conns) & {*reads._idle[_Replies], *reads._idle[_Commands]}
     finally:
         reads.close()
+
+
+async def test_concurrent_calls_open_at_most_the_limit_of_connections(server):
+    r, prefix = server
+    value = np.random.default_rng(1).integers(0, 256, 2_000_000, np.uint8).tobytes()
+    await r.set(f"{prefix}:big", value)
+    wire = Wire(r.connection_pool, 2)
+    try:
+        reads = [wire.getranges([(f"{prefix}:big", i, len(value))]) for i in range(6)]
+        commands = [wire.command("STRLEN", f"{prefix}:big") for _ in range(6)]
+        got = await asyncio.gather(*reads, *commands)
+        assert [bytes(g[0]) for g in got[:6]] == [value[i:] for i in range(6)]
+        assert got[6:] == [len(value)] * 6
+        assert len(wire._idle[_Replies]) == 2 and len(wire._idle[_Commands]) == 2
+    finally:
+        wire.close()
