@@ -83,6 +83,7 @@ class _Replies(_Taken, asyncio.BufferedProtocol):
                 self.filled += nbytes
                 if self.filled == len(self.dest):
                     self._done(self.buf)
+                    self.crlf = True
             else:
                 self.n += nbytes
             self._parse()
@@ -106,7 +107,11 @@ class _Replies(_Taken, asyncio.BufferedProtocol):
                 return
             kind, line = head[0], bytes(head[1:end])
             if kind == ord("$"):
-                size = max(int(line), 0)  # -1: a null reply, which GETRANGE answers as ""
+                size = int(line)
+                if size < 0:  # a null reply (no CRLF follows), which GETRANGE answers as ""
+                    self._drop(end + 2)
+                    self._done(np.empty(0, np.uint8))
+                    continue
                 buf = np.empty(size, np.uint8)
                 have = min(size, self.n - end - 2)
                 buf[:have] = np.frombuffer(head, np.uint8, have, end + 2)
@@ -114,6 +119,7 @@ class _Replies(_Taken, asyncio.BufferedProtocol):
                 self.buf, self.dest, self.filled = buf, buf.data, have
                 if have == size:
                     self._done(buf)
+                    self.crlf = True
             elif kind == ord("-"):
                 self._drop(end + 2)
                 self._done(_response_error(line.decode(errors="replace")))
@@ -127,7 +133,6 @@ class _Replies(_Taken, asyncio.BufferedProtocol):
     def _done(self, reply: Any) -> None:
         self.replies.append(reply)
         self.buf = self.dest = None
-        self.crlf = not isinstance(reply, Exception)
         if len(self.replies) == self.want and self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
 

@@ -5,6 +5,7 @@ replies as redis-py gives them, and a connection the server closed replaced by a
 from __future__ import annotations
 
 import asyncio
+import socket
 import uuid
 
 import numpy as np
@@ -122,3 +123,32 @@ async def test_concurrent_calls_open_at_most_the_limit_of_connections(server):
         assert len(wire._idle[_Replies]) == 2 and len(wire._idle[_Commands]) == 2
     finally:
         wire.close()
+
+
+@pytest.mark.parametrize("step", [1, 3, 7, 4096])
+async def test_replies_split_anywhere_by_the_network_are_read_whole(step):
+    """Every kind of reply a GETRANGE read can meet (a value, a null, an error, an empty value, a
+    value made of CRLFs), arriving `step` bytes at a time over a real socket."""
+    ours, theirs = socket.socketpair()
+    _, writer = await asyncio.open_connection(sock=ours)
+    replies = _Replies(writer)
+    writer.transport.set_protocol(replies)
+    stream = b"$3\r\nabc\r\n$-1\r\n-ERR no\r\n$0\r\n\r\n$5\r\n\r\n\r\n\r\r\n"
+    try:
+        call = asyncio.ensure_future(replies.call(b"(the request)", 5))
+        for i in range(0, len(stream), step):
+            theirs.sendall(stream[i : i + step])
+            await asyncio.sleep(0.002)  # a read of its own for each piece
+        got = await asyncio.wait_for(call, 5)
+        assert [bytes(g) if isinstance(g, np.ndarray) else type(g) for g in got] == [
+            b"abc",
+            b"",
+            redis.exceptions.ResponseError,
+            b"",
+            b"\r\n\r\n\r",
+        ]
+        assert theirs.recv(100) == b"(the request)"
+        assert replies.n == 0 and not replies.crlf  # nothing left over for the next call
+    finally:
+        writer.transport.close()
+        theirs.close()
