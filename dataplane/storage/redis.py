@@ -532,16 +532,13 @@ class RedisStoreClient(StoreClient):
     def _held_rows(self, partition: str, consumer: str, rows: Sequence[int]) -> bytes:
         """lease id, row, ... for `rows` as the scripts take them (one msgpack argument, rows as
         strings): the lease this client holds each under ('-': none, which the script refuses)."""
-        rows = [int(r) for r in rows]
-        get = self._leases.get((partition, consumer), {}).get
-        flat: list[str] = [""] * (2 * len(rows))
-        flat[::2], flat[1::2] = [get(r, "-") for r in rows], map(str, rows)
-        return msgpack.packb(flat)
+        held = self._leases.get((partition, consumer), {})
+        return msgpack.packb([x for r in rows for x in (held.get(int(r), "-"), str(int(r)))])
 
     def _forget(self, partition: str, consumer: str, rows: Sequence[int]) -> None:
-        pop = self._leases.get((partition, consumer), {}).pop
+        held = self._leases.get((partition, consumer), {})
         for r in rows:
-            pop(int(r), None)
+            held.pop(int(r), None)
 
     # -------------------------------------------------------------- whole store
 

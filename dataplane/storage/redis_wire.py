@@ -173,6 +173,7 @@ class Wire:
         self._pool = pool
         self._idle: dict[type, list] = {_Replies: [], _Commands: []}
         self._slots = {kind: asyncio.Semaphore(limit) for kind in self._idle}
+        self._closed = False
 
     async def getranges(self, reads: Sequence[tuple[str, int, int]]) -> list[memoryview]:
         """The bytes [begin, end) of each (key, begin, end), one round trip, end > begin. A missing
@@ -200,7 +201,10 @@ class Wire:
             except BaseException:
                 conn.transport.close()  # a reply may be half read on it
                 raise
-            self._idle[kind].append(conn)
+            if self._closed:  # closed while this call was out: its connection goes too
+                conn.transport.close()
+            else:
+                self._idle[kind].append(conn)
             return reply
 
     async def _acquire(self, kind: type) -> Any:
@@ -220,6 +224,7 @@ class Wire:
         return protocol
 
     def close(self) -> None:
+        self._closed = True
         for idle in self._idle.values():
             for conn in idle:
                 conn.transport.close()

@@ -152,3 +152,15 @@ async def test_replies_split_anywhere_by_the_network_are_read_whole(step):
     finally:
         writer.transport.close()
         theirs.close()
+
+
+async def test_a_call_out_when_the_wire_closes_completes_and_closes_its_connection(server):
+    r, prefix = server
+    value = np.random.default_rng(2).integers(0, 256, 3_000_000, np.uint8).tobytes()
+    await r.set(f"{prefix}:big", value)
+    wire = Wire(r.connection_pool, 2)
+    read = asyncio.ensure_future(wire.getranges([(f"{prefix}:big", 0, len(value))]))
+    await asyncio.sleep(0)  # the read is out
+    wire.close()
+    assert bytes((await read)[0]) == value
+    assert wire._idle[_Replies] == []  # not kept for a later call
