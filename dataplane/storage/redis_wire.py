@@ -66,22 +66,21 @@ class _Replies(_Taken, asyncio.BufferedProtocol):
         self.scratch = bytearray(SCRATCH)
         self.n = 0  # bytes in scratch
         self.buf: np.ndarray | None = None  # the bulk reply being received, and how much of it is in
-        self.dest: memoryview | None = None
         self.filled = 0
         self.crlf = False  # the CRLF that ends a bulk reply is still to come
         self.replies: list[Any] = []
         self.want = 0
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        if self.dest is not None:  # exactly the rest of the reply: nothing after it lands there
-            return self.dest[self.filled :]
+        if self.buf is not None:  # exactly the rest of the reply: nothing after it lands there
+            return self.buf.data[self.filled :]
         return memoryview(self.scratch)[self.n :]
 
     def buffer_updated(self, nbytes: int) -> None:
         try:
-            if self.dest is not None:
+            if self.buf is not None:
                 self.filled += nbytes
-                if self.filled == len(self.dest):
+                if self.filled == len(self.buf):
                     self._done(self.buf)
                     self.crlf = True
             else:
@@ -91,7 +90,7 @@ class _Replies(_Taken, asyncio.BufferedProtocol):
             self._fail(_connection_error(f"unreadable reply from Redis ({e})"))
 
     def _parse(self) -> None:
-        while self.dest is None:
+        while self.buf is None:
             head = self.scratch
             if self.crlf:
                 if self.n < 2:
@@ -116,7 +115,7 @@ class _Replies(_Taken, asyncio.BufferedProtocol):
                 have = min(size, self.n - end - 2)
                 buf[:have] = np.frombuffer(head, np.uint8, have, end + 2)
                 self._drop(end + 2 + have)
-                self.buf, self.dest, self.filled = buf, buf.data, have
+                self.buf, self.filled = buf, have
                 if have == size:
                     self._done(buf)
                     self.crlf = True
@@ -132,7 +131,7 @@ class _Replies(_Taken, asyncio.BufferedProtocol):
 
     def _done(self, reply: Any) -> None:
         self.replies.append(reply)
-        self.buf = self.dest = None
+        self.buf = None
         if len(self.replies) == self.want and self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
 

@@ -109,10 +109,15 @@ async def test_a_connection_the_server_closed_is_replaced(server):
         reads.close()
 
 
+async def stored_random(r, key: str, size: int) -> bytes:
+    value = np.random.default_rng(size).integers(0, 256, size, np.uint8).tobytes()
+    await r.set(key, value)
+    return value
+
+
 async def test_concurrent_calls_open_at_most_the_limit_of_connections(server):
     r, prefix = server
-    value = np.random.default_rng(1).integers(0, 256, 2_000_000, np.uint8).tobytes()
-    await r.set(f"{prefix}:big", value)
+    value = await stored_random(r, f"{prefix}:big", 2_000_000)
     wire = Wire(r.connection_pool, 2)
     try:
         reads = [wire.getranges([(f"{prefix}:big", i, len(value))]) for i in range(6)]
@@ -156,8 +161,7 @@ async def test_replies_split_anywhere_by_the_network_are_read_whole(step):
 
 async def test_a_call_out_when_the_wire_closes_completes_and_closes_its_connection(server):
     r, prefix = server
-    value = np.random.default_rng(2).integers(0, 256, 3_000_000, np.uint8).tobytes()
-    await r.set(f"{prefix}:big", value)
+    value = await stored_random(r, f"{prefix}:big", 3_000_000)
     wire = Wire(r.connection_pool, 2)
     read = asyncio.ensure_future(wire.getranges([(f"{prefix}:big", 0, len(value))]))
     await asyncio.sleep(0)  # the read is out
