@@ -28,11 +28,17 @@ make it one Redis Cluster hash slot):
                             deleted whole when its last row lets go (one DEL instead of a HDEL
                             per cell, which was a fifth of a get's server time)
     :missing         HASH   field bit -> live rows that lack that field: a consumer whose fields no
-                            row lacks gets its ready set as a copy of its pending set, without
-                            reading any row's metadata
+                            row lacks has all its waiting rows ready, without reading any row's
+                            metadata
     :ver             ZSET   row by policy version, so a version window finds stale rows in O(log n)
-    :c<j>:pend       ZSET   rows consumer j has neither been handed nor finished, by row number
-    :c<j>:ready      ZSET   the pending rows whose fields consumer j asks for are written
+    :c<j>:ready      ZSET   rows consumer j waits for (neither handed out nor finished) whose
+                            fields it asks for are written, by row number: a sequential get takes
+                            the first ones with one ZRANGE and one ZREMRANGEBYRANK
+    :c<j>:pend       ZSET   the rows consumer j waits for that are not ready yet; a row j waits for
+                            is in exactly one of the two, so a put of whole rows writes one entry
+                            per row and consumer, and a get removes them by rank (meta `layout` 2;
+                            stores of earlier versions kept ready rows in both and are converted
+                            by `upgrade` when a script first meets them)
     :c<j>:lease      ZSET   lease id -> deadline (server ms); a lease is one handed-out batch, its
                             id '<client id>/<n>'; :c<j>:lrows HASH lease id -> msgpack list of the
                             rows it still holds (a lease per batch, not per row: per-row lease
@@ -202,21 +208,31 @@ local function take(j, peer, held)
   return nil
 end
 
--- rows (off their leases) go back to consumer j's pending (and ready) set
-local function give_back(j, rows, redelivered)
-  if #rows == 0 then return end
+-- stores of earlier versions kept ready rows in the pending set too (layout 1): take them out
+local function upgrade()
+  if meta('layout') == '2' then return end
+  for j = 0, nconsumers() - 1 do redis.call('ZDIFFSTORE', c(j, 'pend'), 2, c(j, 'pend'), c(j, 'ready')) end
+  redis.call('HSET', k('meta'), 'layout', 2)
+end
+-- consumer j waits for rows again: ready if it has their fields (metas: the rows' metadata)
+local function wait_for(j, rows, metas)
   local m = cmask(j)
   local pend, ready = {}, {}
-  local metas = getrows(rows)
   for i, r in ipairs(rows) do
     local row = metas[i]
     if row then
-      table.insert(pend, r); table.insert(pend, r)
-      if has(row[5], m) then table.insert(ready, r); table.insert(ready, r) end
+      local to = has(row[5], m) and ready or pend
+      table.insert(to, r); table.insert(to, r)
     end
   end
   bulk('ZADD', c(j, 'pend'), pend)
   bulk('ZADD', c(j, 'ready'), ready)
+end
+
+-- rows (off their leases) go back to consumer j's waiting rows
+local function give_back(j, rows, redelivered)
+  if #rows == 0 then return end
+  wait_for(j, rows, getrows(rows))
   if redelivered then redis.call('HINCRBY', c(j, 'n'), 'redelivered', #rows) end
   notify('ev')
 end

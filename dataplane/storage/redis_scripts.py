@@ -21,7 +21,8 @@ else
   if nf > 31 then return {'err', 'fields', nf} end
   redis.call('DEL', k('ev'), k('space'))
   redis.call('HSET', k('meta'), 'schema', schema, 'capacity', ARGV[3], 'stale', ARGV[4], 'next_row', 0,
-    'next_group', 0, 'created', 0, 'freed', 0, 'put_waits', 0, 'sealed', 0, 'live', 0, 'nc', 0, 'nf', nf)
+    'next_group', 0, 'created', 0, 'freed', 0, 'put_waits', 0, 'sealed', 0, 'live', 0, 'nc', 0, 'nf', nf,
+    'layout', 2)
   for i = 1, nf do redis.call('HSET', k('bits'), ARGV[8 + i], i - 1) end
   redis.call('SADD', ARGV[6], ARGV[7])
 end
@@ -47,6 +48,7 @@ local chunk, nf = ARGV[3], tonumber(ARGV[8])
 local bits = {}
 for i = 1, nf do bits[i] = tonumber(ARGV[8 + i]) end
 if redis.call('EXISTS', k('meta')) == 0 then return refuse(chunk, bits, {'err', 'unknown'}) end
+upgrade()
 local now = now_ms()
 local done_at = redis.call('ZSCORE', k('puts'), ARGV[2])
 if done_at then return refuse(chunk, bits, {'ok', tonumber(redis.call('HGET', k('putrow'), ARGV[2]))}) end
@@ -83,10 +85,7 @@ local delta = {}
 for b = 0, nfs - 1 do if bit.band(mask, POW[b]) == 0 then delta[b] = n end end
 missing(delta)
 bulk('ZADD', k('ver'), ver)
-for j = 0, nconsumers() - 1 do
-  bulk('ZADD', c(j, 'pend'), pend)
-  if has(mask, cmask(j)) then bulk('ZADD', c(j, 'ready'), pend) end
-end
+for j = 0, nconsumers() - 1 do bulk('ZADD', c(j, has(mask, cmask(j)) and 'ready' or 'pend'), pend) end
 redis.call('HINCRBY', k('meta'), 'live', n)
 redis.call('HINCRBY', k('meta'), 'created', n)
 redis.call('ZADD', k('puts'), now, ARGV[2])
@@ -107,6 +106,7 @@ local version = tonumber(ARGV[5])
 local mask, bits = 0, {}
 for i = 1, nf do bits[i] = tonumber(ARGV[6 + i]); mask = bit.bor(mask, POW[bits[i]]) end
 if redis.call('EXISTS', k('meta')) == 0 then return refuse(chunk, bits, {'err', 'unknown'}) end
+upgrade()
 local at = 8 + nf
 local rows = {}
 for i = 1, n do rows[i] = ARGV[at + i - 1] end
@@ -139,7 +139,7 @@ for j = 0, nconsumers() - 1 do
   if cm and bit.band(cm, mask) ~= 0 then
     local ready = {}
     for i = 1, n do
-      if has(metas[i][5], cm) and redis.call('ZSCORE', c(j, 'pend'), rows[i]) then
+      if has(metas[i][5], cm) and redis.call('ZREM', c(j, 'pend'), rows[i]) == 1 then
         table.insert(ready, rows[i]); table.insert(ready, rows[i])
       end
     end
@@ -156,6 +156,7 @@ GET = r"""
 if redis.call('EXISTS', k('meta')) == 0 then return {'err', 'unknown'} end
 local j = consumer_bit(ARGV[2])
 if not j then return {'err', 'notreg', ARGV[2], redis.call('HKEYS', k('cons'))} end
+upgrade()
 local peer, mask, bs = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
 local mode, partial = ARGV[8], ARGV[9] == '1'
 local at = 12
@@ -179,24 +180,28 @@ if #dead > 0 then
   for jj = 0, nconsumers() - 1 do give_back(jj, end_leases(jj, leases_of(jj, gone)), true) end
   bulk('ZREM', k('alive'), dead)
 end
--- the consumer asks for other fields than last time: rebuild its ready set
+-- the consumer asks for other fields than last time: sort the rows it waits for again
 if cmask(j) ~= mask then
   redis.call('HSET', k('meta'), 'mask' .. j, mask)
-  redis.call('DEL', c(j, 'ready'))
-  local complete = true  -- no live row lacks a field of the mask: every pending row is ready
+  local complete = true  -- no live row lacks a field of the mask: every waiting row is ready
   for b = 0, tonumber(meta('nf')) - 1 do
     if bit.band(mask, POW[b]) ~= 0 and tonumber(redis.call('HGET', k('missing'), b) or 0) > 0 then
       complete = false
     end
   end
   if complete then
-    redis.call('COPY', c(j, 'pend'), c(j, 'ready'))
-  else
-    local ready, pend = {}, redis.call('ZRANGE', c(j, 'pend'), 0, -1)
-    for i, m in ipairs(getrows(pend)) do
-      if has(m[5], mask) then table.insert(ready, pend[i]); table.insert(ready, pend[i]) end
+    if redis.call('EXISTS', c(j, 'pend')) == 0 then  -- nothing to move
+    elseif redis.call('EXISTS', c(j, 'ready')) == 0 then
+      redis.call('RENAME', c(j, 'pend'), c(j, 'ready'))  -- O(1): a consumer's first get, mostly
+    else
+      redis.call('ZUNIONSTORE', c(j, 'ready'), 2, c(j, 'ready'), c(j, 'pend'), 'AGGREGATE', 'MIN')
+      redis.call('DEL', c(j, 'pend'))
     end
-    bulk('ZADD', c(j, 'ready'), ready)
+  else
+    local rows = redis.call('ZRANGE', c(j, 'pend'), 0, -1)
+    for _, r in ipairs(redis.call('ZRANGE', c(j, 'ready'), 0, -1)) do table.insert(rows, r) end
+    redis.call('DEL', c(j, 'pend'), c(j, 'ready'))
+    wait_for(j, rows, getrows(rows))
   end
 end
 -- the version window: rows older than v_min are dropped or regenerated
@@ -208,7 +213,6 @@ if ARGV[7] ~= '' then
   if #stale > 0 then
     bulk('ZREM', c(j, 'ready'), stale)
     if meta('stale') == 'drop' then
-      bulk('ZREM', c(j, 'pend'), stale)
       redis.call('HINCRBY', c(j, 'n'), 'dropped_stale', #stale)
       local acked, refs = acked_bits(stale)
       done(j, stale, acked, refs)
@@ -224,13 +228,11 @@ if ARGV[7] ~= '' then
         local acked = acked_bits({r})[1]
         redis.call('HDEL', k('acked'), r)
         for o = 0, nc - 1 do
-          local om = cmask(o)
-          if bit.band(acked, POW[o]) ~= 0 then
-            redis.call('ZADD', c(o, 'pend'), r, r)
-            if has(m[5], om) then redis.call('ZADD', c(o, 'ready'), r, r) end
-          elseif not has(m[5], om) then
-            redis.call('ZREM', c(o, 'ready'), r)
-          end
+          -- every consumer waits for the row again, but one holding it (it gives it back when its
+          -- read finds the cells gone); j took it off its ready set above
+          local waits = o == j or bit.band(acked, POW[o]) ~= 0
+          waits = waits or redis.call('ZREM', c(o, 'ready'), r) + redis.call('ZREM', c(o, 'pend'), r) > 0
+          if waits then redis.call('ZADD', c(o, has(m[5], cmask(o)) and 'ready' or 'pend'), r, r) end
         end
         setrow(r, m)
       end
@@ -242,13 +244,17 @@ if ARGV[7] ~= '' then
     end
   end
 end
-local nready, npend = redis.call('ZCARD', c(j, 'ready')), redis.call('ZCARD', c(j, 'pend'))
-local drained = meta('sealed') == '1' and nready == npend
+local nready, nwait = redis.call('ZCARD', c(j, 'ready')), redis.call('ZCARD', c(j, 'pend'))
+local drained = meta('sealed') == '1' and nwait == 0
+local npend = nready + nwait  -- rows the consumer waits for, ready or not
 
-local function lease(rows)
+local function lease(rows, first)  -- first: the rows are the first #rows of the ready set
   local deadline = now + tonumber(ARGV[6])
-  bulk('ZREM', c(j, 'pend'), rows)
-  bulk('ZREM', c(j, 'ready'), rows)
+  if first then
+    if #rows > 0 then redis.call('ZREMRANGEBYRANK', c(j, 'ready'), 0, #rows - 1) end
+  else
+    bulk('ZREM', c(j, 'ready'), rows)
+  end
   local id = new_lease(j, peer, rows, deadline)
   if #rows > 0 then redis.call('HINCRBY', c(j, 'n'), 'delivered', #rows) end
   if ARGV[11] ~= '' then
@@ -281,7 +287,7 @@ end
 
 if mode == 'seq' then
   local rows = redis.call('ZRANGE', c(j, 'ready'), 0, bs - 1)
-  if #rows == bs or (#rows > 0 and (drained or partial)) then return lease(rows) end
+  if #rows == bs or (#rows > 0 and (drained or partial)) then return lease(rows, true) end
   if ended() then return {'end'} end
   if partial then return lease({}) end
   return waiting('wait')
@@ -317,6 +323,7 @@ LEASES = r"""
 if redis.call('EXISTS', k('meta')) == 0 then return {'err', 'unknown'} end
 local j = consumer_bit(ARGV[2])
 if not j then return {'err', 'notreg', ARGV[2], redis.call('HKEYS', k('cons'))} end
+upgrade()
 local held = held_arg(ARGV[6])
 local e = take(j, ARGV[3], held)
 if e then return e end
@@ -341,6 +348,7 @@ if ARGV[3] ~= '0' then
   redis.call('ZADD', k('alive'), now_ms() + tonumber(ARGV[3]), ARGV[2])
   return {'ok'}
 end
+upgrade()
 for j = 0, nconsumers() - 1 do give_back(j, end_leases(j, leases_of(j, {[ARGV[2]] = true})), true) end
 redis.call('ZREM', k('alive'), ARGV[2])
 return {'ok'}
@@ -379,12 +387,14 @@ local function leased(j)
   return n
 end
 if redis.call('EXISTS', k('meta')) == 0 then return {'err', 'unknown'} end
+upgrade()
 local out = {redis.call('HGETALL', k('meta')), redis.call('HGETALL', k('cons')),
   redis.call('HGETALL', k('rows'))}
 local counts = {}
 for j = 0, nconsumers() - 1 do
-  table.insert(counts, {redis.call('ZCARD', c(j, 'pend')), redis.call('ZCARD', c(j, 'ready')),
-    leased(j), redis.call('HGETALL', c(j, 'n'))})
+  local ready = redis.call('ZCARD', c(j, 'ready'))
+  local waiting = ready + redis.call('ZCARD', c(j, 'pend'))
+  table.insert(counts, {waiting, ready, leased(j), redis.call('HGETALL', c(j, 'n'))})
 end
 table.insert(out, counts)
 table.insert(out, redis.call('HGETALL', k('acked')))
@@ -417,7 +427,7 @@ if redis.call('EXISTS', k('meta')) == 1 then return {'err', 'exists', meta('sche
 local nf = tonumber(ARGV[11])
 redis.call('HSET', k('meta'), 'schema', ARGV[4], 'capacity', ARGV[5], 'stale', ARGV[6], 'next_row', ARGV[7],
   'next_group', ARGV[8], 'created', ARGV[9], 'freed', 0, 'put_waits', 0, 'sealed', ARGV[10], 'live', 0,
-  'nc', 0, 'nf', nf)
+  'nc', 0, 'nf', nf, 'layout', 2)
 for i = 1, nf do redis.call('HSET', k('bits'), ARGV[11 + i], i - 1) end
 local at = 12 + nf
 local nc = tonumber(ARGV[at])

@@ -523,3 +523,71 @@ async def test_acked_bits_are_kept_only_for_rows_a_consumer_still_needs(pname):
     finally:
         await client.drop_partition(pname)
         await client.close()
+
+
+async def _waiting(raw, key: str, j: int) -> tuple[set, set]:
+    """Consumer j's ready and not-yet-ready rows as stored."""
+    ready, pend = await raw.zrange(f"{key}:c{j}:ready", 0, -1), await raw.zrange(f"{key}:c{j}:pend", 0, -1)
+    return {int(r) for r in ready}, {int(r) for r in pend}
+
+
+async def test_a_row_waits_in_exactly_one_set_of_each_consumer(pname):
+    """Whole rows go straight to each consumer's ready set and nowhere else; a row whose fields are
+    not all written waits in the pending set and moves when they are; a get takes rows off the
+    ready set; rows given back go where their fields say."""
+    handle = start_store(redis_config(SHARED))
+    client = await StoreClient.connect(handle.address)
+    raw, key = client._r, client._key(pname)  # type: ignore[attr-defined]
+    try:
+        await client.create_partition(pname, {"x": "int64", "y": "int64"}, consumers=["a", "b"])
+        await client.put(pname, {"x": np.arange(2), "y": np.arange(2)})
+        assert await _waiting(raw, key, 0) == (set(), {0, 1})  # no get yet: fields asked for unknown
+        for consumer in ("a", "b"):  # each tells its fields, and its rows are sorted once
+            await client.release(await client.get(pname, ["x", "y"], batch_size=1, consumer=consumer))
+        await client.put(pname, {"x": np.arange(2, 4), "y": np.arange(2, 4)})
+        await client.put(pname, {"x": np.arange(4, 6)})  # rows 4, 5 lack y
+        for j in (0, 1):
+            assert await _waiting(raw, key, j) == ({0, 1, 2, 3}, {4, 5})
+        await client.put(pname, {"y": np.array([40])}, rows=[4])
+        assert await _waiting(raw, key, 0) == ({0, 1, 2, 3, 4}, {5})
+        got = await client.get(pname, ["x", "y"], batch_size=3, consumer="a")
+        assert got.rows == [0, 1, 2] and await _waiting(raw, key, 0) == ({3, 4}, {5})
+        await client.release(got)
+        assert await _waiting(raw, key, 0) == ({0, 1, 2, 3, 4}, {5})
+        assert await _waiting(raw, key, 1) == ({0, 1, 2, 3, 4}, {5})
+        stats = (await client.store_stats())["partitions"][pname]["consumers"]["a"]
+        assert stats["pending"] == 6 and stats["ready"] == 5
+    finally:
+        await client.drop_partition(pname)
+        await client.close()
+
+
+async def test_a_store_of_the_earlier_layout_is_read_exactly_once(pname):
+    """Stores written by earlier versions kept ready rows in the pending set too: the first script
+    that meets one takes them out, and every row is still read once and the stream ends."""
+    handle = start_store(redis_config(SHARED))
+    client = await StoreClient.connect(handle.address)
+    raw, key = client._r, client._key(pname)  # type: ignore[attr-defined]
+    try:
+        await client.create_partition(pname, {"x": "int64", "y": "int64"}, consumers=["a"])
+        await client.get(pname, ["x", "y"], batch_size=1, consumer="a", allow_partial=True, timeout_s=0)
+        await client.put(pname, {"x": np.arange(6), "y": np.arange(6)})
+        await client.put(pname, {"x": np.arange(6, 8)})  # rows 6, 7 lack y
+        # the earlier layout: ready rows in both sets, no layout entry
+        await raw.zunionstore(f"{key}:c0:pend", [f"{key}:c0:pend", f"{key}:c0:ready"])
+        await raw.hdel(f"{key}:meta", "layout")
+        assert await _waiting(raw, key, 0) == (set(range(6)), set(range(8)))
+        got = await client.get(pname, ["x", "y"], batch_size=4, consumer="a")
+        assert got.rows == [0, 1, 2, 3] and await raw.hget(f"{key}:meta", "layout") == b"2"
+        assert await _waiting(raw, key, 0) == ({4, 5}, {6, 7})
+        await client.put(pname, {"y": np.array([60, 70])}, rows=[6, 7])
+        await client.seal(pname)
+        await client.ack(got)
+        rows = list(got.rows)
+        async for batch in client.stream(pname, ["x", "y"], 4, "a", timeout_s=10):
+            rows += batch.rows
+        assert rows == list(range(8))
+        assert await raw.hlen(f"{key}:rows") == 0
+    finally:
+        await client.drop_partition(pname)
+        await client.close()
