@@ -174,11 +174,24 @@ local function held_arg(s)
   if s == '' then return {} end
   return cmsgpack.unpack(s)
 end
--- rows come off the leases `peer` holds them under; held: lease id, row, lease id, row, ... Changes
--- nothing and answers an error naming the row unless peer holds every row under the lease named
--- with it (a repeated row counts once).
-local function take(j, peer, held)
-  local leases, order = {}, {}
+-- rows come off the leases `peer` holds them under; held: lease id, row, lease id, row, ...
+-- Answers the rows taken, a repeated one once. Rows peer does not hold under the lease named with
+-- them are passed to excuse(rows) first: if it answers an error, that is answered and nothing
+-- changes; else they are skipped.
+local function take(j, peer, held, excuse)
+  local id, rows = held[1], {}
+  if id and holder(id) == peer then  -- mostly one whole lease in the order it holds its rows
+    for i = 1, #held, 2 do
+      if held[i] ~= id then rows = nil; break end
+      rows[(i + 1) / 2] = held[i + 1]
+    end
+    if rows and redis.call('HGET', c(j, 'lrows'), id) == cmsgpack.pack(rows) then
+      redis.call('HDEL', c(j, 'lrows'), id)
+      redis.call('ZREM', c(j, 'lease'), id)
+      return rows
+    end
+  end
+  local leases, order, taken, missing = {}, {}, {}, {}
   for i = 1, #held, 2 do
     local id, r = held[i], held[i + 1]
     local l = leases[id]
@@ -192,21 +205,30 @@ local function take(j, peer, held)
       leases[id] = l
       table.insert(order, id)
     end
-    if not l or not l[r] then return {'err', 'lease', r} end
-    l[r] = 0
+    if l and l[r] == 1 then
+      l[r] = 0
+      table.insert(taken, r)
+    elseif not (l and l[r] == 0) then
+      table.insert(missing, r)
+    end
+  end
+  if #missing > 0 then
+    local e = excuse(missing)
+    if e then return nil, e end
   end
   for _, id in ipairs(order) do
     local left = {}
-    for x, v in pairs(leases[id]) do if v == 1 then table.insert(left, x) end end
-    if #left == 0 then
+    for x, v in pairs(leases[id] or {}) do if v == 1 then table.insert(left, x) end end
+    if #left > 0 then
+      redis.call('HSET', c(j, 'lrows'), id, cmsgpack.pack(left))
+    elseif leases[id] then
       redis.call('HDEL', c(j, 'lrows'), id)
       redis.call('ZREM', c(j, 'lease'), id)
-    else
-      redis.call('HSET', c(j, 'lrows'), id, cmsgpack.pack(left))
     end
   end
-  return nil
+  return taken
 end
+local function not_held(rows) return {'err', 'lease', rows[1]} end
 
 -- stores of earlier versions kept ready rows in the pending set too (layout 1): take them out
 local function upgrade()
@@ -296,10 +318,10 @@ local function lacking(delta, ready, nf, n)  -- n rows with field bits `ready`: 
   end
 end
 
-local function free(rows, refs)  -- refs: the rows' refs strings if the caller read them
+local function free(rows)
   if #rows == 0 then return end
   local byref, old = {}, {}
-  for i, v in ipairs(refs or hmget(k('refs'), rows)) do
+  for i, v in ipairs(hmget(k('refs'), rows)) do
     if v then byref[v] = (byref[v] or 0) + 1 else table.insert(old, rows[i]) end
   end
   for _, m in ipairs(getrows(old)) do  -- rows stored before refs were kept
@@ -327,10 +349,9 @@ local function free(rows, refs)  -- refs: the rows' refs strings if the caller r
   notify('space')
 end
 
--- the bits of the consumers that acked each row (false: the row is gone), and the rows' refs
--- strings. A row is put without an :acked entry (none: acked by no one), so with one consumer,
--- whose ack frees the row, the hash is never written or read. A live row has refs, or, if an
--- earlier version stored it, an :acked entry.
+-- the bits of the consumers that acked each row (false: the row is gone). A row is put without an
+-- :acked entry (none: acked by no one), so with one consumer, whose ack frees the row, the hash is
+-- never written or read. A live row has refs, or, if an earlier version stored it, an :acked entry.
 local function acked_bits(rows)
   local refs = hmget(k('refs'), rows)
   local read = nconsumers() > 1
@@ -340,44 +361,35 @@ local function acked_bits(rows)
   for i = 1, #rows do
     if acked[i] then out[i] = tonumber(acked[i]) else out[i] = refs[i] and 0 end
   end
-  return out, refs
+  return out
 end
 
--- consumer j is done with rows (acked or dropped as stale); acked, refs: their acked_bits
-local function done(j, rows, acked, refs)
-  local all = POW[nconsumers()] - 1
-  local gone, gonerefs, kept = {}, {}, {}
-  for i, r in ipairs(rows) do
-    local a = bit.bor(acked[i], POW[j])
-    if a == all then
-      table.insert(gone, r); table.insert(gonerefs, refs[i])
-    else
-      table.insert(kept, r); table.insert(kept, a)
-    end
+-- consumer j is done with live rows it has not acked yet (acked, or dropped as stale): a row every
+-- consumer is done with is freed, and its refs are read only then
+local function done(j, rows)
+  local nc = nconsumers()
+  if nc == 1 then return free(rows) end
+  local all, gone, kept = POW[nc] - 1, {}, {}
+  for i, a in ipairs(hmget(k('acked'), rows)) do
+    a = bit.bor(tonumber(a) or 0, POW[j])
+    if a == all then table.insert(gone, rows[i]) else table.insert(kept, rows[i]); table.insert(kept, a) end
   end
   bulk('HSET', k('acked'), kept)
-  free(gone, gonerefs)
+  free(gone)
 end
 
--- consumer j acks rows held by peer; held: lease id, row, ... (a row j already acked is skipped)
+-- consumer j acks rows held by peer; held: lease id, row, ... A row peer holds is live and not
+-- acked by j (a lease holds no other); one it does not hold is skipped if j acked it already (a
+-- retried ack) or it is gone, and refused otherwise.
 local function do_ack(j, peer, held)
-  local bitj = POW[j]
-  local rows, seen = {}, {}
-  for i = 2, #held, 2 do rows[i / 2] = held[i] end
-  local acked, refs = acked_bits(rows)
-  local live, livea, liverefs, liveheld = {}, {}, {}, {}
-  for i, r in ipairs(rows) do
-    local a = acked[i]
-    if a and bit.band(a, bitj) == 0 and not seen[r] then
-      seen[r] = true
-      table.insert(live, r); table.insert(livea, a); table.insert(liverefs, refs[i])
-      table.insert(liveheld, held[2 * i - 1]); table.insert(liveheld, r)
+  local rows, e = take(j, peer, held, function(missing)
+    for i, a in ipairs(acked_bits(missing)) do
+      if a and bit.band(a, POW[j]) == 0 then return {'err', 'lease', missing[i]} end
     end
-  end
-  local e = take(j, peer, liveheld)
-  if e then return e end
-  done(j, live, livea, liverefs)
-  if #live > 0 then redis.call('HINCRBY', c(j, 'n'), 'acked', #live) end
+  end)
+  if not rows then return e end
+  done(j, rows)
+  if #rows > 0 then redis.call('HINCRBY', c(j, 'n'), 'acked', #rows) end
   if meta('sealed') == '1' then notify('ev') end
   return nil
 end

@@ -214,8 +214,7 @@ if ARGV[7] ~= '' then
     bulk('ZREM', c(j, 'ready'), stale)
     if meta('stale') == 'drop' then
       redis.call('HINCRBY', c(j, 'n'), 'dropped_stale', #stale)
-      local acked, refs = acked_bits(stale)
-      done(j, stale, acked, refs)
+      done(j, stale)
     else
       local nc = nconsumers()
       local counts, delta = {}, {}
@@ -225,7 +224,7 @@ if ARGV[7] ~= '' then
         forget_cells(counts, m, m[6])
         m[5] = bit.band(m[5], bit.bnot(m[6]))
         m[4], m[6] = -1, 0
-        local acked = acked_bits({r})[1]
+        local acked = tonumber(redis.call('HGET', k('acked'), r)) or 0
         redis.call('HDEL', k('acked'), r)
         for o = 0, nc - 1 do
           -- every consumer waits for the row again, but one holding it (it gives it back when its
@@ -324,13 +323,8 @@ if redis.call('EXISTS', k('meta')) == 0 then return {'err', 'unknown'} end
 local j = consumer_bit(ARGV[2])
 if not j then return {'err', 'notreg', ARGV[2], redis.call('HKEYS', k('cons'))} end
 upgrade()
-local held = held_arg(ARGV[6])
-local e = take(j, ARGV[3], held)
-if e then return e end
-local rows, seen = {}, {}
-for i = 2, #held, 2 do
-  if not seen[held[i]] then seen[held[i]] = true; table.insert(rows, held[i]) end
-end
+local rows, e = take(j, ARGV[3], held_arg(ARGV[6]), not_held)
+if not rows then return e end
 if ARGV[4] == 'release' then
   give_back(j, rows, false)
   return {'ok'}

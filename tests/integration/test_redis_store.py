@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from asyncflow.config import DataPlaneConfig, parse_config
-from asyncflow.errors import ConfigError, DataPlaneError, StorageUnavailable
+from asyncflow.errors import ConfigError, DataPlaneError, LeaseError, StorageUnavailable
 from dataplane import StoreClient, start_store
 from dataplane.storage import redis_snapshot as snapshots
 from dataplane.storage.redis import RedisStoreClient
@@ -588,6 +588,47 @@ async def test_a_store_of_the_earlier_layout_is_read_exactly_once(pname):
             rows += batch.rows
         assert rows == list(range(8))
         assert await raw.hlen(f"{key}:rows") == 0
+    finally:
+        await client.drop_partition(pname)
+        await client.close()
+
+
+async def test_an_ack_takes_whole_or_part_leases_and_a_retried_ack_changes_nothing(pname):
+    """An ack of a whole lease, of part of one, and of rows from two; the same ack sent again (its
+    first reply lost) is a no-op; acking a row the client does not hold is refused and changes
+    nothing, even beside rows it does hold."""
+    handle = start_store(redis_config(SHARED))
+    client = await StoreClient.connect(handle.address)
+    raw, key = client._r, client._key(pname)  # type: ignore[attr-defined]
+
+    async def ack_as_sent(held: bytes) -> None:  # the script call itself, as a retry would repeat it
+        await client._run("ACK", pname, "a", client._peer, held)  # type: ignore[attr-defined]
+
+    try:
+        await client.create_partition(pname, {"x": "int64"}, consumers=["a", "b"])
+        await client.put(pname, {"x": np.arange(16)})
+        first = await client.get(pname, ["x"], batch_size=4, consumer="a")
+        second = await client.get(pname, ["x"], batch_size=4, consumer="a")
+        whole = client._held_rows(pname, "a", first.rows)  # type: ignore[attr-defined]
+        await ack_as_sent(whole)
+        await ack_as_sent(whole)
+        assert len(await raw.hkeys(f"{key}:c0:lrows")) == 1  # second's
+        part = client._held_rows(pname, "a", second.rows[:2])  # type: ignore[attr-defined]
+        await ack_as_sent(part)
+        await ack_as_sent(part)
+        stats = (await client.store_stats())["partitions"][pname]["consumers"]["a"]
+        assert stats["acked"] == 6 and stats["leased"] == 2
+        third = await client.get(pname, ["x"], batch_size=4, consumer="a")
+        stranger = client._held_rows(pname, "a", [*second.rows[2:], 15])  # type: ignore[attr-defined]
+        with pytest.raises(LeaseError, match="15"):
+            await ack_as_sent(stranger)  # row 15: waiting, not held
+        stats = (await client.store_stats())["partitions"][pname]["consumers"]["a"]
+        assert stats["acked"] == 6 and stats["leased"] == 6  # nothing changed
+        both = client._held_rows(pname, "a", [*second.rows[2:], *third.rows])  # type: ignore[attr-defined]
+        await ack_as_sent(both)
+        stats = (await client.store_stats())["partitions"][pname]
+        assert stats["consumers"]["a"]["acked"] == 12 and stats["consumers"]["a"]["leased"] == 0
+        assert stats["rows"] == 16 and await raw.hlen(f"{key}:acked") == 12  # b still needs them
     finally:
         await client.drop_partition(pname)
         await client.close()
