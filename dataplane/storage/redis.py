@@ -454,11 +454,12 @@ class RedisStoreClient(StoreClient):
             held = self._leases.setdefault((partition, consumer), {})
             lease = reply[2].decode()
             held.update(zip(rows, itertools.repeat(lease)))
-        groups, versions, lengths = [m[0] for m in metas], [m[3] for m in metas], [m[2] for m in metas]
+        cols = list(zip(*metas))  # cols[i]: item i of every row's metadata
+        groups, lengths, versions = (list(cols[i]) if rows else [] for i in (0, 2, 3))
         batch = Batch(partition, consumer, rows, {}, [0] * len(rows), groups, versions, lengths, shards)
         try:
             columns = await self._call(
-                self._columns, partition, [(b, schema[f]) for b, f in zip(bits, fields)], metas
+                self._columns, partition, [(b, schema[f]) for b, f in zip(bits, fields)], cols, len(rows)
             )
         except asyncio.CancelledError:
             if rows:  # leased, never handed over: give them back now rather than when the lease ends
@@ -472,13 +473,15 @@ class RedisStoreClient(StoreClient):
         self.stats.rows_got += len(rows)
         return batch
 
-    async def _columns(self, partition: str, wanted: list[tuple[int, FieldSpec]], metas: list) -> list | None:
-        """The columns of fields `wanted` (bit, spec) of the rows whose metadata is `metas`: one
+    async def _columns(
+        self, partition: str, wanted: list[tuple[int, FieldSpec]], cols: list[tuple], n: int
+    ) -> list | None:
+        """The columns of fields `wanted` (bit, spec) of n rows whose metadata is `cols` by item: one
         GETRANGE per run of adjacent cells of a chunk (rows are put and got in order, so mostly one
         per field), all in one round trip. None if a chunk is gone (its field was regenerated)."""
         key, plans, reads = self._key(partition), [], []
         for b, _ in wanted:
-            plan = _runs(metas, 8 + 3 * b)
+            plan = _runs(*cols[8 + 3 * b : 11 + 3 * b]) if n else ([], None)
             if plan is None:
                 return None
             reads += [(f"{key}:x:{chunk}:{b}", begin, end) for chunk, begin, end, _ in plan[0] if end > begin]
@@ -493,7 +496,7 @@ class RedisStoreClient(StoreClient):
                     return None
                 columns.append(decode_run(spec, data, sizes))
                 continue
-            cells: list = [b""] * len(metas)
+            cells: list = [b""] * n
             for _, begin, end, members in runs:
                 data = next(replies) if end > begin else b""
                 if len(data) != end - begin:
@@ -570,15 +573,15 @@ def _array_header(n: int) -> bytes:
     return b"\xdc" + n.to_bytes(2, "big") if n < 1 << 16 else b"\xdd" + n.to_bytes(4, "big")
 
 
-def _runs(metas: list[list], at: int) -> tuple[list[tuple[str, int, int, list]], list[int] | None] | None:
-    """Where the cells of one field are, metas[i][at : at + 3] = chunk, offset, length of row i's,
-    as runs of adjacent cells: (chunk, first byte, end byte, [(row position, offset, length), ...]),
-    and, if they are one run in row order, the cells' lengths (the members are then not listed).
-    None if a row has no cell (chunk '')."""
-    chunks = [m[at] for m in metas]
-    offsets, sizes = [m[at + 1] for m in metas], [m[at + 2] for m in metas]
+def _runs(
+    chunks: Sequence[str], offsets: Sequence[int], sizes: Sequence[int]
+) -> tuple[list[tuple[str, int, int, list]], Sequence[int] | None] | None:
+    """Where the cells of one field are (row i's: chunk, offset, length), as runs of adjacent cells:
+    (chunk, first byte, end byte, [(row position, offset, length), ...]), and, if they are one run
+    in row order, the cells' lengths (the members are then not listed). None if a row has no cell
+    (chunk '')."""
     if chunks and chunks[0] and chunks.count(chunks[0]) == len(chunks):  # mostly: one put's rows in order
-        if offsets == list(itertools.accumulate(sizes[:-1], initial=offsets[0])):
+        if list(offsets) == list(itertools.accumulate(sizes[:-1], initial=offsets[0])):
             return [(chunks[0], offsets[0], offsets[-1] + sizes[-1], [])], sizes
     runs: list = []
     for chunk, off, size, pos in sorted(zip(chunks, offsets, sizes, range(len(chunks)))):
