@@ -367,7 +367,7 @@ for j = 0, nconsumers() - 1 do
 end
 redis.call('DEL', unpack(keys))
 redis.call('SREM', ARGV[2], ARGV[3])
-notify('ev'); notify('space')
+wake('ev'); wake('space')
 redis.call('PEXPIRE', k('ev'), 60000)
 redis.call('PEXPIRE', k('space'), 60000)
 return {'ok'}

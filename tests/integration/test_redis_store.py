@@ -632,3 +632,44 @@ async def test_an_ack_takes_whole_or_part_leases_and_a_retried_ack_changes_nothi
     finally:
         await client.drop_partition(pname)
         await client.close()
+
+
+async def test_waiters_are_woken_at_once_and_no_one_else_is_told(pname):
+    """A get waiting for rows wakes when they are put, a put waiting for space when an ack frees
+    it, each well before its blocking read would time out (15 s); while no client waits, puts and
+    acks append nothing to the event streams."""
+    handle = start_store(redis_config(SHARED))
+    client = await StoreClient.connect(handle.address)
+    raw, key = client._r, client._key(pname)  # type: ignore[attr-defined]
+
+    async def entries() -> tuple[bytes, bytes]:
+        ids = [await raw.xrevrange(f"{key}:{s}", count=1) for s in ("ev", "space")]
+        return tuple(e[0][0] if e else b"" for e in ids)  # type: ignore[return-value]
+
+    try:
+        await client.create_partition(pname, {"x": "int64"}, capacity=4, consumers=["c"])
+        waiting = asyncio.ensure_future(client.get(pname, ["x"], batch_size=2, consumer="c", timeout_s=30))
+        await asyncio.sleep(0.3)
+        started = time.monotonic()
+        await client.put(pname, {"x": np.arange(2)})
+        first = await waiting
+        assert first.rows == [0, 1] and time.monotonic() - started < 3
+        await client.ack(first)
+        before = await entries()
+        for _ in range(2):  # no one waits: nothing is appended
+            batch_rows = await client.put(pname, {"x": np.arange(2)})
+            got = await client.get(pname, ["x"], batch_size=2, consumer="c")
+            assert got.rows == batch_rows
+            await client.ack(got)
+        assert await entries() == before
+        await client.put(pname, {"x": np.arange(4)})  # full
+        blocked = asyncio.ensure_future(client.put(pname, {"x": np.arange(2)}, timeout_s=30))
+        await asyncio.sleep(0.3)
+        assert not blocked.done()
+        started = time.monotonic()
+        await client.ack(await client.get(pname, ["x"], batch_size=2, consumer="c"))
+        await blocked
+        assert time.monotonic() - started < 3
+    finally:
+        await client.drop_partition(pname)
+        await client.close()
