@@ -71,8 +71,8 @@ local function now_ms()
 end
 -- the event streams: a script that answers a waiting state hands out the stream's last id (the
 -- client blocks in XREAD after it) and marks the stream watched; the next change that may end the
--- wait appends an entry, and only a watched stream gets one (an XADD that trims costs ~20 us, a
--- tenth of a one-consumer get's script)
+-- wait appends an entry, and only a watched stream gets one (an XADD that trims cost 7-30 us, and
+-- every ack that freed rows made one)
 local function wake(s) redis.call('XADD', k(s), 'MAXLEN', '1', '*', 'e', '1') end
 local function notify(s)
   if redis.call('HGET', k('meta'), 'watch_' .. s) ~= '0' then
