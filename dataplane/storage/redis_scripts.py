@@ -189,14 +189,11 @@ if cmask(j) ~= mask then
       complete = false
     end
   end
-  if complete then
-    if redis.call('EXISTS', c(j, 'pend')) == 0 then  -- nothing to move
-    elseif redis.call('EXISTS', c(j, 'ready')) == 0 then
-      redis.call('RENAME', c(j, 'pend'), c(j, 'ready'))  -- O(1): a consumer's first get, mostly
-    else
-      redis.call('ZUNIONSTORE', c(j, 'ready'), 2, c(j, 'ready'), c(j, 'pend'), 'AGGREGATE', 'MIN')
-      redis.call('DEL', c(j, 'pend'))
-    end
+  if complete and redis.call('EXISTS', c(j, 'ready')) == 0 then  -- a consumer's first get, mostly
+    if redis.call('EXISTS', c(j, 'pend')) == 1 then redis.call('RENAME', c(j, 'pend'), c(j, 'ready')) end
+  elseif complete then
+    redis.call('ZUNIONSTORE', c(j, 'ready'), 2, c(j, 'ready'), c(j, 'pend'), 'AGGREGATE', 'MIN')
+    redis.call('DEL', c(j, 'pend'))
   else
     local rows = redis.call('ZRANGE', c(j, 'pend'), 0, -1)
     for _, r in ipairs(redis.call('ZRANGE', c(j, 'ready'), 0, -1)) do table.insert(rows, r) end
