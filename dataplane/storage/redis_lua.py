@@ -12,10 +12,14 @@ make it one Redis Cluster hash slot):
                             are, and the client reads what it needs from them
     :refs            HASH   row -> its ready bits and the chunks of its cells, as one short string
                             (`refkey`): what freeing the row needs, without unpacking its metadata
-    :acked           HASH   row -> bits of the consumers that acked it (an integer, so an ack
-                            reads and writes no msgpack metadata unless it frees the row); no
-                            entry: acked by no one, so a partition with one consumer never
-                            writes it
+    :acked           HASH   '<j>:<block>' -> 8 bytes, bit i set once consumer j is done with row
+                            64 * block + i (acked it, or dropped it as stale): an ack reads and
+                            writes one short string per block of rows instead of an entry per
+                            row (per-row entries were a quarter of a get's server time with four
+                            consumers). Only with several consumers: one consumer's ack frees
+                            the row, so a partition with one never writes it (meta `layout` 3)
+    :blive           HASH   block -> its live rows (only with several consumers): a block's
+                            bitmaps go with its last live row
     :x:<chunk>:<b>   STRING the cells (`dataplane.storage.cells`) of field b of one put, back to
                             back: written by a plain SET in the same MULTI/EXEC as the put's
                             script, read by plain GETRANGEs after the get's script, one per run
@@ -116,6 +120,8 @@ local function bulk(cmd, key, args)
 end
 -- HMGET of any number of fields (Lua's unpack takes a few thousand at most); false for a missing one
 local function hmget(key, fields)
+  if #fields == 0 then return {} end
+  if #fields <= 5000 then return redis.call('HMGET', key, unpack(fields)) end
   local out = {}
   local s = 1
   while s <= #fields do
@@ -242,11 +248,80 @@ local function take(j, peer, held, excuse)
 end
 local function not_held(rows) return {'err', 'lease', rows[1]} end
 
--- stores of earlier versions kept ready rows in the pending set too (layout 1): take them out
+-- acked bitmaps (several consumers only): 8 bytes per consumer and block of 64 rows
+local BLOCK = 64
+local function block_of(r)
+  local n = tonumber(r)
+  return math.floor(n / BLOCK), n % BLOCK
+end
+local function blocks(rows)  -- {block -> {index in it, ...}}, and the blocks in the order met
+  local by, order = {}, {}
+  for _, r in ipairs(rows) do
+    local b, i = block_of(r)
+    local g = by[b]
+    if not g then g = {}; by[b] = g; table.insert(order, b) end
+    table.insert(g, i)
+  end
+  return by, order
+end
+local function bitmaps(nc, b)  -- maps[o + 1]: consumer o's bitmap of block b, as 8 byte values
+  local fields = {}
+  for o = 0, nc - 1 do fields[o + 1] = o .. ':' .. b end
+  local maps = redis.call('HMGET', k('acked'), unpack(fields))
+  for o = 1, nc do
+    if maps[o] then maps[o] = {string.byte(maps[o], 1, 8)} else maps[o] = {0, 0, 0, 0, 0, 0, 0, 0} end
+  end
+  return maps
+end
+local function save_bitmaps(b, maps)
+  local kv = {}
+  for o = 1, #maps do
+    table.insert(kv, (o - 1) .. ':' .. b); table.insert(kv, string.char(unpack(maps[o])))
+  end
+  redis.call('HSET', k('acked'), unpack(kv))
+end
+local function flip(map, i, on)  -- bit i of a bitmap
+  local at, v = math.floor(i / 8) + 1, POW[i % 8]
+  if on then map[at] = bit.bor(map[at], v) else map[at] = bit.band(map[at], 255 - v) end
+end
+-- rows become live (sign 1) or are freed (-1): their blocks' counts of live rows; the bitmaps of a
+-- block left with none are deleted
+local function live_blocks(rows, sign, nc)
+  local by, order = blocks(rows)
+  for _, b in ipairs(order) do
+    if redis.call('HINCRBY', k('blive'), b, sign * #by[b]) <= 0 then
+      redis.call('HDEL', k('blive'), b)
+      local fields = {}
+      for o = 0, nc - 1 do fields[o + 1] = o .. ':' .. b end
+      redis.call('HDEL', k('acked'), unpack(fields))
+    end
+  end
+end
+
+-- stores of earlier versions: layout 1 kept ready rows in the pending set too (taken out); layouts
+-- 1 and 2 kept an :acked entry per row (turned into bitmaps, and blocks count their live rows)
 local function upgrade()
-  if meta('layout') == '2' then return end
-  for j = 0, nconsumers() - 1 do redis.call('ZDIFFSTORE', c(j, 'pend'), 2, c(j, 'pend'), c(j, 'ready')) end
-  redis.call('HSET', k('meta'), 'layout', 2)
+  local layout = meta('layout')
+  if layout == '3' then return end
+  local nc = nconsumers()
+  if layout ~= '2' then
+    for j = 0, nc - 1 do redis.call('ZDIFFSTORE', c(j, 'pend'), 2, c(j, 'pend'), c(j, 'ready')) end
+  end
+  local old = redis.call('HGETALL', k('acked'))
+  redis.call('DEL', k('acked'), k('blive'))
+  if nc > 1 then
+    live_blocks(redis.call('HKEYS', k('rows')), 1, nc)
+    local by = {}
+    for i = 1, #old, 2 do
+      local b, x = block_of(old[i])
+      by[b] = by[b] or bitmaps(nc, b)
+      for o = 0, nc - 1 do
+        if bit.band(tonumber(old[i + 1]), POW[o]) ~= 0 then flip(by[b][o + 1], x, true) end
+      end
+    end
+    for b, maps in pairs(by) do save_bitmaps(b, maps) end
+  end
+  redis.call('HSET', k('meta'), 'layout', 3)
 end
 -- consumer j waits for rows again: ready if it has their fields (metas: the rows' metadata)
 local function wait_for(j, rows, metas)
@@ -354,39 +429,64 @@ local function free(rows)
   release_cells(counts)
   bulk('HDEL', k('rows'), rows)
   bulk('HDEL', k('refs'), rows)
-  if redis.call('EXISTS', k('acked')) == 1 then bulk('HDEL', k('acked'), rows) end  -- none: one consumer
+  local nc = nconsumers()
+  if nc > 1 then live_blocks(rows, -1, nc) end
   if redis.call('EXISTS', k('ver')) == 1 then bulk('ZREM', k('ver'), rows) end  -- none: no versions
   redis.call('HINCRBY', k('meta'), 'live', -#rows)
   redis.call('HINCRBY', k('meta'), 'freed', #rows)
   notify('space')
 end
 
--- the bits of the consumers that acked each row (false: the row is gone). A row is put without an
--- :acked entry (none: acked by no one), so with one consumer, whose ack frees the row, the hash is
--- never written or read. A live row has refs, or, if an earlier version stored it, an :acked entry.
+-- the bits of the consumers done with each row (false: the row is gone)
 local function acked_bits(rows)
-  local refs = hmget(k('refs'), rows)
-  local read = nconsumers() > 1
-  for i = 1, #rows do read = read or not refs[i] end
-  local acked = read and hmget(k('acked'), rows) or {}
-  local out = {}
-  for i = 1, #rows do
-    if acked[i] then out[i] = tonumber(acked[i]) else out[i] = refs[i] and 0 end
+  local live, nc = hmget(k('rows'), rows), nconsumers()
+  local out, maps = {}, {}
+  for i, r in ipairs(rows) do
+    out[i] = live[i] and 0
+    if live[i] and nc > 1 then
+      local b, x = block_of(r)
+      maps[b] = maps[b] or bitmaps(nc, b)
+      for o = 1, nc do
+        if bit.band(maps[b][o][math.floor(x / 8) + 1], POW[x % 8]) ~= 0 then out[i] = out[i] + POW[o - 1] end
+      end
+    end
   end
   return out
 end
+-- row r comes back to every consumer (regenerated): no one is done with it
+local function unack(r)
+  local nc = nconsumers()
+  if nc == 1 then return end
+  local b, x = block_of(r)
+  local maps = bitmaps(nc, b)
+  for o = 1, nc do flip(maps[o], x, false) end
+  save_bitmaps(b, maps)
+end
 
 -- consumer j is done with live rows it has not acked yet (acked, or dropped as stale): a row every
--- consumer is done with is freed, and its refs are read only then
+-- consumer is done with is freed. With several consumers, one HMGET and one HSET per block of rows
 local function done(j, rows)
   local nc = nconsumers()
   if nc == 1 then return free(rows) end
-  local all, gone, kept = POW[nc] - 1, {}, {}
-  for i, a in ipairs(hmget(k('acked'), rows)) do
-    a = bit.bor(tonumber(a) or 0, POW[j])
-    if a == all then table.insert(gone, rows[i]) else table.insert(kept, rows[i]); table.insert(kept, a) end
+  local by, order = blocks(rows)
+  local gone = {}
+  for _, b in ipairs(order) do
+    local maps = bitmaps(nc, b)
+    local mine = maps[j + 1]
+    for _, i in ipairs(by[b]) do
+      local at = math.floor(i / 8) + 1
+      mine[at] = bit.bor(mine[at], POW[i % 8])
+    end
+    local all = {mine[1], mine[2], mine[3], mine[4], mine[5], mine[6], mine[7], mine[8]}
+    for o = 1, nc do
+      local m = maps[o]
+      for at = 1, 8 do all[at] = bit.band(all[at], m[at]) end
+    end
+    for _, i in ipairs(by[b]) do
+      if bit.band(all[math.floor(i / 8) + 1], POW[i % 8]) ~= 0 then table.insert(gone, tostring(BLOCK * b + i)) end
+    end
+    redis.call('HSET', k('acked'), j .. ':' .. b, string.char(unpack(mine)))
   end
-  bulk('HSET', k('acked'), kept)
   free(gone)
 end
 
@@ -412,9 +512,10 @@ local function register(name)
   if j >= 31 then return {'err', 'consumers', j} end
   redis.call('HSET', k('cons'), name, j)
   redis.call('HSET', k('meta'), 'nc', j + 1)
-  local pend = {}
-  for _, r in ipairs(redis.call('HKEYS', k('rows'))) do table.insert(pend, r); table.insert(pend, r) end
+  local rows, pend = redis.call('HKEYS', k('rows')), {}
+  for _, r in ipairs(rows) do table.insert(pend, r); table.insert(pend, r) end
   bulk('ZADD', c(j, 'pend'), pend)
+  if j == 1 then live_blocks(rows, 1, 2) end  -- a second consumer: blocks count their live rows
   return nil
 end
 """

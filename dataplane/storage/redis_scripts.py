@@ -22,10 +22,11 @@ else
   redis.call('DEL', k('ev'), k('space'))
   redis.call('HSET', k('meta'), 'schema', schema, 'capacity', ARGV[3], 'stale', ARGV[4], 'next_row', 0,
     'next_group', 0, 'created', 0, 'freed', 0, 'put_waits', 0, 'sealed', 0, 'live', 0, 'nc', 0, 'nf', nf,
-    'layout', 2)
+    'layout', 3)
   for i = 1, nf do redis.call('HSET', k('bits'), ARGV[8 + i], i - 1) end
   redis.call('SADD', ARGV[6], ARGV[7])
 end
+upgrade()
 local at = 9 + nf
 for i = 1, tonumber(ARGV[at]) do
   local e = register(ARGV[at + i])
@@ -37,6 +38,7 @@ return {'ok'}
 # ARGV: B, consumer
 REGISTER = r"""
 if redis.call('EXISTS', k('meta')) == 0 then return {'err', 'unknown'} end
+upgrade()
 return register(ARGV[2]) or {'ok'}
 """
 
@@ -85,7 +87,9 @@ local delta = {}
 for b = 0, nfs - 1 do if bit.band(mask, POW[b]) == 0 then delta[b] = n end end
 missing(delta)
 bulk('ZADD', k('ver'), ver)
-for j = 0, nconsumers() - 1 do bulk('ZADD', c(j, has(mask, cmask(j)) and 'ready' or 'pend'), pend) end
+local nc = nconsumers()
+for j = 0, nc - 1 do bulk('ZADD', c(j, has(mask, cmask(j)) and 'ready' or 'pend'), pend) end
+if nc > 1 then live_blocks(rows, 1, nc) end
 redis.call('HINCRBY', k('meta'), 'live', n)
 redis.call('HINCRBY', k('meta'), 'created', n)
 redis.call('ZADD', k('puts'), now, ARGV[2])
@@ -221,8 +225,8 @@ if ARGV[7] ~= '' then
         forget_cells(counts, m, m[6])
         m[5] = bit.band(m[5], bit.bnot(m[6]))
         m[4], m[6] = -1, 0
-        local acked = tonumber(redis.call('HGET', k('acked'), r)) or 0
-        redis.call('HDEL', k('acked'), r)
+        local acked = acked_bits({r})[1] or 0
+        unack(r)
         for o = 0, nc - 1 do
           -- every consumer waits for the row again, but one holding it (it gives it back when its
           -- read finds the cells gone); j took it off its ready set above
@@ -310,6 +314,7 @@ ACK = r"""
 if redis.call('EXISTS', k('meta')) == 0 then return {'err', 'unknown'} end
 local j = consumer_bit(ARGV[2])
 if not j then return {'err', 'notreg', ARGV[2], redis.call('HKEYS', k('cons'))} end
+upgrade()
 return do_ack(j, ARGV[3], held_arg(ARGV[4])) or {'ok'}
 """
 
@@ -357,7 +362,7 @@ return {'ok'}
 DROP = r"""
 if redis.call('EXISTS', k('meta')) == 0 then return {'ok'} end
 local keys = {k('meta'), k('bits'), k('cons'), k('rows'), k('refs'), k('ver'), k('alive'), k('puts'),
-  k('putrow'), k('xc'), k('missing'), k('acked')}
+  k('putrow'), k('xc'), k('missing'), k('acked'), k('blive')}
 for _, ref in ipairs(redis.call('HKEYS', k('xc'))) do redis.call('DEL', k('x:' .. ref)) end
 for j = 0, nconsumers() - 1 do
   for _, s in ipairs({'pend', 'ready', 'lease', 'lrows', 'n'}) do table.insert(keys, c(j, s)) end
@@ -388,7 +393,14 @@ for j = 0, nconsumers() - 1 do
   table.insert(counts, {waiting, ready, leased(j), redis.call('HGETALL', c(j, 'n'))})
 end
 table.insert(out, counts)
-table.insert(out, redis.call('HGETALL', k('acked')))
+local acked, ids = {}, {}  -- row, bits of the consumers done with it, ... (rows no one is done with left out)
+for i = 1, #out[3], 2 do table.insert(ids, out[3][i]) end
+if nconsumers() > 1 then
+  for i, a in ipairs(acked_bits(ids)) do
+    if a and a ~= 0 then table.insert(acked, ids[i]); table.insert(acked, a) end
+  end
+end
+table.insert(out, acked)
 if ARGV[2] == '1' then
   local rows = out[3]
   local metas = {}
@@ -418,7 +430,7 @@ if redis.call('EXISTS', k('meta')) == 1 then return {'err', 'exists', meta('sche
 local nf = tonumber(ARGV[11])
 redis.call('HSET', k('meta'), 'schema', ARGV[4], 'capacity', ARGV[5], 'stale', ARGV[6], 'next_row', ARGV[7],
   'next_group', ARGV[8], 'created', ARGV[9], 'freed', 0, 'put_waits', 0, 'sealed', ARGV[10], 'live', 0,
-  'nc', 0, 'nf', nf, 'layout', 2)
+  'nc', 0, 'nf', nf, 'layout', 3)
 for i = 1, nf do redis.call('HSET', k('bits'), ARGV[11 + i], i - 1) end
 local at = 12 + nf
 local nc = tonumber(ARGV[at])
@@ -427,12 +439,16 @@ for i = 1, nc do
 end
 redis.call('HSET', k('meta'), 'nc', nc)
 at = at + nc + 1
-local rows, ver, cells, delta = {}, {}, {}, {}
+local rows, ver, cells, delta, maps = {}, {}, {}, {}, {}
 for i = at, #ARGV, 2 do
   local r, m = ARGV[i], cmsgpack.unpack(ARGV[i + 1])
   lacking(delta, m[5], nf, 1)
-  if m[7] ~= 0 then redis.call('HSET', k('acked'), r, m[7]) end
   local acked = m[7]
+  if acked ~= 0 and nc > 1 then
+    local b, x = block_of(r)
+    maps[b] = maps[b] or bitmaps(nc, b)
+    for o = 1, nc do if bit.band(acked, POW[o - 1]) ~= 0 then flip(maps[b][o], x, true) end end
+  end
   m[7] = 0
   for b = 0, nf - 1 do
     local chunk = m[9 + 3 * b] or ''
@@ -450,6 +466,8 @@ for i = at, #ARGV, 2 do
   end
 end
 for ref, n in pairs(cells) do redis.call('HSET', k('xc'), ref, n) end
+for b, m in pairs(maps) do save_bitmaps(b, m) end
+if nc > 1 then live_blocks(rows, 1, nc) end
 missing(delta)
 bulk('ZADD', k('ver'), ver)
 redis.call('HSET', k('meta'), 'live', #rows)

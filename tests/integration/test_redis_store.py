@@ -464,6 +464,7 @@ async def test_rows_stored_without_refs_are_freed_from_their_metadata(pname):
         assert await raw.hlen(f"{key}:refs") == 4
         await raw.hdel(f"{key}:refs", 0, 2)  # as an older version left them: no refs, acked by no one
         await raw.hset(f"{key}:acked", mapping={0: 0, 2: 0})
+        await raw.hdel(f"{key}:meta", "layout")
         got = await client.get(pname, ["ids", "r"], batch_size=4, consumer="c")
         assert [len(x) for x in got["ids"]] == [3, 5, 2, 2]
         await client.ack(got)
@@ -498,9 +499,9 @@ async def test_a_put_to_a_server_without_the_scripts_leaves_no_stray_cells(pname
 
 
 async def test_acked_bits_are_kept_only_for_rows_a_consumer_still_needs(pname):
-    """A row is put without an :acked entry; one consumer's ack frees it, so that hash is never
-    written. With two consumers a row acked by one gets an entry until the other acks it; an ack
-    repeated after the row is gone changes nothing."""
+    """One consumer's ack frees the row, so :acked is never written. With two consumers, each keeps
+    a bitmap per block of 64 rows, and a block counts its live rows: both go with the block's last
+    live row."""
     handle = start_store(redis_config(SHARED))
     client = await StoreClient.connect(handle.address)
     raw, key = client._r, client._key(pname)  # type: ignore[attr-defined]
@@ -513,11 +514,13 @@ async def test_acked_bits_are_kept_only_for_rows_a_consumer_still_needs(pname):
         await client.register_consumer(pname, "b")  # rows 2, 3: pending for both
         got_b = await client.get(pname, ["x"], batch_size=2, consumer="b")
         await client.ack(got_b)
-        assert await raw.hgetall(f"{key}:acked") == {b"2": b"2", b"3": b"2"}  # bit 1: consumer b
+        # consumer b (1) is done with rows 2 and 3 of block 0; a's bitmap is not written yet
+        assert await raw.hgetall(f"{key}:acked") == {b"1:0": bytes([0b1100]) + bytes(7)}
+        assert await raw.hgetall(f"{key}:blive") == {b"0": b"2"}
         got_a = await client.get(pname, ["x"], batch_size=2, consumer="a")
         assert got_a["x"].tolist() == [2, 3]
         await client.ack(got_a)
-        assert not await raw.exists(f"{key}:acked") and await raw.hlen(f"{key}:rows") == 0
+        assert not await raw.exists(f"{key}:acked", f"{key}:blive") and await raw.hlen(f"{key}:rows") == 0
         stats = (await client.store_stats())["partitions"][pname]
         assert stats["consumers"]["a"]["acked"] == 4 and stats["consumers"]["b"]["acked"] == 2
     finally:
@@ -578,7 +581,7 @@ async def test_a_store_of_the_earlier_layout_is_read_exactly_once(pname):
         await raw.hdel(f"{key}:meta", "layout")
         assert await _waiting(raw, key, 0) == (set(range(6)), set(range(8)))
         got = await client.get(pname, ["x", "y"], batch_size=4, consumer="a")
-        assert got.rows == [0, 1, 2, 3] and await raw.hget(f"{key}:meta", "layout") == b"2"
+        assert got.rows == [0, 1, 2, 3] and await raw.hget(f"{key}:meta", "layout") == b"3"
         assert await _waiting(raw, key, 0) == ({4, 5}, {6, 7})
         await client.put(pname, {"y": np.array([60, 70])}, rows=[6, 7])
         await client.seal(pname)
@@ -628,7 +631,8 @@ async def test_an_ack_takes_whole_or_part_leases_and_a_retried_ack_changes_nothi
         await ack_as_sent(both)
         stats = (await client.store_stats())["partitions"][pname]
         assert stats["consumers"]["a"]["acked"] == 12 and stats["consumers"]["a"]["leased"] == 0
-        assert stats["rows"] == 16 and await raw.hlen(f"{key}:acked") == 12  # b still needs them
+        assert stats["rows"] == 16  # b still needs them: a's bitmap says a is done with rows 0-11
+        assert await raw.hgetall(f"{key}:acked") == {b"0:0": b"\xff\x0f" + bytes(6)}
     finally:
         await client.drop_partition(pname)
         await client.close()
