@@ -483,7 +483,8 @@ local function done(j, rows)
       for at = 1, 8 do all[at] = bit.band(all[at], m[at]) end
     end
     for _, i in ipairs(by[b]) do
-      if bit.band(all[math.floor(i / 8) + 1], POW[i % 8]) ~= 0 then table.insert(gone, tostring(BLOCK * b + i)) end
+      local x = math.floor(i / 8) + 1
+      if bit.band(all[x], POW[i % 8]) ~= 0 then table.insert(gone, tostring(BLOCK * b + i)) end
     end
     redis.call('HSET', k('acked'), j .. ':' .. b, string.char(unpack(mine)))
   end

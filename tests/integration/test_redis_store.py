@@ -596,6 +596,37 @@ async def test_a_store_of_the_earlier_layout_is_read_exactly_once(pname):
         await client.close()
 
 
+async def test_a_store_with_an_acked_entry_per_row_is_converted_to_bitmaps(pname):
+    """Stores written by earlier versions kept an :acked entry per row: the first script that meets
+    one turns them into bitmaps and counts the blocks' live rows, so every row is still read once
+    by each consumer and freed after the last."""
+    handle = start_store(redis_config(SHARED))
+    client = await StoreClient.connect(handle.address)
+    raw, key = client._r, client._key(pname)  # type: ignore[attr-defined]
+    try:
+        await client.create_partition(pname, {"x": "int64"}, consumers=["a", "b"])
+        await client.put(pname, {"x": np.arange(70)})  # blocks 0 (rows 0-63) and 1 (64-69)
+        first = await client.get(pname, ["x"], batch_size=4, consumer="a")
+        await client.ack(first)
+        # layout 2: a's acks as one entry per row (bit 0: consumer a), no bitmaps, no block counts
+        await raw.delete(f"{key}:acked", f"{key}:blive")
+        await raw.hset(f"{key}:acked", mapping={r: 1 for r in first.rows})
+        await raw.hset(f"{key}:meta", "layout", 2)
+        got_b = await client.get(pname, ["x"], batch_size=70, consumer="b")
+        assert await raw.hget(f"{key}:meta", "layout") == b"3"
+        assert await raw.hgetall(f"{key}:acked") == {b"0:0": b"\x0f" + bytes(7), b"1:0": bytes(8)}
+        assert await raw.hgetall(f"{key}:blive") == {b"0": b"64", b"1": b"6"}
+        await client.ack(got_b)
+        assert await raw.hlen(f"{key}:rows") == 66  # rows 0-3, done by both, are gone
+        got_a = await client.get(pname, ["x"], batch_size=66, consumer="a")
+        assert got_a["x"].tolist() == list(range(4, 70))
+        await client.ack(got_a)
+        assert not await raw.exists(f"{key}:acked", f"{key}:blive", f"{key}:rows")
+    finally:
+        await client.drop_partition(pname)
+        await client.close()
+
+
 async def test_an_ack_takes_whole_or_part_leases_and_a_retried_ack_changes_nothing(pname):
     """An ack of a whole lease, of part of one, and of rows from two; the same ack sent again (its
     first reply lost) is a no-op; acking a row the client does not hold is refused and changes
