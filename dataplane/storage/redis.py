@@ -533,10 +533,15 @@ class RedisStoreClient(StoreClient):
             raise lease_error(batch.partition, batch.consumer, verb, str(e)) from None
 
     def _held_rows(self, partition: str, consumer: str, rows: Sequence[int]) -> bytes:
-        """lease id, row, ... for `rows` as the scripts take them (one msgpack argument, rows as
-        strings): the lease this client holds each under ('-': none, which the script refuses)."""
+        """lease id, rows, lease id, rows, ... for `rows` as the scripts take them (one msgpack
+        argument): each run of rows this client holds under one lease ('-': none, which the script
+        refuses), comma-separated in their order, so a whole batch is its lease's id and the very
+        string the lease keeps."""
         held = self._leases.get((partition, consumer), {})
-        return msgpack.packb([x for r in rows for x in (held.get(int(r), "-"), str(int(r)))])
+        out: list[str] = []
+        for lease, run in itertools.groupby(map(int, rows), key=lambda r: held.get(r, "-")):
+            out += [lease, ",".join(map(str, run))]
+        return msgpack.packb(out)
 
     def _forget(self, partition: str, consumer: str, rows: Sequence[int]) -> None:
         held = self._leases.get((partition, consumer), {})

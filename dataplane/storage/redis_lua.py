@@ -44,8 +44,8 @@ make it one Redis Cluster hash slot):
                             stores of earlier versions kept ready rows in both and are converted
                             by `upgrade` when a script first meets them)
     :c<j>:lease      ZSET   lease id -> deadline (server ms); a lease is one handed-out batch, its
-                            id '<client id>/<n>'; :c<j>:lrows HASH lease id -> msgpack list of the
-                            rows it still holds (a lease per batch, not per row: per-row lease
+                            id '<client id>/<n>'; :c<j>:lrows HASH lease id -> the rows it still
+                            holds, comma-separated (a lease per batch, not per row: per-row lease
                             entries were a third of a get's server time)
     :c<j>:n          HASH   counters (delivered, acked, redelivered, ...)
     :alive           ZSET   client id by the deadline of its heartbeat
@@ -161,19 +161,26 @@ local function consumer_bit(name)
 end
 local function c(j, s) return k('c' .. j .. ':' .. s) end
 
--- leases: who holds one, a new one, the rows of ended ones
+-- leases: who holds one, a new one, the rows of ended ones. A lease's rows are one string, the
+-- row numbers in the order it holds them, comma-separated: an ack of a whole lease compares it
+-- with what the client sends, and a new lease is one table.concat
+local function rows_of(s)
+  local t = {}
+  for r in string.gmatch(s, '[^,]+') do t[#t + 1] = r end
+  return t
+end
 local function holder(id) return string.match(id, '^(.*)/%d+$') end
 local function new_lease(j, peer, rows, deadline)
   if #rows == 0 then return '' end
   local id = peer .. '/' .. redis.call('HINCRBY', c(j, 'n'), 'leases', 1)
   redis.call('ZADD', c(j, 'lease'), deadline, id)
-  redis.call('HSET', c(j, 'lrows'), id, cmsgpack.pack(rows))
+  redis.call('HSET', c(j, 'lrows'), id, table.concat(rows, ','))
   return id
 end
 local function end_leases(j, ids)
   local rows = {}
   for _, v in ipairs(hmget(c(j, 'lrows'), ids)) do
-    if v then for _, r in ipairs(cmsgpack.unpack(v)) do table.insert(rows, r) end end
+    if v then for r in string.gmatch(v, '[^,]+') do table.insert(rows, r) end end
   end
   bulk('HDEL', c(j, 'lrows'), ids)
   bulk('ZREM', c(j, 'lease'), ids)
@@ -186,62 +193,59 @@ local function leases_of(j, peers)  -- ids of consumer j's leases held by the cl
   end
   return ids
 end
--- lease id, row, lease id, row, ... as the client sends them: one msgpack argument ('' for none)
--- instead of two per row, which cost the client more to encode than the script to run
+-- lease id, its rows (comma-separated), lease id, its rows, ... as the client sends them: one
+-- msgpack argument ('' for none)
 local function held_arg(s)
   if s == '' then return {} end
   return cmsgpack.unpack(s)
 end
--- rows come off the leases `peer` holds them under; held: lease id, row, lease id, row, ...
+-- rows come off the leases `peer` holds them under; held: lease id, rows, lease id, rows, ...
 -- Answers the rows taken, a repeated one once. Rows peer does not hold under the lease named with
 -- them are passed to excuse(rows) first: if it answers an error, that is answered and nothing
 -- changes; else they are skipped.
 local function take(j, peer, held, excuse)
-  local id, rows = held[1], {}
-  if id and holder(id) == peer then  -- mostly one whole lease in the order it holds its rows
-    for i = 1, #held, 2 do
-      if held[i] ~= id then rows = nil; break end
-      rows[(i + 1) / 2] = held[i + 1]
-    end
-    if rows and redis.call('HGET', c(j, 'lrows'), id) == cmsgpack.pack(rows) then
-      redis.call('HDEL', c(j, 'lrows'), id)
-      redis.call('ZREM', c(j, 'lease'), id)
-      return rows
-    end
+  local id = held[1]
+  -- mostly one whole lease, in the order it holds its rows
+  if #held == 2 and holder(id) == peer and redis.call('HGET', c(j, 'lrows'), id) == held[2] then
+    redis.call('HDEL', c(j, 'lrows'), id)
+    redis.call('ZREM', c(j, 'lease'), id)
+    return rows_of(held[2])
   end
   local leases, order, taken, missing = {}, {}, {}, {}
   for i = 1, #held, 2 do
-    local id, r = held[i], held[i + 1]
+    id = held[i]
     local l = leases[id]
     if l == nil then
       l = false
       local v = holder(id) == peer and redis.call('HGET', c(j, 'lrows'), id)
       if v then
-        l = {}
-        for _, x in ipairs(cmsgpack.unpack(v)) do l[x] = 1 end
+        l = {rows = rows_of(v), held = {}}
+        for _, x in ipairs(l.rows) do l.held[x] = 1 end
       end
       leases[id] = l
       table.insert(order, id)
     end
-    if l and l[r] == 1 then
-      l[r] = 0
-      table.insert(taken, r)
-    elseif not (l and l[r] == 0) then
-      table.insert(missing, r)
+    for _, r in ipairs(rows_of(held[i + 1])) do
+      if l and l.held[r] == 1 then
+        l.held[r] = 0
+        table.insert(taken, r)
+      elseif not (l and l.held[r] == 0) then
+        table.insert(missing, r)
+      end
     end
   end
   if #missing > 0 then
     local e = excuse(missing)
     if e then return nil, e end
   end
-  for _, id in ipairs(order) do
-    local left = {}
-    for x, v in pairs(leases[id] or {}) do if v == 1 then table.insert(left, x) end end
+  for _, lid in ipairs(order) do
+    local l, left = leases[lid], {}
+    for _, x in ipairs(l and l.rows or {}) do if l.held[x] == 1 then table.insert(left, x) end end
     if #left > 0 then
-      redis.call('HSET', c(j, 'lrows'), id, cmsgpack.pack(left))
-    elseif leases[id] then
-      redis.call('HDEL', c(j, 'lrows'), id)
-      redis.call('ZREM', c(j, 'lease'), id)
+      redis.call('HSET', c(j, 'lrows'), lid, table.concat(left, ','))
+    elseif l then
+      redis.call('HDEL', c(j, 'lrows'), lid)
+      redis.call('ZREM', c(j, 'lease'), lid)
     end
   end
   return taken
@@ -299,13 +303,19 @@ local function live_blocks(rows, sign, nc)
 end
 
 -- stores of earlier versions: layout 1 kept ready rows in the pending set too (taken out); layouts
--- 1 and 2 kept an :acked entry per row (turned into bitmaps, and blocks count their live rows)
+-- 1 and 2 kept an :acked entry per row (turned into bitmaps, and blocks count their live rows) and
+-- a lease's rows as a msgpack list
 local function upgrade()
   local layout = meta('layout')
   if layout == '3' then return end
   local nc = nconsumers()
   if layout ~= '2' then
     for j = 0, nc - 1 do redis.call('ZDIFFSTORE', c(j, 'pend'), 2, c(j, 'pend'), c(j, 'ready')) end
+  end
+  for j = 0, nc - 1 do  -- a lease's rows: a msgpack list before, a string now
+    local kv = redis.call('HGETALL', c(j, 'lrows'))
+    for i = 2, #kv, 2 do kv[i] = table.concat(cmsgpack.unpack(kv[i]), ',') end
+    bulk('HSET', c(j, 'lrows'), kv)
   end
   local old = redis.call('HGETALL', k('acked'))
   redis.call('DEL', k('acked'), k('blive'))

@@ -379,7 +379,7 @@ return {'ok'}
 SNAPSHOT = r"""
 local function leased(j)
   local n = 0
-  for _, v in ipairs(redis.call('HVALS', c(j, 'lrows'))) do n = n + #cmsgpack.unpack(v) end
+  for _, v in ipairs(redis.call('HVALS', c(j, 'lrows'))) do n = n + #rows_of(v) end
   return n
 end
 if redis.call('EXISTS', k('meta')) == 0 then return {'err', 'unknown'} end

@@ -18,6 +18,7 @@ import time
 import uuid
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import pytest
 
@@ -596,10 +597,11 @@ async def test_a_store_of_the_earlier_layout_is_read_exactly_once(pname):
         await client.close()
 
 
-async def test_a_store_with_an_acked_entry_per_row_is_converted_to_bitmaps(pname):
-    """Stores written by earlier versions kept an :acked entry per row: the first script that meets
-    one turns them into bitmaps and counts the blocks' live rows, so every row is still read once
-    by each consumer and freed after the last."""
+async def test_a_store_of_layout_2_is_converted_with_its_acks_and_leases(pname):
+    """Stores written by earlier versions kept an :acked entry per row and a lease's rows as a
+    msgpack list: the first script that meets one turns them into bitmaps (blocks counting their
+    live rows) and strings, so a lease held across the change is acked whole, every row is read
+    once by each consumer and freed after the last."""
     handle = start_store(redis_config(SHARED))
     client = await StoreClient.connect(handle.address)
     raw, key = client._r, client._key(pname)  # type: ignore[attr-defined]
@@ -608,14 +610,21 @@ async def test_a_store_with_an_acked_entry_per_row_is_converted_to_bitmaps(pname
         await client.put(pname, {"x": np.arange(70)})  # blocks 0 (rows 0-63) and 1 (64-69)
         first = await client.get(pname, ["x"], batch_size=4, consumer="a")
         await client.ack(first)
+        held_b = await client.get(pname, ["x"], batch_size=2, consumer="b")
         # layout 2: a's acks as one entry per row (bit 0: consumer a), no bitmaps, no block counts
         await raw.delete(f"{key}:acked", f"{key}:blive")
         await raw.hset(f"{key}:acked", mapping={r: 1 for r in first.rows})
+        (lease,) = await raw.hkeys(f"{key}:c1:lrows")
+        await raw.hset(f"{key}:c1:lrows", lease, msgpack.packb(["0", "1"]))
         await raw.hset(f"{key}:meta", "layout", 2)
-        got_b = await client.get(pname, ["x"], batch_size=70, consumer="b")
+        got_b = await client.get(pname, ["x"], batch_size=68, consumer="b", ack=held_b)
         assert await raw.hget(f"{key}:meta", "layout") == b"3"
-        assert await raw.hgetall(f"{key}:acked") == {b"0:0": b"\x0f" + bytes(7), b"1:0": bytes(8)}
-        assert await raw.hgetall(f"{key}:blive") == {b"0": b"64", b"1": b"6"}
+        assert got_b.rows == list(range(2, 70))
+        assert list((await raw.hgetall(f"{key}:c1:lrows")).values()) == [
+            ",".join(map(str, got_b.rows)).encode()
+        ]
+        assert await raw.hgetall(f"{key}:acked") == {b"0:0": b"\x0f" + bytes(7), b"1:0": b"\x03" + bytes(7)}
+        assert await raw.hgetall(f"{key}:blive") == {b"0": b"62", b"1": b"6"}  # rows 0, 1: done by both
         await client.ack(got_b)
         assert await raw.hlen(f"{key}:rows") == 66  # rows 0-3, done by both, are gone
         got_a = await client.get(pname, ["x"], batch_size=66, consumer="a")
