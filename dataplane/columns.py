@@ -86,7 +86,7 @@ def to_column(field: str, spec: FieldSpec, value: Any, n_rows: int) -> Column:
     if isinstance(value, Sequence) and not isinstance(value, str | bytes):
         if len(value) != n_rows:
             raise SchemaError(f"field {field!r}: got {len(value)} values for {n_rows} rows; give one per row")
-        rows = [_row_array(field, spec, v, i) for i, v in enumerate(value)]
+        rows = _plain_rows(spec, value) or [_row_array(field, spec, v, i) for i, v in enumerate(value)]
         nbytes = [int(r.nbytes) for r in rows]
         if spec.ragged:
             return Column("r", None, rows, nbytes, [int(r.shape[0]) for r in rows])
@@ -95,6 +95,22 @@ def to_column(field: str, spec: FieldSpec, value: Any, n_rows: int) -> Column:
         f"field {field!r}: got {type(value).__name__}; expected an array with one row per sample or "
         f"a list of {n_rows} per-row values of {spec}"
     )
+
+
+def _plain_rows(spec: FieldSpec, values: Sequence[Any]) -> list[Any] | None:
+    """`values` as they are if each is a C-contiguous numpy array of the spec's dtype (native byte
+    order) and rank whose fixed dims match, checked in one pass; else None (`_row_array` checks each
+    row and names the first bad one). The common rows, token ids and log-probs, take this path."""
+    if spec.dtype == "bfloat16" or not values:
+        return None
+    dtype, rank = np.dtype(spec.dtype), len(spec.shape)
+    fixed = [(k, d) for k, d in enumerate(spec.shape) if d is not None]
+    for v in values:
+        if type(v) is not np.ndarray or v.dtype != dtype or v.ndim != rank or not v.flags.c_contiguous:
+            return None
+        if fixed and any(v.shape[k] != d for k, d in fixed):
+            return None
+    return list(values)
 
 
 def _row_array(field: str, spec: FieldSpec, value: Any, i: int) -> Any:

@@ -55,9 +55,20 @@ def encode_run(spec: FieldSpec, column: Column, n: int) -> tuple[Cell, list[int]
     if column.kind == "d":
         _, _, _, raw = array_meta(column.block)
         return raw, [len(raw) // max(n, 1)]
+    if _plain_ragged(spec, column.rows):  # the rows' raw bytes back to back: one concatenation in C
+        lengths = [row.nbytes for row in column.rows]
+        return b"".join(column.rows), lengths[:1] if len(set(lengths)) == 1 else lengths
     cells = encode_column(spec, column, n)
     lengths = [len(c) for c in cells]
     return b"".join(cells), lengths[:1] if len(set(lengths)) == 1 else lengths
+
+
+def _plain_ragged(spec: FieldSpec, rows: Sequence[Any]) -> bool:
+    """A numeric field with one `*` dim whose rows are C-contiguous numpy arrays in native byte order:
+    each row's cell is its raw bytes (`encode_value`), so the run is the rows concatenated."""
+    if not (spec.numeric and _kind(spec) == "numpy" and sum(d is None for d in spec.shape) == 1 and rows):
+        return False
+    return all(type(r) is np.ndarray and r.flags.c_contiguous and r.dtype.isnative for r in rows)
 
 
 def encode_value(spec: FieldSpec, value: Any) -> Cell:

@@ -257,20 +257,17 @@ class RedisStoreClient(StoreClient):
                     "cells of a field are one value); put fewer rows at a time"
                 )
         cells = [(b, blob) for b, blob, _ in runs]
-        tail = [len(bits), *bits, msgpack.packb([lengths for *_, lengths in runs])]
+        sizes = msgpack.packb([[int(x) for x in lengths], nbytes])  # the rows' lengths and byte counts
+        tail = [len(bits), *bits, msgpack.packb([lengths for *_, lengths in runs]), sizes]
         ver = "" if version is None else int(version)
         if index is not None and not index:
             return []
         if index is not None:
-            reply = await self._call(
-                self._put, partition, cells, "PUT_FILL", "-", n, ver, *tail, *index, *lengths, *nbytes
-            )
+            reply = await self._call(self._put, partition, cells, "PUT_FILL", "-", n, ver, *tail, *index)
             if reply[0] == b"err":
                 raise self._error(partition, reply)
         else:
-            index = await self._put_new(
-                partition, n, group_size, ver, cells, tail + [*lengths, *nbytes], timeout_s
-            )
+            index = await self._put_new(partition, n, group_size, ver, cells, tail, timeout_s)
         self.stats.puts += 1
         self.stats.rows_put += n
         self.stats.bytes_put += sum(nbytes)

@@ -137,11 +137,11 @@ local function getrows(rows)
   for i, v in ipairs(hmget(k('rows'), rows)) do out[i] = v and cmsgpack.unpack(v) end
   return out
 end
-local function setrows(rows, metas)
+local function setrows(rows, metas, ref)  -- ref: the refs every row has, if known
   local kv, refs = {}, {}
   for i, r in ipairs(rows) do
-    table.insert(kv, r); table.insert(kv, cmsgpack.pack(metas[i]))
-    table.insert(refs, r); table.insert(refs, refkey(metas[i]))
+    kv[2 * i - 1], kv[2 * i] = r, cmsgpack.pack(metas[i])
+    refs[2 * i - 1], refs[2 * i] = r, ref or refkey(metas[i])
   end
   bulk('HSET', k('rows'), kv)
   bulk('HSET', k('refs'), refs)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from asyncflow.errors import SchemaError
 from dataplane.columns import to_column
 from dataplane.schema import FieldSpec
 from dataplane.storage.cells import (
@@ -68,3 +69,20 @@ def test_dense_cells_are_views_of_the_put_buffer():
     assert all(isinstance(c, memoryview) and c.nbytes == 16 for c in cells)
     block[1, 0] = 7.0
     assert np.frombuffer(cells[1], np.float32)[0] == 7.0  # no copy was made
+
+
+def test_plain_ragged_rows_take_one_pass_and_match_the_row_by_row_path():
+    """Native C-contiguous numpy rows are checked in one pass and concatenated in C; rows that are
+    not (a strided view, big-endian, a torch tensor) go row by row, to the same bytes; a bad row
+    among plain ones is still named."""
+    field = FieldSpec.parse("int64[*]")
+    plain = [np.arange(5), np.arange(0), np.arange(3) * 7]
+    mixed = [(np.arange(10) // 2)[::2], np.arange(0).astype(">i8"), torch.arange(3) * 7]
+    runs = [encode_run(field, to_column("ids", field, rows, 3), 3) for rows in (plain, mixed)]
+    assert bytes(runs[0][0]) == bytes(runs[1][0]) == b"".join(r.tobytes() for r in plain)
+    assert runs[0][1] == runs[1][1] == [40, 0, 24]
+    with pytest.raises(SchemaError, match=r"field 'ids', row 2: dtype int32"):
+        to_column("ids", field, [np.arange(2), np.arange(3), np.arange(4, dtype=np.int32)], 3)
+    wide = FieldSpec.parse("float32[2,*]")
+    with pytest.raises(SchemaError, match="row 1"):
+        to_column("w", wide, [np.zeros((2, 3), np.float32), np.zeros((3, 3), np.float32)], 2)
