@@ -15,8 +15,8 @@ make it one Redis Cluster hash slot):
     :acked           HASH   '<j>:<block>' -> 8 bytes, bit i set once consumer j is done with row
                             64 * block + i (acked it, or dropped it as stale): an ack reads and
                             writes one short string per block of rows instead of an entry per
-                            row (per-row entries were a quarter of a get's server time with four
-                            consumers). Only with several consumers: one consumer's ack frees
+                            row (a get's script with four consumers: 0.915x of its time with
+                            per-row entries). Only with several consumers: one consumer's ack frees
                             the row, so a partition with one never writes it (meta `layout` 3)
     :blive           HASH   block -> its live rows (only with several consumers): a block's
                             bitmaps go with its last live row
