@@ -268,10 +268,13 @@ local function blocks(rows)  -- {block -> {index in it, ...}}, and the blocks in
   end
   return by, order
 end
-local function bitmaps(nc, b)  -- maps[o + 1]: consumer o's bitmap of block b, as 8 byte values
+local function bitmap_fields(nc, b)  -- the :acked fields of block b, consumer 0 first
   local fields = {}
   for o = 0, nc - 1 do fields[o + 1] = o .. ':' .. b end
-  local maps = redis.call('HMGET', k('acked'), unpack(fields))
+  return fields
+end
+local function bitmaps(nc, b)  -- maps[o + 1]: consumer o's bitmap of block b, as 8 byte values
+  local maps = redis.call('HMGET', k('acked'), unpack(bitmap_fields(nc, b)))
   for o = 1, nc do
     if maps[o] then maps[o] = {string.byte(maps[o], 1, 8)} else maps[o] = {0, 0, 0, 0, 0, 0, 0, 0} end
   end
@@ -295,9 +298,7 @@ local function live_blocks(rows, sign, nc)
   for _, b in ipairs(order) do
     if redis.call('HINCRBY', k('blive'), b, sign * #by[b]) <= 0 then
       redis.call('HDEL', k('blive'), b)
-      local fields = {}
-      for o = 0, nc - 1 do fields[o + 1] = o .. ':' .. b end
-      redis.call('HDEL', k('acked'), unpack(fields))
+      redis.call('HDEL', k('acked'), unpack(bitmap_fields(nc, b)))
     end
   end
 end
@@ -324,9 +325,10 @@ local function upgrade()
     local by = {}
     for i = 1, #old, 2 do
       local b, x = block_of(old[i])
+      local acked = tonumber(old[i + 1])
       by[b] = by[b] or bitmaps(nc, b)
       for o = 0, nc - 1 do
-        if bit.band(tonumber(old[i + 1]), POW[o]) ~= 0 then flip(by[b][o + 1], x, true) end
+        if bit.band(acked, POW[o]) ~= 0 then flip(by[b][o + 1], x, true) end
       end
     end
     for b, maps in pairs(by) do save_bitmaps(b, maps) end
@@ -483,7 +485,7 @@ local function done(j, rows)
   for _, b in ipairs(order) do
     local maps = bitmaps(nc, b)
     local mine = maps[j + 1]
-    for _, i in ipairs(by[b]) do
+    for _, i in ipairs(by[b]) do  -- `flip` inlined here and below: the hot loop of every ack
       local at = math.floor(i / 8) + 1
       mine[at] = bit.bor(mine[at], POW[i % 8])
     end
