@@ -73,9 +73,7 @@ local sizes = cmsgpack.unpack(ARGV[10 + nf])
 local rows, ver, pend, metas = {}, {}, {}, {}
 local nfs = tonumber(meta('nf'))
 for i = 1, n do
-  -- a row number as a string once: Redis formats a Lua number argument with snprintf, and each row
-  -- is an argument of several commands (a third of a put's script time with four consumers)
-  local r = tostring(first + i - 1)
+  local r = tostring(first + i - 1)  -- rows as strings, as every other script has them (ZRANGE, ARGV)
   rows[i] = r
   metas[i] = {g0 + math.floor((i - 1) / gs), gs, sizes[1][i], version, mask, versioned, 0, sizes[2][i]}
   for b = 0, nfs - 1 do metas[i][9 + 3 * b], metas[i][10 + 3 * b], metas[i][11 + 3 * b] = '', 0, 0 end
@@ -394,9 +392,10 @@ for j = 0, nconsumers() - 1 do
   table.insert(counts, {waiting, ready, leased(j), redis.call('HGETALL', c(j, 'n'))})
 end
 table.insert(out, counts)
-local acked, ids = {}, {}  -- row, bits of the consumers done with it, ... (rows no one is done with left out)
-for i = 1, #out[3], 2 do table.insert(ids, out[3][i]) end
+local acked = {}  -- row, bits of the consumers done with it, ... (rows no one is done with left out)
 if nconsumers() > 1 then
+  local ids = {}
+  for i = 1, #out[3], 2 do table.insert(ids, out[3][i]) end
   for i, a in ipairs(acked_bits(ids)) do
     if a and a ~= 0 then table.insert(acked, ids[i]); table.insert(acked, a) end
   end
