@@ -136,6 +136,42 @@ async def test_expired_lease_is_redelivered_once_and_late_ack_is_refused(store, 
     assert counts["redelivered"] == 4 and counts["acked"] == 4
 
 
+async def test_a_get_carrying_a_late_ack_is_refused_and_leases_nothing(store, client, pname):
+    await client.create_partition(pname, {"x": "int64"}, consumers=["c"])
+    await client.put(pname, {"x": np.arange(4)})
+    first = await client.get(pname, ["x"], batch_size=4, consumer="c", lease_s=0.3)
+    other = await StoreClient.connect(store.address)
+    try:
+        again = await other.get(pname, ["x"], batch_size=4, consumer="c", timeout_s=5)
+        assert sorted(again.rows) == sorted(first.rows)  # redelivered once the lease ended
+        await client.put(pname, {"x": np.arange(4, 8)})
+        with pytest.raises(LeaseError, match="does not hold its lease"):
+            await client.get(pname, ["x"], batch_size=4, consumer="c", ack=first, lease_s=600)
+        # the rows that get would have taken are not held by it: the next get has them at once
+        rest = await other.get(pname, ["x"], batch_size=4, consumer="c", timeout_s=2)
+        assert sorted(rest["x"].tolist()) == [4, 5, 6, 7]
+        await other.ack(again)
+        await other.ack(rest)
+    finally:
+        await other.close()
+    stats = (await client.store_stats())["partitions"][pname]
+    assert stats["rows"] == 0 and stats["consumers"]["c"]["acked"] == 8
+
+
+async def test_a_waiting_get_acks_at_once_so_a_full_partition_takes_the_next_put(client, pname):
+    await client.create_partition(pname, {"x": "int64"}, capacity=4, consumers=["c"])
+    await client.put(pname, {"x": np.arange(4)})
+    held = await client.get(pname, ["x"], batch_size=4, consumer="c")
+    put = asyncio.ensure_future(client.put(pname, {"x": np.arange(4, 8)}, timeout_s=10))
+    await asyncio.sleep(0.2)
+    assert not put.done()  # full until the held rows are acked
+    # nothing is ready, so this get waits; the ack it carries must not wait with it
+    nxt = await client.get(pname, ["x"], batch_size=4, consumer="c", ack=held, timeout_s=5)
+    assert sorted(nxt["x"].tolist()) == [4, 5, 6, 7]
+    await put
+    await client.ack(nxt)
+
+
 async def test_closed_connection_returns_its_leases_at_once(store, client, pname):
     await client.create_partition(pname, {"x": "int64"}, consumers=["c"])
     await client.put(pname, {"x": np.arange(3)})
