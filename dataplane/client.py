@@ -282,9 +282,9 @@ class StoreClient:
         Waits until the sampler can serve a full batch (raises StoreTimeout after
         `timeout_s`, or returns what there is if `allow_partial`). With `v_min`, rows of an
         older policy version are dropped or regenerated instead (dataplane.stale_policy).
-        `ack` acks a previous batch of the same consumer with this request, not in a round trip of
-        its own before it. `writes` names the fields this consumer fills in these rows: if it dies
-        mid-put, the store clears what it half wrote before another instance gets the rows.
+        `ack` acks a previous batch of the same consumer in the same round trip. `writes` names
+        the fields this consumer fills in these rows: if it dies mid-put, the store clears what it
+        half wrote before another instance gets the rows.
         """
         if ack is not None and ack.consumer != consumer:
             raise SchemaError(f"ack= takes a batch of consumer {consumer!r}, got one of {ack.consumer!r}")

@@ -355,7 +355,7 @@ class RedisStoreClient(StoreClient):
                 )  # fmt: skip
             if isinstance(got, Batch):
                 return got
-            batch = await self._batch(partition, consumer, fields, *got)  # acks `ack` too
+            batch = await self._batch(partition, consumer, fields, *got)
             if batch is not None:
                 return batch
             ack = None  # sent; a field was regenerated meanwhile and the rows went back: ask again
@@ -375,11 +375,8 @@ class RedisStoreClient(StoreClient):
         timeout_s = self.config.get_timeout_s if timeout_s is None else timeout_s
         started = time.monotonic()
         deadline = started + timeout_s
+        acks = self._held_rows(partition, consumer, ack.rows) if ack is not None and ack.rows else b""
         mode = "seq" if chooser.name == "sequential" else "cand"
-        ack = ack if ack is not None and ack.rows else None
-        # a sequential get acks beside its cells' read (`_batch`), other samplers with their first script
-        later = ack if mode == "seq" else None
-        acks = self._held_rows(partition, consumer, ack.rows) if ack is not None and later is None else b""
         waited, partial = False, False
         lease_ms = int(1000 * (lease_s or self.config.lease_s))
         vmin = "" if v_min is None else int(v_min)
@@ -416,10 +413,7 @@ class RedisStoreClient(StoreClient):
                     reply = [b"wait", last, next_ms, nready, npend]
             if reply[0] == b"ok":
                 self._start_heartbeat(partition)
-                return reply, read_bits, schema, shards, later
-            if later is not None:  # nothing leased to overlap it with: ack now
-                await self.ack(later)
-                later = None
+                return reply, read_bits, schema, shards
             if reply[0] == b"end":
                 return Batch(partition, consumer, [], self._empty(fields, schema), [], [], [], [], None, True)
             if reply[0] == b"conflict":
@@ -443,7 +437,7 @@ class RedisStoreClient(StoreClient):
     def _empty(self, fields: Sequence[str], schema: dict[str, FieldSpec]) -> dict[str, Any]:
         return {f: decode_column(schema[f], []) for f in fields}
 
-    async def _batch(self, partition, consumer, fields, reply, bits, schema, shards, ack) -> Batch | None:
+    async def _batch(self, partition, consumer, fields, reply, bits, schema, shards) -> Batch | None:
         """The leased rows of a get's `reply` with their cells; None (rows handed back) if a cell
         went missing meanwhile (its field was regenerated)."""
         rows = [int(r) for r in reply[1]]
@@ -460,16 +454,11 @@ class RedisStoreClient(StoreClient):
         cols = list(zip(*metas))  # cols[i]: item i of every row's metadata
         groups, lengths, versions = (list(cols[i]) if rows else [] for i in (0, 2, 3))
         batch = Batch(partition, consumer, rows, {}, [0] * len(rows), groups, versions, lengths, shards)
-        wanted = [(b, schema[f]) for b, f in zip(bits, fields)]
-        # A sequential get's ack goes out right after the cells' GETRANGEs (gather starts them in
-        # this order), so Redis frees the acked rows while the cells travel and this client
-        # decodes them, instead of in the script the lease waits for.
-        parts = [self._call(self._columns, partition, wanted, cols, len(rows))]
-        if ack is not None:
-            parts.append(self.ack(ack))
         try:
-            columns = (await asyncio.gather(*parts))[0]
-        except (asyncio.CancelledError, LeaseError):
+            columns = await self._call(
+                self._columns, partition, [(b, schema[f]) for b, f in zip(bits, fields)], cols, len(rows)
+            )
+        except asyncio.CancelledError:
             if rows:  # leased, never handed over: give them back now rather than when the lease ends
                 await asyncio.shield(self.release(batch))
             raise
