@@ -16,13 +16,13 @@ import collections
 import contextlib
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from asyncflow.errors import DataPlaneError, SchemaError
+from asyncflow.errors import DataPlaneError, LeaseError, SchemaError
 from dataplane.columns import Column, assemble, to_column, wire
 from dataplane.schema import FieldSpec, parse_schema
 from dataplane.wire import Stub
@@ -42,6 +42,8 @@ class Batch:
     lengths: list[int] = field(repr=False)
     shards: list[list[int]] | None = field(default=None, repr=False)
     end: bool = False  # the partition is sealed and this consumer has had every row
+    leased_at: float = field(default=0.0, repr=False)  # time.monotonic() when the lease was asked for
+    lease_s: float = field(default=float("inf"), repr=False)  # how long the lease lasts from then
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -95,6 +97,7 @@ class Batch:
             lengths=self.lengths + other.lengths,
             shards=None,
             end=other.end,
+            leased_at=min(self.leased_at, other.leased_at),
         )
 
 
@@ -120,6 +123,7 @@ class StoreClient:
     def __init__(self, address: str):
         self.address = address
         self._controller = Stub(address)
+        self._controller.connection.on_late_result = self._late_result
         self._units: list[Stub] = []
         self._schemas: dict[str, dict[str, FieldSpec]] = {}
         self._reserved: dict[str, dict] = {}  # partition -> rows reserved for this client's next put
@@ -135,6 +139,14 @@ class StoreClient:
         client = cls(address)
         client._units = [Stub(a) for a in await client._controller.units()]
         return client
+
+    async def _late_result(self, method: str, kwargs: dict, result: Any) -> None:
+        """A get cancelled after the controller had leased its rows: hand them back at once."""
+        if method == "get" and result["rows"]:
+            with contextlib.suppress(DataPlaneError):
+                await self._controller.release(
+                    partition=kwargs["partition"], consumer=kwargs["consumer"], rows=result["rows"]
+                )
 
     async def close(self) -> None:
         for partition, spare in self._reserved.items():  # give back capacity held for a next put
@@ -288,6 +300,7 @@ class StoreClient:
         """
         if ack is not None and ack.consumer != consumer:
             raise SchemaError(f"ack= takes a batch of consumer {consumer!r}, got one of {ack.consumer!r}")
+        asked = time.monotonic()
         meta = await self._controller.get(
             partition=partition, consumer=consumer, fields=list(fields), batch_size=batch_size,
             sampler=sampler, dp_size=dp_size, v_min=v_min, timeout_s=timeout_s,
@@ -295,12 +308,18 @@ class StoreClient:
             writes=list(writes) or None,
         )  # fmt: skip
         schema = await self._schema(partition)
-        data = await self._read(partition, meta["rows"], meta["units"], list(fields), schema)
+        try:
+            data = await self._read(partition, meta["rows"], meta["units"], list(fields), schema)
+        except asyncio.CancelledError:  # leased, never handed over: give them back now
+            await asyncio.shield(
+                self._late_result("get", {"partition": partition, "consumer": consumer}, meta)
+            )
+            raise
         self.stats.gets += 1
         self.stats.rows_got += len(meta["rows"])
         return Batch(
             partition, consumer, meta["rows"], data, meta["units"], meta["groups"], meta["versions"],
-            meta["lengths"], meta["shards"], meta["end"],
+            meta["lengths"], meta["shards"], meta["end"], asked, meta["lease_s"],
         )  # fmt: skip
 
     async def _read(self, partition, rows, units, fields, schema) -> dict[str, Any]:
@@ -346,55 +365,37 @@ class StoreClient:
     ) -> AsyncIterator[Batch]:  # fmt: skip
         """Yield batches until the partition is sealed and drained.
 
-        With `auto_ack`, a batch is acked together with a later request, so a consumer that
-        dies mid-batch never acks it and the batch is redelivered. Up to `prefetch` further
-        batches are asked for while the caller works on this one; they stay leased to this
-        client and are handed back if the caller stops early. Leaving the loop early (break,
-        exception) leaves the batch in hand leased and unacked: ack it if it was processed,
-        else it is redelivered when its lease ends.
+        Up to `prefetch` further batches are asked for while the caller works on this one, and
+        are yielded in the order they arrive; their leases are renewed while they wait and when
+        handed over, so the caller has a whole `lease_s` for each batch. With `auto_ack`, a
+        batch is acked when the caller asks for the next one (carried by the request that
+        replaces it), so a consumer that dies mid-batch never acks it and the batch is
+        redelivered. Leaving the loop early (break, exception) hands back what was read ahead
+        and leaves the batch in hand leased and unacked: ack it if it was processed, else it is
+        redelivered when its lease ends or this client closes.
         """
-        done: Batch | None = None  # processed, ack not yet sent
-        ahead: collections.deque[tuple[asyncio.Future, Batch | None]] = collections.deque()
-
-        def request() -> None:
-            nonlocal done
-            ack, done = done, None
-            get = self.get(partition, fields, batch_size, consumer, ack=ack, **get_kwargs)
-            ahead.append((asyncio.ensure_future(get), ack))
-
-        ended = False  # the store said end: ask for nothing more, but take what is already coming
+        ahead = _ReadAhead(
+            self, lambda ack: self.get(partition, fields, batch_size, consumer, ack=ack, **get_kwargs)
+        )
+        done: Batch | None = None  # processed, its ack not yet sent
         try:
-            request()
-            while ahead:
-                batch = await ahead.popleft()[0]
-                if batch.end:
-                    ended = True
-                    continue
-                if not ended:
-                    while len(ahead) < max(prefetch, 0) + (0 if batch.rows else 1):
-                        request()
-                if not batch.rows:
-                    continue
+            while True:
+                while not ahead.ended and len(ahead) <= max(prefetch, 0):
+                    ahead.ask(done)  # the first carries the ack of the batch the caller just finished
+                    done = None
+                if done is not None:  # the store said end: no request left to carry it
+                    await self.ack(done)
+                    done = None
+                batch = await ahead.next()
+                if batch is None:
+                    if ahead.ended and not len(ahead):
+                        return
+                    continue  # a request came back empty (allow_partial): ask again
                 yield batch
                 if auto_ack:
-                    if done is not None:  # no request was due to carry it: ack it on its own
-                        await self.ack(done)
                     done = batch
-                if not ahead and not ended:
-                    request()
         finally:
-            # Left early: requests still out may be waiting for rows, so they are cancelled, and
-            # rows they had already leased are handed back to the other instances.
-            for future, _ in ahead:
-                future.cancel()
-            for future, ack in ahead:
-                try:
-                    unused = await future
-                except (asyncio.CancelledError, DataPlaneError):
-                    if ack is not None:  # the ack it carried may not have arrived: send it again
-                        await self.ack(ack)
-                else:
-                    await self.release(unused)
+            await ahead.close()
             if done is not None:
                 await self.ack(done)
 
@@ -411,6 +412,106 @@ class StoreClient:
         """Load a checkpoint into this freshly started store; leased rows become pending again."""
         self._schemas.clear()
         return await self._controller.restore(path=str(path))
+
+
+class _ReadAhead:
+    """A stream's requests in flight and the batches they brought, not yet handed to the caller.
+
+    Batches are kept in the order they arrive (not the order they were asked for: the store
+    serves whichever request finds rows first). A task beside the stream renews each waiting
+    batch's lease when half of it is gone, so batches behind a slow caller are never
+    redelivered to another instance meanwhile; a batch lost anyway (renewal refused) is
+    dropped, never handed over.
+    """
+
+    def __init__(self, client: StoreClient, get: Callable[[Batch | None], Awaitable[Batch]]):
+        self._client, self._get = client, get
+        self._asked: dict[asyncio.Future, Batch | None] = {}  # requests in flight -> the ack each carries
+        self._batches: collections.deque[Batch] = collections.deque()
+        self._unsure: list[Batch] = []  # acks carried by requests that failed: maybe never arrived
+        self._failed: BaseException | None = None
+        self._changed = asyncio.Event()  # a request finished
+        self._added = asyncio.Event()  # a batch arrived (the keeper looks at its lease)
+        self._keeper: asyncio.Task | None = None
+        self.ended = False  # the store said end: ask for nothing more, take what is already coming
+        self._empty = False  # a request came back without rows since next() last looked
+
+    def __len__(self) -> int:
+        return len(self._asked) + len(self._batches)
+
+    def ask(self, ack: Batch | None) -> None:
+        future = asyncio.ensure_future(self._get(ack))
+        self._asked[future] = ack
+        future.add_done_callback(self._arrived)
+
+    def _arrived(self, future: asyncio.Future) -> None:
+        ack = self._asked.pop(future)
+        if future.cancelled() or future.exception() is not None:
+            if ack is not None:
+                self._unsure.append(ack)
+            if not future.cancelled():
+                self._failed = self._failed or future.exception()
+        else:
+            batch = future.result()
+            self.ended |= batch.end
+            self._empty |= not batch.rows
+            if batch.rows:
+                self._batches.append(batch)
+                self._added.set()
+                if self._keeper is None:
+                    self._keeper = asyncio.ensure_future(self._keep())
+        self._changed.set()
+
+    async def next(self) -> Batch | None:
+        """The oldest batch that arrived, its lease renewed unless fresh; None when a request came
+        back empty (ask again) or nothing more will come (`ended` and nothing in flight)."""
+        while True:
+            if self._failed is not None:
+                raise self._failed
+            if self._batches:
+                batch = self._batches.popleft()
+                if time.monotonic() - batch.leased_at <= batch.lease_s / 10 or await self._renew(batch):
+                    return batch
+                continue  # its lease ran out before it could be renewed: another instance has it
+            if not self._asked or self._empty:
+                self._empty = False
+                return None
+            self._changed.clear()
+            await self._changed.wait()
+
+    async def _renew(self, batch: Batch) -> bool:
+        at = time.monotonic()
+        try:
+            await self._client.renew(batch, batch.lease_s)
+        except LeaseError:
+            return False
+        batch.leased_at = at
+        return True
+
+    async def _keep(self) -> None:
+        while True:
+            self._added.clear()
+            now = time.monotonic()
+            for batch in [b for b in self._batches if now >= b.leased_at + b.lease_s / 2]:
+                if not await self._renew(batch) and batch in self._batches:
+                    self._batches.remove(batch)
+            wake = min((b.leased_at + b.lease_s / 2 for b in self._batches), default=now + 3600)
+            with contextlib.suppress(TimeoutError):  # a new batch may be due sooner: look again
+                await asyncio.wait_for(self._added.wait(), max(wake - time.monotonic(), 0.0))
+
+    async def close(self) -> None:
+        """Cancel the requests in flight (a get cancelled after it leased hands its rows back), send
+        again the acks they carried, and hand every waiting batch back to the other instances."""
+        for future in list(self._asked):
+            future.cancel()
+        await asyncio.gather(*self._asked, return_exceptions=True)
+        if self._keeper is not None:
+            self._keeper.cancel()
+            await asyncio.gather(self._keeper, return_exceptions=True)
+        for ack in self._unsure:
+            await self._client.ack(ack)
+        while self._batches:
+            await self._client.release(self._batches.popleft())
 
 
 def check_put(

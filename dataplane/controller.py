@@ -333,7 +333,8 @@ class Controller:
         return self._lease(part, c, selection.rows, selection.shards, peer, lease_s) | {"end": end}
 
     def _lease(self, part, c: Consumer, rows: list[int], shards, peer: int, lease_s: float | None) -> dict:
-        deadline = time.monotonic() + (lease_s or self.config.lease_s)
+        lease_s = lease_s or self.config.lease_s
+        deadline = time.monotonic() + lease_s
         for r in rows:
             del c.pending[r]
             c.ready.pop(r, None)
@@ -349,6 +350,7 @@ class Controller:
             "versions": [m.version for m in meta],
             "lengths": [m.length for m in meta],
             "shards": shards,
+            "lease_s": lease_s,
         }
 
     async def _retire_stale(self, part: Partition, c: Consumer, v_min: int) -> None:

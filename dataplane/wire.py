@@ -24,7 +24,7 @@ import itertools
 import logging
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
@@ -286,8 +286,8 @@ class Server:
             if method in self._wants_peer:
                 kwargs["peer"] = peer
             reply = {"i": rid, "r": await handler(**kwargs)}
-        except asyncio.CancelledError:
-            return  # cancelled by its caller, who no longer waits for a reply
+        except asyncio.CancelledError:  # cancelled by its caller: say so, so that it can forget the call
+            reply = {"i": rid, "x": 1}
         except Exception as exc:  # every failure goes back to the caller, typed
             reply = {"i": rid, "e": _error_payload(exc)}
         try:
@@ -304,6 +304,12 @@ class Connection:
         self._connect_timeout_s = connect_timeout_s
         self._proto: _Messages | None = None
         self._pending: dict[int, asyncio.Future] = {}
+        # Calls the caller gave up on, until the server's last word on them: (method, arguments).
+        self._abandoned: dict[int, tuple[str, dict]] = {}
+        # Called with (method, arguments, result) when such a call had completed after all (the
+        # server finished it before the cancel arrived), so that its effect can be undone.
+        self.on_late_result: Callable[[str, dict, Any], Awaitable[None]] | None = None
+        self._late: set[asyncio.Task] = set()
         self._ids = itertools.count(1)
         self._lock = asyncio.Lock()  # one connect at a time: concurrent first calls share it
 
@@ -324,6 +330,13 @@ class Connection:
         return proto
 
     def _on_reply(self, reply: dict) -> None:
+        abandoned = self._abandoned.pop(reply["i"], None)
+        if abandoned is not None:
+            if "r" in reply and self.on_late_result is not None:
+                task = asyncio.ensure_future(self.on_late_result(*abandoned, reply["r"]))
+                self._late.add(task)
+                task.add_done_callback(self._late.discard)
+            return
         future = self._pending.pop(reply["i"], None)
         if future is None or future.done():
             return
@@ -334,6 +347,7 @@ class Connection:
 
     def _on_lost(self, exc: Exception | None) -> None:
         self._proto = None
+        self._abandoned.clear()  # the server undoes what a closed connection held (leases)
         pending, self._pending = self._pending, {}
         for future in pending.values():
             if not future.done():
@@ -362,10 +376,14 @@ class Connection:
         try:
             return await future
         except asyncio.CancelledError:
-            # Tell the server, so a get still waiting there leases nothing. (If it already had, the
-            # rows come back to the consumer when the lease expires or this connection closes.)
+            # Tell the server, so a get still waiting there leases nothing. If it had finished
+            # already, its result (here, or still on its way) goes to on_late_result.
             self._pending.pop(rid, None)
-            if self._proto is proto:
+            if future.done() and not future.cancelled() and future.exception() is None:
+                if self.on_late_result is not None:
+                    await asyncio.shield(self.on_late_result(method, kwargs, future.result()))
+            elif self._proto is proto:
+                self._abandoned[rid] = (method, kwargs)
                 with contextlib.suppress(ConnectionError):
                     await asyncio.shield(proto.send({"c": rid}))
             raise

@@ -347,6 +347,9 @@ class RedisStoreClient(StoreClient):
         # memory store does: a stream's read-ahead must not take the rows its first request waits
         # for. Reading the cells needs no order, so the next get's lease overlaps this one's read.
         fifo = self._fifo.setdefault((partition, consumer), asyncio.Lock())
+        if ack is not None and fifo.locked():  # an ack must not wait behind another get's wait
+            await self.ack(ack)
+            ack = None
         while True:
             async with fifo:
                 got = await self._get(
@@ -381,12 +384,23 @@ class RedisStoreClient(StoreClient):
         lease_ms = int(1000 * (lease_s or self.config.lease_s))
         vmin = "" if v_min is None else int(v_min)
 
+        asked = started
+
         async def attempt(mode: str, rows: Sequence[int] = ()) -> list:
-            wait_ms = int(1000 * (time.monotonic() - started)) if waited else ""
-            return await self._run(
+            nonlocal asked
+            asked = time.monotonic()
+            wait_ms = int(1000 * (asked - started)) if waited else ""
+            call = asyncio.ensure_future(self._run(
                 "GET", partition, consumer, self._peer, mask, batch_size, lease_ms, vmin, mode, int(partial),
                 self._alive_ms, wait_ms, acks, len(rows), *rows,
-            )  # fmt: skip
+            ))  # fmt: skip
+            try:
+                return await asyncio.shield(call)
+            except asyncio.CancelledError:  # the script runs anyway: hand back what it leased
+                reply = await call
+                if reply[0] == b"ok" and reply[1]:
+                    await self._give_back(partition, consumer, reply)
+                raise
 
         while True:
             try:
@@ -413,7 +427,7 @@ class RedisStoreClient(StoreClient):
                     reply = [b"wait", last, next_ms, nready, npend]
             if reply[0] == b"ok":
                 self._start_heartbeat(partition)
-                return reply, read_bits, schema, shards
+                return reply, read_bits, schema, shards, asked, lease_ms / 1000
             if reply[0] == b"end":
                 return Batch(partition, consumer, [], self._empty(fields, schema), [], [], [], [], None, True)
             if reply[0] == b"conflict":
@@ -437,7 +451,17 @@ class RedisStoreClient(StoreClient):
     def _empty(self, fields: Sequence[str], schema: dict[str, FieldSpec]) -> dict[str, Any]:
         return {f: decode_column(schema[f], []) for f in fields}
 
-    async def _batch(self, partition, consumer, fields, reply, bits, schema, shards) -> Batch | None:
+    async def _give_back(self, partition: str, consumer: str, reply: list) -> None:
+        """Release the rows a get's `reply` leased, for a get whose caller is gone."""
+        rows = [int(r) for r in reply[1]]
+        self._leases.setdefault((partition, consumer), {}).update(
+            zip(rows, itertools.repeat(reply[2].decode()))
+        )
+        await self.release(Batch(partition, consumer, rows, {}, [0] * len(rows), [], [], [], None))
+
+    async def _batch(
+        self, partition, consumer, fields, reply, bits, schema, shards, leased_at: float, lease_s: float
+    ) -> Batch | None:  # fmt: skip
         """The leased rows of a get's `reply` with their cells; None (rows handed back) if a cell
         went missing meanwhile (its field was regenerated)."""
         rows = [int(r) for r in reply[1]]
@@ -453,7 +477,10 @@ class RedisStoreClient(StoreClient):
             held.update(zip(rows, itertools.repeat(lease)))
         cols = list(zip(*metas))  # cols[i]: item i of every row's metadata
         groups, lengths, versions = (list(cols[i]) if rows else [] for i in (0, 2, 3))
-        batch = Batch(partition, consumer, rows, {}, [0] * len(rows), groups, versions, lengths, shards)
+        batch = Batch(
+            partition, consumer, rows, {}, [0] * len(rows), groups, versions, lengths, shards, False,
+            leased_at, lease_s,
+        )  # fmt: skip
         try:
             columns = await self._call(
                 self._columns, partition, [(b, schema[f]) for b, f in zip(bits, fields)], cols, len(rows)

@@ -6,6 +6,7 @@ Written once; the `store` fixture is parametrized by backend (tests/conftest.py)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import numpy as np
@@ -377,3 +378,137 @@ async def test_checkpoint_and_restore_keep_rows_and_consumption(ray_session, cli
     finally:
         await other.close()
         fresh.shutdown()
+
+
+# ---------------------------------------------------------------- exactly once through stream()
+# Several instances of one consumer reading with stream() and read-ahead: every row is processed
+# once, and the tail of the stream never waits for a lease to expire (the leases here are long,
+# so a stream that needs an expiry to end hangs past the test's own deadline instead).
+
+
+async def _instances(store, n: int) -> list[StoreClient]:
+    return [await StoreClient.connect(store.address) for _ in range(n)]
+
+
+async def _close(clients) -> None:
+    for c in clients:
+        await c.close()
+
+
+@pytest.mark.parametrize("prefetch", [1, 2, 4])
+async def test_streaming_instances_get_each_trickled_row_once_and_end_without_lease_expiry(
+    store, client, pname, prefetch
+):
+    await client.create_partition(pname, {"x": "int64"}, consumers=["c"])
+    readers = await _instances(store, 4)
+
+    async def drain(reader):
+        seen = []
+        async for batch in reader.stream(pname, ["x"], 8, "c", prefetch=prefetch, lease_s=600):
+            seen += batch["x"].tolist()
+            await asyncio.sleep(0.002)  # some work per batch
+        return seen
+
+    try:
+        tasks = [asyncio.ensure_future(drain(r)) for r in readers]
+        for i in range(50):
+            await client.put(pname, {"x": np.arange(8 * i, 8 * i + 8)})
+            await asyncio.sleep(0.003 * (i % 3))
+        await client.seal(pname)
+        parts = await asyncio.wait_for(asyncio.gather(*tasks), 60)
+    finally:
+        await _close(readers)
+    seen = [x for part in parts for x in part]
+    assert sorted(seen) == list(range(400))  # none lost, none twice
+
+
+async def test_grpo_shaped_streams_are_exactly_once_per_consumer(store, client, pname):
+    """Ragged groups of 8, a reward consumer writing a field back, two trainer instances taking whole
+    groups, a reference consumer reading prompts; sealed at the end."""
+    schema = {"prompt_ids": "int64[*]", "uid": "int64", "reward": "float32"}
+    await client.create_partition(pname, schema, capacity=512, consumers=["reward", "trainer", "reference"])
+    workers = await _instances(store, 5)
+    rewarded: list[int] = []
+
+    async def reward(reader):
+        async for batch in reader.stream(pname, ["uid"], 16, "reward", lease_s=600):
+            await reader.put(pname, {"reward": batch["uid"].astype(np.float32)}, rows=batch)
+            rewarded.extend(batch["uid"].tolist())
+
+    async def trainer(reader):
+        seen = []
+        async for batch in reader.stream(pname, list(schema), 32, "trainer", sampler="group", lease_s=600):
+            assert len(set(batch.groups)) * 8 == len(batch)  # whole groups only
+            assert batch["reward"].tolist() == batch["uid"].astype(np.float32).tolist()
+            seen += batch["uid"].tolist()
+        return seen
+
+    async def reference(reader):
+        return [u for b in [b async for b in reader.stream(pname, ["uid"], 64, "reference", lease_s=600)]
+                for u in b["uid"].tolist()]  # fmt: skip
+
+    rng = np.random.default_rng(0)
+    try:
+        tasks = [asyncio.ensure_future(reward(workers[0])), asyncio.ensure_future(reward(workers[1]))]
+        tasks += [asyncio.ensure_future(trainer(w)) for w in workers[2:4]]
+        tasks.append(asyncio.ensure_future(reference(workers[4])))
+        for start in range(0, 1024, 64):
+            uids = np.arange(start, start + 64)
+            ids = [rng.integers(0, 100, int(rng.integers(1, 20))) for _ in uids]
+            await client.put(pname, {"prompt_ids": ids, "uid": uids}, group_size=8)
+        await client.seal(pname)
+        _, _, *trained, referenced = await asyncio.wait_for(asyncio.gather(*tasks), 60)
+        stats = (await client.store_stats())["partitions"][pname]
+    finally:
+        await _close(workers)
+    everything = list(range(1024))
+    assert sorted(rewarded) == everything
+    assert sorted(trained[0] + trained[1]) == everything
+    assert sorted(referenced) == everything
+    assert stats["rows"] == 0
+    assert all(c["redelivered"] == 0 for c in stats["consumers"].values())
+
+
+async def test_one_stream_with_deep_read_ahead_takes_every_row_of_an_open_partition(client, pname):
+    await client.create_partition(pname, {"x": "int64"}, consumers=["c"])
+    await client.put(pname, {"x": np.arange(40)})
+    seen: list[int] = []
+
+    async def take_all():
+        # aclosing: what was read ahead goes back when the loop is left, not when the stream is collected
+        async with contextlib.aclosing(
+            client.stream(pname, ["x"], 8, "c", prefetch=4, timeout_s=30)
+        ) as stream:
+            async for batch in stream:
+                seen.extend(batch["x"].tolist())
+                if len(seen) == 40:  # not sealed: the caller knows when it is done
+                    break
+        await client.ack(batch)  # the batch in hand when leaving early is the caller's to ack
+
+    await asyncio.wait_for(take_all(), 20)
+    assert sorted(seen) == list(range(40))
+    assert (await client.store_stats())["partitions"][pname]["rows"] == 0
+
+
+async def test_a_batch_waiting_in_read_ahead_keeps_its_lease(store, client, pname):
+    """Leases run out while batches wait behind a slow caller; the stream renews them, so no row
+    is handed to another instance while this one still has it."""
+    await client.create_partition(pname, {"x": "int64"}, consumers=["c"])
+    await client.put(pname, {"x": np.arange(24)})
+    await client.seal(pname)
+    readers = await _instances(store, 2)
+
+    async def drain(reader, delay_s):
+        seen = []
+        async for batch in reader.stream(pname, ["x"], 4, "c", prefetch=3, lease_s=1.0):
+            seen += batch["x"].tolist()
+            await asyncio.sleep(delay_s)
+        return seen
+
+    try:
+        parts = await asyncio.wait_for(asyncio.gather(drain(readers[0], 0.6), drain(readers[1], 0.05)), 60)
+        stats = (await client.store_stats())["partitions"][pname]["consumers"]["c"]
+    finally:
+        await _close(readers)
+    assert sorted(parts[0] + parts[1]) == list(range(24))
+    assert stats["redelivered"] == 0
