@@ -8,7 +8,8 @@
     │   ├── UnknownPartition   no partition of that name exists
     │   ├── LeaseError         an ack or release names rows this consumer does not hold
     │   ├── StoreTimeout       a put (store full) or get (too few ready rows) ran out of time
-    │   └── StorageUnavailable a storage unit or backend cannot be reached
+    │   ├── StorageUnavailable a storage unit or backend cannot be reached
+    │   └── AccessDenied       the store refused a client without its token
     ├── WorkerError            a worker (rollout, reward, trainer, ...) failed
     └── ControlError           a live run cannot be found or refused a command (asyncflow.Client)
 
@@ -55,6 +56,10 @@ class StoreTimeout(DataPlaneError, TimeoutError):
 
 class StorageUnavailable(DataPlaneError, ConnectionError):
     """A storage unit or storage backend cannot be reached."""
+
+
+class AccessDenied(DataPlaneError, PermissionError):
+    """The store refused a client that does not hold its token (or a listener was not the store)."""
 
 
 class WorkerError(AsyncFlowError, RuntimeError):

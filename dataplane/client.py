@@ -14,15 +14,19 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from asyncflow.errors import DataPlaneError, LeaseError, SchemaError
+from dataplane import auth
+from dataplane.codec import unpack
 from dataplane.columns import Column, assemble, to_column, wire
 from dataplane.schema import FieldSpec, parse_schema
 from dataplane.wire import Stub
@@ -122,7 +126,8 @@ class StoreClient:
 
     def __init__(self, address: str):
         self.address = address
-        self._controller = Stub(address)
+        self._endpoint, self._token = auth.parse(address)
+        self._controller = Stub(self._endpoint, self._token)
         self._controller.connection.on_late_result = self._late_result
         self._units: list[Stub] = []
         self._schemas: dict[str, dict[str, FieldSpec]] = {}
@@ -137,7 +142,7 @@ class StoreClient:
 
             return await RedisStoreClient.connect(address)
         client = cls(address)
-        client._units = [Stub(a) for a in await client._controller.units()]
+        client._units = [Stub(a, client._token) for a in await client._controller.units()]
         return client
 
     async def _late_result(self, method: str, kwargs: dict, result: Any) -> None:
@@ -258,6 +263,18 @@ class StoreClient:
 
     async def _write(self, partition: str, rows: list[int], units: list[int], columns, new: bool) -> None:
         by_unit = _positions_by_unit(units)
+        for u, pos in by_unit.items():  # refused here, before anything is sent, rather than by the unit
+            connection = self._units[u].connection
+            await connection.connect()
+            size = sum(c.nbytes[i] for c in columns.values() for i in pos)
+            if size > connection.max_message_bytes * 0.99:
+                if new:
+                    await self._controller.abort(partition=partition, rows=rows)
+                raise SchemaError(
+                    f"put of {len(rows)} rows to {partition!r} sends {size / 2**20:.0f} MiB to one storage "
+                    f"unit, over the store's limit of {connection.max_message_bytes >> 20} MiB per message "
+                    "(dataplane.max_message_mb); put fewer rows at a time, or raise the limit"
+                )
         calls = [
             self._units[u].write(
                 partition=partition,
@@ -405,13 +422,28 @@ class StoreClient:
         return await self._controller.stats()
 
     async def checkpoint(self, path: str) -> dict:
-        """Save the whole store (rows, readiness, consumption) under directory `path`."""
-        return await self._controller.checkpoint(path=str(path))
+        """Save the whole store (rows, readiness, consumption) under directory `path`, written by
+        this process (the store never opens a file on a client's behalf)."""
+        snap = await self._controller.checkpoint()
+        files = {"controller.msgpack": snap["controller"]}
+        files |= {f"unit-{i}.bin": blob for i, blob in enumerate(snap["units"])}
+        write_files(Path(path), files)
+        meta = unpack(snap["controller"])["partitions"]
+        return {"partitions": len(meta), "rows": sum(len(p["rows"]) for p in meta)}
 
     async def restore(self, path: str) -> dict:
-        """Load a checkpoint into this freshly started store; leased rows become pending again."""
+        """Load a checkpoint into this freshly started store (before anyone uses it); leased rows
+        become pending again. A store with fewer units takes the rows of the others too."""
         self._schemas.clear()
-        return await self._controller.restore(path=str(path))
+        reply = await self._controller.restore(controller=Path(path, "controller.msgpack").read_bytes())
+        keep, loaded = reply["keep"], 0
+        dumps = sorted(Path(path).glob("unit-*.bin"), key=lambda p: int(p.stem.split("-")[1]))
+        limit = self._controller.connection.max_message_bytes // 2
+        for i, dump in enumerate(dumps):
+            unit = i % len(self._units)
+            for chunk in records(Path(dump).read_bytes(), limit):
+                loaded += await self._units[unit].load(data=chunk, keep=keep[unit])
+        return {"partitions": reply["partitions"], "rows": loaded}
 
 
 class _ReadAhead:
@@ -431,7 +463,7 @@ class _ReadAhead:
         self._unsure: list[Batch] = []  # acks carried by requests that failed: maybe never arrived
         self._failed: BaseException | None = None
         self._changed = asyncio.Event()  # a request finished
-        self._added = asyncio.Event()  # a batch arrived (the keeper looks at its lease)
+        self._added: asyncio.Future | None = None  # done when a batch arrives (the keeper looks at it)
         self._keeper: asyncio.Task | None = None
         self.ended = False  # the store said end: ask for nothing more, take what is already coming
         self._empty = False  # a request came back without rows since next() last looked
@@ -457,7 +489,8 @@ class _ReadAhead:
             self._empty |= not batch.rows
             if batch.rows:
                 self._batches.append(batch)
-                self._added.set()
+                if self._added is not None and not self._added.done():
+                    self._added.set_result(None)
                 if self._keeper is None:
                     self._keeper = asyncio.ensure_future(self._keep())
         self._changed.set()
@@ -490,14 +523,15 @@ class _ReadAhead:
 
     async def _keep(self) -> None:
         while True:
-            self._added.clear()
+            added = self._added = asyncio.get_running_loop().create_future()
             now = time.monotonic()
             for batch in [b for b in self._batches if now >= b.leased_at + b.lease_s / 2]:
                 if not await self._renew(batch) and batch in self._batches:
                     self._batches.remove(batch)
             wake = min((b.leased_at + b.lease_s / 2 for b in self._batches), default=now + 3600)
-            with contextlib.suppress(TimeoutError):  # a new batch may be due sooner: look again
-                await asyncio.wait_for(self._added.wait(), max(wake - time.monotonic(), 0.0))
+            # Until the next renewal is due, or a batch arrives (it may be due sooner). asyncio.wait,
+            # not wait_for: on 3.11 wait_for can swallow a cancel that races its timeout.
+            await asyncio.wait([added], timeout=max(wake - time.monotonic(), 0.0))
 
     async def close(self) -> None:
         """Cancel the requests in flight (a get cancelled after it leased hands its rows back), send
@@ -512,6 +546,31 @@ class _ReadAhead:
             await self._client.ack(ack)
         while self._batches:
             await self._client.release(self._batches.popleft())
+
+
+def write_files(directory: Path, files: Mapping[str, Any]) -> None:
+    """Write each file whole or not at all (a temp file, fsynced, renamed over the name)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        tmp = directory / f".{name}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(memoryview(data).cast("B"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, directory / name)
+
+
+def records(dump: bytes, limit: int) -> Iterator[memoryview]:
+    """A unit dump (8-byte length, record, ...) in runs of whole records of about `limit` bytes."""
+    view, start, offset = memoryview(dump), 0, 0
+    while offset < len(view):
+        size = int.from_bytes(view[offset : offset + 8], "little")
+        if offset > start and offset + 8 + size - start > limit:
+            yield view[start:offset]
+            start = offset
+        offset += 8 + size
+    if offset > start:
+        yield view[start:offset]
 
 
 def check_put(

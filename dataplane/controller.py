@@ -21,7 +21,6 @@ import heapq
 import itertools
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from asyncflow.config import DataPlaneConfig
@@ -556,29 +555,32 @@ class Controller:
         partitions = {part.name: part.stats() for part in self._partitions.values()}
         return {"partitions": partitions, "units": unit_stats}
 
-    async def checkpoint(self, path: str) -> dict:
-        """Save metadata and every unit's cells to `path` as one consistent snapshot."""
-        Path(path).mkdir(parents=True, exist_ok=True)
+    async def checkpoint(self) -> dict:
+        """One consistent snapshot: the metadata (packed) and every unit's rows (see MemoryStorage.dump).
+
+        No file is touched here: the bytes go back to the client that asked, which writes them.
+        """
         self._open.clear()  # producers and consumers wait while the snapshot is taken
         try:
             await asyncio.sleep(0)  # let requests already past the gate finish their synchronous part
             meta = [snapshot(p) for p in self._partitions.values()]
-            Path(path, "controller.msgpack").write_bytes(pack({"version": 1, "partitions": meta}))
-            counts = await asyncio.gather(
-                *(u.dump(path=str(Path(path, f"unit-{i}.bin"))) for i, u in enumerate(self._units))
-            )
+            units = await asyncio.gather(*(u.dump() for u in self._units))
         finally:
             self._open.set()
-        return {"partitions": len(meta), "rows": sum(len(p["rows"]) for p in meta), "unit_rows": counts}
+        return {"controller": pack({"version": 1, "partitions": meta}), "units": list(units)}
 
-    async def restore(self, path: str) -> dict:
-        """Load a checkpoint into this (empty) store. Leased rows come back as pending."""
+    async def restore(self, controller: bytes) -> dict:
+        """Take a checkpoint's metadata into this (empty) store. Leased rows come back as pending.
+
+        Returns which fields of which rows each unit keeps (`keep`, by unit), for the client to
+        load the units' rows with. Restore before anyone uses the store.
+        """
         if self._partitions:
             raise DataPlaneError(
                 f"restore into store {self.config.name!r} that already has partitions "
                 f"{sorted(self._partitions)}; restore into a freshly started store"
             )
-        state = unpack(Path(path, "controller.msgpack").read_bytes())
+        state = unpack(controller)
         n = len(self._units)
         keep: list[dict[str, dict[int, list[str]]]] = [{} for _ in range(n)]
         for saved in state["partitions"]:
@@ -588,8 +590,5 @@ class Controller:
                 keep[row.unit].setdefault(part.name, {})[row.row] = part.fields(row.ready)
                 self._unit_bytes[row.unit] += row.nbytes
                 self._unit_rows[row.unit] += 1
-        dumps = sorted(Path(path).glob("unit-*.bin"), key=lambda p: int(p.stem.split("-")[1]))
-        loaded = await asyncio.gather(
-            *(self._units[i % n].load(path=str(p), keep=keep[i % n]) for i, p in enumerate(dumps))
-        )
-        return {"partitions": len(self._partitions), "rows": sum(loaded)}
+        rows = sum(len(p.rows) for p in self._partitions.values())
+        return {"partitions": len(self._partitions), "rows": rows, "keep": keep}

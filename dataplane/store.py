@@ -12,9 +12,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from asyncflow.config import DataPlaneConfig
 from asyncflow.errors import DataPlaneError, StorageUnavailable
+from dataplane import auth
 from dataplane.client import StoreClient, SyncStoreClient
 from dataplane.controller import Controller
 from dataplane.storage.memory import MemoryStorage
@@ -24,26 +26,46 @@ NAMESPACE = "asyncflow"
 
 
 class ServiceHost:
-    """The body of a store actor: builds one service object and serves it over the wire."""
+    """The body of a store actor: builds one service object and serves it over the wire.
 
-    def __init__(self, kind: str, config: dict, unit: int = 0, unit_addresses: list[str] | None = None):
-        self._kind, self._config, self._unit, self._unit_addresses = kind, config, unit, unit_addresses or []
-        self._address: str | None = None
+    It listens where `dataplane.listen` says (loopback unless the store spans nodes) and
+    admits only clients that prove they hold the store's token (`dataplane.auth`).
+    """
+
+    def __init__(
+        self, kind: str, config: dict, token: str, unit: int = 0, unit_addresses: list[str] | None = None
+    ):
+        self._kind, self._config, self._token = kind, DataPlaneConfig(**config), token
+        self._unit, self._unit_addresses = unit, unit_addresses or []
+        self._endpoint: str | None = None
         self._server: Server | None = None
 
     async def start(self) -> str:
-        if self._address is None:
+        """Serve (once); returns host:port."""
+        if self._endpoint is None:
             if self._kind == "unit":
                 target: Any = MemoryStorage(self._unit)
             else:
-                units = [Stub(a) for a in self._unit_addresses]
-                target = Controller(DataPlaneConfig(**self._config), units, self._unit_addresses)
-            self._server = Server(target, target.RPC_METHODS)
-            self._address = await self._server.start(ray.util.get_node_ip_address())
-        return self._address
+                units = [Stub(a, self._token) for a in self._unit_addresses]
+                target = Controller(self._config, units, self._unit_addresses)
+            limit = self._config.max_message_mb << 20
+            self._server = Server(target, target.RPC_METHODS, self._token, limit)
+            self._endpoint = await self._server.start(listen_host(self._config.listen))
+        return self._endpoint
 
     async def address(self) -> str:
-        return await self.start()
+        """The address clients connect with (it carries the token: only Ray processes can ask)."""
+        return auth.address(self._token, await self.start())
+
+    def node(self) -> str:
+        return ray.util.get_node_ip_address()
+
+
+def listen_host(listen: str) -> str:
+    """The interface a store actor listens on: loopback, this node's IP, or the one given."""
+    if listen == "loopback":
+        return "127.0.0.1"
+    return ray.util.get_node_ip_address() if listen == "node" else listen
 
 
 @dataclass
@@ -101,26 +123,52 @@ def start_store(config: DataPlaneConfig | None = None) -> StoreHandle:
             f"a store named {config.name!r} is already running in this Ray cluster; connect to it with "
             "dataplane.store.connect(name), or set dataplane.name to another name"
         )
+    token = auth.new_token()
+    # A store on loopback is reached only from its own node: its actors stay on the driver's node.
+    here = (
+        {
+            "scheduling_strategy": NodeAffinitySchedulingStrategy(
+                ray.get_runtime_context().get_node_id(), soft=False
+            )
+        }
+        if config.listen == "loopback"
+        else {}
+    )
     units = [
         host.options(
             name=_actor_name(config.name, f"unit{i}"),
             namespace=NAMESPACE,
             num_cpus=config.storage_num_cpus,
             max_restarts=0,
-        ).remote("unit", config.model_dump(), unit=i)  # fmt: skip
+            **here,
+        ).remote("unit", config.model_dump(), token, unit=i)  # fmt: skip
         for i in range(config.num_storage_units)
     ]
     addresses = ray.get([u.start.remote() for u in units])
     controller = host.options(
-        name=_actor_name(config.name, "controller"), namespace=NAMESPACE, num_cpus=config.controller_num_cpus
-    ).remote("controller", config.model_dump(), unit_addresses=addresses)
-    address = str(ray.get(controller.start.remote()))
+        name=_actor_name(config.name, "controller"), namespace=NAMESPACE, num_cpus=config.controller_num_cpus,
+        **here,
+    ).remote("controller", config.model_dump(), token, unit_addresses=addresses)  # fmt: skip
+    address = str(ray.get(controller.address.remote()))
     return StoreHandle(config, address, controller, units)
 
 
 def store_address(name: str = "asyncflow") -> str:
-    """The controller address of the running store `name` (looked up through Ray)."""
-    return ray.get(_lookup(name).address.remote())
+    """The address of the running store `name` (looked up through Ray), token included."""
+    actor = _lookup(name)
+    address = ray.get(actor.address.remote())
+    _check_reachable(name, address, ray.get(actor.node.remote()))
+    return address
+
+
+def _check_reachable(name: str, address: str, node: str) -> None:
+    endpoint, _ = auth.parse(address)
+    here = ray.util.get_node_ip_address()
+    if endpoint.startswith(("127.", "[::1]")) and node != here:
+        raise StorageUnavailable(
+            f"store {name!r} listens on loopback of node {node}, and this process runs on {here}: set "
+            "dataplane.listen: node for a store that processes on several nodes use"
+        )
 
 
 async def connect(name: str = "asyncflow") -> StoreClient:
@@ -129,10 +177,12 @@ async def connect(name: str = "asyncflow") -> StoreClient:
     `name` may instead be a Redis store's address (`redis://host:port/db#<prefix>:<name>`, the
     fragment defaulting to `asyncflow:asyncflow`): then no Ray is needed at all.
     """
-    if name.startswith(("redis://", "rediss://")):
+    if name.startswith(("redis://", "rediss://", auth.SCHEME)):
         return await StoreClient.connect(name)
     actor = _lookup(name)
-    return await StoreClient.connect(await actor.address.remote())
+    address = await actor.address.remote()
+    _check_reachable(name, address, await actor.node.remote())
+    return await StoreClient.connect(address)
 
 
 def _lookup(name: str):

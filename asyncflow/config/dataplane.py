@@ -5,6 +5,7 @@ Only numbers and names: nothing here imports the store itself.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -180,6 +181,21 @@ class DataPlaneConfig(Section):
         description="What happens to a row that falls out of a consumer's version window: `drop` it "
         "(counted), or `regenerate` it (its generated fields are cleared so the producer makes it again).",
     )
+    listen: str = Field(
+        "loopback",
+        max_length=64,
+        description="Where the memory store's actors listen: `loopback` (default; only processes on the "
+        "driver's node reach it, and its actors stay there), `node` (the node's IP, for runs whose "
+        "workers span nodes) or an IP address. Either way a client must hold the store's token.",
+    )
+    max_message_mb: int = Field(
+        1024,
+        ge=1,
+        le=65_536,
+        description="Largest message (MiB) a store actor accepts from a client, e.g. one put's fields "
+        "for one storage unit; a larger put is refused before it is sent. Bounds what a peer can make "
+        "the store allocate.",
+    )
     controller_num_cpus: float = Field(
         0.1, ge=0, le=64, description="Logical CPUs Ray reserves for the controller actor (it is I/O bound)."
     )
@@ -189,3 +205,14 @@ class DataPlaneConfig(Section):
     redis: RedisConfig = Field(
         default_factory=RedisConfig, description="The Redis backend (used when backend is `redis`)."
     )
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, listen: str) -> str:
+        if listen in ("loopback", "node"):
+            return listen
+        try:
+            ipaddress.ip_address(listen)
+        except ValueError:
+            raise ValueError(f"expected 'loopback', 'node' or an IP address, got {listen!r}") from None
+        return listen

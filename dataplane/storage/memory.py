@@ -7,14 +7,16 @@ rows that were written together goes out as a slice of that same memory. (A rece
 buffer lives until the last row written with it is freed.)
 
 A write is all-or-nothing: if any cell already exists ("field written twice") nothing
-of the request is stored. This class knows nothing about readiness, consumers or Ray.
+of the request is stored. No method takes a file path: a checkpoint's bytes travel to the
+client that asked for it, which writes them where it chose. This class knows nothing about
+readiness, consumers or Ray.
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from asyncflow.errors import DataPlaneError, SchemaError
 from dataplane.codec import pack, unpack
@@ -103,27 +105,26 @@ class MemoryStorage:
     def _row_values(self, segments) -> dict[str, Any]:
         return {f: chunk.row(i) for chunks, i in segments for f, chunk in chunks.items()}
 
-    async def dump(self, path: str) -> int:
-        """Write every row to `path` as length-prefixed codec blobs; return the row count."""
-        tmp, count = f"{path}.tmp", 0
-        with open(tmp, "wb") as f:
-            for partition, table in self._rows.items():
-                for row, segments in table.items():
-                    blob = pack([partition, row, self._row_values(segments)])
-                    f.write(len(blob).to_bytes(8, "little"))
-                    f.write(blob)
-                    count += 1
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        return count
+    async def dump(self) -> np.ndarray:
+        """Every row as length-prefixed codec blobs, back to back (the checkpoint's unit file)."""
+        records = []
+        for partition, table in self._rows.items():
+            for row, segments in table.items():
+                blob = pack([partition, row, self._row_values(segments)])
+                records += [len(blob).to_bytes(8, "little"), blob]
+        return np.frombuffer(b"".join(records), np.uint8)
 
-    async def load(self, path: str, keep: dict[str, dict[int, list[str]]]) -> int:
-        """Load rows from a dump, keeping only `keep[partition][row]` fields (what the controller knows)."""
-        data = memoryview(Path(path).read_bytes())
+    async def load(self, data: Any, keep: dict[str, dict[int, list[str]]]) -> int:
+        """Load rows from (part of) a dump, keeping only `keep[partition][row]` fields (what the
+        controller knows); returns the rows loaded."""
+        data = memoryview(data).cast("B")
         offset, loaded = 0, 0
         while offset < len(data):
             size = int.from_bytes(data[offset : offset + 8], "little")
+            if offset + 8 + size > len(data):
+                raise DataPlaneError(
+                    f"storage unit {self.unit}: a checkpoint record is cut short at byte {offset}"
+                )
             partition, row, values = unpack(data[offset + 8 : offset + 8 + size])
             offset += 8 + size
             wanted = keep.get(partition, {}).get(row)

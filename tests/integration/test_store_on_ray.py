@@ -72,7 +72,7 @@ def test_every_consumer_gets_every_row_exactly_once_across_instances(store, clie
     logger = Consumer.remote(store.address, "logger")
     # Every instance is up before rows flow; on 2 cores a late actor would find the work done.
     ray.get([a.__ray_ready__.remote() for a in [*producers, *trainers, logger]])
-    draining = [c.drain.remote(pname, 16) for c in trainers] + [logger.drain.remote(pname, 32)]
+    draining = [c.drain.remote(pname, 16, 0.005) for c in trainers] + [logger.drain.remote(pname, 32)]
     ray.get([p.put_ids.remote(pname, ids[k::3], 20) for k, p in enumerate(producers)])
     client_sync.seal(pname)
     *per_trainer, logged = ray.get(draining, timeout=120)

@@ -127,13 +127,15 @@ async def test_checkpoint_restore_onto_fewer_units(store, tmp_path):
     got = await controller.get("p", "c", ["x"], 64)
     await controller.ack("p", "c", got["rows"])
     leased = await controller.get("p", "c", ["x"], 64)
-    await controller.checkpoint(str(tmp_path))
+    snap = await controller.checkpoint()  # bytes for the client to write: no path crosses the wire
     one = MemoryStorage(0)
     restored = Controller(DataPlaneConfig(), [one])
-    assert (await restored.restore(str(tmp_path)))["rows"] == 128
+    reply = await restored.restore(controller=snap["controller"])
+    assert reply["rows"] == 128
+    assert sum([await one.load(data=blob, keep=reply["keep"][0]) for blob in snap["units"]]) == 128
     again = await restored.get("p", "c", ["x"], 128, timeout_s=1)
     assert set(leased["rows"]) <= set(again["rows"]) and not set(got["rows"]) & set(again["rows"])
     data = await one.read(partition="p", rows=again["rows"], fields=["x"])
     assert data["x"][0] == "d" and len(data["x"][1]) == 128
     with pytest.raises(DataPlaneError, match="freshly started"):
-        await restored.restore(str(tmp_path))
+        await restored.restore(controller=snap["controller"])

@@ -1,14 +1,20 @@
-"""The wire: typed errors, multiplexed calls, large zero-copy messages, cancellation, bad peers."""
+"""The wire: typed errors, multiplexed calls, large zero-copy messages, cancellation, bad peers,
+the token handshake and the message limit."""
 
 from __future__ import annotations
 
 import asyncio
+import struct
 
 import numpy as np
 import pytest
 
-from asyncflow.errors import LeaseError, StorageUnavailable
+from asyncflow.errors import AccessDenied, LeaseError, StorageUnavailable
+from dataplane import auth
 from dataplane.wire import Server, Stub
+
+TOKEN = auth.new_token()
+LIMIT = 64 << 20
 
 
 class Service:
@@ -39,9 +45,9 @@ class Service:
 @pytest.fixture
 async def served():
     service = Service()
-    server = Server(service, Service.RPC_METHODS)
+    server = Server(service, Service.RPC_METHODS, TOKEN, LIMIT)
     address = await server.start("127.0.0.1")
-    stub = Stub(address)
+    stub = Stub(address, TOKEN)
     yield service, stub, address
     await stub.close()
     await server.close()
@@ -95,7 +101,7 @@ async def test_cancelling_a_call_cancels_it_on_the_server(served):
 
 async def test_each_connection_is_its_own_peer(served):
     _, stub, address = served
-    other = Stub(address)
+    other = Stub(address, TOKEN)
     try:
         assert await stub.whoami() != await other.whoami()
     finally:
@@ -106,6 +112,7 @@ async def test_garbage_drops_only_that_connection(served):
     _, stub, address = served
     host, port = address.rsplit(":", 1)
     reader, writer = await asyncio.open_connection(host, int(port))
+    await reader.read(256)  # the server's challenge
     writer.write(b"\xff\xff\xff\xff garbage")
     await writer.drain()
     assert await reader.read() == b""  # the server hung up on it
@@ -115,4 +122,89 @@ async def test_garbage_drops_only_that_connection(served):
 
 async def test_unreachable_address_names_it_and_the_fix():
     with pytest.raises(StorageUnavailable, match=r"127\.0\.0\.1:1 .*is the store still running"):
-        await Stub("127.0.0.1:1").echo(value=1)
+        await Stub("127.0.0.1:1", TOKEN).echo(value=1)
+
+
+async def test_a_client_without_the_token_gets_nothing_and_changes_nothing(served):
+    service, stub, address = served
+    intruder = Stub(address, auth.new_token())
+    with pytest.raises(AccessDenied, match="token"):
+        await intruder.echo(value=1)
+    with pytest.raises(AccessDenied):
+        await intruder.whoami()
+    await intruder.close()
+    assert await stub.echo(value="still serving") == "still serving"
+
+
+async def test_a_raw_request_before_the_handshake_is_never_served(served):
+    service, stub, address = served
+    host, port = address.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    hello = await reader.read(256)
+    assert b"hello" in hello
+    from dataplane.codec import encode
+
+    frames = encode({"i": 1, "m": "wait", "a": {}})  # skip the answer, ask for a call
+    writer.write(struct.pack(f"<I{len(frames)}Q", len(frames), *(len(f) for f in frames)))
+    for f in frames:
+        writer.write(bytes(f))
+    await writer.drain()
+    assert b"refused" in await reader.read()  # refused, then closed
+    writer.close()
+    await asyncio.sleep(0.05)
+    assert service.cancelled == 0 and not service.event.is_set()
+
+
+async def test_a_client_refuses_a_listener_that_is_not_its_store(served):
+    _, _, address = served
+    impostor = Server(Service(), Service.RPC_METHODS, auth.new_token(), LIMIT)
+    try:
+        where = await impostor.start("127.0.0.1")
+        with pytest.raises(AccessDenied, match="did not prove"):
+            await Stub(where, TOKEN).echo(value="secret rows")
+    finally:
+        await impostor.close()
+
+
+@pytest.mark.parametrize("announced", [1 << 30, 16 << 30, 1 << 62])
+async def test_an_announced_huge_message_is_refused_before_memory_is_taken(served, announced):
+    """Before the handshake only a tiny message is accepted, after it no more than the limit; either
+    way the server hangs up without allocating what the peer announced."""
+    _, stub, address = served
+    host, port = address.rsplit(":", 1)
+    for authenticated in (False, True):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        if authenticated:  # a holder of the token, misbehaving
+            writer.close()
+            peer = Stub(address, TOKEN)
+            await peer.echo(value=0)
+            proto = peer.connection._proto
+            proto.transport.write(struct.pack("<IQ", 1, announced) + b"x" * 70_000)
+            with pytest.raises(StorageUnavailable):
+                await peer.echo(value=1)  # the server closed the connection
+            continue
+        await reader.read(256)
+        writer.write(struct.pack("<IQ", 1, announced) + b"x" * 70_000)
+        assert await hung_up(reader, writer)
+    assert await stub.echo(value="still serving") == "still serving"
+
+
+async def test_a_header_announcing_many_frames_is_refused_at_once(served):
+    _, stub, address = served
+    host, port = address.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    await reader.read(256)
+    writer.write(struct.pack("<I", 1 << 20) + bytes(8 << 10))
+    assert await hung_up(reader, writer)
+    assert await stub.echo(value="still serving") == "still serving"
+
+
+async def hung_up(reader, writer) -> bool:
+    """True once the server has closed the connection (cleanly, or by reset: it stopped reading)."""
+    try:
+        await writer.drain()
+        rest = await asyncio.wait_for(reader.read(), 5)
+    except ConnectionResetError:
+        rest = b""
+    writer.close()
+    return rest == b""
