@@ -24,7 +24,7 @@ from asyncflow.errors import AsyncFlowError, ConfigError
 
 def _validate(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.set)
-    print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
+    print(yaml.safe_dump(config.public(), sort_keys=False), end="")  # a password stays out
     print(f"# {args.config}: valid", file=sys.stderr)
     return 0
 

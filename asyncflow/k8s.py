@@ -114,6 +114,8 @@ def cluster_config(config: AsyncFlowConfig, name: str) -> dict:
     k8s = config.deploy.k8s
     data = config.model_dump(mode="json", exclude_unset=True, exclude={"deploy"})
     data["output_dir"] = k8s.runs_mount
+    if config.dataplane.backend == "memory":  # workers on other pods reach the store's actors
+        data.setdefault("dataplane", {}).setdefault("listen", "node")
     if config.dataplane.backend == "redis":
         redis = data.setdefault("dataplane", {}).setdefault("redis", {})
         redis["url"] = f"redis://{name}-redis.{k8s.namespace}.svc.cluster.local:6379/0"

@@ -38,7 +38,7 @@ class RunDir:
             suffix += 1
         path.mkdir(parents=True)
         run = cls(path)
-        run.config_path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+        run.config_path.write_text(yaml.safe_dump(config.public(), sort_keys=False))  # no secret on disk
         return run
 
     @classmethod

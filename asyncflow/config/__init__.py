@@ -98,6 +98,12 @@ class AsyncFlowConfig(Section):
         default_factory=DeployConfig, description="Ray job submission and Kubernetes; the run ignores it."
     )
 
+    def public(self) -> dict[str, Any]:
+        """The config as it may be written to a run directory or printed: no secret in it."""
+        data = self.model_dump(mode="json")
+        data["dataplane"]["redis"] = self.dataplane.redis.public()
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> AsyncFlowConfig:
         is_flow_task = hasattr(import_string(self.task.source), "condition_dim")
@@ -175,6 +181,9 @@ def _describe(error: ValidationError, source: str) -> str:
     for err in error.errors():
         where = ".".join(str(p) for p in err["loc"]) or "<root>"
         value = err.get("input")
+        if isinstance(value, dict):  # a rule across fields of a section: its message names them
+            lines.append(f"  {where}: {err['msg']}")  # (the section's values may hold a secret)
+            continue
         if err["type"] == "extra_forbidden":
             fix = f"remove `{where}` or check its spelling against the documented fields"
             lines.append(f"  {where}: unknown field (value {value!r}); fix: {fix}")

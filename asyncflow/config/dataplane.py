@@ -15,17 +15,28 @@ from asyncflow.config._base import Section
 
 
 def redact_url(url: str) -> str:
-    """`url` with its password (and a username that stands alone) replaced by `***`."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable URL>"
-    if "@" not in parts.netloc:
+    """`url` with its password (and a username that stands alone) replaced by `***`.
+
+    The credentials are everything between `://` and the last `@`, so a password holding `#`,
+    `/`, `?` or `@` unencoded (which a URL parser would take for the fragment, path, query or
+    host) is hidden too.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
         return url
-    userinfo, _, host = parts.netloc.rpartition("@")
+    userinfo, _, host = rest.rpartition("@")
     user = userinfo.split(":", 1)[0] if ":" in userinfo else ""
-    netloc = f"{user}:***@{host}" if user else f"***@{host}"
-    return parts._replace(netloc=netloc).geturl()
+    return f"{scheme}://{user}:***@{host}" if user else f"{scheme}://***@{host}"
+
+
+def without_password(url: str) -> str:
+    """`url` with no credentials but a username."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    userinfo, _, host = rest.rpartition("@")
+    user = userinfo.split(":", 1)[0] if ":" in userinfo else ""
+    return f"{scheme}://{user}@{host}" if user else f"{scheme}://{host}"
 
 
 class RedactedURL(str):
@@ -35,6 +46,10 @@ class RedactedURL(str):
 
     def __repr__(self) -> str:
         return repr(redact_url(str(self)))
+
+
+# Where a run directory's config points for a Redis password it must not store (see `public`).
+RUN_PASSWORD_ENV = "ASYNCFLOW_REDIS_PASSWORD"
 
 
 class RedisConfig(Section):
@@ -113,6 +128,12 @@ class RedisConfig(Section):
     @field_validator("url")
     @classmethod
     def _check_url(cls, url: str) -> str:
+        userinfo = url.partition("://")[2].rpartition("@")[0]
+        if any(c in userinfo for c in "#/?"):
+            raise ValueError(
+                f"the credentials of {redact_url(url)!r} hold '#', '/' or '?', which end a URL's host part; "
+                "percent-encode them in the URL (%23, %2F, %3F), or give the password through password_env"
+            )
         parts = urlsplit(url)
         if parts.scheme not in ("redis", "rediss") or not parts.hostname:
             raise ValueError(
@@ -125,6 +146,16 @@ class RedisConfig(Section):
         if parts.path.strip("/") and not parts.path.strip("/").isdigit():
             raise ValueError(f"the database of {redact_url(url)!r} must be a number, e.g. /0")
         return RedactedURL(url)
+
+    def public(self) -> dict[str, Any]:
+        """This section as it may be written to disk or printed: a password in the URL is taken
+        out and `password_env` names RUN_PASSWORD_ENV instead, where a resumed run reads it."""
+        data = self.model_dump(mode="json")
+        url = str(self.url)
+        if without_password(url) != url:
+            data["url"] = without_password(url)
+            data["password_env"] = RUN_PASSWORD_ENV
+        return data
 
     @model_validator(mode="after")
     def _one_password(self) -> RedisConfig:

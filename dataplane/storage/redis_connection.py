@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
 from asyncflow.config import DataPlaneConfig
-from asyncflow.config.dataplane import RedisConfig, redact_url
+from asyncflow.config.dataplane import RUN_PASSWORD_ENV, RedisConfig, redact_url
 from asyncflow.errors import (
     ConfigError,
     DataPlaneError,
@@ -51,14 +51,20 @@ def server_url(rc: RedisConfig) -> str:
         return rc.url
     password = os.environ.get(rc.password_env)
     if password is None:
+        resumed = (
+            " (a run directory never stores the password: export it under that name before --resume)"
+            if rc.password_env == RUN_PASSWORD_ENV
+            else ""
+        )
         raise ConfigError(
             f"dataplane.redis.password_env names {rc.password_env!r}, but this process has no such "
-            "environment variable; set it (the Kubernetes manifests fill it from the Redis Secret), "
-            "or put the password in dataplane.redis.url"
+            f"environment variable{resumed}; set it (the Kubernetes manifests fill it from the Redis "
+            "Secret), or put the password in dataplane.redis.url"
         )
     parts = urlsplit(rc.url)
     user = quote(parts.username or "", safe="")
-    return parts._replace(netloc=f"{user}:{quote(password, safe='')}@{parts.netloc}").geturl()
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{user}:{quote(password, safe='')}@{host}").geturl()
 
 
 def store_address(config: DataPlaneConfig) -> str:
