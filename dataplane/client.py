@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from asyncflow.errors import DataPlaneError, LeaseError, SchemaError
+from asyncflow.errors import DataPlaneError, LeaseError, SchemaError, StorageUnavailable
 from dataplane import auth
 from dataplane.codec import unpack
 from dataplane.columns import Column, assemble, to_column, wire
@@ -234,10 +234,16 @@ class StoreClient:
         if lengths is None:
             lengths = [max((c.lengths[i] for c in columns.values()), default=0) for i in range(n)]
         nbytes = [sum(c.nbytes[i] for c in columns.values()) for i in range(n)]
-        spare = await self._controller.commit(
-            partition=partition, rows=index, fields=list(columns), version=version,
-            lengths=list(lengths), nbytes=nbytes, reserve_next=[n, group_size] if new else None,
-        )  # fmt: skip
+        try:
+            spare = await self._controller.commit(
+                partition=partition, rows=index, fields=list(columns), version=version,
+                lengths=list(lengths), nbytes=nbytes, reserve_next=[n, group_size] if new else None,
+            )  # fmt: skip
+        except StorageUnavailable:
+            raise  # the commit may have landed: its cells are the store's now
+        except DataPlaneError:  # refused (the rows were freed meanwhile, ...): take the cells back
+            await asyncio.shield(self._undo(partition, index, units, list(columns), new))
+            raise
         if spare is not None:
             spare.update(n=n, group_size=group_size, at=time.monotonic())
             older = self._reserved.pop(partition, None)  # concurrent puts: keep one spare, return the other
@@ -288,15 +294,26 @@ class StoreClient:
         if not failed:
             return
         # All or nothing: take back what did land, then report the first failure.
-        undo = [
-            self._units[u].delete(partition=partition, rows=[rows[i] for i in pos], fields=list(columns))
-            for (u, pos), r in zip(by_unit.items(), results)
-            if not isinstance(r, BaseException)
-        ]
-        await asyncio.gather(*undo)
-        if new:
-            await self._controller.abort(partition=partition, rows=rows)
+        landed = [u for u, r in zip(by_unit, results) if not isinstance(r, BaseException)]
+        await self._undo(partition, rows, units, list(columns), new, only=landed)
         raise failed[0]
+
+    async def _undo(
+        self, partition: str, rows: list[int], units: list[int], fields: list[str], new: bool,
+        only: Sequence[int] | None = None,
+    ) -> None:  # fmt: skip
+        """Delete the cells of a put that will not be committed; give back its reservation."""
+        by_unit = _positions_by_unit(units)
+        await asyncio.gather(
+            *(
+                self._units[u].delete(partition=partition, rows=[rows[i] for i in pos], fields=fields)
+                for u, pos in by_unit.items()
+                if only is None or u in only
+            )
+        )
+        if new:
+            with contextlib.suppress(DataPlaneError):
+                await self._controller.abort(partition=partition, rows=rows)
 
     # -------------------------------------------------------------- consuming
 

@@ -121,10 +121,19 @@ def _row_array(field: str, spec: FieldSpec, value: Any, i: int) -> Any:
             )
         if spec.dtype == "bfloat16":
             raise SchemaError(f"field {field!r}, row {i}: bfloat16 values must be torch tensors")
-        # A plain number for a scalar field: cast only if the value survives the cast unchanged.
-        arr = np.asarray(value, dtype=spec.dtype)
-        if arr.item() != value and not (isinstance(value, float) and np.isnan(value)):
-            raise SchemaError(f"field {field!r}, row {i}: {value!r} does not fit dtype {spec.dtype}")
+        # A plain number for a scalar field: into a float field it is rounded as floats are (0.1 is
+        # not exact in float32) unless it overflows; into an int or bool field it must survive unchanged.
+        with np.errstate(all="ignore"):  # an overflow or a NaN into an int is refused just below
+            arr = np.asarray(value, dtype=spec.dtype)
+        if arr.dtype.kind == "f":
+            fits = bool(np.isfinite(arr)) or not np.isfinite(float(value))
+        else:
+            fits = arr.item() == value
+        if not fits:
+            raise SchemaError(
+                f"field {field!r}, row {i}: {value!r} does not fit dtype {spec.dtype}"
+                + (" (out of its range)" if arr.dtype.kind == "f" else "; give a value the dtype holds")
+            )
         return arr
     dtype, shape, _, _ = array_meta(value)
     _check_dtype(field, spec, dtype, row=i)

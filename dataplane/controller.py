@@ -33,6 +33,14 @@ from dataplane.schema import parse_schema
 _EMPTY = Selection([], None)
 
 
+def too_big(partition: str, batch_size: int, capacity: int) -> str:
+    return (
+        f"get of {batch_size} rows from {partition!r} can never be served: the partition holds at most "
+        f"{capacity} rows (its capacity); ask for at most {capacity}, pass allow_partial=True, or create "
+        "the partition with a larger capacity"
+    )
+
+
 class Controller:
     RPC_METHODS = (
         "create_partition", "describe", "register_consumer", "reserve", "abort", "commit", "locate",
@@ -286,6 +294,8 @@ class Controller:
             )
         if batch_size < 1:
             raise DataPlaneError(f"batch_size {batch_size} must be >= 1")
+        if batch_size > part.capacity and not allow_partial:
+            raise DataPlaneError(too_big(partition, batch_size, part.capacity))
         chooser = make_sampler(sampler, dp_size)
         if writes:
             c.writes |= part.mask(writes)

@@ -173,7 +173,14 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"override {item!r}: {name!r} is a value, not a section, so it has no {leaf!r}")
         node = child
-    node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise ConfigError(
+            f"override {item!r}: the value {raw!r} is not valid YAML ({problem}); write a YAML value "
+            f"(e.g. {key.strip()}=[1, 2] or {key.strip()}=text), quoting text that starts with [, {{ or :"
+        ) from None
 
 
 def _describe(error: ValidationError, source: str) -> str:

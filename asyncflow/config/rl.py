@@ -8,6 +8,7 @@ imports torch, ray or vllm.
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -88,6 +89,29 @@ class TaskConfig(Section):
         if spec is not None and not callable(import_string(spec)):
             raise ValueError(f"{spec!r} is not callable")
         return spec
+
+    @model_validator(mode="after")
+    def _options_fit(self) -> TaskConfig:
+        """Options are the task class's keyword arguments: refuse here what it would refuse at step 0."""
+        task = import_string(self.source)
+        try:
+            signature = inspect.signature(task)
+        except (TypeError, ValueError):  # no signature to check against (a builtin): the run will tell
+            return self
+        params = signature.parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        known = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        unknown = sorted(set(self.options) - set(known))
+        if unknown and not takes_any:
+            raise ValueError(
+                f"task.options {unknown} are not arguments of {self.source}; it takes {known or 'none'}. "
+                "Fix the names or remove them"
+            )
+        try:
+            signature.bind(**self.options)
+        except TypeError as e:
+            raise ValueError(f"task.options do not fit {self.source}: {e}") from None
+        return self
 
 
 class WarmupConfig(Section):

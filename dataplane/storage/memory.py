@@ -94,8 +94,10 @@ class MemoryStorage:
                 rest = {f: c for f, c in chunks.items() if f not in gone}
                 if rest:
                     kept.append((rest, i))
-            if fields is not None:
+            if fields is not None and kept:
                 table[row] = kept
+            elif fields is not None:
+                del table[row]  # no cell left: the row is not here any more
         self._bytes -= freed
         return freed
 

@@ -391,7 +391,8 @@ class RedisStoreClient(StoreClient):
             asked = time.monotonic()
             wait_ms = int(1000 * (asked - started)) if waited else ""
             call = asyncio.ensure_future(self._run(
-                "GET", partition, consumer, self._peer, mask, batch_size, lease_ms, vmin, mode, int(partial),
+                "GET", partition, consumer, self._peer, mask, batch_size, lease_ms, vmin, mode,
+                "1" if partial else "a" if allow_partial else "0",
                 self._alive_ms, wait_ms, acks, len(rows), *rows,
             ))  # fmt: skip
             try:

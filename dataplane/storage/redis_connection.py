@@ -200,6 +200,10 @@ def script_error(
             f"{sorted(c.decode() for c in reply[3])}); pass it in create_partition(consumers=...) or "
             "call register_consumer first, so rows are kept until it has read them"
         )
+    if kind == "toobig":
+        from dataplane.controller import too_big
+
+        return DataPlaneError(too_big(partition, int(reply[3]), int(reply[2])))
     if kind in ("consumers", "fields"):
         return DataPlaneError(
             f"partition {partition!r}: the Redis backend keeps at most 31 {kind} per partition; split "

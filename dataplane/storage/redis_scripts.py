@@ -153,7 +153,8 @@ notify('ev')
 return {'ok'}
 """
 
-# ARGV: B, consumer, peer, mask, batch_size, lease_ms, v_min|'', mode seq|cand|rows, partial 0|1,
+# ARGV: B, consumer, peer, mask, batch_size, lease_ms, v_min|'', mode seq|cand|rows,
+#       partial 1 (take what there is) | a (allowed later) | 0 (never),
 #       alive_ms, wait_ms|'', acks (held_arg), nrows, rows...
 GET = r"""
 if redis.call('EXISTS', k('meta')) == 0 then return {'err', 'unknown'} end
@@ -162,6 +163,7 @@ if not j then return {'err', 'notreg', ARGV[2], redis.call('HKEYS', k('cons'))} 
 upgrade()
 local peer, mask, bs = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
 local mode, partial = ARGV[8], ARGV[9] == '1'
+if ARGV[9] == '0' and bs > tonumber(meta('capacity')) then return {'err', 'toobig', tonumber(meta('capacity')), bs} end
 local at = 12
 local acks = held_arg(ARGV[at])
 at = at + 1

@@ -512,3 +512,45 @@ async def test_a_batch_waiting_in_read_ahead_keeps_its_lease(store, client, pnam
         await _close(readers)
     assert sorted(parts[0] + parts[1]) == list(range(24))
     assert stats["redelivered"] == 0
+
+
+async def test_a_get_larger_than_the_capacity_fails_at_once(client, pname):
+    await client.create_partition(pname, {"x": "int64"}, capacity=8, consumers=["c"])
+    start = time.perf_counter()
+    with pytest.raises(DataPlaneError, match="can never be served.*capacity"):
+        await client.get(pname, ["x"], batch_size=9, consumer="c", timeout_s=30)
+    assert time.perf_counter() - start < 10  # not after its 30 s timeout
+    await client.put(pname, {"x": np.arange(3)})
+    batch = await client.get(pname, ["x"], batch_size=9, consumer="c", allow_partial=True, timeout_s=0.2)
+    assert batch["x"].tolist() == [0, 1, 2]  # a partial get of any size is fine
+    await client.ack(batch)
+
+
+async def test_python_floats_fill_a_float32_field_with_the_usual_rounding(client, pname):
+    await client.create_partition(pname, {"r": "float32", "n": "int64"}, consumers=["c"])
+    await client.put(pname, {"r": [0.1, -0.1, 1e-45], "n": [1, 2, 3]})
+    batch = await client.get(pname, ["r", "n"], batch_size=3, consumer="c")
+    assert batch["r"].tolist() == np.array([0.1, -0.1, 1e-45], np.float32).tolist()
+    await client.ack(batch)
+    with pytest.raises(SchemaError, match="does not fit dtype float32"):
+        await client.put(pname, {"r": [1e300], "n": [4]})  # overflows float32
+    with pytest.raises(SchemaError, match="does not fit dtype int64"):
+        await client.put(pname, {"r": [0.5], "n": [1.5]})  # an int field still takes exact values only
+
+
+async def test_a_put_the_store_refuses_leaves_no_cells_behind(client, pname):
+    await client.create_partition(pname, {"x": "int64", "y": "int64"}, consumers=["c"])
+    await client.put(pname, {"x": np.arange(4)})
+    batch = await client.get(pname, ["x"], batch_size=4, consumer="c")
+    await client.ack(batch)  # every consumer is done: the rows are freed
+    await asyncio.sleep(0.2)  # their cells are deleted in the background
+
+    def cells(stats):
+        return sum(u["rows"] for u in stats.get("units", []))
+
+    before = await client.store_stats()
+    with pytest.raises(DataPlaneError, match="no live row"):
+        await client.put(pname, {"y": np.arange(4)}, rows=batch)  # written back too late
+    after = await client.store_stats()
+    assert after["partitions"][pname]["rows"] == 0
+    assert cells(after) == cells(before)  # no cell of the refused put is kept

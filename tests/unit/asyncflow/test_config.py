@@ -116,3 +116,16 @@ def test_every_shipped_example_validates():
     assert len(examples) >= 2
     for path in examples:
         load_config(path)
+
+
+def test_an_override_that_is_not_yaml_names_the_value_and_the_fix(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("run_name: x\n")
+    with pytest.raises(ConfigError, match=r"override 'trainer.steps=\[1': the value '\[1' is not valid YAML"):
+        load_config(path, ["trainer.steps=[1"])
+
+
+def test_task_options_are_checked_against_the_task_at_load():
+    with pytest.raises(ConfigError, match=r"task.options \['max_digit'\] are not arguments of .*SortDigits"):
+        parse_config({"task": {"options": {"max_digit": 5}}})
+    assert parse_config({"task": {"options": {"max_digits": 6}}}).task.options == {"max_digits": 6}
