@@ -163,7 +163,8 @@ if not j then return {'err', 'notreg', ARGV[2], redis.call('HKEYS', k('cons'))} 
 upgrade()
 local peer, mask, bs = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
 local mode, partial = ARGV[8], ARGV[9] == '1'
-if ARGV[9] == '0' and bs > tonumber(meta('capacity')) then return {'err', 'toobig', tonumber(meta('capacity')), bs} end
+local cap = tonumber(meta('capacity'))
+if ARGV[9] == '0' and bs > cap then return {'err', 'toobig', cap, bs} end
 local at = 12
 local acks = held_arg(ARGV[at])
 at = at + 1
