@@ -41,6 +41,10 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError("asyncflow run needs a CONFIG file or --resume RUN_DIR")
     summary = train(config, resume=args.resume, display=not args.quiet)
     print(yaml.safe_dump(summary, sort_keys=False), end="")
+    if summary.get("stopped_by") == "ctrl-c":
+        print(f"# stopped at step {summary['stopped_at_step']} with a checkpoint; continue with: "
+              f"asyncflow run --resume {summary['run_dir']}", file=sys.stderr)  # fmt: skip
+        return 130
     return 0
 
 
@@ -216,8 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except AsyncFlowError as e:
-        print(f"asyncflow {args.command}: {e}", file=sys.stderr)
+        cause = getattr(e, "cause", None)  # raised in a Ray worker: its own error, not Ray's stack
+        print(
+            f"asyncflow {args.command}: {cause if isinstance(cause, AsyncFlowError) else e}", file=sys.stderr
+        )
         return 2
+    except KeyboardInterrupt:  # what to do next was said where it happened
+        return 130
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ checkpoints and a final summary. Everything a resumed run needs is in here.
       config.yaml            the resolved config (what `--resume` runs again)
       metrics.jsonl          one line per step
       trained.jsonl          per step, the (prompt, sample) pairs trained: the exactly-once ledger
-      checkpoints/step_N/    store/ (rows in flight), trainer/ (model, optimizer), state.json
+      checkpoints/step_N/    store/ (rows in flight), trainer/ (model, optimizer), state.json,
+                             manifest.json (each file's size and SHA-256); written whole or not at all
       reference.safetensors  the warm-started policy (reference for the KL term)
       summary.json           written at the end
       reward.svg             the reward curve
@@ -13,8 +14,12 @@ checkpoints and a final summary. Everything a resumed run needs is in here.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,12 +72,40 @@ class RunDir:
     def checkpoint_dir(self, step: int) -> Path:
         return self.path / "checkpoints" / f"step_{step:07d}"
 
-    def latest_checkpoint(self) -> tuple[Path, dict] | None:
-        """The newest complete checkpoint (state.json is written last) and its state."""
-        done = sorted((self.path / "checkpoints").glob("step_*/state.json"))
-        if not done:
-            return None
-        return done[-1].parent, json.loads(done[-1].read_text())
+    def begin_checkpoint(self, step: int) -> Path:
+        """An empty folder to write checkpoint `step` into; `commit_checkpoint` makes it the real one."""
+        tmp = self.path / "checkpoints" / f".step_{step:07d}.partial"
+        if tmp.exists():
+            shutil.rmtree(tmp)  # an earlier attempt that never finished
+        tmp.mkdir(parents=True)
+        return tmp
+
+    def commit_checkpoint(self, tmp: Path, step: int, state: dict) -> Path:
+        """Write state.json and a manifest (every file's size and SHA-256), fsync them, then rename
+        the folder to step_N in one step: a checkpoint is there whole or not at all."""
+        (tmp / "state.json").write_text(json.dumps(state))
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        manifest = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        for p in [*files, tmp / MANIFEST]:
+            _fsync(p)
+        final = self.checkpoint_dir(step)
+        if final.exists():  # the same step again (a stop right after a periodic checkpoint)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync(final.parent)
+        return final
+
+    def latest_checkpoint(self, on_skip: Callable[[str], None] | None = None) -> tuple[Path, dict] | None:
+        """The newest checkpoint that is whole (every file of its manifest there with its size and
+        checksum) and its state; a damaged newer one is skipped, and `on_skip` told why."""
+        for path in sorted((self.path / "checkpoints").glob("step_*"), reverse=True):
+            problem = check_checkpoint(path)
+            if problem is None:
+                return path, json.loads((path / "state.json").read_text())
+            if on_skip is not None:
+                on_skip(f"checkpoint {path.name} is not usable ({problem}); trying the one before")
+        return None
 
     # ------------------------------------------------------------------ logs
 
@@ -85,22 +118,76 @@ class RunDir:
                 f.write(json.dumps({"step": metrics["step"], "rows": trained}) + "\n")
 
     def truncate_logs(self, step: int) -> None:
-        """Forget steps after `step` (they are trained again after a resume from it)."""
+        """Forget steps after `step` (they are trained again after a resume from it), and a line a
+        crash cut short."""
         for name in ("metrics.jsonl", "trained.jsonl"):
             file = self.path / name
             if file.exists():
-                keep = [line for line in file.read_text().splitlines() if json.loads(line)["step"] <= step]
-                file.write_text("".join(line + "\n" for line in keep))
+                keep = [json.dumps(r) for r in _records(file) if r["step"] <= step]
+                tmp = file.with_suffix(".jsonl.tmp")
+                tmp.write_text("".join(line + "\n" for line in keep))
+                os.replace(tmp, file)
 
     def metrics(self) -> list[dict]:
-        file = self.path / "metrics.jsonl"
-        return [json.loads(line) for line in file.read_text().splitlines()] if file.exists() else []
+        return _records(self.path / "metrics.jsonl")
 
     def trained(self) -> list[tuple[int, int]]:
-        file = self.path / "trained.jsonl"
-        if not file.exists():
-            return []
-        return [tuple(r) for line in file.read_text().splitlines() for r in json.loads(line)["rows"]]
+        return [tuple(r) for record in _records(self.path / "trained.jsonl") for r in record["rows"]]
 
     def write_summary(self, summary: dict) -> None:
         (self.path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+MANIFEST = "manifest.json"
+
+
+def check_checkpoint(path: Path) -> str | None:
+    """None if the checkpoint at `path` is whole, else what is wrong with it."""
+    try:
+        json.loads((path / "state.json").read_text())
+    except (OSError, ValueError):
+        return "its state.json is missing or cut short"
+    if not (path / MANIFEST).exists():
+        return None  # written before manifests: state.json, written last, says it finished
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return f"its {MANIFEST} is cut short"
+    for name, want in manifest.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != want["bytes"]:
+            return f"{name} has {file.stat().st_size} bytes, the manifest says {want['bytes']}"
+        if _sha256(file) != want["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def _records(file: Path) -> list[dict]:
+    """The JSON lines of a log; a last line a crash cut short is left out."""
+    if not file.exists():
+        return []
+    records = []
+    for line in file.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            break  # only the last line can be partial: the log is appended to, line by line
+    return records
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -18,7 +18,7 @@ from typing import Any
 import ray
 
 from asyncflow.config import AsyncFlowConfig
-from asyncflow.errors import WorkerError
+from asyncflow.errors import ConfigError, WorkerError
 from dataplane.store import NAMESPACE  # every named actor of a run lives beside its store's
 
 
@@ -264,6 +264,19 @@ class Workflow:
         """Wait until every worker actor has been built (actors start in parallel)."""
         await asyncio.gather(*(a.pid.remote() for a in [self.source, self.trainer, *self.streamers]))
 
+    def role_of(self, actor_id: str | None) -> str:
+        """Which worker an actor id is ("trainer", "rollout worker 1", ...), for messages."""
+        named = {"the prompt source": [self.source], "the trainer": [self.trainer],
+                 "the weight store": [self.weights], "rollout worker": self.rollouts,
+                 "reward worker": self.rewards, "the reference worker": self.references}  # fmt: skip
+        for role, actors in named.items():
+            for i, actor in enumerate(actors):
+                if actor is not None and actor._actor_id.hex() == actor_id:
+                    return (
+                        f"{role} {i}" if len(actors) > 1 or role.startswith(("rollout", "reward")) else role
+                    )
+        return "a worker"
+
     def shutdown(self) -> None:
         for actor in [self.source, self.trainer, *self.streamers, self.weights]:
             if actor is not None:
@@ -290,7 +303,20 @@ def init_ray(config: AsyncFlowConfig) -> None:
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init()
+        address = os.environ["RAY_ADDRESS"]
+        try:
+            ray.init()
+        except ray.exceptions.AuthenticationError:
+            raise ConfigError(
+                f"the Ray cluster at RAY_ADDRESS={address} requires token authentication and refused this "
+                "process: set RAY_AUTH_MODE=token and the cluster's token in RAY_AUTH_TOKEN or "
+                "RAY_AUTH_TOKEN_PATH (`ray get-auth-token` on the head node prints it)"
+            ) from None
+        except ConnectionError as e:
+            raise ConfigError(
+                f"cannot join the Ray cluster at RAY_ADDRESS={address} ({e}); check the address and that "
+                "the cluster runs, or unset RAY_ADDRESS to start Ray on this machine"
+            ) from None
         return
     cpus = max(os.cpu_count() or 1, math.ceil(cpus_needed(config)))
     # Ray starts workers at niceness 15; here they are the job, not background work, and at 15

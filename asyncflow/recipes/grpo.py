@@ -8,6 +8,9 @@ sync:  the same workers, strictly alternating generate -> reward -> train -> syn
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
+import sys
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -20,7 +23,7 @@ from asyncflow import workflow
 from asyncflow.config import AsyncFlowConfig
 from asyncflow.control import Steering, StopRun
 from asyncflow.display import RunView
-from asyncflow.errors import ConfigError, WorkerError
+from asyncflow.errors import AsyncFlowError, ConfigError, DataPlaneError, WorkerError
 from asyncflow.plot import line_chart
 from asyncflow.rundir import RunDir
 from workers.samples import PARTITION, consumers, schema
@@ -112,10 +115,42 @@ class Run:
         self._stats_at = 0.0
         self.steering: Steering | None = None  # applies what clients ask (asyncflow.control)
         self.checkpointed = -1  # step of the last checkpoint taken
+        self.interrupted = False  # Ctrl-C: stop at the next step boundary, with a checkpoint
 
     async def main(self, resume: bool) -> dict:
+        try:
+            return await self._main(resume)
+        except ray.exceptions.RayActorError as e:  # an actor died (and Ray will not restart it)
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise WorkerError(
+                f"{self.wf.role_of(e.actor_id)} died ({reason}); {self.resume_hint()}"
+            ) from None
+        except ray.exceptions.RayTaskError as e:  # a worker raised: its own error, without Ray's stack
+            cause = e.cause
+            if not isinstance(cause, AsyncFlowError):
+                raise
+            raise type(cause)(f"{cause}; {self.resume_hint()}") from None
+        except (DataPlaneError, WorkerError) as e:
+            raise type(e)(f"{e}; {self.resume_hint()}") from None
+
+    def resume_hint(self) -> str:
+        last = self.run.latest_checkpoint()
+        where = f"its last checkpoint is step {last[1]['step']}" if last else "it has no checkpoint yet"
+        return f"the run stopped ({where}): continue it with `asyncflow run --resume {self.run.path}`"
+
+    def _on_ctrl_c(self) -> None:
+        self.interrupted = True
+        asyncio.get_running_loop().remove_signal_handler(signal.SIGINT)  # a second Ctrl-C stops at once
+        self.view.note("Ctrl-C: stopping after this step with a checkpoint (press it again to stop now)")
+
+    async def _main(self, resume: bool) -> dict:
         config, run = self.config, self.run
-        state = run.latest_checkpoint() if resume else None
+        with contextlib.suppress(ValueError, NotImplementedError, RuntimeError):  # main thread only
+            asyncio.get_running_loop().add_signal_handler(signal.SIGINT, self._on_ctrl_c)
+        state = run.latest_checkpoint(on_skip=self.view.note) if resume else None
+        if resume and state is None:
+            self.view.note(f"{run.path}: no usable checkpoint; starting again from step 0")
+            run.truncate_logs(0)
         cursor = state[1]["cursor"] if state else 0
         wf = workflow.start(config, cursor=cursor)
         self.wf, ended = wf, "failed"
@@ -146,12 +181,15 @@ class Run:
             try:
                 with self.view:
                     await loop(wf, start, config.trainer.steps, self.on_step)
-            except StopRun as stop:  # a client asked: checkpoint here and end; --resume continues
+            except StopRun as stop:  # a client or Ctrl-C asked: checkpoint here and end; --resume continues
                 path = await self.checkpoint(stop.step)
                 reply = {"step": stop.step, "checkpoint": str(path)}
                 await self.steering.reply(stop.requests, [reply] * len(stop.requests))
                 ended = "stopped"
-                return await self.finish(self.summary(before, None) | {"stopped_at_step": stop.step})
+                by = "ctrl-c" if self.interrupted else "client"
+                return await self.finish(
+                    self.summary(before, None) | {"stopped_at_step": stop.step, "stopped_by": by}
+                )
             after = await wf.rollouts[0].evaluate.remote(evals, config.trainer.steps) if evals else None
             await self.checkpoint(config.trainer.steps)
             ended = "finished"
@@ -228,6 +266,8 @@ class Run:
             await self.checkpoint(step)
         if self.steering is not None:
             await self.steering.between_steps(step, m)  # what clients asked; may wait here, or stop
+        if self.interrupted:
+            raise StopRun(step, [])
 
     async def worker_stats(self) -> dict:
         wf = self.wf
@@ -263,19 +303,17 @@ class Run:
     async def checkpoint(self, step: int) -> Path:
         """Model, optimizer, version, every row in the store and the prompt cursor, consistently:
         the source is paused (no put in flight) and the trainer is between steps."""
-        path = self.run.checkpoint_dir(step)
         if self.checkpointed == step:
-            return path
+            return self.run.checkpoint_dir(step)
         cursor = await self.wf.source.call.remote("pause")
         try:
-            await self.client.checkpoint(str(path / "store"))
-            await self.wf.trainer.call.remote("save", str(path / "trainer"))
+            tmp = self.run.begin_checkpoint(step)  # renamed to step_N once whole (RunDir)
+            await self.client.checkpoint(str(tmp / "store"))
+            await self.wf.trainer.call.remote("save", str(tmp / "trainer"))
         finally:
             if not (self.steering and self.steering.paused):  # a run a client paused stays paused
                 await self.wf.source.call.remote("resume")
-        import json
-
-        (path / "state.json").write_text(json.dumps({"step": step, "cursor": cursor}))
+        path = self.run.commit_checkpoint(tmp, step, {"step": step, "cursor": cursor})
         self.checkpointed = step
         return path
 
@@ -322,8 +360,16 @@ class Run:
 
 
 def train(config: AsyncFlowConfig, *, resume: str | None = None, display: bool = True) -> dict:
-    """Run (or resume) RL post-training; returns the summary. Starts Ray here if needed."""
+    """Run (or resume) RL post-training; returns the summary. Starts Ray here if needed.
+
+    Ctrl-C stops the run at the next step boundary with a checkpoint (a second one at once)."""
+    workflow.init_ray(config)  # first: a cluster that refuses us leaves no empty run directory
     run = RunDir.open(resume) if resume else RunDir.create(config)
-    workflow.init_ray(config)
     view = RunView(config.trainer.steps, config.run_name, enabled=display)
-    return asyncio.run(Run(config, run, view).main(resume=resume is not None))
+    try:
+        return asyncio.run(Run(config, run, view).main(resume=resume is not None))
+    except KeyboardInterrupt:
+        last = run.latest_checkpoint()
+        where = f"from step {last[1]['step']}" if last else "from the start (no checkpoint yet)"
+        print(f"\ninterrupted; continue {where} with: asyncflow run --resume {run.path}", file=sys.stderr)
+        raise

@@ -109,8 +109,9 @@ def test_a_killed_rollout_worker_loses_no_sample(ray_session, tmp_path):
 
 
 def test_resume_after_the_process_is_killed(tmp_path):
-    """Stop a run hard mid-way (SIGKILL to the driver and its Ray), resume it from the run
-    directory: no sample lost, none trained twice, every step logged once."""
+    """Stop a run hard mid-way (SIGKILL to the driver and its Ray), damage its newest checkpoint and
+    cut its ledger's last line short, resume it from the run directory: it falls back to the
+    checkpoint before, no sample lost, none trained twice, every step logged once."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     cli = [sys.executable, "-m", "asyncflow.cli", "run"]
     args = [str(EXAMPLE), "--quiet", "--set", f"output_dir={tmp_path}", "--set", "trainer.steps=40",
@@ -128,9 +129,17 @@ def test_resume_after_the_process_is_killed(tmp_path):
     first.wait()
     (run_dir,) = Path(tmp_path).iterdir()
     assert not (run_dir / "summary.json").exists()
-    resume = cli + ["--resume", str(run_dir), "--quiet"]
+    newest = sorted(run_dir.glob("checkpoints/step_*"))[-1]
+    model = newest / "trainer" / "model.safetensors"
+    model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])  # as a crash mid-copy would
+    with open(run_dir / "trained.jsonl", "a") as f:
+        f.write('{"step": 999, "rows": [[1, ')  # a line the kill cut short
+    resume = cli + ["--resume", str(run_dir)]
     done = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert (
+        f"checkpoint {newest.name} is not usable (trainer/model.safetensors has" in done.stdout + done.stderr
+    )
     import json
 
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -163,3 +172,52 @@ def test_a_run_on_the_redis_store_cleans_up_after_itself(ray_session, tmp_path):
             await client.close()
 
     assert "samples" not in asyncio.run(partitions())
+
+
+def test_ctrl_c_stops_at_a_step_with_a_checkpoint_and_says_how_to_resume(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    args = [sys.executable, "-m", "asyncflow.cli", "run", str(EXAMPLE), "--quiet", "--set",
+            f"output_dir={tmp_path}", "--set", "trainer.steps=100000", "--set", "task.eval_prompts=0",
+            "--set", "trainer.checkpoint_every=0"]  # fmt: skip
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not any(
+        len(p.read_text().splitlines()) >= 3 for p in Path(tmp_path).glob("*/metrics.jsonl")
+    ):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err
+    (run_dir,) = Path(tmp_path).iterdir()
+    assert f"continue with: asyncflow run --resume {run_dir}" in err
+    last = RunDir(run_dir).latest_checkpoint()
+    assert last is not None and last[1]["step"] == RunDir(run_dir).metrics()[-1]["step"]
+
+
+def test_a_dead_trainer_is_named_with_how_to_resume(ray_session, tmp_path):
+    import ray
+
+    from asyncflow.errors import WorkerError
+
+    config = _config(tmp_path, "trainer.steps=100000", "task.eval_prompts=0", "trainer.checkpoint_every=5")
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result.update(train(config, display=False))
+        except BaseException as e:  # handed to the test thread
+            result["error"] = e
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list(Path(tmp_path).glob("*/checkpoints/step_0000005")):
+        time.sleep(0.1)
+    ray.kill(ray.get_actor(f"{config.dataplane.name}.trainer0", namespace="asyncflow"))
+    runner.join(timeout=120)
+    error = result.get("error")
+    assert isinstance(error, WorkerError), result
+    assert "the trainer died" in str(error) and "asyncflow run --resume" in str(error)
+    assert "its last checkpoint is step" in str(error)
