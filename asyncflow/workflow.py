@@ -140,6 +140,7 @@ def _trainer(ctx: Context) -> Any:
     return TrainerWorker(
         ctx.kind.model(c.seed), None, ctx.weights, c.trainer, n=c.rollout.n,
         staleness=c.staleness, temperature=c.rollout.temperature, reference=c.reference.enabled,
+        top_k=c.rollout.top_k, top_p=c.rollout.top_p,
         get_timeout_s=c.dataplane.get_timeout_s,
     )  # fmt: skip
 

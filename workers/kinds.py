@@ -107,7 +107,8 @@ class TokenKind:
     def reference_logprobs(self, model: torch.nn.Module, batch: Any) -> list[np.ndarray]:
         prompts = [p.tolist() for p in batch["prompt_ids"]]
         ids, targets, mask = pack(prompts, [r.tolist() for r in batch["response_ids"]])
-        lp = token_logprobs(model(ids).logits[:, :-1], targets, self.rollout.temperature)  # (B, T-1)
+        r = self.rollout  # the reference scores the sampler's distribution too, so KL is 0 at step 1
+        lp = token_logprobs(model(ids).logits[:, :-1], targets, r.temperature, r.top_k, r.top_p)  # (B, T-1)
         return [row[m].numpy() for row, m in zip(lp, mask)]
 
 

@@ -1,14 +1,16 @@
 """RewardWorker: scores responses with the task's reward function, one call per sample.
 
-Each call runs in a thread with a deadline: a reward that raises or hangs is recorded as
-a failure (its error text in `reward_error`, `failure_reward` as the reward), never a dead
-run. A hung call's thread cannot be killed from Python; it is abandoned and counted, and
-the pool has spare threads so that the next calls still run.
+Each call runs in a thread with a deadline: a reward that raises, hangs or is not a finite
+number (NaN, inf) is recorded as a failure (its error text in `reward_error`,
+`failure_reward` as the reward), never a dead run. A hung call's thread cannot be killed
+from Python; it is abandoned and counted, and the pool has spare threads so that the next
+calls still run.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -58,6 +60,9 @@ class RewardWorker:
         except Exception as e:  # the user's reward function failed: record it, keep the run going
             self.stats["failures"] += 1
             return self.failure_reward, f"{type(e).__name__}: {e}"[:500]
+        if not math.isfinite(value):  # a NaN would poison the group's advantages and the loss
+            self.stats["failures"] += 1
+            return self.failure_reward, f"the reward function returned {value}, not a finite number"
         return value, ""
 
     async def step(self, max_rows: int | None = None, *, wait: bool = True) -> int:

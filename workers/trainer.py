@@ -82,11 +82,14 @@ class TrainerWorker:
         staleness: int,
         temperature: float,
         reference: bool,
+        top_k: int = 0,
+        top_p: float = 1.0,
         version: int = 0,
         get_timeout_s: float | None = None,
     ):
         self.model, self.store, self.weights, self.config = model.train(), store, weights, config
         self.n, self.staleness, self.temperature, self.reference = n, staleness, temperature, reference
+        self.top_k, self.top_p = top_k, top_p  # the engine's truncation, applied to the recomputation too
         self.version, self.get_timeout_s = version, get_timeout_s
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.fields = trainer_fields(reference)
@@ -176,12 +179,19 @@ class TrainerWorker:
     def _micro(self, rows: list[_Row]) -> list[list[int]]:
         return micro_batches([len(r.prompt) + len(r.response) for r in rows], self.config.micro_batch_tokens)
 
+    def _token_logprobs(self, ids: Tensor, targets: Tensor) -> Tensor:
+        """Log-probs of `targets` under the distribution the engine samples from.
+
+        Shapes: ids (b, L), targets (b, L-1) -> (b, L-1)."""
+        logits = self.model(ids).logits[:, :-1]  # (b, L-1, V)
+        return token_logprobs(logits, targets, self.temperature, self.top_k, self.top_p)
+
     @torch.no_grad()
     def _logprobs_no_grad(self, rows: list[_Row]) -> list[torch.Tensor]:
         out: list[torch.Tensor] = [torch.empty(0)] * len(rows)
         for micro in self._micro(rows):
             ids, targets, mask = pack([rows[i].prompt for i in micro], [rows[i].response for i in micro])
-            lp = token_logprobs(self.model(ids).logits[:, :-1], targets, self.temperature)  # (b, L-1)
+            lp = self._token_logprobs(ids, targets)  # (b, L-1)
             for k, i in enumerate(micro):
                 out[i] = lp[k][mask[k]]
         return out
@@ -198,7 +208,7 @@ class TrainerWorker:
         for micro in self._micro(rows):
             batch = [rows[i] for i in micro]
             ids, targets, mask = pack([r.prompt for r in batch], [r.response for r in batch])
-            logprobs = token_logprobs(self.model(ids).logits[:, :-1], targets, self.temperature)  # (b, L-1)
+            logprobs = self._token_logprobs(ids, targets)  # (b, L-1)
             prox = (
                 logprobs.detach()
                 if proximal is None

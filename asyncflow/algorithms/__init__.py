@@ -7,7 +7,7 @@ The trainer composes them; `asyncflow.versioning` owns the staleness rule.
 from __future__ import annotations
 
 from asyncflow.algorithms.advantages import ESTIMATORS, Estimator, group_advantages
-from asyncflow.algorithms.logprobs import entropy, token_logprobs
+from asyncflow.algorithms.logprobs import entropy, token_logprobs, truncate
 from asyncflow.algorithms.losses import (
     AGGREGATIONS,
     CORRECTIONS,
@@ -37,4 +37,5 @@ __all__ = [
     "kl_penalty",
     "policy_loss",
     "token_logprobs",
+    "truncate",
 ]

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from asyncflow.algorithms import truncate
 from services.serving.protocol import Completion, FinishReason, InProcessEngine, Request, check_fits
 
 __all__ = ["TorchEngine", "sample_tokens"]
@@ -154,20 +155,11 @@ def sample_tokens(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row; returns (tokens (B,), log-probs (B,)) under the distribution sampled from.
 
-    Order as in vLLM and transformers: temperature, then top-k, then top-p on what top-k kept;
-    the log-prob is taken after truncation, renormalised over the kept tokens.
+    Order as in vLLM and transformers: temperature, then top-k, then top-p on what top-k kept
+    (`asyncflow.algorithms.truncate`, which the trainer applies too); the log-prob is taken
+    after truncation, renormalised over the kept tokens.
     """
-    scores = logits.float() / temperature[:, None]  # (B, V)
-    use_k, use_p = top_k > 0, top_p < 1
-    if bool(use_k.any() or use_p.any()):
-        sorted_scores, order = scores.sort(-1, descending=True)  # (B, V)
-        rank = torch.arange(scores.shape[-1], device=scores.device)
-        drop = use_k[:, None] & (rank[None, :] >= top_k[:, None])  # (B, V), in sorted order
-        probs = torch.softmax(sorted_scores.masked_fill(drop, float("-inf")), -1)
-        mass_before = probs.cumsum(-1) - probs
-        # Rows with top_p == 1 skip the filter: the rounded cumulative sum can reach 1 early.
-        drop |= use_p[:, None] & (mass_before >= top_p[:, None])
-        scores = scores.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    scores = truncate(logits.float() / temperature[:, None], top_k, top_p)  # (B, V)
     logp = torch.log_softmax(scores, -1)  # (B, V)
     tokens = torch.multinomial(logp.exp(), 1, generator=generator)  # (B, 1)
     return tokens.squeeze(-1), logp.gather(-1, tokens).squeeze(-1)

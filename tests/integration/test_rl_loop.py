@@ -55,8 +55,11 @@ def test_example_learns_at_toy_size(ray_session, tmp_path):
 
 @pytest.mark.parametrize(
     "overrides",
-    [["mode=sync", "reference.enabled=true", "trainer.kl_coef=0.05"], ["staleness=0"]],
-    ids=["sync-with-kl", "async-k0"],
+    [
+        ["mode=sync", "reference.enabled=true", "trainer.kl_coef=0.05"],
+        ["staleness=0", "rollout.top_k=6", "rollout.top_p=0.9"],  # the trainer truncates as the engine did
+    ],
+    ids=["sync-with-kl", "async-k0-top-k-top-p"],
 )
 def test_on_policy_modes_train_only_lag_zero(ray_session, tmp_path, overrides):
     config = _config(tmp_path, "trainer.steps=12", "task.eval_prompts=0", "rollout.num_workers=2", *overrides)
@@ -65,6 +68,8 @@ def test_on_policy_modes_train_only_lag_zero(ray_session, tmp_path, overrides):
     assert_exactly_once(summary)
     metrics = RunDir(summary["run_dir"]).metrics()
     assert all(m["is_weight_max"] <= 1 + 1e-4 for m in metrics)  # on-policy: behaviour = trainer's policy
+    assert all(abs(m["is_weight_mean"] - 1) <= 1e-4 for m in metrics)
+    assert all(abs(m["mismatch_kl"]) <= 1e-6 for m in metrics)
     if config.reference.enabled:
         assert metrics[0]["kl_ref"] == pytest.approx(0, abs=1e-6)  # the reference is the policy at step 1
         assert metrics[-1]["kl_ref"] > 0

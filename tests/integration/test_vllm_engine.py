@@ -90,10 +90,12 @@ def prompts(count: int) -> list[list[int]]:
 
 
 @torch.no_grad()
-def trainer_logprobs(m, completions, temperature: float) -> list[torch.Tensor]:
+def trainer_logprobs(
+    m, completions, temperature: float, top_k: int = 0, top_p: float = 1.0
+) -> list[torch.Tensor]:
     """What the trainer computes for each completion's tokens: one padded forward, as in training."""
     ids, targets, mask = pack([c.prompt_ids for c in completions], [c.response_ids for c in completions])
-    lp = token_logprobs(m(ids).logits[:, :-1], targets, temperature)  # (B, L-1)
+    lp = token_logprobs(m(ids).logits[:, :-1], targets, temperature, top_k, top_p)  # (B, L-1)
     return [lp[i][mask[i]] for i in range(len(completions))]
 
 
@@ -138,6 +140,21 @@ async def test_sampled_logprobs_match_the_trainer(engine, model_a):
         for c, t in zip(out, trainer_logprobs(model_a, out, 0.7))
     )
     assert diff < 1e-4  # float32 on both sides; ~1e-6 in practice
+
+
+@pytest.mark.parametrize(("top_k", "top_p"), [(3, 1.0), (0, 0.8), (5, 0.9)])
+async def test_the_trainer_recomputes_the_truncated_logprobs(engine, model_a, top_k, top_p):
+    """At lag 0 the importance ratio is 1 whatever the sampler keeps: the trainer truncates too."""
+    await set_weights(engine, model_a)
+    params = SamplingParams(temperature=0.8, top_k=top_k, top_p=top_p, max_new_tokens=16)
+    out = await engine.generate([Request(f"t{i}", p, n=4, params=params) for i, p in enumerate(prompts(6))])
+    ratios = torch.cat(
+        [
+            (t - torch.tensor(c.logprobs)).exp()
+            for c, t in zip(out, trainer_logprobs(model_a, out, 0.8, top_k, top_p))
+        ]
+    )
+    assert (ratios - 1).abs().max().item() < 1e-4
 
 
 async def test_logprobs_are_after_top_k(engine, model_a):

@@ -121,6 +121,23 @@ async def test_logprobs_match_a_teacher_forced_forward(model_a):
     assert worst <= 1e-5
 
 
+@pytest.mark.parametrize(("top_k", "top_p"), [(0, 1.0), (3, 1.0), (0, 0.8), (5, 0.9)])
+async def test_the_trainer_recomputes_the_engine_logprobs_for_every_sampler_setting(model_a, top_k, top_p):
+    """At lag 0 the importance ratio is 1 whatever the sampler keeps: the trainer truncates too."""
+    from asyncflow.algorithms import token_logprobs
+    from workers.trainer import pack
+
+    params = SamplingParams(temperature=0.8, top_k=top_k, top_p=top_p, max_new_tokens=12)
+    out = await engine_for(model_a, seed=5).generate(
+        [Request(f"r{i}", p, n=4, params=params) for i, p in enumerate(prompts(6))]
+    )
+    ids, targets, mask = pack([c.prompt_ids for c in out], [c.response_ids for c in out])
+    with torch.no_grad():
+        lp = token_logprobs(model_a(ids).logits[:, :-1], targets, 0.8, top_k, top_p)  # (B, L-1)
+    ratios = torch.cat([(lp[i][mask[i]] - torch.tensor(c.logprobs)).exp() for i, c in enumerate(out)])
+    assert (ratios - 1).abs().max().item() < 1e-4
+
+
 async def test_top_k_one_is_argmax(model_a):
     out = await engine_for(model_a).generate(
         [Request(f"r{i}", p, n=2, params=GREEDY) for i, p in enumerate(prompts(4))]

@@ -1,4 +1,4 @@
-"""A reward function that raises or hangs is a recorded failure, not a dead worker."""
+"""A reward function that raises, hangs or returns NaN is a recorded failure, not a dead worker."""
 
 from __future__ import annotations
 
@@ -33,3 +33,14 @@ async def test_failures_are_recorded_and_scoring_goes_on():
     assert worker.stats["failures"] == 2 and worker.stats["timeouts"] == 1
     _release.set()
     worker.close()
+
+
+async def test_a_nan_or_infinite_reward_is_a_failure():
+    for bad in (float("nan"), float("inf"), "-inf"):
+        worker = RewardWorker(
+            lambda p, r, a, v=bad: v, None, None, timeout_s=1, failure_reward=-1.0, batch_rows=8
+        )
+        value, error = await worker._score("1>", "1", "1")
+        assert value == -1.0 and "not a finite number" in error
+        assert worker.stats["failures"] == 1
+        worker.close()
