@@ -286,6 +286,7 @@ class Steering:
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+            await asyncio.wait([asyncio.ensure_future(actor.close.remote())], timeout=30)  # its engine
             ray.kill(actor)
         return {"rollout_workers": len(wf.rollouts)}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ import ray
 from asyncflow.config import AsyncFlowConfig
 from asyncflow.errors import ConfigError, WorkerError
 from dataplane.store import NAMESPACE  # every named actor of a run lives beside its store's
+
+log = logging.getLogger("asyncflow")
 
 
 @dataclass
@@ -216,6 +219,18 @@ class WorkerHost:
     def stats(self) -> dict:
         return dict(getattr(self.worker, "stats", {}))
 
+    async def close(self) -> None:
+        """Close the worker (its engine: vLLM's process group and its file in the temp directory)
+        and its store connection, before the actor is killed."""
+        close = getattr(self.worker, "close", None)
+        if close is not None:
+            result = close()
+            if inspect.isawaitable(result):
+                await result
+        store = getattr(self.worker, "store", None)
+        if store is not None:
+            await store.close()
+
     async def warmup(self) -> dict:
         return await asyncio.to_thread(self.worker.warmup, self.task, self.tokenizer, self.config.warmup)
 
@@ -278,8 +293,17 @@ class Workflow:
                     )
         return "a worker"
 
-    def shutdown(self) -> None:
-        for actor in [self.source, self.trainer, *self.streamers, self.weights]:
+    async def shutdown(self, grace_s: float = 30.0) -> None:
+        """Close every worker (engines, connections), then kill the actors and stop the store."""
+        workers = [a for a in [self.source, self.trainer, *self.streamers] if a is not None]
+        closing = [asyncio.ensure_future(a.close.remote()) for a in workers]
+        if closing:  # a dead or hung worker is killed anyway
+            await asyncio.wait(closing, timeout=grace_s)
+        for task in closing:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                log.warning("a worker did not close cleanly: %s", task.exception())
+            task.cancel()
+        for actor in [*workers, self.weights]:
             if actor is not None:
                 ray.kill(actor)
         self.store.shutdown()

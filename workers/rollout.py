@@ -128,6 +128,9 @@ class RolloutWorker:
         """Generate until the prompt stream ends (the workflow seals it) or the task is cancelled."""
         await serve(self.step)
 
+    async def close(self) -> None:
+        await self.engine.close()
+
     async def evaluate(self, examples: list[Any], reward_fn: Any) -> float:
         """Mean reward of one sample per held-out prompt, with the current weights."""
         prompts = self.kind.prompts(examples)[self.kind.prompt_field]

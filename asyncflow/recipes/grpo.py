@@ -89,17 +89,13 @@ async def supervise(actor: Any, restarts: int) -> None:
 
 async def _first(ref: Any, loops: Sequence[asyncio.Future]) -> Any:
     """Await `ref`, but fail at once if a background loop failed meanwhile."""
-    step = asyncio.ensure_future(_await(ref))
+    step = asyncio.ensure_future(ref)
     done, _ = await asyncio.wait([step, *loops], return_when=asyncio.FIRST_COMPLETED)
     for task in done:
         if task is not step and task.exception() is not None:
             step.cancel()
             raise task.exception()  # type: ignore[misc]
     return await step
-
-
-async def _await(ref: Any) -> Any:
-    return await ref
 
 
 class Run:
@@ -197,7 +193,7 @@ class Run:
         finally:
             if self.steering is not None:
                 await self.steering.close(ended)
-            wf.shutdown()
+            await wf.shutdown()
 
     async def finish(self, summary: dict) -> dict:
         """Plot, count what is left untrained, write the summary, drop the store's partition."""

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
+import psutil
 import pytest
 from test_rl_loop import _config, assert_exactly_once  # pytest puts this folder on sys.path
 
@@ -13,9 +17,14 @@ pytestmark = pytest.mark.integration
 
 def test_on_policy_run_with_vllm_matches_the_trainer(ray_session, tmp_path):
     """At staleness 0 the rollout's weights are the trainer's: vLLM's behaviour log-probs and
-    the trainer's recomputation differ only by kernels, which mismatch_kl measures each step."""
+    the trainer's recomputation differ only by kernels, which mismatch_kl measures each step.
+    The run closes its engines: it leaves no file in the temp directory and no process."""
     config = _config(tmp_path, "rollout.engine=vllm", "staleness=0", "trainer.steps=8", "task.eval_prompts=0")
+    temp = set(Path(tempfile.gettempdir()).iterdir())
     summary = train(config, display=False)
+    assert sorted(set(Path(tempfile.gettempdir()).iterdir()) - temp) == []  # vLLM's vllm_dist_* among them
+    cores = [p for p in psutil.process_iter(["cmdline"]) if "EngineCore" in " ".join(p.info["cmdline"] or [])]
+    assert cores == []  # no vLLM engine process outlives the run
     assert summary["staleness_histogram"] == {"0": 8 * 16 * 8}
     assert_exactly_once(summary)
     metrics = RunDir(summary["run_dir"]).metrics()
