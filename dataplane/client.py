@@ -559,10 +559,12 @@ class _ReadAhead:
         if self._keeper is not None:
             self._keeper.cancel()
             await asyncio.gather(self._keeper, return_exceptions=True)
-        for ack in self._unsure:
-            await self._client.ack(ack)
-        while self._batches:
-            await self._client.release(self._batches.popleft())
+        # If the store is gone there is nothing to hand back: its leases end with it.
+        with contextlib.suppress(StorageUnavailable):
+            for ack in self._unsure:
+                await self._client.ack(ack)
+            while self._batches:
+                await self._client.release(self._batches.popleft())
 
 
 def write_files(directory: Path, files: Mapping[str, Any]) -> None:

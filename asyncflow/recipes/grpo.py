@@ -93,6 +93,8 @@ async def _first(ref: Any, loops: Sequence[asyncio.Future]) -> Any:
     done, _ = await asyncio.wait([step, *loops], return_when=asyncio.FIRST_COMPLETED)
     for task in done:
         if task is not step and task.exception() is not None:
+            if step.done():
+                step.exception()  # retrieved: the loop's failure is the one reported
             step.cancel()
             raise task.exception()  # type: ignore[misc]
     return await step

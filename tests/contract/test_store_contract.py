@@ -554,3 +554,33 @@ async def test_a_put_the_store_refuses_leaves_no_cells_behind(client, pname):
     after = await client.store_stats()
     assert after["partitions"][pname]["rows"] == 0
     assert cells(after) == cells(before)  # no cell of the refused put is kept
+
+
+async def test_closing_with_requests_in_flight_leaves_no_unretrieved_error(store, pname):
+    """No 'Future/Task exception was never retrieved' when a client closes under a stream with
+    read-ahead and a waiting get."""
+    import gc
+
+    seen: list[dict] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _, context: seen.append(context))
+    try:
+        client = await StoreClient.connect(store.address)
+        await client.create_partition(pname, {"x": "int64"}, consumers=["c"])
+        await client.put(pname, {"x": np.arange(10)})
+        stream = client.stream(pname, ["x"], 4, "c", prefetch=3, timeout_s=30)
+        await anext(stream)
+        waiting = asyncio.ensure_future(client.get(pname, ["x"], 4, "c", timeout_s=30))
+        await asyncio.sleep(0.05)
+        await client.close()
+        with contextlib.suppress(DataPlaneError):
+            await stream.aclose()
+        with contextlib.suppress(DataPlaneError, asyncio.CancelledError):
+            waiting.cancel()
+            await waiting
+        del stream, waiting
+        gc.collect()
+        await asyncio.sleep(0.1)
+    finally:
+        loop.set_exception_handler(None)
+    assert [c.get("message") for c in seen] == []
