@@ -1,18 +1,60 @@
-"""Shared fixtures: one local Ray for the whole test session, and a store per backend.
+"""Shared fixtures: one local Ray and one private Redis for the whole test session, and a store
+per backend.
 
 Ray on a 2-core machine: the session starts one instance with more logical CPUs than
 cores (the store's actors reserve fractions and mostly wait on I/O) and every test
-reuses it; tests isolate themselves by partition name, not by restarting Ray.
+reuses it; tests isolate themselves by partition name, not by restarting Ray. Redis: a
+`redis-server` of the session's own, on a free port in a temp dir, so no test touches a
+server the user runs; tests that stop a server or need AOF or an ACL start their own.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
 import uuid
 
 import pytest
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_redis(directory: str, port: int, *extra: str) -> subprocess.Popen:
+    """A redis-server on 127.0.0.1:port, working in `directory`; returns once it answers."""
+    args = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", directory,
+            "--save", "", "--appendonly", "no", *extra]  # fmt: skip
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+    for _ in range(200):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return proc
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"redis-server did not start on port {port}; is redis-server installed?")
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """The URL of this session's private Redis (no persistence), stopped at the end."""
+    directory = tempfile.mkdtemp(prefix="asyncflow-test-redis-")
+    port = free_port()
+    proc = start_redis(directory, port)
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.kill()
+    proc.wait()
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -27,13 +69,13 @@ def ray_session():
 
 @pytest.fixture(scope="session", params=["memory", "redis"])
 def store(request, ray_session):
-    """A running store of each backend. The Redis one (127.0.0.1:6379, see .ci/run) gets a name of
-    its own per test session and is emptied at the end, so runs never see each other's rows."""
+    """A running store of each backend; the Redis one lives in the session's private server."""
     from asyncflow.config import DataPlaneConfig
     from dataplane import start_store
 
     name = f"test-{request.param}" + (f"-{uuid.uuid4().hex[:8]}" if request.param == "redis" else "")
-    handle = start_store(DataPlaneConfig(name=name, backend=request.param, lease_s=30.0))
+    redis = {"url": request.getfixturevalue("redis_url")} if request.param == "redis" else {}
+    handle = start_store(DataPlaneConfig(name=name, backend=request.param, lease_s=30.0, redis=redis))
     yield handle
     handle.shutdown()
     if request.param == "redis":

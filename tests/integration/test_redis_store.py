@@ -1,8 +1,8 @@
 """The Redis backend beyond the contract suite: durability across a server restart, lost
 connections, credentials, dead clients' leases, retention, and access without Ray.
 
-The shared server on 127.0.0.1:6379 serves most tests; tests that stop a server, or need
-AOF or an ACL user, start a private `redis-server` on a free port in a temp dir.
+The session's private server (`redis_url`, tests/conftest.py) serves most tests; tests that
+stop a server, or need AOF or an ACL user, start one of their own on a free port in a temp dir.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -21,6 +20,7 @@ from pathlib import Path
 import msgpack
 import numpy as np
 import pytest
+from conftest import free_port, start_redis  # pytest puts tests/ on sys.path
 
 from asyncflow.config import DataPlaneConfig, parse_config
 from asyncflow.errors import ConfigError, DataPlaneError, LeaseError, StorageUnavailable
@@ -31,13 +31,6 @@ from dataplane.storage.redis_snapshot import purge
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
-SHARED = "redis://127.0.0.1:6379/0"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PrivateRedis:
@@ -52,15 +45,9 @@ class PrivateRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-                "--appendonly", "yes", "--appendfsync", "always", "--save", "", *self.extra]  # fmt: skip
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL)
-        for _ in range(100):
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            time.sleep(0.05)
-        raise RuntimeError(f"redis-server on port {self.port} did not start")
+        self.proc = start_redis(
+            str(self.dir), self.port, "--appendonly", "yes", "--appendfsync", "always", *self.extra
+        )
 
     def kill(self) -> None:
         """As if the machine lost power: no shutdown, no final save."""
@@ -223,8 +210,8 @@ def test_config_errors_never_show_the_password():
         parse_config({"dataplane": {"backend": "postgres"}})
 
 
-async def test_leases_of_a_killed_client_come_back_within_heartbeats(pname):
-    handle = start_store(redis_config(SHARED, heartbeat_s=0.2))
+async def test_leases_of_a_killed_client_come_back_within_heartbeats(pname, redis_url):
+    handle = start_store(redis_config(redis_url, heartbeat_s=0.2))
     client = await StoreClient.connect(handle.address)
     await client.create_partition(pname, {"x": "int64"}, consumers=["c"])
     await client.put(pname, {"x": np.arange(4)})
@@ -255,9 +242,9 @@ async def test_leases_of_a_killed_client_come_back_within_heartbeats(pname):
         await client.close()
 
 
-async def test_a_long_stream_leaves_nothing_behind():
+async def test_a_long_stream_leaves_nothing_behind(redis_url):
     """Acked rows are deleted as they go: Redis holds at most `capacity` rows however long the run."""
-    handle = start_store(redis_config(SHARED))
+    handle = start_store(redis_config(redis_url))
     client = await StoreClient.connect(handle.address)
     raw = client._r  # type: ignore[attr-defined]
     ns = handle.address.split("#")[1]
@@ -310,9 +297,9 @@ def test_readme_redis_example_runs_without_ray():
     assert out.returncode == 0, out.stderr[-3000:]
 
 
-async def test_leaving_a_stream_early_cancels_its_read_ahead_at_once(pname):
+async def test_leaving_a_stream_early_cancels_its_read_ahead_at_once(pname, redis_url):
     """A cancelled get must stop: redis-py may swallow the cancellation of a blocking read."""
-    handle = start_store(redis_config(SHARED))
+    handle = start_store(redis_config(redis_url))
     client = await StoreClient.connect(handle.address)
     try:
         await client.create_partition(pname, {"x": "int64[64]"}, consumers=["c"])
@@ -340,10 +327,12 @@ async def _take(stream, n: int):
 
 
 @pytest.mark.parametrize("restore_chunk", [1, 1024])  # a chunk per row, and one for all rows
-async def test_checkpoint_restores_into_a_fresh_redis_store(tmp_path, pname, restore_chunk, monkeypatch):
+async def test_checkpoint_restores_into_a_fresh_redis_store(
+    tmp_path, pname, restore_chunk, monkeypatch, redis_url
+):
     monkeypatch.setattr(snapshots, "RESTORE_CHUNK", restore_chunk)
-    source = await StoreClient.connect(start_store(redis_config(SHARED)).address)
-    target = await StoreClient.connect(start_store(redis_config(SHARED)).address)
+    source = await StoreClient.connect(start_store(redis_config(redis_url)).address)
+    target = await StoreClient.connect(start_store(redis_config(redis_url)).address)
     try:
         schema = {"ids": "int64[*]", "meta": "any", "score": "float32"}
         await source.create_partition(pname, schema, consumers=["a", "b"])
@@ -372,10 +361,10 @@ async def test_checkpoint_restores_into_a_fresh_redis_store(tmp_path, pname, res
             await client.close()
 
 
-async def test_a_consumer_first_asking_for_a_field_some_rows_lack_gets_only_complete_rows(pname):
+async def test_a_consumer_first_asking_for_a_field_some_rows_lack_gets_only_complete_rows(pname, redis_url):
     """The ready set of a consumer's first get is a copy of its pending set only while no row lacks a
     field it asks for; the per-field counts behind that stay right through fills, stale rows and frees."""
-    handle = start_store(redis_config(SHARED))
+    handle = start_store(redis_config(redis_url))
     client = await StoreClient.connect(handle.address)
     raw = client._r  # type: ignore[attr-defined]
     missing = f"{handle.address.split('#')[1]}:{{{pname}}}:missing"
@@ -401,10 +390,10 @@ async def test_a_consumer_first_asking_for_a_field_some_rows_lack_gets_only_comp
         await client.close()
 
 
-async def test_a_get_reads_the_cells_of_rows_apart_in_one_chunk(pname):
+async def test_a_get_reads_the_cells_of_rows_apart_in_one_chunk(pname, redis_url):
     """A put's cells of a field are one value and a get reads runs of adjacent cells; rows that
     are not adjacent (others were taken meanwhile) come back right, ragged and dense alike."""
-    handle = start_store(redis_config(SHARED))
+    handle = start_store(redis_config(redis_url))
     one, two = [await StoreClient.connect(handle.address) for _ in range(2)]
     try:
         schema = {"ids": "int64[*]", "x": "float32[2]", "text": "str"}
@@ -431,13 +420,15 @@ async def test_a_get_reads_the_cells_of_rows_apart_in_one_chunk(pname):
             await client.close()
 
 
-async def test_a_put_over_the_redis_value_limit_is_refused_before_anything_is_stored(pname, monkeypatch):
+async def test_a_put_over_the_redis_value_limit_is_refused_before_anything_is_stored(
+    pname, monkeypatch, redis_url
+):
     """A put's cells of one field are one Redis value; one over Redis' limit (lowered here to
     1 KiB) is refused with the field and the fix named, and the partition keeps what it had."""
     import dataplane.storage.redis as backend
 
     monkeypatch.setattr(backend, "MAX_VALUE_BYTES", 1024)
-    client = await StoreClient.connect(start_store(redis_config(SHARED)).address)
+    client = await StoreClient.connect(start_store(redis_config(redis_url)).address)
     try:
         await client.create_partition(pname, {"x": "int64[*]"}, consumers=["c"])
         await client.put(pname, {"x": [np.arange(4)]})
@@ -450,11 +441,11 @@ async def test_a_put_over_the_redis_value_limit_is_refused_before_anything_is_st
         await client.close()
 
 
-async def test_rows_stored_without_refs_are_freed_from_their_metadata(pname):
+async def test_rows_stored_without_refs_are_freed_from_their_metadata(pname, redis_url):
     """A store written before rows kept their refs (ready bits, chunks) beside their metadata, and
     with an :acked entry for every row: freeing its rows reads the metadata instead, and still
     deletes every chunk and count."""
-    handle = start_store(redis_config(SHARED))
+    handle = start_store(redis_config(redis_url))
     client = await StoreClient.connect(handle.address)
     raw, key = client._r, client._key(pname)  # type: ignore[attr-defined]
     try:
@@ -478,12 +469,12 @@ async def test_rows_stored_without_refs_are_freed_from_their_metadata(pname):
         await client.close()
 
 
-async def test_a_put_to_a_server_without_the_scripts_leaves_no_stray_cells(pname):
+async def test_a_put_to_a_server_without_the_scripts_leaves_no_stray_cells(pname, redis_url):
     """A server that does not know the put script yet (new, restarted, flushed) refuses it inside
     the put's transaction after the cells were written: those cells are deleted, the put is
     retried, and only the chunk it stored remains, kept. The get after it meets an unknown script
     too, on the client's own connections (`redis_wire`): it is given the script and retried."""
-    handle = start_store(redis_config(SHARED))
+    handle = start_store(redis_config(redis_url))
     client = await StoreClient.connect(handle.address)
     raw, key = client._r, client._key(pname)  # type: ignore[attr-defined]
     try:
@@ -499,11 +490,11 @@ async def test_a_put_to_a_server_without_the_scripts_leaves_no_stray_cells(pname
         await client.close()
 
 
-async def test_acked_bits_are_kept_only_for_rows_a_consumer_still_needs(pname):
+async def test_acked_bits_are_kept_only_for_rows_a_consumer_still_needs(pname, redis_url):
     """One consumer's ack frees the row, so :acked is never written. With two consumers, each keeps
     a bitmap per block of 64 rows, and a block counts its live rows: both go with the block's last
     live row."""
-    handle = start_store(redis_config(SHARED))
+    handle = start_store(redis_config(redis_url))
     client = await StoreClient.connect(handle.address)
     raw, key = client._r, client._key(pname)  # type: ignore[attr-defined]
     try:
@@ -535,11 +526,11 @@ async def _waiting(raw, key: str, j: int) -> tuple[set, set]:
     return {int(r) for r in ready}, {int(r) for r in pend}
 
 
-async def test_a_row_waits_in_exactly_one_set_of_each_consumer(pname):
+async def test_a_row_waits_in_exactly_one_set_of_each_consumer(pname, redis_url):
     """Whole rows go straight to each consumer's ready set and nowhere else; a row whose fields are
     not all written waits in the pending set and moves when they are; a get takes rows off the
     ready set; rows given back go where their fields say."""
-    handle = start_store(redis_config(SHARED))
+    handle = start_store(redis_config(redis_url))
     client = await StoreClient.connect(handle.address)
     raw, key = client._r, client._key(pname)  # type: ignore[attr-defined]
     try:
@@ -566,10 +557,10 @@ async def test_a_row_waits_in_exactly_one_set_of_each_consumer(pname):
         await client.close()
 
 
-async def test_a_store_of_the_earlier_layout_is_read_exactly_once(pname):
+async def test_a_store_of_the_earlier_layout_is_read_exactly_once(pname, redis_url):
     """Stores written by earlier versions kept ready rows in the pending set too: the first script
     that meets one takes them out, and every row is still read once and the stream ends."""
-    handle = start_store(redis_config(SHARED))
+    handle = start_store(redis_config(redis_url))
     client = await StoreClient.connect(handle.address)
     raw, key = client._r, client._key(pname)  # type: ignore[attr-defined]
     try:
@@ -597,12 +588,12 @@ async def test_a_store_of_the_earlier_layout_is_read_exactly_once(pname):
         await client.close()
 
 
-async def test_a_store_of_layout_2_is_converted_with_its_acks_and_leases(pname):
+async def test_a_store_of_layout_2_is_converted_with_its_acks_and_leases(pname, redis_url):
     """Stores written by earlier versions kept an :acked entry per row and a lease's rows as a
     msgpack list: the first script that meets one turns them into bitmaps (blocks counting their
     live rows) and strings, so a lease held across the change is acked whole, every row is read
     once by each consumer and freed after the last."""
-    handle = start_store(redis_config(SHARED))
+    handle = start_store(redis_config(redis_url))
     client = await StoreClient.connect(handle.address)
     raw, key = client._r, client._key(pname)  # type: ignore[attr-defined]
     try:
@@ -636,11 +627,11 @@ async def test_a_store_of_layout_2_is_converted_with_its_acks_and_leases(pname):
         await client.close()
 
 
-async def test_an_ack_takes_whole_or_part_leases_and_a_retried_ack_changes_nothing(pname):
+async def test_an_ack_takes_whole_or_part_leases_and_a_retried_ack_changes_nothing(pname, redis_url):
     """An ack of a whole lease, of part of one, and of rows from two; the same ack sent again (its
     first reply lost) is a no-op; acking a row the client does not hold is refused and changes
     nothing, even beside rows it does hold."""
-    handle = start_store(redis_config(SHARED))
+    handle = start_store(redis_config(redis_url))
     client = await StoreClient.connect(handle.address)
     raw, key = client._r, client._key(pname)  # type: ignore[attr-defined]
 
@@ -678,11 +669,11 @@ async def test_an_ack_takes_whole_or_part_leases_and_a_retried_ack_changes_nothi
         await client.close()
 
 
-async def test_waiters_are_woken_at_once_and_no_one_else_is_told(pname):
+async def test_waiters_are_woken_at_once_and_no_one_else_is_told(pname, redis_url):
     """A get waiting for rows wakes when they are put, a put waiting for space when an ack frees
     it, each well before its blocking read would time out (15 s); while no client waits, puts and
     acks append nothing to the event streams."""
-    handle = start_store(redis_config(SHARED))
+    handle = start_store(redis_config(redis_url))
     client = await StoreClient.connect(handle.address)
     raw, key = client._r, client._key(pname)  # type: ignore[attr-defined]
 

@@ -19,8 +19,8 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-async def server():
-    r = aioredis.Redis.from_url("redis://127.0.0.1:6379/0")
+async def server(redis_url):
+    r = aioredis.Redis.from_url(redis_url)
     prefix = f"reads-test:{uuid.uuid4().hex[:8]}"
     yield r, prefix
     keys = [k async for k in r.scan_iter(f"{prefix}:*")]

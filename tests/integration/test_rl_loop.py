@@ -155,14 +155,20 @@ def test_resume_after_the_process_is_killed(tmp_path):
     assert_exactly_once(summary)
 
 
-def test_a_run_on_the_redis_store_cleans_up_after_itself(ray_session, tmp_path):
+def test_a_run_on_the_redis_store_cleans_up_after_itself(ray_session, tmp_path, redis_url):
     """The same loop on the durable store: exactly once, and the run's partition is gone at the end
     (its rows live on in the final checkpoint), so the next run with that store name starts clean."""
     import asyncio
 
     from dataplane import StoreClient
 
-    config = _config(tmp_path, "trainer.steps=8", "task.eval_prompts=0", "dataplane.backend=redis")
+    config = _config(
+        tmp_path,
+        "trainer.steps=8",
+        "task.eval_prompts=0",
+        "dataplane.backend=redis",
+        f"dataplane.redis.url={redis_url}",
+    )
     summary = train(config, display=False)
     assert summary["steps"] == 8
     assert_exactly_once(summary)
