@@ -321,12 +321,13 @@ class StoreClient:
         self, partition: str, fields: Sequence[str], batch_size: int, consumer: str, *,
         sampler: str = "sequential", dp_size: int = 1, v_min: int | None = None,
         timeout_s: float | None = None, allow_partial: bool = False, lease_s: float | None = None,
-        ack: Batch | None = None, writes: Sequence[str] = (),
+        ack: Batch | None = None, writes: Sequence[str] = (), min_rows: int | None = None,
     ) -> Batch:  # fmt: skip
         """Lease up to `batch_size` rows with `fields` ready that `consumer` has not had.
 
-        Waits until the sampler can serve a full batch (raises StoreTimeout after
-        `timeout_s`, or returns what there is if `allow_partial`). With `v_min`, rows of an
+        Waits until the sampler can serve a full batch, or `min_rows` rows if given (then it takes
+        up to batch_size of what is ready); raises StoreTimeout after `timeout_s`, or returns what
+        there is if `allow_partial`. With `v_min`, rows of an
         older policy version are dropped or regenerated instead (dataplane.stale_policy).
         `ack` acks a previous batch of the same consumer in the same round trip. `writes` names
         the fields this consumer fills in these rows: if it dies mid-put, the store clears what it
@@ -339,7 +340,7 @@ class StoreClient:
             partition=partition, consumer=consumer, fields=list(fields), batch_size=batch_size,
             sampler=sampler, dp_size=dp_size, v_min=v_min, timeout_s=timeout_s,
             allow_partial=allow_partial, lease_s=lease_s, ack=list(ack.rows) if ack else None,
-            writes=list(writes) or None,
+            writes=list(writes) or None, min_rows=min_rows,
         )  # fmt: skip
         schema = await self._schema(partition)
         try:

@@ -27,7 +27,7 @@ from asyncflow.config import DataPlaneConfig
 from asyncflow.errors import DataPlaneError, LeaseError, SchemaError, StoreTimeout, UnknownPartition
 from dataplane.codec import pack, unpack
 from dataplane.partition import Consumer, Lease, Partition, Row, Signal, candidates, from_snapshot, snapshot
-from dataplane.samplers import Selection, make_sampler
+from dataplane.samplers import Selection, make_sampler, select_at_least
 from dataplane.schema import parse_schema
 
 _EMPTY = Selection([], None)
@@ -272,10 +272,13 @@ class Controller:
         self, partition: str, consumer: str, fields: list[str], batch_size: int,
         sampler: str = "sequential", dp_size: int = 1, v_min: int | None = None,
         timeout_s: float | None = None, allow_partial: bool = False, lease_s: float | None = None,
-        ack: list[int] | None = None, writes: list[str] | None = None, peer: int = 0,
+        ack: list[int] | None = None, writes: list[str] | None = None, min_rows: int | None = None,
+        peer: int = 0,
     ) -> dict:  # fmt: skip
         """Lease up to `batch_size` rows whose `fields` are ready, waiting (pushed, not polled) for them.
 
+        `min_rows`: serve as soon as that many can be (up to batch_size of what is ready then)
+        instead of waiting for a full batch.
         `ack`: rows of this consumer's previous batch to ack first (saves a round trip per batch).
         `writes`: fields this consumer fills in the rows it leases; if a lease is lost (the holder
         died or let it expire), cells of those fields that were written but never committed are
@@ -294,8 +297,9 @@ class Controller:
             )
         if batch_size < 1:
             raise DataPlaneError(f"batch_size {batch_size} must be >= 1")
-        if batch_size > part.capacity and not allow_partial:
-            raise DataPlaneError(too_big(partition, batch_size, part.capacity))
+        least = batch_size if min_rows is None else min(max(min_rows, 1), batch_size)
+        if least > part.capacity and not allow_partial:
+            raise DataPlaneError(too_big(partition, least, part.capacity))
         chooser = make_sampler(sampler, dp_size)
         if writes:
             c.writes |= part.mask(writes)
@@ -311,7 +315,9 @@ class Controller:
             if v_min is not None:
                 await self._retire_stale(part, c, v_min)
             drained = part.sealed and len(c.ready) == len(c.pending)  # nothing more can become ready
-            selection = chooser.select(candidates(part, c, chooser, batch_size), batch_size, drained)
+            selection = select_at_least(
+                chooser, candidates(part, c, chooser, batch_size), batch_size, least, drained
+            )
             if selection is not None and selection.rows:
                 break
             # End of stream: nothing left can be served, and no other instance holds rows that

@@ -80,6 +80,19 @@ class Sampler(Protocol):
     ) -> Selection | None: ...
 
 
+def select_at_least(
+    chooser: Sampler, candidates: Sequence[RowInfo], batch_size: int, min_rows: int, allow_partial: bool
+) -> Selection | None:
+    """A full batch if the sampler can make one, else at least `min_rows` rows (up to batch_size)
+    if it can, else what `allow_partial` lets it take (None: wait)."""
+    selection = chooser.select(candidates, batch_size, allow_partial)
+    if (selection is None or not selection.rows) and 0 < min_rows < batch_size:
+        some = chooser.select(candidates, batch_size, True)
+        if some is not None and len(some.rows) >= min_rows:
+            return some
+    return selection
+
+
 def _check_batch_size(batch_size: int) -> None:
     if batch_size < 1:
         raise DataPlaneError(f"batch_size={batch_size} is invalid: expected a positive integer of rows.")

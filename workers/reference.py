@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from workers.samples import PARTITION, REFERENCE, serve, take, work_through
+from workers.samples import PARTITION, REFERENCE, idle, serve, take, work_through
 
 WRITES = ["ref_logprobs"]
 
@@ -28,27 +28,36 @@ class ReferenceWorker:
         self.batch_rows, self.get_timeout_s = batch_rows, get_timeout_s
         self.stats: dict[str, float] = {"samples": 0, "busy_s": 0.0, "idle_s": 0.0}
 
-    async def step(self, max_rows: int | None = None, *, wait: bool = True) -> int:
+    async def step(self, max_rows: int | None = None) -> int:
+        """Score up to `max_rows` ready rows (sync mode); returns how many (0: the stream ended)."""
         start = time.perf_counter()
         size = max_rows or self.batch_rows
         batch = await take(
-            self.store, self.kind.reference_reads, size, REFERENCE, writes=WRITES, wait=wait,
+            self.store, self.kind.reference_reads, size, REFERENCE, writes=WRITES,
             timeout_s=self.get_timeout_s,
         )  # fmt: skip
-        got = time.perf_counter()
-        self.stats["idle_s"] += got - start
+        self.stats["idle_s"] += time.perf_counter() - start
         if not len(batch):
             return 0
+        await self.process(batch)
+        await self.store.ack(batch)
+        return len(batch)
+
+    async def process(self, batch: Any) -> None:
+        """Write the reference log-probs of a batch (the caller acks it)."""
+        start = time.perf_counter()
         ref = self.kind.reference_logprobs(self.model, batch)
         await self.store.put(PARTITION, {"ref_logprobs": ref}, rows=batch)
-        await self.store.ack(batch)
         self.stats["samples"] += len(batch)
-        self.stats["busy_s"] += time.perf_counter() - got
-        return len(batch)
+        self.stats["busy_s"] += time.perf_counter() - start
 
     async def work(self, rows: int) -> int:
         """Process exactly `rows` rows (sync mode)."""
         return await work_through(self.step, rows)
 
     async def run(self) -> None:
-        await serve(self.step)
+        """Score rows as they become ready until the stream ends (async mode)."""
+        await serve(
+            self.store, self.kind.reference_reads, self.batch_rows, REFERENCE, idle(self.stats, self.process),
+            writes=WRITES, timeout_s=self.get_timeout_s,
+        )  # fmt: skip

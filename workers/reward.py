@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from workers.samples import PARTITION, REWARD, REWARD_FIELDS, serve, take, work_through
+from workers.samples import PARTITION, REWARD, REWARD_FIELDS, idle, serve, take, work_through
 
 WRITES = REWARD_FIELDS
 
@@ -65,19 +65,23 @@ class RewardWorker:
             return self.failure_reward, f"the reward function returned {value}, not a finite number"
         return value, ""
 
-    async def step(self, max_rows: int | None = None, *, wait: bool = True) -> int:
+    async def step(self, max_rows: int | None = None) -> int:
+        """Score up to `max_rows` ready rows (sync mode); returns how many (0: the stream ended)."""
         start = time.perf_counter()
         size = max_rows or self.batch_rows
-        fields = [self.kind.prompt_field, self.kind.response_field, "answer"]
-        batch = await take(
-            self.store, fields, size, REWARD, writes=WRITES, wait=wait, timeout_s=self.get_timeout_s
-        )
-        got = time.perf_counter()
-        self.stats["idle_s"] += got - start
+        batch = await take(self.store, self.fields, size, REWARD, writes=WRITES, timeout_s=self.get_timeout_s)
+        self.stats["idle_s"] += time.perf_counter() - start
         if not len(batch):
             return 0
+        await self.process(batch)
+        await self.store.ack(batch)
+        return len(batch)
+
+    async def process(self, batch: Any) -> None:
+        """Score a batch and write its reward fields (the caller acks it)."""
+        start = time.perf_counter()
         scored = await asyncio.gather(
-            *(self._score(*self.kind.reward_args(*row)) for row in zip(*(batch[f] for f in fields)))
+            *(self._score(*self.kind.reward_args(*row)) for row in zip(*(batch[f] for f in self.fields)))
         )
         await self.store.put(
             PARTITION,
@@ -88,17 +92,23 @@ class RewardWorker:
             },
             rows=batch,
         )
-        await self.store.ack(batch)
         self.stats["samples"] += len(batch)
-        self.stats["busy_s"] += time.perf_counter() - got
-        return len(batch)
+        self.stats["busy_s"] += time.perf_counter() - start
+
+    @property
+    def fields(self) -> list[str]:
+        return [self.kind.prompt_field, self.kind.response_field, "answer"]
 
     async def work(self, rows: int) -> int:
         """Process exactly `rows` rows (sync mode)."""
         return await work_through(self.step, rows)
 
     async def run(self) -> None:
-        await serve(self.step)
+        """Score rows as they become ready until the stream ends (async mode)."""
+        await serve(
+            self.store, self.fields, self.batch_rows, REWARD, idle(self.stats, self.process), writes=WRITES,
+            timeout_s=self.get_timeout_s,
+        )  # fmt: skip
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

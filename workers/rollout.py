@@ -18,7 +18,7 @@ import asyncio
 import time
 from typing import Any
 
-from workers.samples import PARTITION, ROLLOUT, serve, take
+from workers.samples import PARTITION, ROLLOUT, idle, serve, take
 
 
 class RolloutWorker:
@@ -62,19 +62,26 @@ class RolloutWorker:
         self.stats["sync_s"] += time.perf_counter() - start
         return self.engine.version
 
-    async def step(self, max_groups: int | None = None, *, wait: bool = True) -> int:
-        """One engine call: take up to `max_groups` prompt groups, generate, write. Returns samples
-        written (0 when the stream has ended, or, with wait=False, when nothing is ready)."""
+    async def step(self, max_groups: int | None = None) -> int:
+        """One engine call on up to `max_groups` ready prompt groups (sync mode). Returns samples
+        written (0 when the stream has ended)."""
         start = time.perf_counter()
         size = (max_groups or self.groups_per_call) * self.n
         batch = await take(
             self.store, self.kind.prompt_fields, size, ROLLOUT, unit=self.n, sampler="group",
-            writes=self.kind.rollout_fields, wait=wait, timeout_s=self.get_timeout_s,
+            writes=self.kind.rollout_fields, timeout_s=self.get_timeout_s,
         )  # fmt: skip
-        got = time.perf_counter()
-        self.stats["idle_s"] += got - start
+        self.stats["idle_s"] += time.perf_counter() - start
         if not len(batch):
             return 0
+        await self.process(batch)
+        await self.store.ack(batch)
+        return len(batch)
+
+    async def process(self, batch: Any) -> None:
+        """One engine call: generate `n` samples for each prompt group of `batch` and write them with
+        their behaviour log-probs and versions (the caller acks the batch)."""
+        start = time.perf_counter()
         # The safe point: weights at least as new as the version each prompt was admitted at.
         await self.sync_weights(max(int(v) for v in batch["admit_version"]))
         heads = range(0, len(batch), self.n)  # rows of a group are adjacent, in sample order
@@ -93,11 +100,9 @@ class RolloutWorker:
             rows=batch,
             version=min(min(c.versions, default=self.engine.version) for c in rows),
         )
-        await self.store.ack(batch)
         self.stats["samples"] += len(rows)
         self.stats["tokens"] += sum(len(c.versions) for c in rows)  # tokens, or denoising steps
-        self.stats["busy_s"] += time.perf_counter() - got
-        return len(rows)
+        self.stats["busy_s"] += time.perf_counter() - start
 
     async def _generate(self, requests: list) -> list:
         """engine.generate, loading each version published meanwhile when partial rollout is on."""
@@ -126,7 +131,11 @@ class RolloutWorker:
 
     async def run(self) -> None:
         """Generate until the prompt stream ends (the workflow seals it) or the task is cancelled."""
-        await serve(self.step)
+        await serve(
+            self.store, self.kind.prompt_fields, self.groups_per_call * self.n, ROLLOUT,
+            idle(self.stats, self.process), unit=self.n, sampler="group", writes=self.kind.rollout_fields,
+            timeout_s=self.get_timeout_s,
+        )  # fmt: skip
 
     async def close(self) -> None:
         await self.engine.close()

@@ -9,6 +9,7 @@ the bookkeeping, reward and reference fields and differ in what a prompt and a r
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -76,14 +77,42 @@ def trainer_fields(reference: bool, policy: str = "token") -> list[str]:
     return fields + (["ref_logprobs"] if reference else [])
 
 
-async def serve(step: Callable[[], Awaitable[int]]) -> None:
-    """Call a worker's `step` until the stream ends (a step returns 0)."""
+async def serve(
+    store: Any, fields: Sequence[str], size: int, consumer: str, process: Callable[[Any], Awaitable[Any]], *,
+    unit: int = 1, sampler: str = "sequential", writes: Sequence[str] = (), timeout_s: float | None = None,
+) -> None:  # fmt: skip
+    """Stream rows to `process(batch)` until the partition is sealed and drained (async mode).
+
+    Each batch is up to `size` rows, at least `unit` (one group): a wake-up takes what became
+    ready with it. This is the store's `stream()` as the README shows it, read ahead by nothing
+    (a worker holds only the rows it works on) and acked when the next batch is asked for. A
+    stretch with nothing to do (StoreTimeout: the trainer is slow or paused) just keeps waiting.
+    """
+    kw = {"min_rows": unit, "sampler": sampler, "writes": writes, "timeout_s": timeout_s}
     while True:
         try:
-            if not await step():
-                return
+            async for batch in store.stream(PARTITION, fields, size, consumer, prefetch=0, **kw):
+                await process(batch)
+            return
         except StoreTimeout:
-            continue  # nothing to do for a while (the trainer is slow or paused): keep waiting
+            continue
+
+
+def idle(
+    stats: dict[str, float], process: Callable[[Any], Awaitable[Any]]
+) -> Callable[[Any], Awaitable[None]]:
+    """`process`, adding the time between its calls (waiting for rows) to stats["idle_s"]."""
+    last = time.perf_counter()
+
+    async def timed(batch: Any) -> None:
+        nonlocal last
+        stats["idle_s"] += time.perf_counter() - last
+        try:
+            await process(batch)
+        finally:
+            last = time.perf_counter()
+
+    return timed
 
 
 async def work_through(step: Callable[[int], Awaitable[int]], rows: int) -> int:
@@ -94,18 +123,19 @@ async def work_through(step: Callable[[int], Awaitable[int]], rows: int) -> int:
     return done
 
 
-async def take(store: Any, fields: Sequence[str], size: int, consumer: str, *, unit: int = 1,
-               sampler: str = "sequential", writes: Sequence[str] = (), wait: bool = True,
-               timeout_s: float | None = None) -> Any:  # fmt: skip
-    """Up to `size` rows that are ready now; if none, wait for `unit` rows (one group), then take
-    what became ready with them. Producers put in bunches, so one wake-up fills a whole call."""
-    kw = {"sampler": sampler, "writes": writes}
-    batch = await store.get(PARTITION, fields, size, consumer, allow_partial=True, timeout_s=0, **kw)
-    if len(batch) or batch.end or not wait:
-        return batch
-    batch = await store.get(PARTITION, fields, unit, consumer, timeout_s=timeout_s, **kw)
-    if len(batch) and size > len(batch):
-        batch = batch + await store.get(
-            PARTITION, fields, size - len(batch), consumer, allow_partial=True, timeout_s=0, **kw
-        )
-    return batch
+async def take(
+    store: Any,
+    fields: Sequence[str],
+    size: int,
+    consumer: str,
+    *,
+    unit: int = 1,
+    sampler: str = "sequential",
+    writes: Sequence[str] = (),
+    timeout_s: float | None = None,
+) -> Any:
+    """Up to `size` rows: at least `unit` (one group), waiting for them, plus what became ready with
+    them (sync mode). An empty batch means the stream ended."""
+    return await store.get(
+        PARTITION, fields, size, consumer, min_rows=unit, timeout_s=timeout_s, sampler=sampler, writes=writes
+    )

@@ -40,7 +40,7 @@ from asyncflow.errors import (
     StoreTimeout,
 )
 from dataplane.client import Batch, ClientStats, StoreClient, check_put
-from dataplane.samplers import Candidate, make_sampler
+from dataplane.samplers import Candidate, make_sampler, select_at_least
 from dataplane.schema import FieldSpec, parse_schema
 from dataplane.storage import redis_scripts as lua
 from dataplane.storage import redis_snapshot as snapshots
@@ -337,7 +337,7 @@ class RedisStoreClient(StoreClient):
         self, partition: str, fields: Sequence[str], batch_size: int, consumer: str, *,
         sampler: str = "sequential", dp_size: int = 1, v_min: int | None = None,
         timeout_s: float | None = None, allow_partial: bool = False, lease_s: float | None = None,
-        ack: Batch | None = None, writes: Sequence[str] = (),
+        ack: Batch | None = None, writes: Sequence[str] = (), min_rows: int | None = None,
     ) -> Batch:  # fmt: skip
         # `writes` needs nothing here: a put is one atomic script, so a client that dies mid-put
         # leaves no half-written cells for the next holder of the rows.
@@ -354,7 +354,7 @@ class RedisStoreClient(StoreClient):
             async with fifo:
                 got = await self._get(
                     partition, fields, batch_size, consumer, sampler, dp_size, v_min, timeout_s,
-                    allow_partial, lease_s, ack,
+                    allow_partial, lease_s, ack, min_rows,
                 )  # fmt: skip
             if isinstance(got, Batch):
                 return got
@@ -366,7 +366,7 @@ class RedisStoreClient(StoreClient):
     async def _get(
         self, partition: str, fields: Sequence[str], batch_size: int, consumer: str, sampler: str,
         dp_size: int, v_min: int | None, timeout_s: float | None, allow_partial: bool,
-        lease_s: float | None, ack: Batch | None,
+        lease_s: float | None, ack: Batch | None, min_rows: int | None,
     ) -> Batch | tuple:  # fmt: skip
         """Lease rows: a Batch when there is nothing to read (end, or partial and empty), else what
         `_batch` needs to read the leased rows' cells."""
@@ -380,6 +380,7 @@ class RedisStoreClient(StoreClient):
         deadline = started + timeout_s
         acks = self._held_rows(partition, consumer, ack.rows) if ack is not None and ack.rows else b""
         mode = "seq" if chooser.name == "sequential" else "cand"
+        least = batch_size if min_rows is None else min(max(min_rows, 1), batch_size)
         waited, partial = False, False
         lease_ms = int(1000 * (lease_s or self.config.lease_s))
         vmin = "" if v_min is None else int(v_min)
@@ -393,7 +394,7 @@ class RedisStoreClient(StoreClient):
             call = asyncio.ensure_future(self._run(
                 "GET", partition, consumer, self._peer, mask, batch_size, lease_ms, vmin, mode,
                 "1" if partial else "a" if allow_partial else "0",
-                self._alive_ms, wait_ms, acks, len(rows), *rows,
+                self._alive_ms, wait_ms, least, acks, len(rows), *rows,
             ))  # fmt: skip
             try:
                 return await asyncio.shield(call)
@@ -415,7 +416,7 @@ class RedisStoreClient(StoreClient):
             if reply[0] == b"cand":
                 last, next_ms, nready, npend, drained, ended, flat = reply[1:8]
                 cands = [Candidate(*map(int, flat[i : i + 4])) for i in range(0, len(flat), 4)]
-                selection = chooser.select(cands, batch_size, bool(drained) or partial)
+                selection = select_at_least(chooser, cands, batch_size, least, bool(drained) or partial)
                 if selection is not None and selection.rows:
                     reply, shards = await attempt("rows", selection.rows), selection.shards
                     if reply[0] == b"conflict":

@@ -155,7 +155,8 @@ return {'ok'}
 
 # ARGV: B, consumer, peer, mask, batch_size, lease_ms, v_min|'', mode seq|cand|rows,
 #       partial 1 (take what there is) | a (allowed later) | 0 (never),
-#       alive_ms, wait_ms|'', acks (held_arg), nrows, rows...
+#       alive_ms, wait_ms|'', min_rows (serve at once when that many are ready), acks (held_arg),
+#       nrows, rows...
 GET = r"""
 if redis.call('EXISTS', k('meta')) == 0 then return {'err', 'unknown'} end
 local j = consumer_bit(ARGV[2])
@@ -164,8 +165,9 @@ upgrade()
 local peer, mask, bs = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
 local mode, partial = ARGV[8], ARGV[9] == '1'
 local cap = tonumber(meta('capacity'))
-if ARGV[9] == '0' and bs > cap then return {'err', 'toobig', cap, bs} end
-local at = 12
+local minr = tonumber(ARGV[12])
+if ARGV[9] == '0' and minr > cap then return {'err', 'toobig', cap, minr} end
+local at = 13
 local acks = held_arg(ARGV[at])
 at = at + 1
 local want = {}
@@ -289,7 +291,7 @@ end
 
 if mode == 'seq' then
   local rows = redis.call('ZRANGE', c(j, 'ready'), 0, bs - 1)
-  if #rows == bs or (#rows > 0 and (drained or partial)) then return lease(rows, true) end
+  if #rows == bs or #rows >= minr or (#rows > 0 and (drained or partial)) then return lease(rows, true) end
   if ended() then return {'end'} end
   if partial then return lease({}) end
   return waiting('wait')

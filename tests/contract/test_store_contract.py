@@ -430,8 +430,9 @@ async def test_grpo_shaped_streams_are_exactly_once_per_consumer(store, client, 
     workers = await _instances(store, 5)
     rewarded: list[int] = []
 
-    async def reward(reader):
-        async for batch in reader.stream(pname, ["uid"], 16, "reward", lease_s=600):
+    async def reward(reader):  # as the workers read: no read-ahead, at least one group, what is ready
+        kw = {"prefetch": 0, "min_rows": 8, "sampler": "group", "writes": ["reward"], "lease_s": 600}
+        async for batch in reader.stream(pname, ["uid"], 32, "reward", **kw):
             await reader.put(pname, {"reward": batch["uid"].astype(np.float32)}, rows=batch)
             rewarded.extend(batch["uid"].tolist())
 
@@ -584,3 +585,29 @@ async def test_closing_with_requests_in_flight_leaves_no_unretrieved_error(store
     finally:
         loop.set_exception_handler(None)
     assert [c.get("message") for c in seen] == []
+
+
+async def test_min_rows_serves_what_is_ready_once_enough_is(client, pname):
+    await client.create_partition(pname, {"x": "int64"}, consumers=["c", "g"])
+    await client.put(pname, {"x": np.arange(3)})
+    batch = await client.get(pname, ["x"], batch_size=8, consumer="c", min_rows=2, timeout_s=5)
+    assert batch["x"].tolist() == [0, 1, 2]  # not a full 8, and no waiting for one
+    await client.ack(batch)
+    with pytest.raises(StoreTimeout):
+        await client.get(pname, ["x"], batch_size=8, consumer="g", min_rows=4, timeout_s=0.3)
+    waiter = asyncio.ensure_future(
+        client.get(pname, ["x"], batch_size=8, consumer="g", min_rows=4, timeout_s=5)
+    )
+    await client.put(pname, {"x": np.arange(3, 5)})
+    assert (await waiter)["x"].tolist() == [0, 1, 2, 3, 4]
+    await client.ack(await waiter)
+
+
+async def test_min_rows_with_the_group_sampler_takes_whole_groups(client, pname):
+    await client.create_partition(pname, {"x": "int64"}, consumers=["c"])
+    await client.put(pname, {"x": np.arange(12)}, group_size=4)
+    batch = await client.get(
+        pname, ["x"], batch_size=16, consumer="c", sampler="group", min_rows=4, timeout_s=5
+    )
+    assert sorted(batch["x"].tolist()) == list(range(12)) and len(set(batch.groups)) == 3
+    await client.ack(batch)
