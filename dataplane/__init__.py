@@ -5,7 +5,8 @@ per consumer, pushed as soon as they are. Start a store with `start_store(config
 or reach a running one with `connect(name)` / `StoreClient.connect(address)`.
 """
 
-from dataplane.client import Batch, StoreClient, SyncStoreClient
+from dataplane.batch import Batch
+from dataplane.client import StoreClient, SyncStoreClient
 from dataplane.schema import FieldSpec
 from dataplane.store import StoreHandle, connect, start_store, store_address
 

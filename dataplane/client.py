@@ -12,103 +12,23 @@ This module knows nothing about Ray; `dataplane.store` finds addresses by store 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from asyncflow.errors import DataPlaneError, LeaseError, SchemaError, StorageUnavailable
+from asyncflow.errors import DataPlaneError, SchemaError, StorageUnavailable
 from dataplane import auth
+from dataplane.batch import Batch
 from dataplane.codec import unpack
 from dataplane.columns import Column, assemble, to_column, wire
 from dataplane.schema import FieldSpec, parse_schema
+from dataplane.stream import stream
 from dataplane.wire import Stub
-
-
-@dataclass
-class Batch:
-    """Rows handed to one consumer, with their data by field (leased until acked)."""
-
-    partition: str
-    consumer: str
-    rows: list[int]
-    data: dict[str, Any]  # dense fields: array (B, ...); ragged / str / any fields: list of B values
-    units: list[int] = field(repr=False)
-    groups: list[int] = field(repr=False)
-    versions: list[int] = field(repr=False)
-    lengths: list[int] = field(repr=False)
-    shards: list[list[int]] | None = field(default=None, repr=False)
-    end: bool = False  # the partition is sealed and this consumer has had every row
-    leased_at: float = field(default=0.0, repr=False)  # time.monotonic() when the lease was asked for
-    lease_s: float = field(default=float("inf"), repr=False)  # how long the lease lasts from then
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, name: str) -> Any:
-        return self.data[name]
-
-    def shard(self, rank: int) -> Batch:
-        """The rows of one data-parallel rank (balanced sampler), as a Batch of their own."""
-        if self.shards is None:
-            raise SchemaError("this batch has no shards: get it with sampler='balanced' and dp_size > 1")
-        pos = {r: i for i, r in enumerate(self.rows)}
-        return self.select([pos[r] for r in self.shards[rank]])
-
-    def select(self, positions: Sequence[int]) -> Batch:
-        def pick(values):
-            return values[list(positions)] if hasattr(values, "shape") else [values[i] for i in positions]
-
-        return replace(
-            self,
-            rows=pick(self.rows),
-            data={k: pick(v) for k, v in self.data.items()},
-            units=pick(self.units),
-            groups=pick(self.groups),
-            versions=pick(self.versions),
-            lengths=pick(self.lengths),
-            shards=None,
-        )
-
-    def __add__(self, other: Batch) -> Batch:
-        """Two batches of one consumer and partition as one (e.g. a waited-for group plus the
-        groups that became ready with it); acking or filling the sum covers both."""
-        if (other.partition, other.consumer) != (self.partition, self.consumer):
-            raise SchemaError(
-                f"cannot join a batch of {other.consumer!r} on {other.partition!r} to one of "
-                f"{self.consumer!r} on {self.partition!r}"
-            )
-
-        def join(a, b):
-            if hasattr(a, "shape") and hasattr(b, "shape") and type(a) is type(b):
-                return np.concatenate([a, b]) if isinstance(a, np.ndarray) else torch_cat(a, b)
-            return list(a) + list(b)
-
-        return replace(
-            self,
-            rows=self.rows + other.rows,
-            data={k: join(v, other.data[k]) for k, v in self.data.items()},
-            units=self.units + other.units,
-            groups=self.groups + other.groups,
-            versions=self.versions + other.versions,
-            lengths=self.lengths + other.lengths,
-            shards=None,
-            end=other.end,
-            leased_at=min(self.leased_at, other.leased_at),
-        )
-
-
-def torch_cat(a: Any, b: Any) -> Any:
-    import torch  # only bfloat16 fields come back as tensors; torch is loaded already then
-
-    return torch.cat([a, b])
 
 
 @dataclass
@@ -394,45 +314,14 @@ class StoreClient:
             partition=batch.partition, consumer=batch.consumer, rows=list(batch.rows), lease_s=lease_s
         )
 
-    async def stream(
+    def stream(
         self, partition: str, fields: Sequence[str], batch_size: int, consumer: str, *,
         auto_ack: bool = True, prefetch: int = 2, **get_kwargs: Any,
     ) -> AsyncIterator[Batch]:  # fmt: skip
-        """Yield batches until the partition is sealed and drained.
-
-        Up to `prefetch` further batches are asked for while the caller works on this one, and
-        are yielded in the order they arrive; their leases are renewed while they wait and when
-        handed over, so the caller has a whole `lease_s` for each batch. With `auto_ack`, a
-        batch is acked when the caller asks for the next one (carried by the request that
-        replaces it), so a consumer that dies mid-batch never acks it and the batch is
-        redelivered. Leaving the loop early (break, exception) hands back what was read ahead
-        and leaves the batch in hand leased and unacked: ack it if it was processed, else it is
-        redelivered when its lease ends or this client closes.
-        """
-        ahead = _ReadAhead(
-            self, lambda ack: self.get(partition, fields, batch_size, consumer, ack=ack, **get_kwargs)
+        """Yield batches until the partition is sealed and drained (`dataplane.stream.stream`)."""
+        return stream(
+            self, partition, fields, batch_size, consumer, auto_ack=auto_ack, prefetch=prefetch, **get_kwargs
         )
-        done: Batch | None = None  # processed, its ack not yet sent
-        try:
-            while True:
-                while not ahead.ended and len(ahead) <= max(prefetch, 0):
-                    ahead.ask(done)  # the first carries the ack of the batch the caller just finished
-                    done = None
-                if done is not None:  # the store said end: no request left to carry it
-                    await self.ack(done)
-                    done = None
-                batch = await ahead.next()
-                if batch is None:
-                    if ahead.ended and not len(ahead):
-                        return
-                    continue  # a request came back empty (allow_partial): ask again
-                yield batch
-                if auto_ack:
-                    done = batch
-        finally:
-            await ahead.close()
-            if done is not None:
-                await self.ack(done)
 
     # -------------------------------------------------------------- whole store
 
@@ -462,110 +351,6 @@ class StoreClient:
             for chunk in records(Path(dump).read_bytes(), limit):
                 loaded += await self._units[unit].load(data=chunk, keep=keep[unit])
         return {"partitions": reply["partitions"], "rows": loaded}
-
-
-class _ReadAhead:
-    """A stream's requests in flight and the batches they brought, not yet handed to the caller.
-
-    Batches are kept in the order they arrive (not the order they were asked for: the store
-    serves whichever request finds rows first). A task beside the stream renews each waiting
-    batch's lease when half of it is gone, so batches behind a slow caller are never
-    redelivered to another instance meanwhile; a batch lost anyway (renewal refused) is
-    dropped, never handed over.
-    """
-
-    def __init__(self, client: StoreClient, get: Callable[[Batch | None], Awaitable[Batch]]):
-        self._client, self._get = client, get
-        self._asked: dict[asyncio.Future, Batch | None] = {}  # requests in flight -> the ack each carries
-        self._batches: collections.deque[Batch] = collections.deque()
-        self._unsure: list[Batch] = []  # acks carried by requests that failed: maybe never arrived
-        self._failed: BaseException | None = None
-        self._changed = asyncio.Event()  # a request finished
-        self._added: asyncio.Future | None = None  # done when a batch arrives (the keeper looks at it)
-        self._keeper: asyncio.Task | None = None
-        self.ended = False  # the store said end: ask for nothing more, take what is already coming
-        self._empty = False  # a request came back without rows since next() last looked
-
-    def __len__(self) -> int:
-        return len(self._asked) + len(self._batches)
-
-    def ask(self, ack: Batch | None) -> None:
-        future = asyncio.ensure_future(self._get(ack))
-        self._asked[future] = ack
-        future.add_done_callback(self._arrived)
-
-    def _arrived(self, future: asyncio.Future) -> None:
-        ack = self._asked.pop(future)
-        if future.cancelled() or future.exception() is not None:
-            if ack is not None:
-                self._unsure.append(ack)
-            if not future.cancelled():
-                self._failed = self._failed or future.exception()
-        else:
-            batch = future.result()
-            self.ended |= batch.end
-            self._empty |= not batch.rows
-            if batch.rows:
-                self._batches.append(batch)
-                if self._added is not None and not self._added.done():
-                    self._added.set_result(None)
-                if self._keeper is None:
-                    self._keeper = asyncio.ensure_future(self._keep())
-        self._changed.set()
-
-    async def next(self) -> Batch | None:
-        """The oldest batch that arrived, its lease renewed unless fresh; None when a request came
-        back empty (ask again) or nothing more will come (`ended` and nothing in flight)."""
-        while True:
-            if self._failed is not None:
-                raise self._failed
-            if self._batches:
-                batch = self._batches.popleft()
-                if time.monotonic() - batch.leased_at <= batch.lease_s / 10 or await self._renew(batch):
-                    return batch
-                continue  # its lease ran out before it could be renewed: another instance has it
-            if not self._asked or self._empty:
-                self._empty = False
-                return None
-            self._changed.clear()
-            await self._changed.wait()
-
-    async def _renew(self, batch: Batch) -> bool:
-        at = time.monotonic()
-        try:
-            await self._client.renew(batch, batch.lease_s)
-        except LeaseError:
-            return False
-        batch.leased_at = at
-        return True
-
-    async def _keep(self) -> None:
-        while True:
-            added = self._added = asyncio.get_running_loop().create_future()
-            now = time.monotonic()
-            for batch in [b for b in self._batches if now >= b.leased_at + b.lease_s / 2]:
-                if not await self._renew(batch) and batch in self._batches:
-                    self._batches.remove(batch)
-            wake = min((b.leased_at + b.lease_s / 2 for b in self._batches), default=now + 3600)
-            # Until the next renewal is due, or a batch arrives (it may be due sooner). asyncio.wait,
-            # not wait_for: on 3.11 wait_for can swallow a cancel that races its timeout.
-            await asyncio.wait([added], timeout=max(wake - time.monotonic(), 0.0))
-
-    async def close(self) -> None:
-        """Cancel the requests in flight (a get cancelled after it leased hands its rows back), send
-        again the acks they carried, and hand every waiting batch back to the other instances."""
-        for future in list(self._asked):
-            future.cancel()
-        await asyncio.gather(*self._asked, return_exceptions=True)
-        if self._keeper is not None:
-            self._keeper.cancel()
-            await asyncio.gather(self._keeper, return_exceptions=True)
-        # If the store is gone there is nothing to hand back: its leases end with it.
-        with contextlib.suppress(StorageUnavailable):
-            for ack in self._unsure:
-                await self._client.ack(ack)
-            while self._batches:
-                await self._client.release(self._batches.popleft())
 
 
 def write_files(directory: Path, files: Mapping[str, Any]) -> None:

@@ -39,7 +39,8 @@ from asyncflow.errors import (
     SchemaError,
     StoreTimeout,
 )
-from dataplane.client import Batch, ClientStats, StoreClient, check_put
+from dataplane.batch import Batch
+from dataplane.client import ClientStats, StoreClient, check_put
 from dataplane.samplers import Candidate, make_sampler, select_at_least
 from dataplane.schema import FieldSpec, parse_schema
 from dataplane.storage import redis_scripts as lua

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from asyncflow.errors import SchemaError
-from dataplane.client import Batch
+from dataplane.batch import Batch
 
 
 def _batch(rows, consumer="c"):
