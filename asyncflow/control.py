@@ -29,7 +29,7 @@ from typing import Any
 import ray
 
 from asyncflow.errors import ControlError
-from dataplane.store import NAMESPACE
+from asyncflow.workflow import NAMESPACE
 
 VERBS = ("pause", "resume", "set_staleness", "scale_rollout", "checkpoint", "stop")
 

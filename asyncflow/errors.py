@@ -13,53 +13,40 @@
     ├── WorkerError            a worker (rollout, reward, trainer, ...) failed
     └── ControlError           a live run cannot be found or refused a command (asyncflow.Client)
 
-Every message says what was given, what was expected, and how to fix it.
+The root and the store's errors are defined in `dataplane.errors` (the data store imports
+nothing from `asyncflow`) and re-exported here. Every message says what was given, what was
+expected, and how to fix it.
 """
 
 from __future__ import annotations
 
+from dataplane.errors import (
+    AccessDenied,
+    AsyncFlowError,
+    CodecError,
+    ConfigError,
+    DataPlaneError,
+    LeaseError,
+    SchemaError,
+    StorageUnavailable,
+    StoreTimeout,
+    UnknownPartition,
+)
 
-class AsyncFlowError(Exception):
-    """Base of every error raised by AsyncFlow."""
-
-
-class ConfigError(AsyncFlowError, ValueError):
-    """A config file, a `--set` override or a plugin path is invalid."""
-
-
-class CodecError(AsyncFlowError, TypeError):
-    """A value has no wire encoding, or bytes on the wire are not a valid frame."""
-
-
-class DataPlaneError(AsyncFlowError):
-    """The data store refused a request or could not serve it."""
-
-
-class SchemaError(DataPlaneError, ValueError):
-    """Rows do not match the partition schema; nothing of the request was stored."""
-
-
-class UnknownPartition(DataPlaneError, KeyError):
-    """The named partition does not exist in this store."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0]) if self.args else ""
-
-
-class LeaseError(DataPlaneError):
-    """Rows were acked or released by a consumer that does not hold their lease."""
-
-
-class StoreTimeout(DataPlaneError, TimeoutError):
-    """A put waited for capacity, or a get for ready rows, longer than its timeout."""
-
-
-class StorageUnavailable(DataPlaneError, ConnectionError):
-    """A storage unit or storage backend cannot be reached."""
-
-
-class AccessDenied(DataPlaneError, PermissionError):
-    """The store refused a client that does not hold its token (or a listener was not the store)."""
+__all__ = [
+    "AccessDenied",
+    "AsyncFlowError",
+    "CodecError",
+    "ConfigError",
+    "ControlError",
+    "DataPlaneError",
+    "LeaseError",
+    "SchemaError",
+    "StorageUnavailable",
+    "StoreTimeout",
+    "UnknownPartition",
+    "WorkerError",
+]
 
 
 class WorkerError(AsyncFlowError, RuntimeError):

@@ -20,9 +20,11 @@ import ray
 
 from asyncflow.config import AsyncFlowConfig
 from asyncflow.errors import ConfigError, WorkerError
-from dataplane.store import NAMESPACE  # every named actor of a run lives beside its store's
 
 log = logging.getLogger("asyncflow")
+# The Ray namespace of every named actor of a run (`<dataplane.name>.trainer0`, `.control`, ...);
+# the memory store names its actors in a namespace of the same name.
+NAMESPACE = "asyncflow"
 
 
 @dataclass

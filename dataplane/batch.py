@@ -1,4 +1,5 @@
-"""A batch: the rows one consumer leased in one get, with their data by field.
+"""A batch: the rows one consumer leased in one get, with their data by field; and what a
+client counts.
 
 Plain data: a batch knows its partition, consumer, rows and where they came from; acking,
 releasing or filling it goes through a client.
@@ -12,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from asyncflow.errors import SchemaError
+from dataplane.errors import SchemaError
 
 
 @dataclass
@@ -92,3 +93,15 @@ def torch_cat(a: Any, b: Any) -> Any:
     import torch  # only bfloat16 fields come back as tensors; torch is loaded already then
 
     return torch.cat([a, b])
+
+
+@dataclass
+class ClientStats:
+    """What one client moved: calls, rows and bytes."""
+
+    puts: int = 0
+    gets: int = 0
+    rows_put: int = 0
+    rows_got: int = 0
+    bytes_put: int = 0
+    bytes_got: int = 0

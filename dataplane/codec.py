@@ -28,7 +28,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from asyncflow.errors import CodecError
+from dataplane.errors import CodecError
 
 __all__ = ["array_from", "array_meta", "decode", "encode", "pack", "unpack"]
 

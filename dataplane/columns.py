@@ -20,14 +20,14 @@ array, without a copy when a single unit served it. Knows nothing about the netw
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from asyncflow.errors import SchemaError
 from dataplane.codec import array_meta
+from dataplane.errors import SchemaError
 from dataplane.schema import FieldSpec
 
 
@@ -288,3 +288,26 @@ def assemble(parts: Sequence[tuple[list[int], list]], spec: FieldSpec, n: int) -
     for positions, wire in parts:
         dense[positions] = wire[1]
     return dense
+
+
+def check_put(
+    partition: str, schema: dict[str, FieldSpec], data: Mapping[str, Any], rows: Sequence[int] | None
+) -> tuple[int, dict[str, Column]]:
+    """The row count and the checked columns of a put; SchemaError names the first problem."""
+    if not data:
+        raise SchemaError(f"put to {partition!r} with no fields; give at least one of {sorted(schema)}")
+    unknown = sorted(set(data) - set(schema))
+    if unknown:
+        raise SchemaError(
+            f"put to {partition!r}: unknown field(s) {unknown}; the schema has {sorted(schema)}. "
+            "Fix the name or create the partition with that field"
+        )
+    n = len(rows) if rows is not None else _row_count(data)
+    return n, {f: to_column(f, schema[f], v, n) for f, v in data.items()}
+
+
+def _row_count(data: Mapping[str, Any]) -> int:
+    counts = {f: (v.shape[0] if getattr(v, "shape", ()) else len(v)) for f, v in data.items()}
+    if len(set(counts.values())) != 1:
+        raise SchemaError(f"fields give different row counts {counts}; every field needs one value per row")
+    return next(iter(counts.values()))

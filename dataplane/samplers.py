@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from asyncflow.errors import DataPlaneError
+from dataplane.errors import DataPlaneError
 
 __all__ = [
     "BalancedSampler",

@@ -15,7 +15,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from asyncflow.errors import SchemaError
+from dataplane.errors import SchemaError
 
 _SPEC = re.compile(r"^\s*([a-z0-9]+)\s*(?:\[\s*([0-9*,\s]*)\s*\])?\s*$")
 _NUMERIC = {

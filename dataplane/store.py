@@ -14,22 +14,22 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from asyncflow.config import DataPlaneConfig
-from asyncflow.errors import DataPlaneError, StorageUnavailable
-from dataplane import auth
 from dataplane.client import StoreClient, SyncStoreClient
-from dataplane.controller import Controller
-from dataplane.storage.memory import MemoryStorage
-from dataplane.wire import Server, Stub
+from dataplane.config import DataPlaneConfig
+from dataplane.errors import DataPlaneError, StorageUnavailable
+from dataplane.memory import auth
+from dataplane.memory.controller import Controller
+from dataplane.memory.unit import MemoryStorage
+from dataplane.memory.wire import Server, Stub
 
-NAMESPACE = "asyncflow"
+NAMESPACE = "asyncflow"  # the Ray namespace of the store's named actors
 
 
 class ServiceHost:
     """The body of a store actor: builds one service object and serves it over the wire.
 
     It listens where `dataplane.listen` says (loopback unless the store spans nodes) and
-    admits only clients that prove they hold the store's token (`dataplane.auth`).
+    admits only clients that prove they hold the store's token (`dataplane.memory.auth`).
     """
 
     def __init__(
@@ -78,7 +78,7 @@ class StoreHandle:
     units: list[Any]
 
     def __repr__(self) -> str:
-        from asyncflow.config.dataplane import redact_url
+        from dataplane.config import redact_url
 
         name, backend = self.config.name, self.config.backend
         return f"StoreHandle(name={name!r}, backend={backend!r}, address={redact_url(self.address)!r})"
@@ -108,7 +108,7 @@ def start_store(config: DataPlaneConfig | None = None) -> StoreHandle:
     """
     config = config or DataPlaneConfig()
     if config.backend == "redis":
-        from dataplane.storage.redis_connection import open_store
+        from dataplane.redis.connection import open_store
 
         return StoreHandle(config, open_store(config), None, [])
     if not ray.is_initialized():

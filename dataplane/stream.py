@@ -16,8 +16,8 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
-from asyncflow.errors import LeaseError, StorageUnavailable
 from dataplane.batch import Batch
+from dataplane.errors import LeaseError, StorageUnavailable
 
 
 async def stream(

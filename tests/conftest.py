@@ -85,8 +85,8 @@ def store(request, ray_session):
 def purge_redis_store(address: str) -> None:
     import asyncio
 
-    from dataplane.storage.redis import RedisStoreClient
-    from dataplane.storage.redis_snapshot import purge
+    from dataplane.redis.client import RedisStoreClient
+    from dataplane.redis.snapshot import purge
 
     async def run() -> None:
         client = await RedisStoreClient.connect(address)

@@ -14,7 +14,6 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from asyncflow.config._base import Section
-from asyncflow.config.dataplane import DataPlaneConfig
 from asyncflow.config.deploy import DeployConfig
 from asyncflow.config.flow import FlowConfig
 from asyncflow.config.rl import (
@@ -29,6 +28,7 @@ from asyncflow.config.rl import (
     import_string,
 )
 from asyncflow.errors import ConfigError
+from dataplane.config import DataPlaneConfig
 
 __all__ = [
     "AsyncFlowConfig",

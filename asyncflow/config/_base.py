@@ -1,15 +1,12 @@
 """The base of every config section: strict, frozen, documented.
 
 Knows nothing about what a section configures; it only fixes the rules every section
-follows (unknown keys are errors, values are immutable once loaded).
+follows (unknown keys are errors, values are immutable once loaded). It is defined beside
+the data store's own section (`dataplane.config`, which imports nothing from `asyncflow`).
 """
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from dataplane.config import Section
 
-
-class Section(BaseModel):
-    """A config section. Every field declares bounds and a description."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+__all__ = ["Section"]

@@ -25,9 +25,9 @@ from conftest import free_port, start_redis  # pytest puts tests/ on sys.path
 from asyncflow.config import DataPlaneConfig, parse_config
 from asyncflow.errors import ConfigError, DataPlaneError, LeaseError, StorageUnavailable
 from dataplane import StoreClient, start_store
-from dataplane.storage import redis_snapshot as snapshots
-from dataplane.storage.redis import RedisStoreClient
-from dataplane.storage.redis_snapshot import purge
+from dataplane.redis import snapshot as snapshots
+from dataplane.redis.client import RedisStoreClient
+from dataplane.redis.snapshot import purge
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -217,8 +217,8 @@ async def test_leases_of_a_killed_client_come_back_within_heartbeats(pname, redi
     await client.put(pname, {"x": np.arange(4)})
     holder = textwrap.dedent(f"""
         import asyncio, time
-        from asyncflow.config.dataplane import RedisConfig
-        from dataplane.storage.redis import RedisStoreClient
+        from dataplane.config import RedisConfig
+        from dataplane.redis.client import RedisStoreClient
         async def main():
             c = await RedisStoreClient.connect({handle.address!r}, RedisConfig(heartbeat_s=0.2))
             await c.get({pname!r}, ["x"], 4, "c", lease_s=600)
@@ -425,7 +425,7 @@ async def test_a_put_over_the_redis_value_limit_is_refused_before_anything_is_st
 ):
     """A put's cells of one field are one Redis value; one over Redis' limit (lowered here to
     1 KiB) is refused with the field and the fix named, and the partition keeps what it had."""
-    import dataplane.storage.redis as backend
+    import dataplane.redis.client as backend
 
     monkeypatch.setattr(backend, "MAX_VALUE_BYTES", 1024)
     client = await StoreClient.connect(start_store(redis_config(redis_url)).address)

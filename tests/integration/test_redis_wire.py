@@ -1,4 +1,4 @@
-"""The Redis wire (`dataplane.storage.redis_wire`) against a real Redis: cell replies exact
+"""The Redis wire (`dataplane.redis.wire`) against a real Redis: cell replies exact
 whatever their size and content, Redis' answers for a missing key and a wrong type, command
 replies as redis-py gives them, and a connection the server closed replaced by a fresh one."""
 
@@ -13,7 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from dataplane.storage.redis_wire import Wire, _Commands, _Replies
+from dataplane.redis.wire import Wire, _Commands, _Replies
 
 pytestmark = pytest.mark.integration
 

@@ -19,9 +19,23 @@ def test_asyncflow_all_is_pinned():
 
 def test_dataplane_all_is_pinned():
     assert sorted(dataplane.__all__) == [
-        "Batch", "FieldSpec", "StoreClient", "StoreHandle", "SyncStoreClient", "connect", "start_store",
-        "store_address",
+        "Batch", "DataPlaneConfig", "FieldSpec", "StoreClient", "StoreHandle", "SyncStoreClient", "connect",
+        "start_store", "store_address",
     ]  # fmt: skip
+    for name in dataplane.__all__:  # every lazily loaded name is there
+        assert getattr(dataplane, name) is not None
+
+
+def test_the_data_store_imports_nothing_from_asyncflow():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, dataplane.client, dataplane.store, dataplane.memory.client, dataplane.redis.client; "
+        "print(sorted(m for m in sys.modules if m == 'asyncflow' or m.startswith('asyncflow.')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_errors_form_one_tree():

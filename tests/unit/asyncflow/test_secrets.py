@@ -10,10 +10,10 @@ import pytest
 import yaml
 
 from asyncflow.config import load_config, parse_config
-from asyncflow.config.dataplane import RUN_PASSWORD_ENV, RedisConfig, redact_url
 from asyncflow.errors import ConfigError
 from asyncflow.rundir import RunDir
-from dataplane.storage.redis_connection import server_url
+from dataplane.config import RUN_PASSWORD_ENV, RedisConfig, redact_url
+from dataplane.redis.connection import server_url
 
 ROOT = Path(__file__).resolve().parents[3]
 PASSWORDS = ["plain-pw", "with#hash", "with/slash", "with?query", "with@at", "a:b#c/d?e@f"]

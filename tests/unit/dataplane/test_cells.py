@@ -8,8 +8,7 @@ import torch
 
 from asyncflow.errors import SchemaError
 from dataplane.columns import to_column
-from dataplane.schema import FieldSpec
-from dataplane.storage.cells import (
+from dataplane.redis.cells import (
     decode_column,
     decode_run,
     decode_value,
@@ -17,6 +16,7 @@ from dataplane.storage.cells import (
     encode_run,
     encode_value,
 )
+from dataplane.schema import FieldSpec
 
 
 @pytest.mark.parametrize(

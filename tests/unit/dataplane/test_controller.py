@@ -10,9 +10,9 @@ import pytest
 from asyncflow.config import DataPlaneConfig
 from asyncflow.errors import DataPlaneError, LeaseError, StoreTimeout
 from dataplane.columns import to_column, wire
-from dataplane.controller import Controller
+from dataplane.memory.controller import Controller
+from dataplane.memory.unit import MemoryStorage
 from dataplane.schema import parse_schema
-from dataplane.storage.memory import MemoryStorage
 
 
 @pytest.fixture

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from asyncflow.errors import AccessDenied, LeaseError, StorageUnavailable
-from dataplane import auth
-from dataplane.wire import Server, Stub
+from dataplane.memory import auth
+from dataplane.memory.wire import Server, Stub
 
 TOKEN = auth.new_token()
 LIMIT = 64 << 20

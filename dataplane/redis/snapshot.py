@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from asyncflow.errors import DataPlaneError, UnknownPartition
 from dataplane.codec import pack, unpack
+from dataplane.errors import DataPlaneError, UnknownPartition
+from dataplane.redis.cells import decode_value, encode_value
 from dataplane.schema import parse_schema
-from dataplane.storage.cells import decode_value, encode_value
 
 if TYPE_CHECKING:
-    from dataplane.storage.redis import RedisStoreClient
+    from dataplane.redis.client import RedisStoreClient
 
 RESTORE_CHUNK = 1024  # rows whose cells a restore writes as one chunk (one value per field)
 _COUNTS = ("delivered", "acked", "redelivered", "dropped_stale", "regenerated", "waits")

@@ -22,7 +22,7 @@ import hmac
 import re
 import secrets
 
-from asyncflow.errors import DataPlaneError
+from dataplane.errors import DataPlaneError
 
 SCHEME = "asyncflow://"
 NONCE_BYTES = 32

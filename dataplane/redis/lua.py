@@ -20,7 +20,7 @@ make it one Redis Cluster hash slot):
                             the row, so a partition with one never writes it (meta `layout` 3)
     :blive           HASH   block -> its live rows (only with several consumers): a block's
                             bitmaps go with its last live row
-    :x:<chunk>:<b>   STRING the cells (`dataplane.storage.cells`) of field b of one put, back to
+    :x:<chunk>:<b>   STRING the cells (`dataplane.redis.cells`) of field b of one put, back to
                             back: written by a plain SET in the same MULTI/EXEC as the put's
                             script, read by plain GETRANGEs after the get's script, one per run
                             of adjacent cells (a whole get is mostly one per field; a hash of

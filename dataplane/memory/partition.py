@@ -11,7 +11,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
-from asyncflow.errors import SchemaError
+from dataplane.errors import SchemaError
 from dataplane.schema import FieldSpec, parse_schema
 
 

@@ -1,6 +1,6 @@
 """Receive buffers for large messages, their pages faulted in while the process is idle.
 
-Used by `dataplane.wire`; it knows nothing about sockets or messages.
+Used by `dataplane.memory.wire`; it knows nothing about sockets or messages.
 """
 
 from __future__ import annotations

@@ -23,10 +23,19 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from asyncflow.config import DataPlaneConfig
-from asyncflow.errors import DataPlaneError, LeaseError, SchemaError, StoreTimeout, UnknownPartition
 from dataplane.codec import pack, unpack
-from dataplane.partition import Consumer, Lease, Partition, Row, Signal, candidates, from_snapshot, snapshot
+from dataplane.config import DataPlaneConfig
+from dataplane.errors import DataPlaneError, LeaseError, SchemaError, StoreTimeout, UnknownPartition
+from dataplane.memory.partition import (
+    Consumer,
+    Lease,
+    Partition,
+    Row,
+    Signal,
+    candidates,
+    from_snapshot,
+    snapshot,
+)
 from dataplane.samplers import Selection, make_sampler, select_at_least
 from dataplane.schema import parse_schema
 

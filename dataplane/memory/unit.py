@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from asyncflow.errors import DataPlaneError, SchemaError
 from dataplane.codec import pack, unpack
 from dataplane.columns import Chunk, read_column
+from dataplane.errors import DataPlaneError, SchemaError
 
 
 class MemoryStorage:

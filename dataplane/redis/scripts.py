@@ -1,12 +1,12 @@
 """The Redis backend's Lua scripts: every change to a partition is one atomic script.
 
-Each is run as `PRELUDE + SCRIPT` (`dataplane.storage.redis_lua` has the key layout and the
+Each is run as `PRELUDE + SCRIPT` (`dataplane.redis.lua` has the key layout and the
 shared functions). Scripts answer {"ok", ...}, {"err", kind, detail...} or a waiting state.
 """
 
 from __future__ import annotations
 
-from dataplane.storage.redis_lua import PRELUDE
+from dataplane.redis.lua import PRELUDE
 
 __all__ = ["PRELUDE"]
 

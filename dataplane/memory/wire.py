@@ -11,14 +11,14 @@ so arrays decode as writable views of it: one copy from socket to array, no more
 requests share one connection: each carries an id, and the server runs each request as
 its own task, so a long-waiting `get` never holds up an `ack` behind it.
 
-Nothing is read from a connection before it has passed the handshake of `dataplane.auth`
+Nothing is read from a connection before it has passed the handshake of `dataplane.memory.auth`
 (a challenge both ways on the store's token), and no message may be larger than the
 server's limit, so a peer without the token gets nothing, changes nothing and cannot make
 the server allocate memory it did not send.
 
 This module knows nothing about partitions or rows; it moves named calls and their
 results. Errors raised by a handler travel back by class name and message and are
-raised again on the caller's side as the same `asyncflow.errors` class.
+raised again on the caller's side as the same `dataplane.errors` class.
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ from typing import Any
 
 import numpy as np
 
-import asyncflow.errors as errors_module
-from asyncflow.errors import AccessDenied, AsyncFlowError, CodecError, DataPlaneError, StorageUnavailable
-from dataplane import auth
-from dataplane.buffers import BufferPool
+import dataplane.errors as errors_module
 from dataplane.codec import decode, encode
+from dataplane.errors import AccessDenied, AsyncFlowError, CodecError, DataPlaneError, StorageUnavailable
+from dataplane.memory import auth
+from dataplane.memory.buffers import BufferPool
 
 log = logging.getLogger("asyncflow.dataplane")
 _COUNT = struct.Struct("<I")
@@ -315,7 +315,7 @@ class Server:
 class Connection:
     """One client connection to a `Server`; concurrent calls are multiplexed by id.
 
-    `address` is `host:port`; `token` the store's (see `dataplane.auth`).
+    `address` is `host:port`; `token` the store's (see `dataplane.memory.auth`).
     """
 
     def __init__(self, address: str, token: str, connect_timeout_s: float = 10.0):

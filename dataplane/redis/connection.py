@@ -15,9 +15,8 @@ import time
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
-from asyncflow.config import DataPlaneConfig
-from asyncflow.config.dataplane import RUN_PASSWORD_ENV, RedisConfig, redact_url
-from asyncflow.errors import (
+from dataplane.config import RUN_PASSWORD_ENV, DataPlaneConfig, RedisConfig, redact_url
+from dataplane.errors import (
     ConfigError,
     DataPlaneError,
     LeaseError,
@@ -201,7 +200,7 @@ def script_error(
             "call register_consumer first, so rows are kept until it has read them"
         )
     if kind == "toobig":
-        from dataplane.controller import too_big
+        from dataplane.memory.controller import too_big
 
         return DataPlaneError(too_big(partition, int(reply[3]), int(reply[2])))
     if kind in ("consumers", "fields"):

@@ -1,6 +1,7 @@
-"""Config of the streaming data store (`dataplane:` in a run config).
+"""Config of the streaming data store (`dataplane:` in a run config; `asyncflow.config`
+re-exports it as a section of the run's tree).
 
-Only numbers and names: nothing here imports the store itself.
+Only numbers and names: nothing here imports the rest of the store, torch or Ray.
 """
 
 from __future__ import annotations
@@ -9,9 +10,7 @@ import ipaddress
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
-
-from asyncflow.config._base import Section
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 def redact_url(url: str) -> str:
@@ -46,6 +45,13 @@ class RedactedURL(str):
 
     def __repr__(self) -> str:
         return repr(redact_url(str(self)))
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are errors, values are immutable once loaded; every field
+    declares bounds and a description. (`asyncflow.config` builds its whole tree on this base.)"""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
 # Where a run directory's config points for a Redis password it must not store (see `public`).

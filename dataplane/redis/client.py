@@ -1,7 +1,7 @@
 """The Redis backend: rows, metadata and consumption state all live in Redis.
 
 No process holds state a crash can lose: every client runs the partition's logic as atomic
-Lua scripts (`dataplane.storage.redis_scripts`; key layout in `redis_lua`), so any number
+Lua scripts (`dataplane.redis.scripts`; key layout in `redis_lua`), so any number
 of processes attach to one store with only its URL, on Ray or not. A put is one script
 (capacity check, rows, cells, readiness), a get is one script (expire leases, version
 window, choose, lease, say where the cells are, which the client then reads with plain
@@ -26,27 +26,24 @@ import itertools
 import json
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import msgpack
 
-from asyncflow.config import DataPlaneConfig
-from asyncflow.config.dataplane import RedisConfig, redact_url
-from asyncflow.errors import (
+from dataplane.batch import Batch, ClientStats
+from dataplane.columns import check_put
+from dataplane.config import DataPlaneConfig, RedisConfig, redact_url
+from dataplane.errors import (
     DataPlaneError,
     LeaseError,
     SchemaError,
     StoreTimeout,
 )
-from dataplane.batch import Batch
-from dataplane.client import ClientStats, StoreClient, check_put
-from dataplane.samplers import Candidate, make_sampler, select_at_least
-from dataplane.schema import FieldSpec, parse_schema
-from dataplane.storage import redis_scripts as lua
-from dataplane.storage import redis_snapshot as snapshots
-from dataplane.storage.cells import decode_column, decode_run, encode_run
-from dataplane.storage.redis_connection import (
+from dataplane.redis import scripts as lua
+from dataplane.redis import snapshot as snapshots
+from dataplane.redis.cells import decode_column, decode_run, encode_run
+from dataplane.redis.connection import (
     aioredis,
     call,
     lease_error,
@@ -56,13 +53,17 @@ from dataplane.storage.redis_connection import (
     split_address,
     text,
 )
-from dataplane.storage.redis_wire import Wire
+from dataplane.redis.wire import Wire
+from dataplane.samplers import Candidate, make_sampler, select_at_least
+from dataplane.schema import FieldSpec, parse_schema
+from dataplane.stream import stream
 
 MAX_VALUE_BYTES = 512 * 2**20  # Redis' largest string value (proto-max-bulk-len's default)
 
 
-class RedisStoreClient(StoreClient):
-    """The store client on Redis: the same methods, arguments, Batch and errors as StoreClient."""
+class RedisStoreClient:
+    """The store client on Redis (`dataplane.client.StoreClient`): the same methods, arguments,
+    Batch and errors as the memory store's."""
 
     def __init__(self, address: str, config: DataPlaneConfig | None = None):
         self.address = address
@@ -222,6 +223,12 @@ class RedisStoreClient(StoreClient):
         for key in [k for k in self._leases if k[0] == partition]:
             del self._leases[key]
         await self._run("DROP", partition, f"{self.namespace}:partitions", partition)
+
+    async def _schema(self, partition: str) -> dict[str, FieldSpec]:
+        schema = self._schemas.get(partition)
+        if schema is None:
+            schema = self._schemas[partition] = parse_schema((await self.describe(partition))["schema"])
+        return schema
 
     def _bits(self, partition: str) -> dict[str, int]:
         return {f: i for i, f in enumerate(self._schemas.get(partition, {}))}
@@ -574,6 +581,15 @@ class RedisStoreClient(StoreClient):
         held = self._leases.get((partition, consumer), {})
         for r in rows:
             held.pop(int(r), None)
+
+    def stream(
+        self, partition: str, fields: Sequence[str], batch_size: int, consumer: str, *,
+        auto_ack: bool = True, prefetch: int = 2, **get_kwargs: Any,
+    ) -> AsyncIterator[Batch]:  # fmt: skip
+        """Yield batches until the partition is sealed and drained (`dataplane.stream.stream`)."""
+        return stream(
+            self, partition, fields, batch_size, consumer, auto_ack=auto_ack, prefetch=prefetch, **get_kwargs
+        )
 
     # -------------------------------------------------------------- whole store
 
