@@ -1,7 +1,7 @@
 """The Redis backend: rows, metadata and consumption state all live in Redis.
 
 No process holds state a crash can lose: every client runs the partition's logic as atomic
-Lua scripts (`dataplane.redis.scripts`; key layout in `redis_lua`), so any number
+Lua scripts (`dataplane.redis.scripts`, with the key layout), so any number
 of processes attach to one store with only its URL, on Ray or not. A put is one script
 (capacity check, rows, cells, readiness), a get is one script (expire leases, version
 window, choose, lease, say where the cells are, which the client then reads with plain
@@ -9,7 +9,7 @@ GETRANGEs); group and balanced samplers read the candidates in a first script, c
 `dataplane.samplers` and lease exactly those rows in a second one. A client that must wait
 blocks in XREAD on the partition's one-entry event stream, from the id its last script
 saw, so a wake-up is never missed and nothing polls. Script calls and cell reads, a get's hot
-path, go over connections of the client's own (`redis_wire`); everything else through redis-py.
+path, go over connections of the client's own (`dataplane.redis.wire`); everything else through redis-py.
 
 Durability is Redis' own (AOF); a command that fails because the server went away is
 retried with backoff until `retry_deadline_s` (puts carry an id, so a retried put is
@@ -72,11 +72,7 @@ class RedisStoreClient:
         self._rc = self.config.redis
         self._r = aioredis().Redis(connection_pool=make_pool(self.url, self._rc))
         self._wire = Wire(self._r.connection_pool, self._rc.max_connections)  # script calls, cell reads
-        self._scripts = {
-            name: self._r.register_script(lua.PRELUDE + getattr(lua, name))
-            for name in ("CREATE", "REGISTER", "PUT_NEW", "PUT_FILL", "GET", "ACK", "LEASES", "ALIVE", "SEAL",
-                         "DROP", "SNAPSHOT", "RESTORE")
-        }  # fmt: skip
+        self._scripts = {name: self._r.register_script(text) for name, text in lua.SCRIPTS.items()}
         self._schemas: dict[str, dict[str, FieldSpec]] = {}
         self._peer = uuid.uuid4().hex[:16]
         self._fifo: dict[tuple[str, str], asyncio.Lock] = {}
@@ -475,7 +471,9 @@ class RedisStoreClient:
         """The leased rows of a get's `reply` with their cells; None (rows handed back) if a cell
         went missing meanwhile (its field was regenerated)."""
         rows = [int(r) for r in reply[1]]
-        metas = msgpack.unpackb(_array_header(len(rows)) + reply[3])  # as stored (layout: redis_lua)
+        metas = msgpack.unpackb(
+            _array_header(len(rows)) + reply[3]
+        )  # as stored (layout: dataplane.redis.scripts)
         if rows:
             if None in metas:
                 raise DataPlaneError(

@@ -3,7 +3,7 @@
 A checkpoint is written in the memory backend's format (`controller.msgpack` plus a
 `unit-0.bin` of codec blobs), so a checkpoint of either backend restores into the other.
 Each partition is read by one script, so it is a consistent snapshot of that partition;
-partitions are independent of each other. Knows the key layout of `redis_lua`.
+partitions are independent of each other. Knows the key layout of `dataplane.redis.scripts`.
 """
 
 from __future__ import annotations

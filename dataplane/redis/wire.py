@@ -1,6 +1,6 @@
 """The two hot commands on connections of their own: a get's script and its cell reads.
 
-A get is one script call and a few long GETRANGEs (mostly one per field; `redis_lua` has the
+A get is one script call and a few long GETRANGEs (mostly one per field; `dataplane.redis.scripts` has the
 layout). Through redis-py, a 0.5 MB reply was copied four times on its way in (socket ->
 stream buffer -> `read()` bytes -> hiredis' buffer -> the reply's bytes), 0.4 of a 64-row
 get's 0.8 ms, and a script call cost 93 µs of client CPU where the bytes on the wire need 27.

@@ -17,7 +17,6 @@ import time
 import uuid
 from pathlib import Path
 
-import msgpack
 import numpy as np
 import pytest
 from conftest import free_port, start_redis  # pytest puts tests/ on sys.path
@@ -441,39 +440,11 @@ async def test_a_put_over_the_redis_value_limit_is_refused_before_anything_is_st
         await client.close()
 
 
-async def test_rows_stored_without_refs_are_freed_from_their_metadata(pname, redis_url):
-    """A store written before rows kept their refs (ready bits, chunks) beside their metadata, and
-    with an :acked entry for every row: freeing its rows reads the metadata instead, and still
-    deletes every chunk and count."""
-    handle = start_store(redis_config(redis_url))
-    client = await StoreClient.connect(handle.address)
-    raw, key = client._r, client._key(pname)  # type: ignore[attr-defined]
-    try:
-        await client.create_partition(pname, {"ids": "int64[*]", "r": "float32"}, consumers=["c"])
-        await client.put(pname, {"ids": [np.arange(3), np.arange(5)]})  # rows 0, 1 lack "r"
-        await client.put(pname, {"r": np.ones(2, np.float32)}, rows=[0, 1])
-        await client.put(pname, {"ids": [np.arange(2)] * 2, "r": np.zeros(2, np.float32)})
-        assert await raw.hlen(f"{key}:refs") == 4
-        await raw.hdel(f"{key}:refs", 0, 2)  # as an older version left them: no refs, acked by no one
-        await raw.hset(f"{key}:acked", mapping={0: 0, 2: 0})
-        await raw.hdel(f"{key}:meta", "layout")
-        got = await client.get(pname, ["ids", "r"], batch_size=4, consumer="c")
-        assert [len(x) for x in got["ids"]] == [3, 5, 2, 2]
-        await client.ack(got)
-        for kind in ("rows", "refs", "xc", "acked"):
-            assert await raw.hlen(f"{key}:{kind}") == 0, kind
-        assert [k async for k in raw.scan_iter(f"{key}:x:*")] == []
-        assert all(int(n) == 0 for n in (await raw.hgetall(f"{key}:missing")).values())
-    finally:
-        await client.drop_partition(pname)
-        await client.close()
-
-
 async def test_a_put_to_a_server_without_the_scripts_leaves_no_stray_cells(pname, redis_url):
     """A server that does not know the put script yet (new, restarted, flushed) refuses it inside
     the put's transaction after the cells were written: those cells are deleted, the put is
     retried, and only the chunk it stored remains, kept. The get after it meets an unknown script
-    too, on the client's own connections (`redis_wire`): it is given the script and retried."""
+    too, on the client's own connections (`dataplane.redis.wire`): it is given the script and retried."""
     handle = start_store(redis_config(redis_url))
     client = await StoreClient.connect(handle.address)
     raw, key = client._r, client._key(pname)  # type: ignore[attr-defined]
@@ -552,76 +523,6 @@ async def test_a_row_waits_in_exactly_one_set_of_each_consumer(pname, redis_url)
         assert await _waiting(raw, key, 1) == ({0, 1, 2, 3, 4}, {5})
         stats = (await client.store_stats())["partitions"][pname]["consumers"]["a"]
         assert stats["pending"] == 6 and stats["ready"] == 5
-    finally:
-        await client.drop_partition(pname)
-        await client.close()
-
-
-async def test_a_store_of_the_earlier_layout_is_read_exactly_once(pname, redis_url):
-    """Stores written by earlier versions kept ready rows in the pending set too: the first script
-    that meets one takes them out, and every row is still read once and the stream ends."""
-    handle = start_store(redis_config(redis_url))
-    client = await StoreClient.connect(handle.address)
-    raw, key = client._r, client._key(pname)  # type: ignore[attr-defined]
-    try:
-        await client.create_partition(pname, {"x": "int64", "y": "int64"}, consumers=["a"])
-        await client.get(pname, ["x", "y"], batch_size=1, consumer="a", allow_partial=True, timeout_s=0)
-        await client.put(pname, {"x": np.arange(6), "y": np.arange(6)})
-        await client.put(pname, {"x": np.arange(6, 8)})  # rows 6, 7 lack y
-        # the earlier layout: ready rows in both sets, no layout entry
-        await raw.zunionstore(f"{key}:c0:pend", [f"{key}:c0:pend", f"{key}:c0:ready"])
-        await raw.hdel(f"{key}:meta", "layout")
-        assert await _waiting(raw, key, 0) == (set(range(6)), set(range(8)))
-        got = await client.get(pname, ["x", "y"], batch_size=4, consumer="a")
-        assert got.rows == [0, 1, 2, 3] and await raw.hget(f"{key}:meta", "layout") == b"3"
-        assert await _waiting(raw, key, 0) == ({4, 5}, {6, 7})
-        await client.put(pname, {"y": np.array([60, 70])}, rows=[6, 7])
-        await client.seal(pname)
-        await client.ack(got)
-        rows = list(got.rows)
-        async for batch in client.stream(pname, ["x", "y"], 4, "a", timeout_s=10):
-            rows += batch.rows
-        assert rows == list(range(8))
-        assert await raw.hlen(f"{key}:rows") == 0
-    finally:
-        await client.drop_partition(pname)
-        await client.close()
-
-
-async def test_a_store_of_layout_2_is_converted_with_its_acks_and_leases(pname, redis_url):
-    """Stores written by earlier versions kept an :acked entry per row and a lease's rows as a
-    msgpack list: the first script that meets one turns them into bitmaps (blocks counting their
-    live rows) and strings, so a lease held across the change is acked whole, every row is read
-    once by each consumer and freed after the last."""
-    handle = start_store(redis_config(redis_url))
-    client = await StoreClient.connect(handle.address)
-    raw, key = client._r, client._key(pname)  # type: ignore[attr-defined]
-    try:
-        await client.create_partition(pname, {"x": "int64"}, consumers=["a", "b"])
-        await client.put(pname, {"x": np.arange(70)})  # blocks 0 (rows 0-63) and 1 (64-69)
-        first = await client.get(pname, ["x"], batch_size=4, consumer="a")
-        await client.ack(first)
-        held_b = await client.get(pname, ["x"], batch_size=2, consumer="b")
-        # layout 2: a's acks as one entry per row (bit 0: consumer a), no bitmaps, no block counts
-        await raw.delete(f"{key}:acked", f"{key}:blive")
-        await raw.hset(f"{key}:acked", mapping={r: 1 for r in first.rows})
-        (lease,) = await raw.hkeys(f"{key}:c1:lrows")
-        await raw.hset(f"{key}:c1:lrows", lease, msgpack.packb(["0", "1"]))
-        await raw.hset(f"{key}:meta", "layout", 2)
-        got_b = await client.get(pname, ["x"], batch_size=68, consumer="b", ack=held_b)
-        assert await raw.hget(f"{key}:meta", "layout") == b"3"
-        assert got_b.rows == list(range(2, 70))
-        assert list((await raw.hgetall(f"{key}:c1:lrows")).values()) == [
-            ",".join(map(str, got_b.rows)).encode()
-        ]
-        assert await raw.hgetall(f"{key}:acked") == {b"0:0": b"\x0f" + bytes(7), b"1:0": b"\x03" + bytes(7)}
-        assert await raw.hgetall(f"{key}:blive") == {b"0": b"62", b"1": b"6"}  # rows 0, 1: done by both
-        await client.ack(got_b)
-        assert await raw.hlen(f"{key}:rows") == 66  # rows 0-3, done by both, are gone
-        got_a = await client.get(pname, ["x"], batch_size=66, consumer="a")
-        assert got_a["x"].tolist() == list(range(4, 70))
-        await client.ack(got_a)
-        assert not await raw.exists(f"{key}:acked", f"{key}:blive", f"{key}:rows")
     finally:
         await client.drop_partition(pname)
         await client.close()

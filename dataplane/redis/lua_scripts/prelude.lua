@@ -1,70 +1,5 @@
-"""The Redis backend's key layout and the Lua functions every script starts with.
-
-Keys of partition P in store namespace NS share the prefix `NS:{P}` (ARGV[1]; the braces
-make it one Redis Cluster hash slot):
-
-    :meta            HASH   schema, capacity, stale policy, counters, sealed, live rows, mask<j>
-    :bits  :cons     HASH   field -> bit, consumer -> bit
-    :rows            HASH   row -> msgpack [group, group_size, length, version, ready, versioned,
-                            0, nbytes, then chunk, offset, length for each field] (ready /
-                            versioned: field bits; chunk, offset, length: where the field's cell
-                            is, chunk '' if none). A get hands the client these blobs as they
-                            are, and the client reads what it needs from them
-    :refs            HASH   row -> its ready bits and the chunks of its cells, as one short string
-                            (`refkey`): what freeing the row needs, without unpacking its metadata
-    :acked           HASH   '<j>:<block>' -> 8 bytes, bit i set once consumer j is done with row
-                            64 * block + i (acked it, or dropped it as stale): an ack reads and
-                            writes one short string per block of rows instead of an entry per
-                            row (a get's script with four consumers: 0.915x of its time with
-                            per-row entries). Only with several consumers: one consumer's ack frees
-                            the row, so a partition with one never writes it (meta `layout` 3)
-    :blive           HASH   block -> its live rows (only with several consumers): a block's
-                            bitmaps go with its last live row
-    :x:<chunk>:<b>   STRING the cells (`dataplane.redis.cells`) of field b of one put, back to
-                            back: written by a plain SET in the same MULTI/EXEC as the put's
-                            script, read by plain GETRANGEs after the get's script, one per run
-                            of adjacent cells (a whole get is mostly one per field; a hash of
-                            cells cost the client twice as much to ask for and parse); cell
-                            bytes never pass through Lua (copying them in and out of Lua costs
-                            50x the write itself), and a read lands straight in the buffers
-                            the batch's arrays are views of (`redis_wire`)
-    :xc              HASH   "<chunk>:<b>" -> rows still referring to that chunk's cells: a chunk is
-                            deleted whole when its last row lets go (one DEL instead of a HDEL
-                            per cell, which was a fifth of a get's server time)
-    :missing         HASH   field bit -> live rows that lack that field: a consumer whose fields no
-                            row lacks has all its waiting rows ready, without reading any row's
-                            metadata
-    :ver             ZSET   row by policy version, so a version window finds stale rows in O(log n)
-    :c<j>:ready      ZSET   rows consumer j waits for (neither handed out nor finished) whose
-                            fields it asks for are written, by row number: a sequential get takes
-                            the first ones with one ZRANGE and one ZREMRANGEBYRANK
-    :c<j>:pend       ZSET   the rows consumer j waits for that are not ready yet; a row j waits for
-                            is in exactly one of the two, so a put of whole rows writes one entry
-                            per row and consumer, and a get removes them by rank (meta `layout` 2;
-                            stores of earlier versions kept ready rows in both and are converted
-                            by `upgrade` when a script first meets them)
-    :c<j>:lease      ZSET   lease id -> deadline (server ms); a lease is one handed-out batch, its
-                            id '<client id>/<n>'; :c<j>:lrows HASH lease id -> the rows it still
-                            holds, comma-separated (a lease per batch, not per row: per-row lease
-                            entries were a third of a get's server time)
-    :c<j>:n          HASH   counters (delivered, acked, redelivered, ...)
-    :alive           ZSET   client id by the deadline of its heartbeat
-    :ev  :space      STREAM one entry (MAXLEN 1): appended when rows become ready / capacity
-                            frees while a client waits for that (meta watch_ev / watch_space), so
-                            a waiting client blocks in XREAD from the id it last saw
-    :puts  :putrow    ZSET   ids of finished puts (10 min, at most 10000) / HASH id -> first row, so
-                            a put retried after a lost reply is not stored twice
-
-A put's chunk keys carry a TTL until its script accepts them (PERSIST), so a put whose
-script refused it, or whose client died between the two, leaves nothing behind.
-
-Scripts answer {"ok", ...}, {"err", kind, detail...} or a waiting state; the client turns
-errors into the exception tree with full messages. Knows nothing about Python objects.
-"""
-
-from __future__ import annotations
-
-PRELUDE = r"""
+-- The functions every script starts with (run as prelude .. script; dataplane/redis/scripts.py
+-- has the key layout).
 local B = ARGV[1]
 local function k(s) return B .. ':' .. s end
 local POW = {}  -- POW[b] = 2 ^ b, a table lookup instead of a pow() per test
@@ -303,38 +238,6 @@ local function live_blocks(rows, sign, nc)
   end
 end
 
--- stores of earlier versions: layout 1 kept ready rows in the pending set too (taken out); layouts
--- 1 and 2 kept an :acked entry per row (turned into bitmaps, and blocks count their live rows) and
--- a lease's rows as a msgpack list
-local function upgrade()
-  local layout = meta('layout')
-  if layout == '3' then return end
-  local nc = nconsumers()
-  if layout ~= '2' then
-    for j = 0, nc - 1 do redis.call('ZDIFFSTORE', c(j, 'pend'), 2, c(j, 'pend'), c(j, 'ready')) end
-  end
-  for j = 0, nc - 1 do  -- a lease's rows: a msgpack list before, a string now
-    local kv = redis.call('HGETALL', c(j, 'lrows'))
-    for i = 2, #kv, 2 do kv[i] = table.concat(cmsgpack.unpack(kv[i]), ',') end
-    bulk('HSET', c(j, 'lrows'), kv)
-  end
-  local old = redis.call('HGETALL', k('acked'))
-  redis.call('DEL', k('acked'), k('blive'))
-  if nc > 1 then
-    live_blocks(redis.call('HKEYS', k('rows')), 1, nc)
-    local by = {}
-    for i = 1, #old, 2 do
-      local b, x = block_of(old[i])
-      local acked = tonumber(old[i + 1])
-      by[b] = by[b] or bitmaps(nc, b)
-      for o = 0, nc - 1 do
-        if bit.band(acked, POW[o]) ~= 0 then flip(by[b][o + 1], x, true) end
-      end
-    end
-    for b, maps in pairs(by) do save_bitmaps(b, maps) end
-  end
-  redis.call('HSET', k('meta'), 'layout', 3)
-end
 -- consumer j waits for rows again: ready if it has their fields (metas: the rows' metadata)
 local function wait_for(j, rows, metas)
   local m = cmask(j)
@@ -419,15 +322,9 @@ end
 
 local function free(rows)
   if #rows == 0 then return end
-  local byref, old = {}, {}
-  for i, v in ipairs(hmget(k('refs'), rows)) do
-    if v then byref[v] = (byref[v] or 0) + 1 else table.insert(old, rows[i]) end
-  end
-  for _, m in ipairs(getrows(old)) do  -- rows stored before refs were kept
-    if m then
-      local key = refkey(m)
-      byref[key] = (byref[key] or 0) + 1
-    end
+  local byref = {}
+  for _, v in ipairs(hmget(k('refs'), rows)) do
+    if v then byref[v] = (byref[v] or 0) + 1 end
   end
   local counts, delta, nf = {}, {}, tonumber(meta('nf'))
   for key, n in pairs(byref) do
@@ -531,4 +428,3 @@ local function register(name)
   if j == 1 then live_blocks(rows, 1, 2) end  -- a second consumer: blocks count their live rows
   return nil
 end
-"""
