@@ -23,7 +23,7 @@ import itertools
 import os
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import ray
@@ -150,23 +150,13 @@ class RunControl:
 class Steering:
     """The run's side of its control actor: after every step it publishes the status and the
     step's metrics, then applies the commands that arrived (between steps, with the trainer
-    idle). While paused it waits here, serving commands, until a `resume` or `stop`."""
+    idle) through the pipeline. While paused it waits here, serving commands, until a
+    `resume` or `stop`."""
 
-    def __init__(
-        self,
-        wf: Any,  # asyncflow.workflow.Workflow
-        run_dir: str,
-        *,
-        checkpoint: Callable[[int], Awaitable[Any]],
-        supervise: Callable[[Any, int], Awaitable[None]],
-    ):
-        self.wf, self.run_dir = wf, run_dir
-        self.checkpoint_at, self.supervise = checkpoint, supervise
-        self.config = wf.config
+    def __init__(self, pipe: Any):  # asyncflow.workflow.Pipeline
+        self.pipe, self.config = pipe, pipe.config
         self.staleness = self.config.staleness
-        self.paused = False
         self.step = 0
-        self.next_rollout = self.config.rollout.num_workers  # fresh actor names for added workers
         name = control_name(self.config.dataplane.name)
         try:
             ray.get_actor(name, namespace=NAMESPACE)
@@ -183,6 +173,10 @@ class Steering:
             .remote(self.status("starting"))
         )
 
+    @property
+    def paused(self) -> bool:
+        return self.pipe.paused
+
     def status(self, state: str) -> dict:
         return {
             "name": self.config.dataplane.name,
@@ -191,8 +185,8 @@ class Steering:
             "steps": self.config.trainer.steps,
             "mode": self.config.mode,
             "staleness": self.staleness,
-            "rollout_workers": len(self.wf.rollouts),
-            "run_dir": self.run_dir,
+            "rollout_workers": len(self.pipe.rollouts),
+            "run_dir": str(self.pipe.run.path),
         }
 
     async def started(self, step: int) -> None:
@@ -241,57 +235,30 @@ class Steering:
 
     async def pause(self) -> dict:
         """Admit no more prompts and take no more trainer steps (rollout finishes what it has)."""
-        self.paused = True
-        cursor = await self.wf.source.call.remote("pause")
+        cursor = await self.pipe.pause()
         return {"step": self.step, "prompt_cursor": cursor}
 
     async def resume(self) -> dict:
-        self.paused = False
-        await self.wf.source.call.remote("resume")
+        await self.pipe.resume_admission()
         return {"step": self.step}
 
     async def set_staleness(self, k: int) -> dict:
         """The new bound holds for every step after this one: admission and the trainer's window."""
         if not isinstance(k, int) or not 0 <= k <= 1024:
             raise ControlError(f"staleness must be an int in 0..1024 (0: on-policy), got {k!r}")
-        await asyncio.gather(
-            self.wf.source.call.remote("set_staleness", k), self.wf.trainer.call.remote("set_staleness", k)
-        )
+        await self.pipe.set_staleness(k)
         self.staleness = k
         return {"staleness": k, "from_step": self.step + 1}
 
-    async def scale_rollout(self, n: int, start_timeout_s: float = 120.0) -> dict:
-        """Add or remove rollout workers. A removed worker's leased rows go back to the store
-        (its actor is killed, as if it died) and another worker generates them."""
+    async def scale_rollout(self, n: int) -> dict:
+        """Add or remove rollout workers. A removed worker's leased rows go back to the store and
+        another worker generates them."""
         if not isinstance(n, int) or not 1 <= n <= 1024:
             raise ControlError(f"rollout workers must be an int in 1..1024, got {n!r}")
-        wf, r = self.wf, self.config.rollout
-        while len(wf.rollouts) < n:
-            actor = wf.spawn("rollout", self.next_rollout, num_cpus=r.num_cpus, restarts=r.max_restarts)
-            self.next_rollout += 1
-            try:
-                await asyncio.wait_for(actor.pid.remote(), start_timeout_s)
-            except TimeoutError:
-                ray.kill(actor)
-                raise ControlError(
-                    f"a new rollout worker did not start within {start_timeout_s:.0f} s: the cluster has no "
-                    f"room for {r.num_cpus} more CPUs; add nodes, or lower rollout.num_cpus"
-                ) from None
-            wf.rollouts.append(actor)
-            if self.config.mode == "async":  # sync mode calls every worker of wf.rollouts each step
-                wf.loops[actor] = asyncio.ensure_future(self.supervise(actor, r.max_restarts))
-        while len(wf.rollouts) > n:
-            actor = wf.rollouts.pop()
-            task = wf.loops.pop(actor, None)
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-            await asyncio.wait([asyncio.ensure_future(actor.close.remote())], timeout=30)  # its engine
-            ray.kill(actor)
-        return {"rollout_workers": len(wf.rollouts)}
+        return {"rollout_workers": await self.pipe.scale_rollout(n)}
 
     async def checkpoint(self) -> dict:
-        path = await self.checkpoint_at(self.step)
+        path = await self.pipe.checkpoint(self.step)
         return {"step": self.step, "checkpoint": str(path)}
 
     # `stop` is no method: `_apply` raises StopRun and the run checkpoints, then replies.

@@ -5,23 +5,46 @@ A prompt is the task's condition vector; a response is the SDE trajectory the en
 The reward function is called as reward(condition, sample, answer) with numpy arrays; the
 sample is the trajectory's last point.
 
-`logprobs` is the single place where stored trajectories become log-probs under a model:
-the trainer (with gradient) and the reference (without) both call it, and it calls the
-same `sde_step` the engine sampled with, so at lag 0 it returns the behaviour log-probs
-bit for bit.
+`step_logprobs` is the single place where stored trajectories become log-probs under a
+model: the trainer (with gradient) and the reference (without) both call it, and it calls
+the same `sde_step` the engine sampled with, so at lag 0 it returns the behaviour log-probs
+bit for bit. The trainer's loss is the same policy_loss over the (B, K) grid of steps as
+over tokens: each step its own PPO-clip term with the sample's advantage, as Flow-GRPO
+trains (Liu et al. 2025, arXiv 2505.05470, §4 and eq. 6). The warm-start is flow-matching
+pre-training on the task's data (services.flow.losses).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
-from asyncflow.config import FlowConfig
+from asyncflow.config import FlowConfig, WarmupConfig
 from services.flow import FlowEngine, FlowRequest, FlowSample, FlowSamplingParams, VelocityMLP, step_logprobs
+from services.flow.losses import fit, make_loss
 from workers.samples import FLOW_PROMPT_FIELDS, FLOW_ROLLOUT_FIELDS
+
+
+@dataclass
+class FlowSampleRow:
+    """One sample of a flow policy as the trainer needs it."""
+
+    condition: np.ndarray  # (C,)
+    latents: np.ndarray  # (K+1, D)
+    timesteps: np.ndarray  # (K+1,)
+    behavior: list[float]  # (K,) one log-prob per step
+    versions: list[int]  # (K,)
+    reward: float
+    ref: list[float] | None
+
+    def version(self, default: int) -> int:
+        return min(self.versions, default=default)
 
 
 class FlowKind:
@@ -75,8 +98,57 @@ class FlowKind:
         """(condition, sample, answer): the sample is the trajectory's last point."""
         return np.asarray(prompt), np.asarray(response)[-1], answer
 
-    def logprobs(self, model: VelocityMLP, conditions: Sequence[Any], latents: Sequence[Any],
-                 grids: Sequence[Any]) -> torch.Tensor:  # fmt: skip
+    def trainer_reads(self, reference: bool) -> list[str]:
+        fields = ["condition", "prompt_index", "sample_index", *FLOW_ROLLOUT_FIELDS, "reward"]
+        return fields + (["ref_logprobs"] if reference else [])
+
+    def rows(self, data: dict, order: list[int], reference: bool) -> list[FlowSampleRow]:
+        return [
+            FlowSampleRow(
+                data["condition"][i],
+                data["latents"][i],
+                data["timesteps"][i],
+                data["behavior_logprobs"][i].tolist(),
+                data["step_versions"][i].tolist(),
+                float(data["reward"][i]),
+                data["ref_logprobs"][i].tolist() if reference else None,
+            )  # fmt: skip
+            for i in order
+        ]
+
+    def micro_batches(self, rows: Sequence[FlowSampleRow], token_budget: int) -> list[list[int]]:
+        return [list(range(len(rows)))]  # a flow sample is small: one pass
+
+    def logprobs(self, model: Any, rows: Sequence[FlowSampleRow]) -> tuple[Tensor, Tensor]:
+        """(B, K) per-step log-probs under `model` (a VelocityMLP), differentiable; every step counts."""
+        lp = self.step_logprobs(
+            model,
+            [r.condition for r in rows],
+            [r.latents for r in rows],
+            [r.timesteps for r in rows],  # type: ignore[arg-type]
+        )
+        return lp, torch.ones_like(lp, dtype=torch.bool)
+
+    def warmup(self, model: torch.nn.Module, task: Any, config: WarmupConfig) -> dict:
+        """Flow-matching pre-training on `task.data` with the configured loss."""
+        if config.steps == 0:
+            return {"steps": 0}
+        loss = make_loss(self.config.pretrain_loss, wcfm_eps=self.config.wcfm_eps)
+
+        def data(step: int, size: int) -> tuple[Tensor, Tensor]:
+            x, cond = task.data(step, size)
+            return torch.as_tensor(x), torch.as_tensor(cond)
+
+        start = time.perf_counter()
+        final = fit(
+            model,  # type: ignore[arg-type]  # a VelocityMLP (self.model)
+            loss, data, steps=config.steps, batch_size=config.batch_size, lr=config.lr,
+            seed=int(torch.randint(2**31 - 1, ())),
+        )  # fmt: skip
+        return {"steps": config.steps, "loss": final, "seconds": time.perf_counter() - start}
+
+    def step_logprobs(self, model: VelocityMLP, conditions: Sequence[Any], latents: Sequence[Any],
+                      grids: Sequence[Any]) -> torch.Tensor:  # fmt: skip
         """Each stored step's log-prob under `model`: (B, K), differentiable. Rows that share a
         grid are computed together (usually all of them)."""
         groups: dict[bytes, list[int]] = {}
@@ -105,5 +177,5 @@ class FlowKind:
 
     @torch.no_grad()
     def reference_logprobs(self, model: torch.nn.Module, batch: Any) -> list[np.ndarray]:
-        lp = self.logprobs(model, batch["condition"], batch["latents"], batch["timesteps"])  # type: ignore[arg-type]
+        lp = self.step_logprobs(model, batch["condition"], batch["latents"], batch["timesteps"])  # type: ignore[arg-type]
         return list(lp.numpy())

@@ -10,23 +10,39 @@ The workers are written once; the kind chosen by `policy:` in the config supplie
   gets the condition and the sample as arrays (workers.flow_kind).
 
 A kind converts, it does not decide: the store, the staleness rule and the loss are the same
-for both (the flow trainer differs only in how it recomputes log-probs, workers.flow_trainer).
+for both. It is the only seam between the two: the fields each role reads and writes, a
+sample as the trainer sees it (`rows`), how samples are cut into micro-batches, their
+log-probs under a model with gradient, the engine, and the warm-start.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 import torch
+from torch import Tensor
 
-from asyncflow.algorithms import token_logprobs
-from asyncflow.config import AsyncFlowConfig, ModelConfig, RolloutConfig
+from asyncflow.algorithms import pack, token_logprobs
+from asyncflow.config import AsyncFlowConfig, ModelConfig, RolloutConfig, WarmupConfig
+from services.parallelism.balance import micro_batches
 from services.serving import Request, SamplingParams
 from workers.policy import make_model, make_tokenizer
 from workers.samples import PROMPT_FIELDS, ROLLOUT_FIELDS
-from workers.trainer import pack
+
+
+class Sample(Protocol):
+    """One sample as the trainer sees it: whatever the kind, its actions' behaviour log-probs
+    and versions, its reward and (with a reference) the reference's log-probs."""
+
+    behavior: list[float]  # one per action: token, or denoising step
+    reward: float
+    ref: list[float] | None
+
+    def version(self, default: int) -> int: ...  # the oldest version that took one of its actions
 
 
 class Kind(Protocol):
@@ -51,6 +67,21 @@ class Kind(Protocol):
     def reward_args(self, prompt: Any, response: Any, answer: str) -> tuple: ...  # stored fields -> reward_fn
 
     def reference_logprobs(self, model: torch.nn.Module, batch: Any) -> list[np.ndarray]: ...
+
+    def engine(self, seed: int) -> Any: ...  # the in-process engine, weights to come from the weight store
+
+    def trainer_reads(self, reference: bool) -> list[str]: ...  # the fields the trainer takes
+
+    def rows(
+        self, data: dict, order: list[int], reference: bool
+    ) -> Sequence[Sample]: ...  # a batch's samples
+
+    def micro_batches(self, rows: Sequence[Any], token_budget: int) -> list[list[int]]: ...
+
+    # log-probs of the samples' actions under `model`, with gradient (b, T), and which are real (b, T)
+    def logprobs(self, model: torch.nn.Module, rows: Sequence[Any]) -> tuple[Tensor, Tensor]: ...
+
+    def warmup(self, model: torch.nn.Module, task: Any, config: WarmupConfig) -> dict: ...
 
 
 def make_kind(config: AsyncFlowConfig, task: Any) -> Kind:
@@ -107,9 +138,85 @@ class TokenKind:
     def reference_logprobs(self, model: torch.nn.Module, batch: Any) -> list[np.ndarray]:
         prompts = [p.tolist() for p in batch["prompt_ids"]]
         ids, targets, mask = pack(prompts, [r.tolist() for r in batch["response_ids"]])
-        r = self.rollout  # the reference scores the sampler's distribution too, so KL is 0 at step 1
-        lp = token_logprobs(model(ids).logits[:, :-1], targets, r.temperature, r.top_k, r.top_p)  # (B, T-1)
+        lp = self._logprobs(model, ids, targets)  # (B, T-1): the sampler's distribution, so KL is 0 at step 1
         return [row[m].numpy() for row, m in zip(lp, mask)]
+
+    def engine(self, seed: int) -> Any:
+        from services.serving.torch_engine import TorchEngine
+
+        tok = self.tokenizer
+        model: Any = self.model(0)  # a transformers model; its weights come from the weight store
+        return TorchEngine(
+            model, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, version=-1, seed=seed
+        )
+
+    def trainer_reads(self, reference: bool) -> list[str]:
+        fields = ["prompt_ids", "prompt_index", "sample_index", *ROLLOUT_FIELDS[:3], "reward"]
+        return fields + (["ref_logprobs"] if reference else [])
+
+    def rows(self, data: dict, order: list[int], reference: bool) -> list[TokenSample]:
+        return [
+            TokenSample(
+                data["prompt_ids"][i].tolist(),
+                data["response_ids"][i].tolist(),
+                data["behavior_logprobs"][i].tolist(),
+                data["token_versions"][i].tolist(),
+                float(data["reward"][i]),
+                data["ref_logprobs"][i].tolist() if reference else None,
+            )  # fmt: skip
+            for i in order
+        ]
+
+    def micro_batches(self, rows: Sequence[TokenSample], token_budget: int) -> list[list[int]]:
+        return micro_batches([len(r.prompt) + len(r.response) for r in rows], token_budget)
+
+    def logprobs(self, model: torch.nn.Module, rows: Sequence[TokenSample]) -> tuple[Tensor, Tensor]:
+        ids, targets, mask = pack([r.prompt for r in rows], [r.response for r in rows])
+        return self._logprobs(model, ids, targets), mask  # (b, L-1) each
+
+    def _logprobs(self, model: torch.nn.Module, ids: Tensor, targets: Tensor) -> Tensor:
+        """Log-probs of `targets` under the distribution the engine samples from (its temperature,
+        top-k and top-p): ids (b, L), targets (b, L-1) -> (b, L-1)."""
+        r = self.rollout
+        return token_logprobs(model(ids).logits[:, :-1], targets, r.temperature, r.top_k, r.top_p)
+
+    def warmup(self, model: torch.nn.Module, task: Any, config: WarmupConfig) -> dict:
+        """Supervised steps on the task's answers (examples far from the RL prompts' indices)."""
+        if config.steps == 0:
+            return {"steps": 0}
+        tok = self.tokenizer
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
+        start, loss = time.perf_counter(), torch.tensor(0.0)
+        for step in range(config.steps):
+            examples = [
+                task.example((1 << 36) + step * config.batch_size + i) for i in range(config.batch_size)
+            ]
+            prompts = [[tok.bos_token_id, *tok.encode(e.prompt)] for e in examples]
+            answers = [[*tok.encode(e.answer), tok.eos_token_id] for e in examples]
+            ids, targets, mask = pack(prompts, answers)
+            logits = model(ids).logits[:, :-1]  # (B, L-1, V)
+            loss = torch.nn.functional.cross_entropy(logits[mask], targets[mask])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return {"steps": config.steps, "loss": loss.item(), "seconds": time.perf_counter() - start}
+
+
+@dataclass
+class TokenSample:
+    """One sample of a language model as the trainer needs it (plain lists: rows are regrouped per
+    micro-batch)."""
+
+    prompt: list[int]
+    response: list[int]
+    behavior: list[float]
+    versions: list[int]
+    reward: float
+    ref: list[float] | None
+
+    def version(self, default: int) -> int:
+        """The oldest version that produced a token of this sample (its staleness counts from it)."""
+        return min(self.versions, default=default)
 
 
 def decode_response(tokenizer: Any, ids: list[int]) -> str:

@@ -69,14 +69,6 @@ def consumers(reference: bool) -> list[str]:
     return [ROLLOUT, REWARD, TRAINER] + ([REFERENCE] if reference else [])
 
 
-def trainer_fields(reference: bool, policy: str = "token") -> list[str]:
-    if policy == "flow":
-        fields = ["condition", "prompt_index", "sample_index", *FLOW_ROLLOUT_FIELDS, "reward"]
-    else:
-        fields = ["prompt_ids", "prompt_index", "sample_index", *ROLLOUT_FIELDS[:3], "reward"]
-    return fields + (["ref_logprobs"] if reference else [])
-
-
 async def serve(
     store: Any, fields: Sequence[str], size: int, consumer: str, process: Callable[[Any], Awaitable[Any]], *,
     unit: int = 1, sampler: str = "sequential", writes: Sequence[str] = (), timeout_s: float | None = None,

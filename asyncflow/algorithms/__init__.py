@@ -1,4 +1,4 @@
-"""The pure algorithm functions of the RL loop: log-probs, advantages, losses.
+"""The pure algorithm functions of the RL loop: log-probs, advantages, losses, padded grids.
 
 Torch only: nothing here knows about Ray, the rollout engine, the data store or versions.
 The trainer composes them; `asyncflow.versioning` owns the staleness rule.
@@ -20,6 +20,7 @@ from asyncflow.algorithms.losses import (
     kl_penalty,
     policy_loss,
 )
+from asyncflow.algorithms.sequences import on_grid, pack
 
 __all__ = [
     "AGGREGATIONS",
@@ -35,6 +36,8 @@ __all__ = [
     "group_advantages",
     "importance_ratios",
     "kl_penalty",
+    "on_grid",
+    "pack",
     "policy_loss",
     "token_logprobs",
     "truncate",

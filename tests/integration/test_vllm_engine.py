@@ -18,10 +18,9 @@ import psutil
 import pytest
 import torch
 
-from asyncflow.algorithms import token_logprobs
+from asyncflow.algorithms import pack, token_logprobs
 from services.models import EOS_ID, build_model, build_tokenizer, save_model
 from services.serving import Engine, Request, SamplingParams
-from workers.trainer import pack
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 

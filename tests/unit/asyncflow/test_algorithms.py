@@ -28,7 +28,7 @@ def test_public_names_are_pinned():
     assert sorted(alg.__all__) == [
         "AGGREGATIONS", "Aggregation", "CORRECTIONS", "Correction", "ESTIMATORS", "Estimator", "KLKind",
         "KL_KINDS", "aggregate", "entropy", "group_advantages", "importance_ratios", "kl_penalty",
-        "policy_loss", "token_logprobs", "truncate",
+        "on_grid", "pack", "policy_loss", "token_logprobs", "truncate",
     ]  # fmt: skip
     assert alg.ESTIMATORS == ("grpo", "drgrpo", "rloo")
     assert alg.AGGREGATIONS == ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")

@@ -124,8 +124,7 @@ async def test_logprobs_match_a_teacher_forced_forward(model_a):
 @pytest.mark.parametrize(("top_k", "top_p"), [(0, 1.0), (3, 1.0), (0, 0.8), (5, 0.9)])
 async def test_the_trainer_recomputes_the_engine_logprobs_for_every_sampler_setting(model_a, top_k, top_p):
     """At lag 0 the importance ratio is 1 whatever the sampler keeps: the trainer truncates too."""
-    from asyncflow.algorithms import token_logprobs
-    from workers.trainer import pack
+    from asyncflow.algorithms import pack, token_logprobs
 
     params = SamplingParams(temperature=0.8, top_k=top_k, top_p=top_p, max_new_tokens=12)
     out = await engine_for(model_a, seed=5).generate(

@@ -7,12 +7,17 @@ import numpy as np
 import pytest
 import torch
 
-from asyncflow.algorithms import token_logprobs
-from asyncflow.config import TrainerConfig
+from asyncflow.algorithms import on_grid, pack, token_logprobs
+from asyncflow.config import ModelConfig, RolloutConfig, TrainerConfig
 from services.models import build_model, build_tokenizer
 from services.serving import Request, SamplingParams
 from services.serving.torch_engine import TorchEngine
-from workers.trainer import TrainerWorker, on_grid, pack
+from workers.kinds import TokenKind
+from workers.trainer import TrainerWorker
+
+
+def kind_of(tok, temperature: float = 1.0) -> TokenKind:
+    return TokenKind(tok, ModelConfig(), RolloutConfig(temperature=temperature))
 
 
 def test_pack_marks_exactly_the_response_targets():
@@ -57,7 +62,7 @@ async def test_one_step_raises_the_probability_of_rewarded_responses():
         "sample_index": np.arange(4),
     }
     trainer = TrainerWorker(
-        model, None, None, TrainerConfig(batch_prompts=1, lr=1e-2), n=4, staleness=0, temperature=1.0,
+        model, None, None, TrainerConfig(batch_prompts=1, lr=1e-2), kind_of(tok), n=4, staleness=0,
         reference=False,
     )  # fmt: skip
     ids, targets, mask = pack([c.prompt_ids for c in completions], [c.response_ids for c in completions])
@@ -108,19 +113,15 @@ def test_micro_batches_give_the_gradient_of_one_padded_pass(agg):
     for budget in (0, 40):  # one pass; several small ones
         model = build_model(len(tok), seed=2)
         config = TrainerConfig(batch_prompts=4, loss_agg=agg, micro_batch_tokens=budget, kl_coef=0.1)
-        trainer = TrainerWorker(model, None, None, config, n=4, staleness=1, temperature=1.0, reference=True)
-        assert len(trainer._micro(trainer_rows(data))) == (1 if budget == 0 else pytest.approx(5, abs=3))
+        kind = kind_of(tok)
+        trainer = TrainerWorker(model, None, None, config, kind, n=4, staleness=1, reference=True)
+        rows = kind.rows(data, list(range(len(data["reward"]))), True)
+        assert len(kind.micro_batches(rows, budget)) == (1 if budget == 0 else pytest.approx(5, abs=3))
         metrics = trainer.train_on(data)
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
     assert metrics["is_weight_max"] > 1  # the batch really was off-policy
-
-
-def trainer_rows(data):
-    from workers.trainer import _Row
-
-    return [_Row.of(data, i, True) for i in range(len(data["reward"]))]
 
 
 def test_micro_batches_respect_the_budget_and_cover_every_row():

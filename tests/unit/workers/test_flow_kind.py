@@ -1,5 +1,5 @@
-"""The flow kind and trainer without Ray or a store: rows as the store hands them over, the
-ratio at lag 0, the direction of one step, pre-training and the reference's log-probs."""
+"""The trainer with the flow kind, without Ray or a store: rows as the store hands them over,
+the ratio at lag 0, the direction of one step, pre-training and the reference's log-probs."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from asyncflow.config import FlowConfig, TrainerConfig, WarmupConfig
 from asyncflow.tasks.gaussians import EightGaussians, hit, reward
 from services.flow import euler, uniform_grid
 from workers.flow_kind import FlowKind
-from workers.flow_trainer import FlowTrainerWorker
-from workers.samples import FLOW_SCHEMA, trainer_fields
+from workers.samples import FLOW_SCHEMA
+from workers.trainer import TrainerWorker
 
 
 @pytest.fixture(autouse=True)
@@ -29,7 +29,7 @@ def _setup(n: int = 8, **trainer):
     kind = FlowKind(FlowConfig(hidden_size=32, num_layers=2, steps=6), EightGaussians())
     model = kind.model(0)
     engine = kind.engine(seed=1)
-    trainer_worker = FlowTrainerWorker(
+    trainer_worker = TrainerWorker(
         model, None, None, TrainerConfig(batch_prompts=2, **trainer), kind, n=n, staleness=0,
         reference=False,
     )  # fmt: skip
@@ -54,7 +54,7 @@ async def _rollout(kind, engine, groups: int, n: int) -> dict:
         ],
         dtype=np.float32,
     )
-    assert set(data) == set(trainer_fields(False, "flow")) <= set(FLOW_SCHEMA)
+    assert set(data) == set(kind.trainer_reads(False)) <= set(FLOW_SCHEMA)
     return data
 
 
@@ -62,8 +62,8 @@ async def test_at_lag_zero_every_ratio_is_exactly_one():
     kind, engine, trainer = _setup()
     await engine.update_weights(0, trainer.model.state_dict())
     data = await _rollout(kind, engine, groups=2, n=8)
-    rows = trainer._rows(data, list(range(16))[::-1])  # another order than the engine's
-    logprobs = trainer._logprobs(rows)
+    rows = kind.rows(data, list(range(16))[::-1], False)  # another order than the engine's
+    logprobs, _ = kind.logprobs(trainer.model, rows)
     behavior = torch.tensor([r.behavior for r in rows])
     assert logprobs.shape == (16, 6)
     assert torch.equal(logprobs.detach(), behavior)
@@ -80,18 +80,18 @@ async def test_one_step_favours_the_rewarded_samples():
     kind, engine, trainer = _setup(lr=1e-2)
     await engine.update_weights(0, trainer.model.state_dict())
     data = await _rollout(kind, engine, groups=2, n=8)
-    rows = trainer._rows(data, list(range(16)))
+    rows = kind.rows(data, list(range(16)), False)
     advantages = torch.tensor(data["reward"]).view(2, 8)
     advantages = ((advantages - advantages.mean(1, keepdim=True)) / advantages.std(1, keepdim=True)).view(-1)
-    before = trainer._logprobs(rows).detach().sum(1)
+    before = kind.logprobs(trainer.model, rows)[0].detach().sum(1)
     trainer.train_on(data)
-    after = trainer._logprobs(rows).detach().sum(1)
+    after = kind.logprobs(trainer.model, rows)[0].detach().sum(1)
     assert ((after - before) * advantages).sum() > 0
 
 
 async def test_minibatches_and_the_reference_term_run():
     kind, engine, trainer = _setup(minibatches=2, kl_coef=0.1)
-    trainer.reference, trainer.fields = True, trainer_fields(True, "flow")
+    trainer.reference, trainer.fields = True, kind.trainer_reads(True)
     reference = copy.deepcopy(trainer.model)
     await engine.update_weights(0, trainer.model.state_dict())
     data = await _rollout(kind, engine, groups=2, n=8)
@@ -105,7 +105,7 @@ async def test_minibatches_and_the_reference_term_run():
 
 def test_warmup_learns_the_eight_modes():
     kind, _, trainer = _setup()
-    result = trainer.warmup(kind.task, None, WarmupConfig(steps=1000, batch_size=256, lr=3e-3))
+    result = trainer.warmup(kind.task, WarmupConfig(steps=1000, batch_size=256, lr=3e-3))
     assert result["steps"] == 1000
     x = euler(
         trainer.model, torch.randn(2000, 2, generator=torch.Generator().manual_seed(0)), uniform_grid(50)

@@ -1,0 +1,259 @@
+"""One worker in one Ray actor, per role: the typed methods the pipeline calls.
+
+Workers are plain classes (workers/). A host builds its worker complete, with a store
+client it connected first, the task, the policy kind and a weight client, on the first
+call (`start`): Ray re-runs the constructor when it restarts a dead actor, and the next
+call builds a fresh worker from the same arguments, which pulls the weights again. Each
+role's host has the methods of that role and no others, so the pipeline calls
+`trainer.step.remote()`, never a method by name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+import ray
+
+from asyncflow.config import AsyncFlowConfig
+
+# The Ray namespace of every named actor of a run (`<dataplane.name>.trainer0`, `.control`, ...);
+# the memory store names its actors in a namespace of the same name.
+NAMESPACE = "asyncflow"
+
+
+class Host:
+    """What every role's actor shares: its config, task and kind; the worker, built on `start`."""
+
+    def __init__(self, config: dict, store_address: str, index: int = 0):
+        from workers.kinds import make_kind
+        from workers.policy import make_task
+
+        self.config = AsyncFlowConfig.model_validate(config)
+        self.store_address, self.index = store_address, index
+        # A restarted actor samples with a fresh seed: it must not repeat its previous life's samples.
+        self.incarnation = int(ray.get_runtime_context().was_current_actor_reconstructed)
+        self.task = make_task(self.config.task, self.config.seed)
+        self.kind = make_kind(self.config, self.task)
+        self._worker: Any = None
+        self._building: asyncio.Task | None = None
+
+    async def start(self) -> int:
+        """Connect to the store and build the worker, once; returns the actor's pid."""
+        if self._building is None:
+            self._building = asyncio.ensure_future(self._build())
+        await asyncio.shield(self._building)
+        return os.getpid()
+
+    async def _build(self) -> None:
+        from dataplane.client import StoreClient
+
+        self._worker = self.make(await StoreClient.connect(self.store_address))
+
+    def make(self, store: Any) -> Any:
+        raise NotImplementedError
+
+    async def worker(self) -> Any:
+        await self.start()
+        return self._worker
+
+    def weights(self) -> Any:
+        from workers.weights import WeightClient
+
+        # Looked up by name, not passed as a handle: a handle among the constructor arguments
+        # would keep Ray from restarting this actor reliably (ray-project/ray#53727).
+        handle = ray.get_actor(f"{self.config.dataplane.name}.weights", namespace=NAMESPACE)
+        return WeightClient(handle, remote=True, bucket_mb=self.config.weights.bucket_mb)
+
+    def stats(self) -> dict:
+        return dict(getattr(self._worker, "stats", {}))
+
+    async def close(self) -> None:
+        """Close the worker (its engine: vLLM's process group and its file in the temp directory)
+        and its store connection, before the actor is killed."""
+        worker = self._worker
+        if worker is None:
+            return
+        close = getattr(worker, "close", None)
+        if close is not None:
+            result = close()
+            if asyncio.iscoroutine(result):
+                await result
+        await worker.store.close()
+
+
+class SourceHost(Host):
+    def __init__(self, config: dict, store_address: str, cursor: int):
+        super().__init__(config, store_address)
+        self.cursor = cursor
+
+    def make(self, store: Any) -> Any:
+        from workers.source import PromptSource
+
+        c = self.config
+        return PromptSource(
+            self.task, self.kind, store, self.weights(), n=c.rollout.n, batch_prompts=c.trainer.batch_prompts,
+            staleness=c.staleness, cursor=self.cursor,
+        )  # fmt: skip
+
+    async def admit(self, count: int, version: int) -> int:
+        return await (await self.worker()).admit(count, version)
+
+    async def run(self) -> None:
+        await (await self.worker()).run()
+
+    async def pause(self) -> int:
+        return await (await self.worker()).pause()
+
+    async def resume(self) -> None:
+        (await self.worker()).resume()
+
+    async def set_staleness(self, k: int) -> None:
+        (await self.worker()).set_staleness(k)
+
+
+class TrainerHost(Host):
+    def make(self, store: Any) -> Any:
+        import torch
+
+        from workers.policy import set_threads
+        from workers.trainer import TrainerWorker
+
+        c = self.config
+        set_threads(c.trainer.torch_threads)
+        torch.manual_seed(c.seed)
+        return TrainerWorker(
+            self.kind.model(c.seed), store, self.weights(), c.trainer, self.kind, n=c.rollout.n,
+            staleness=c.staleness, reference=c.reference.enabled, get_timeout_s=c.dataplane.get_timeout_s,
+        )  # fmt: skip
+
+    async def warmup(self) -> dict:
+        worker = await self.worker()
+        return await asyncio.to_thread(worker.warmup, self.task, self.config.warmup)
+
+    async def step(self) -> dict:
+        return await (await self.worker()).step()
+
+    async def publish(self) -> float:
+        return await (await self.worker()).publish()
+
+    async def save(self, path: str) -> None:
+        (await self.worker()).save(path)
+
+    async def load(self, path: str) -> int:
+        return (await self.worker()).load(path)
+
+    async def save_weights(self, path: str) -> None:
+        (await self.worker()).save_weights(path)
+
+    async def set_staleness(self, k: int) -> None:
+        (await self.worker()).set_staleness(k)
+
+
+class RolloutHost(Host):
+    def make(self, store: Any) -> Any:
+        from workers.policy import set_threads
+        from workers.rollout import RolloutWorker
+
+        c = self.config.rollout
+        set_threads(c.torch_threads)
+        return RolloutWorker(
+            self.engine(), store, self.weights(), n=c.n, groups_per_call=c.groups_per_call,
+            params=self.kind.params(), kind=self.kind, name=f"rollout{self.index}",
+            get_timeout_s=self.config.dataplane.get_timeout_s, partial_rollout=c.partial_rollout != "off",
+        )  # fmt: skip
+
+    def engine(self) -> Any:
+        """The rollout engine of the configured kind; its weights come from the weight store."""
+        from services.serving.simulated import SimulatedEngine
+
+        c, tok = self.config, self.kind.tokenizer
+        seed = c.seed * 1000 + self.index + 1000 * self.incarnation
+        if c.rollout.engine == "simulated":
+            return SimulatedEngine(
+                vocab_size=len(tok), eos_token_id=tok.eos_token_id, version=-1, seed=seed,
+                **c.rollout.simulated.model_dump(),
+            )  # fmt: skip
+        if c.rollout.engine == "vllm":
+            return self._vllm(seed)
+        return self.kind.engine(seed)  # the torch engine for tokens, the SDE sampler for a flow policy
+
+    def _vllm(self, seed: int) -> Any:
+        import tempfile
+
+        from services.models import save_model
+        from services.serving.vllm import VLLMEngine
+
+        r = self.config.rollout
+        # vLLM loads a model directory; once loaded it keeps the weights in memory.
+        with tempfile.TemporaryDirectory(prefix="asyncflow-vllm-") as model_dir:
+            model: Any = self.kind.model(self.config.seed)  # a transformers model: vLLM loads the same shape
+            save_model(model, self.kind.tokenizer, model_dir)
+            return VLLMEngine(
+                model_dir, eos_token_id=self.kind.tokenizer.eos_token_id, version=-1, seed=seed,
+                on_update="abort" if r.partial_rollout == "abort" else "keep",
+                max_num_seqs=r.vllm.max_num_seqs, kv_cache_gib=r.vllm.kv_cache_gib, dtype=r.vllm.dtype,
+            )  # fmt: skip
+
+    async def run(self) -> None:
+        await (await self.worker()).run()
+
+    async def work(self, groups: int) -> int:
+        return await (await self.worker()).work(groups)
+
+    async def sync_weights(self, min_version: int = 0) -> int:
+        return await (await self.worker()).sync_weights(min_version)
+
+    async def evaluate(self, count: int, min_version: int) -> float:
+        """Mean reward on `count` held-out prompts with weights >= min_version."""
+        from workers.policy import make_reward_fn
+
+        worker = await self.worker()
+        await worker.sync_weights(min_version)
+        examples = [self.task.eval_example(i) for i in range(count)]
+        return await worker.evaluate(examples, make_reward_fn(self.config.task, evaluation=True))
+
+
+class RewardHost(Host):
+    def make(self, store: Any) -> Any:
+        from workers.policy import make_reward_fn
+        from workers.reward import RewardWorker
+
+        r = self.config.reward
+        return RewardWorker(
+            make_reward_fn(self.config.task), self.kind, store, timeout_s=r.timeout_s,
+            failure_reward=r.failure_reward, batch_rows=r.batch_rows,
+            get_timeout_s=self.config.dataplane.get_timeout_s,
+        )  # fmt: skip
+
+    async def run(self) -> None:
+        await (await self.worker()).run()
+
+    async def work(self, rows: int) -> int:
+        return await (await self.worker()).work(rows)
+
+
+class ReferenceHost(Host):
+    def __init__(self, config: dict, store_address: str, weights_path: str):
+        super().__init__(config, store_address)
+        self.weights_path = weights_path
+
+    def make(self, store: Any) -> Any:
+        from safetensors.torch import load_file
+
+        from workers.policy import set_threads
+        from workers.reference import ReferenceWorker
+
+        set_threads(self.config.reference.torch_threads)
+        model = self.kind.model(self.config.seed)
+        model.load_state_dict(load_file(self.weights_path))
+        return ReferenceWorker(
+            model, store, kind=self.kind, get_timeout_s=self.config.dataplane.get_timeout_s
+        )
+
+    async def run(self) -> None:
+        await (await self.worker()).run()
+
+    async def work(self, rows: int) -> int:
+        return await (await self.worker()).work(rows)

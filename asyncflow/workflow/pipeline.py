@@ -1,0 +1,361 @@
+"""The Pipeline: one run's actors and its samples partition, and everything done to them.
+
+It starts the store, the weight store and one actor per worker (typed hosts,
+asyncflow.workflow.hosts), and owns them until shutdown: a fresh start (partition,
+warm-start, version 0) or a resume from a checkpoint, the supervision of the streaming
+loops (a dead rollout or reward actor is restarted by Ray and its loop called again),
+scaling the rollout pool, pause / resume, the staleness bound, consistent checkpoints and
+a clean shutdown. The recipe (asyncflow.recipes) drives its steps; steering
+(asyncflow.control) calls its methods. Components never reference the pipeline: it wires
+them. A Ray failure leaves it as an AsyncFlowError that names the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Sequence
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from asyncflow.config import AsyncFlowConfig
+from asyncflow.errors import AsyncFlowError, ConfigError, ControlError, WorkerError
+from asyncflow.rundir import RunDir
+from asyncflow.workflow.hosts import (
+    NAMESPACE,
+    ReferenceHost,
+    RewardHost,
+    RolloutHost,
+    SourceHost,
+    TrainerHost,
+)
+
+log = logging.getLogger("asyncflow")
+
+
+class Pipeline:
+    """The running actors of one run, by role, and their partition in the store."""
+
+    def __init__(self, config: AsyncFlowConfig, run: RunDir, *, cursor: int = 0):
+        """Start the store, the weight store and the worker actors (Ray must be up); `cursor` is the
+        next prompt to admit. The reference worker starts later, once the weights it keeps exist."""
+        from dataplane.store import start_store
+        from workers.weights import WeightStore
+
+        self.config, self.run = config, run
+        self.store = start_store(config.dataplane)
+        self.weights = (
+            ray.remote(WeightStore)
+            .options(name=f"{config.dataplane.name}.weights", namespace=NAMESPACE, num_cpus=0.1)
+            .remote(config.weights.keep_versions)
+        )
+        r = config.rollout
+        self.source = self._spawn(SourceHost, "source", num_cpus=0.1, cursor=cursor)
+        self.trainer = self._spawn(TrainerHost, "trainer", num_cpus=config.trainer.num_cpus)
+        self.rollouts = [self._rollout(i) for i in range(r.num_workers)]
+        self.rewards = [
+            self._spawn(RewardHost, "reward", i, num_cpus=config.reward.num_cpus, restarts=2)
+            for i in range(config.reward.num_workers)
+        ]
+        self.references: list[Any] = []
+        self.loops: dict[Any, asyncio.Future] = {}  # async mode: actor -> the task supervising it
+        self.next_rollout = r.num_workers  # fresh actor names for added workers
+        self.paused = False
+        self.client: Any = None  # the driver's store client (dataplane.client.StoreClient)
+
+    def _spawn(self, host: type, role: str, slot: int = 0, *, num_cpus: float, restarts: int = 0, **kw: Any):
+        """A host actor named `<store>.<role><slot>`; Ray restarts it up to `restarts` times if it dies."""
+        return (
+            ray.remote(host)
+            .options(
+                name=f"{self.config.dataplane.name}.{role}{slot}",
+                namespace=NAMESPACE,
+                num_cpus=num_cpus,
+                max_restarts=restarts,
+                max_concurrency=64,
+            )  # fmt: skip
+            .remote(self.config.model_dump(mode="json"), self.store.address, **kw)
+        )
+
+    def _rollout(self, index: int) -> Any:
+        r = self.config.rollout
+        return self._spawn(
+            RolloutHost, "rollout", index, num_cpus=r.num_cpus, restarts=r.max_restarts, index=index
+        )
+
+    @property
+    def streamers(self) -> list[Any]:
+        """Workers that run a loop of their own in async mode."""
+        return [*self.rollouts, *self.rewards, *self.references]
+
+    async def ready(self) -> None:
+        """Wait until every worker actor is built and connected (they start in parallel)."""
+        await self._ask(*(a.start.remote() for a in [self.source, self.trainer, *self.streamers]))
+        if self.client is None:
+            self.client = await self.store.async_client()
+
+    # ------------------------------------------------------------------ fresh start, resume
+
+    async def fresh(self) -> dict:
+        """A new run: the samples partition, the warm-start, the reference's weights, version 0."""
+        from workers.samples import PARTITION, consumers, schema
+
+        if PARTITION in (await self.client.store_stats())["partitions"]:  # a durable store outlives runs
+            raise ConfigError(
+                f"store {self.config.dataplane.name!r} already holds a {PARTITION!r} partition (another run "
+                "uses it, or one ended without cleaning up); set dataplane.name to a name of its own, or "
+                "continue that run with --resume"
+            )
+        await self.client.create_partition(
+            PARTITION, schema(self.config.policy), consumers=consumers(self.config.reference.enabled),
+            stale_policy="regenerate",
+        )  # fmt: skip
+        warm = await self._ask(self.trainer.warmup.remote())
+        if self.config.reference.enabled:
+            await self._ask(self.trainer.save_weights.remote(str(self.run.reference_weights)))
+        await self._ask(self.trainer.publish.remote())
+        await self._start_reference()
+        return warm
+
+    async def resume(self, path: Path) -> int:
+        """Continue from the checkpoint at `path`; returns the trainer's version. The checkpoint is
+        the consistent cut (model, cursor and rows together): whatever a durable store still holds
+        from after it is replaced by it."""
+        from workers.samples import PARTITION
+
+        if PARTITION in (await self.client.store_stats())["partitions"]:
+            await self.client.drop_partition(PARTITION)
+        await self.client.restore(str(path / "store"))
+        version = await self._ask(self.trainer.load.remote(str(path / "trainer")))
+        await self._ask(self.trainer.publish.remote())
+        await self._start_reference()
+        return version
+
+    async def _start_reference(self) -> None:
+        if self.config.reference.enabled and not self.references:
+            self.references = [
+                self._spawn(
+                    ReferenceHost,
+                    "reference",
+                    num_cpus=self.config.reference.num_cpus,
+                    weights_path=str(self.run.reference_weights),
+                )  # fmt: skip
+            ]
+            await self._ask(self.references[0].start.remote())
+
+    # ------------------------------------------------------------------ the loops' steps
+
+    async def start_streams(self) -> None:
+        """Async mode: every streaming worker and the source run their loop, supervised."""
+        for actor in [*self.streamers, self.source]:
+            restarts = self.config.rollout.max_restarts if actor in self.rollouts else 0
+            self.loops[actor] = asyncio.ensure_future(self._supervise(actor, restarts))
+
+    async def stop_streams(self) -> None:
+        # Stop admitting first: a source cancelled inside a put would leave rows in the store
+        # beyond its cursor, and a later resume would admit those prompts again.
+        await asyncio.gather(self.source.pause.remote(), return_exceptions=True)
+        loops = list(self.loops.values())
+        for task in loops:
+            task.cancel()
+        await asyncio.gather(*loops, return_exceptions=True)
+        self.loops.clear()
+
+    async def train_step(self) -> dict:
+        """One trainer step; fails at once if a supervised loop failed meanwhile."""
+        step = asyncio.ensure_future(self._ask(self.trainer.step.remote()))
+        done, _ = await asyncio.wait([step, *self.loops.values()], return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if task is not step and task.exception() is not None:
+                if step.done():
+                    step.exception()  # retrieved: the loop's failure is the one reported
+                step.cancel()
+                raise task.exception()  # type: ignore[misc]
+        return await step
+
+    async def sync_round(self, step: int) -> None:
+        """Sync mode, before step `step`'s training: admit a batch, generate it, score it."""
+        groups, n = self.config.trainer.batch_prompts, self.config.rollout.n
+        await self._ask(self.source.admit.remote(groups, step - 1))
+        await self._ask(*(r.work.remote(g) for r, g in zip(self.rollouts, split(groups, len(self.rollouts)))))
+        await self._ask(
+            *(w.work.remote(k) for w, k in zip(self.rewards, split(groups * n, len(self.rewards))))
+        )
+        await self._ask(*(r.work.remote(groups * n) for r in self.references))
+
+    async def sync_weights(self, version: int) -> None:
+        """Sync mode, after a step: every rollout worker loads `version`."""
+        await self._ask(*(r.sync_weights.remote(version) for r in self.rollouts))
+
+    async def evaluate(self, count: int, min_version: int) -> float:
+        return await self._ask(self.rollouts[0].evaluate.remote(count, min_version))
+
+    async def _supervise(self, actor: Any, restarts: int) -> None:
+        """Keep `actor.run()` going; Ray restarts a dead actor, this calls run() on the new one."""
+        failures = 0
+        while True:
+            ref = actor.run.remote()
+            try:
+                await ref
+                return
+            except asyncio.CancelledError:
+                ray.cancel(ref)
+                raise
+            except ray.exceptions.ActorUnavailableError:
+                await asyncio.sleep(0.5)  # Ray is restarting it: ask again shortly
+            except ray.exceptions.RayActorError as e:
+                failures += 1
+                if failures > restarts:
+                    raise WorkerError(
+                        f"{self.role_of(e.actor_id)} died {failures} times (limit {restarts}): {e}"
+                    ) from None
+            except ray.exceptions.RayTaskError as e:
+                raise _unwrapped(e) from None
+
+    # ------------------------------------------------------------------ steering
+
+    async def pause(self) -> int:
+        """Admit no more prompts (rollout finishes what it has); returns the prompt cursor."""
+        self.paused = True
+        return await self._ask(self.source.pause.remote())
+
+    async def resume_admission(self) -> None:
+        self.paused = False
+        await self._ask(self.source.resume.remote())
+
+    async def set_staleness(self, k: int) -> None:
+        """The new bound holds for every later step: admission and the trainer's window."""
+        await self._ask(self.source.set_staleness.remote(k), self.trainer.set_staleness.remote(k))
+
+    async def scale_rollout(self, n: int, start_timeout_s: float = 120.0) -> int:
+        """Add or remove rollout workers. A removed worker is closed and killed; rows it held go
+        back to the store and another worker generates them."""
+        while len(self.rollouts) < n:
+            actor = self._rollout(self.next_rollout)
+            self.next_rollout += 1
+            try:
+                await asyncio.wait_for(self._ask(actor.start.remote()), start_timeout_s)
+            except TimeoutError:
+                ray.kill(actor)
+                raise ControlError(
+                    f"a new rollout worker did not start within {start_timeout_s:.0f} s: the cluster has no "
+                    f"room for {self.config.rollout.num_cpus} more CPUs; add nodes, or lower rollout.num_cpus"
+                ) from None
+            self.rollouts.append(actor)
+            if self.config.mode == "async":  # sync mode calls every rollout worker each step
+                self.loops[actor] = asyncio.ensure_future(
+                    self._supervise(actor, self.config.rollout.max_restarts)
+                )
+        while len(self.rollouts) > n:
+            actor = self.rollouts.pop()
+            task = self.loops.pop(actor, None)
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            await asyncio.wait([asyncio.ensure_future(actor.close.remote())], timeout=30)  # its engine
+            ray.kill(actor)
+        return len(self.rollouts)
+
+    async def checkpoint(self, step: int) -> Path:
+        """Model, optimizer, version, every row in the store and the prompt cursor, consistently: the
+        source is paused (no put in flight) and the trainer is between steps. Written whole or not
+        at all (RunDir)."""
+        cursor = await self._ask(self.source.pause.remote())
+        try:
+            tmp = self.run.begin_checkpoint(step)
+            await self.client.checkpoint(str(tmp / "store"))
+            await self._ask(self.trainer.save.remote(str(tmp / "trainer")))
+        finally:
+            if not self.paused:  # a run a client paused stays paused
+                await self._ask(self.source.resume.remote())
+        return self.run.commit_checkpoint(tmp, step, {"step": step, "cursor": cursor})
+
+    # ------------------------------------------------------------------ reports, the end
+
+    async def worker_stats(self) -> dict:
+        """Per role: idle fraction, busy seconds, samples (and mid-call weight loads of rollout);
+        and the rows each consumer has ready."""
+        from workers.samples import PARTITION
+
+        roles = {"rollout": self.rollouts, "reward": self.rewards, "reference": self.references}
+        out: dict[str, Any] = {}
+        for role, actors in roles.items():
+            replies = await asyncio.gather(*(a.stats.remote() for a in actors), return_exceptions=True)
+            stats = [s for s in replies if isinstance(s, dict) and s]
+            if not stats:
+                continue
+            busy, idle = sum(s["busy_s"] for s in stats), sum(s["idle_s"] for s in stats)
+            out[role] = {
+                "idle_frac": idle / max(busy + idle, 1e-9),
+                "busy_s": busy,
+                "samples": sum(s["samples"] for s in stats),
+            }
+            if role == "rollout":  # versions loaded while a call was generating (partial rollout)
+                out[role]["mid_call_syncs"] = sum(s.get("mid_call_syncs", 0) for s in stats)
+        store = (await self.client.store_stats())["partitions"].get(PARTITION, {})
+        out["queues"] = {name: c["ready"] for name, c in store.get("consumers", {}).items()}
+        return out
+
+    async def finish(self) -> dict:
+        """The run ended: what is left untrained, then drop the partition (its rows live on in the
+        final checkpoint) and close the driver's client."""
+        from workers.samples import PARTITION, TRAINER
+
+        stats = (await self.client.store_stats())["partitions"][PARTITION]["consumers"][TRAINER]
+        admitted = await self._ask(self.source.pause.remote())
+        await self.client.drop_partition(PARTITION)
+        return {"admitted_prompts": admitted, "untrained_rows": stats["pending"] + stats["leased"]}
+
+    async def shutdown(self, grace_s: float = 30.0) -> None:
+        """Close every worker (engines, connections), then kill the actors and stop the store."""
+        await self.stop_streams()
+        if self.client is not None:
+            await self.client.close()
+        workers = [self.source, self.trainer, *self.streamers]
+        closing = [asyncio.ensure_future(a.close.remote()) for a in workers]
+        await asyncio.wait(closing, timeout=grace_s)  # a dead or hung worker is killed anyway
+        for task in closing:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                log.warning("a worker did not close cleanly: %s", task.exception())
+            task.cancel()
+        for actor in [*workers, self.weights]:
+            ray.kill(actor)
+        self.store.shutdown()
+
+    # ------------------------------------------------------------------ Ray's errors, ours
+
+    async def _ask(self, *calls: Awaitable[Any]) -> Any:
+        """Await actor calls (one: its result; several: their results); a dead actor or a worker's
+        exception becomes an AsyncFlowError that names it, without Ray's stack."""
+        try:
+            results = await asyncio.gather(*calls)
+        except ray.exceptions.RayActorError as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise WorkerError(f"{self.role_of(e.actor_id)} died ({reason})") from None
+        except ray.exceptions.RayTaskError as e:
+            raise _unwrapped(e) from None
+        return results[0] if len(calls) == 1 else results
+
+    def role_of(self, actor_id: str | None) -> str:
+        """Which worker an actor id is ("the trainer", "rollout worker 1", ...), for messages."""
+        named: dict[str, Sequence[Any]] = {
+            "the prompt source": [self.source], "the trainer": [self.trainer],
+            "the weight store": [self.weights], "rollout worker": self.rollouts,
+            "reward worker": self.rewards, "the reference worker": self.references,
+        }  # fmt: skip
+        for role, actors in named.items():
+            for i, actor in enumerate(actors):
+                if actor._actor_id.hex() == actor_id:
+                    return f"{role} {i}" if role.startswith(("rollout", "reward")) else role
+        return "a worker"
+
+
+def _unwrapped(e: Any) -> Exception:
+    """A worker's own AsyncFlowError out of Ray's task error; other errors (bugs) keep Ray's stack."""
+    return e.cause if isinstance(e.cause, AsyncFlowError) else e
+
+
+def split(total: int, parts: int) -> list[int]:
+    return [total // parts + (i < total % parts) for i in range(parts)]

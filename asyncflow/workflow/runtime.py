@@ -1,0 +1,53 @@
+"""The Ray runtime a run needs: join the cluster named by RAY_ADDRESS, or start Ray here
+with enough logical CPUs for the run's actors."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import ray
+
+from asyncflow.config import AsyncFlowConfig
+from asyncflow.errors import ConfigError
+
+
+def cpus_needed(config: AsyncFlowConfig) -> float:
+    """Logical CPUs the run's actors reserve (Ray must offer at least this many)."""
+    d = config.dataplane
+    return (
+        config.trainer.num_cpus
+        + config.rollout.num_cpus * config.rollout.num_workers
+        + config.reward.num_cpus * config.reward.num_workers
+        + (config.reference.num_cpus if config.reference.enabled else 0)
+        + 0.2  # source and weight store
+        + d.controller_num_cpus
+        + d.storage_num_cpus * d.num_storage_units
+    )
+
+
+def init_ray(config: AsyncFlowConfig) -> None:
+    """Join RAY_ADDRESS if set, else start Ray here with enough logical CPUs for the run."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        address = os.environ["RAY_ADDRESS"]
+        try:
+            ray.init()
+        except ray.exceptions.AuthenticationError:
+            raise ConfigError(
+                f"the Ray cluster at RAY_ADDRESS={address} requires token authentication and refused this "
+                "process: set RAY_AUTH_MODE=token and the cluster's token in RAY_AUTH_TOKEN or "
+                "RAY_AUTH_TOKEN_PATH (`ray get-auth-token` on the head node prints it)"
+            ) from None
+        except ConnectionError as e:
+            raise ConfigError(
+                f"cannot join the Ray cluster at RAY_ADDRESS={address} ({e}); check the address and that "
+                "the cluster runs, or unset RAY_ADDRESS to start Ray on this machine"
+            ) from None
+        return
+    cpus = max(os.cpu_count() or 1, math.ceil(cpus_needed(config)))
+    # Ray starts workers at niceness 15; here they are the job, not background work, and at 15
+    # anything else on a shared machine starves them.
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
