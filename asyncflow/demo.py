@@ -9,6 +9,7 @@ with no barrier between the stages. The driver shows progress and the store's co
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
 import ray
@@ -96,7 +97,7 @@ def run_demo(samples: int = 4096, group_size: int = 8, producers: int = 2, score
     client = store.client()
     try:
         client.create_partition("demo", SCHEMA, capacity=1024, consumers=["scorer", "trainer"])
-        actor = ray.remote(num_cpus=0.1)
+        actor: Any = ray.remote(num_cpus=0.1)  # actor handles: their methods are Ray's, untyped
         made = [actor(Producer).remote(store.address, i) for i in range(producers)]
         scoring = [actor(Scorer).remote(store.address) for _ in range(scorers)]
         training = [actor(Trainer).remote(store.address) for _ in range(trainers)]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from dataplane.batch import Batch, ClientStats
@@ -96,7 +96,7 @@ class StoreClient(Protocol):
     def stream(
         self, partition: str, fields: Sequence[str], batch_size: int, consumer: str, *,
         auto_ack: bool = True, prefetch: int = 2, **get_kwargs: Any,
-    ) -> AsyncIterator[Batch]:  # fmt: skip
+    ) -> AsyncGenerator[Batch, None]:  # fmt: skip
         """Yield batches until the partition is sealed and drained (`dataplane.stream.stream`)."""
         ...
 

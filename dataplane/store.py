@@ -113,7 +113,7 @@ def start_store(config: DataPlaneConfig | None = None) -> StoreHandle:
         return StoreHandle(config, open_store(config), None, [])
     if not ray.is_initialized():
         raise DataPlaneError("start_store needs Ray: call ray.init() first (or run inside a Ray job)")
-    host = ray.remote(ServiceHost)
+    host: Any = ray.remote(ServiceHost)  # actor handles: their methods are Ray's, untyped
     try:
         ray.get_actor(_actor_name(config.name, "controller"), namespace=NAMESPACE)
     except ValueError:

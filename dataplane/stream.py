@@ -13,7 +13,7 @@ import asyncio
 import collections
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any
 
 from dataplane.batch import Batch
@@ -23,7 +23,7 @@ from dataplane.errors import LeaseError, StorageUnavailable
 async def stream(
     client: Any, partition: str, fields: Sequence[str], batch_size: int, consumer: str, *,
     auto_ack: bool = True, prefetch: int = 2, **get_kwargs: Any,
-) -> AsyncIterator[Batch]:  # fmt: skip
+) -> AsyncGenerator[Batch, None]:  # fmt: skip
     """Yield batches until the partition is sealed and drained.
 
     Up to `prefetch` further batches are asked for while the caller works on this one, and

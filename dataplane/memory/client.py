@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -301,7 +301,7 @@ class MemoryStoreClient:
     def stream(
         self, partition: str, fields: Sequence[str], batch_size: int, consumer: str, *,
         auto_ack: bool = True, prefetch: int = 2, **get_kwargs: Any,
-    ) -> AsyncIterator[Batch]:  # fmt: skip
+    ) -> AsyncGenerator[Batch, None]:  # fmt: skip
         """Yield batches until the partition is sealed and drained (`dataplane.stream.stream`)."""
         return stream(
             self, partition, fields, batch_size, consumer, auto_ack=auto_ack, prefetch=prefetch, **get_kwargs

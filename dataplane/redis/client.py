@@ -26,7 +26,7 @@ import itertools
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from typing import Any
 
 import msgpack
@@ -583,7 +583,7 @@ class RedisStoreClient:
     def stream(
         self, partition: str, fields: Sequence[str], batch_size: int, consumer: str, *,
         auto_ack: bool = True, prefetch: int = 2, **get_kwargs: Any,
-    ) -> AsyncIterator[Batch]:  # fmt: skip
+    ) -> AsyncGenerator[Batch, None]:  # fmt: skip
         """Yield batches until the partition is sealed and drained (`dataplane.stream.stream`)."""
         return stream(
             self, partition, fields, batch_size, consumer, auto_ack=auto_ack, prefetch=prefetch, **get_kwargs

@@ -1,0 +1,74 @@
+"""PromptSource: admission within the staleness bound, pause and resume, a new bound; against the
+real store served in this process (no Ray)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from asyncflow.config import ModelConfig, RolloutConfig
+from asyncflow.tasks.sorting import SortDigits
+from dataplane.client import StoreClient
+from dataplane.memory.local import serve_locally
+from workers.kinds import TokenKind
+from workers.policy import make_tokenizer
+from workers.samples import PARTITION, SCHEMA
+from workers.source import PromptSource
+from workers.weights import WeightClient, WeightStore
+
+
+@pytest.fixture
+async def store():
+    address, stop = await serve_locally()
+    client = await StoreClient.connect(address)
+    await client.create_partition(PARTITION, SCHEMA, consumers=["trainer"])
+    yield client
+    await client.close()
+    await stop()
+
+
+async def settle(source: PromptSource, expect: int) -> None:
+    """Wait until the source admitted `expect` prompts, then check it admits no more meanwhile."""
+    for _ in range(200):
+        if source.cursor >= expect:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.2)
+    assert source.cursor == expect
+
+
+async def test_admission_follows_the_trainer_version_and_the_bound(store):
+    task = SortDigits()
+    kind = TokenKind(make_tokenizer(task), ModelConfig(), RolloutConfig(n=2))
+    weights = WeightClient(WeightStore(), remote=False)
+    source = PromptSource(task, kind, store, weights, n=2, batch_prompts=3, staleness=1, prompts_per_put=2)
+    tensors = {"w": torch.zeros(2)}
+    await weights.publish(0, tensors)
+    running = asyncio.ensure_future(source.run())
+    try:
+        await settle(source, 6)  # (version 0 + k 1 + 1) x 3 prompts
+        stats = (await store.store_stats())["partitions"][PARTITION]
+        assert stats["rows"] == 12  # n = 2 rows per prompt
+        await weights.publish(1, tensors)
+        await settle(source, 9)  # one more batch per published version
+        assert await source.pause() == 9
+        await weights.publish(2, tensors)
+        await settle(source, 9)  # paused: nothing admitted
+        source.set_staleness(0)  # the bound from version 2 with k = 0: (2 + 0 + 1) x 3 = 9
+        source.resume()
+        await settle(source, 9)
+        source.set_staleness(2)
+        await weights.publish(3, tensors)
+        await settle(source, 18)  # (3 + 2 + 1) x 3
+        batch = await store.get(PARTITION, ["prompt_index", "sample_index", "admit_version"], 36, "trainer")
+        assert sorted(batch["prompt_index"].tolist()) == sorted(list(range(18)) * 2)
+        assert sorted(batch["sample_index"].tolist()) == [0, 1] * 18 or set(
+            batch["sample_index"].tolist()
+        ) == {0, 1}
+        assert max(batch["admit_version"].tolist()) == 3
+        await store.ack(batch)
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
