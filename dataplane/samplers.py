@@ -93,6 +93,15 @@ def select_at_least(
     return selection
 
 
+def too_big(partition: str, batch_size: int, capacity: int) -> str:
+    """Why a get of `batch_size` rows can never be served by a partition of `capacity`."""
+    return (
+        f"get of {batch_size} rows from {partition!r} can never be served: the partition holds at most "
+        f"{capacity} rows (its capacity); ask for at most {capacity}, pass allow_partial=True, or create "
+        "the partition with a larger capacity"
+    )
+
+
 def _check_batch_size(batch_size: int) -> None:
     if batch_size < 1:
         raise DataPlaneError(f"batch_size={batch_size} is invalid: expected a positive integer of rows.")

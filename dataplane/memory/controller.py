@@ -17,15 +17,14 @@ wire, and the unit tests drive it directly.
 from __future__ import annotations
 
 import asyncio
-import heapq
-import itertools
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from dataplane.codec import pack, unpack
 from dataplane.config import DataPlaneConfig
-from dataplane.errors import DataPlaneError, LeaseError, SchemaError, StoreTimeout, UnknownPartition
+from dataplane.errors import DataPlaneError, SchemaError, StoreTimeout, UnknownPartition
+from dataplane.memory.deadlines import Deadlines
 from dataplane.memory.partition import (
     Consumer,
     Lease,
@@ -36,18 +35,12 @@ from dataplane.memory.partition import (
     from_snapshot,
     snapshot,
 )
-from dataplane.samplers import Selection, make_sampler, select_at_least
+from dataplane.memory.units import Units
+from dataplane.memory.window import regenerate
+from dataplane.samplers import Selection, make_sampler, select_at_least, too_big
 from dataplane.schema import parse_schema
 
 _EMPTY = Selection([], None)
-
-
-def too_big(partition: str, batch_size: int, capacity: int) -> str:
-    return (
-        f"get of {batch_size} rows from {partition!r} can never be served: the partition holds at most "
-        f"{capacity} rows (its capacity); ask for at most {capacity}, pass allow_partial=True, or create "
-        "the partition with a larger capacity"
-    )
 
 
 class Controller:
@@ -60,16 +53,9 @@ class Controller:
     def __init__(self, config: DataPlaneConfig, units: list[Any], unit_addresses: list[str] | None = None):
         """`units`: objects with the storage-unit methods (wire connections or local instances)."""
         self.config = config
-        self._units = units
-        self._unit_addresses = unit_addresses or []
-        self._unit_bytes = [0] * len(units)  # committed bytes of live rows
-        self._unit_rows = [0] * len(units)  # live rows, committed or only reserved
-        self._deletes: dict[tuple[str, int], list[int]] = {}
+        self._units = Units(units, unit_addresses or [])
         self._partitions: dict[str, Partition] = {}
-        self._expiry: list[tuple[float, int, str, str, Any]] = []  # (deadline, seq, kind, partition, key)
-        self._expiry_seq = itertools.count()
-        self._expiry_signal = Signal()
-        self._expiry_task: asyncio.Task | None = None
+        self._deadlines = Deadlines(self._due)  # lease ends, reservations not yet committed
         self._open = asyncio.Event()
         self._open.set()
 
@@ -134,10 +120,10 @@ class Controller:
         for c in part.consumers.values():
             c.signal.fire()
         part.capacity_signal.fire()
-        await asyncio.gather(*(u.drop_partition(partition=partition) for u in self._units))
+        await self._units.each("drop_partition", partition=partition)
 
     async def units(self) -> list[str]:
-        return self._unit_addresses
+        return self._units.addresses
 
     def _partition(self, name: str) -> Partition:
         part = self._partitions.get(name)
@@ -178,29 +164,14 @@ class Controller:
             )
         first = part.next_row
         part.next_row += n
-        units = self._place(n)
+        units = self._units.place(n)
         for i in range(n):
             group = part.next_group + i // group_size
             part.rows[first + i] = Row(first + i, units[i], group, group_size)
         part.next_group += n // group_size
         # A producer that dies between reserving and committing must not hold capacity forever.
-        self._push_expiry(time.monotonic() + self.config.lease_s, "reserve", partition, (first, n))
+        self._deadlines.push(time.monotonic() + self.config.lease_s, "reserve", partition, (first, n))
         return {"rows": list(range(first, first + n)), "units": units, "expires_in_s": self.config.lease_s}
-
-    def _place(self, n: int) -> list[int]:
-        """Contiguous runs of up to 64 rows, each to the least-loaded unit.
-
-        Load is bytes held plus reserved rows at the average row size, so a burst of
-        reservations spreads out before their commits report real sizes.
-        """
-        units: list[int] = []
-        avg = sum(self._unit_bytes) / max(sum(self._unit_rows), 1)
-        for start in range(0, n, 64):
-            run = min(64, n - start)
-            unit = min(range(len(self._units)), key=lambda u: self._unit_bytes[u] + self._unit_rows[u] * avg)
-            self._unit_rows[unit] += run
-            units += [unit] * run
-        return units
 
     async def abort(self, partition: str, rows: list[int]) -> None:
         """Forget reserved rows whose write failed (their fields were never committed)."""
@@ -258,7 +229,7 @@ class Controller:
                 row.length += lengths[i]
             if nbytes is not None:
                 row.nbytes += nbytes[i]
-                self._unit_bytes[row.unit] += nbytes[i]
+                self._units.bytes[row.unit] += nbytes[i]
         for c in part.consumers.values():
             if c.mask is None or not (mask & c.mask):
                 continue
@@ -297,25 +268,13 @@ class Controller:
             await self.ack(partition, consumer, ack, peer)
         await self._open.wait()
         part = self._partition(partition)
-        c = part.consumers.get(consumer)
-        if c is None:
-            raise DataPlaneError(
-                f"consumer {consumer!r} is not registered on partition {partition!r} (registered: "
-                f"{sorted(part.consumers)}); pass it in create_partition(consumers=...) or call "
-                "register_consumer first, so rows are kept until it has read them"
-            )
+        c = self._reader(part, consumer, fields, writes)
         if batch_size < 1:
             raise DataPlaneError(f"batch_size {batch_size} must be >= 1")
         least = batch_size if min_rows is None else min(max(min_rows, 1), batch_size)
         if least > part.capacity and not allow_partial:
             raise DataPlaneError(too_big(partition, least, part.capacity))
         chooser = make_sampler(sampler, dp_size)
-        if writes:
-            c.writes |= part.mask(writes)
-        mask = part.mask(fields)
-        if c.mask != mask:  # the consumer asks for other fields than last time: rebuild its ready set
-            c.mask = mask
-            c.ready = {r: None for r in c.pending if part.rows[r].ready & mask == mask}
         timeout_s = self.config.get_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout_s
         started, waited, end = time.monotonic(), False, False
@@ -356,26 +315,32 @@ class Controller:
             c.wait_s += time.monotonic() - started
         return self._lease(part, c, selection.rows, selection.shards, peer, lease_s) | {"end": end}
 
+    def _reader(
+        self, part: Partition, consumer: str, fields: list[str], writes: list[str] | None
+    ) -> Consumer:
+        """The registered consumer, its ready set kept for `fields` and the fields it writes noted."""
+        c = part.consumers.get(consumer)
+        if c is None:
+            raise DataPlaneError(
+                f"consumer {consumer!r} is not registered on partition {part.name!r} (registered: "
+                f"{sorted(part.consumers)}); pass it in create_partition(consumers=...) or call "
+                "register_consumer first, so rows are kept until it has read them"
+            )
+        if writes:
+            c.writes |= part.mask(writes)
+        mask = part.mask(fields)
+        if c.mask != mask:  # the consumer asks for other fields than last time: rebuild its ready set
+            c.mask = mask
+            c.ready = {r: None for r in c.pending if part.rows[r].ready & mask == mask}
+        return c
+
     def _lease(self, part, c: Consumer, rows: list[int], shards, peer: int, lease_s: float | None) -> dict:
         lease_s = lease_s or self.config.lease_s
         deadline = time.monotonic() + lease_s
-        for r in rows:
-            del c.pending[r]
-            c.ready.pop(r, None)
-            c.leases[r] = Lease(peer, deadline)
+        meta = part.lease(c, rows, Lease(peer, deadline))
         if rows:
-            self._push_expiry(deadline, "lease", part.name, c.name)
-        c.counts["delivered"] += len(rows)
-        meta = [part.rows[r] for r in rows]
-        return {
-            "rows": rows,
-            "units": [m.unit for m in meta],
-            "groups": [m.group for m in meta],
-            "versions": [m.version for m in meta],
-            "lengths": [m.length for m in meta],
-            "shards": shards,
-            "lease_s": lease_s,
-        }
+            self._deadlines.push(deadline, "lease", part.name, c.name)
+        return meta | {"shards": shards, "lease_s": lease_s}
 
     async def _retire_stale(self, part: Partition, c: Consumer, v_min: int) -> None:
         stale = [r for r in c.ready if 0 <= part.rows[r].version < v_min]
@@ -388,32 +353,7 @@ class Controller:
                 c.counts["dropped_stale"] += 1
                 self._done(part, c, part.rows[r])
             return
-        await self._regenerate(part, c, [part.rows[r] for r in stale])
-
-    async def _regenerate(self, part: Partition, c: Consumer, rows: list[Row]) -> None:
-        """Clear the versioned fields of stale rows so that their producer makes them again."""
-        by_unit: dict[tuple[int, int], list[int]] = {}
-        for row in rows:
-            c.ready.pop(row.row, None)
-            by_unit.setdefault((row.unit, row.versioned), []).append(row.row)
-            row.ready &= ~row.versioned
-            row.version, row.versioned = -1, 0
-            c.counts["regenerated"] += 1
-        # The old cells must be gone before anyone can write the fields again.
-        await asyncio.gather(
-            *(
-                self._units[unit].delete(partition=part.name, rows=rs, fields=part.fields(mask))
-                for (unit, mask), rs in by_unit.items()
-            )
-        )
-        for row in rows:
-            for other in part.consumers.values():
-                if row.acked >> other.bit & 1:  # it already consumed the old version: it gets the new one
-                    row.acked &= ~(1 << other.bit)
-                    other.pending[row.row] = None
-                    if other.mask is not None and row.ready & other.mask == other.mask:
-                        other.ready[row.row] = None
-                    other.signal.fire()
+        await regenerate(part, c, [part.rows[r] for r in stale], self._units)
 
     async def ack(self, partition: str, consumer: str, rows: list[int], peer: int = 0) -> int:
         """Complete rows this client holds. Acking a row the consumer already completed is a no-op,
@@ -423,7 +363,7 @@ class Controller:
         c = self._consumer(part, consumer)
         bit = 1 << c.bit
         rows = [r for r in rows if r in part.rows and not part.rows[r].acked & bit]  # freed rows were acked
-        self._check_leases(part, c, rows, peer, "ack")
+        part.check_leases(c, rows, peer, "ack")
         for r in rows:
             del c.leases[r]
             c.counts["acked"] += 1
@@ -436,20 +376,20 @@ class Controller:
         """Give leased rows back unprocessed; another instance gets them."""
         part = self._partition(partition)
         c = self._consumer(part, consumer)
-        self._check_leases(part, c, rows, peer, "release")
-        self._return(part, c, rows)
+        part.check_leases(c, rows, peer, "release")
+        part.give_back(c, rows)
         return len(rows)
 
     async def renew(self, partition: str, consumer: str, rows: list[int], lease_s: float | None = None,
                     peer: int = 0) -> None:  # fmt: skip
         part = self._partition(partition)
         c = self._consumer(part, consumer)
-        self._check_leases(part, c, rows, peer, "renew")
+        part.check_leases(c, rows, peer, "renew")
         deadline = time.monotonic() + (lease_s or self.config.lease_s)
         for r in rows:
             c.leases[r].deadline = deadline
         if rows:
-            self._push_expiry(deadline, "lease", partition, consumer)
+            self._deadlines.push(deadline, "lease", partition, consumer)
 
     def _consumer(self, part: Partition, consumer: str) -> Consumer:
         c = part.consumers.get(consumer)
@@ -457,54 +397,13 @@ class Controller:
             raise DataPlaneError(f"consumer {consumer!r} is not registered on partition {part.name!r}")
         return c
 
-    def _check_leases(self, part: Partition, c: Consumer, rows: list[int], peer: int, verb: str) -> None:
-        for r in rows:
-            lease = c.leases.get(r)
-            if lease is None or lease.peer != peer:
-                raise LeaseError(
-                    f"cannot {verb} row {r} of {part.name!r} for consumer {c.name!r}: this client does not "
-                    "hold its lease (it expired and the row was redelivered, it was already acked, or it "
-                    f"was never handed to this client). Nothing was {verb}ed; process rows within "
-                    "lease_s or renew() the lease"
-                )
-
-    def _return(self, part: Partition, c: Consumer, rows: list[int]) -> None:
-        for r in rows:
-            c.leases.pop(r, None)
-            c.pending[r] = None
-            row = part.rows[r]
-            if c.mask is not None and row.ready & c.mask == c.mask:
-                c.ready[r] = None
-        if rows:
-            c.signal.fire()
-
     def _done(self, part: Partition, c: Consumer, row: Row) -> None:
-        row.acked |= 1 << c.bit
-        if all(row.acked >> other.bit & 1 for other in part.consumers.values()):
+        if part.done(c, row):  # every consumer is done with it
             self._free(part, row)
 
     def _free(self, part: Partition, row: Row) -> None:
-        del part.rows[row.row]
-        for c in part.consumers.values():
-            c.pending.pop(row.row, None)
-            c.ready.pop(row.row, None)
-        self._unit_bytes[row.unit] -= row.nbytes
-        self._unit_rows[row.unit] -= 1
-        part.freed += 1 if row.ready else 0  # a reservation given back was never a row anyone saw
-        part.capacity_signal.fire()
-        self._schedule_delete(part.name, row)
-
-    def _schedule_delete(self, partition: str, row: Row) -> None:
-        first = not self._deletes
-        self._deletes.setdefault((partition, row.unit), []).append(row.row)
-        if first:  # one delete request per unit for all rows freed in this loop iteration
-            asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self._flush_deletes()))
-
-    async def _flush_deletes(self) -> None:
-        batch, self._deletes = self._deletes, {}
-        await asyncio.gather(
-            *(self._units[unit].delete(partition=p, rows=rows) for (p, unit), rows in batch.items())
-        )
+        part.free(row)
+        self._units.free(part.name, row)
 
     async def on_disconnect(self, peer: int) -> None:
         """The connection that held leases closed (its process died): redeliver them now."""
@@ -516,35 +415,19 @@ class Controller:
 
     # ------------------------------------------------------------------ leases expire
 
-    def _push_expiry(self, deadline: float, kind: str, partition: str, key: Any) -> None:
-        heapq.heappush(self._expiry, (deadline, next(self._expiry_seq), kind, partition, key))
-        self._expiry_signal.fire()
-        if self._expiry_task is None or self._expiry_task.done():
-            self._expiry_task = asyncio.ensure_future(self._expire())
-
-    async def _expire(self) -> None:
-        """Return expired leases to pending, and free reservations that were never committed."""
-        while True:
-            if not self._expiry:
-                await self._expiry_signal.wait(3600)
-                continue
-            now = time.monotonic()
-            deadline = self._expiry[0][0]
-            if deadline > now:
-                await self._expiry_signal.wait(deadline - now)
-                continue
-            _, _, kind, partition, key = heapq.heappop(self._expiry)
-            part = self._partitions.get(partition)
-            if part is None:
-                continue
-            if kind == "reserve":
-                first, n = key
-                await self.abort(partition, list(range(first, first + n)))
-                continue
-            c = part.consumers.get(key)
-            expired = [r for r, lease in c.leases.items() if lease.deadline <= now] if c else []
-            if c is not None and expired:
-                await self._redeliver(part, c, expired)
+    async def _due(self, kind: str, partition: str, key: Any, now: float) -> None:
+        """A deadline passed: return expired leases to pending, or free a reservation never committed."""
+        part = self._partitions.get(partition)
+        if part is None:
+            return
+        if kind == "reserve":
+            first, n = key
+            await self.abort(partition, list(range(first, first + n)))
+            return
+        c = part.consumers.get(key)
+        expired = [r for r, lease in c.leases.items() if lease.deadline <= now] if c else []
+        if c is not None and expired:
+            await self._redeliver(part, c, expired)
 
     async def _redeliver(self, part: Partition, c: Consumer, rows: list[int]) -> None:
         """Hand rows whose lease was lost to the next instance. A holder that died inside a put may
@@ -557,13 +440,8 @@ class Controller:
             row = part.rows.get(r)
             if row is not None and c.writes & ~row.ready:
                 orphans.setdefault((row.unit, c.writes & ~row.ready), []).append(r)
-        await asyncio.gather(
-            *(
-                self._units[unit].delete(partition=part.name, rows=rs, fields=part.fields(mask))
-                for (unit, mask), rs in orphans.items()
-            )
-        )
-        self._return(part, c, [r for r in rows if r in part.rows])
+        await self._units.delete_fields(part, orphans)
+        part.give_back(c, [r for r in rows if r in part.rows])
 
     # ------------------------------------------------------------------ waiting, stats, checkpoint
 
@@ -576,7 +454,7 @@ class Controller:
             await signal.wait(remaining)
 
     async def stats(self) -> dict:
-        unit_stats = await asyncio.gather(*(u.stats() for u in self._units))
+        unit_stats = await self._units.each("stats")
         partitions = {part.name: part.stats() for part in self._partitions.values()}
         return {"partitions": partitions, "units": unit_stats}
 
@@ -589,7 +467,7 @@ class Controller:
         try:
             await asyncio.sleep(0)  # let requests already past the gate finish their synchronous part
             meta = [snapshot(p) for p in self._partitions.values()]
-            units = await asyncio.gather(*(u.dump() for u in self._units))
+            units = await self._units.each("dump")
         finally:
             self._open.set()
         return {"controller": pack({"version": 1, "partitions": meta}), "units": list(units)}
@@ -613,7 +491,6 @@ class Controller:
             self._partitions[part.name] = part
             for row in part.rows.values():
                 keep[row.unit].setdefault(part.name, {})[row.row] = part.fields(row.ready)
-                self._unit_bytes[row.unit] += row.nbytes
-                self._unit_rows[row.unit] += 1
+                self._units.add(row)
         rows = sum(len(p.rows) for p in self._partitions.values())
         return {"partitions": len(self._partitions), "rows": rows, "keep": keep}

@@ -1,7 +1,8 @@
 """The controller's records: a partition, its rows and its consumers, and how they are saved.
 
-Plain data and the few pure operations on it (which rows a sampler sees, a snapshot for a
-checkpoint and back). No I/O, no waiting beyond `Signal`, no knowledge of storage units.
+Plain data and the pure operations on it: leasing rows, checking and giving back leases,
+marking a consumer done, freeing a row, which rows a sampler sees, a snapshot for a
+checkpoint and back. No I/O, no waiting beyond `Signal`, no knowledge of storage units.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
-from dataplane.errors import SchemaError
+from dataplane.errors import LeaseError, SchemaError
 from dataplane.schema import FieldSpec, parse_schema
 
 
@@ -107,6 +108,58 @@ class Partition:
 
     def fields(self, mask: int) -> list[str]:
         return [name for name, bit in self.bits.items() if mask >> bit & 1]
+
+    def lease(self, c: Consumer, rows: list[int], lease: Lease) -> dict:
+        """Hand `rows` to one instance of `c` under `lease`; returns what the client needs of them."""
+        for r in rows:
+            del c.pending[r]
+            c.ready.pop(r, None)
+            c.leases[r] = lease
+        c.counts["delivered"] += len(rows)
+        meta = [self.rows[r] for r in rows]
+        return {
+            "rows": rows,
+            "units": [m.unit for m in meta],
+            "groups": [m.group for m in meta],
+            "versions": [m.version for m in meta],
+            "lengths": [m.length for m in meta],
+        }
+
+    def check_leases(self, c: Consumer, rows: list[int], peer: int, verb: str) -> None:
+        """LeaseError unless connection `peer` holds the lease of every row."""
+        for r in rows:
+            lease = c.leases.get(r)
+            if lease is None or lease.peer != peer:
+                raise LeaseError(
+                    f"cannot {verb} row {r} of {self.name!r} for consumer {c.name!r}: this client does not "
+                    "hold its lease (it expired and the row was redelivered, it was already acked, or it "
+                    f"was never handed to this client). Nothing was {verb}ed; process rows within "
+                    "lease_s or renew() the lease"
+                )
+
+    def give_back(self, c: Consumer, rows: list[int]) -> None:
+        """Rows `c` held go back to pending (ready again if their fields are), for another instance."""
+        for r in rows:
+            c.leases.pop(r, None)
+            c.pending[r] = None
+            row = self.rows[r]
+            if c.mask is not None and row.ready & c.mask == c.mask:
+                c.ready[r] = None
+        if rows:
+            c.signal.fire()
+
+    def done(self, c: Consumer, row: Row) -> bool:
+        """`c` is done with `row`; True once every consumer is (the row can be freed)."""
+        row.acked |= 1 << c.bit
+        return all(row.acked >> other.bit & 1 for other in self.consumers.values())
+
+    def free(self, row: Row) -> None:
+        del self.rows[row.row]
+        for c in self.consumers.values():
+            c.pending.pop(row.row, None)
+            c.ready.pop(row.row, None)
+        self.freed += 1 if row.ready else 0  # a reservation given back was never a row anyone saw
+        self.capacity_signal.fire()
 
     def stats(self) -> dict:
         """Rows, capacity, readiness per field and each consumer's counts (`store_stats()`)."""

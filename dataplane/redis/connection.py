@@ -24,6 +24,7 @@ from dataplane.errors import (
     StorageUnavailable,
     UnknownPartition,
 )
+from dataplane.samplers import too_big
 
 DEFAULT_NAMESPACE = "asyncflow:asyncflow"
 
@@ -200,8 +201,6 @@ def script_error(
             "call register_consumer first, so rows are kept until it has read them"
         )
     if kind == "toobig":
-        from dataplane.memory.controller import too_big
-
         return DataPlaneError(too_big(partition, int(reply[3]), int(reply[2])))
     if kind in ("consumers", "fields"):
         return DataPlaneError(
