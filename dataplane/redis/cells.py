@@ -16,6 +16,7 @@ tensors, every other numeric field as numpy arrays. No pickle. Knows nothing abo
 
 from __future__ import annotations
 
+import itertools
 import math
 import struct
 from collections.abc import Sequence
@@ -149,3 +150,67 @@ def decode_run(spec: FieldSpec, run: Cell, lengths: Sequence[int]) -> Any:
         cells.append(view[at : at + size])
         at += size
     return decode_column(spec, cells)
+
+
+async def read_columns(
+    wire: Any, key: str, wanted: list[tuple[int, FieldSpec]], cols: list[tuple], n: int
+) -> tuple[list | None, int]:
+    """The columns of fields `wanted` (bit, spec) of n rows whose metadata is `cols` by item: one
+    GETRANGE per run of adjacent cells of a chunk (rows are put and got in order, so mostly one
+    per field), all in one round trip. None if a chunk is gone (its field was regenerated)."""
+    plans, reads = [], []
+    for b, _ in wanted:
+        plan = cell_runs(*cols[8 + 3 * b : 11 + 3 * b]) if n else ([], None)
+        if plan is None:
+            return None, 0
+        reads += [(f"{key}:x:{chunk}:{b}", begin, end) for chunk, begin, end, _ in plan[0] if end > begin]
+        plans.append(plan)
+    replies = iter(await wire.getranges(reads) if reads else [])
+    columns = []
+    for (_, spec), (runs, sizes) in zip(wanted, plans):
+        if sizes is not None:  # one run in row order: the column's cells back to back
+            chunk, begin, end, _ = runs[0]
+            data = next(replies) if end > begin else b""
+            if len(data) != end - begin:
+                return None, 0
+            columns.append(decode_run(spec, data, sizes))
+            continue
+        cells: list = [b""] * n
+        for _, begin, end, members in runs:
+            data = next(replies) if end > begin else b""
+            if len(data) != end - begin:
+                return None, 0
+            view = memoryview(data)
+            for pos, off, size in members:
+                cells[pos] = view[off - begin : off - begin + size]
+        columns.append(decode_column(spec, cells))
+    return columns, sum(end - begin for _, begin, end in reads)  # each cell is in one read
+
+
+def array_header(n: int) -> bytes:
+    """msgpack's header of an array of n items: with n packed items after it, one packed array."""
+    if n < 16:
+        return bytes([0x90 | n])
+    return b"\xdc" + n.to_bytes(2, "big") if n < 1 << 16 else b"\xdd" + n.to_bytes(4, "big")
+
+
+def cell_runs(
+    chunks: Sequence[str], offsets: Sequence[int], sizes: Sequence[int]
+) -> tuple[list[tuple[str, int, int, list]], Sequence[int] | None] | None:
+    """Where the cells of one field are (row i's: chunk, offset, length), as runs of adjacent cells:
+    (chunk, first byte, end byte, [(row position, offset, length), ...]), and, if they are one run
+    in row order, the cells' lengths (the members are then not listed). None if a row has no cell
+    (chunk '')."""
+    if chunks and chunks[0] and chunks.count(chunks[0]) == len(chunks):  # mostly: one put's rows in order
+        if list(offsets) == list(itertools.accumulate(sizes[:-1], initial=offsets[0])):
+            return [(chunks[0], offsets[0], offsets[-1] + sizes[-1], [])], sizes
+    runs: list = []
+    for chunk, off, size, pos in sorted(zip(chunks, offsets, sizes, range(len(chunks)))):
+        if not chunk:
+            return None
+        if runs and runs[-1][0] == chunk and runs[-1][2] == off:
+            runs[-1][2] = off + size
+            runs[-1][3].append((pos, off, size))
+        else:
+            runs.append([chunk, off, off + size, [(pos, off, size)]])
+    return [tuple(r) for r in runs], None

@@ -32,7 +32,6 @@ from typing import Any
 import msgpack
 
 from dataplane.batch import Batch, ClientStats
-from dataplane.columns import check_put
 from dataplane.config import DataPlaneConfig, RedisConfig, redact_url
 from dataplane.errors import (
     DataPlaneError,
@@ -40,9 +39,10 @@ from dataplane.errors import (
     SchemaError,
     StoreTimeout,
 )
+from dataplane.redis import puts
 from dataplane.redis import scripts as lua
 from dataplane.redis import snapshot as snapshots
-from dataplane.redis.cells import decode_column, decode_run, encode_run
+from dataplane.redis.cells import array_header, decode_column, read_columns
 from dataplane.redis.connection import (
     aioredis,
     call,
@@ -57,8 +57,6 @@ from dataplane.redis.wire import Wire
 from dataplane.samplers import Candidate, make_sampler, select_at_least
 from dataplane.schema import FieldSpec, parse_schema
 from dataplane.stream import stream
-
-MAX_VALUE_BYTES = 512 * 2**20  # Redis' largest string value (proto-max-bulk-len's default)
 
 
 class RedisStoreClient:
@@ -245,95 +243,8 @@ class RedisStoreClient:
         group_size: int = 1, version: int | None = None, lengths: Sequence[int] | None = None,
         timeout_s: float | None = None,
     ) -> list[int]:  # fmt: skip
-        schema = await self._schema(partition)
-        index = None if rows is None else [int(r) for r in (rows.rows if isinstance(rows, Batch) else rows)]
-        n, columns = check_put(partition, schema, data, index)
-        if lengths is None:
-            lengths = [max((c.lengths[i] for c in columns.values()), default=0) for i in range(n)]
-        nbytes = [sum(c.nbytes[i] for c in columns.values()) for i in range(n)]
-        _, bits = self._mask(partition, list(columns))
-        runs = [(b, *encode_run(schema[f], c, n)) for b, (f, c) in zip(bits, columns.items())]
-        for f, (_, blob, _) in zip(columns, runs):
-            if len(blob) > MAX_VALUE_BYTES:
-                raise DataPlaneError(
-                    f"put of {n} rows to {partition!r}: field {f!r} holds {len(blob) / 2**20:.0f} MiB, "
-                    f"over the {MAX_VALUE_BYTES // 2**20} MiB that Redis stores in one value (a put's "
-                    "cells of a field are one value); put fewer rows at a time"
-                )
-        cells = [(b, blob) for b, blob, _ in runs]
-        sizes = msgpack.packb([[int(x) for x in lengths], nbytes])  # the rows' lengths and byte counts
-        tail = [len(bits), *bits, msgpack.packb([lengths for *_, lengths in runs]), sizes]
-        ver = "" if version is None else int(version)
-        if index is not None and not index:
-            return []
-        if index is not None:
-            reply = await self._call(self._put, partition, cells, "PUT_FILL", "-", n, ver, *tail, *index)
-            if reply[0] == b"err":
-                raise self._error(partition, reply)
-        else:
-            index = await self._put_new(partition, n, group_size, ver, cells, tail, timeout_s)
-        self.stats.puts += 1
-        self.stats.rows_put += n
-        self.stats.bytes_put += sum(nbytes)
-        return index
-
-    async def _put(self, partition: str, cells: list[tuple[int, Any]], script: str, *args: Any) -> list:
-        """One transaction: each field's cells, back to back, into a fresh chunk's key (expiring),
-        then the put's script, which accepts the chunk (rows refer to spans of it, its keys
-        persist) or deletes it. A fresh chunk per attempt: a retry after a lost reply must not
-        touch the chunk the first one stored."""
-        key, chunk = self._key(partition), uuid.uuid4().hex[:12]
-        async with self._r.pipeline(transaction=True) as pipe:
-            for b, blob in cells:
-                pipe.set(f"{key}:x:{chunk}:{b}", blob, px=600_000)
-            pipe.evalsha(self._scripts[script].sha, 0, key, *args[:1], chunk, *args[1:])
-            results = await pipe.execute(raise_on_error=False)
-        reply = results[-1]
-        if isinstance(reply, Exception):
-            import redis.exceptions
-
-            if cells:  # the script did not run: nothing will accept or delete this chunk
-                await self._r.delete(*(f"{key}:x:{chunk}:{b}" for b, _ in cells))
-            if not isinstance(reply, redis.exceptions.NoScriptError):
-                raise reply
-            await self._r.script_load(self._scripts[script].script)  # new to this server (or restarted)
-            return await self._put(partition, cells, script, *args)
-        return reply
-
-    async def _put_new(
-        self, partition: str, n: int, group_size: int, version: Any, cells: list, args: list,
-        timeout_s: float | None,
-    ) -> list[int]:  # fmt: skip
-        if n < 1 or group_size < 1 or n % group_size:
-            raise DataPlaneError(
-                f"put of {n} rows with group_size {group_size}: the row count must be a positive "
-                "multiple of group_size (rows of a group are put together)"
-            )
-        put_id, first = uuid.uuid4().hex, 1
-        timeout_s = timeout_s or self.config.put_timeout_s
-        deadline = time.monotonic() + timeout_s
-        while True:
-            reply = await self._call(
-                self._put, partition, cells, "PUT_NEW", put_id, n, group_size, version, first, *args
-            )
-            if reply[0] == b"ok":
-                return list(range(int(reply[1]), int(reply[1]) + n))
-            if reply[0] == b"err" and reply[1] == b"neverfits":
-                raise DataPlaneError(
-                    f"put of {n} rows can never fit partition {partition!r} (capacity {int(reply[2])}); "
-                    "put in smaller chunks or create the partition with a larger capacity"
-                )
-            if reply[0] == b"err":
-                raise self._error(partition, reply)
-            first = 0
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise StoreTimeout(
-                    f"put of {n} rows to {partition!r}: the partition stayed full ({int(reply[1])}/"
-                    f"{int(reply[2])} rows) for {timeout_s:.1f} s; consumers are not acking rows. Check that "
-                    "every registered consumer runs, or raise the capacity or put_timeout_s"
-                )
-            await self._block(partition, "space", reply[3], remaining)
+        """See `dataplane.client.StoreClient.put` (`dataplane.redis.puts`)."""
+        return await puts.put(self, partition, data, rows, group_size, version, lengths, timeout_s)
 
     # -------------------------------------------------------------- consuming
 
@@ -417,20 +328,8 @@ class RedisStoreClient:
                 self._forget(partition, consumer, ack.rows if ack is not None else [])
                 acks = b""
             shards = None
-            if reply[0] == b"cand":
-                last, next_ms, nready, npend, drained, ended, flat = reply[1:8]
-                cands = [Candidate(*map(int, flat[i : i + 4])) for i in range(0, len(flat), 4)]
-                selection = select_at_least(chooser, cands, batch_size, least, bool(drained) or partial)
-                if selection is not None and selection.rows:
-                    reply, shards = await attempt("rows", selection.rows), selection.shards
-                    if reply[0] == b"conflict":
-                        continue  # another instance took one of them meanwhile: choose again
-                elif ended:
-                    reply = [b"end"]
-                elif partial:
-                    reply = [b"ok", [], b"", b""]
-                else:
-                    reply = [b"wait", last, next_ms, nready, npend]
+            if reply[0] == b"cand":  # the sampler chooses here, the script leases its choice
+                reply, shards = await _choose(reply, chooser, batch_size, least, partial, attempt)
             if reply[0] == b"ok":
                 self._start_heartbeat(partition)
                 return reply, read_bits, schema, shards, asked, lease_ms / 1000
@@ -472,7 +371,7 @@ class RedisStoreClient:
         went missing meanwhile (its field was regenerated)."""
         rows = [int(r) for r in reply[1]]
         metas = msgpack.unpackb(
-            _array_header(len(rows)) + reply[3]
+            array_header(len(rows)) + reply[3]
         )  # as stored (layout: dataplane.redis.scripts)
         if rows:
             if None in metas:
@@ -490,9 +389,11 @@ class RedisStoreClient:
             leased_at, lease_s,
         )  # fmt: skip
         try:
-            columns = await self._call(
-                self._columns, partition, [(b, schema[f]) for b, f in zip(bits, fields)], cols, len(rows)
+            wanted = [(b, schema[f]) for b, f in zip(bits, fields)]
+            columns, nbytes = await self._call(
+                read_columns, self._wire, self._key(partition), wanted, cols, len(rows)
             )
+            self.stats.bytes_got += nbytes
         except asyncio.CancelledError:
             if rows:  # leased, never handed over: give them back now rather than when the lease ends
                 await asyncio.shield(self.release(batch))
@@ -504,41 +405,6 @@ class RedisStoreClient:
         self.stats.gets += 1
         self.stats.rows_got += len(rows)
         return batch
-
-    async def _columns(
-        self, partition: str, wanted: list[tuple[int, FieldSpec]], cols: list[tuple], n: int
-    ) -> list | None:
-        """The columns of fields `wanted` (bit, spec) of n rows whose metadata is `cols` by item: one
-        GETRANGE per run of adjacent cells of a chunk (rows are put and got in order, so mostly one
-        per field), all in one round trip. None if a chunk is gone (its field was regenerated)."""
-        key, plans, reads = self._key(partition), [], []
-        for b, _ in wanted:
-            plan = _runs(*cols[8 + 3 * b : 11 + 3 * b]) if n else ([], None)
-            if plan is None:
-                return None
-            reads += [(f"{key}:x:{chunk}:{b}", begin, end) for chunk, begin, end, _ in plan[0] if end > begin]
-            plans.append(plan)
-        replies = iter(await self._wire.getranges(reads) if reads else [])
-        columns = []
-        for (_, spec), (runs, sizes) in zip(wanted, plans):
-            if sizes is not None:  # one run in row order: the column's cells back to back
-                chunk, begin, end, _ = runs[0]
-                data = next(replies) if end > begin else b""
-                if len(data) != end - begin:
-                    return None
-                columns.append(decode_run(spec, data, sizes))
-                continue
-            cells: list = [b""] * n
-            for _, begin, end, members in runs:
-                data = next(replies) if end > begin else b""
-                if len(data) != end - begin:
-                    return None
-                view = memoryview(data)
-                for pos, off, size in members:
-                    cells[pos] = view[off - begin : off - begin + size]
-            columns.append(decode_column(spec, cells))
-        self.stats.bytes_got += sum(end - begin for _, begin, end in reads)  # each cell is in one read
-        return columns
 
     async def ack(self, batch: Batch) -> None:
         if batch.rows:
@@ -612,30 +478,18 @@ class RedisStoreClient:
         return sorted(m.decode() for m in members)
 
 
-def _array_header(n: int) -> bytes:
-    """msgpack's header of an array of n items: with n packed items after it, one packed array."""
-    if n < 16:
-        return bytes([0x90 | n])
-    return b"\xdc" + n.to_bytes(2, "big") if n < 1 << 16 else b"\xdd" + n.to_bytes(4, "big")
-
-
-def _runs(
-    chunks: Sequence[str], offsets: Sequence[int], sizes: Sequence[int]
-) -> tuple[list[tuple[str, int, int, list]], Sequence[int] | None] | None:
-    """Where the cells of one field are (row i's: chunk, offset, length), as runs of adjacent cells:
-    (chunk, first byte, end byte, [(row position, offset, length), ...]), and, if they are one run
-    in row order, the cells' lengths (the members are then not listed). None if a row has no cell
-    (chunk '')."""
-    if chunks and chunks[0] and chunks.count(chunks[0]) == len(chunks):  # mostly: one put's rows in order
-        if list(offsets) == list(itertools.accumulate(sizes[:-1], initial=offsets[0])):
-            return [(chunks[0], offsets[0], offsets[-1] + sizes[-1], [])], sizes
-    runs: list = []
-    for chunk, off, size, pos in sorted(zip(chunks, offsets, sizes, range(len(chunks)))):
-        if not chunk:
-            return None
-        if runs and runs[-1][0] == chunk and runs[-1][2] == off:
-            runs[-1][2] = off + size
-            runs[-1][3].append((pos, off, size))
-        else:
-            runs.append([chunk, off, off + size, [(pos, off, size)]])
-    return [tuple(r) for r in runs], None
+async def _choose(
+    reply: list, chooser: Any, batch_size: int, least: int, partial: bool, attempt: Any
+) -> tuple:
+    """A get's candidates reply as the reply of leasing what the sampler chose from them (or end,
+    an empty partial batch, or wait), and the choice's shards."""
+    last, next_ms, nready, npend, drained, ended, flat = reply[1:8]
+    cands = [Candidate(*map(int, flat[i : i + 4])) for i in range(0, len(flat), 4)]
+    selection = select_at_least(chooser, cands, batch_size, least, bool(drained) or partial)
+    if selection is not None and selection.rows:  # a conflict (another instance was quicker): choose again
+        return await attempt("rows", selection.rows), selection.shards
+    if ended:
+        return [b"end"], None
+    if partial:
+        return [b"ok", [], b"", b""], None
+    return [b"wait", last, next_ms, nready, npend], None

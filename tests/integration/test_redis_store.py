@@ -424,9 +424,9 @@ async def test_a_put_over_the_redis_value_limit_is_refused_before_anything_is_st
 ):
     """A put's cells of one field are one Redis value; one over Redis' limit (lowered here to
     1 KiB) is refused with the field and the fix named, and the partition keeps what it had."""
-    import dataplane.redis.client as backend
+    import dataplane.redis.puts as puts
 
-    monkeypatch.setattr(backend, "MAX_VALUE_BYTES", 1024)
+    monkeypatch.setattr(puts, "MAX_VALUE_BYTES", 1024)
     client = await StoreClient.connect(start_store(redis_config(redis_url)).address)
     try:
         await client.create_partition(pname, {"x": "int64[*]"}, consumers=["c"])
