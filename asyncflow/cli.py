@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 import yaml
 
@@ -167,6 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--group-size", type=int, default=8, help="samples per prompt (default 8)")
     demo.set_defaults(func=_demo)
 
+    _cluster_commands(sub)
+    return parser
+
+
+def _cluster_commands(sub: Any) -> None:
+    """submit, jobs, ctl and render-k8s: a run on a Ray cluster or Kubernetes."""
     address_help = (
         "Ray dashboard (job server) address, http://HOST:8265 (default: RAY_API_SERVER_ADDRESS / RAY_ADDRESS)"
     )
@@ -212,7 +219,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-secret", action="store_true", help="leave the Secret out (create it with kubectl)"
     )
     render.set_defaults(func=_render_k8s)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -188,22 +188,9 @@ def policy_loss(
       mismatch_kl      k3 estimate of KL(μ ‖ π_prox), π_prox defaulting to π_θ: the
                        train/inference mismatch that the weight corrects (prime-rl's mismatch_kl).
     """
-    _check_shapes(
-        "policy_loss", "logprobs", logprobs,
-        behavior_logprobs=behavior_logprobs, proximal_logprobs=proximal_logprobs, mask=mask,
-    )  # fmt: skip
-    if advantages.shape not in (logprobs.shape, logprobs.shape[:1]):
-        raise ValueError(
-            f"policy_loss: advantages must be (B,) = {tuple(logprobs.shape[:1])} per sample or (B, T) = "
-            f"{tuple(logprobs.shape)} per token, got {tuple(advantages.shape)}; flatten group advantages "
-            "(G, n) to (G * n,) in the order of the rows"
-        )
-    high = clip_eps if clip_eps_high is None else clip_eps_high
-    if not (0 < clip_eps < 1 and high > 0):
-        raise ValueError(
-            f"policy_loss: need 0 < clip_eps < 1 and clip_eps_high > 0, got clip_eps={clip_eps}, "
-            f"clip_eps_high={clip_eps_high}; PPO uses 0.2, DAPO's clip-higher 0.28"
-        )
+    high = _check_policy_args(
+        logprobs, behavior_logprobs, proximal_logprobs, advantages, mask, clip_eps, clip_eps_high
+    )
     m = mask.bool()  # (B, T)
     # Zero the padding first: an inf or NaN there would otherwise leak into the gradient as NaN.
     lp = torch.where(m, logprobs.float(), 0.0)  # (B, T)
@@ -220,6 +207,38 @@ def policy_loss(
     per_token = -weight * torch.minimum(unclipped, clipped)  # (B, T)
     loss = aggregate(per_token, m, agg, max_tokens)
 
+    return loss, _policy_metrics(m, lp, behavior, proximal, ratio, weight, clipped < unclipped, is_cap)
+
+
+def _check_policy_args(
+    logprobs: Tensor, behavior_logprobs: Tensor, proximal_logprobs: Tensor | None, advantages: Tensor,
+    mask: Tensor, clip_eps: float, clip_eps_high: float | None,
+) -> float:  # fmt: skip
+    """ValueError naming the problem unless policy_loss's arguments fit; returns the upper clip."""
+    _check_shapes(
+        "policy_loss", "logprobs", logprobs,
+        behavior_logprobs=behavior_logprobs, proximal_logprobs=proximal_logprobs, mask=mask,
+    )  # fmt: skip
+    if advantages.shape not in (logprobs.shape, logprobs.shape[:1]):
+        raise ValueError(
+            f"policy_loss: advantages must be (B,) = {tuple(logprobs.shape[:1])} per sample or (B, T) = "
+            f"{tuple(logprobs.shape)} per token, got {tuple(advantages.shape)}; flatten group advantages "
+            "(G, n) to (G * n,) in the order of the rows"
+        )
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    if not (0 < clip_eps < 1 and high > 0):
+        raise ValueError(
+            f"policy_loss: need 0 < clip_eps < 1 and clip_eps_high > 0, got clip_eps={clip_eps}, "
+            f"clip_eps_high={clip_eps_high}; PPO uses 0.2, DAPO's clip-higher 0.28"
+        )
+    return high
+
+
+def _policy_metrics(
+    m: Tensor, lp: Tensor, behavior: Tensor, proximal: Tensor | None, ratio: Tensor, weight: Tensor,
+    clipping: Tensor, is_cap: float | None,
+) -> dict[str, float]:  # fmt: skip
+    """policy_loss's metrics (see there), masked means over tokens, with one device sync."""
     with torch.no_grad():
         tokens = m.sum().clamp(min=1)
 
@@ -230,7 +249,7 @@ def policy_loss(
         truncated = weight >= is_cap if is_cap is not None else torch.zeros_like(m)
         values = torch.stack(
             [
-                masked_mean(clipped < unclipped),
+                masked_mean(clipping),
                 masked_mean(ratio),
                 masked_mean(weight),
                 torch.where(m, weight, 0.0).max() if m.numel() else weight.new_zeros(()),
@@ -243,7 +262,7 @@ def policy_loss(
         "clip_fraction", "ratio_mean", "is_weight_mean", "is_weight_max",
         "is_truncated_fraction", "approx_kl", "mismatch_kl",
     )  # fmt: skip
-    return loss, dict(zip(names, values))
+    return dict(zip(names, values))
 
 
 def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: KLKind = "k3") -> Tensor:

@@ -306,18 +306,11 @@ class RedisStoreClient:
             nonlocal asked
             asked = time.monotonic()
             wait_ms = int(1000 * (asked - started)) if waited else ""
-            call = asyncio.ensure_future(self._run(
-                "GET", partition, consumer, self._peer, mask, batch_size, lease_ms, vmin, mode,
+            return await self._lease_script(
+                partition, consumer, mask, batch_size, lease_ms, vmin, mode,
                 "1" if partial else "a" if allow_partial else "0",
                 self._alive_ms, wait_ms, least, acks, len(rows), *rows,
-            ))  # fmt: skip
-            try:
-                return await asyncio.shield(call)
-            except asyncio.CancelledError:  # the script runs anyway: hand back what it leased
-                reply = await call
-                if reply[0] == b"ok" and reply[1]:
-                    await self._give_back(partition, consumer, reply)
-                raise
+            )  # fmt: skip
 
         while True:
             try:
@@ -337,21 +330,28 @@ class RedisStoreClient:
                 return Batch(partition, consumer, [], self._empty(fields, schema), [], [], [], [], None, True)
             if reply[0] == b"conflict":
                 continue
-            last, next_ms, nready, npend = reply[1:5]
             remaining = deadline - time.monotonic()
+            if remaining <= 0 and allow_partial:
+                partial = True
+                continue
             if remaining <= 0:
-                if allow_partial:
-                    partial = True
-                    continue
-                raise StoreTimeout(
-                    f"get from {partition!r} for consumer {consumer!r}: fewer than {batch_size} rows with "
-                    f"fields {list(fields)} became ready within {timeout_s:.1f} s ({int(nready)} ready, "
-                    f"{int(npend)} pending). Check that the producers of those fields run, or pass "
-                    "allow_partial=True / a longer timeout_s"
-                )
+                raise _timeout(partition, consumer, batch_size, fields, timeout_s, reply)
             waited = True
+            last, next_ms = reply[1:3]  # wake when rows may be ready, or the next lease may end
             wake = remaining if int(next_ms) < 0 else min(remaining, int(next_ms) / 1000 + 0.001)
             await self._block(partition, "ev", last, wake)
+
+    async def _lease_script(self, partition: str, consumer: str, *args: Any) -> list:
+        """The GET script's reply. If the caller is cancelled meanwhile, the script runs anyway:
+        what it leased is handed back."""
+        call = asyncio.ensure_future(self._run("GET", partition, consumer, self._peer, *args))
+        try:
+            return await asyncio.shield(call)
+        except asyncio.CancelledError:
+            reply = await call
+            if reply[0] == b"ok" and reply[1]:
+                await self._give_back(partition, consumer, reply)
+            raise
 
     def _empty(self, fields: Sequence[str], schema: dict[str, FieldSpec]) -> dict[str, Any]:
         return {f: decode_column(schema[f], []) for f in fields}
@@ -493,3 +493,14 @@ async def _choose(
     if partial:
         return [b"ok", [], b"", b""], None
     return [b"wait", last, next_ms, nready, npend], None
+
+
+def _timeout(partition: str, consumer: str, batch_size: int, fields: Sequence[str], timeout_s: float,
+             reply: list) -> StoreTimeout:  # fmt: skip
+    nready, npend = reply[3:5]
+    return StoreTimeout(
+        f"get from {partition!r} for consumer {consumer!r}: fewer than {batch_size} rows with "
+        f"fields {list(fields)} became ready within {timeout_s:.1f} s ({int(nready)} ready, "
+        f"{int(npend)} pending). Check that the producers of those fields run, or pass "
+        "allow_partial=True / a longer timeout_s"
+    )

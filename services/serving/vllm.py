@@ -91,33 +91,15 @@ class VLLMEngine:
                 f"VLLMEngine: {model_dir} has no config.json; pass a Hugging Face model directory "
                 "(services.models.save_model writes one)"
             )
-        # In process, or the weights could not be handed over as tensors (see the module doc).
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never ask the hub
-        from vllm.engine.arg_utils import EngineArgs
-        from vllm.v1.engine.llm_engine import LLMEngine
-
         config = json.loads((model_dir / "config.json").read_text())
         self._max_positions = int(config["max_position_embeddings"])
         self._vocab_size = int(config["vocab_size"])
         self._shapes = _checkpoint_shapes(model_dir)
         if config.get("tie_word_embeddings") and "model.embed_tokens.weight" in self._shapes:
             self._shapes.setdefault("lm_head.weight", self._shapes["model.embed_tokens.weight"])
-        args = EngineArgs(
-            model=str(model_dir),
-            dtype=dtype,
-            seed=seed,
-            max_model_len=self._max_positions,
-            max_num_seqs=max_num_seqs,
-            kv_cache_memory_bytes=int(kv_cache_gib * 2**30),  # VLLM_CPU_KVCACHE_SPACE, if set, wins
-            logprobs_mode="processed_logprobs",
-            skip_tokenizer_init=True,  # token ids in and out
-            generation_config="vllm",  # sampling comes from the request alone, not the model dir
-            disable_log_stats=True,  # per-step Prometheus bookkeeping; self.stats counts what we report
-            # CPU: no compile step, start in seconds. GPU: vLLM's default torch.compile + CUDA graphs.
-            enforce_eager=not torch.cuda.is_available(),
+        self._engine: Any = _start_vllm(
+            model_dir, dtype, seed, self._max_positions, max_num_seqs, kv_cache_gib
         )
-        self._engine: Any = LLMEngine.from_engine_args(args)
         self._engine.set_weight_version(str(version))
         self.version = version
         self.on_update = on_update
@@ -307,3 +289,31 @@ def _checkpoint_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
     if not shapes:
         raise ValueError(f"VLLMEngine: {model_dir} holds no *.safetensors weights; save the model there")
     return shapes
+
+
+def _start_vllm(
+    model_dir: Path, dtype: Literal["float32", "bfloat16", "float16"], seed: int, max_positions: int,
+    max_num_seqs: int, kv_cache_gib: float,
+) -> Any:  # fmt: skip
+    """vLLM's engine in this process, token ids in and out, log-probs of what it sampled from."""
+    # In process, or the weights could not be handed over as tensors (see the module doc).
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never ask the hub
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.engine.llm_engine import LLMEngine
+
+    args = EngineArgs(
+        model=str(model_dir),
+        dtype=dtype,
+        seed=seed,
+        max_model_len=max_positions,
+        max_num_seqs=max_num_seqs,
+        kv_cache_memory_bytes=int(kv_cache_gib * 2**30),  # VLLM_CPU_KVCACHE_SPACE, if set, wins
+        logprobs_mode="processed_logprobs",
+        skip_tokenizer_init=True,  # token ids in and out
+        generation_config="vllm",  # sampling comes from the request alone, not the model dir
+        disable_log_stats=True,  # per-step Prometheus bookkeeping; self.stats counts what we report
+        # CPU: no compile step, start in seconds. GPU: vLLM's default torch.compile + CUDA graphs.
+        enforce_eager=not torch.cuda.is_available(),
+    )
+    return LLMEngine.from_engine_args(args)
