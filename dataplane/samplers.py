@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from dataplane.errors import DataPlaneError
+from dataplane.errors import DataPlaneError, StoreTimeout
 
 __all__ = [
     "BalancedSampler",
@@ -99,6 +99,18 @@ def too_big(partition: str, batch_size: int, capacity: int) -> str:
         f"get of {batch_size} rows from {partition!r} can never be served: the partition holds at most "
         f"{capacity} rows (its capacity); ask for at most {capacity}, pass allow_partial=True, or create "
         "the partition with a larger capacity"
+    )
+
+
+def not_ready(
+    partition: str, consumer: str, batch_size: int, fields: Sequence[str], timeout_s: float, ready: int,
+    pending: int,
+) -> StoreTimeout:  # fmt: skip
+    """The error of a get that waited `timeout_s` for rows and got too few."""
+    return StoreTimeout(
+        f"get from {partition!r} for consumer {consumer!r}: fewer than {batch_size} rows with "
+        f"fields {list(fields)} became ready within {timeout_s:.1f} s ({ready} ready, {pending} pending). "
+        "Check that the producers of those fields run, or pass allow_partial=True / a longer timeout_s"
     )
 
 

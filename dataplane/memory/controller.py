@@ -37,7 +37,7 @@ from dataplane.memory.partition import (
 )
 from dataplane.memory.units import Units
 from dataplane.memory.window import regenerate
-from dataplane.samplers import Selection, make_sampler, select_at_least, too_big
+from dataplane.samplers import Selection, make_sampler, not_ready, select_at_least, too_big
 from dataplane.schema import parse_schema
 
 _EMPTY = Selection([], None)
@@ -299,11 +299,8 @@ class Controller:
                     selection = chooser.select(candidates(part, c, chooser, batch_size), batch_size, True)
                     selection = selection or _EMPTY
                     break
-                raise StoreTimeout(
-                    f"get from {partition!r} for consumer {consumer!r}: fewer than {batch_size} rows with "
-                    f"fields {fields} became ready within {timeout_s:.1f} s ({len(c.ready)} ready, "
-                    f"{len(c.pending)} pending). Check that the producers of those fields run, or pass "
-                    "allow_partial=True / a longer timeout_s"
+                raise not_ready(
+                    partition, consumer, batch_size, fields, timeout_s, len(c.ready), len(c.pending)
                 )
             if not waited:
                 c.counts["waits"] += 1

@@ -37,7 +37,6 @@ from dataplane.errors import (
     DataPlaneError,
     LeaseError,
     SchemaError,
-    StoreTimeout,
 )
 from dataplane.redis import puts
 from dataplane.redis import scripts as lua
@@ -54,7 +53,7 @@ from dataplane.redis.connection import (
     text,
 )
 from dataplane.redis.wire import Wire
-from dataplane.samplers import Candidate, make_sampler, select_at_least
+from dataplane.samplers import Candidate, make_sampler, not_ready, select_at_least
 from dataplane.schema import FieldSpec, parse_schema
 from dataplane.stream import stream
 
@@ -335,7 +334,7 @@ class RedisStoreClient:
                 partial = True
                 continue
             if remaining <= 0:
-                raise _timeout(partition, consumer, batch_size, fields, timeout_s, reply)
+                raise not_ready(partition, consumer, batch_size, fields, timeout_s, *map(int, reply[3:5]))
             waited = True
             last, next_ms = reply[1:3]  # wake when rows may be ready, or the next lease may end
             wake = remaining if int(next_ms) < 0 else min(remaining, int(next_ms) / 1000 + 0.001)
@@ -493,14 +492,3 @@ async def _choose(
     if partial:
         return [b"ok", [], b"", b""], None
     return [b"wait", last, next_ms, nready, npend], None
-
-
-def _timeout(partition: str, consumer: str, batch_size: int, fields: Sequence[str], timeout_s: float,
-             reply: list) -> StoreTimeout:  # fmt: skip
-    nready, npend = reply[3:5]
-    return StoreTimeout(
-        f"get from {partition!r} for consumer {consumer!r}: fewer than {batch_size} rows with "
-        f"fields {list(fields)} became ready within {timeout_s:.1f} s ({int(nready)} ready, "
-        f"{int(npend)} pending). Check that the producers of those fields run, or pass "
-        "allow_partial=True / a longer timeout_s"
-    )
