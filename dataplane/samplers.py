@@ -85,12 +85,19 @@ def select_at_least(
 ) -> Selection | None:
     """A full batch if the sampler can make one, else at least `min_rows` rows (up to batch_size)
     if it can, else what `allow_partial` lets it take (None: wait)."""
-    selection = chooser.select(candidates, batch_size, allow_partial)
-    if (selection is None or not selection.rows) and 0 < min_rows < batch_size:
-        some = chooser.select(candidates, batch_size, True)
-        if some is not None and len(some.rows) >= min_rows:
-            return some
-    return selection
+    if not 0 < min_rows < batch_size:
+        return chooser.select(candidates, batch_size, allow_partial)
+    # A sampler picks the same rows whether or not it may stop short; it only says None when it
+    # must wait. So one selection that may stop short tells both (the balanced sampler excepted:
+    # its shards must split a partial batch evenly, so it is asked for a full batch first).
+    if isinstance(chooser, BalancedSampler):
+        full = chooser.select(candidates, batch_size, allow_partial)
+        if full is not None and full.rows:
+            return full
+    some = chooser.select(candidates, batch_size, True)
+    if some is not None and (len(some.rows) >= min_rows or allow_partial):
+        return some
+    return None
 
 
 def too_big(partition: str, batch_size: int, capacity: int) -> str:
