@@ -5,11 +5,15 @@ so the trainer can add a KL term. It knows nothing about the loss."""
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from workers.samples import PARTITION, REFERENCE, idle, serve, take, work_through
+
+if TYPE_CHECKING:  # the seams' protocols and classes, for the type checker
+    from dataplane.client import StoreClient
+    from workers.kinds import Kind
 
 WRITES = ["ref_logprobs"]
 
@@ -18,9 +22,9 @@ class ReferenceWorker:
     def __init__(
         self,
         model: torch.nn.Module,
-        store: Any,
+        store: StoreClient,
         *,
-        kind: Any,
+        kind: Kind,
         batch_rows: int = 64,
         get_timeout_s: float | None = None,
     ):

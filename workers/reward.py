@@ -13,11 +13,15 @@ import asyncio
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from workers.samples import PARTITION, REWARD, REWARD_FIELDS, idle, serve, take, work_through
+
+if TYPE_CHECKING:  # the seams' protocols and classes, for the type checker
+    from dataplane.client import StoreClient
+    from workers.kinds import Kind
 
 WRITES = REWARD_FIELDS
 
@@ -26,8 +30,8 @@ class RewardWorker:
     def __init__(
         self,
         reward_fn: Any,
-        kind: Any,
-        store: Any,
+        kind: Kind,
+        store: StoreClient,
         *,
         timeout_s: float,
         failure_reward: float,

@@ -16,22 +16,28 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from workers.samples import PARTITION, ROLLOUT, idle, serve, take
+
+if TYPE_CHECKING:  # the seams' protocols and classes, for the type checker
+    from dataplane.client import StoreClient
+    from services.serving.protocol import Engine
+    from workers.kinds import Kind
+    from workers.weights import WeightClient
 
 
 class RolloutWorker:
     def __init__(
         self,
-        engine: Any,
-        store: Any,
-        weights: Any,
+        engine: Engine,
+        store: StoreClient,
+        weights: WeightClient,
         *,
         n: int,
         groups_per_call: int,
         params: Any,
-        kind: Any,
+        kind: Kind,
         name: str = "rollout",
         get_timeout_s: float | None = None,
         partial_rollout: bool = False,

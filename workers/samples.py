@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from asyncflow.errors import StoreTimeout
+
+if TYPE_CHECKING:  # the seams' protocols and classes, for the type checker
+    from dataplane.client import StoreClient
 
 PARTITION = "samples"
 
@@ -70,8 +73,9 @@ def consumers(reference: bool) -> list[str]:
 
 
 async def serve(
-    store: Any, fields: Sequence[str], size: int, consumer: str, process: Callable[[Any], Awaitable[Any]], *,
-    unit: int = 1, sampler: str = "sequential", writes: Sequence[str] = (), timeout_s: float | None = None,
+    store: StoreClient, fields: Sequence[str], size: int, consumer: str,
+    process: Callable[[Any], Awaitable[Any]], *, unit: int = 1, sampler: str = "sequential",
+    writes: Sequence[str] = (), timeout_s: float | None = None,
 ) -> None:  # fmt: skip
     """Stream rows to `process(batch)` until the partition is sealed and drained (async mode).
 
@@ -80,7 +84,7 @@ async def serve(
     (a worker holds only the rows it works on) and acked when the next batch is asked for. A
     stretch with nothing to do (StoreTimeout: the trainer is slow or paused) just keeps waiting.
     """
-    kw = {"min_rows": unit, "sampler": sampler, "writes": writes, "timeout_s": timeout_s}
+    kw: dict[str, Any] = {"min_rows": unit, "sampler": sampler, "writes": writes, "timeout_s": timeout_s}
     while True:
         try:
             async for batch in store.stream(PARTITION, fields, size, consumer, prefetch=0, **kw):
@@ -116,7 +120,7 @@ async def work_through(step: Callable[[int], Awaitable[int]], rows: int) -> int:
 
 
 async def take(
-    store: Any,
+    store: StoreClient,
     fields: Sequence[str],
     size: int,
     consumer: str,

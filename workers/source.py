@@ -10,19 +10,24 @@ source's whole state: a resumed run starts from it.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from asyncflow.versioning import admission_limit
 from workers.samples import PARTITION
+
+if TYPE_CHECKING:  # the seams' protocols and classes, for the type checker
+    from dataplane.client import StoreClient
+    from workers.kinds import Kind
+    from workers.weights import WeightClient
 
 
 class PromptSource:
     def __init__(
         self,
         task: Any,
-        kind: Any,
-        store: Any,
-        weights: Any,
+        kind: Kind,
+        store: StoreClient,
+        weights: WeightClient,
         *,
         n: int,
         batch_prompts: int,

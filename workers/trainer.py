@@ -15,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -27,15 +28,20 @@ from asyncflow.config import TrainerConfig, WarmupConfig
 from asyncflow.versioning import min_usable_version, staleness_histogram
 from workers.samples import PARTITION, TRAINER
 
+if TYPE_CHECKING:  # the seams' protocols and classes, for the type checker
+    from dataplane.client import StoreClient
+    from workers.kinds import Kind
+    from workers.weights import WeightClient
+
 
 class TrainerWorker:
     def __init__(
         self,
         model: torch.nn.Module,
-        store: Any,
-        weights: Any,
+        store: StoreClient,
+        weights: WeightClient,
         config: TrainerConfig,
-        kind: Any,  # workers.kinds.Kind
+        kind: Kind,
         *,
         n: int,
         staleness: int,
@@ -110,7 +116,7 @@ class TrainerWorker:
         }
 
     @torch.no_grad()
-    def _logprobs_no_grad(self, rows: list[Any]) -> list[Tensor]:
+    def _logprobs_no_grad(self, rows: Sequence[Any]) -> list[Tensor]:
         out: list[Tensor] = [torch.empty(0)] * len(rows)
         for micro in self.kind.micro_batches(rows, self.config.micro_batch_tokens):
             lp, mask = self.kind.logprobs(self.model, [rows[i] for i in micro])  # (b, T) each
@@ -118,7 +124,7 @@ class TrainerWorker:
                 out[i] = lp[k][mask[k]]
         return out
 
-    def _update(self, rows: list[Any], advantages: Tensor, max_tokens: int,
+    def _update(self, rows: Sequence[Any], advantages: Tensor, max_tokens: int,
                 proximal: list[Tensor] | None) -> dict[str, float]:  # fmt: skip
         """One optimizer step over `rows`, the same as one padded pass: each micro-batch's loss is
         weighted by its share of what the aggregation averages over (actions, or samples)."""
