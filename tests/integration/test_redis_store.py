@@ -287,15 +287,6 @@ async def test_a_long_stream_leaves_nothing_behind(redis_url):
     await client.close()
 
 
-def test_readme_redis_example_runs_without_ray():
-    """The README's "Redis backend" snippet: a process outside Ray puts and gets by URL and partition."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Redis backend", 1)[1]
-    code = section.split("```python\n", 1)[1].split("```", 1)[0]
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-3000:]
-
-
 async def test_leaving_a_stream_early_cancels_its_read_ahead_at_once(pname, redis_url):
     """A cancelled get must stop: redis-py may swallow the cancellation of a blocking read."""
     handle = start_store(redis_config(redis_url))
