@@ -3,6 +3,7 @@
 asyncflow validate CONFIG [--set key=value ...]   check a run config, print it resolved
 asyncflow run CONFIG [--set key=value ...]        RL post-training (prints the run directory)
 asyncflow run --resume RUN_DIR                     continue a run from its last checkpoint
+asyncflow export RUN_DIR OUT_DIR [--step N]        the trained policy as a Hugging Face directory
 asyncflow demo [--samples N]                       stream samples through the data store on Ray
 asyncflow submit CONFIG --address URL [--set ...]  run it as a job on a Ray cluster (prints the job id)
 asyncflow jobs status|logs|stop JOB_ID             follow a submitted job
@@ -46,6 +47,14 @@ def _run(args: argparse.Namespace) -> int:
         print(f"# stopped at step {summary['stopped_at_step']} with a checkpoint; continue with: "
               f"asyncflow run --resume {summary['run_dir']}", file=sys.stderr)  # fmt: skip
         return 130
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from asyncflow.export import export
+
+    out = export(args.run_dir, args.out_dir, args.step)
+    print(out)
     return 0
 
 
@@ -163,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--quiet", action="store_true", help="no live display, only the final summary")
     run.set_defaults(func=_run)
+    export = sub.add_parser("export", help="a run's trained policy as a Hugging Face directory")
+    export.add_argument("run_dir", help="the run directory")
+    export.add_argument("out_dir", help="where to write the model, its tokenizer and chat template")
+    export.add_argument("--step", type=int, help="the checkpoint's step (default: the newest whole one)")
+    export.set_defaults(func=_export)
     demo = sub.add_parser("demo", help="stream samples through the data store with Ray actors")
     demo.add_argument("--samples", type=int, default=4096, help="samples to stream (default 4096)")
     demo.add_argument("--group-size", type=int, default=8, help="samples per prompt (default 8)")

@@ -13,17 +13,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
 __all__ = [
     "BOS_ID",
+    "CHAT_TEMPLATE",
     "EOS_ID",
     "PAD_ID",
     "SPECIAL_TOKENS",
     "SUPPORTED_HEAD_DIMS",
+    "build_bpe_tokenizer",
+    "build_checkpoint",
     "build_model",
     "build_tokenizer",
     "save_model",
@@ -134,10 +138,80 @@ def build_model(
     return model.float().eval()  # float32 even if the caller changed torch's default dtype
 
 
-def save_model(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, path: str | Path) -> Path:
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, path: str | Path) -> Path:
     """Write a Hugging Face directory (config, safetensors, tokenizer) that transformers and vLLM load."""
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+# A ChatML-style template (as Qwen's): each turn between <|im_start|>role and <|im_end|>.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_bpe_tokenizer(
+    texts: Sequence[str], vocab_size: int = 512, chat_template: str | None = CHAT_TEMPLATE
+):
+    """A byte-level BPE tokenizer trained on `texts`, with <|endoftext|>, <|im_start|> and <|im_end|>
+    and a chat template: the kind of tokenizer a real checkpoint ships, made in seconds."""
+    from tokenizers import trainers
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(list(texts), trainer)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+        additional_special_tokens=specials[1:], clean_up_tokenization_spaces=False,
+    )  # fmt: skip
+    if chat_template is not None:
+        hf.chat_template = chat_template
+    return hf
+
+
+def build_checkpoint(
+    arch: str, tokenizer: PreTrainedTokenizerFast, path: str | Path, *, hidden_size: int = 64,
+    num_layers: int = 2, num_heads: int = 2, max_positions: int = 256, seed: int = 0,
+    eos_token_ids: Sequence[int] = (),
+) -> Path:  # fmt: skip
+    """A tiny randomly initialised checkpoint of architecture `arch` ("llama", "qwen2" or "gpt2")
+    with `tokenizer`, saved as a Hugging Face directory that transformers and vLLM load.
+    `eos_token_ids` go into its generation config (a chat model's end-of-turn token)."""
+    from transformers import AutoModelForCausalLM, GenerationConfig, GPT2Config, Qwen2Config
+
+    vocab = len(tokenizer)
+    common: dict[str, Any] = {
+        "vocab_size": vocab,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    decoder: dict[str, Any] = {
+        "hidden_size": hidden_size, "intermediate_size": 4 * hidden_size, "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads, "num_key_value_heads": num_heads,
+        "max_position_embeddings": max_positions,
+    }  # fmt: skip
+    if arch == "llama":
+        config: object = LlamaConfig(tie_word_embeddings=False, **decoder, **common)
+    elif arch == "qwen2":
+        config = Qwen2Config(tie_word_embeddings=True, **decoder, **common)
+    elif arch == "gpt2":
+        config = GPT2Config(
+            n_embd=hidden_size, n_layer=num_layers, n_head=num_heads, n_positions=max_positions,
+            bos_token_id=tokenizer.eos_token_id, **common,
+        )  # fmt: skip
+    else:
+        raise ValueError(f"build_checkpoint: arch {arch!r} is not one of 'llama', 'qwen2', 'gpt2'")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config).float()
+    model.generation_config = GenerationConfig(eos_token_id=[tokenizer.eos_token_id, *eos_token_ids])
+    return save_model(model, tokenizer, path)

@@ -118,3 +118,24 @@ def client_sync(store):
 def pname() -> str:
     """A partition name no other test uses."""
     return f"p{uuid.uuid4().hex[:10]}"
+
+
+ARITHMETIC = [
+    f"What is {a} plus {b}? {a} + {b} = {a + b}. #### {a + b}" for a in range(40) for b in range(40)
+]
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """Tiny randomly initialised Llama, Qwen2 and GPT-2 checkpoints sharing a byte-level BPE tokenizer
+    with a chat template (ChatML: a turn ends with <|im_end|>, the checkpoints' second EOS), saved as
+    Hugging Face directories: what a user points model.path at, made here (nothing is downloaded)."""
+    from services.models import build_bpe_tokenizer, build_checkpoint
+
+    tok = build_bpe_tokenizer(ARITHMETIC, vocab_size=400)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {
+        arch: str(build_checkpoint(arch, tok, root / arch, eos_token_ids=[im_end], seed=i))
+        for i, arch in enumerate(("llama", "qwen2", "gpt2"))
+    }

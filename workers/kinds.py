@@ -30,7 +30,7 @@ from asyncflow.algorithms import pack, token_logprobs
 from asyncflow.config import AsyncFlowConfig, ModelConfig, RolloutConfig, WarmupConfig
 from services.parallelism.balance import micro_batches
 from services.serving import Request, SamplingParams
-from workers.policy import make_model, make_tokenizer
+from workers.policy import eos_ids, make_model, make_tokenizer
 from workers.samples import PROMPT_FIELDS, ROLLOUT_FIELDS
 
 
@@ -90,7 +90,7 @@ def make_kind(config: AsyncFlowConfig, task: Any) -> Kind:
         from workers.flow_kind import FlowKind
 
         return FlowKind(config.flow, task)
-    return TokenKind(make_tokenizer(task), config.model, config.rollout)
+    return TokenKind(make_tokenizer(task, config.model), config.model, config.rollout)
 
 
 class TokenKind:
@@ -101,6 +101,7 @@ class TokenKind:
 
     def __init__(self, tokenizer: Any, model: ModelConfig, rollout: RolloutConfig):
         self.tokenizer, self.model_config, self.rollout = tokenizer, model, rollout
+        self._stop_ids: tuple[int, ...] | None = None
 
     def model(self, seed: int) -> torch.nn.Module:
         return make_model(self.model_config, len(self.tokenizer), seed)
@@ -109,14 +110,45 @@ class TokenKind:
         r = self.rollout
         return SamplingParams(
             temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
-            stop_token_ids=(self.tokenizer.eos_token_id,),
+            stop_token_ids=self.stop_ids,
         )  # fmt: skip
 
-    def prompts(self, examples: Sequence[Any]) -> dict[str, list]:
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """The ids that end a response: the tokenizer's EOS and the checkpoint's generation EOS ids."""
+        if self._stop_ids is None:
+            generation = None
+            if self.model_config.path is not None:
+                from transformers import GenerationConfig
+
+                try:
+                    generation = GenerationConfig.from_pretrained(
+                        self.model_config.path, revision=self.model_config.revision or "main"
+                    )
+                except OSError:  # a checkpoint without generation_config.json
+                    generation = None
+            self._stop_ids = eos_ids(self.tokenizer, generation)
+        return self._stop_ids
+
+    def prompt_ids(self, prompt: Any) -> list[int]:
+        """A prompt's token ids: chat messages rendered with the tokenizer's chat template (ready for
+        the assistant's turn), text encoded as it is, after the tokenizer's BOS if it has one."""
         tok = self.tokenizer
-        return {
-            "prompt_ids": [np.asarray([tok.bos_token_id, *tok.encode(e.prompt)], np.int64) for e in examples]
-        }
+        if isinstance(prompt, list | tuple):
+            if not getattr(tok, "chat_template", None):
+                raise ValueError(
+                    "the data gives chat messages, but the tokenizer has no chat template; use a checkpoint "
+                    "whose tokenizer has one, or give prompts as text"
+                )
+            rendered = tok.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False)
+            return list(tok.encode(rendered, add_special_tokens=False))
+        ids = list(tok.encode(prompt))
+        if tok.bos_token_id is not None and (not ids or ids[0] != tok.bos_token_id):
+            ids = [tok.bos_token_id, *ids]
+        return ids
+
+    def prompts(self, examples: Sequence[Any]) -> dict[str, list]:
+        return {"prompt_ids": [np.asarray(self.prompt_ids(e.prompt), np.int64) for e in examples]}
 
     def request(self, request_id: str, prompt: Any, n: int, params: SamplingParams) -> Request:
         return Request(request_id, np.asarray(prompt).tolist(), n, params)
@@ -130,9 +162,10 @@ class TokenKind:
         }
 
     def reward_args(self, prompt: Any, response: Any, answer: str) -> tuple[str, str, str]:
-        """(prompt text without <bos>, response text without <eos>, answer)."""
-        text = self.tokenizer.decode(np.asarray(prompt).tolist()[1:], skip_special_tokens=True)
-        return text, decode_response(self.tokenizer, np.asarray(response).tolist()), answer
+        """(prompt text, response text, answer): decoded once, here, without special tokens; the
+        ids trained on stay the ids the engine sampled."""
+        text = self.tokenizer.decode(np.asarray(prompt).tolist(), skip_special_tokens=True)
+        return text, decode_response(self.tokenizer, np.asarray(response).tolist(), self.stop_ids), answer
 
     @torch.no_grad()
     def reference_logprobs(self, model: torch.nn.Module, batch: Any) -> list[np.ndarray]:
@@ -147,7 +180,7 @@ class TokenKind:
         tok = self.tokenizer
         model: Any = self.model(0)  # a transformers model; its weights come from the weight store
         return TorchEngine(
-            model, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, version=-1, seed=seed
+            model, eos_token_id=self.stop_ids[0], pad_token_id=tok.pad_token_id, version=-1, seed=seed
         )
 
     def trainer_reads(self, reference: bool) -> list[str]:
@@ -191,8 +224,8 @@ class TokenKind:
             examples = [
                 task.example((1 << 36) + step * config.batch_size + i) for i in range(config.batch_size)
             ]
-            prompts = [[tok.bos_token_id, *tok.encode(e.prompt)] for e in examples]
-            answers = [[*tok.encode(e.answer), tok.eos_token_id] for e in examples]
+            prompts = [self.prompt_ids(e.prompt) for e in examples]
+            answers = [[*tok.encode(e.answer, add_special_tokens=False), self.stop_ids[0]] for e in examples]
             ids, targets, mask = pack(prompts, answers)
             logits = model(ids).logits[:, :-1]  # (B, L-1, V)
             loss = torch.nn.functional.cross_entropy(logits[mask], targets[mask])
@@ -219,8 +252,8 @@ class TokenSample:
         return min(self.versions, default=default)
 
 
-def decode_response(tokenizer: Any, ids: list[int]) -> str:
-    """Response text without the end-of-sequence token."""
-    if ids and ids[-1] == tokenizer.eos_token_id:
+def decode_response(tokenizer: Any, ids: list[int], stop_ids: Sequence[int] = ()) -> str:
+    """Response text without the token that ended it."""
+    if ids and (ids[-1] == tokenizer.eos_token_id or ids[-1] in stop_ids):
         ids = ids[:-1]
     return tokenizer.decode(ids, skip_special_tokens=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -38,18 +39,55 @@ def import_string(spec: str) -> Any:
 
 
 class ModelConfig(Section):
-    """A Llama-style causal LM built locally from this shape (random init, then warm-start)."""
+    """The policy: a Hugging Face checkpoint (`path`), or a Llama-style causal LM built locally
+    from the shape below (random init, then warm-start) when `path` is not set."""
 
-    hidden_size: int = Field(64, ge=32, le=16384, description="Width of the residual stream.")
-    intermediate_size: int = Field(256, ge=8, le=65536, description="Width of the MLP.")
-    num_layers: int = Field(2, ge=1, le=128, description="Transformer blocks.")
-    num_heads: int = Field(
-        2, ge=1, le=128, description="Attention heads; hidden_size / num_heads is the head size."
+    path: str | None = Field(
+        None,
+        max_length=4096,
+        description="A local Hugging Face model directory or a hub id, loaded with transformers' "
+        "AutoModelForCausalLM and AutoTokenizer (vLLM loads the same path). Unset: the built-in model.",
     )
-    max_positions: int = Field(64, ge=8, le=131072, description="Longest prompt + response in tokens.")
+    revision: str | None = Field(
+        None, max_length=256, description="Hub revision (branch, tag or commit) of `path`."
+    )
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="Weights' dtype for the trainer and the engines (float32 matches log-probs best).",
+    )
+    trust_remote_code: bool = Field(
+        False, description="Let transformers run model code shipped with the checkpoint (off: only its own)."
+    )
+    hidden_size: int = Field(64, ge=32, le=16384, description="Built-in model: width of the residual stream.")
+    intermediate_size: int = Field(256, ge=8, le=65536, description="Built-in model: width of the MLP.")
+    num_layers: int = Field(2, ge=1, le=128, description="Built-in model: transformer blocks.")
+    num_heads: int = Field(
+        2,
+        ge=1,
+        le=128,
+        description="Built-in model: attention heads; hidden_size / num_heads is the head size.",
+    )
+    max_positions: int = Field(
+        64, ge=8, le=131072, description="Built-in model: longest prompt + response in tokens."
+    )
 
     @model_validator(mode="after")
-    def _head_dim(self) -> ModelConfig:
+    def _one_model(self) -> ModelConfig:
+        shape = {"hidden_size", "intermediate_size", "num_layers", "num_heads", "max_positions"}
+        if self.path is not None:
+            given = sorted(shape & self.model_fields_set)
+            if given:
+                raise ValueError(
+                    f"model.path {self.path!r} is a checkpoint, so its shape comes from it; remove {given} "
+                    "(they describe the built-in model)"
+                )
+            local = Path(self.path).expanduser()
+            if local.exists() and not (local / "config.json").is_file():
+                raise ValueError(
+                    f"model.path {self.path!r} has no config.json: it is not a Hugging Face model directory; "
+                    "point it at the folder save_pretrained wrote"
+                )
+            return self
         head_dim, rest = divmod(self.hidden_size, self.num_heads)
         if rest or head_dim not in HEAD_DIMS:
             raise ValueError(

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 @dataclass(frozen=True)
 class Example:
-    prompt: str  # what the policy sees
+    prompt: str | list[dict[str, str]]  # what the policy sees: text, or chat messages
     answer: str  # what the reward checks against; also the warm-start target
 
 

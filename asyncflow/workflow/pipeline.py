@@ -44,6 +44,7 @@ class Pipeline:
         from dataplane.store import start_store
         from workers.weights import WeightStore
 
+        check(config)  # a bad task, data set or checkpoint fails here, before any actor starts
         self.config, self.run = config, run
         self.store = start_store(config.dataplane)
         self.weights = (
@@ -359,3 +360,21 @@ def _unwrapped(e: Any) -> Exception:
 
 def split(total: int, parts: int) -> list[int]:
     return [total // parts + (i < total % parts) for i in range(parts)]
+
+
+def check(config: AsyncFlowConfig) -> None:
+    """Build what every worker builds (the task, its kind, the tokenizer) and render the first
+    training and held-out prompts, so that a missing file or column, an empty data set, a path
+    that is not a checkpoint or chat messages without a chat template fail with their own message
+    before any actor starts."""
+    from workers.kinds import make_kind
+    from workers.policy import make_task
+
+    try:
+        task = make_task(config.task, config.seed)
+        kind = make_kind(config, task)
+        kind.prompts([task.example(0)])
+        if config.task.eval_prompts:
+            kind.prompts([task.eval_example(0)])
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"{config.task.source} with model {config.model.path or 'built-in'}: {e}") from None

@@ -1,0 +1,60 @@
+"""Rewards for text answers, ready to name in `task.reward` (`asyncflow.tasks.rewards:NAME`).
+
+Each is `reward(prompt, response, answer) -> float` on decoded text, 1.0 for a correct
+response and 0.0 otherwise (`answer_format` checks the shape only). A task's own reward function
+plugs in the same way.
+"""
+
+from __future__ import annotations
+
+import re
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+_FINAL = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
+_BOXED = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")
+
+
+def exact(prompt: str, response: str, answer: str) -> float:
+    """The response is the answer (surrounding whitespace aside)."""
+    return float(response.strip() == answer.strip())
+
+
+def final_number(prompt: str, response: str, answer: str) -> float:
+    """The number after the response's last `####` (GSM8K's format), or else its last number,
+    equals the answer's number (commas and trailing zeros aside)."""
+    found = _FINAL.findall(response) or _NUMBER.findall(response)
+    want = _FINAL.findall(answer) or _NUMBER.findall(answer)
+    return float(bool(found and want) and _number(found[-1]) == _number(want[-1]))
+
+
+def boxed(prompt: str, response: str, answer: str) -> float:
+    """The response's last `\\boxed{...}` holds the answer (as text, spaces aside)."""
+    found = _BOXED.findall(response)
+    return float(bool(found) and found[-1].replace(" ", "") == answer.strip().replace(" ", ""))
+
+
+def math_verify(prompt: str, response: str, answer: str) -> float:
+    """The response's final answer is mathematically equal to the answer (HF's math-verify:
+    `\\boxed{}` and `####` extraction, LaTeX and plain forms, 1/2 = 0.5 = \\frac{1}{2})."""
+    try:
+        from math_verify import parse, verify
+    except ImportError:
+        raise ImportError(
+            "asyncflow.tasks.rewards:math_verify needs the math-verify package: pip install 'asyncflow[math]'"
+        ) from None
+    final = _FINAL.findall(response)
+    target = parse(answer if "$" in answer or "\\" in answer else f"${answer}$")
+    got = parse(f"${final[-1]}$") if final else parse(response)
+    return float(bool(got) and bool(target) and verify(target, got))
+
+
+def answer_format(prompt: str, response: str, answer: str) -> float:
+    """The response ends with a final answer in GSM8K's form, `#### <number>`."""
+    return float(bool(re.search(r"####\s*-?[\d,]*\.?\d+\s*$", response)))
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return None
