@@ -16,7 +16,7 @@ from asyncflow.rundir import RunDir
 
 def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None) -> Path:
     """Write the policy of checkpoint `step` (default: the newest whole one) of the run to `out_dir`."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load_model
 
     from services.models import save_model
     from workers.kinds import make_kind
@@ -39,7 +39,7 @@ def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None) ->
             )
     kind = make_kind(config, make_task(config.task, config.seed))
     model: Any = kind.model(config.seed)  # a transformers model (a token policy)
-    model.load_state_dict(load_file(str(path / "trainer" / "model.safetensors")))
+    load_model(model, str(path / "trainer" / "model.safetensors"))
     return save_model(model, kind.tokenizer, out_dir)
 
 

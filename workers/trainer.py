@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_model, save_model
 from torch import Tensor
 
 from asyncflow.algorithms import aggregate, group_advantages, kl_penalty, on_grid, policy_loss
@@ -179,14 +179,13 @@ class TrainerWorker:
 
     def save(self, path: str) -> None:
         Path(path).mkdir(parents=True, exist_ok=True)
-        save_file(
-            {k: v.contiguous() for k, v in self.model.state_dict().items()}, f"{path}/model.safetensors"
-        )
+        # safetensors' save_model stores a tied weight once (embedding and LM head: one tensor)
+        save_model(self.model, f"{path}/model.safetensors")
         torch.save(self.optimizer.state_dict(), f"{path}/optimizer.pt")
         Path(path, "trainer.json").write_text(json.dumps({"version": self.version}))
 
     def load(self, path: str) -> int:
-        self.model.load_state_dict(load_file(f"{path}/model.safetensors"))
+        load_model(self.model, f"{path}/model.safetensors")
         self.optimizer.load_state_dict(torch.load(f"{path}/optimizer.pt", weights_only=True))
         self.version = json.loads(Path(path, "trainer.json").read_text())["version"]
         return self.version
@@ -194,4 +193,4 @@ class TrainerWorker:
     def save_weights(self, path: str) -> None:
         """The current weights alone (the reference policy is the warm-started version 0)."""
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, path)
+        save_model(self.model, path)

@@ -75,7 +75,8 @@ class ModelConfig(Section):
     def _one_model(self) -> ModelConfig:
         shape = {"hidden_size", "intermediate_size", "num_layers", "num_heads", "max_positions"}
         if self.path is not None:
-            given = sorted(shape & self.model_fields_set)
+            # (a saved config lists every field with its default; only a shape someone set is refused)
+            given = sorted(f for f in shape if getattr(self, f) != type(self).model_fields[f].default)
             if given:
                 raise ValueError(
                     f"model.path {self.path!r} is a checkpoint, so its shape comes from it; remove {given} "

@@ -249,14 +249,14 @@ class ReferenceHost(Host):
         self.weights_path = weights_path
 
     def make(self, store: Any) -> Any:
-        from safetensors.torch import load_file
+        from safetensors.torch import load_model
 
         from workers.policy import set_threads
         from workers.reference import ReferenceWorker
 
         set_threads(self.config.reference.torch_threads)
         model = self.kind.model(self.config.seed)
-        model.load_state_dict(load_file(self.weights_path))
+        load_model(model, self.weights_path)
         return ReferenceWorker(
             model, store, kind=self.kind, get_timeout_s=self.config.dataplane.get_timeout_s
         )
