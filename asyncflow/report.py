@@ -92,3 +92,10 @@ class Report:
         self.plot(before, after)
         self.run.write_summary(summary)
         return summary
+
+
+def prompts_line(prompt_filter: dict) -> str:
+    """What a data set dropped as too long for the model (pipeline.check's report), in one line."""
+    dropped = prompt_filter["prompts_dropped"]
+    counts = ", ".join(f"{n} {split}" for split, n in dropped.items()) or "none"
+    return f"data set: prompts longer than {prompt_filter['max_prompt_tokens']} tokens dropped: {counts}"

@@ -85,12 +85,17 @@ class Kind(Protocol):
 
 
 def make_kind(config: AsyncFlowConfig, task: Any) -> Kind:
-    """The kind `config.policy` names, for `task`."""
+    """The kind `config.policy` names, for `task`. A task that drops prompts too long for the model
+    (a data set: `limit_prompts`) learns here how this kind counts a prompt's tokens (chat template
+    applied, as the rollout does) and how many the model has room for."""
     if config.policy == "flow":
         from workers.flow_kind import FlowKind
 
         return FlowKind(config.flow, task)
-    return TokenKind(make_tokenizer(task, config.model), config.model, config.rollout)
+    kind = TokenKind(make_tokenizer(task, config.model), config.model, config.rollout)
+    if hasattr(task, "limit_prompts"):
+        task.limit_prompts(lambda prompt: len(kind.prompt_ids(prompt)), kind.prompt_room())
+    return kind
 
 
 class TokenKind:
@@ -146,6 +151,29 @@ class TokenKind:
         if tok.bos_token_id is not None and (not ids or ids[0] != tok.bos_token_id):
             ids = [tok.bos_token_id, *ids]
         return ids
+
+    def prompt_room(self) -> int | None:
+        """The most prompt tokens the model has room for: its max positions (the built-in model's
+        max_positions, a checkpoint's max_position_embeddings) minus rollout.max_new_tokens; None
+        for a checkpoint whose config gives no max positions."""
+        m = self.model_config
+        positions = m.max_positions
+        if m.path is not None:
+            from transformers import AutoConfig
+
+            checkpoint = AutoConfig.from_pretrained(
+                m.path, revision=m.revision, trust_remote_code=m.trust_remote_code
+            )
+            positions = getattr(checkpoint, "max_position_embeddings", None)
+            if positions is None:
+                return None
+        room = positions - self.rollout.max_new_tokens
+        if room < 1:
+            raise ValueError(
+                f"rollout.max_new_tokens {self.rollout.max_new_tokens} leaves no room for a prompt in the "
+                f"model's {positions} positions; lower it below {positions}"
+            )
+        return room
 
     def prompts(self, examples: Sequence[Any]) -> dict[str, list]:
         return {"prompt_ids": [np.asarray(self.prompt_ids(e.prompt), np.int64) for e in examples]}

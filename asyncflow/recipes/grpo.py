@@ -20,7 +20,7 @@ from asyncflow.config import AsyncFlowConfig
 from asyncflow.control import Steering, StopRun
 from asyncflow.display import RunView
 from asyncflow.errors import DataPlaneError, WorkerError
-from asyncflow.report import Report
+from asyncflow.report import Report, prompts_line
 from asyncflow.rundir import RunDir
 from asyncflow.workflow import Pipeline, init_ray
 
@@ -78,6 +78,8 @@ class Run:
             self.view.note(f"{run.path}: no usable checkpoint; starting again from step 0")
             run.truncate_logs(0)
         self.pipe = pipe = Pipeline(config, run, cursor=state[1]["cursor"] if state else 0)
+        if pipe.prompt_filter:
+            self.view.note(prompts_line(pipe.prompt_filter))
         ended = "failed"
         try:
             self.steering = Steering(pipe)
@@ -140,7 +142,7 @@ class Run:
         """The summary (with what is left untrained: kept in the final checkpoint) and the plot."""
         left = await self.pipe.finish()
         staleness = self.steering.staleness if self.steering else self.config.staleness
-        return self.report.summary(before, after, staleness, **left, **more)
+        return self.report.summary(before, after, staleness, **left, **self.pipe.prompt_filter, **more)
 
 
 def train(config: AsyncFlowConfig, *, resume: str | None = None, display: bool = True) -> dict:

@@ -1,30 +1,36 @@
-"""Prompts from a data set on disk: JSON lines or CSV, read by index.
+"""Prompts from a data set, read by index: a JSON-lines, CSV or Parquet file, or a Hugging Face
+`datasets` data set (asyncflow.tasks.records reads them all with flat memory).
 
 Each record gives a prompt, as text or as chat messages (`[{"role": ..., "content": ...}]`,
-rendered later with the checkpoint's chat template), and an answer for the reward. Training
-prompt `i` is record `order[i % n]` of epoch `i // n`, each epoch in an order of its own drawn
-from the seed, so a run resumed at a prompt cursor continues mid-epoch with no prompt skipped
-or repeated. Held-out prompts come from `eval_path`, or else from the last `eval_fraction` of
-the file, which training then never sees.
+rendered later with the checkpoint's chat template), and an answer for the reward. Held-out
+prompts come from `eval_path`, from `eval_split` of the same data set, or else from the last
+`eval_fraction` of it, which training then never sees.
 
-A JSON-lines file is indexed once by byte offsets and read record by record, so memory stays
-flat however large it is; a CSV file (rows may span lines) is read whole.
+Prompts the model has no room for are dropped from the index once, when it is first read: those
+longer than `max_prompt_tokens`, by default the model's max positions minus
+rollout.max_new_tokens, counted with the chat template applied as the rollout applies it (the
+kind hands `limit_prompts` its token count: workers.kinds.make_kind). Dropping happens here and
+not at admission, so the prompt cursor still counts every prompt the trainer will wait for.
+Training prompt `i` is kept record `order[i % n]` of epoch `i // n`, each epoch in an order of its
+own drawn from the seed, so a run resumed at a prompt cursor continues mid-epoch with no prompt
+skipped or repeated.
 
     task:
       source: asyncflow.tasks.dataset:Dataset
       options: {path: data/train.jsonl, eval_path: data/eval.jsonl, messages: messages, answer: answer}
+      # or {path: "hf:openai/gsm8k", subset: main, eval_split: test, prompt: question}
 """
 
 from __future__ import annotations
 
-import csv
 import json
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from asyncflow.tasks import Example
+from asyncflow.tasks.records import Records, check_columns, open_records
 
 
 class Dataset:
@@ -32,57 +38,117 @@ class Dataset:
 
     def __init__(
         self, path: str, eval_path: str = "", prompt: str = "prompt", messages: str = "",
-        answer: str = "answer", eval_fraction: float = 0.0, shuffle: bool = True, seed: int = 0,
+        answer: str = "answer", split: str = "train", eval_split: str = "", subset: str = "",
+        eval_fraction: float = 0.0, max_prompt_tokens: int = 0, shuffle: bool = True, seed: int = 0,
     ):  # fmt: skip
-        """`prompt` / `messages`: the column holding the prompt as text, or as chat messages (set
-        `messages` to use it); `answer`: the column the reward checks against."""
+        """`path`: a .jsonl / .csv / .parquet file, a `datasets` save_to_disk directory, or hf:NAME
+        (datasets.load_dataset: a hub name or local data files); `split` / `subset`: which part of a
+        `datasets` data set (subset: load_dataset's configuration name).
+        `prompt` / `messages`: the column holding the prompt as text, or as chat messages (set
+        `messages` to use it); `answer`: the column the reward checks against.
+        Held-out prompts: `eval_path` (read with `eval_split` or else `split`), or `eval_split` of
+        `path`, or the last `eval_fraction` of `path`; at most one of them.
+        `max_prompt_tokens`: longest prompt kept (0: the room the model leaves)."""
         self.columns = (messages or prompt, answer)
         self.is_chat, self.shuffle, self.seed = bool(messages), shuffle, seed
-        records = _Records(Path(path))
         if not 0 <= eval_fraction < 1:
             raise ValueError(f"eval_fraction {eval_fraction} must be in [0, 1): a share of {path} held out")
-        held = int(len(records) * eval_fraction)
-        self._train, self._train_rows = records, len(records) - held
-        self._eval, self._eval_rows = (records, range(self._train_rows, len(records)))
-        if eval_path:
-            self._eval = _Records(Path(eval_path))
-            self._eval_rows = range(len(self._eval))
-        if self._train_rows < 1:
+        if sum(map(bool, (eval_path or eval_split, eval_fraction))) > 1:
+            raise ValueError(
+                f"held-out prompts from eval_path / eval_split and from eval_fraction {eval_fraction}: "
+                "set one of them"
+            )
+        if max_prompt_tokens < 0:
+            raise ValueError(
+                f"max_prompt_tokens {max_prompt_tokens} must be >= 0 (0: the room the model leaves)"
+            )
+        self.max_prompt_tokens = max_prompt_tokens
+        train = open_records(path, self.columns, split, subset)
+        held = int(len(train) * eval_fraction)
+        if len(train) - held < 1:
             raise ValueError(f"data set {path} has no training records left (eval_fraction {eval_fraction})")
-        for source, row in ((self._train, 0), (self._eval, self._eval_rows[0] if self._eval_rows else None)):
-            if row is not None:
-                self._example(source, row)  # a missing column is refused now, not at step 0
+        self._splits: dict[str, tuple[Records, range]] = {
+            "train": (train, range(len(train) - held)),
+            "eval": (train, range(len(train) - held, len(train))),
+        }
+        if eval_path or eval_split:
+            held_out = open_records(eval_path or path, self.columns, eval_split or split, subset)
+            self._splits["eval"] = (held_out, range(len(held_out)))
+        for records, rows in self._splits.values():
+            if rows:
+                self._example(records, rows[0])  # a missing column is refused now, not at step 0
+        self._count_tokens: Callable[[Any], int] | None = None
+        self.limit: int | None = None  # longest prompt kept, in tokens (None: all kept)
+        self.dropped: dict[str, int] = {}  # prompts dropped, by split, once its index is built
+        self._kept: dict[str, np.ndarray] = {}
         self._orders: dict[int, np.ndarray] = {}
+
+    def limit_prompts(self, count_tokens: Callable[[Any], int], room: int | None) -> None:
+        """Drop prompts longer than `max_prompt_tokens`, or else than `room` (the model's max
+        positions minus the longest response; None: no limit), counted by `count_tokens(prompt)`."""
+        if self.max_prompt_tokens and room is not None and self.max_prompt_tokens > room:
+            raise ValueError(
+                f"task.options.max_prompt_tokens {self.max_prompt_tokens} is more than the {room} tokens "
+                "the model leaves for a prompt (its max positions minus rollout.max_new_tokens); lower it"
+            )
+        self.limit = self.max_prompt_tokens or room
+        self._count_tokens = count_tokens if self.limit is not None else None
+        self._kept, self._orders, self.dropped = {}, {}, {}
+
+    def kept(self, split: str) -> np.ndarray:
+        """The rows of `split` ("train" or "eval") whose prompts fit the limit, in record order;
+        tokenized once, on first use."""
+        kept = self._kept.get(split)
+        if kept is None:
+            records, rows = self._splits[split]
+            kept = np.asarray(rows, dtype=np.int64)
+            if self._count_tokens is not None and len(kept):
+                lengths = np.array([self._count_tokens(self._example(records, r).prompt) for r in rows])
+                kept = kept[lengths <= self.limit]
+                self.dropped[split] = len(rows) - len(kept)
+                if not len(kept):
+                    raise ValueError(
+                        f"all {len(rows)} {split} prompts of {records.path} are longer than {self.limit} "
+                        f"tokens (the shortest has {lengths.min()}); {self._limit_fix()}"
+                    )
+            self._kept[split] = kept
+        return kept
+
+    def _limit_fix(self) -> str:
+        if self.max_prompt_tokens:
+            return "raise task.options.max_prompt_tokens"
+        return (
+            "the limit is the room the model leaves (its max positions minus rollout.max_new_tokens): "
+            "lower rollout.max_new_tokens or use a model with more positions"
+        )
 
     def _order(self, epoch: int) -> np.ndarray:
         order = self._orders.get(epoch)
         if order is None:
-            n = self._train_rows
+            n = len(self.kept("train"))
             order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
             self._orders = {epoch: order}  # one epoch at a time is all a cursor needs
         return order
 
     def example(self, index: int) -> Example:
-        epoch, at = divmod(index, self._train_rows)
-        return self._example(self._train, int(self._order(epoch)[at]))
+        kept = self.kept("train")
+        epoch, at = divmod(index, len(kept))
+        return self._example(self._splits["train"][0], int(kept[self._order(epoch)[at]]))
 
     def eval_example(self, index: int) -> Example:
-        if not self._eval_rows:
+        records, rows = self._splits["eval"]
+        if not rows:
             raise ValueError(
-                "this data set has no held-out prompts: set eval_path or eval_fraction, or "
+                "this data set has no held-out prompts: set eval_path, eval_split or eval_fraction, or "
                 "task.eval_prompts: 0"
             )
-        return self._example(self._eval, self._eval_rows[index % len(self._eval_rows)])
+        kept = self.kept("eval")
+        return self._example(records, int(kept[index % len(kept)]))
 
-    def _example(self, records: _Records, row: int) -> Example:
+    def _example(self, records: Records, row: int) -> Example:
         record = records[row]
         prompt_key, answer_key = self.columns
-        missing = [k for k in (prompt_key, answer_key) if k not in record]
-        if missing:
-            raise ValueError(
-                f"{records.path}, record {row}: no column {missing} (it has {sorted(record)}); set the "
-                "task options prompt / messages / answer to the columns that hold them"
-            )
+        check_columns(records.path, f"record {row}", self.columns, record)
         prompt = record[prompt_key]
         if self.is_chat and isinstance(prompt, str):  # a CSV cell holds the messages as JSON
             try:
@@ -97,45 +163,3 @@ class Dataset:
                 '({"role": ..., "content": ...}); set `prompt` instead of `messages` for text prompts'
             )
         return Example(prompt, str(record[answer_key]))
-
-
-class _Records:
-    """The records of one file, by position."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        if not path.is_file():
-            raise ValueError(f"data set file {str(path)!r} does not exist; check task.options.path")
-        self._rows: list[dict] | None = None
-        self._offsets: list[int] = []
-        if path.suffix == ".csv":
-            with open(path, newline="") as f:
-                self._rows = list(csv.DictReader(f))
-        elif path.suffix in (".jsonl", ".json"):
-            with open(path, "rb") as f:
-                offset = 0
-                for line in f:
-                    if line.strip():
-                        self._offsets.append(offset)
-                    offset += len(line)
-        else:
-            raise ValueError(f"data set file {str(path)!r}: expected .jsonl or .csv")
-        if len(self) == 0:
-            raise ValueError(f"data set file {str(path)!r} has no records")
-
-    def __len__(self) -> int:
-        return len(self._rows) if self._rows is not None else len(self._offsets)
-
-    def __getitem__(self, row: int) -> dict[str, Any]:
-        if self._rows is not None:
-            return self._rows[row]
-        with open(self.path, "rb") as f:
-            f.seek(self._offsets[row])
-            line = f.readline()
-        try:
-            record = json.loads(line)
-        except ValueError as e:
-            raise ValueError(f"{self.path}, record {row}: not valid JSON ({e})") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{self.path}, record {row}: expected a JSON object per line")
-        return record

@@ -44,7 +44,8 @@ class Pipeline:
         from dataplane.store import start_store
         from workers.weights import WeightStore
 
-        check(config)  # a bad task, data set or checkpoint fails here, before any actor starts
+        # a bad task, data set or checkpoint fails here, before any actor starts
+        self.prompt_filter = check(config)  # a data set: its limit, and the prompts it dropped
         self.config, self.run = config, run
         self.store = start_store(config.dataplane)
         self.weights = (
@@ -362,11 +363,12 @@ def split(total: int, parts: int) -> list[int]:
     return [total // parts + (i < total % parts) for i in range(parts)]
 
 
-def check(config: AsyncFlowConfig) -> None:
+def check(config: AsyncFlowConfig) -> dict:
     """Build what every worker builds (the task, its kind, the tokenizer) and render the first
     training and held-out prompts, so that a missing file or column, an empty data set, a path
-    that is not a checkpoint or chat messages without a chat template fail with their own message
-    before any actor starts."""
+    that is not a checkpoint, chat messages without a chat template or a data set with no prompt
+    short enough fail with their own message before any actor starts. Returns what a data set
+    dropped as too long for the model (empty for other tasks), for the run's log and summary."""
     from workers.kinds import make_kind
     from workers.policy import make_task
 
@@ -378,3 +380,6 @@ def check(config: AsyncFlowConfig) -> None:
             kind.prompts([task.eval_example(0)])
     except (ValueError, OSError) as e:
         raise ConfigError(f"{config.task.source} with model {config.model.path or 'built-in'}: {e}") from None
+    if getattr(task, "limit", None) is None:
+        return {}
+    return {"max_prompt_tokens": task.limit, "prompts_dropped": dict(task.dropped)}
