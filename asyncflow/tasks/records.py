@@ -160,7 +160,8 @@ def _load_from_disk(path: str, split: str) -> Any:
     if isinstance(data, datasets.DatasetDict):
         if split not in data:
             raise ValueError(
-                f"data set {path!r} has no split {split!r} (it has {sorted(data)}); set task.options.split"
+                f"data set {path!r} has no split {split!r} (it has {sorted(data)}); set task.options.split "
+                "(or eval_split, for held-out prompts) to one of them"
             )
         data = data[split]
     return data

@@ -113,6 +113,73 @@ def test_a_data_set_task_needs_a_checkpoint_tokenizer(chat_file):
         check(config)
 
 
+def test_prompts_longer_than_the_limit_leave_the_index_and_are_counted(tmp_path):
+    words = [1, 9, 2, 8, 3, 7, 4, 6, 5, 10]  # the last two are held out
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "w " * n, "answer": n} for n in words])
+    count = lambda prompt: len(prompt.split())  # noqa: E731  (the kind counts tokens, template applied)
+    data = Dataset(path, eval_fraction=0.2)
+    data.limit_prompts(count, room=5)
+    epochs = [sorted(data.example(i).answer for i in range(e * 4, e * 4 + 4)) for e in range(3)]
+    assert epochs == [["1", "2", "3", "4"]] * 3  # each kept prompt once an epoch, the long ones never
+    assert {data.eval_example(i).answer for i in range(3)} == {"5"}
+    assert data.dropped == {"train": 4, "eval": 1} and data.limit == 5
+    again = Dataset(path, eval_fraction=0.2)  # a resumed run: the same prompt at every cursor
+    again.limit_prompts(count, room=5)
+    assert [again.example(i) for i in range(5, 11)] == [data.example(i) for i in range(5, 11)]
+
+    configured = Dataset(path, max_prompt_tokens=3, shuffle=False)
+    configured.limit_prompts(count, room=None)  # a checkpoint that gives no max positions
+    assert [configured.example(i).answer for i in range(4)] == ["1", "2", "3", "1"]
+    with pytest.raises(ValueError, match="max_prompt_tokens 3 is more than the 2 tokens the model leaves"):
+        configured.limit_prompts(count, room=2)
+    unlimited = Dataset(path)
+    unlimited.limit_prompts(count, room=None)
+    assert len({unlimited.example(i).answer for i in range(10)}) == 10 and unlimited.dropped == {}
+
+
+def test_no_prompt_short_enough_is_refused_with_the_fix(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "w " * 9, "answer": 1}] * 3)
+    data = Dataset(path)
+    data.limit_prompts(lambda prompt: len(prompt.split()), room=5)
+    with pytest.raises(ValueError, match="all 3 train prompts of .* are longer than 5 tokens \\(the shortest "
+                       "has 9\\); the limit is the room the model leaves .* lower rollout.max_new_tokens"):  # fmt: skip
+        data.example(0)
+
+
+def chat_config(path: str, checkpoint: str, **rollout):
+    from asyncflow.config import parse_config
+
+    task = {
+        "source": "asyncflow.tasks.dataset:Dataset",
+        "options": {"path": path, "messages": "messages", "eval_fraction": 0.25},
+        "reward": "asyncflow.tasks.rewards:exact",
+    }  # fmt: skip
+    return parse_config({"task": task, "model": {"path": checkpoint}, "rollout": rollout})
+
+
+def test_the_run_drops_prompts_the_checkpoint_has_no_room_for_before_any_actor_starts(tmp_path, checkpoints):
+    from asyncflow.errors import ConfigError
+    from asyncflow.workflow.pipeline import check
+    from workers.kinds import make_kind
+    from workers.policy import make_task
+
+    chat = lambda n: [{"role": "user", "content": "What is 1 plus 1? " * n}]  # noqa: E731
+    records = [{"messages": chat(n), "answer": n} for n in (1, 40, 2, 3, 50, 4, 5, 60)]
+    config = chat_config(write_jsonl(tmp_path / "d.jsonl", records), checkpoints["qwen2"], max_new_tokens=16)
+    kind = make_kind(config, make_task(config.task, config.seed))
+    lengths = [len(kind.prompt_ids(chat(n))) for n in (1, 40, 2, 3, 50, 4, 5, 60)]
+    assert lengths[0] < 240 < min(lengths[1], lengths[4], lengths[7])  # 256 positions, 16 for the response
+    assert check(config) == {"max_prompt_tokens": 240, "prompts_dropped": {"train": 2, "eval": 1}}
+
+    long_only = write_jsonl(tmp_path / "long.jsonl", [records[1], records[4], records[7]])
+    with pytest.raises(ConfigError, match="all 3 train prompts of .*long.jsonl are longer than 240 tokens"):
+        check(chat_config(long_only, checkpoints["qwen2"], max_new_tokens=16))
+    with pytest.raises(
+        ConfigError, match="rollout.max_new_tokens 256 leaves no room for a prompt in the model's 256"
+    ):
+        check(chat_config(long_only, checkpoints["qwen2"], max_new_tokens=256))
+
+
 @pytest.mark.parametrize(
     ("reward", "response", "answer", "expected"),
     [
