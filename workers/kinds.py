@@ -157,7 +157,7 @@ class TokenKind:
         max_positions, a checkpoint's max_position_embeddings) minus rollout.max_new_tokens; None
         for a checkpoint whose config gives no max positions."""
         m = self.model_config
-        positions = m.max_positions
+        positions: int | None = m.max_positions
         if m.path is not None:
             from transformers import AutoConfig
 
@@ -165,8 +165,8 @@ class TokenKind:
                 m.path, revision=m.revision, trust_remote_code=m.trust_remote_code
             )
             positions = getattr(checkpoint, "max_position_embeddings", None)
-            if positions is None:
-                return None
+        if positions is None:
+            return None
         room = positions - self.rollout.max_new_tokens
         if room < 1:
             raise ValueError(

@@ -4,7 +4,9 @@ A task knows nothing about tokens, models or the data store: it maps an index to
 and an answer (deterministically, so a resumed run picks up at a cursor) and scores text.
 Tasks and rewards are plugged in by "module:attr" strings in `task.source` / `task.reward`.
 Token tasks map an index to text; flow tasks (`FlowTask`) to a condition vector, and also
-give data to pre-train the flow on.
+give data to pre-train the flow on. A task read from data (`tasks.dataset`) may also define
+`limit_prompts(count_tokens, room)`: the token kind calls it so that prompts too long for the model
+leave the task's index before any index is read (workers.kinds.make_kind).
 """
 
 from __future__ import annotations

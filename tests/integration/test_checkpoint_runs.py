@@ -81,6 +81,55 @@ def test_a_checkpoint_trains_on_a_data_set_and_exports_what_it_trained(
     assert tok.chat_template and tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
 
 
+def test_a_data_set_run_resumed_mid_epoch_trains_every_kept_prompt_exactly_once(
+    ray_session, tmp_path, checkpoints
+):
+    """A Parquet data set with prompts the checkpoint has no room for (256 positions, 8 for the
+    response): they never reach an engine (which would refuse them), the run stops after 3 steps
+    mid-epoch and --resume continues it to 7; at k = 0, where the trainer waits for whole batches,
+    the dropped prompts cost no step. Every admitted prompt is trained once, and each epoch of
+    prompt indices is the kept records, each once."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from workers.kinds import make_kind
+    from workers.policy import make_task
+
+    long = [{"role": "user", "content": "What is 1 plus 1? " * 40}]  # ~360 tokens
+    rows = [
+        {
+            "messages": long if a in (3, 8) else [{"role": "user", "content": f"What is {a} plus 1?"}],
+            "answer": a + 1,
+        }
+        for a in range(12)
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train.parquet", row_group_size=5)
+    options = {"path": str(tmp_path / "train.parquet"), "messages": "messages"}
+    task = {"source": "asyncflow.tasks.dataset:Dataset", "options": options, "eval_prompts": 0,
+            "reward": "asyncflow.tasks.rewards:final_number"}  # fmt: skip
+    trainer = {"steps": 3, "batch_prompts": 4, "checkpoint_every": 3}
+    config = config_for(tmp_path, checkpoints["qwen2"], task=task, trainer=trainer, staleness=0)
+    first = train(config, display=False)
+    assert first["prompts_dropped"] == {"train": 2} and first["max_prompt_tokens"] == 248
+    assert first["admitted_prompts"] % 10 != 0  # the checkpoint is mid-epoch (10 kept prompts)
+    run_dir = first["run_dir"]
+    resumed = train(RunDir.open(run_dir).config(["trainer.steps=7"]), resume=run_dir, display=False)
+    assert [m["step"] for m in RunDir(run_dir).metrics()] == list(range(1, 8))
+    trained = assert_exactly_once(resumed, n=4)
+    assert resumed["admitted_prompts"] in (28, 32)  # k = 0: at most the next step's batch ahead
+
+    data = make_task(config.task, config.seed)  # the prompts as every worker of the run indexes them
+    make_kind(config, data)
+    indices = sorted({p for p, _ in trained})
+    assert indices == list(range(28))  # at k = 0, step s trains prompts 4(s - 1) .. 4s - 1
+    records = [data.example(i).answer for i in indices]
+    assert "4" not in records and "9" not in records  # the long prompts (answers 4, 9) were dropped
+    for epoch in range(2):
+        assert sorted(records[epoch * 10 : epoch * 10 + 10], key=int) == [
+            str(a + 1) for a in range(12) if a not in (3, 8)
+        ]
+
+
 def test_the_exported_checkpoint_is_served_by_vllm_with_the_trainers_logprobs(tmp_path, checkpoints):
     """Export of the base checkpoint's weights (no run needed for the round trip): vLLM loads the
     directory, and its log-probs are the transformers model's."""

@@ -141,8 +141,10 @@ def test_no_prompt_short_enough_is_refused_with_the_fix(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "w " * 9, "answer": 1}] * 3)
     data = Dataset(path)
     data.limit_prompts(lambda prompt: len(prompt.split()), room=5)
-    with pytest.raises(ValueError, match="all 3 train prompts of .* are longer than 5 tokens \\(the shortest "
-                       "has 9\\); the limit is the room the model leaves .* lower rollout.max_new_tokens"):  # fmt: skip
+    message = (
+        "all 3 train prompts of .* are longer than 5 tokens \\(the shortest has 9\\); the limit is the room"
+    )
+    with pytest.raises(ValueError, match=message + " the model leaves .* lower rollout.max_new_tokens"):
         data.example(0)
 
 
