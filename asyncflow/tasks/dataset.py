@@ -46,7 +46,7 @@ class Dataset:
         `datasets` data set (subset: load_dataset's configuration name).
         `prompt` / `messages`: the column holding the prompt as text, or as chat messages (set
         `messages` to use it); `answer`: the column the reward checks against.
-        Held-out prompts: `eval_path` (read with `eval_split` or else `split`), or `eval_split` of
+        Held-out prompts: `eval_path` (its split `eval_split`, if it has splits), or `eval_split` of
         `path`, or the last `eval_fraction` of `path`; at most one of them.
         `max_prompt_tokens`: longest prompt kept (0: the room the model leaves)."""
         self.columns = (messages or prompt, answer)
@@ -57,6 +57,10 @@ class Dataset:
             raise ValueError(
                 f"held-out prompts from eval_path / eval_split and from eval_fraction {eval_fraction}: "
                 "set one of them"
+            )
+        if subset and not path.startswith("hf:"):
+            raise ValueError(
+                f"subset {subset!r} names a configuration of hf:NAME; {path!r} has none: unset it"
             )
         if max_prompt_tokens < 0:
             raise ValueError(
@@ -72,7 +76,7 @@ class Dataset:
             "eval": (train, range(len(train) - held, len(train))),
         }
         if eval_path or eval_split:
-            held_out = open_records(eval_path or path, self.columns, eval_split or split, subset)
+            held_out = open_records(eval_path or path, self.columns, eval_split or "train", subset)
             self._splits["eval"] = (held_out, range(len(held_out)))
         for records, rows in self._splits.values():
             if rows:

@@ -15,6 +15,7 @@ lines) is read whole.
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -33,13 +34,16 @@ class Records(Protocol):
 
 def open_records(path: str, columns: Sequence[str], split: str = "train", subset: str = "") -> Records:
     """The records at `path`; `columns`: those the task reads (a columnar source checks them now and
-    reads no others); `split` / `subset`: which part of a `datasets` data set."""
+    reads no others); `split`: which part of a data set with splits ("train": the only part of one
+    without); `subset`: load_dataset's configuration name (hf:NAME only)."""
     if path.startswith("hf:"):
         records: Records = HFRecords(path, _load_dataset(path[3:], split, subset), columns)
     elif Path(path).is_dir():
         records = HFRecords(path, _load_from_disk(path, split), columns)
     elif not Path(path).is_file():
         raise ValueError(f"data set {path!r} does not exist; check task.options.path")
+    elif split != "train":
+        raise _one_split(path, split)
     elif path.endswith((".jsonl", ".json")):
         records = JsonLines(path)
     elif path.endswith(".csv"):
@@ -164,7 +168,17 @@ def _load_from_disk(path: str, split: str) -> Any:
                 "(or eval_split, for held-out prompts) to one of them"
             )
         data = data[split]
+    elif split != "train":
+        raise _one_split(path, split)
     return data
+
+
+def _one_split(path: str, split: str) -> ValueError:
+    return ValueError(
+        f"data set {path!r} has no splits, so split {split!r} names nothing in it; splits are for a "
+        "saved DatasetDict or hf:NAME. Unset split / eval_split, or hold prompts out with eval_path or "
+        "eval_fraction"
+    )
 
 
 def _load_dataset(name: str, split: str, subset: str) -> Any:
@@ -181,8 +195,6 @@ def _load_dataset(name: str, split: str, subset: str) -> Any:
 
 
 def _require(module: str, package: str) -> Any:
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError:

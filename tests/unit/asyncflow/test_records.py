@@ -115,6 +115,13 @@ def test_parquet_reads_one_row_group_at_a_time_and_only_the_tasks_columns(tmp_pa
         ),
         ("parquet", {"eval_split": "test", "eval_fraction": 0.1}, "set one of them"),
         ("jsonl", {"max_prompt_tokens": -1}, "max_prompt_tokens -1 must be >= 0"),
+        ("jsonl", {"split": "test"}, "has no splits, so split 'test' names nothing in it"),
+        (
+            "saved",
+            {"messages": "messages", "eval_split": "test"},
+            "has no splits, so split 'test' names nothing in it",
+        ),
+        ("parquet", {"subset": "main"}, "subset 'main' names a configuration of hf:NAME"),
     ],
 )
 def test_bad_columns_splits_and_options_are_refused_with_the_fix(tmp_path, fmt, options, message):
