@@ -161,6 +161,7 @@ def chat_config(path: str, checkpoint: str, **rollout):
 
 def test_the_run_drops_prompts_the_checkpoint_has_no_room_for_before_any_actor_starts(tmp_path, checkpoints):
     from asyncflow.errors import ConfigError
+    from asyncflow.report import prompts_line
     from asyncflow.workflow.pipeline import check
     from workers.kinds import make_kind
     from workers.policy import make_task
@@ -171,7 +172,9 @@ def test_the_run_drops_prompts_the_checkpoint_has_no_room_for_before_any_actor_s
     kind = make_kind(config, make_task(config.task, config.seed))
     lengths = [len(kind.prompt_ids(chat(n))) for n in (1, 40, 2, 3, 50, 4, 5, 60)]
     assert lengths[0] < 240 < min(lengths[1], lengths[4], lengths[7])  # 256 positions, 16 for the response
-    assert check(config) == {"max_prompt_tokens": 240, "prompts_dropped": {"train": 2, "eval": 1}}
+    report = check(config)
+    assert report == {"max_prompt_tokens": 240, "prompts_dropped": {"train": 2, "eval": 1}}
+    assert prompts_line(report) == "data set: prompts longer than 240 tokens dropped: 2 train, 1 eval"
 
     long_only = write_jsonl(tmp_path / "long.jsonl", [records[1], records[4], records[7]])
     with pytest.raises(ConfigError, match="all 3 train prompts of .*long.jsonl are longer than 240 tokens"):
