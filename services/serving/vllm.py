@@ -21,7 +21,12 @@ close lands on a step boundary.
   `reload_weights` worker method copies all the named tensors into the live model in one
   call (`model.load_weights` alone fails once the CPU kernels have repacked the weights),
   then the prefix cache is emptied so no later request reuses KV written by the old
-  weights, then the version label moves on. The requests in flight (`on_update`):
+  weights, then the version label moves on. A partial update (some tensors: a model trained
+  in part) is applied as it is, except that vLLM rebuilds a fused layer (qkv_proj from q, k,
+  v; gate_up_proj from gate, up) from the shards it is given alone, so a shard left out
+  would come back as uninitialised memory: with `keep_shards` the engine keeps a copy of
+  every fused shard as last loaded and completes the layers an update touches in part.
+  The requests in flight (`on_update`):
     keep   they continue. The running ones are preempted, so at the next step vLLM
            recomputes their KV cache (prompt + tokens so far) under the new weights, and
            their later tokens carry the new version: as with the torch engine's
@@ -79,6 +84,7 @@ class VLLMEngine:
         max_num_seqs: int = 256,
         kv_cache_gib: float = 0.25,
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        keep_shards: bool = False,
     ) -> None:
         if on_update not in ("keep", "abort"):
             raise ValueError(
@@ -101,6 +107,10 @@ class VLLMEngine:
             model_dir, dtype, seed, self._max_positions, max_num_seqs, kv_cache_gib
         )
         self._engine.set_weight_version(str(version))
+        mapping = self._engine.collective_rpc(lambda worker: dict(worker.get_model().packed_modules_mapping))
+        self._fused = _fused_shards(self._shapes, mapping[0])  # shard name -> its layer's shard names
+        # Copies of the fused shards (host memory), for partial updates: see the module doc.
+        self._held = _read_tensors(model_dir, self._fused) if keep_shards else None
         self.version = version
         self.on_update = on_update
         self.stats: dict[str, float] = {
@@ -150,6 +160,7 @@ class VLLMEngine:
                 f"update_weights(version={version}): unknown names {unknown}, shape mismatches {mismatched}; "
                 "send tensors named and shaped as in model.state_dict(). No weight was changed."
             )
+        tensors = self._whole_layers(version, tensors)
         start = time.perf_counter()
         requeue = list(self._samples.values()) if self.on_update == "abort" else []
         self._abort(requeue)
@@ -163,10 +174,28 @@ class VLLMEngine:
             raise RuntimeError(f"update_weights(version={version}): vLLM could not reset its prefix cache")
         engine.set_weight_version(str(version))
         self.version = version
+        if self._held is not None:
+            for name, t in tensors.items():
+                if name in self._held:
+                    self._held[name].copy_(t)
         for sample in requeue:
             self._submit(sample)
         self.stats["weight_updates"] += 1
         self.stats["update_s"] += time.perf_counter() - start
+
+    def _whole_layers(self, version: int, tensors: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        """`tensors` with the held copies of the fused shards they leave out of a layer they touch."""
+        missing = sorted({m for n in tensors for m in self._fused.get(n, ()) if m not in tensors})
+        if not missing:
+            return tensors
+        if self._held is None:
+            raise ValueError(
+                f"update_weights(version={version}): the update leaves out {missing[:4]} ({len(missing)} in "
+                "all), shards of fused vLLM layers it updates in part, and vLLM rebuilds a fused layer from "
+                "the given shards alone; send whole layers, or build the engine with keep_shards=True. "
+                "No weight was changed."
+            )
+        return {**tensors, **{m: self._held[m] for m in missing}}
 
     async def pause(self) -> None:
         # The driver checks the event before each step, so no step starts after this returns.
@@ -289,6 +318,31 @@ def _checkpoint_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
     if not shapes:
         raise ValueError(f"VLLMEngine: {model_dir} holds no *.safetensors weights; save the model there")
     return shapes
+
+
+def _fused_shards(names: Mapping[str, Any], packed: Mapping[str, list[str]]) -> dict[str, tuple[str, ...]]:
+    """Checkpoint name -> the names of every shard of its fused vLLM layer (`packed`: the model's
+    packed_modules_mapping, e.g. qkv_proj: [q_proj, k_proj, v_proj]), for the shards in `names`."""
+    out: dict[str, tuple[str, ...]] = {}
+    for name in names:
+        module, _, param = name.rpartition(".")
+        parent, _, leaf = module.rpartition(".")
+        for shards in packed.values():
+            group = tuple(f"{parent}.{s}.{param}" if parent else f"{s}.{param}" for s in shards)
+            if leaf in shards and len(shards) > 1 and all(g in names for g in group):
+                out[name] = group
+    return out
+
+
+def _read_tensors(model_dir: Path, names: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The named tensors of the directory's safetensors files, read into memory."""
+    from safetensors import safe_open
+
+    out: dict[str, torch.Tensor] = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            out.update({name: f.get_tensor(name) for name in f.keys() if name in names})
+    return out
 
 
 def _start_vllm(
