@@ -22,10 +22,12 @@ close lands on a step boundary.
   call (`model.load_weights` alone fails once the CPU kernels have repacked the weights),
   then the prefix cache is emptied so no later request reuses KV written by the old
   weights, then the version label moves on. A partial update (some tensors: a model trained
-  in part) is applied as it is, except that vLLM rebuilds a fused layer (qkv_proj from q, k,
-  v; gate_up_proj from gate, up) from the shards it is given alone, so a shard left out
-  would come back as uninitialised memory: with `keep_shards` the engine keeps a copy of
-  every fused shard as last loaded and completes the layers an update touches in part.
+  in part) is applied as it is, except that vLLM rebuilds each layer it touches from the
+  tensors it is given alone (a weight and its bias; the shards of a fused layer: qkv_proj
+  from q, k, v), so a tensor left out would come back as uninitialised memory (measured:
+  q and v alone put log-probs 0.05 off). With `keep_shards` the engine keeps a copy of the
+  tensors of every layer of several tensors, as last loaded, and completes the layers an
+  update touches in part.
   The requests in flight (`on_update`):
     keep   they continue. The running ones are preempted, so at the next step vLLM
            recomputes their KV cache (prompt + tokens so far) under the new weights, and
@@ -108,9 +110,9 @@ class VLLMEngine:
         )
         self._engine.set_weight_version(str(version))
         mapping = self._engine.collective_rpc(lambda worker: dict(worker.get_model().packed_modules_mapping))
-        self._fused = _fused_shards(self._shapes, mapping[0])  # shard name -> its layer's shard names
-        # Copies of the fused shards (host memory), for partial updates: see the module doc.
-        self._held = _read_tensors(model_dir, self._fused) if keep_shards else None
+        self._layers = _layers(self._shapes, mapping[0])  # name -> the names of its vLLM layer
+        # Copies of the tensors of layers of several tensors (host memory), for partial updates.
+        self._held = _read_tensors(model_dir, self._layers) if keep_shards else None
         self.version = version
         self.on_update = on_update
         self.stats: dict[str, float] = {
@@ -184,15 +186,15 @@ class VLLMEngine:
         self.stats["update_s"] += time.perf_counter() - start
 
     def _whole_layers(self, version: int, tensors: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
-        """`tensors` with the held copies of the fused shards they leave out of a layer they touch."""
-        missing = sorted({m for n in tensors for m in self._fused.get(n, ()) if m not in tensors})
+        """`tensors` with the held copies of what they leave out of a vLLM layer they touch."""
+        missing = sorted({m for n in tensors for m in self._layers.get(n, ()) if m not in tensors})
         if not missing:
             return tensors
         if self._held is None:
             raise ValueError(
                 f"update_weights(version={version}): the update leaves out {missing[:4]} ({len(missing)} in "
-                "all), shards of fused vLLM layers it updates in part, and vLLM rebuilds a fused layer from "
-                "the given shards alone; send whole layers, or build the engine with keep_shards=True. "
+                "all), tensors of vLLM layers it updates in part, and vLLM rebuilds a layer from the tensors "
+                "it is given alone; send whole layers, or build the engine with keep_shards=True. "
                 "No weight was changed."
             )
         return {**tensors, **{m: self._held[m] for m in missing}}
@@ -320,18 +322,16 @@ def _checkpoint_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _fused_shards(names: Mapping[str, Any], packed: Mapping[str, list[str]]) -> dict[str, tuple[str, ...]]:
-    """Checkpoint name -> the names of every shard of its fused vLLM layer (`packed`: the model's
-    packed_modules_mapping, e.g. qkv_proj: [q_proj, k_proj, v_proj]), for the shards in `names`."""
-    out: dict[str, tuple[str, ...]] = {}
+def _layers(names: Mapping[str, Any], packed: Mapping[str, list[str]]) -> dict[str, tuple[str, ...]]:
+    """Checkpoint name -> every checkpoint name vLLM loads into the same layer, for layers of more
+    than one tensor: a weight and its bias, and the shards of a fused layer (`packed`, the model's
+    packed_modules_mapping: q, k and v weights and biases all go to qkv_proj)."""
+    fused = {shard: layer for layer, shards in packed.items() for shard in shards}
+    groups: dict[str, list[str]] = {}
     for name in names:
-        module, _, param = name.rpartition(".")
-        parent, _, leaf = module.rpartition(".")
-        for shards in packed.values():
-            group = tuple(f"{parent}.{s}.{param}" if parent else f"{s}.{param}" for s in shards)
-            if leaf in shards and len(shards) > 1 and all(g in names for g in group):
-                out[name] = group
-    return out
+        parent, dot, leaf = name.rpartition(".")[0].rpartition(".")
+        groups.setdefault(f"{parent}{dot}{fused.get(leaf, leaf)}", []).append(name)
+    return {name: tuple(group) for group in groups.values() if len(group) > 1 for name in group}
 
 
 def _read_tensors(model_dir: Path, names: Mapping[str, Any]) -> dict[str, torch.Tensor]:
