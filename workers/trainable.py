@@ -40,6 +40,11 @@ def _adaptable(model: torch.nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, kinds) or type(m).__name__ == "Conv1D"]
 
 
+def _targeted(name: str, targets: tuple[str, ...]) -> bool:
+    """Whether peft puts an adapter on the module `name`: it is a target or ends with '.' + one."""
+    return any(name == t or name.endswith(f".{t}") for t in targets)
+
+
 def check_trainable(model: torch.nn.Module, trainable: Trainable) -> None:
     """Raise ValueError if a LoRA target or a pattern matches nothing in `model`, naming it and
     some names that exist."""
@@ -47,7 +52,7 @@ def check_trainable(model: torch.nn.Module, trainable: Trainable) -> None:
         _peft()  # missing, it fails here: before any actor starts
         modules = _adaptable(model)
         targets = trainable.lora.targets
-        unmatched = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in modules)]
+        unmatched = [t for t in targets if not any(_targeted(n, (t,)) for n in modules)]
         if unmatched:
             leaves = sorted({n.rpartition(".")[2] for n in modules})
             raise ValueError(
@@ -74,9 +79,14 @@ def make_trainable(model: torch.nn.Module, trainable: Trainable) -> torch.nn.Mod
             p.requires_grad_(any(fnmatch.fnmatchcase(name, pattern) for pattern in trainable.patterns))
     elif isinstance(trainable, Lora):
         peft, c = _peft(), trainable.lora
-        config = peft.LoraConfig(
-            r=c.rank, lora_alpha=c.alpha, target_modules=list(c.targets), lora_dropout=c.dropout
+        # GPT-2's Conv1D stores its weight transposed (in x out): peft must know to merge it so
+        transposed = any(
+            type(m).__name__ == "Conv1D" and _targeted(n, c.targets) for n, m in model.named_modules()
         )
+        config = peft.LoraConfig(
+            r=c.rank, lora_alpha=c.alpha, target_modules=list(c.targets), lora_dropout=c.dropout,
+            fan_in_fan_out=transposed,
+        )  # fmt: skip
         model = peft.get_peft_model(model, config)
     return model
 

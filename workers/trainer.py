@@ -88,7 +88,7 @@ class TrainerWorker:
         metrics = self.train_on(batch.data)
         if self.config.simulated_step_s_per_ktoken:  # benchmark only: a larger model's step time
             await asyncio.sleep(self.config.simulated_step_s_per_ktoken * metrics["tokens"] / 1000)
-        metrics["publish_s"] = await self.publish(whole=False)
+        metrics["publish_s"] = await self.publish(whole=self.config.trainable == "all")
         metrics["publish_bytes"] = self.publish_bytes
         await self.store.ack(batch)
         metrics.update(wait_s=waited, step_s=time.perf_counter() - start)

@@ -100,7 +100,7 @@ class VLLMEngine:
                 "(services.models.save_model writes one)"
             )
         config = json.loads((model_dir / "config.json").read_text())
-        self._max_positions = int(config["max_position_embeddings"])
+        self._max_positions = int(config.get("max_position_embeddings") or config["n_positions"])  # GPT-2
         self._vocab_size = int(config["vocab_size"])
         self._shapes = _checkpoint_shapes(model_dir)
         if config.get("tie_word_embeddings") and "model.embed_tokens.weight" in self._shapes:
@@ -109,7 +109,9 @@ class VLLMEngine:
             model_dir, dtype, seed, self._max_positions, max_num_seqs, kv_cache_gib
         )
         self._engine.set_weight_version(str(version))
-        mapping = self._engine.collective_rpc(lambda worker: dict(worker.get_model().packed_modules_mapping))
+        mapping = self._engine.collective_rpc(
+            lambda worker: dict(getattr(worker.get_model(), "packed_modules_mapping", {}))
+        )
         self._layers = _layers(self._shapes, mapping[0])  # name -> the names of its vLLM layer
         # Copies of the tensors of layers of several tensors (host memory), for partial updates.
         self._held = _read_tensors(model_dir, self._layers) if keep_shards else None

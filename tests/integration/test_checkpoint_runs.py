@@ -182,3 +182,22 @@ def assert_served_by_vllm_with_the_logprobs_of(model, path: str) -> None:
         assert (lp[mask] - behavior).abs().max().item() <= 1e-4
     finally:
         asyncio.run(engine.close())
+
+
+def test_a_lora_run_resumes_from_its_checkpoint(ray_session, tmp_path, checkpoints):
+    """Adapters and their optimizer state come back from the checkpoint; the resumed run goes on
+    publishing the adapted weights alone, and every sample is trained once across the two."""
+    lora = {"lora": {"rank": 4, "targets": ["q_proj", "v_proj"]}}
+    trainer = {"batch_prompts": 4, "checkpoint_every": 2, "lr": 1e-2, "trainable": lora}
+    first = train(config_for(tmp_path, checkpoints["llama"], trainer={"steps": 2, **trainer}), display=False)
+    run_dir = first["run_dir"]
+    resumed = train(
+        config_for(tmp_path, checkpoints["llama"], trainer={"steps": 4, **trainer}),
+        resume=run_dir,
+        display=False,
+    )
+    assert resumed["steps"] == 4
+    assert_exactly_once(resumed, n=4)
+    metrics = RunDir(run_dir).metrics()
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert len({m["publish_bytes"] for m in metrics}) == 1 and metrics[0]["publish_bytes"] == 4 * 64 * 64 * 4

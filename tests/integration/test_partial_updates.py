@@ -103,3 +103,27 @@ async def test_without_kept_copies_a_split_layer_is_refused(engine, checkpoints,
     with pytest.raises(ValueError, match=r"leaves out .*k_proj.*keep_shards=True"):
         await engine.update_weights(next(versions), q)
     assert engine.version == version
+
+
+async def test_lora_on_gpt2s_fused_conv1d_attention_follows_too(checkpoints):
+    """GPT-2 keeps q, k and v in one Conv1D (c_attn, stored transposed, with a bias): the merged
+    weight comes out in that layout, and vLLM takes it with the bias it leaves out."""
+    from services.serving.vllm import VLLMEngine
+
+    engine = VLLMEngine(
+        checkpoints["gpt2"], eos_token_id=0, version=0, seed=0, kv_cache_gib=0.0625, keep_shards=True
+    )
+    try:
+        trainable = TrainerConfig(trainable={"lora": {"rank": 4, "targets": ["c_attn"]}}).trainable
+        model = make_trainable(base(checkpoints["gpt2"]), trainable)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.5)
+        part = publication(model, trainable, whole=False)
+        assert sorted(part) == [f"transformer.h.{i}.attn.c_attn.weight" for i in range(2)]
+        await engine.update_weights(1, part)
+        assert await logprob_error(engine, plain_model(model)) < 1e-4
+        assert await logprob_error(engine, base(checkpoints["gpt2"])) > 1e-2
+    finally:
+        await engine.close()
