@@ -25,7 +25,7 @@ close lands on a step boundary.
   in part) is applied as it is, except that vLLM rebuilds each layer it touches from the
   tensors it is given alone (a weight and its bias; the shards of a fused layer: qkv_proj
   from q, k, v), so a tensor left out would come back as uninitialised memory (measured:
-  q and v alone put log-probs 0.05 off). With `keep_shards` the engine keeps a copy of the
+  q and v alone put log-probs 0.05 off). With `partial_updates` the engine keeps a copy of the
   tensors of every layer of several tensors, as last loaded, and completes the layers an
   update touches in part.
   The requests in flight (`on_update`):
@@ -86,7 +86,7 @@ class VLLMEngine:
         max_num_seqs: int = 256,
         kv_cache_gib: float = 0.25,
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
-        keep_shards: bool = False,
+        partial_updates: bool = False,
     ) -> None:
         if on_update not in ("keep", "abort"):
             raise ValueError(
@@ -114,7 +114,7 @@ class VLLMEngine:
         )
         self._layers = _layers(self._shapes, mapping[0])  # name -> the names of its vLLM layer
         # Copies of the tensors of layers of several tensors (host memory), for partial updates.
-        self._held = _read_tensors(model_dir, self._layers) if keep_shards else None
+        self._held = _read_tensors(model_dir, self._layers) if partial_updates else None
         self.version = version
         self.on_update = on_update
         self.stats: dict[str, float] = {
@@ -196,7 +196,7 @@ class VLLMEngine:
             raise ValueError(
                 f"update_weights(version={version}): the update leaves out {missing[:4]} ({len(missing)} in "
                 "all), tensors of vLLM layers it updates in part, and vLLM rebuilds a layer from the tensors "
-                "it is given alone; send whole layers, or build the engine with keep_shards=True. "
+                "it is given alone; send whole layers, or build the engine with partial_updates=True. "
                 "No weight was changed."
             )
         return {**tensors, **{m: self._held[m] for m in missing}}

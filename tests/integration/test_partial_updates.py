@@ -36,7 +36,7 @@ def engine(checkpoints):
     from services.serving.vllm import VLLMEngine
 
     e = VLLMEngine(
-        checkpoints["qwen2"], eos_token_id=0, version=0, seed=0, kv_cache_gib=0.0625, keep_shards=True
+        checkpoints["qwen2"], eos_token_id=0, version=0, seed=0, kv_cache_gib=0.0625, partial_updates=True
     )
     yield e
     asyncio.run(e.close())
@@ -95,12 +95,12 @@ async def test_a_pattern_publication_moves_only_its_parameters(engine, checkpoin
 
 
 async def test_without_kept_copies_a_split_layer_is_refused(engine, checkpoints, monkeypatch):
-    monkeypatch.setattr(engine, "_held", None)  # as an engine built with keep_shards=False
+    monkeypatch.setattr(engine, "_held", None)  # as an engine built with partial_updates=False
     q = {"model.layers.0.self_attn.q_proj.weight": base(checkpoints["qwen2"]).state_dict()[
         "model.layers.0.self_attn.q_proj.weight"
     ]}  # fmt: skip
     version = engine.version
-    with pytest.raises(ValueError, match=r"leaves out .*k_proj.*keep_shards=True"):
+    with pytest.raises(ValueError, match=r"leaves out .*k_proj.*partial_updates=True"):
         await engine.update_weights(next(versions), q)
     assert engine.version == version
 
@@ -111,7 +111,7 @@ async def test_lora_on_gpt2s_fused_conv1d_attention_follows_too(checkpoints):
     from services.serving.vllm import VLLMEngine
 
     engine = VLLMEngine(
-        checkpoints["gpt2"], eos_token_id=0, version=0, seed=0, kv_cache_gib=0.0625, keep_shards=True
+        checkpoints["gpt2"], eos_token_id=0, version=0, seed=0, kv_cache_gib=0.0625, partial_updates=True
     )
     try:
         trainable = TrainerConfig(trainable={"lora": {"rank": 4, "targets": ["c_attn"]}}).trainable
