@@ -1,8 +1,9 @@
 """`asyncflow export RUN_DIR OUT_DIR`: a run's trained policy as a Hugging Face directory.
 
-The checkpoint's weights in the policy's architecture, with its tokenizer (and chat template),
-saved with `save_pretrained`: transformers and vLLM load it, and it gives the log-probs the
-trainer had. A run of a flow-matching policy has no such format and is refused.
+The checkpoint's weights in the policy's architecture (LoRA adapters merged into the weights
+they adapt), with its tokenizer (and chat template), saved with `save_pretrained`: transformers
+and vLLM load it, and it gives the log-probs the trainer had. A run of a flow-matching policy
+has no such format and is refused.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None) ->
     from services.models import save_model
     from workers.kinds import make_kind
     from workers.policy import make_task
+    from workers.trainable import make_trainable, plain_model
 
     run = RunDir.open(run_dir)
     config = run.config()
@@ -38,9 +40,10 @@ def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None) ->
                 f"{run_dir} has no checkpoint of step {step}; its checkpoints are {_steps(run)}"
             )
     kind = make_kind(config, make_task(config.task, config.seed))
-    model: Any = kind.model(config.seed)  # a transformers model (a token policy)
+    # the trainer's module as it saved it (with LoRA: the base wrapped by peft, adapters beside it)
+    model: Any = make_trainable(kind.model(config.seed), config.trainer.trainable)
     load_model(model, str(path / "trainer" / "model.safetensors"))
-    return save_model(model, kind.tokenizer, out_dir)
+    return save_model(plain_model(model), kind.tokenizer, out_dir)
 
 
 def _steps(run: RunDir) -> list[int]:

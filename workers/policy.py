@@ -65,6 +65,20 @@ def make_model(config: ModelConfig, vocab_size: int, seed: int) -> Any:
     return model.to(getattr(torch, config.dtype))
 
 
+def model_outline(config: ModelConfig, vocab_size: int) -> Any:
+    """The policy's modules on the meta device, no weight loaded or initialised: its names and
+    shapes, to check a config against before any actor starts."""
+    with torch.device("meta"):
+        if config.path is None:
+            return make_model(config, vocab_size, seed=0)
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        hf = AutoConfig.from_pretrained(
+            config.path, revision=config.revision, trust_remote_code=config.trust_remote_code
+        )
+        return AutoModelForCausalLM.from_config(hf, trust_remote_code=config.trust_remote_code)
+
+
 def eos_ids(tokenizer: Any, generation: Any = None) -> tuple[int, ...]:
     """Every id that ends a response: the tokenizer's EOS first, then those of a checkpoint's
     generation config (chat models often end a turn with a token of their own)."""

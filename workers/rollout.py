@@ -62,7 +62,8 @@ class RolloutWorker:
         start = time.perf_counter()
         latest = await self.weights.wait_version(min_version)
         if latest > self.engine.version:
-            version, tensors = await self.weights.pull(min_version)
+            # an engine that never loaded a version takes every tensor, the others only what changed
+            version, tensors = await self.weights.pull(min_version, whole=self.engine.version < 0)
             await self.engine.update_weights(version, tensors)
             self.stats["weight_syncs"] += 1
         self.stats["sync_s"] += time.perf_counter() - start

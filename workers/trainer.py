@@ -27,6 +27,7 @@ from asyncflow.algorithms import aggregate, group_advantages, kl_penalty, on_gri
 from asyncflow.config import TrainerConfig, WarmupConfig
 from asyncflow.versioning import min_usable_version, staleness_histogram
 from workers.samples import PARTITION, TRAINER
+from workers.trainable import make_trainable, plain_model, publication, trainable_parameters
 
 if TYPE_CHECKING:  # the seams' protocols and classes, for the type checker
     from dataplane.client import StoreClient
@@ -49,10 +50,14 @@ class TrainerWorker:
         version: int = 0,
         get_timeout_s: float | None = None,
     ):
-        self.model, self.store, self.weights, self.config = model.train(), store, weights, config
+        # `model` as configured: every parameter trains, some do (patterns), or adapters on it (LoRA)
+        self.model = make_trainable(model, config.trainable).train()
+        self.store, self.weights, self.config = store, weights, config
         self.kind, self.n, self.staleness, self.reference = kind, n, staleness, reference
         self.version, self.get_timeout_s = version, get_timeout_s
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.params = trainable_parameters(self.model)  # what the optimizer holds and clips
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        self.publish_bytes = 0  # of the last publication
         self.fields = kind.trainer_reads(reference)
 
     def warmup(self, task: Any, config: WarmupConfig) -> dict:
@@ -63,8 +68,12 @@ class TrainerWorker:
         """A new bound k (a steered run): the version window of every later step follows it."""
         self.staleness = k
 
-    async def publish(self) -> float:
-        return await self.weights.publish(self.version, self.model.state_dict())
+    async def publish(self, whole: bool = True) -> float:
+        """Publish the current version: every tensor (`whole`: the first publication of a run, from
+        which every engine can start), or only those training changes; returns the seconds it took."""
+        tensors = publication(self.model, self.config.trainable, whole=whole)
+        self.publish_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        return await self.weights.publish(self.version, tensors, whole=whole)
 
     # ------------------------------------------------------------------ RL step
 
@@ -79,7 +88,8 @@ class TrainerWorker:
         metrics = self.train_on(batch.data)
         if self.config.simulated_step_s_per_ktoken:  # benchmark only: a larger model's step time
             await asyncio.sleep(self.config.simulated_step_s_per_ktoken * metrics["tokens"] / 1000)
-        metrics["publish_s"] = await self.publish()
+        metrics["publish_s"] = await self.publish(whole=self.config.trainable == "all")
+        metrics["publish_bytes"] = self.publish_bytes
         await self.store.ack(batch)
         metrics.update(wait_s=waited, step_s=time.perf_counter() - start)
         return metrics
@@ -152,7 +162,7 @@ class TrainerWorker:
             part["loss"] = loss.item()
             for k, v in part.items():  # micro-batch figures, weighted like the loss
                 stats[k] = max(stats.get(k, v), v) if k.endswith("_max") else stats.get(k, 0.0) + v * share
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm)
         self.optimizer.step()
         stats["grad_norm"] = grad_norm.item()
         return stats
@@ -178,19 +188,34 @@ class TrainerWorker:
     # ------------------------------------------------------------------ checkpoints
 
     def save(self, path: str) -> None:
+        """The trained module as it is (with LoRA: base and adapters, under peft's names), the
+        optimizer, the version and what was trainable."""
         Path(path).mkdir(parents=True, exist_ok=True)
         # safetensors' save_model stores a tied weight once (embedding and LM head: one tensor)
         save_model(self.model, f"{path}/model.safetensors")
         torch.save(self.optimizer.state_dict(), f"{path}/optimizer.pt")
-        Path(path, "trainer.json").write_text(json.dumps({"version": self.version}))
+        state = {"version": self.version, "trainable": self._trainable()}
+        Path(path, "trainer.json").write_text(json.dumps(state))
 
     def load(self, path: str) -> int:
+        state = json.loads(Path(path, "trainer.json").read_text())
+        saved = state.get("trainable", "all")  # checkpoints from before trainer.trainable trained all
+        if saved != self._trainable():
+            raise ValueError(
+                f"checkpoint {path} trained trainer.trainable={saved}, this run says {self._trainable()}; "
+                "resume with the checkpoint's trainer.trainable (or export it and start a new run from it)"
+            )
         load_model(self.model, f"{path}/model.safetensors")
         self.optimizer.load_state_dict(torch.load(f"{path}/optimizer.pt", weights_only=True))
-        self.version = json.loads(Path(path, "trainer.json").read_text())["version"]
+        self.version = state["version"]
         return self.version
 
     def save_weights(self, path: str) -> None:
-        """The current weights alone (the reference policy is the warm-started version 0)."""
+        """The current weights alone, in the base architecture (the reference policy is the
+        warm-started version 0)."""
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        save_model(self.model, path)
+        save_model(plain_model(self.model), path)
+
+    def _trainable(self) -> Any:
+        t = self.config.trainable
+        return t if isinstance(t, str) else t.model_dump(mode="json")

@@ -17,11 +17,15 @@ from asyncflow.config._base import Section
 from asyncflow.config.deploy import DeployConfig
 from asyncflow.config.flow import FlowConfig
 from asyncflow.config.rl import (
+    Lora,
+    LoraConfig,
     ModelConfig,
+    Patterns,
     ReferenceConfig,
     RewardConfig,
     RolloutConfig,
     TaskConfig,
+    Trainable,
     TrainerConfig,
     WarmupConfig,
     WeightsConfig,
@@ -35,13 +39,17 @@ __all__ = [
     "DataPlaneConfig",
     "DeployConfig",
     "FlowConfig",
+    "Lora",
+    "LoraConfig",
     "ModelConfig",
+    "Patterns",
     "ReferenceConfig",
     "RewardConfig",
     "RolloutConfig",
     "Section",
     "TaskConfig",
     "TrainerConfig",
+    "Trainable",
     "WarmupConfig",
     "WeightsConfig",
     "import_string",
@@ -124,6 +132,11 @@ class AsyncFlowConfig(Section):
                 f"dataplane.capacity_rows = {self.dataplane.capacity_rows} cannot hold one training batch "
                 f"(trainer.batch_prompts x rollout.n = {batch_rows} rows); raise it to at least "
                 f"{(self.staleness + 1) * batch_rows} so rollout can run k = {self.staleness} steps ahead"
+            )
+        if self.policy == "flow" and isinstance(self.trainer.trainable, Lora):
+            raise ValueError(
+                "trainer.trainable: lora adapts a language model's linear layers; a flow policy trains "
+                "all of its parameters or those trainer.trainable.patterns name"
             )
         if self.trainer.batch_prompts % self.trainer.minibatches:
             raise ValueError(

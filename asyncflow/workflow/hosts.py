@@ -194,6 +194,7 @@ class RolloutHost(Host):
                 path, eos_token_id=kind.stop_ids[0], version=-1, seed=seed,
                 on_update="abort" if r.partial_rollout == "abort" else "keep",
                 max_num_seqs=r.vllm.max_num_seqs, kv_cache_gib=r.vllm.kv_cache_gib, dtype=r.vllm.dtype,
+                partial_updates=self.config.trainer.trainable != "all",  # a model trained in part
             )  # fmt: skip
         # vLLM loads a model directory; once loaded it keeps the weights in memory.
         with tempfile.TemporaryDirectory(prefix="asyncflow-vllm-") as model_dir:
@@ -203,6 +204,7 @@ class RolloutHost(Host):
                 model_dir, eos_token_id=kind.stop_ids[0], version=-1, seed=seed,
                 on_update="abort" if r.partial_rollout == "abort" else "keep",
                 max_num_seqs=r.vllm.max_num_seqs, kv_cache_gib=r.vllm.kv_cache_gib, dtype=r.vllm.dtype,
+                partial_updates=self.config.trainer.trainable != "all",  # a model trained in part
             )  # fmt: skip
 
     async def run(self) -> None:

@@ -371,6 +371,7 @@ def check(config: AsyncFlowConfig) -> dict:
     dropped as too long for the model (empty for other tasks), for the run's log and summary."""
     from workers.kinds import make_kind
     from workers.policy import make_task
+    from workers.trainable import check_trainable
 
     try:
         task = make_task(config.task, config.seed)
@@ -378,8 +379,19 @@ def check(config: AsyncFlowConfig) -> dict:
         kind.prompts([task.example(0)])
         if config.task.eval_prompts:
             kind.prompts([task.eval_example(0)])
+        if config.trainer.trainable != "all":  # LoRA targets and patterns name modules of this model
+            check_trainable(_outline(config, kind), config.trainer.trainable)
     except (ValueError, OSError) as e:
         raise ConfigError(f"{config.task.source} with model {config.model.path or 'built-in'}: {e}") from None
     if getattr(task, "limit", None) is None:
         return {}
     return {"max_prompt_tokens": task.limit, "prompts_dropped": dict(task.dropped)}
+
+
+def _outline(config: AsyncFlowConfig, kind: Any) -> Any:
+    """The policy's modules, without loading a checkpoint's weights."""
+    from workers.policy import model_outline
+
+    if config.policy == "token":
+        return model_outline(config.model, len(kind.tokenizer))
+    return kind.model(config.seed)

@@ -21,7 +21,14 @@ close lands on a step boundary.
   `reload_weights` worker method copies all the named tensors into the live model in one
   call (`model.load_weights` alone fails once the CPU kernels have repacked the weights),
   then the prefix cache is emptied so no later request reuses KV written by the old
-  weights, then the version label moves on. The requests in flight (`on_update`):
+  weights, then the version label moves on. A partial update (some tensors: a model trained
+  in part) is applied as it is, except that vLLM rebuilds each layer it touches from the
+  tensors it is given alone (a weight and its bias; the shards of a fused layer: qkv_proj
+  from q, k, v), so a tensor left out would come back as uninitialised memory (measured:
+  q and v alone put log-probs 0.05 off). With `partial_updates` the engine keeps a copy of the
+  tensors of every layer of several tensors, as last loaded, and completes the layers an
+  update touches in part.
+  The requests in flight (`on_update`):
     keep   they continue. The running ones are preempted, so at the next step vLLM
            recomputes their KV cache (prompt + tokens so far) under the new weights, and
            their later tokens carry the new version: as with the torch engine's
@@ -79,6 +86,7 @@ class VLLMEngine:
         max_num_seqs: int = 256,
         kv_cache_gib: float = 0.25,
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        partial_updates: bool = False,
     ) -> None:
         if on_update not in ("keep", "abort"):
             raise ValueError(
@@ -92,7 +100,7 @@ class VLLMEngine:
                 "(services.models.save_model writes one)"
             )
         config = json.loads((model_dir / "config.json").read_text())
-        self._max_positions = int(config["max_position_embeddings"])
+        self._max_positions = int(config.get("max_position_embeddings") or config["n_positions"])  # GPT-2
         self._vocab_size = int(config["vocab_size"])
         self._shapes = _checkpoint_shapes(model_dir)
         if config.get("tie_word_embeddings") and "model.embed_tokens.weight" in self._shapes:
@@ -101,6 +109,12 @@ class VLLMEngine:
             model_dir, dtype, seed, self._max_positions, max_num_seqs, kv_cache_gib
         )
         self._engine.set_weight_version(str(version))
+        mapping = self._engine.collective_rpc(
+            lambda worker: dict(getattr(worker.get_model(), "packed_modules_mapping", {}))
+        )
+        self._layers = _layers(self._shapes, mapping[0])  # name -> the names of its vLLM layer
+        # Copies of the tensors of layers of several tensors (host memory), for partial updates.
+        self._held = _read_tensors(model_dir, self._layers) if partial_updates else None
         self.version = version
         self.on_update = on_update
         self.stats: dict[str, float] = {
@@ -150,6 +164,7 @@ class VLLMEngine:
                 f"update_weights(version={version}): unknown names {unknown}, shape mismatches {mismatched}; "
                 "send tensors named and shaped as in model.state_dict(). No weight was changed."
             )
+        tensors = self._whole_layers(version, tensors)
         start = time.perf_counter()
         requeue = list(self._samples.values()) if self.on_update == "abort" else []
         self._abort(requeue)
@@ -163,10 +178,28 @@ class VLLMEngine:
             raise RuntimeError(f"update_weights(version={version}): vLLM could not reset its prefix cache")
         engine.set_weight_version(str(version))
         self.version = version
+        if self._held is not None:
+            for name, t in tensors.items():
+                if name in self._held:
+                    self._held[name].copy_(t)
         for sample in requeue:
             self._submit(sample)
         self.stats["weight_updates"] += 1
         self.stats["update_s"] += time.perf_counter() - start
+
+    def _whole_layers(self, version: int, tensors: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        """`tensors` with the held copies of what they leave out of a vLLM layer they touch."""
+        missing = sorted({m for n in tensors for m in self._layers.get(n, ()) if m not in tensors})
+        if not missing:
+            return tensors
+        if self._held is None:
+            raise ValueError(
+                f"update_weights(version={version}): the update leaves out {missing[:4]} ({len(missing)} in "
+                "all), tensors of vLLM layers it updates in part, and vLLM rebuilds a layer from the tensors "
+                "it is given alone; send whole layers, or build the engine with partial_updates=True. "
+                "No weight was changed."
+            )
+        return {**tensors, **{m: self._held[m] for m in missing}}
 
     async def pause(self) -> None:
         # The driver checks the event before each step, so no step starts after this returns.
@@ -289,6 +322,29 @@ def _checkpoint_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
     if not shapes:
         raise ValueError(f"VLLMEngine: {model_dir} holds no *.safetensors weights; save the model there")
     return shapes
+
+
+def _layers(names: Mapping[str, Any], packed: Mapping[str, list[str]]) -> dict[str, tuple[str, ...]]:
+    """Checkpoint name -> every checkpoint name vLLM loads into the same layer, for layers of more
+    than one tensor: a weight and its bias, and the shards of a fused layer (`packed`, the model's
+    packed_modules_mapping: q, k and v weights and biases all go to qkv_proj)."""
+    fused = {shard: layer for layer, shards in packed.items() for shard in shards}
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        parent, dot, leaf = name.rpartition(".")[0].rpartition(".")
+        groups.setdefault(f"{parent}{dot}{fused.get(leaf, leaf)}", []).append(name)
+    return {name: tuple(group) for group in groups.values() if len(group) > 1 for name in group}
+
+
+def _read_tensors(model_dir: Path, names: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The named tensors of the directory's safetensors files, read into memory."""
+    from safetensors import safe_open
+
+    out: dict[str, torch.Tensor] = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            out.update({name: f.get_tensor(name) for name in f.keys() if name in names})
+    return out
 
 
 def _start_vllm(

@@ -46,7 +46,7 @@ def config_for(tmp_path, checkpoint: str, **more):
             "eval_prompts": 8,
         },  # fmt: skip
         "rollout": {"n": 4, "groups_per_call": 4, "max_new_tokens": 8, **more.pop("rollout", {})},
-        "trainer": {"steps": 6, "batch_prompts": 4, "checkpoint_every": 3},
+        "trainer": more.pop("trainer", {"steps": 6, "batch_prompts": 4, "checkpoint_every": 3}),
         "dataplane": {"name": f"ckpt-{uuid.uuid4().hex[:8]}", "capacity_rows": 256},
         **more,
     }
@@ -164,3 +164,89 @@ def test_the_exported_checkpoint_is_served_by_vllm_with_the_trainers_logprobs(tm
         assert (lp[mask] - behavior).abs().max().item() <= 1e-4
     finally:
         asyncio.run(engine.close())
+
+
+def test_a_lora_run_publishes_only_the_adapted_weights_and_exports_them_merged(
+    ray_session, tmp_path, checkpoints
+):
+    """LoRA on q_proj and v_proj of the Qwen2 checkpoint, rolled out by vLLM on-policy: every step
+    publishes the four merged weights alone and vLLM's log-probs stay the trainer's; the export is
+    the base with those four weights merged, and vLLM serves it with transformers' log-probs."""
+    from transformers import AutoModelForCausalLM
+
+    from workers.trainable import make_trainable, plain_model
+
+    lora = {"lora": {"rank": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]}}
+    trainer = {"steps": 4, "batch_prompts": 4, "checkpoint_every": 2, "lr": 1e-2, "trainable": lora}
+    config = config_for(
+        tmp_path, checkpoints["qwen2"], rollout={"engine": "vllm"}, staleness=0, trainer=trainer
+    )
+    summary = train(config, display=False)
+    assert summary["steps"] == 4
+    metrics = RunDir(summary["run_dir"]).metrics()
+    base = AutoModelForCausalLM.from_pretrained(checkpoints["qwen2"])
+    targets = [f"model.layers.{i}.self_attn.{m}.weight" for i in range(2) for m in ("q_proj", "v_proj")]
+    state = base.state_dict()
+    whole = sum(t.numel() * t.element_size() for t in state.values())
+    lora_bytes = sum(state[n].numel() * state[n].element_size() for n in targets)  # q and v, merged
+    assert {m["publish_bytes"] for m in metrics} == {lora_bytes} and lora_bytes < whole / 4
+    assert all(0 <= m["mismatch_kl"] < 1e-6 for m in metrics), [m["mismatch_kl"] for m in metrics]
+
+    out = export(summary["run_dir"], tmp_path / "exported")
+    exported = AutoModelForCausalLM.from_pretrained(out)
+    trained = make_trainable(
+        AutoModelForCausalLM.from_pretrained(checkpoints["qwen2"]), config.trainer.trainable
+    )
+    load_model(
+        trained, str(RunDir(summary["run_dir"]).latest_checkpoint()[0] / "trainer" / "model.safetensors")
+    )
+    ids = torch.arange(1, 20)[None]
+    with torch.no_grad():
+        assert torch.equal(exported(ids).logits, plain_model(trained)(ids).logits)
+    changed = [n for n, t in exported.state_dict().items() if not torch.equal(t, state[n])]
+    assert sorted(changed) == sorted(targets)  # the adapters merged into their targets, nothing else moved
+    assert_served_by_vllm_with_the_logprobs_of(exported, str(out))
+
+
+def assert_served_by_vllm_with_the_logprobs_of(model, path: str) -> None:
+    import asyncio
+
+    from asyncflow.algorithms import pack, token_logprobs
+    from asyncflow.config import ModelConfig, RolloutConfig
+    from services.serving import Request, SamplingParams
+    from services.serving.vllm import VLLMEngine
+    from workers.kinds import TokenKind
+    from workers.policy import make_tokenizer
+
+    kind = TokenKind(make_tokenizer(None, ModelConfig(path=path)), ModelConfig(path=path), RolloutConfig())
+    engine = VLLMEngine(path, eos_token_id=kind.stop_ids[0], kv_cache_gib=0.0625)
+    try:
+        prompt = kind.prompt_ids([{"role": "user", "content": "What is 2 plus 2?"}])
+        params = SamplingParams(max_new_tokens=6, stop_token_ids=kind.stop_ids)
+        out = asyncio.run(engine.generate([Request("0", prompt, 2, params)]))
+        ids, targets, mask = pack([c.prompt_ids for c in out], [c.response_ids for c in out])
+        with torch.no_grad():
+            lp = token_logprobs(model(ids).logits[:, :-1], targets)
+        behavior = torch.tensor([v for c in out for v in c.logprobs])
+        assert (lp[mask] - behavior).abs().max().item() <= 1e-4
+    finally:
+        asyncio.run(engine.close())
+
+
+def test_a_lora_run_resumes_from_its_checkpoint(ray_session, tmp_path, checkpoints):
+    """Adapters and their optimizer state come back from the checkpoint; the resumed run goes on
+    publishing the adapted weights alone, and every sample is trained once across the two."""
+    lora = {"lora": {"rank": 4, "targets": ["q_proj", "v_proj"]}}
+    trainer = {"batch_prompts": 4, "checkpoint_every": 2, "lr": 1e-2, "trainable": lora}
+    first = train(config_for(tmp_path, checkpoints["llama"], trainer={"steps": 2, **trainer}), display=False)
+    run_dir = first["run_dir"]
+    resumed = train(
+        config_for(tmp_path, checkpoints["llama"], trainer={"steps": 4, **trainer}),
+        resume=run_dir,
+        display=False,
+    )
+    assert resumed["steps"] == 4
+    assert_exactly_once(resumed, n=4)
+    metrics = RunDir(run_dir).metrics()
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert len({m["publish_bytes"] for m in metrics}) == 1 and metrics[0]["publish_bytes"] == 4 * 64 * 64 * 4

@@ -113,6 +113,34 @@ def test_a_killed_rollout_worker_loses_no_sample(ray_session, tmp_path):
     assert_exactly_once(result)
 
 
+def test_a_partly_trained_policy_reaches_a_restarted_rollout_worker_whole(ray_session, tmp_path):
+    """Only layer 1 trains, so versions after 0 carry its tensors alone. A rollout worker restarted
+    mid-run builds its engine afresh (other initial weights: seed 1 here, 0 there) and takes the
+    whole version 0 under the newest partial one: its samples stay on-policy to the bit."""
+    import ray
+
+    config = _config(
+        tmp_path, "seed=1", "staleness=0", "trainer.steps=40", "task.eval_prompts=0", "rollout.num_workers=2",
+        "trainer.trainable={patterns: ['model.layers.1.*']}",
+    )  # fmt: skip
+    result: dict = {}
+    runner = threading.Thread(target=lambda: result.update(train(config, display=False)))
+    runner.start()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not result:
+        found = list(Path(tmp_path).glob("*/metrics.jsonl"))
+        if found and len(found[0].read_text().splitlines()) >= 10:
+            break
+        time.sleep(0.1)
+    ray.kill(ray.get_actor(f"{config.dataplane.name}.rollout0", namespace="asyncflow"), no_restart=False)
+    runner.join(timeout=300)
+    assert result["steps"] == 40
+    assert_exactly_once(result)
+    metrics = RunDir(result["run_dir"]).metrics()
+    assert all(abs(m["mismatch_kl"]) <= 1e-6 for m in metrics), [m["mismatch_kl"] for m in metrics]
+    assert {m["publish_bytes"] for m in metrics} == {262656}  # layer 1 of 2 (whole: 532,224 bytes)
+
+
 def test_resume_after_the_process_is_killed(tmp_path):
     """Stop a run hard mid-way (SIGKILL to the driver and its Ray), damage its newest checkpoint and
     cut its ledger's last line short, resume it from the run directory: it falls back to the

@@ -129,3 +129,33 @@ def test_task_options_are_checked_against_the_task_at_load():
     with pytest.raises(ConfigError, match=r"task.options \['max_digit'\] are not arguments of .*SortDigits"):
         parse_config({"task": {"options": {"max_digit": 5}}})
     assert parse_config({"task": {"options": {"max_digits": 6}}}).task.options == {"max_digits": 6}
+
+
+def test_trainable_is_all_lora_or_patterns_and_says_so_when_it_is_neither(tmp_path):
+    from asyncflow.config import Lora, LoraConfig, Patterns
+
+    assert parse_config({}).trainer.trainable == "all"
+    lora = parse_config(
+        {"trainer": {"trainable": {"lora": {"rank": 4, "targets": ["q_proj"]}}}}
+    ).trainer.trainable
+    assert lora == Lora(lora=LoraConfig(rank=4, targets=("q_proj",)))
+    assert lora.lora.alpha == 16 and lora.lora.dropout == 0
+    patterns = parse_config({"trainer": {"trainable": {"patterns": ["model.layers.1.*"]}}}).trainer.trainable
+    assert patterns == Patterns(patterns=("model.layers.1.*",))
+    path = tmp_path / "c.yaml"
+    path.write_text("run_name: x\n")
+    config = load_config(path, ["trainer.trainable={lora: {rank: 2, alpha: 4}}"])
+    assert isinstance(config.trainer.trainable, Lora) and config.trainer.trainable.lora.rank == 2
+    assert AsyncFlowConfig.model_validate(config.public()) == config  # a run directory's config reloads
+    for bad in ("some", {"pattern": ["x"]}, {"lora": {}, "patterns": ["x"]}):
+        with pytest.raises(ConfigError, match=r"trainer.trainable.*expected all, \{lora: .*\} or \{patterns"):
+            parse_config({"trainer": {"trainable": bad}})
+    with pytest.raises(ConfigError, match="rank"):
+        parse_config({"trainer": {"trainable": {"lora": {"rank": 0}}}})
+    with pytest.raises(ConfigError, match="patterns"):
+        parse_config({"trainer": {"trainable": {"patterns": []}}})
+    with pytest.raises(ConfigError, match="a flow policy trains all of its parameters or"):
+        parse_config({"policy": "flow", "task": {"source": "asyncflow.tasks.gaussians:EightGaussians"},
+                      "trainer": {"trainable": {"lora": {}}}})  # fmt: skip
+    for section in (Lora, LoraConfig, Patterns):  # the walk above does not enter the union
+        assert all(f.description for f in section.model_fields.values()), section
