@@ -1,4 +1,10 @@
-"""RewardWorker: scores responses with the task's reward function, one call per sample.
+"""RewardWorker: scores responses with the task's reward function, one call per sample (or, with
+`reward.per_group`, one call per group of `n` responses to one prompt).
+
+A reward function returns a number, or a dict of named parts whose sum is the reward (e.g.
+`{"correct": 1.0, "format": 0.1}`): every part is stored with the sample and logged by the
+trainer as `reward/<name>`. DAPO's overlong penalty (`reward.overlong_buffer`) is one more
+part, added here from the response's length in tokens.
 
 Each call runs in a thread with a deadline: a reward that raises, hangs or is not a finite
 number (NaN, inf) is recorded as a failure (its error text in `reward_error`,
@@ -10,6 +16,7 @@ calls still run.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +31,29 @@ if TYPE_CHECKING:  # the seams' protocols and classes, for the type checker
     from workers.kinds import Kind
 
 WRITES = REWARD_FIELDS
+Scored = tuple[float, str, dict[str, float]]  # (reward, error text or "", named parts)
+
+
+def parts_of(value: Any) -> tuple[float, dict[str, float]]:
+    """A reward function's result as (reward, parts): a number is itself, a dict is the sum of
+    its named parts. Raises ValueError for anything else, or a part that is not a finite number."""
+    if isinstance(value, dict):
+        parts = {str(k): float(v) for k, v in value.items()}
+        if not parts:
+            raise ValueError("the reward function returned an empty dict; give at least one named part")
+    else:
+        parts = {}
+        value = float(value)
+    total = sum(parts.values()) if parts else float(value)
+    if not math.isfinite(total):  # a NaN would poison the group's advantages and the loss
+        raise ValueError(f"the reward function returned {value}, not a finite number")
+    return total, parts
+
+
+def overlong(length: int, max_tokens: int, buffer: int, penalty: float) -> float:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13): 0 up to max_tokens - buffer tokens,
+    then falling linearly to -penalty at max_tokens."""
+    return -penalty * min(max(length - (max_tokens - buffer), 0), buffer) / buffer
 
 
 class RewardWorker:
@@ -38,10 +68,15 @@ class RewardWorker:
         batch_rows: int,
         get_timeout_s: float | None = None,
         threads: int = 8,
+        per_group: int = 0,
+        overlong: tuple[int, int, float] | None = None,
     ):
+        """`per_group`: the group size n when the reward function scores a whole group per call
+        (lists in, a list out), 0 for one call per sample. `overlong`: (max_new_tokens, buffer,
+        penalty) of DAPO's overlong penalty, None for none."""
         self.reward_fn, self.kind, self.store = reward_fn, kind, store
         self.timeout_s, self.failure_reward, self.batch_rows = timeout_s, failure_reward, batch_rows
-        self.get_timeout_s = get_timeout_s
+        self.get_timeout_s, self.per_group, self.overlong = get_timeout_s, per_group, overlong
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="reward")
         self.stats: dict[str, float] = {
             "samples": 0,
@@ -51,29 +86,50 @@ class RewardWorker:
             "idle_s": 0.0,
         }
 
-    async def _score(self, *args: Any) -> tuple[float, str]:
+    async def _call(self, *args: Any) -> tuple[Any, str]:
+        """(what the reward function returned, "") or (None, why it failed)."""
         loop = asyncio.get_running_loop()
         call = loop.run_in_executor(self._pool, self.reward_fn, *args)
         done, _ = await asyncio.wait([call], timeout=self.timeout_s)  # wait_for would cancel-and-hang
         if not done:
             self.stats["timeouts"] += 1
-            self.stats["failures"] += 1
-            return self.failure_reward, f"timed out after {self.timeout_s:g} s"
+            return None, f"timed out after {self.timeout_s:g} s"
         try:
-            value = float(call.result())
+            return call.result(), ""
         except Exception as e:  # the user's reward function failed: record it, keep the run going
-            self.stats["failures"] += 1
-            return self.failure_reward, f"{type(e).__name__}: {e}"[:500]
-        if not math.isfinite(value):  # a NaN would poison the group's advantages and the loss
-            self.stats["failures"] += 1
-            return self.failure_reward, f"the reward function returned {value}, not a finite number"
-        return value, ""
+            return None, f"{type(e).__name__}: {e}"[:500]
+
+    def _scored(self, value: Any, error: str) -> Scored:
+        if not error:
+            try:
+                total, parts = parts_of(value)
+                return total, "", parts
+            except (TypeError, ValueError) as e:
+                error = str(e) if isinstance(e, ValueError) else f"the reward function returned {value!r}"
+        self.stats["failures"] += 1
+        return self.failure_reward, error, {}
+
+    async def _score(self, *args: Any) -> Scored:
+        return self._scored(*await self._call(*args))
+
+    async def _score_group(self, rows: list[tuple]) -> list[Scored]:
+        """One call for a group: lists of prompts, responses and answers in, one result per row out."""
+        values, error = await self._call(*(list(column) for column in zip(*rows)))
+        if not error and not (isinstance(values, (list, tuple)) and len(values) == len(rows)):
+            error = f"a per-group reward function must return a list of {len(rows)} rewards, got {values!r}"[
+                :500
+            ]
+        if error:
+            return [self._scored(None, error) for _ in rows]
+        return [self._scored(v, "") for v in values]
 
     async def step(self, max_rows: int | None = None) -> int:
         """Score up to `max_rows` ready rows (sync mode); returns how many (0: the stream ended)."""
         start = time.perf_counter()
         size = max_rows or self.batch_rows
-        batch = await take(self.store, self.fields, size, REWARD, writes=WRITES, timeout_s=self.get_timeout_s)
+        batch = await take(
+            self.store, self.fields, size, REWARD, writes=WRITES, timeout_s=self.get_timeout_s, **self._read
+        )
         self.stats["idle_s"] += time.perf_counter() - start
         if not len(batch):
             return 0
@@ -84,15 +140,33 @@ class RewardWorker:
     async def process(self, batch: Any) -> None:
         """Score a batch and write its reward fields (the caller acks it)."""
         start = time.perf_counter()
-        scored = await asyncio.gather(
-            *(self._score(*self.kind.reward_args(*row)) for row in zip(*(batch[f] for f in self.fields)))
-        )
+        rows = [self.kind.reward_args(*row) for row in zip(*(batch[f] for f in self.fields[:3]))]
+        if self.per_group:  # the batch holds whole groups: one call per prompt
+            groups: dict[int, list[int]] = {}
+            for i, prompt_index in enumerate(batch["prompt_index"]):
+                groups.setdefault(int(prompt_index), []).append(i)
+            results = await asyncio.gather(
+                *(self._score_group([rows[i] for i in g]) for g in groups.values())
+            )
+            by_row: dict[int, Scored] = {}
+            for members, group_scored in zip(groups.values(), results):
+                by_row.update(zip(members, group_scored))
+            scored = [by_row[i] for i in range(len(rows))]
+        else:
+            scored = list(await asyncio.gather(*(self._score(*row) for row in rows)))
+        if self.overlong is not None:
+            max_tokens, buffer, penalty = self.overlong
+            for i, response in enumerate(batch[self.kind.response_field]):
+                part = overlong(len(response), max_tokens, buffer, penalty)
+                reward, error, parts = scored[i]
+                scored[i] = (reward + part, error, {**(parts or {"reward": reward}), "overlong": part})
         await self.store.put(
             PARTITION,
             # One float32 array: a list of Python floats would have to be exact in float32 (-0.1 is not).
             {
-                "reward": np.asarray([s for s, _ in scored], np.float32),
-                "reward_error": [e for _, e in scored],
+                "reward": np.asarray([s for s, _, _ in scored], np.float32),
+                "reward_error": [e for _, e, _ in scored],
+                "reward_parts": [json.dumps(p) if p else "" for _, _, p in scored],
             },
             rows=batch,
         )
@@ -101,7 +175,12 @@ class RewardWorker:
 
     @property
     def fields(self) -> list[str]:
-        return [self.kind.prompt_field, self.kind.response_field, "answer"]
+        return [self.kind.prompt_field, self.kind.response_field, "answer", "prompt_index"]
+
+    @property
+    def _read(self) -> dict[str, Any]:
+        """How this worker reads: whole groups when the reward function scores a group per call."""
+        return {"unit": self.per_group, "sampler": "group"} if self.per_group else {}
 
     async def work(self, rows: int) -> int:
         """Process exactly `rows` rows (sync mode)."""
@@ -111,7 +190,7 @@ class RewardWorker:
         """Score rows as they become ready until the stream ends (async mode)."""
         await serve(
             self.store, self.fields, self.batch_rows, REWARD, idle(self.stats, self.process), writes=WRITES,
-            timeout_s=self.get_timeout_s,
+            timeout_s=self.get_timeout_s, **self._read,
         )  # fmt: skip
 
     def close(self) -> None:

@@ -18,6 +18,7 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
+from workers.reward import parts_of
 from workers.samples import PARTITION, ROLLOUT, idle, serve, take
 
 if TYPE_CHECKING:  # the seams' protocols and classes, for the type checker
@@ -147,12 +148,14 @@ class RolloutWorker:
     async def close(self) -> None:
         await self.engine.close()
 
-    async def evaluate(self, examples: list[Any], reward_fn: Any) -> float:
+    async def evaluate(self, examples: list[Any], reward_fn: Any, per_group: bool = False) -> float:
         """Mean reward of one sample per held-out prompt, with the current weights."""
         prompts = self.kind.prompts(examples)[self.kind.prompt_field]
         requests = [self.kind.request(f"eval{i}", p, 1, self.params) for i, p in enumerate(prompts)]
         responses = self.kind.results(await self.engine.generate(requests))[self.kind.response_field]
-        rewards = [
-            reward_fn(*self.kind.reward_args(p, r, e.answer)) for p, r, e in zip(prompts, responses, examples)
-        ]
+        args = [self.kind.reward_args(p, r, e.answer) for p, r, e in zip(prompts, responses, examples)]
+        if per_group:  # a reward function that scores lists: each held-out prompt is a group of one
+            rewards = [parts_of(reward_fn(*([a] for a in arg))[0])[0] for arg in args]
+        else:
+            rewards = [parts_of(reward_fn(*arg))[0] for arg in args]
         return sum(rewards) / max(len(rewards), 1)

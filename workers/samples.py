@@ -35,13 +35,14 @@ SCHEMA = {
     # RewardWorker
     "reward": "float32",
     "reward_error": "str",  # "" when the reward function returned normally
+    "reward_parts": "str",  # the reward's named parts as a JSON object, "" when it is one number
     # ReferenceWorker
     "ref_logprobs": "float32[*]",
 }
 
 PROMPT_FIELDS = ["prompt_ids", "prompt_index", "sample_index", "answer", "admit_version"]
 ROLLOUT_FIELDS = ["response_ids", "behavior_logprobs", "token_versions", "finish"]
-REWARD_FIELDS = ["reward", "reward_error"]
+REWARD_FIELDS = ["reward", "reward_error", "reward_parts"]
 
 # A flow-matching policy's rows: a condition instead of prompt ids, and instead of tokens the
 # SDE trajectory, one "action" per denoising step (services.flow.engine).

@@ -35,6 +35,16 @@ if TYPE_CHECKING:  # the seams' protocols and classes, for the type checker
     from workers.weights import WeightClient
 
 
+def reward_parts(stored: Sequence[str]) -> dict[str, float]:
+    """The batch's mean of each named reward part, as `reward/<name>` (a sample without a part
+    counts as 0 for it)."""
+    sums: dict[str, float] = {}
+    for parts in filter(None, stored):
+        for name, value in json.loads(parts).items():
+            sums[name] = sums.get(name, 0.0) + value
+    return {f"reward/{name}": total / len(stored) for name, total in sorted(sums.items())}
+
+
 class TrainerWorker:
     def __init__(
         self,
@@ -58,7 +68,7 @@ class TrainerWorker:
         self.params = trainable_parameters(self.model)  # what the optimizer holds and clips
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         self.publish_bytes = 0  # of the last publication
-        self.fields = kind.trainer_reads(reference)
+        self.fields = [*kind.trainer_reads(reference), "reward_parts"]
 
     def warmup(self, task: Any, config: WarmupConfig) -> dict:
         """The kind's warm-start of the policy (supervised answers, or flow-matching pre-training)."""
@@ -120,6 +130,7 @@ class TrainerWorker:
             "tokens": sum(len(r.behavior) for r in rows),  # scored actions: tokens, or denoising steps
             "reward_mean": rewards.mean().item(),
             "response_len": sum(len(r.behavior) for r in rows) / len(rows),
+            **reward_parts([data["reward_parts"][i] for i in order] if "reward_parts" in data else []),
             "staleness": staleness_histogram(self.version - 1, [r.version(self.version) for r in rows]),
             "trained": [[int(data["prompt_index"][i]), int(data["sample_index"][i])] for i in order],
             **stats,

@@ -138,6 +138,16 @@ class AsyncFlowConfig(Section):
                 "trainer.trainable: lora adapts a language model's linear layers; a flow policy trains "
                 "all of its parameters or those trainer.trainable.patterns name"
             )
+        if self.reward.overlong_buffer and self.policy == "flow":
+            raise ValueError(
+                "reward.overlong_buffer counts response tokens; a flow policy has none, set it to 0"
+            )
+        if self.reward.overlong_buffer > self.rollout.max_new_tokens:
+            raise ValueError(
+                f"reward.overlong_buffer = {self.reward.overlong_buffer} is longer than "
+                f"rollout.max_new_tokens = {self.rollout.max_new_tokens}; the penalty ramps over the last "
+                "tokens of it, so make it at most that"
+            )
         if self.trainer.batch_prompts % self.trainer.minibatches:
             raise ValueError(
                 f"trainer.batch_prompts = {self.trainer.batch_prompts} does not split into "

@@ -111,7 +111,8 @@ class TaskConfig(Section):
     )
     reward: str = Field(
         "asyncflow.tasks.sorting:reward",
-        description="'module:function' called as function(prompt, response, answer) -> float.",
+        description="'module:function' called as function(prompt, response, answer) -> a float, or a dict "
+        "of named parts whose sum is the reward (each part logged as reward/<name>).",
     )
     eval_prompts: int = Field(
         256, ge=0, le=100000, description="Held-out prompts scored before and after RL."
@@ -243,6 +244,20 @@ class RewardConfig(Section):
     )
     failure_reward: float = Field(0.0, ge=-1e6, le=1e6, description="Reward recorded for a failed call.")
     batch_rows: int = Field(64, ge=1, le=65536, description="Rows scored per store round trip, at most.")
+    per_group: bool = Field(
+        False,
+        description="Call the reward function once per group (the n responses to one prompt) with lists "
+        "of prompts, responses and answers; it returns a list of rewards (numbers or dicts of parts). "
+        "task.eval_reward, when set, still scores one sample per call.",
+    )
+    overlong_buffer: int = Field(
+        0,
+        ge=0,
+        le=1_000_000,
+        description="DAPO's overlong penalty: responses longer than rollout.max_new_tokens minus this many "
+        "tokens lose up to overlong_penalty, linearly, as the part `overlong` (0: off; token policies).",
+    )
+    overlong_penalty: float = Field(1.0, gt=0, le=1e6, description="The overlong penalty at max_new_tokens.")
     num_cpus: float = Field(0.25, gt=0, le=1024, description="Ray CPUs reserved per worker.")
 
 

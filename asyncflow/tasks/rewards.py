@@ -1,8 +1,9 @@
 """Rewards for text answers, ready to name in `task.reward` (`asyncflow.tasks.rewards:NAME`).
 
-Each is `reward(prompt, response, answer) -> float` on decoded text, 1.0 for a correct
-response and 0.0 otherwise (`answer_format` checks the shape only). A task's own reward function
-plugs in the same way.
+Each is `reward(prompt, response, answer)` on decoded text: 1.0 for a correct response and 0.0
+otherwise (`answer_format` checks the shape only), or, for `graded`, a dict of named parts whose
+sum is the reward (every part is logged as `reward/<name>`). A task's own reward function plugs in
+the same way; DAPO's overlong penalty is a config option (`reward.overlong_buffer`), not a function.
 """
 
 from __future__ import annotations
@@ -51,6 +52,15 @@ def math_verify(prompt: str, response: str, answer: str) -> float:
 def answer_format(prompt: str, response: str, answer: str) -> float:
     """The response ends with a final answer in GSM8K's form, `#### <number>`."""
     return float(bool(re.search(r"####\s*-?[\d,]*\.?\d+\s*$", response)))
+
+
+def graded(prompt: str, response: str, answer: str) -> dict[str, float]:
+    """`final_number` as the part `correct`, plus a tenth of `answer_format` as the part `format`:
+    a small pull towards the `#### <number>` form while the answers are still wrong."""
+    return {
+        "correct": final_number(prompt, response, answer),
+        "format": 0.1 * answer_format(prompt, response, answer),
+    }
 
 
 def _number(text: str) -> float | None:

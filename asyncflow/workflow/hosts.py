@@ -223,7 +223,9 @@ class RolloutHost(Host):
         worker = await self.worker()
         await worker.sync_weights(min_version)
         examples = [self.task.eval_example(i) for i in range(count)]
-        return await worker.evaluate(examples, make_reward_fn(self.config.task, evaluation=True))
+        task = self.config.task  # an eval_reward of its own scores one sample per call
+        per_group = self.config.reward.per_group and not task.eval_reward
+        return await worker.evaluate(examples, make_reward_fn(task, evaluation=True), per_group)
 
 
 class RewardHost(Host):
@@ -231,11 +233,13 @@ class RewardHost(Host):
         from workers.policy import make_reward_fn
         from workers.reward import RewardWorker
 
-        r = self.config.reward
+        r, max_new = self.config.reward, self.config.rollout.max_new_tokens
         return RewardWorker(
             make_reward_fn(self.config.task), self.kind, store, timeout_s=r.timeout_s,
             failure_reward=r.failure_reward, batch_rows=r.batch_rows,
             get_timeout_s=self.config.dataplane.get_timeout_s,
+            per_group=self.config.rollout.n if r.per_group else 0,
+            overlong=(max_new, r.overlong_buffer, r.overlong_penalty) if r.overlong_buffer else None,
         )  # fmt: skip
 
     async def run(self) -> None:

@@ -183,7 +183,7 @@ class Pipeline:
         await self._ask(self.source.admit.remote(groups, step - 1))
         await self._ask(*(r.work.remote(g) for r, g in zip(self.rollouts, split(groups, len(self.rollouts)))))
         await self._ask(
-            *(w.work.remote(k) for w, k in zip(self.rewards, split(groups * n, len(self.rewards))))
+            *(w.work.remote(g * n) for w, g in zip(self.rewards, split(groups, len(self.rewards))))
         )
         await self._ask(*(r.work.remote(groups * n) for r in self.references))
 

@@ -42,7 +42,7 @@ def config_for(tmp_path, checkpoint: str, **more):
                 "messages": "messages",
                 "eval_path": write_data(tmp_path / "eval.jsonl", 100, 8),
             },
-            "reward": "asyncflow.tasks.rewards:final_number",
+            "reward": more.pop("task_reward", "asyncflow.tasks.rewards:final_number"),
             "eval_prompts": 8,
         },  # fmt: skip
         "rollout": {"n": 4, "groups_per_call": 4, "max_new_tokens": 8, **more.pop("rollout", {})},
@@ -57,12 +57,17 @@ def config_for(tmp_path, checkpoint: str, **more):
 def test_a_checkpoint_trains_on_a_data_set_and_exports_what_it_trained(
     ray_session, tmp_path, checkpoints, engine
 ):
-    config = config_for(tmp_path, checkpoints["qwen2"], rollout={"engine": engine})
+    config = config_for(tmp_path, checkpoints["qwen2"], rollout={"engine": engine}, reward={"overlong_buffer": 4},
+                        task_reward="asyncflow.tasks.rewards:graded")  # named parts: correct, format  # fmt: skip
     summary = train(config, display=False)
     assert summary["steps"] == 6 and summary["eval_reward_after"] is not None
     assert_exactly_once(summary, n=4)  # two epochs of 12 prompts, each prompt's 4 samples trained once
     metrics = RunDir(summary["run_dir"]).metrics()
     assert [m["step"] for m in metrics] == list(range(1, 7)) and all(m["response_len"] > 0 for m in metrics)
+    for m in metrics:  # every part is logged, and the reward is their sum
+        parts = [m["reward/correct"], m["reward/format"], m["reward/overlong"]]
+        assert m["reward/overlong"] <= 0 and sum(parts) == pytest.approx(m["reward_mean"], abs=1e-5)
+    assert min(m["reward/overlong"] for m in metrics) < 0  # random 8-token responses run into the buffer
 
     out = export(summary["run_dir"], tmp_path / "exported")
     from transformers import AutoModelForCausalLM, AutoTokenizer
