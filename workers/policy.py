@@ -1,4 +1,5 @@
-"""What every worker builds the same way: the task, its tokenizer, the policy's architecture.
+"""What every worker builds the same way: the task, its tokenizer, the policy's architecture
+(and, for memory, its split into body and LM head and its gradient checkpointing).
 
 Weights never come from here: the trainer makes version 0 and every other worker pulls
 its weights from the weight store, so all of them run the same policy.
@@ -63,6 +64,49 @@ def make_model(config: ModelConfig, vocab_size: int, seed: int) -> Any:
         seed=seed,
     )  # fmt: skip
     return model.to(getattr(torch, config.dtype))
+
+
+def body_and_head(model: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A transformers causal LM as its body (ids -> final hidden states, final norm included:
+    `model.base_model`) and its LM head (hidden states -> logits: `get_output_embeddings()`), so
+    that log-probs can be computed a chunk of positions at a time."""
+    body = getattr(model, "base_model", model)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if body is model or head is None:
+        raise ValueError(
+            f"{type(model).__name__} has no separate body (base_model) and LM head "
+            "(get_output_embeddings()), which chunked log-probs need; set trainer.logprob_chunk_tokens: 0"
+        )
+    return body, head
+
+
+@torch.no_grad()
+def check_body_and_head(model: Any) -> None:
+    """Refuse a model whose logits are not head(body(ids)) (a final soft-cap or logit scale, as
+    Gemma 2 and Cohere apply after the head): chunked log-probs would silently differ from its own."""
+    body, head = body_and_head(model)
+    device = next(model.parameters()).device
+    ids = torch.arange(4, device=device)[None] % int(model.config.vocab_size)  # (1, 4)
+    whole = model(input_ids=ids, use_cache=False).logits.float()  # (1, 4, V)
+    split = head(body(input_ids=ids, use_cache=False).last_hidden_state).float()
+    if not torch.allclose(whole, split):
+        raise ValueError(
+            f"{type(model).__name__} computes its logits otherwise than LM head(base_model(ids)) (max diff "
+            f"{(whole - split).abs().max().item():.3g}), so chunked log-probs would differ from its own; "
+            "set trainer.logprob_chunk_tokens: 0"
+        )
+
+
+def enable_gradient_checkpointing(model: Any) -> None:
+    """Recompute each block's activations in the backward instead of keeping them (transformers'
+    gradient_checkpointing_enable, non-reentrant: the recomputation sees the same RNG state).
+    transformers applies it in train mode only."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"trainer.gradient_checkpointing is true, but {type(model).__name__} does not support "
+            "transformers' gradient checkpointing; set trainer.gradient_checkpointing: false"
+        )
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def eos_ids(tokenizer: Any, generation: Any = None) -> tuple[int, ...]:

@@ -26,6 +26,7 @@ from torch import Tensor
 from asyncflow.algorithms import aggregate, group_advantages, kl_penalty, on_grid, policy_loss
 from asyncflow.config import TrainerConfig, WarmupConfig
 from asyncflow.versioning import min_usable_version, staleness_histogram
+from workers.policy import enable_gradient_checkpointing
 from workers.samples import PARTITION, TRAINER
 
 if TYPE_CHECKING:  # the seams' protocols and classes, for the type checker
@@ -49,6 +50,8 @@ class TrainerWorker:
         version: int = 0,
         get_timeout_s: float | None = None,
     ):
+        if config.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
         self.model, self.store, self.weights, self.config = model.train(), store, weights, config
         self.kind, self.n, self.staleness, self.reference = kind, n, staleness, reference
         self.version, self.get_timeout_s = version, get_timeout_s

@@ -290,6 +290,17 @@ class TrainerConfig(Section):
         description="Padded tokens per forward/backward pass; rows are sorted by length and gradients "
         "accumulate over the passes (0: the whole batch in one pass).",
     )  # fmt: skip
+    logprob_chunk_tokens: int = Field(
+        0, ge=0, le=10_000_000,
+        description="Token policy, memory: the LM head runs over the response tokens this many at a time, "
+        "each chunk recomputed in the backward, so the (tokens, vocab) logits never exist whole; the "
+        "reference computes its log-probs the same way (0: off, the whole logits at once).",
+    )  # fmt: skip
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Token policy, memory: recompute each transformer block's activations in the backward "
+        "instead of keeping them (transformers' gradient checkpointing): about one more forward of compute.",
+    )
     checkpoint_every: int = Field(
         0, ge=0, le=10_000_000, description="Steps between checkpoints (0: at the end only)."
     )

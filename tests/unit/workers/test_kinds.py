@@ -83,3 +83,12 @@ def test_the_engine_samples_what_the_kind_recomputes():
         lp, mask = k.logprobs(model, rows)
     behavior = torch.tensor([v for r in rows for v in r.behavior])
     assert torch.allclose(lp[mask], behavior, atol=1e-5)
+
+
+def test_the_reference_computes_chunked_logprobs_as_whole_ones():
+    whole = kind(temperature=0.7)
+    chunked = TokenKind(whole.tokenizer, ModelConfig(), RolloutConfig(temperature=0.7), chunk_tokens=2)
+    model = whole.model(0)
+    batch = {k: data()[k] for k in ("prompt_ids", "response_ids")}
+    for a, b in zip(whole.reference_logprobs(model, batch), chunked.reference_logprobs(model, batch)):
+        assert a.shape == b.shape and np.allclose(a, b, atol=1e-6)
