@@ -179,7 +179,7 @@ class TokenKind:
         prompts = [p.tolist() for p in batch["prompt_ids"]]
         ids, targets, mask = pack(prompts, [r.tolist() for r in batch["response_ids"]])
         # (B, T-1): the sampler's distribution, so the KL is 0 at step 1
-        lp = self._logprobs(model, ids, targets, mask)
+        lp = self._logprobs(model, ids, targets, mask, self.rollout)
         return [row[m].numpy() for row, m in zip(lp, mask)]
 
     def engine(self, seed: int) -> Any:
@@ -213,24 +213,31 @@ class TokenKind:
 
     def logprobs(self, model: torch.nn.Module, rows: Sequence[TokenSample]) -> tuple[Tensor, Tensor]:
         ids, targets, mask = pack([r.prompt for r in rows], [r.response for r in rows])
-        return self._logprobs(model, ids, targets, mask), mask  # (b, L-1) each
+        return self._logprobs(model, ids, targets, mask, self.rollout), mask  # (b, L-1) each
 
-    def _logprobs(self, model: torch.nn.Module, ids: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
-        """Log-probs of `targets` under the distribution the engine samples from (its temperature,
-        top-k and top-p): ids (b, L), targets and mask (b, L-1) -> (b, L-1).
+    def _logprobs(
+        self,
+        model: torch.nn.Module,
+        ids: Tensor,
+        targets: Tensor,
+        mask: Tensor,
+        sampler: RolloutConfig | None,
+    ) -> Tensor:
+        """Log-probs of `targets` under the distribution the engine samples from (the sampler's
+        temperature, top-k and top-p; None: the model's own distribution): ids (b, L), targets and
+        mask (b, L-1) -> (b, L-1).
 
         With `chunk_tokens` the LM head runs over the masked positions alone, `chunk_tokens` at a
         time (`chunked_token_logprobs`), and the other positions are 0; else the whole (b, L-1, V)
         logits are built at once."""
-        r = self.rollout
+        settings = (1.0, 0, 1.0) if sampler is None else (sampler.temperature, sampler.top_k, sampler.top_p)
         if not self.chunk_tokens:
             logits = model(input_ids=ids, use_cache=False).logits[:, :-1]  # (b, L-1, V)
-            return token_logprobs(logits, targets, r.temperature, r.top_k, r.top_p)
+            return token_logprobs(logits, targets, *settings)
         body, head = body_and_head(model)
         hidden = body(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]  # (b, L-1, H)
-        picked = chunked_token_logprobs(
-            hidden[mask], head, targets[mask], self.chunk_tokens, r.temperature, r.top_k, r.top_p
-        )  # (N,): the response tokens only
+        # (N,): the response tokens only
+        picked = chunked_token_logprobs(hidden[mask], head, targets[mask], self.chunk_tokens, *settings)
         out = torch.zeros(targets.shape, dtype=picked.dtype, device=picked.device)  # (b, L-1)
         out[mask] = picked
         return out
@@ -249,8 +256,7 @@ class TokenKind:
             prompts = [self.prompt_ids(e.prompt) for e in examples]
             answers = [[*tok.encode(e.answer, add_special_tokens=False), self.stop_ids[0]] for e in examples]
             ids, targets, mask = pack(prompts, answers)
-            logits = model(ids).logits[:, :-1]  # (B, L-1, V)
-            loss = torch.nn.functional.cross_entropy(logits[mask], targets[mask])
+            loss = -self._logprobs(model, ids, targets, mask, None)[mask].mean()  # the cross-entropy
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
