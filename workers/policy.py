@@ -54,16 +54,29 @@ def make_model(config: ModelConfig, vocab_size: int, seed: int) -> Any:
     if config.path is not None:
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(
+        model = AutoModelForCausalLM.from_pretrained(
             config.path, revision=config.revision, trust_remote_code=config.trust_remote_code,
             dtype=getattr(torch, config.dtype),
-        ).eval()  # fmt: skip
+        )  # fmt: skip
+        return without_dropout(model).eval()
     model = build_model(
         vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
         num_layers=config.num_layers, num_heads=config.num_heads, max_positions=config.max_positions,
         seed=seed,
     )  # fmt: skip
     return model.to(getattr(torch, config.dtype))
+
+
+def without_dropout(model: Any) -> Any:
+    """`model` with every dropout probability set to 0. The trainer runs in train mode and its
+    log-probs are compared token by token with the engine's (importance ratios, the on-policy check):
+    a checkpoint's dropout would make them differ at random (GPT-2's 0.1 moves a log-prob by ~0.4)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):  # Llama, Qwen2: a float
+            module.attention_dropout = 0.0
+    return model
 
 
 def body_and_head(model: Any) -> tuple[torch.nn.Module, torch.nn.Module]:

@@ -88,7 +88,7 @@ def test_chat_messages_need_a_chat_template(checkpoints, tmp_path):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_chunked_logprobs_and_gradient_checkpointing_change_no_value_or_gradient(checkpoints, arch):
     """The memory settings cut the work differently, nothing more: on chat-templated samples the
-    log-probs and the gradients are those of one whole pass, in train mode (GPT-2's dropout on)."""
+    log-probs and the gradients are those of one whole pass, in train mode."""
     figures = []
     for chunk_tokens, checkpointing in [(0, False), (5, False), (0, True), (5, True)]:
         kind = kind_for(checkpoints[arch], chunk_tokens, temperature=0.9, top_k=8, top_p=0.9)
@@ -102,7 +102,6 @@ def test_chunked_logprobs_and_gradient_checkpointing_change_no_value_or_gradient
         model = kind.model(0).train()
         if checkpointing:
             enable_gradient_checkpointing(model)
-        torch.manual_seed(0)  # the same dropout masks in every pass
         lp, mask = kind.logprobs(model, rows)
         weights = torch.linspace(-1, 1, int(mask.sum()))  # a loss that weighs every token differently
         (lp[mask] * weights).sum().backward()
@@ -112,6 +111,17 @@ def test_chunked_logprobs_and_gradient_checkpointing_change_no_value_or_gradient
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         for g, w in zip(grads, want_grads):
             torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_trainers_model_has_no_dropout_so_train_mode_gives_the_engines_logprobs(checkpoints, arch):
+    kind = kind_for(checkpoints[arch])
+    model = kind.model(0)  # GPT-2's config asks for dropout 0.1 on embeddings, attention and residuals
+    ids = torch.tensor([kind.prompt_ids([{"role": "user", "content": "What is 3 plus 4?"}])])
+    with torch.no_grad():
+        evaluated = model.eval()(ids).logits
+        torch.manual_seed(0)
+        assert torch.equal(model.train()(ids).logits, evaluated)
 
 
 def test_a_model_whose_logits_are_not_its_heads_is_refused_for_chunking():
