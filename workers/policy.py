@@ -54,11 +54,11 @@ def make_model(config: ModelConfig, vocab_size: int, seed: int) -> Any:
     if config.path is not None:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(
+        checkpoint = AutoModelForCausalLM.from_pretrained(
             config.path, revision=config.revision, trust_remote_code=config.trust_remote_code,
             dtype=getattr(torch, config.dtype),
         )  # fmt: skip
-        return without_dropout(model).eval()
+        return without_dropout(checkpoint).eval()
     model = build_model(
         vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
         num_layers=config.num_layers, num_heads=config.num_heads, max_positions=config.max_positions,
