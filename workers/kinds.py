@@ -26,11 +26,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from asyncflow.algorithms import pack, token_logprobs
+from asyncflow.algorithms import chunked_token_logprobs, pack, token_logprobs
 from asyncflow.config import AsyncFlowConfig, ModelConfig, RolloutConfig, WarmupConfig
 from services.parallelism.balance import micro_batches
 from services.serving import Request, SamplingParams
-from workers.policy import eos_ids, make_model, make_tokenizer
+from workers.policy import body_and_head, check_body_and_head, eos_ids, make_model, make_tokenizer
 from workers.samples import PROMPT_FIELDS, ROLLOUT_FIELDS
 
 
@@ -92,7 +92,10 @@ def make_kind(config: AsyncFlowConfig, task: Any) -> Kind:
         from workers.flow_kind import FlowKind
 
         return FlowKind(config.flow, task)
-    kind = TokenKind(make_tokenizer(task, config.model), config.model, config.rollout)
+    kind = TokenKind(
+        make_tokenizer(task, config.model), config.model, config.rollout,
+        chunk_tokens=config.trainer.logprob_chunk_tokens,
+    )  # fmt: skip
     if hasattr(task, "limit_prompts"):
         task.limit_prompts(lambda prompt: len(kind.prompt_ids(prompt)), kind.prompt_room())
     return kind
@@ -104,12 +107,16 @@ class TokenKind:
     prompt_fields, rollout_fields = PROMPT_FIELDS, ROLLOUT_FIELDS
     reference_reads = ["prompt_ids", "response_ids"]
 
-    def __init__(self, tokenizer: Any, model: ModelConfig, rollout: RolloutConfig):
+    def __init__(self, tokenizer: Any, model: ModelConfig, rollout: RolloutConfig, *, chunk_tokens: int = 0):
         self.tokenizer, self.model_config, self.rollout = tokenizer, model, rollout
+        self.chunk_tokens = chunk_tokens  # positions whose logits exist at once (0: all of them)
         self._stop_ids: tuple[int, ...] | None = None
 
     def model(self, seed: int) -> torch.nn.Module:
-        return make_model(self.model_config, len(self.tokenizer), seed)
+        model = make_model(self.model_config, len(self.tokenizer), seed)
+        if self.chunk_tokens:  # refused now rather than computing other log-probs than its own
+            check_body_and_head(model)
+        return model
 
     def params(self) -> SamplingParams:
         r = self.rollout
@@ -199,7 +206,8 @@ class TokenKind:
     def reference_logprobs(self, model: torch.nn.Module, batch: Any) -> list[np.ndarray]:
         prompts = [p.tolist() for p in batch["prompt_ids"]]
         ids, targets, mask = pack(prompts, [r.tolist() for r in batch["response_ids"]])
-        lp = self._logprobs(model, ids, targets)  # (B, T-1): the sampler's distribution, so KL is 0 at step 1
+        # (B, T-1): the sampler's distribution, so the KL is 0 at step 1
+        lp = self._logprobs(model, ids, targets, mask, self.rollout)
         return [row[m].numpy() for row, m in zip(lp, mask)]
 
     def engine(self, seed: int) -> Any:
@@ -233,13 +241,34 @@ class TokenKind:
 
     def logprobs(self, model: torch.nn.Module, rows: Sequence[TokenSample]) -> tuple[Tensor, Tensor]:
         ids, targets, mask = pack([r.prompt for r in rows], [r.response for r in rows])
-        return self._logprobs(model, ids, targets), mask  # (b, L-1) each
+        return self._logprobs(model, ids, targets, mask, self.rollout), mask  # (b, L-1) each
 
-    def _logprobs(self, model: torch.nn.Module, ids: Tensor, targets: Tensor) -> Tensor:
-        """Log-probs of `targets` under the distribution the engine samples from (its temperature,
-        top-k and top-p): ids (b, L), targets (b, L-1) -> (b, L-1)."""
-        r = self.rollout
-        return token_logprobs(model(ids).logits[:, :-1], targets, r.temperature, r.top_k, r.top_p)
+    def _logprobs(
+        self,
+        model: torch.nn.Module,
+        ids: Tensor,
+        targets: Tensor,
+        mask: Tensor,
+        sampler: RolloutConfig | None,
+    ) -> Tensor:
+        """Log-probs of `targets` under the distribution the engine samples from (the sampler's
+        temperature, top-k and top-p; None: the model's own distribution): ids (b, L), targets and
+        mask (b, L-1) -> (b, L-1).
+
+        With `chunk_tokens` the LM head runs over the masked positions alone, `chunk_tokens` at a
+        time (`chunked_token_logprobs`), and the other positions are 0; else the whole (b, L-1, V)
+        logits are built at once."""
+        settings = (1.0, 0, 1.0) if sampler is None else (sampler.temperature, sampler.top_k, sampler.top_p)
+        if not self.chunk_tokens:
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1]  # (b, L-1, V)
+            return token_logprobs(logits, targets, *settings)
+        body, head = body_and_head(model)
+        hidden = body(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]  # (b, L-1, H)
+        # (N,): the response tokens only
+        picked = chunked_token_logprobs(hidden[mask], head, targets[mask], self.chunk_tokens, *settings)
+        out = torch.zeros(targets.shape, dtype=picked.dtype, device=picked.device)  # (b, L-1)
+        out[mask] = picked
+        return out
 
     def warmup(self, model: torch.nn.Module, task: Any, config: WarmupConfig) -> dict:
         """Supervised steps on the task's answers (examples far from the RL prompts' indices)."""
@@ -255,8 +284,7 @@ class TokenKind:
             prompts = [self.prompt_ids(e.prompt) for e in examples]
             answers = [[*tok.encode(e.answer, add_special_tokens=False), self.stop_ids[0]] for e in examples]
             ids, targets, mask = pack(prompts, answers)
-            logits = model(ids).logits[:, :-1]  # (B, L-1, V)
-            loss = torch.nn.functional.cross_entropy(logits[mask], targets[mask])
+            loss = -self._logprobs(model, ids, targets, mask, None)[mask].mean()  # the cross-entropy
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -1,4 +1,5 @@
-"""What every worker builds the same way: the task, its tokenizer, the policy's architecture.
+"""What every worker builds the same way: the task, its tokenizer, the policy's architecture
+(and, for memory, its split into body and LM head and its gradient checkpointing).
 
 Weights never come from here: the trainer makes version 0 and every other worker pulls
 its weights from the weight store, so all of them run the same policy.
@@ -53,10 +54,11 @@ def make_model(config: ModelConfig, vocab_size: int, seed: int) -> Any:
     if config.path is not None:
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(
+        checkpoint = AutoModelForCausalLM.from_pretrained(
             config.path, revision=config.revision, trust_remote_code=config.trust_remote_code,
             dtype=getattr(torch, config.dtype),
-        ).eval()  # fmt: skip
+        )  # fmt: skip
+        return without_dropout(checkpoint).eval()
     model = build_model(
         vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
         num_layers=config.num_layers, num_heads=config.num_heads, max_positions=config.max_positions,
@@ -77,6 +79,63 @@ def model_outline(config: ModelConfig, vocab_size: int) -> Any:
             config.path, revision=config.revision, trust_remote_code=config.trust_remote_code
         )
         return AutoModelForCausalLM.from_config(hf, trust_remote_code=config.trust_remote_code)
+
+
+def without_dropout(model: Any) -> Any:
+    """`model` with every dropout probability set to 0. The trainer runs in train mode and its
+    log-probs are compared token by token with the engine's (importance ratios, the on-policy check):
+    a checkpoint's dropout would make them differ at random (GPT-2's 0.1 moves a log-prob by ~0.4)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):  # Llama, Qwen2: a float
+            module.attention_dropout = 0.0
+    return model
+
+
+def body_and_head(model: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A transformers causal LM as its body (ids -> final hidden states, final norm included:
+    `model.base_model`) and its LM head (hidden states -> logits: `get_output_embeddings()`), so
+    that log-probs can be computed a chunk of positions at a time."""
+    if hasattr(model, "get_base_model"):  # LoRA (peft): the model with its adapters in place
+        model = model.get_base_model()
+    body = getattr(model, "base_model", model)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if body is model or head is None:
+        raise ValueError(
+            f"{type(model).__name__} has no separate body (base_model) and LM head "
+            "(get_output_embeddings()), which chunked log-probs need; set trainer.logprob_chunk_tokens: 0"
+        )
+    return body, head
+
+
+@torch.no_grad()
+def check_body_and_head(model: Any) -> None:
+    """Refuse a model whose logits are not head(body(ids)) (a final soft-cap or logit scale, as
+    Gemma 2 and Cohere apply after the head): chunked log-probs would silently differ from its own."""
+    body, head = body_and_head(model)
+    device = next(model.parameters()).device
+    ids = torch.arange(4, device=device)[None] % int(model.config.vocab_size)  # (1, 4)
+    whole = model(input_ids=ids, use_cache=False).logits.float()  # (1, 4, V)
+    split = head(body(input_ids=ids, use_cache=False).last_hidden_state).float()
+    if not torch.allclose(whole, split):
+        raise ValueError(
+            f"{type(model).__name__} computes its logits otherwise than LM head(base_model(ids)) (max diff "
+            f"{(whole - split).abs().max().item():.3g}), so chunked log-probs would differ from its own; "
+            "set trainer.logprob_chunk_tokens: 0"
+        )
+
+
+def enable_gradient_checkpointing(model: Any) -> None:
+    """Recompute each block's activations in the backward instead of keeping them (transformers'
+    gradient_checkpointing_enable, non-reentrant: the recomputation sees the same RNG state).
+    transformers applies it in train mode only."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"trainer.gradient_checkpointing is true, but {type(model).__name__} does not support "
+            "transformers' gradient checkpointing; set trainer.gradient_checkpointing: false"
+        )
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def eos_ids(tokenizer: Any, generation: Any = None) -> tuple[int, ...]:

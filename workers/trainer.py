@@ -26,6 +26,7 @@ from torch import Tensor
 from asyncflow.algorithms import aggregate, group_advantages, kl_penalty, on_grid, policy_loss
 from asyncflow.config import TrainerConfig, WarmupConfig
 from asyncflow.versioning import min_usable_version, staleness_histogram
+from workers.policy import enable_gradient_checkpointing
 from workers.samples import PARTITION, TRAINER
 from workers.trainable import make_trainable, plain_model, publication, trainable_parameters
 
@@ -60,6 +61,8 @@ class TrainerWorker:
         version: int = 0,
         get_timeout_s: float | None = None,
     ):
+        if config.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
         # `model` as configured: every parameter trains, some do (patterns), or adapters on it (LoRA)
         self.model = make_trainable(model, config.trainable).train()
         self.store, self.weights, self.config = store, weights, config

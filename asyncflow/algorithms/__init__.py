@@ -7,7 +7,7 @@ The trainer composes them; `asyncflow.versioning` owns the staleness rule.
 from __future__ import annotations
 
 from asyncflow.algorithms.advantages import ESTIMATORS, Estimator, group_advantages
-from asyncflow.algorithms.logprobs import entropy, token_logprobs, truncate
+from asyncflow.algorithms.logprobs import chunked_token_logprobs, entropy, token_logprobs, truncate
 from asyncflow.algorithms.losses import (
     AGGREGATIONS,
     CORRECTIONS,
@@ -32,6 +32,7 @@ __all__ = [
     "Estimator",
     "KLKind",
     "aggregate",
+    "chunked_token_logprobs",
     "entropy",
     "group_advantages",
     "importance_ratios",

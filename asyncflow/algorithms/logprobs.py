@@ -7,16 +7,23 @@ nucleus of what top-k kept, and renormalised (`truncate`; the order vLLM and tra
 apply). Recomputing over the full softmax instead would make the importance ratio differ from
 1 even on-policy whenever top-k or top-p is on (peers' issue verl-project/verl#2996).
 
+`chunked_token_logprobs` computes the same from hidden states and the LM head, a chunk of
+positions at a time, so the (tokens, vocab) logits never exist whole, neither in the forward nor
+in the backward.
+
 This module knows nothing about models, tokenizers or where the logits came from: tensors in,
 tensors out, in float32 whatever the logits' dtype.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
-__all__ = ["entropy", "token_logprobs", "truncate"]
+__all__ = ["chunked_token_logprobs", "entropy", "token_logprobs", "truncate"]
 
 
 def _scaled(logits: Tensor, temperature: float, fn: str) -> Tensor:
@@ -88,6 +95,39 @@ def token_logprobs(
     picked = z.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)  # (B, T)
     logprobs = picked - torch.logsumexp(z, dim=-1)  # (B, T)
     return logprobs if top_k == 0 and top_p == 1.0 else logprobs.clamp_min(_FLOOR)
+
+
+def chunked_token_logprobs(
+    hidden: Tensor, head: Callable[[Tensor], Tensor], targets: Tensor, chunk_tokens: int,
+    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+) -> Tensor:  # fmt: skip
+    """`token_logprobs(head(hidden), targets, ...)` computed `chunk_tokens` positions at a time:
+    hidden (N, H), targets (N,) -> (N,), in float32.
+
+    Only one chunk's logits (chunk_tokens, V) exist at once. With gradient, each chunk runs under
+    activation checkpointing (Chen et al. 2016, arXiv 1604.06174): the forward keeps the chunk's
+    hidden states alone and the backward recomputes its logits, so the backward holds one chunk's
+    logits and their gradient at a time too, at the price of a second pass through the head.
+    """
+    if chunk_tokens < 1:
+        raise ValueError(
+            f"chunked_token_logprobs: chunk_tokens={chunk_tokens}, expected >= 1 positions per chunk; "
+            "call token_logprobs on the whole logits instead to turn chunking off"
+        )
+    if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
+        raise ValueError(
+            f"chunked_token_logprobs: hidden must be (N, H) and targets (N,), got {tuple(hidden.shape)}"
+            f" and {tuple(targets.shape)}; select the positions to score first: hidden[mask], targets[mask]"
+        )
+
+    def chunk(h: Tensor, t: Tensor) -> Tensor:  # (n, H), (n,) -> (n,)
+        return token_logprobs(head(h)[None], t[None], temperature, top_k, top_p)[0]
+
+    parts = [
+        checkpoint(chunk, h, t, use_reentrant=False) if torch.is_grad_enabled() else chunk(h, t)
+        for h, t in zip(hidden.split(chunk_tokens), targets.split(chunk_tokens))
+    ]
+    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
 
 
 def entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:

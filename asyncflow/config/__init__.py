@@ -121,6 +121,14 @@ class AsyncFlowConfig(Section):
                 f"policy = {self.policy!r} but task.source {self.task.source!r} is a {kind} task; "
                 f"set policy: {kind}, or pick a task of that kind"
             )
+        memory = {"logprob_chunk_tokens": self.trainer.logprob_chunk_tokens,
+                  "gradient_checkpointing": self.trainer.gradient_checkpointing}  # fmt: skip
+        on = [f"trainer.{k} = {v}" for k, v in memory.items() if v]
+        if self.policy == "flow" and on:
+            raise ValueError(
+                f"{', '.join(on)} applies to a token policy (a transformers model), but policy = 'flow'; "
+                "remove it, the flow policy has no LM head or transformer blocks to save memory on"
+            )
         if self.trainer.kl_coef > 0 and not self.reference.enabled:
             raise ValueError(
                 f"trainer.kl_coef = {self.trainer.kl_coef} needs reference log-probs; "

@@ -371,6 +371,17 @@ class TrainerConfig(Section):
         "on the target modules, merged into the published weights), or {patterns: [...]} (the parameters "
         "the fnmatch patterns name). The optimizer holds only what trains; publications carry only it.",
     )
+    logprob_chunk_tokens: int = Field(
+        0, ge=0, le=10_000_000,
+        description="Token policy, memory: the LM head runs over the response tokens this many at a time, "
+        "each chunk recomputed in the backward, so the (tokens, vocab) logits never exist whole; the "
+        "reference computes its log-probs the same way (0: off, the whole logits at once).",
+    )  # fmt: skip
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Token policy, memory: recompute each transformer block's activations in the backward "
+        "instead of keeping them (transformers' gradient checkpointing): about one more forward of compute.",
+    )
     checkpoint_every: int = Field(
         0, ge=0, le=10_000_000, description="Steps between checkpoints (0: at the end only)."
     )

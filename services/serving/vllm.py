@@ -45,7 +45,6 @@ CPU worker turns `torch.set_num_threads` into a no-op, so set threads before bui
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -99,12 +98,16 @@ class VLLMEngine:
                 f"VLLMEngine: {model_dir} has no config.json; pass a Hugging Face model directory "
                 "(services.models.save_model writes one)"
             )
-        config = json.loads((model_dir / "config.json").read_text())
-        self._max_positions = int(config.get("max_position_embeddings") or config["n_positions"])  # GPT-2
-        self._vocab_size = int(config["vocab_size"])
+        from transformers import AutoConfig
+
+        # transformers maps each architecture's names (GPT-2's n_positions is max_position_embeddings)
+        config = AutoConfig.from_pretrained(model_dir)
+        self._max_positions = int(config.max_position_embeddings)
+        self._vocab_size = int(config.vocab_size)
         self._shapes = _checkpoint_shapes(model_dir)
-        if config.get("tie_word_embeddings") and "model.embed_tokens.weight" in self._shapes:
-            self._shapes.setdefault("lm_head.weight", self._shapes["model.embed_tokens.weight"])
+        embedding = next((n for n in _EMBEDDINGS if n in self._shapes), None)
+        if getattr(config, "tie_word_embeddings", False) and embedding is not None:
+            self._shapes.setdefault("lm_head.weight", self._shapes[embedding])  # saved once, as the embedding
         self._engine: Any = _start_vllm(
             model_dir, dtype, seed, self._max_positions, max_num_seqs, kv_cache_gib
         )
@@ -308,6 +311,10 @@ def _completion(
         versions=versions,
         finish_reason=reason,
     )
+
+
+# The input embedding's name in the Llama / Qwen2 and GPT-2 families: a tied LM head is saved as it.
+_EMBEDDINGS = ("model.embed_tokens.weight", "transformer.wte.weight")
 
 
 def _checkpoint_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:

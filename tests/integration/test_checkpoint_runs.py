@@ -57,8 +57,14 @@ def config_for(tmp_path, checkpoint: str, **more):
 def test_a_checkpoint_trains_on_a_data_set_and_exports_what_it_trained(
     ray_session, tmp_path, checkpoints, engine
 ):
-    config = config_for(tmp_path, checkpoints["qwen2"], rollout={"engine": engine}, reward={"overlong_buffer": 4},
-                        task_reward="asyncflow.tasks.rewards:graded")  # named parts: correct, format  # fmt: skip
+    graded = "asyncflow.tasks.rewards:graded"  # named parts: correct, format (+ overlong)
+    config = config_for(
+        tmp_path,
+        checkpoints["qwen2"],
+        rollout={"engine": engine},
+        reward={"overlong_buffer": 4},
+        task_reward=graded,
+    )
     summary = train(config, display=False)
     assert summary["steps"] == 6 and summary["eval_reward_after"] is not None
     assert_exactly_once(summary, n=4)  # two epochs of 12 prompts, each prompt's 4 samples trained once
@@ -135,40 +141,49 @@ def test_a_data_set_run_resumed_mid_epoch_trains_every_kept_prompt_exactly_once(
         ]
 
 
-def test_the_exported_checkpoint_is_served_by_vllm_with_the_trainers_logprobs(tmp_path, checkpoints):
-    """Export of the base checkpoint's weights (no run needed for the round trip): vLLM loads the
-    directory, and its log-probs are the transformers model's."""
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_vllm_serves_a_checkpoint_with_the_trainers_logprobs(tmp_path, checkpoints, arch):
+    """vLLM loads the checkpoint directory and takes the trainer's weights (a tied head's name
+    included); on chat-templated prompts, with temperature, top-k and top-p, its log-probs are the
+    trainer's in float32 (whole logits, and chunked through the head)."""
     import asyncio
 
     from asyncflow.config import ModelConfig, RolloutConfig
-    from services.serving import Request, SamplingParams
+    from asyncflow.tasks import Example
     from services.serving.vllm import VLLMEngine
     from workers.kinds import TokenKind
     from workers.policy import make_tokenizer
 
-    kind = TokenKind(
-        make_tokenizer(None, ModelConfig(path=checkpoints["llama"])),
-        ModelConfig(path=checkpoints["llama"]),
-        RolloutConfig(),
-    )
-    model = kind.model(0)
-    engine = VLLMEngine(checkpoints["llama"], eos_token_id=kind.stop_ids[0], kv_cache_gib=0.0625)
+    model_config = ModelConfig(path=checkpoints[arch])
+    rollout = RolloutConfig(temperature=0.9, top_k=8, top_p=0.9, max_new_tokens=8)
+    kinds = [
+        TokenKind(make_tokenizer(None, model_config), model_config, rollout, chunk_tokens=chunk)
+        for chunk in (0, 3)
+    ]
+    kind, model = kinds[0], kinds[0].model(0)
+    engine = VLLMEngine(checkpoints[arch], eos_token_id=kind.stop_ids[0], kv_cache_gib=0.0625)
     try:
-        prompt = kind.prompt_ids([{"role": "user", "content": "What is 2 plus 2?"}])
-        out = asyncio.run(
-            engine.generate(
-                [Request("0", prompt, 2, SamplingParams(max_new_tokens=6, stop_token_ids=kind.stop_ids))]
-            )
-        )
-        from asyncflow.algorithms import pack, token_logprobs
-
-        ids, targets, mask = pack([c.prompt_ids for c in out], [c.response_ids for c in out])
-        with torch.no_grad():
-            lp = token_logprobs(model(ids).logits[:, :-1], targets)
-        behavior = torch.tensor([v for c in out for v in c.logprobs])
-        assert (lp[mask] - behavior).abs().max().item() <= 1e-4
+        with torch.no_grad():  # the trainer's weights, not the checkpoint's
+            for p in model.parameters():
+                p.mul_(1.5)
+        asyncio.run(engine.update_weights(1, model.state_dict()))
+        examples = [Example([{"role": "user", "content": f"What is {a} plus 2?"}], "") for a in range(3)]
+        prompts = kind.prompts(examples)["prompt_ids"]
+        requests = [kind.request(str(i), p, 2, kind.params()) for i, p in enumerate(prompts)]
+        out = asyncio.run(engine.generate(requests))
     finally:
         asyncio.run(engine.close())
+    data = {
+        "prompt_ids": [prompts[int(c.request_id)] for c in out],
+        **kind.results(out),
+        "reward": [0.0] * len(out),
+    }
+    rows = kind.rows(data, list(range(len(out))), reference=False)
+    behavior = torch.tensor([v for r in rows for v in r.behavior])
+    for k in kinds:
+        with torch.no_grad():
+            lp, mask = k.logprobs(model, rows)
+        assert (lp[mask] - behavior).abs().max().item() <= 1e-4
 
 
 def test_a_lora_run_publishes_only_the_adapted_weights_and_exports_them_merged(

@@ -10,6 +10,7 @@ import torch
 import asyncflow.algorithms as alg
 from asyncflow.algorithms import (
     aggregate,
+    chunked_token_logprobs,
     entropy,
     group_advantages,
     importance_ratios,
@@ -27,8 +28,8 @@ METRICS = {
 def test_public_names_are_pinned():
     assert sorted(alg.__all__) == [
         "AGGREGATIONS", "Aggregation", "CORRECTIONS", "Correction", "ESTIMATORS", "Estimator", "KLKind",
-        "KL_KINDS", "aggregate", "entropy", "group_advantages", "importance_ratios", "kl_penalty",
-        "on_grid", "pack", "policy_loss", "token_logprobs", "truncate",
+        "KL_KINDS", "aggregate", "chunked_token_logprobs", "entropy", "group_advantages",
+        "importance_ratios", "kl_penalty", "on_grid", "pack", "policy_loss", "token_logprobs", "truncate",
     ]  # fmt: skip
     assert alg.ESTIMATORS == ("grpo", "drgrpo", "rloo")
     assert alg.AGGREGATIONS == ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
@@ -62,6 +63,38 @@ def test_token_logprobs_matches_log_softmax_and_is_float32_from_bf16():
     ref = torch.log_softmax(logits.float() / 0.7, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(1.0, 0, 1.0), (0.7, 6, 0.9)])
+@pytest.mark.parametrize("chunk_tokens", [1, 4, 13, 100])
+def test_chunked_logprobs_equal_the_whole_logits_values_and_gradients(
+    chunk_tokens, temperature, top_k, top_p
+):
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(13, 8, generator=g, requires_grad=True)  # (N, H)
+    head = torch.nn.Linear(8, 50)
+    targets = torch.randint(0, 50, (13,), generator=g)
+    weights = torch.randn(13, generator=g)  # a loss that weighs every position differently
+    whole = token_logprobs(head(hidden)[None], targets[None], temperature, top_k, top_p)[0]  # (N,)
+    chunked = chunked_token_logprobs(hidden, head, targets, chunk_tokens, temperature, top_k, top_p)
+    wrt = [hidden, head.weight, head.bias]
+    for got, want in zip(torch.autograd.grad((chunked * weights).sum(), wrt),
+                         torch.autograd.grad((whole * weights).sum(), wrt)):  # fmt: skip
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-6)
+    with torch.no_grad():  # no checkpointing without gradient, the same values
+        torch.testing.assert_close(
+            chunked_token_logprobs(hidden, head, targets, chunk_tokens, temperature, top_k, top_p), whole
+        )
+
+
+def test_chunked_logprobs_refuse_a_bad_chunk_or_shape():
+    hidden, head, targets = torch.zeros(4, 8), torch.nn.Linear(8, 5), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match="chunk_tokens=0, expected >= 1"):
+        chunked_token_logprobs(hidden, head, targets, 0)
+    with pytest.raises(ValueError, match=r"hidden must be \(N, H\) and targets \(N,\), got \(1, 4, 8\)"):
+        chunked_token_logprobs(hidden[None], head, targets, 2)
+    assert chunked_token_logprobs(hidden[:0], head, targets[:0], 2).shape == (0,)
 
 
 def test_token_logprobs_is_stable_for_large_logits():

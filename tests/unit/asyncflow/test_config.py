@@ -101,6 +101,13 @@ def test_rl_sections_check_their_values_and_each_other():
         parse_config({"dataplane": {"capacity_rows": 100}, "trainer": {"batch_prompts": 16}})
     with pytest.raises(ConfigError, match="partial_rollout=abort needs rollout.engine=vllm"):
         parse_config({"rollout": {"partial_rollout": "abort"}})
+    flow = {"policy": "flow", "task": {"source": "asyncflow.tasks.gaussians:EightGaussians"}}
+    with pytest.raises(ConfigError, match="trainer.logprob_chunk_tokens = 256 applies to a token policy"):
+        parse_config({**flow, "trainer": {"logprob_chunk_tokens": 256}})
+    with pytest.raises(ConfigError, match="trainer.gradient_checkpointing = True applies to a token policy"):
+        parse_config({**flow, "trainer": {"gradient_checkpointing": True}})
+    memory = parse_config({"trainer": {"logprob_chunk_tokens": 256, "gradient_checkpointing": True}})
+    assert memory.trainer.logprob_chunk_tokens == 256 and memory.trainer.gradient_checkpointing
     vllm = parse_config(
         {"rollout": {"engine": "vllm", "partial_rollout": "abort", "vllm": {"kv_cache_gib": 1}}}
     )

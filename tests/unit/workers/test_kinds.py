@@ -4,6 +4,7 @@ log-probs with gradient on exactly the response tokens, micro-batches, rows roun
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from asyncflow.config import AsyncFlowConfig, ModelConfig, RolloutConfig
@@ -83,3 +84,27 @@ def test_the_engine_samples_what_the_kind_recomputes():
         lp, mask = k.logprobs(model, rows)
     behavior = torch.tensor([v for r in rows for v in r.behavior])
     assert torch.allclose(lp[mask], behavior, atol=1e-5)
+
+
+def test_the_reference_computes_chunked_logprobs_as_whole_ones():
+    whole = kind(temperature=0.7)
+    chunked = TokenKind(whole.tokenizer, ModelConfig(), RolloutConfig(temperature=0.7), chunk_tokens=2)
+    model = whole.model(0)
+    batch = {k: data()[k] for k in ("prompt_ids", "response_ids")}
+    for a, b in zip(whole.reference_logprobs(model, batch), chunked.reference_logprobs(model, batch)):
+        assert a.shape == b.shape and np.allclose(a, b, atol=1e-6)
+
+
+def test_the_warm_start_with_chunked_logprobs_takes_the_same_steps():
+    from asyncflow.config import WarmupConfig
+
+    task, config = SortDigits(), WarmupConfig(steps=2, batch_size=4)
+    whole = kind()
+    chunked = TokenKind(whole.tokenizer, ModelConfig(), RolloutConfig(), chunk_tokens=3)
+    models = [whole.model(0), chunked.model(0)]
+    losses = [k.warmup(m, task, config)["loss"] for k, m in zip((whole, chunked), models)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    # Adam divides by the gradient's size, so float rounding in a near-zero gradient can move a
+    # weight by up to ~lr; 1e-4 is a tenth of one step (lr 1e-3), far below what a wrong loss moves
+    for a, b in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)

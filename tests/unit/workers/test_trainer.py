@@ -124,6 +124,28 @@ def test_micro_batches_give_the_gradient_of_one_padded_pass(agg):
     assert metrics["is_weight_max"] > 1  # the batch really was off-policy
 
 
+def test_memory_settings_give_the_update_of_one_whole_pass():
+    """Chunked log-probs and gradient checkpointing change what is kept in memory, not the step."""
+    tok = build_tokenizer(list("0123456789>"))
+    data = _long_tail_batch(build_model(len(tok), seed=1), tok)
+    grads = []
+    for chunk_tokens, checkpointing in [(0, False), (7, True)]:
+        model = build_model(len(tok), seed=2)
+        config = TrainerConfig(
+            batch_prompts=4, micro_batch_tokens=40, kl_coef=0.1, logprob_chunk_tokens=chunk_tokens,
+            gradient_checkpointing=checkpointing,
+        )  # fmt: skip
+        kind = TokenKind(
+            tok, ModelConfig(), RolloutConfig(temperature=0.8, top_k=6), chunk_tokens=chunk_tokens
+        )
+        trainer = TrainerWorker(model, None, None, config, kind, n=4, staleness=1, reference=True)
+        assert model.is_gradient_checkpointing == checkpointing
+        trainer.train_on(data)
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
 def test_micro_batches_respect_the_budget_and_cover_every_row():
     from services.parallelism.balance import micro_batches
 
