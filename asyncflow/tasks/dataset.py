@@ -18,7 +18,8 @@ skipped or repeated.
     task:
       source: asyncflow.tasks.dataset:Dataset
       options: {path: data/train.jsonl, eval_path: data/eval.jsonl, messages: messages, answer: answer}
-      # or {path: "hf:openai/gsm8k", subset: main, eval_split: test, prompt: question}
+      # or {path: "hf:openai/gsm8k", subset: main, eval_split: test, prompt: question,
+      #     user_template: "{prompt} End with: #### <answer>"}
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ class Dataset:
     def __init__(
         self, path: str, eval_path: str = "", prompt: str = "prompt", messages: str = "",
         answer: str = "answer", split: str = "train", eval_split: str = "", subset: str = "",
-        eval_fraction: float = 0.0, max_prompt_tokens: int = 0, shuffle: bool = True, seed: int = 0,
+        eval_fraction: float = 0.0, max_prompt_tokens: int = 0, user_template: str = "",
+        shuffle: bool = True, seed: int = 0,
     ):  # fmt: skip
         """`path`: a .jsonl / .csv / .parquet file, a `datasets` save_to_disk directory, or hf:NAME
         (datasets.load_dataset: a hub name or local data files); `split` / `subset`: which part of a
@@ -48,8 +50,16 @@ class Dataset:
         `messages` to use it); `answer`: the column the reward checks against.
         Held-out prompts: `eval_path` (its split `eval_split`, if it has splits), or `eval_split` of
         `path`, or the last `eval_fraction` of `path`; at most one of them.
-        `max_prompt_tokens`: longest prompt kept (0: the room the model leaves)."""
+        `max_prompt_tokens`: longest prompt kept (0: the room the model leaves).
+        `user_template`: a text prompt becomes one user message, this text with `{prompt}` replaced
+        by it, rendered with the chat template (a chat model on a data set of plain questions)."""
         self.columns = (messages or prompt, answer)
+        if user_template and (messages or "{prompt}" not in user_template):
+            raise ValueError(
+                f"user_template {user_template!r} must hold {{prompt}} and applies to text prompts; "
+                + ("unset messages" if messages else "add {prompt} where the question goes")
+            )
+        self.user_template = user_template
         self.is_chat, self.shuffle, self.seed = bool(messages), shuffle, seed
         if not 0 <= eval_fraction < 1:
             raise ValueError(f"eval_fraction {eval_fraction} must be in [0, 1): a share of {path} held out")
@@ -166,4 +176,6 @@ class Dataset:
                 f"{records.path}, record {row}: column {prompt_key!r} is not a list of chat messages "
                 '({"role": ..., "content": ...}); set `prompt` instead of `messages` for text prompts'
             )
+        if self.user_template:
+            prompt = [{"role": "user", "content": self.user_template.replace("{prompt}", str(prompt))}]
         return Example(prompt, str(record[answer_key]))

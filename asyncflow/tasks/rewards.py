@@ -43,7 +43,8 @@ def math_verify(prompt: str, response: str, answer: str) -> float:
         raise ImportError(
             "asyncflow.tasks.rewards:math_verify needs the math-verify package: pip install 'asyncflow[math]'"
         ) from None
-    final = _FINAL.findall(response)
+    final, want = _FINAL.findall(response), _FINAL.findall(answer)  # GSM8K's answers end in `#### n`
+    answer = want[-1] if want else answer
     target = parse(answer if "$" in answer or "\\" in answer else f"${answer}$")
     got = parse(f"${final[-1]}$") if final else parse(response)
     return float(bool(got) and bool(target) and verify(target, got))

@@ -198,6 +198,8 @@ def test_the_run_drops_prompts_the_checkpoint_has_no_room_for_before_any_actor_s
         (rewards.math_verify, "The answer is \\boxed{\\frac{1}{2}}", "0.5", 1.0),
         (rewards.math_verify, "#### 1,000", "1000", 1.0),
         (rewards.math_verify, "#### 3", "4", 0.0),
+        (rewards.math_verify, "so 6 * 12 = 72. #### 72", "She makes 6 * 12 = 72 cups.\n#### 72", 1.0),
+        (rewards.math_verify, "#### 70", "She makes 6 * 12 = 72 cups.\n#### 72", 0.0),
         (rewards.math_verify, "no answer here", "4", 0.0),
         (rewards.answer_format, "steps... #### 12", "", 1.0),
         (rewards.answer_format, "#### twelve", "", 0.0),
@@ -205,3 +207,14 @@ def test_the_run_drops_prompts_the_checkpoint_has_no_room_for_before_any_actor_s
 )
 def test_text_rewards(reward, response, answer, expected):
     assert reward("q", response, answer) == expected
+
+
+def test_a_user_template_makes_text_prompts_chat_messages(tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps({"question": "What is 2 plus 2?", "answer": "#### 4"}) + "\n")
+    data = Dataset(str(path), prompt="question", user_template="{prompt} End with #### and the number.")
+    assert data.example(0).prompt == [
+        {"role": "user", "content": "What is 2 plus 2? End with #### and the number."}
+    ]
+    with pytest.raises(ValueError, match="must hold {prompt}"):
+        Dataset(str(path), prompt="question", user_template="no placeholder")
