@@ -53,7 +53,7 @@ def chat(question: str) -> list[dict[str, str]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/math-inputs", help="folder to write (default: runs/math-inputs)")
-    ap.add_argument("--steps", type=int, default=300, help="pre-training steps (default 300)")
+    ap.add_argument("--steps", type=int, default=400, help="pre-training steps (default 400)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     out, rng = Path(args.out), random.Random(args.seed)
@@ -65,8 +65,11 @@ def main() -> None:
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     path = build_checkpoint("qwen2", tok, out / "model", hidden_size=128, num_layers=2, num_heads=4,
                             max_positions=160, seed=args.seed, eos_token_ids=[im_end])  # fmt: skip
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    # The tokenizer as a run loads it: transformers gives a Qwen2 checkpoint Qwen2's pre-tokenizer
+    # (one token per digit), whatever the saved one said; pre-train on exactly those ids.
+    tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     start = time.perf_counter()
