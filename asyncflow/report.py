@@ -40,6 +40,7 @@ class Report:
             self.workers = {
                 **{
                     r: f"idle {v['idle_frac']:.0%}  samples {v['samples']}"
+                    + (f"  failures {v['failures']}" if v.get("failures") else "")
                     for r, v in workers.items()
                     if r != "queues"
                 },

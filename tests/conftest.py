@@ -139,3 +139,20 @@ def checkpoints(tmp_path_factory):
         arch: str(build_checkpoint(arch, tok, root / arch, eos_token_ids=[im_end], seed=i))
         for i, arch in enumerate(("llama", "qwen2", "gpt2"))
     }
+
+
+@pytest.fixture(scope="session")
+def reward_model(checkpoints, tmp_path_factory):
+    """A tiny randomly initialised sequence classifier (one score) with the checkpoints' tokenizer,
+    saved as a Hugging Face directory: a reward model as a user points task.reward_options at."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(checkpoints["llama"], num_labels=1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_config(config)
+    path = tmp_path_factory.mktemp("reward-model")
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(checkpoints["llama"]).save_pretrained(path)
+    return str(path)

@@ -114,6 +114,12 @@ class TaskConfig(Section):
         description="'module:function' called as function(prompt, response, answer) -> a float, or a dict "
         "of named parts whose sum is the reward (each part logged as reward/<name>).",
     )
+    reward_options: dict[str, int | float | str | bool] = Field(
+        default_factory=dict,
+        description="Keyword arguments that make the reward: when set, `reward` names a class or factory "
+        "(e.g. asyncflow.tasks.reward_models:RewardModel) called once per reward worker with them, and "
+        "what it returns is the reward function.",
+    )
     eval_prompts: int = Field(
         256, ge=0, le=100000, description="Held-out prompts scored before and after RL."
     )
@@ -129,6 +135,18 @@ class TaskConfig(Section):
         if spec is not None and not callable(import_string(spec)):
             raise ValueError(f"{spec!r} is not callable")
         return spec
+
+    @model_validator(mode="after")
+    def _reward_options_fit(self) -> TaskConfig:
+        if not self.reward_options:
+            return self
+        try:
+            inspect.signature(import_string(self.reward)).bind(**self.reward_options)
+        except TypeError as e:
+            raise ValueError(f"task.reward_options do not fit {self.reward}: {e}") from None
+        except ValueError:  # no signature to check against: the reward worker will tell
+            pass
+        return self
 
     @model_validator(mode="after")
     def _options_fit(self) -> TaskConfig:

@@ -153,6 +153,8 @@ class TrainerHost(Host):
 
 
 class RolloutHost(Host):
+    _eval_reward: Any = None  # the held-out reward function, made on the first evaluation
+
     def make(self, store: Any) -> Any:
         from workers.policy import set_threads
         from workers.rollout import RolloutWorker
@@ -225,7 +227,9 @@ class RolloutHost(Host):
         examples = [self.task.eval_example(i) for i in range(count)]
         task = self.config.task  # an eval_reward of its own scores one sample per call
         per_group = self.config.reward.per_group and not task.eval_reward
-        return await worker.evaluate(examples, make_reward_fn(task, evaluation=True), per_group)
+        if self._eval_reward is None:  # made once: a reward model loads its checkpoint
+            self._eval_reward = make_reward_fn(task, evaluation=True)
+        return await worker.evaluate(examples, self._eval_reward, per_group)
 
 
 class RewardHost(Host):

@@ -277,8 +277,8 @@ class Pipeline:
     # ------------------------------------------------------------------ reports, the end
 
     async def worker_stats(self) -> dict:
-        """Per role: idle fraction, busy seconds, samples (and mid-call weight loads of rollout);
-        and the rows each consumer has ready."""
+        """Per role: idle fraction, busy seconds, samples (and mid-call weight loads of rollout,
+        failed calls of reward); and the rows each consumer has ready."""
         from workers.samples import PARTITION
 
         roles = {"rollout": self.rollouts, "reward": self.rewards, "reference": self.references}
@@ -296,6 +296,8 @@ class Pipeline:
             }
             if role == "rollout":  # versions loaded while a call was generating (partial rollout)
                 out[role]["mid_call_syncs"] = sum(s.get("mid_call_syncs", 0) for s in stats)
+            if role == "reward":  # calls that raised, hung or returned no finite number
+                out[role]["failures"] = sum(s.get("failures", 0) for s in stats)
         store = (await self.client.store_stats())["partitions"].get(PARTITION, {})
         out["queues"] = {name: c["ready"] for name, c in store.get("consumers", {}).items()}
         return out

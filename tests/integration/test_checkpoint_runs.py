@@ -43,6 +43,7 @@ def config_for(tmp_path, checkpoint: str, **more):
                 "eval_path": write_data(tmp_path / "eval.jsonl", 100, 8),
             },
             "reward": more.pop("task_reward", "asyncflow.tasks.rewards:final_number"),
+            "reward_options": more.pop("reward_options", {}),
             "eval_prompts": 8,
         },  # fmt: skip
         "rollout": {"n": 4, "groups_per_call": 4, "max_new_tokens": 8, **more.pop("rollout", {})},
@@ -270,3 +271,23 @@ def test_a_lora_run_resumes_from_its_checkpoint(ray_session, tmp_path, checkpoin
     metrics = RunDir(run_dir).metrics()
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     assert len({m["publish_bytes"] for m in metrics}) == 1 and metrics[0]["publish_bytes"] == 4 * 64 * 64 * 4
+
+
+def test_a_reward_model_scores_whole_groups_in_its_own_stage(
+    ray_session, tmp_path, checkpoints, reward_model
+):
+    """A sequence-classifier checkpoint as the reward, made once per reward worker (two of them),
+    one forward per group: every sample gets its score (a random classifier scores every response
+    differently), none fails, and the run trains every sample exactly once."""
+    task_reward = "asyncflow.tasks.reward_models:RewardModel"
+    config = config_for(
+        tmp_path, checkpoints["qwen2"], task_reward=task_reward, reward={"per_group": True, "num_workers": 2},
+        trainer={"steps": 3, "batch_prompts": 4}, reward_options={"path": reward_model},
+    )  # fmt: skip
+    summary = train(config, display=False)
+    assert summary["steps"] == 3
+    assert_exactly_once(summary, n=4)
+    metrics = RunDir(summary["run_dir"]).metrics()
+    reward = metrics[-1]["workers"]["reward"]  # the last step always reports the workers
+    assert reward["failures"] == 0 and reward["samples"] >= 3 * 4 * 4
+    assert len({m["reward_mean"] for m in metrics}) == 3  # scores of the model, not a constant
