@@ -25,8 +25,12 @@ def make_task(config: TaskConfig, seed: int) -> Any:
 
 
 def make_reward_fn(config: TaskConfig, *, evaluation: bool = False) -> Any:
-    """The training reward, or with evaluation=True the held-out one (task.eval_reward, if set)."""
-    return import_string(config.eval_reward if evaluation and config.eval_reward else config.reward)
+    """The training reward, or with evaluation=True the held-out one (task.eval_reward, if set).
+    With task.reward_options, `task.reward` names a factory (a reward model) made here with them."""
+    if evaluation and config.eval_reward:
+        return import_string(config.eval_reward)
+    reward = import_string(config.reward)
+    return reward(**config.reward_options) if config.reward_options else reward
 
 
 def make_tokenizer(task: Any, model: ModelConfig | None = None) -> Any:

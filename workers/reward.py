@@ -16,6 +16,8 @@ calls still run.
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import json
 import math
 import time
@@ -50,6 +52,27 @@ def parts_of(value: Any) -> tuple[float, dict[str, float]]:
     return total, parts
 
 
+def takes_info(reward_fn: Any) -> bool:
+    """Whether `reward_fn` takes the record's metadata as an `info` keyword (or **kwargs)."""
+    try:
+        params = inspect.signature(reward_fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "info" or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def with_info(reward_fn: Any, info: Any) -> Any:
+    """`reward_fn` with its `info` keyword bound to the decoded metadata: a dict per sample, or a
+    list of them for a group."""
+
+    def decode(text: str) -> dict:
+        return json.loads(text) if text else {}
+
+    return functools.partial(
+        reward_fn, info=[decode(i) for i in info] if isinstance(info, list) else decode(info)
+    )
+
+
 def overlong(length: int, max_tokens: int, buffer: int, penalty: float) -> float:
     """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13): 0 up to max_tokens - buffer tokens,
     then falling linearly to -penalty at max_tokens."""
@@ -77,6 +100,7 @@ class RewardWorker:
         self.reward_fn, self.kind, self.store = reward_fn, kind, store
         self.timeout_s, self.failure_reward, self.batch_rows = timeout_s, failure_reward, batch_rows
         self.get_timeout_s, self.per_group, self.overlong = get_timeout_s, per_group, overlong
+        self.takes_info = takes_info(reward_fn)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="reward")
         self.stats: dict[str, float] = {
             "samples": 0,
@@ -86,10 +110,11 @@ class RewardWorker:
             "idle_s": 0.0,
         }
 
-    async def _call(self, *args: Any) -> tuple[Any, str]:
+    async def _call(self, *args: Any, info: Any = "") -> tuple[Any, str]:
         """(what the reward function returned, "") or (None, why it failed)."""
         loop = asyncio.get_running_loop()
-        call = loop.run_in_executor(self._pool, self.reward_fn, *args)
+        fn = with_info(self.reward_fn, info) if self.takes_info else self.reward_fn
+        call = loop.run_in_executor(self._pool, fn, *args)
         done, _ = await asyncio.wait([call], timeout=self.timeout_s)  # wait_for would cancel-and-hang
         if not done:
             self.stats["timeouts"] += 1
@@ -109,12 +134,12 @@ class RewardWorker:
         self.stats["failures"] += 1
         return self.failure_reward, error, {}
 
-    async def _score(self, *args: Any) -> Scored:
-        return self._scored(*await self._call(*args))
+    async def _score(self, *args: Any, info: str = "") -> Scored:
+        return self._scored(*await self._call(*args, info=info))
 
-    async def _score_group(self, rows: list[tuple]) -> list[Scored]:
+    async def _score_group(self, rows: list[tuple], info: list[str]) -> list[Scored]:
         """One call for a group: lists of prompts, responses and answers in, one result per row out."""
-        values, error = await self._call(*(list(column) for column in zip(*rows)))
+        values, error = await self._call(*(list(column) for column in zip(*rows)), info=info)
         if not error and not (isinstance(values, (list, tuple)) and len(values) == len(rows)):
             error = f"a per-group reward function must return a list of {len(rows)} rewards, got {values!r}"[
                 :500
@@ -146,14 +171,18 @@ class RewardWorker:
             for i, prompt_index in enumerate(batch["prompt_index"]):
                 groups.setdefault(int(prompt_index), []).append(i)
             results = await asyncio.gather(
-                *(self._score_group([rows[i] for i in g]) for g in groups.values())
+                *(
+                    self._score_group([rows[i] for i in g], [batch["info"][i] for i in g])
+                    for g in groups.values()
+                )
             )
             by_row: dict[int, Scored] = {}
             for members, group_scored in zip(groups.values(), results):
                 by_row.update(zip(members, group_scored))
             scored = [by_row[i] for i in range(len(rows))]
         else:
-            scored = list(await asyncio.gather(*(self._score(*row) for row in rows)))
+            infos = batch["info"]
+            scored = list(await asyncio.gather(*(self._score(*row, info=i) for row, i in zip(rows, infos))))
         if self.overlong is not None:
             max_tokens, buffer, penalty = self.overlong
             for i, response in enumerate(batch[self.kind.response_field]):
@@ -175,7 +204,7 @@ class RewardWorker:
 
     @property
     def fields(self) -> list[str]:
-        return [self.kind.prompt_field, self.kind.response_field, "answer", "prompt_index"]
+        return [self.kind.prompt_field, self.kind.response_field, "answer", "prompt_index", "info"]
 
     @property
     def _read(self) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
-from workers.reward import parts_of
+from workers.reward import parts_of, takes_info, with_info
 from workers.samples import PARTITION, ROLLOUT, idle, serve, take
 
 if TYPE_CHECKING:  # the seams' protocols and classes, for the type checker
@@ -154,8 +154,12 @@ class RolloutWorker:
         requests = [self.kind.request(f"eval{i}", p, 1, self.params) for i, p in enumerate(prompts)]
         responses = self.kind.results(await self.engine.generate(requests))[self.kind.response_field]
         args = [self.kind.reward_args(p, r, e.answer) for p, r, e in zip(prompts, responses, examples)]
-        if per_group:  # a reward function that scores lists: each held-out prompt is a group of one
-            rewards = [parts_of(reward_fn(*([a] for a in arg))[0])[0] for arg in args]
-        else:
-            rewards = [parts_of(reward_fn(*arg))[0] for arg in args]
+        rewards = []
+        for arg, example in zip(args, examples):
+            info = getattr(example, "info", "")
+            fn = with_info(reward_fn, [info] if per_group else info) if takes_info(reward_fn) else reward_fn
+            if per_group:  # a reward function that scores lists: each held-out prompt is a group of one
+                rewards.append(parts_of(fn(*([a] for a in arg))[0])[0])
+            else:
+                rewards.append(parts_of(fn(*arg))[0])
         return sum(rewards) / max(len(rewards), 1)

@@ -26,6 +26,7 @@ SCHEMA = {
     "prompt_index": "int64",  # position of the prompt in the task's stream: the resume cursor
     "sample_index": "int64",  # 0..n-1 within the group
     "answer": "str",
+    "info": "str",  # more of the task's record for the reward (a JSON object, "" for none)
     "admit_version": "int64",  # trainer version when admitted: rollout generates with >= this
     # RolloutWorker
     "response_ids": "int64[*]",
@@ -40,7 +41,7 @@ SCHEMA = {
     "ref_logprobs": "float32[*]",
 }
 
-PROMPT_FIELDS = ["prompt_ids", "prompt_index", "sample_index", "answer", "admit_version"]
+PROMPT_FIELDS = ["prompt_ids", "prompt_index", "sample_index", "answer", "info", "admit_version"]
 ROLLOUT_FIELDS = ["response_ids", "behavior_logprobs", "token_versions", "finish"]
 REWARD_FIELDS = ["reward", "reward_error", "reward_parts"]
 
@@ -48,7 +49,7 @@ REWARD_FIELDS = ["reward", "reward_error", "reward_parts"]
 # SDE trajectory, one "action" per denoising step (services.flow.engine).
 FLOW_SCHEMA = {
     "condition": "float32[*]",  # PromptSource: what the policy is conditioned on (may be empty)
-    **{k: SCHEMA[k] for k in ("prompt_index", "sample_index", "answer", "admit_version")},
+    **{k: SCHEMA[k] for k in ("prompt_index", "sample_index", "answer", "info", "admit_version")},
     "latents": "float32[*,*]",  # RolloutWorker: x at each grid point (K+1, D), noise first, sample last
     "timesteps": "float32[*]",  # the grid (K+1,), from 1 to 0
     "behavior_logprobs": "float32[*]",  # log-prob of each step under the sampling weights (K,)

@@ -57,6 +57,7 @@ class PromptSource:
                     "prompt_index": [self.cursor + k for k in rows],
                     "sample_index": [j % self.n for j in range(len(rows))],
                     "answer": [examples[k].answer for k in rows],
+                    "info": [getattr(examples[k], "info", "") for k in rows],
                     "admit_version": [version] * len(rows),
                 },
                 group_size=self.n,

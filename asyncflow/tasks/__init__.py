@@ -19,6 +19,7 @@ from typing import Any, Protocol
 class Example:
     prompt: str | list[dict[str, str]]  # what the policy sees: text, or chat messages
     answer: str  # what the reward checks against; also the warm-start target
+    info: str = ""  # more of the record for the reward (a JSON object; "": none)
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ class Dataset:
     def __init__(
         self, path: str, eval_path: str = "", prompt: str = "prompt", messages: str = "",
         answer: str = "answer", split: str = "train", eval_split: str = "", subset: str = "",
-        eval_fraction: float = 0.0, max_prompt_tokens: int = 0, user_template: str = "",
+        eval_fraction: float = 0.0, max_prompt_tokens: int = 0, user_template: str = "", metadata: str = "",
         shuffle: bool = True, seed: int = 0,
     ):  # fmt: skip
         """`path`: a .jsonl / .csv / .parquet file, a `datasets` save_to_disk directory, or hf:NAME
@@ -51,9 +51,12 @@ class Dataset:
         Held-out prompts: `eval_path` (its split `eval_split`, if it has splits), or `eval_split` of
         `path`, or the last `eval_fraction` of `path`; at most one of them.
         `max_prompt_tokens`: longest prompt kept (0: the room the model leaves).
+        `metadata`: more columns, comma-separated, handed to the reward function as its `info`
+        keyword (a dict per sample) when it takes one.
         `user_template`: a text prompt becomes one user message, this text with `{prompt}` replaced
         by it, rendered with the chat template (a chat model on a data set of plain questions)."""
-        self.columns = (messages or prompt, answer)
+        self.metadata = [c.strip() for c in metadata.split(",") if c.strip()]
+        self.columns = (messages or prompt, answer, *self.metadata)
         if user_template and (messages or "{prompt}" not in user_template):
             raise ValueError(
                 f"user_template {user_template!r} must hold {{prompt}} and applies to text prompts; "
@@ -161,7 +164,7 @@ class Dataset:
 
     def _example(self, records: Records, row: int) -> Example:
         record = records[row]
-        prompt_key, answer_key = self.columns
+        prompt_key, answer_key, *_ = self.columns
         check_columns(records.path, f"record {row}", self.columns, record)
         prompt = record[prompt_key]
         if self.is_chat and isinstance(prompt, str):  # a CSV cell holds the messages as JSON
@@ -178,4 +181,14 @@ class Dataset:
             )
         if self.user_template:
             prompt = [{"role": "user", "content": self.user_template.replace("{prompt}", str(prompt))}]
-        return Example(prompt, str(record[answer_key]))
+        info = json.dumps({c: record[c] for c in self.metadata}, default=_plain) if self.metadata else ""
+        return Example(prompt, str(record[answer_key]), info)
+
+
+def _plain(value: Any) -> Any:
+    """A column value JSON does not know (NumPy and Arrow scalars, arrays) as a plain one."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if hasattr(value, "as_py"):
+        return value.as_py()
+    return str(value)

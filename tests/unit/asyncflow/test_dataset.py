@@ -218,3 +218,16 @@ def test_a_user_template_makes_text_prompts_chat_messages(tmp_path):
     ]
     with pytest.raises(ValueError, match="must hold {prompt}"):
         Dataset(str(path), prompt="question", user_template="no placeholder")
+
+
+def test_metadata_columns_travel_to_the_reward_as_info(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt": "2+2", "answer": "4", "level": 3, "unit": "apples"}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    data = Dataset(str(tmp_path / "d.parquet"), metadata="level, unit")
+    assert json.loads(data.example(0).info) == {"level": 3, "unit": "apples"}
+    assert Dataset(str(tmp_path / "d.parquet")).example(0).info == ""
+    with pytest.raises(ValueError, match="no column \\['grade'\\]"):
+        Dataset(str(tmp_path / "d.parquet"), metadata="grade")

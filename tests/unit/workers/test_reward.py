@@ -98,6 +98,7 @@ async def _put_responses(store, kind: TokenKind, responses: list[str], n: int) -
         "prompt_index": [i // n for i in range(len(responses))],
         "sample_index": [i % n for i in range(len(responses))], "answer": ["3"] * len(responses),
         "admit_version": [0] * len(responses), "response_ids": [np.asarray(r, np.int64) for r in ids],
+        "info": [json.dumps({"row": i}) for i in range(len(responses))],
         "behavior_logprobs": [np.zeros(len(r), np.float32) for r in ids],
         "token_versions": [np.zeros(len(r), np.int64) for r in ids], "finish": ["stop"] * len(responses),
     }, group_size=n)  # fmt: skip
@@ -145,4 +146,21 @@ async def test_a_per_group_function_returning_the_wrong_count_fails_its_rows(sto
     got = await store.get(PARTITION, ["reward", "reward_error"], 2, "probe")
     assert list(got["reward"]) == [-1.0, -1.0]
     assert all("must return a list of 2 rewards" in e for e in got["reward_error"])
+    worker.close()
+
+
+async def test_a_reward_function_that_takes_info_gets_the_records_metadata(store):
+    kind = _kind()
+    await _put_responses(store, kind, ["3", "1"], n=2)
+    seen = []
+
+    def with_meta(prompt, response, answer, info):
+        seen.append(info)
+        return float(info["row"])
+
+    worker = RewardWorker(with_meta, kind, store, timeout_s=5, failure_reward=-1.0, batch_rows=2)
+    await worker.work(2)
+    got = await store.get(PARTITION, ["reward", "sample_index"], 2, "probe")
+    assert sorted(zip(got["sample_index"], got["reward"])) == [(0, 0.0), (1, 1.0)]
+    assert sorted(s["row"] for s in seen) == [0, 1]
     worker.close()
