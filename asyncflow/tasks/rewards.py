@@ -55,6 +55,26 @@ def answer_format(prompt: str, response: str, answer: str) -> float:
     return float(bool(re.search(r"####\s*-?[\d,]*\.?\d+\s*$", response)))
 
 
+class Regex:
+    """The response's last match of `pattern` (its first group, if it has one) equals the answer,
+    spaces around it aside: extraction by a pattern of your own, made from task.reward_options.
+
+        task: {reward: "asyncflow.tasks.rewards:Regex", reward_options: {pattern: "Answer: (\\S+)"}}
+    """
+
+    def __init__(self, pattern: str):
+        try:
+            self.pattern = re.compile(pattern)
+        except re.error as e:
+            raise ValueError(
+                f"task.reward_options.pattern {pattern!r} is not a regular expression: {e}"
+            ) from None
+
+    def __call__(self, prompt: str, response: str, answer: str) -> float:
+        found = [m.group(1) if m.groups() else m.group(0) for m in self.pattern.finditer(response)]
+        return float(bool(found) and found[-1].strip() == answer.strip())
+
+
 def graded(prompt: str, response: str, answer: str) -> dict[str, float]:
     """`final_number` as the part `correct`, plus a tenth of `answer_format` as the part `format`:
     a small pull towards the `#### <number>` form while the answers are still wrong."""

@@ -231,3 +231,12 @@ def test_metadata_columns_travel_to_the_reward_as_info(tmp_path):
     assert Dataset(str(tmp_path / "d.parquet")).example(0).info == ""
     with pytest.raises(ValueError, match="no column \\['grade'\\]"):
         Dataset(str(tmp_path / "d.parquet"), metadata="grade")
+
+
+def test_a_regex_reward_extracts_with_the_users_pattern():
+    reward = rewards.Regex(r"Answer:\s*(\S+)")
+    assert reward("", "Answer: 3 ... no, Answer: 4", "4") == 1.0  # the last match counts
+    assert reward("", "Answer: 5", "4") == 0.0 and reward("", "four", "4") == 0.0
+    assert rewards.Regex(r"\d+")("", "7 then 12", "12") == 1.0  # no group: the whole match
+    with pytest.raises(ValueError, match="not a regular expression"):
+        rewards.Regex("(")
