@@ -8,15 +8,14 @@ import csv
 import json
 import sys
 
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from asyncflow.tasks import Example
 from asyncflow.tasks.dataset import Dataset
 from asyncflow.tasks.records import ParquetRows
-
-datasets = pytest.importorskip("datasets")
-pq = pytest.importorskip("pyarrow.parquet")
-pa = pytest.importorskip("pyarrow")
 
 RECORDS = [
     {
