@@ -154,10 +154,10 @@ class RolloutWorker:
         requests = [self.kind.request(f"eval{i}", p, 1, self.params) for i, p in enumerate(prompts)]
         responses = self.kind.results(await self.engine.generate(requests))[self.kind.response_field]
         args = [self.kind.reward_args(p, r, e.answer) for p, r, e in zip(prompts, responses, examples)]
-        rewards = []
+        binds_info, rewards = takes_info(reward_fn), []
         for arg, example in zip(args, examples):
             info = getattr(example, "info", "")
-            fn = with_info(reward_fn, [info] if per_group else info) if takes_info(reward_fn) else reward_fn
+            fn = with_info(reward_fn, [info] if per_group else info) if binds_info else reward_fn
             if per_group:  # a reward function that scores lists: each held-out prompt is a group of one
                 rewards.append(parts_of(fn(*([a] for a in arg))[0])[0])
             else:

@@ -41,7 +41,14 @@ SCHEMA = {
     "ref_logprobs": "float32[*]",
 }
 
-PROMPT_FIELDS = ["prompt_ids", "prompt_index", "sample_index", "answer", "info", "admit_version"]
+PROMPT_FIELDS = [
+    "prompt_ids",
+    "prompt_index",
+    "sample_index",
+    "answer",
+    "admit_version",
+]  # rollout reads them
+# The source also writes "info" (metadata for the reward); rollout has no use for it, so does not read it.
 ROLLOUT_FIELDS = ["response_ids", "behavior_logprobs", "token_versions", "finish"]
 REWARD_FIELDS = ["reward", "reward_error", "reward_parts"]
 
