@@ -11,6 +11,7 @@ role's host has the methods of that role and no others, so the pipeline calls
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -190,24 +191,20 @@ class RolloutHost(Host):
 
         r = self.config.rollout
         kind: Any = self.kind  # vLLM serves token policies: a TokenKind
+        engine = functools.partial(
+            VLLMEngine, eos_token_id=kind.stop_ids[0], version=-1, seed=seed,
+            on_update="abort" if r.partial_rollout == "abort" else "keep",
+            max_num_seqs=r.vllm.max_num_seqs, kv_cache_gib=r.vllm.kv_cache_gib, dtype=r.vllm.dtype,
+            partial_updates=self.config.trainer.trainable != "all",  # a model trained in part
+        )  # fmt: skip
         path = self.config.model.path
         if path is not None and Path(path).is_dir():  # a local checkpoint: vLLM loads it as it is
-            return VLLMEngine(
-                path, eos_token_id=kind.stop_ids[0], version=-1, seed=seed,
-                on_update="abort" if r.partial_rollout == "abort" else "keep",
-                max_num_seqs=r.vllm.max_num_seqs, kv_cache_gib=r.vllm.kv_cache_gib, dtype=r.vllm.dtype,
-                partial_updates=self.config.trainer.trainable != "all",  # a model trained in part
-            )  # fmt: skip
+            return engine(path)
         # vLLM loads a model directory; once loaded it keeps the weights in memory.
         with tempfile.TemporaryDirectory(prefix="asyncflow-vllm-") as model_dir:
             model: Any = self.kind.model(self.config.seed)  # a transformers model: vLLM loads the same shape
             save_model(model, self.kind.tokenizer, model_dir)
-            return VLLMEngine(
-                model_dir, eos_token_id=kind.stop_ids[0], version=-1, seed=seed,
-                on_update="abort" if r.partial_rollout == "abort" else "keep",
-                max_num_seqs=r.vllm.max_num_seqs, kv_cache_gib=r.vllm.kv_cache_gib, dtype=r.vllm.dtype,
-                partial_updates=self.config.trainer.trainable != "all",  # a model trained in part
-            )  # fmt: skip
+            return engine(model_dir)
 
     async def run(self) -> None:
         await (await self.worker()).run()
