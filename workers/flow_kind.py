@@ -119,6 +119,9 @@ class FlowKind:
     def micro_batches(self, rows: Sequence[FlowSampleRow], token_budget: int) -> list[list[int]]:
         return [list(range(len(rows)))]  # a flow sample is small: one pass
 
+    def lengths(self, rows: Sequence[FlowSampleRow]) -> list[int]:
+        return [len(r.behavior) for r in rows]  # denoising steps
+
     def logprobs(self, model: Any, rows: Sequence[FlowSampleRow]) -> tuple[Tensor, Tensor]:
         """(B, K) per-step log-probs under `model` (a VelocityMLP), differentiable; every step counts."""
         lp = self.step_logprobs(

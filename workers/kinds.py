@@ -78,6 +78,8 @@ class Kind(Protocol):
 
     def micro_batches(self, rows: Sequence[Any], token_budget: int) -> list[list[int]]: ...
 
+    def lengths(self, rows: Sequence[Any]) -> list[int]: ...  # what a row costs a forward: its positions
+
     # log-probs of the samples' actions under `model`, with gradient (b, T), and which are real (b, T)
     def logprobs(self, model: torch.nn.Module, rows: Sequence[Any]) -> tuple[Tensor, Tensor]: ...
 
@@ -237,7 +239,10 @@ class TokenKind:
         ]
 
     def micro_batches(self, rows: Sequence[TokenSample], token_budget: int) -> list[list[int]]:
-        return micro_batches([len(r.prompt) + len(r.response) for r in rows], token_budget)
+        return micro_batches(self.lengths(rows), token_budget)
+
+    def lengths(self, rows: Sequence[TokenSample]) -> list[int]:
+        return [len(r.prompt) + len(r.response) for r in rows]
 
     def logprobs(self, model: torch.nn.Module, rows: Sequence[TokenSample]) -> tuple[Tensor, Tensor]:
         ids, targets, mask = pack([r.prompt for r in rows], [r.response for r in rows])

@@ -8,6 +8,13 @@ ack the rows. The same trainer serves every policy kind: the kind (workers.kinds
 a sample's actions are (tokens, or denoising steps), how to recompute their log-probs with
 gradient and how to warm-start. The trainer knows nothing about engines or how prompts are
 admitted.
+
+Ranks (trainer.num_ranks > 1, workers.ranks): each rank reads its share of the groups from
+the store, the ranks swap their rows, and every rank computes the advantages of the whole
+batch; each then trains on the samples the balance plan gives it (services.parallelism.
+balance: equal counts, tokens or predicted time), with every micro-batch's loss weighted by
+its share of the whole batch, so the summed gradient is the one-rank gradient. Parameters and
+optimizer state are sharded (FSDP2) or replicated (DDP); each rank publishes what it owns.
 """
 
 from __future__ import annotations
@@ -20,13 +27,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_model, save_model
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_model, save_file, save_model
 from torch import Tensor
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 
 from asyncflow.algorithms import aggregate, group_advantages, kl_penalty, on_grid, policy_loss
 from asyncflow.config import TrainerConfig, WarmupConfig
 from asyncflow.versioning import min_usable_version, staleness_histogram
+from services.parallelism.balance import CostModel, imbalance, plan
 from workers.policy import enable_gradient_checkpointing
+from workers.ranks import Ranks, aliases, is_sharded
 from workers.samples import PARTITION, TRAINER
 from workers.trainable import make_trainable, plain_model, publication, trainable_parameters
 
@@ -46,6 +62,18 @@ def reward_parts(stored: Sequence[str]) -> dict[str, float]:
     return {f"reward/{name}": total / len(stored) for name, total in sorted(sums.items())}
 
 
+class Scored(torch.nn.Module):
+    """The module data parallelism wraps: its forward is the kind's log-probs of a micro-batch, so
+    every parameter (the LM head's too, when log-probs are chunked) is used inside one root forward."""
+
+    def __init__(self, kind: Kind, policy: torch.nn.Module):
+        super().__init__()
+        self.kind, self.policy = kind, policy
+
+    def forward(self, rows: Sequence[Any]) -> tuple[Tensor, Tensor]:
+        return self.kind.logprobs(self.policy, rows)
+
+
 class TrainerWorker:
     def __init__(
         self,
@@ -60,6 +88,7 @@ class TrainerWorker:
         reference: bool,
         version: int = 0,
         get_timeout_s: float | None = None,
+        ranks: Ranks | None = None,
     ):
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(model)
@@ -68,13 +97,37 @@ class TrainerWorker:
         self.store, self.weights, self.config = store, weights, config
         self.kind, self.n, self.staleness, self.reference = kind, n, staleness, reference
         self.version, self.get_timeout_s = version, get_timeout_s
-        self.params = trainable_parameters(self.model)  # what the optimizer holds and clips
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        self.ranks = ranks or Ranks()
+        self.net: torch.nn.Module = Scored(kind, self.model)  # wrapped for data parallelism on first use
+        self.wrapped = not self.ranks.many
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.cost = CostModel()  # fed every rank's measured micro-batch times, in rank order
+        if self.wrapped:
+            self._optimize()
         self.publish_bytes = 0  # of the last publication
         self.fields = [*kind.trainer_reads(reference), "reward_parts"]
 
+    def _optimize(self) -> None:
+        self.params = trainable_parameters(self.model)  # what the optimizer holds and clips
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=self.config.lr, weight_decay=self.config.weight_decay
+        )
+
+    def _wrap(self) -> None:
+        """Data parallelism over the ranks, once the weights are final (after the warm-start or a
+        load): FSDP2 replaces the parameters by shards, so the optimizer is made after it."""
+        if not self.wrapped:
+            self.net = self.ranks.wrap(self.net, self.model)
+            self.wrapped = True
+            self._optimize()
+
     def warmup(self, task: Any, config: WarmupConfig) -> dict:
-        """The kind's warm-start of the policy (supervised answers, or flow-matching pre-training)."""
+        """The kind's warm-start of the policy (supervised answers, or flow-matching pre-training);
+        every rank warms up alike, before its model is wrapped (rank 0's weights are then broadcast)."""
+        if self.wrapped and self.ranks.many:
+            raise RuntimeError(
+                "warm-start after the first step or publication: the ranks' weights are sharded"
+            )
         return self.kind.warmup(self.model, task, config)
 
     def set_staleness(self, k: int) -> None:
@@ -84,21 +137,42 @@ class TrainerWorker:
     async def publish(self, whole: bool = True) -> float:
         """Publish the current version: every tensor (`whole`: the first publication of a run, from
         which every engine can start), or only those training changes; returns the seconds it took."""
+        self._wrap()
         tensors = publication(self.model, self.config.trainable, whole=whole)
-        self.publish_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
-        return await self.weights.publish(self.version, tensors, whole=whole)
+        if not self.ranks.many:
+            self.publish_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+            return await self.weights.publish(self.version, tensors, whole=whole)
+        mine = self._owned(tensors)
+        self.publish_bytes = sum(getattr(t, "local", t).nbytes for t in mine.values())
+        return await self.weights.publish(
+            self.version, mine, whole=whole, part=(self.ranks.rank, self.ranks.size)
+        )
+
+    def _owned(self, tensors: dict[str, Any]) -> dict[str, Any]:
+        """What this rank publishes: its shard of every sharded tensor, and the whole of the
+        unsharded ones it owns (DDP's replicas and FSDP's buffers, spread over the ranks by bytes)."""
+        mine = {n: self.ranks.owned(n, t) for n, t in tensors.items() if is_sharded(t)}
+        plain = [(n, t) for n, t in tensors.items() if not is_sharded(t)]
+        owners = self.ranks.assign([t.numel() * t.element_size() for _, t in plain])
+        for (name, t), owner in zip(plain, owners):
+            if owner == self.ranks.rank:
+                mine[name] = t.detach()
+        return mine
 
     # ------------------------------------------------------------------ RL step
 
     async def step(self) -> dict:
         """Train on one batch of whole groups; returns the step's metrics."""
         start = time.perf_counter()
+        self._wrap()
+        r = self.ranks
+        groups = self.config.batch_prompts // r.size + (r.rank < self.config.batch_prompts % r.size)
         batch = await self.store.get(
-            PARTITION, self.fields, self.config.batch_prompts * self.n, TRAINER, sampler="group",
+            PARTITION, self.fields, groups * self.n, TRAINER, sampler="group",
             v_min=min_usable_version(self.version, self.staleness), timeout_s=self.get_timeout_s,
         )  # fmt: skip
         waited = time.perf_counter() - start
-        metrics = self.train_on(batch.data)
+        metrics = self.train_on(r.merge(batch.data))  # every rank's groups: the whole batch
         if self.config.simulated_step_s_per_ktoken:  # benchmark only: a larger model's step time
             await asyncio.sleep(self.config.simulated_step_s_per_ktoken * metrics["tokens"] / 1000)
         metrics["publish_s"] = await self.publish(whole=self.config.trainable == "all")
@@ -110,6 +184,7 @@ class TrainerWorker:
     def train_on(self, data: dict) -> dict:
         """One batch of whole groups: advantages, then `minibatches` optimizer steps, each
         accumulating gradients over length-balanced micro-batches."""
+        self._wrap()
         order = sorted(
             range(len(data["reward"])), key=lambda i: (data["prompt_index"][i], data["sample_index"][i])
         )
@@ -119,13 +194,19 @@ class TrainerWorker:
         max_tokens = max(len(r.behavior) for r in rows)  # Dr.GRPO's constant divisor
         groups = torch.arange(len(rows)).view(-1, self.n)  # (G, n) row positions
         minibatches = [g.reshape(-1).tolist() for g in groups.chunk(self.config.minibatches)]
+        # per minibatch, this rank's micro-batches (positions in it) and how many passes every rank makes
+        plans = [self._plan([rows[p] for p in positions]) for positions in minibatches]
         proximal = None
         if len(minibatches) > 1:  # the policy before this batch's first update (decoupled PPO)
-            proximal = self._logprobs_no_grad(rows)
+            proximal = self._logprobs_no_grad(rows, minibatches, plans)
         stats: dict[str, float] = {}
-        for positions in minibatches:
+        self.timings: list[tuple[list[int], float]] = []  # (lengths, seconds) of each micro-batch run
+        for positions, (micros, passes) in zip(minibatches, plans):
             stats = self._update([rows[p] for p in positions], advantages[positions], max_tokens,
-                                 None if proximal is None else [proximal[p] for p in positions])  # fmt: skip
+                                 None if proximal is None else [proximal[p] for p in positions],
+                                 micros, passes)  # fmt: skip
+        if self.ranks.many:
+            stats.update(self._balance_metrics())
         self.version += 1
         return {
             "version": self.version,
@@ -139,47 +220,101 @@ class TrainerWorker:
             **stats,
         }
 
+    def _plan(self, rows: Sequence[Any]) -> tuple[list[list[int]], int]:
+        """This rank's micro-batches of `rows` (positions) and the number of passes it makes: one
+        rank runs the kind's micro-batches; with ranks, the balance plan splits the rows (the same
+        plan on every rank), and under FSDP every rank makes as many passes as the busiest (each
+        forward gathers parameters with all ranks), the extra ones empty."""
+        c, r = self.config, self.ranks
+        if not r.many:
+            micros = self.kind.micro_batches(rows, c.micro_batch_tokens)
+            return micros, len(micros)
+        budget = c.micro_batch_tokens if self.kind.policy == "token" else 0  # a flow sample is small
+        split = plan(self.kind.lengths(rows), r.size, budget, c.balance, self.cost)
+        mine = split[r.rank]
+        passes = max(len(m) for m in split) if r.parallel == "fsdp" else len(mine)
+        return mine, max(passes, 1)  # DDP: a rank with no rows still joins the gradient all-reduce
+
     @torch.no_grad()
-    def _logprobs_no_grad(self, rows: Sequence[Any]) -> list[Tensor]:
+    def _logprobs_no_grad(
+        self, rows: Sequence[Any], minibatches: list[list[int]], plans: list[tuple[list[list[int]], int]]
+    ) -> list[Tensor]:
+        """Log-probs of the rows this rank trains, under the current weights."""
         out: list[Tensor] = [torch.empty(0)] * len(rows)
-        for micro in self.kind.micro_batches(rows, self.config.micro_batch_tokens):
-            lp, mask = self.kind.logprobs(self.model, [rows[i] for i in micro])  # (b, T) each
-            for k, i in enumerate(micro):
-                out[i] = lp[k][mask[k]]
+        for positions, (micros, passes) in zip(minibatches, plans):
+            for k in range(passes):
+                micro = [positions[i] for i in micros[k]] if k < len(micros) else [positions[0]]
+                lp, mask = self.net([rows[i] for i in micro])  # (b, T) each
+                if k < len(micros):
+                    for j, i in enumerate(micro):
+                        out[i] = lp[j][mask[j]]
         return out
 
-    def _update(self, rows: Sequence[Any], advantages: Tensor, max_tokens: int,
-                proximal: list[Tensor] | None) -> dict[str, float]:  # fmt: skip
-        """One optimizer step over `rows`, the same as one padded pass: each micro-batch's loss is
-        weighted by its share of what the aggregation averages over (actions, or samples)."""
+    def _update(
+        self, rows: Sequence[Any], advantages: Tensor, max_tokens: int, proximal: list[Tensor] | None,
+        micros: list[list[int]], passes: int,
+    ) -> dict[str, float]:  # fmt: skip
+        """One optimizer step over `rows` (the whole minibatch; this rank runs `micros`), the same as
+        one padded pass: each micro-batch's loss is weighted by its share of what the aggregation
+        averages over (actions, or samples) in the whole minibatch, times the ranks (whose gradients
+        are averaged). A pass beyond this rank's micro-batches runs one row with weight 0."""
         c = self.config
         per_token = c.loss_agg == "token-mean"
         total = sum(len(r.behavior) if per_token else bool(r.behavior) for r in rows)
+        assert self.optimizer is not None
         self.optimizer.zero_grad(set_to_none=True)
         stats: dict[str, float] = {}
-        for micro in self.kind.micro_batches(rows, c.micro_batch_tokens):
+        for k in range(passes):
+            real = k < len(micros)
+            micro = micros[k] if real else [0]
             batch = [rows[i] for i in micro]
-            logprobs, mask = self.kind.logprobs(self.model, batch)  # (b, T) with gradient, (b, T)
-            behavior = on_grid([r.behavior for r in batch], mask)
-            prox = (
-                logprobs.detach()
-                if proximal is None
-                else on_grid([proximal[i].tolist() for i in micro], mask)
-            )
-            ref = on_grid([r.ref or [] for r in batch], mask) if self.reference else None
-            loss, part = self._loss(logprobs, behavior, advantages[micro], mask, prox, ref, max_tokens)
-            # 0 exactly when rollout and trainer agree bit for bit (lag 0, a flow policy): any grid,
-            # sigma, dtype or conditioning mismatch shows here first.
-            part["logprob_diff_max"] = (logprobs.detach() - behavior)[mask].abs().max().item()
-            share = sum(len(r.behavior) if per_token else bool(r.behavior) for r in batch) / max(total, 1)
-            (loss * share).backward()
+            started = time.perf_counter()
+            with self.ranks.accumulating(self.net, last=k == passes - 1):
+                logprobs, mask = self.net(batch)  # (b, T) with gradient, (b, T)
+                share = sum(len(r.behavior) if per_token else bool(r.behavior) for r in batch) / max(total, 1)
+                loss, part = self._micro_loss(
+                    batch, micro, logprobs, mask, advantages, proximal if real else None, max_tokens
+                )
+                (loss * (share * self.ranks.size if real else 0.0)).backward()
+            if not real:
+                continue
+            self.timings.append((self.kind.lengths(batch), time.perf_counter() - started))
             part["loss"] = loss.item()
-            for k, v in part.items():  # micro-batch figures, weighted like the loss
-                stats[k] = max(stats.get(k, v), v) if k.endswith("_max") else stats.get(k, 0.0) + v * share
+            for key, v in part.items():  # micro-batch figures, weighted like the loss
+                stats[key] = (
+                    max(stats.get(key, v), v) if key.endswith("_max") else stats.get(key, 0.0) + v * share
+                )
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm)
         self.optimizer.step()
-        stats["grad_norm"] = grad_norm.item()
+        stats = self.ranks.reduce_stats(stats)
+        norm = grad_norm.full_tensor() if is_sharded(grad_norm) else grad_norm  # type: ignore[attr-defined]
+        stats["grad_norm"] = norm.item()
         return stats
+
+    def _micro_loss(
+        self, batch: Sequence[Any], micro: list[int], logprobs: Tensor, mask: Tensor, advantages: Tensor,
+        proximal: list[Tensor] | None, max_tokens: int,
+    ) -> tuple[Tensor, dict[str, float]]:  # fmt: skip
+        """A micro-batch's loss (not yet weighted by its share) and its figures."""
+        behavior = on_grid([r.behavior for r in batch], mask)
+        prox = logprobs.detach() if proximal is None else on_grid([proximal[i].tolist() for i in micro], mask)
+        ref = on_grid([r.ref or [] for r in batch], mask) if self.reference else None
+        loss, part = self._loss(logprobs, behavior, advantages[micro], mask, prox, ref, max_tokens)
+        # 0 exactly when rollout and trainer agree bit for bit (lag 0, a flow policy): any grid,
+        # sigma, dtype or conditioning mismatch shows here first.
+        part["logprob_diff_max"] = (logprobs.detach() - behavior)[mask].abs().max().item()
+        return loss, part
+
+    def _balance_metrics(self) -> dict[str, float]:
+        """Every rank's measured micro-batch times: the cost model learns from them (all ranks in the
+        same order, so their plans stay equal), and the step's balance shows in the metrics."""
+        timings = self.ranks.gather([[lengths, seconds] for lengths, seconds in self.timings])
+        for rank in timings:
+            for lengths, seconds in rank:
+                self.cost.observe(lengths, seconds)
+        busy = [sum(seconds for _, seconds in rank) for rank in timings]
+        shown = {f"balance/{k}": v for k, v in {**imbalance(busy), **self.cost.metrics()}.items()}
+        return {k: float(v) for k, v in shown.items()}
 
     def _loss(
         self, logprobs: Tensor, behavior: Tensor, advantages: Tensor, mask: Tensor, proximal: Tensor,
@@ -199,19 +334,28 @@ class TrainerWorker:
             part["kl_ref"] = kl.item()
         return loss, part
 
+    def close(self) -> None:
+        self.ranks.leave()
+
     # ------------------------------------------------------------------ checkpoints
 
     def save(self, path: str) -> None:
-        """The trained module as it is (with LoRA: base and adapters, under peft's names), the
-        optimizer, the version and what was trainable."""
+        """The trained module as it is (with LoRA: base and adapters, under peft's names; whole, from
+        rank 0), the optimizer (torch.distributed.checkpoint: each rank writes its shards, and any
+        number of ranks reads them back), the version and what was trainable. Every rank calls it."""
+        self._wrap()
+        assert self.optimizer is not None
         Path(path).mkdir(parents=True, exist_ok=True)
-        # safetensors' save_model stores a tied weight once (embedding and LM head: one tensor)
-        save_model(self.model, f"{path}/model.safetensors")
-        torch.save(self.optimizer.state_dict(), f"{path}/optimizer.pt")
-        state = {"version": self.version, "trainable": self._trainable()}
-        Path(path, "trainer.json").write_text(json.dumps(state))
+        self._save_module(self.model, f"{path}/model.safetensors")
+        optimizer = {"optimizer": get_optimizer_state_dict(self.model, self.optimizer)}
+        with self.ranks.single_process_io():
+            dcp.save(optimizer, checkpoint_id=f"{path}/optimizer", no_dist=not self.ranks.many)
+        if self.ranks.rank == 0:
+            state = {"version": self.version, "trainable": self._trainable(), "ranks": self.ranks.size}
+            Path(path, "trainer.json").write_text(json.dumps(state))
 
     def load(self, path: str) -> int:
+        """Continue from a checkpoint that any number of ranks wrote (before this trainer's first step)."""
         state = json.loads(Path(path, "trainer.json").read_text())
         saved = state.get("trainable", "all")  # checkpoints from before trainer.trainable trained all
         if saved != self._trainable():
@@ -219,16 +363,49 @@ class TrainerWorker:
                 f"checkpoint {path} trained trainer.trainable={saved}, this run says {self._trainable()}; "
                 "resume with the checkpoint's trainer.trainable (or export it and start a new run from it)"
             )
-        load_model(self.model, f"{path}/model.safetensors")
-        self.optimizer.load_state_dict(torch.load(f"{path}/optimizer.pt", weights_only=True))
+        if self.wrapped and self.ranks.many:
+            raise RuntimeError("a trainer of several ranks loads a checkpoint before its first step")
+        load_model(self.model, f"{path}/model.safetensors")  # whole, on every rank; then sharded
+        self._wrap()
+        assert self.optimizer is not None
+        if Path(path, "optimizer.pt").exists():  # written by one process before sharded checkpoints
+            if self.ranks.many:
+                raise ValueError(
+                    f"checkpoint {path} holds one process's optimizer state (optimizer.pt); resume it with "
+                    "trainer.num_ranks: 1, and its next checkpoint resumes on any number of ranks"
+                )
+            self.optimizer.load_state_dict(torch.load(f"{path}/optimizer.pt", weights_only=True))
+        else:
+            optimizer = {"optimizer": get_optimizer_state_dict(self.model, self.optimizer)}
+            with self.ranks.single_process_io():
+                dcp.load(optimizer, checkpoint_id=f"{path}/optimizer", no_dist=not self.ranks.many)
+            set_optimizer_state_dict(self.model, self.optimizer, optimizer["optimizer"])
         self.version = state["version"]
         return self.version
 
     def save_weights(self, path: str) -> None:
         """The current weights alone, in the base architecture (the reference policy is the
-        warm-started version 0)."""
+        warm-started version 0). Every rank calls it; rank 0 writes."""
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        save_model(plain_model(self.model), path)
+        self._save_module(plain_model(self.model) if self.ranks.rank == 0 else self.model, path)
+
+    @property
+    def sharded(self) -> bool:
+        return self.ranks.many and self.ranks.parallel == "fsdp" and self.wrapped
+
+    def _save_module(self, module: torch.nn.Module, path: str) -> None:
+        """`module`'s weights as one safetensors file, written by rank 0 (FSDP: gathered from the
+        shards first, with every rank); a tied weight is stored once, as safetensors' save_model does."""
+        if not self.sharded:
+            if self.ranks.rank == 0:
+                save_model(module, path)
+            return
+        tied = aliases(module)
+        full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.ranks.rank == 0:
+            save_file(
+                {k: v.contiguous() for k, v in full.items() if k not in tied}, path, metadata={"format": "pt"}
+            )
 
     def _trainable(self) -> Any:
         t = self.config.trainable

@@ -403,8 +403,26 @@ class TrainerConfig(Section):
     checkpoint_every: int = Field(
         0, ge=0, le=10_000_000, description="Steps between checkpoints (0: at the end only)."
     )
-    num_cpus: float = Field(1.0, gt=0, le=1024, description="Ray CPUs reserved.")
-    torch_threads: int = Field(1, ge=1, le=1024, description="torch intra-op threads.")
+    num_ranks: int = Field(
+        1, ge=1, le=4096,
+        description="Trainer ranks: one Ray actor each, in one placement group, joined into one "
+        "torch.distributed group (gloo on CPU); each reads its share of the batch from the store. 1: one "
+        "process, no group.",
+    )  # fmt: skip
+    parallel: Literal["fsdp", "ddp"] = Field(
+        "fsdp",
+        description="With num_ranks > 1: fsdp (FSDP2 fully_shard per transformer block: parameters, "
+        "gradients and optimizer state sharded over the ranks) or ddp (every rank holds the whole model, "
+        "gradients all-reduced).",
+    )
+    balance: Literal["count", "tokens", "cost"] = Field(
+        "cost",
+        description="With num_ranks > 1, how a batch's samples are split over the ranks: count (equal "
+        "numbers), tokens (equal tokens, Karmarkar-Karp) or cost (equal predicted time, alpha*L + beta*L^2 "
+        "fitted online from measured micro-batch times; ranks may run different numbers of micro-batches).",
+    )
+    num_cpus: float = Field(1.0, gt=0, le=1024, description="Ray CPUs reserved (per rank).")
+    torch_threads: int = Field(1, ge=1, le=1024, description="torch intra-op threads (per rank).")
     simulated_step_s_per_ktoken: float = Field(
         0.0,
         ge=0,

@@ -116,10 +116,13 @@ class SourceHost(Host):
 
 
 class TrainerHost(Host):
+    """One trainer rank (`index`, of trainer.num_ranks); the pipeline joins the ranks into a group."""
+
     def make(self, store: Any) -> Any:
         import torch
 
         from workers.policy import set_threads
+        from workers.ranks import Ranks
         from workers.trainer import TrainerWorker
 
         c = self.config
@@ -128,7 +131,18 @@ class TrainerHost(Host):
         return TrainerWorker(
             self.kind.model(c.seed), store, self.weights(), c.trainer, self.kind, n=c.rollout.n,
             staleness=c.staleness, reference=c.reference.enabled, get_timeout_s=c.dataplane.get_timeout_s,
+            ranks=Ranks(self.index, c.trainer.num_ranks, c.trainer.parallel),
         )  # fmt: skip
+
+    async def address(self) -> str:
+        """Rank 0: where the others find it."""
+        from workers.ranks import Ranks
+
+        return Ranks.address()
+
+    async def join(self, address: str) -> None:
+        worker = await self.worker()
+        await asyncio.to_thread(worker.ranks.join, address)
 
     async def warmup(self) -> dict:
         worker = await self.worker()

@@ -55,7 +55,9 @@ class Pipeline:
         )
         r = config.rollout
         self.source = self._spawn(SourceHost, "source", num_cpus=0.1, cursor=cursor)
-        self.trainer = self._spawn(TrainerHost, "trainer", num_cpus=config.trainer.num_cpus)
+        self.ranks_group = self._rank_bundles()
+        self.trainers = [self._rank(i) for i in range(config.trainer.num_ranks)]
+        self.trainer = self.trainers[0]  # rank 0: its step's metrics are the run's
         self.rollouts = [self._rollout(i) for i in range(r.num_workers)]
         self.rewards = [
             self._spawn(RewardHost, "reward", i, num_cpus=config.reward.num_cpus, restarts=2)
@@ -67,7 +69,10 @@ class Pipeline:
         self.paused = False
         self.client: Any = None  # the driver's store client (dataplane.client.StoreClient)
 
-    def _spawn(self, host: type, role: str, slot: int = 0, *, num_cpus: float, restarts: int = 0, **kw: Any):
+    def _spawn(
+        self, host: type, role: str, slot: int = 0, *, num_cpus: float, restarts: int = 0,
+        options: dict | None = None, **kw: Any,
+    ):  # fmt: skip
         """A host actor named `<store>.<role><slot>`; Ray restarts it up to `restarts` times if it dies."""
         return (
             ray.remote(host)
@@ -77,9 +82,37 @@ class Pipeline:
                 num_cpus=num_cpus,
                 max_restarts=restarts,
                 max_concurrency=64,
+                **(options or {}),
             )  # fmt: skip
             .remote(self.config.model_dump(mode="json"), self.store.address, **kw)
         )
+
+    def _rank_bundles(self) -> Any:
+        """Several trainer ranks: one placement group, a bundle per rank, packed onto few nodes."""
+        t = self.config.trainer
+        if t.num_ranks == 1:
+            return None
+        from ray.util.placement_group import placement_group
+
+        return placement_group(
+            [{"CPU": t.num_cpus}] * t.num_ranks, strategy="PACK", name=f"{self.config.dataplane.name}.trainer"
+        )
+
+    def _rank(self, rank: int) -> Any:
+        options = None
+        if self.ranks_group is not None:
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            strategy = PlacementGroupSchedulingStrategy(self.ranks_group, placement_group_bundle_index=rank)
+            options = {"scheduling_strategy": strategy}
+        return self._spawn(
+            TrainerHost, "trainer", rank, num_cpus=self.config.trainer.num_cpus, options=options, index=rank
+        )
+
+    async def _ranks(self, call: Any) -> Any:
+        """`call(rank)` on every trainer rank, together (their steps meet in collectives); rank 0's result."""
+        results = await self._ask(*(call(t) for t in self.trainers))
+        return results[0] if len(self.trainers) > 1 else results
 
     def _rollout(self, index: int) -> Any:
         r = self.config.rollout
@@ -92,9 +125,23 @@ class Pipeline:
         """Workers that run a loop of their own in async mode."""
         return [*self.rollouts, *self.rewards, *self.references]
 
-    async def ready(self) -> None:
-        """Wait until every worker actor is built and connected (they start in parallel)."""
-        await self._ask(*(a.start.remote() for a in [self.source, self.trainer, *self.streamers]))
+    async def ready(self, ranks_timeout_s: float = 300.0) -> None:
+        """Wait until every worker actor is built and connected (they start in parallel), and the
+        trainer ranks have joined their group."""
+        if self.ranks_group is not None:
+            t = self.config.trainer
+            done, _ = await asyncio.wait(
+                [asyncio.ensure_future(self.ranks_group.ready())], timeout=ranks_timeout_s
+            )
+            if not done:
+                raise ConfigError(
+                    f"trainer.num_ranks = {t.num_ranks} ranks of {t.num_cpus} CPUs each found no room in the "
+                    f"cluster within {ranks_timeout_s:.0f} s; add nodes, or lower trainer.num_ranks or num_cpus"
+                )
+        await self._ask(*(a.start.remote() for a in [self.source, *self.trainers, *self.streamers]))
+        if len(self.trainers) > 1:
+            address = await self._ask(self.trainer.address.remote())
+            await self._ask(*(t.join.remote(address) for t in self.trainers))
         if self.client is None:
             self.client = await self.store.async_client()
 
@@ -114,10 +161,10 @@ class Pipeline:
             PARTITION, schema(self.config.policy), consumers=consumers(self.config.reference.enabled),
             stale_policy="regenerate",
         )  # fmt: skip
-        warm = await self._ask(self.trainer.warmup.remote())
+        warm = await self._ranks(lambda t: t.warmup.remote())
         if self.config.reference.enabled:
-            await self._ask(self.trainer.save_weights.remote(str(self.run.reference_weights)))
-        await self._ask(self.trainer.publish.remote())
+            await self._ranks(lambda t: t.save_weights.remote(str(self.run.reference_weights)))
+        await self._ranks(lambda t: t.publish.remote())
         await self._start_reference()
         return warm
 
@@ -130,8 +177,8 @@ class Pipeline:
         if PARTITION in (await self.client.store_stats())["partitions"]:
             await self.client.drop_partition(PARTITION)
         await self.client.restore(str(path / "store"))
-        version = await self._ask(self.trainer.load.remote(str(path / "trainer")))
-        await self._ask(self.trainer.publish.remote())
+        version = await self._ranks(lambda t: t.load.remote(str(path / "trainer")))
+        await self._ranks(lambda t: t.publish.remote())
         await self._start_reference()
         return version
 
@@ -167,7 +214,7 @@ class Pipeline:
 
     async def train_step(self) -> dict:
         """One trainer step; fails at once if a supervised loop failed meanwhile."""
-        step = asyncio.ensure_future(self._ask(self.trainer.step.remote()))
+        step = asyncio.ensure_future(self._ranks(lambda t: t.step.remote()))
         done, _ = await asyncio.wait([step, *self.loops.values()], return_when=asyncio.FIRST_COMPLETED)
         for task in done:
             if task is not step and task.exception() is not None:
@@ -229,7 +276,9 @@ class Pipeline:
 
     async def set_staleness(self, k: int) -> None:
         """The new bound holds for every later step: admission and the trainer's window."""
-        await self._ask(self.source.set_staleness.remote(k), self.trainer.set_staleness.remote(k))
+        await self._ask(
+            self.source.set_staleness.remote(k), *(t.set_staleness.remote(k) for t in self.trainers)
+        )
 
     async def scale_rollout(self, n: int, start_timeout_s: float = 120.0) -> int:
         """Add or remove rollout workers. A removed worker is closed and killed; rows it held go
@@ -268,7 +317,7 @@ class Pipeline:
         try:
             tmp = self.run.begin_checkpoint(step)
             await self.client.checkpoint(str(tmp / "store"))
-            await self._ask(self.trainer.save.remote(str(tmp / "trainer")))
+            await self._ranks(lambda t: t.save.remote(str(tmp / "trainer")))
         finally:
             if not self.paused:  # a run a client paused stays paused
                 await self._ask(self.source.resume.remote())
@@ -317,7 +366,7 @@ class Pipeline:
         await self.stop_streams()
         if self.client is not None:
             await self.client.close()
-        workers = [self.source, self.trainer, *self.streamers]
+        workers = [self.source, *self.trainers, *self.streamers]
         closing = [asyncio.ensure_future(a.close.remote()) for a in workers]
         await asyncio.wait(closing, timeout=grace_s)  # a dead or hung worker is killed anyway
         for task in closing:
@@ -326,6 +375,8 @@ class Pipeline:
             task.cancel()
         for actor in [*workers, self.weights]:
             ray.kill(actor)
+        if self.ranks_group is not None:
+            ray.util.remove_placement_group(self.ranks_group)
         self.store.shutdown()
 
     # ------------------------------------------------------------------ Ray's errors, ours
@@ -345,14 +396,16 @@ class Pipeline:
     def role_of(self, actor_id: str | None) -> str:
         """Which worker an actor id is ("the trainer", "rollout worker 1", ...), for messages."""
         named: dict[str, Sequence[Any]] = {
-            "the prompt source": [self.source], "the trainer": [self.trainer],
+            "the prompt source": [self.source], "trainer rank": self.trainers,
             "the weight store": [self.weights], "rollout worker": self.rollouts,
             "reward worker": self.rewards, "the reference worker": self.references,
         }  # fmt: skip
         for role, actors in named.items():
             for i, actor in enumerate(actors):
                 if actor._actor_id.hex() == actor_id:
-                    return f"{role} {i}" if role.startswith(("rollout", "reward")) else role
+                    if role == "trainer rank" and len(self.trainers) == 1:
+                        return "the trainer"
+                    return f"{role} {i}" if role.startswith(("rollout", "reward", "trainer")) else role
         return "a worker"
 
 

@@ -27,3 +27,21 @@ def micro_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
             out.append([])
         out[-1].append(i)
     return out
+
+
+# TEMPORARY interface (replaced by the balance branch)
+class CostModel:
+    def observe(self, lengths, seconds):
+        pass
+
+    def metrics(self):
+        return {}
+
+
+def plan(lengths, ranks, token_budget, policy, cost=None):
+    per = [list(range(len(lengths)))[r::ranks] for r in range(ranks)]
+    return [[[p for p in mb] for mb in ([sorted(x)] if x else [])] for x in per]
+
+
+def imbalance(times):
+    return {"imbalance": max(times) / max(sum(times) / len(times), 1e-12)}

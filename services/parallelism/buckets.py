@@ -83,3 +83,10 @@ def unflatten(slots: list[Slot], buckets: list[np.ndarray]) -> dict[str, torch.T
             raw = torch.frombuffer(buckets[s.bucket], dtype=torch.uint8, count=s.nbytes, offset=s.offset)
             out[s.name] = raw.view(getattr(torch, s.dtype)).view(s.shape)
     return out
+
+
+@dataclass(frozen=True)
+class Shard:  # TEMPORARY (replaced by the sync branch)
+    local: torch.Tensor
+    offset: int
+    shape: tuple
