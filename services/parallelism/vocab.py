@@ -130,7 +130,9 @@ class _VocabParallel(torch.autograd.Function):
                     db[p] += dz.sum(0)
         if dh is not None and plan.group is not None:
             dist.all_reduce(dh, group=plan.group)  # each rank holds Σ over its slice; the sum is all
-        cast = [g.to(x.dtype) if g is not None else None for g, x in ((dh, hidden), (dw, weight), (db, weight))]
+        cast = [
+            g.to(x.dtype) if g is not None else None for g, x in ((dh, hidden), (dw, weight), (db, weight))
+        ]
         return *cast, None, None
 
 
@@ -208,7 +210,9 @@ def _check_owned(stats: Tensor, targets: Tensor, plan: _Plan, v: int) -> None:
     bad = (stats[:, 3].isnan() & ~stats[:, 0].isnan()).nonzero()
     if len(bad):
         i, span = int(bad[0, 0]), f"[{plan.vocab_start}, {plan.vocab_start + v})"
-        scope = f"this weight's rows {span}" if plan.group is None else f"one rank's rows (this rank's: {span})"
+        scope = (
+            f"this weight's rows {span}" if plan.group is None else f"one rank's rows (this rank's: {span})"
+        )
         raise ValueError(
             f"vocab_parallel_logprobs: target id {int(targets[i])} at position {i} is not in {scope}; "
             "targets must be ids of the whole vocabulary, each in one slice: check them and vocab_start"
