@@ -128,6 +128,7 @@ class _VocabParallel(torch.autograd.Function):
                     _add_matmul(dw[p], dz.T, h)
                 if db is not None:
                     db[p] += dz.sum(0)
+                del dz  # before the next slice's logits exist, or it doubles what is in flight
         if dh is not None and plan.group is not None:
             dist.all_reduce(dh, group=plan.group)  # each rank holds Σ over its slice; the sum is all
         cast = [
