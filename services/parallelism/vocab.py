@@ -113,9 +113,9 @@ class _VocabParallel(torch.autograd.Function):
         plan: _Plan = ctx.plan
         acc = torch.promote_types(weight.dtype, torch.float32)  # gradients sum in float32 at least
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        dh = torch.zeros(hidden.shape, dtype=acc) if need_h else None  # (N, H)
-        dw = torch.zeros(weight.shape, dtype=acc) if need_w else None  # (V_local, H)
-        db = torch.zeros(weight.shape[0], dtype=acc) if need_b else None  # (V_local,)
+        dh = hidden.new_zeros(hidden.shape, dtype=acc) if need_h else None  # (N, H)
+        dw = weight.new_zeros(weight.shape, dtype=acc) if need_w else None  # (V_local, H)
+        db = weight.new_zeros(weight.shape[0], dtype=acc) if need_b else None  # (V_local,)
         for rows in plan.token_chunks(hidden.shape[0]):
             h, t = hidden[rows], targets[rows] - plan.vocab_start
             upstream = (lse[rows], entropy[rows], d_logp[rows], d_entropy[rows])
