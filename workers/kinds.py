@@ -29,6 +29,7 @@ from torch import Tensor
 from asyncflow.algorithms import chunked_token_logprobs, pack, token_logprobs
 from asyncflow.config import AsyncFlowConfig, ModelConfig, RolloutConfig, WarmupConfig
 from services.parallelism.balance import micro_batches
+from services.parallelism.vocab import vocab_parallel_logprobs
 from services.serving import Request, SamplingParams
 from workers.policy import body_and_head, check_body_and_head, eos_ids, make_model, make_tokenizer
 from workers.samples import PROMPT_FIELDS, ROLLOUT_FIELDS
@@ -96,7 +97,7 @@ def make_kind(config: AsyncFlowConfig, task: Any) -> Kind:
         return FlowKind(config.flow, task)
     kind = TokenKind(
         make_tokenizer(task, config.model), config.model, config.rollout,
-        chunk_tokens=config.trainer.logprob_chunk_tokens,
+        chunk_tokens=config.trainer.logprob_chunk_tokens, vocab_shards=config.trainer.logprob_vocab_shards,
     )  # fmt: skip
     if hasattr(task, "limit_prompts"):
         task.limit_prompts(lambda prompt: len(kind.prompt_ids(prompt)), kind.prompt_room())
@@ -109,14 +110,18 @@ class TokenKind:
     prompt_fields, rollout_fields = PROMPT_FIELDS, ROLLOUT_FIELDS
     reference_reads = ["prompt_ids", "response_ids"]
 
-    def __init__(self, tokenizer: Any, model: ModelConfig, rollout: RolloutConfig, *, chunk_tokens: int = 0):
+    def __init__(
+        self, tokenizer: Any, model: ModelConfig, rollout: RolloutConfig, *, chunk_tokens: int = 0,
+        vocab_shards: int = 1,
+    ):  # fmt: skip
         self.tokenizer, self.model_config, self.rollout = tokenizer, model, rollout
         self.chunk_tokens = chunk_tokens  # positions whose logits exist at once (0: all of them)
+        self.vocab_shards = vocab_shards  # pieces of the vocabulary whose logits exist at once
         self._stop_ids: tuple[int, ...] | None = None
 
     def model(self, seed: int) -> torch.nn.Module:
         model = make_model(self.model_config, len(self.tokenizer), seed)
-        if self.chunk_tokens:  # refused now rather than computing other log-probs than its own
+        if self.chunk_tokens or self.vocab_shards > 1:  # refused now, not by other log-probs than its own
             check_body_and_head(model)
         return model
 
@@ -261,16 +266,21 @@ class TokenKind:
         mask (b, L-1) -> (b, L-1).
 
         With `chunk_tokens` the LM head runs over the masked positions alone, `chunk_tokens` at a
-        time (`chunked_token_logprobs`), and the other positions are 0; else the whole (b, L-1, V)
-        logits are built at once."""
+        time (`chunked_token_logprobs`), and the other positions are 0; with `vocab_shards` > 1 also
+        the vocabulary `vocab_shards` pieces at a time (`vocab_parallel_logprobs`; chunk_tokens 0: all
+        the masked positions in one chunk); else the whole (b, L-1, V) logits are built at once."""
         settings = (1.0, 0, 1.0) if sampler is None else (sampler.temperature, sampler.top_k, sampler.top_p)
-        if not self.chunk_tokens:
+        if not self.chunk_tokens and self.vocab_shards == 1:
             logits = model(input_ids=ids, use_cache=False).logits[:, :-1]  # (b, L-1, V)
             return token_logprobs(logits, targets, *settings)
         body, head = body_and_head(model)
         hidden = body(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]  # (b, L-1, H)
-        # (N,): the response tokens only
-        picked = chunked_token_logprobs(hidden[mask], head, targets[mask], self.chunk_tokens, *settings)
+        if self.vocab_shards > 1:  # (N,): the response tokens only
+            picked = sharded_logprobs(
+                hidden[mask], head, targets[mask], self.chunk_tokens, self.vocab_shards, settings
+            )
+        else:
+            picked = chunked_token_logprobs(hidden[mask], head, targets[mask], self.chunk_tokens, *settings)
         out = torch.zeros(targets.shape, dtype=picked.dtype, device=picked.device)  # (b, L-1)
         out[mask] = picked
         return out
@@ -311,6 +321,31 @@ class TokenSample:
     def version(self, default: int) -> int:
         """The oldest version that produced a token of this sample (its staleness counts from it)."""
         return min(self.versions, default=default)
+
+
+def sharded_logprobs(
+    hidden: Tensor, head: torch.nn.Module, targets: Tensor, chunk_tokens: int, shards: int,
+    settings: tuple[float, int, float],
+) -> Tensor:  # fmt: skip
+    """`token_logprobs(head(hidden), targets)` with the head's vocabulary in `shards` pieces merged
+    by online softmax: hidden (N, H), targets (N,) -> (N,). The head must be a plain linear layer
+    (tied to the embedding or not: its weight is a parameter either way)."""
+    temperature, top_k, top_p = settings
+    if top_k != 0 or top_p != 1.0:
+        raise ValueError(
+            f"trainer.logprob_vocab_shards = {shards} cannot apply rollout.top_k = {top_k}, top_p = {top_p}: "
+            "they truncate the whole vocabulary row; set trainer.logprob_vocab_shards: 1"
+        )
+    if not isinstance(head, torch.nn.Linear):
+        raise ValueError(
+            f"trainer.logprob_vocab_shards = {shards} needs an nn.Linear LM head, got {type(head).__name__} "
+            "(a LoRA adapter on the head?); set trainer.logprob_vocab_shards: 1"
+        )
+    logp, _ = vocab_parallel_logprobs(
+        hidden.to(head.weight.dtype), head.weight, targets, temperature=temperature,
+        chunk_tokens=chunk_tokens, shards=shards, bias=head.bias,
+    )  # fmt: skip
+    return logp
 
 
 def decode_response(tokenizer: Any, ids: list[int], stop_ids: Sequence[int] = ()) -> str:

@@ -122,12 +122,22 @@ class AsyncFlowConfig(Section):
                 f"set policy: {kind}, or pick a task of that kind"
             )
         memory = {"logprob_chunk_tokens": self.trainer.logprob_chunk_tokens,
+                  "logprob_vocab_shards": self.trainer.logprob_vocab_shards > 1,
                   "gradient_checkpointing": self.trainer.gradient_checkpointing}  # fmt: skip
-        on = [f"trainer.{k} = {v}" for k, v in memory.items() if v]
+        on = [f"trainer.{k} = {getattr(self.trainer, k)}" for k, v in memory.items() if v]
         if self.policy == "flow" and on:
             raise ValueError(
                 f"{', '.join(on)} applies to a token policy (a transformers model), but policy = 'flow'; "
                 "remove it, the flow policy has no LM head or transformer blocks to save memory on"
+            )
+        truncated = self.rollout.top_k != 0 or self.rollout.top_p != 1.0
+        if self.trainer.logprob_vocab_shards > 1 and truncated:
+            raise ValueError(
+                f"trainer.logprob_vocab_shards = {self.trainer.logprob_vocab_shards} merges pieces of the "
+                f"vocabulary by online softmax, but rollout.top_k = {self.rollout.top_k}, top_p = "
+                f"{self.rollout.top_p} sample from a truncation that needs the whole vocabulary row; set "
+                "trainer.logprob_vocab_shards: 1 (logprob_chunk_tokens still bounds the logits), or "
+                "rollout.top_k: 0 and top_p: 1"
             )
         if self.trainer.kl_coef > 0 and not self.reference.enabled:
             raise ValueError(

@@ -395,6 +395,13 @@ class TrainerConfig(Section):
         "each chunk recomputed in the backward, so the (tokens, vocab) logits never exist whole; the "
         "reference computes its log-probs the same way (0: off, the whole logits at once).",
     )  # fmt: skip
+    logprob_vocab_shards: int = Field(
+        1, ge=1, le=65536,
+        description="Token policy, memory: the LM head's vocabulary in this many pieces, merged by online "
+        "softmax (services.parallelism.vocab), so at most (logprob_chunk_tokens or all response tokens) x "
+        "vocab / shards logits exist at once, in the forward and the backward (1: off). Needs top_k 0 and "
+        "top_p 1: those sample from a truncation of the whole vocabulary row.",
+    )  # fmt: skip
     gradient_checkpointing: bool = Field(
         False,
         description="Token policy, memory: recompute each transformer block's activations in the backward "

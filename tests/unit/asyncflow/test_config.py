@@ -108,6 +108,14 @@ def test_rl_sections_check_their_values_and_each_other():
         parse_config({**flow, "trainer": {"gradient_checkpointing": True}})
     memory = parse_config({"trainer": {"logprob_chunk_tokens": 256, "gradient_checkpointing": True}})
     assert memory.trainer.logprob_chunk_tokens == 256 and memory.trainer.gradient_checkpointing
+    with pytest.raises(ConfigError, match="logprob_vocab_shards = 4 applies to a token policy"):
+        parse_config({**flow, "trainer": {"logprob_vocab_shards": 4}})
+    for sampler in ({"top_k": 50}, {"top_p": 0.9}):  # a truncation needs the whole vocabulary row
+        with pytest.raises(ConfigError, match="logprob_vocab_shards = 4 merges pieces.*whole vocabulary row"):
+            parse_config({"trainer": {"logprob_vocab_shards": 4}, "rollout": sampler})
+    with pytest.raises(ConfigError, match="logprob_vocab_shards"):
+        parse_config({"trainer": {"logprob_vocab_shards": 0}})
+    assert parse_config({"trainer": {"logprob_vocab_shards": 4}}).trainer.logprob_vocab_shards == 4
     vllm = parse_config(
         {"rollout": {"engine": "vllm", "partial_rollout": "abort", "vllm": {"kv_cache_gib": 1}}}
     )
