@@ -136,7 +136,8 @@ class Pipeline:
             if not done:
                 raise ConfigError(
                     f"trainer.num_ranks = {t.num_ranks} ranks of {t.num_cpus} CPUs each found no room in the "
-                    f"cluster within {ranks_timeout_s:.0f} s; add nodes, or lower trainer.num_ranks or num_cpus"
+                    f"cluster within {ranks_timeout_s:.0f} s; add nodes, or lower trainer.num_ranks or "
+                    "trainer.num_cpus"
                 )
         await self._ask(*(a.start.remote() for a in [self.source, *self.trainers, *self.streamers]))
         if len(self.trainers) > 1:
