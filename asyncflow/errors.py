@@ -41,6 +41,7 @@ __all__ = [
     "ControlError",
     "DataPlaneError",
     "LeaseError",
+    "RankDied",
     "SchemaError",
     "StorageUnavailable",
     "StoreTimeout",
@@ -51,6 +52,11 @@ __all__ = [
 
 class WorkerError(AsyncFlowError, RuntimeError):
     """A worker actor failed; the message names the worker and the cause."""
+
+
+class RankDied(WorkerError):
+    """A trainer rank died: the others cannot finish a step without it; the run restarts them all
+    from its last checkpoint (trainer.max_restarts times)."""
 
 
 class ControlError(AsyncFlowError, RuntimeError):

@@ -20,6 +20,7 @@ class Report:
         self.trainer_wait_s = 0.0  # time the trainer spent waiting for data
         self.started = time.perf_counter()
         self.workers: dict[str, str] = {}  # the live view's lines about workers
+        self.restarts = 0  # of the whole run, after a trainer rank died
 
     def step(self, step: int, m: dict, workers: dict | None) -> dict:
         """Complete a step's metrics (rates, averages; `workers`: the pipeline's worker stats, when
@@ -88,6 +89,7 @@ class Report:
             "tokens_per_s": metrics[-1]["tokens_per_s"] if metrics else None,
             "staleness_histogram": dict(sorted(hist.items(), key=lambda kv: int(kv[0]))),
             "seconds": round(time.perf_counter() - self.started, 2),
+            "restarts": self.restarts,
             **more,
         }
         self.plot(before, after)

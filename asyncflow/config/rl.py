@@ -428,6 +428,11 @@ class TrainerConfig(Section):
         "numbers), tokens (equal tokens, Karmarkar-Karp) or cost (equal predicted time, alpha*L + beta*L^2 "
         "fitted online from measured micro-batch times; ranks may run different numbers of micro-batches).",
     )
+    max_restarts: int = Field(
+        2, ge=0, le=100,
+        description="Times the run restarts after a trainer rank dies: every rank, with every other worker, "
+        "from the last checkpoint (its rows as they were then: none trained twice).",
+    )  # fmt: skip
     num_cpus: float = Field(1.0, gt=0, le=1024, description="Ray CPUs reserved (per rank).")
     torch_threads: int = Field(1, ge=1, le=1024, description="torch intra-op threads (per rank).")
     simulated_step_s_per_ktoken: float = Field(

@@ -19,7 +19,7 @@ import time
 from asyncflow.config import AsyncFlowConfig
 from asyncflow.control import Steering, StopRun
 from asyncflow.display import RunView
-from asyncflow.errors import DataPlaneError, WorkerError
+from asyncflow.errors import DataPlaneError, RankDied, WorkerError
 from asyncflow.report import Report, prompts_line
 from asyncflow.rundir import RunDir
 from asyncflow.workflow import Pipeline, init_ray
@@ -54,10 +54,22 @@ class Run:
         self._stats_at = 0.0
 
     async def main(self, resume: bool) -> dict:
-        try:
-            return await self._main(resume)
-        except (DataPlaneError, WorkerError) as e:  # what failed, and how to go on
-            raise type(e)(f"{e}; {self.resume_hint()}") from None
+        restarts = 0
+        while True:
+            try:
+                return await self._main(resume)
+            except RankDied as e:  # every rank again, with every other worker, from the last checkpoint
+                if restarts >= self.config.trainer.max_restarts:
+                    raise RankDied(f"{e}; {self.resume_hint()}") from None
+                restarts += 1
+                self.report.restarts = restarts
+                self.view.note(
+                    f"{e}: restarting the run from its last checkpoint "
+                    f"({restarts} of trainer.max_restarts = {self.config.trainer.max_restarts})"
+                )
+                resume = True
+            except (DataPlaneError, WorkerError) as e:  # what failed, and how to go on
+                raise type(e)(f"{e}; {self.resume_hint()}") from None
 
     def resume_hint(self) -> str:
         last = self.run.latest_checkpoint()

@@ -21,7 +21,7 @@ from typing import Any
 import ray
 
 from asyncflow.config import AsyncFlowConfig
-from asyncflow.errors import AsyncFlowError, ConfigError, ControlError, WorkerError
+from asyncflow.errors import AsyncFlowError, ConfigError, ControlError, RankDied, WorkerError
 from asyncflow.rundir import RunDir
 from asyncflow.workflow.hosts import (
     NAMESPACE,
@@ -109,10 +109,26 @@ class Pipeline:
             TrainerHost, "trainer", rank, num_cpus=self.config.trainer.num_cpus, options=options, index=rank
         )
 
-    async def _ranks(self, call: Any) -> Any:
-        """`call(rank)` on every trainer rank, together (their steps meet in collectives); rank 0's result."""
-        results = await self._ask(*(call(t) for t in self.trainers))
-        return results[0] if len(self.trainers) > 1 else results
+    async def _ranks(self, call: Any, grace_s: float = 10.0) -> Any:
+        """`call(rank)` on every trainer rank, together (their steps meet in collectives); rank 0's
+        result. One rank failing stops the others inside a collective (or leaves them waiting in
+        one): all are killed, and a dead one is reported as RankDied, which the run recovers from."""
+        calls = [asyncio.ensure_future(self._ask(call(t))) for t in self.trainers]
+        done, pending = await asyncio.wait(calls, return_when=asyncio.FIRST_EXCEPTION)
+        if pending:  # a rank failed: see whether it died (the others fail with it, or hang)
+            await asyncio.wait(pending, timeout=grace_s)
+        errors = [c.exception() for c in calls if c.done() and not c.cancelled() and c.exception()]
+        if not errors:
+            return calls[0].result()
+        for c in calls:
+            c.cancel()
+        dead = [e for e in errors if isinstance(e, WorkerError) and " died" in str(e)]
+        if len(self.trainers) > 1 or dead:
+            for t in self.trainers:
+                ray.kill(t)
+        if dead:
+            raise RankDied(str(dead[0])) from None
+        raise errors[0]
 
     def _rollout(self, index: int) -> Any:
         r = self.config.rollout
@@ -379,6 +395,17 @@ class Pipeline:
         if self.ranks_group is not None:
             ray.util.remove_placement_group(self.ranks_group)
         self.store.shutdown()
+        await self._names_free()
+
+    async def _names_free(self, timeout_s: float = 30.0) -> None:
+        """Wait until Ray has let go of this run's actor names, so that a restart can take them again."""
+        prefix = f"{self.config.dataplane.name}."
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while asyncio.get_running_loop().time() < deadline:
+            names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
+            if not any(n.startswith(prefix) for n in names):
+                return
+            await asyncio.sleep(0.1)
 
     # ------------------------------------------------------------------ Ray's errors, ours
 

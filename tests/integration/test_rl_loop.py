@@ -240,7 +240,10 @@ def test_a_dead_trainer_is_named_with_how_to_resume(ray_session, tmp_path):
 
     from asyncflow.errors import WorkerError
 
-    config = _config(tmp_path, "trainer.steps=100000", "task.eval_prompts=0", "trainer.checkpoint_every=5")
+    config = _config(
+        tmp_path, "trainer.steps=100000", "task.eval_prompts=0", "trainer.checkpoint_every=5",
+        "trainer.max_restarts=0",
+    )  # fmt: skip
     result: dict = {}
 
     def run() -> None:
