@@ -172,6 +172,8 @@ def step_record(step: int, lengths: list[int], gathered: list[Any], cost: CostMo
             "micro_batches": [len(rank) for rank in p],
             "rows": [sum(len(mb) for mb in rank) for rank in p],
             "padding_efficiency": real / padded,
+            # per rank, per micro-batch: rows, longest row, tokens, measured seconds (for refits)
+            "micro_batch_s": [[[len(ls), max(ls), sum(ls), t] for ls, t in r["timings"]] for r in ranks],
         }
     return record
 

@@ -232,7 +232,9 @@ def plan(
       micro-batch: rows, longest first, go to the rank whose predicted time after adding the row
       is least. `cost` None means the prior `CostModel()` (padded token count).
 
-    A rank with no rows gets []. Deterministic: ties go to the lower position and the lower rank.
+    Every rank gets at least one row when there are at least `ranks` rows; a rank with no rows
+    gets [] (it must still join the gradient all-reduce). Deterministic: ties go to the lower
+    position and the lower rank.
     """
     _check_plan(lengths, ranks, token_budget, policy)
     if policy == "cost":
@@ -287,6 +289,10 @@ def _lpt_packs(
     lengths: Sequence[int], ranks: int, token_budget: int, cost: CostModel
 ) -> list[list[list[int]]]:
     packs = micro_batches(lengths, token_budget)
+    while len(packs) < ranks and max(map(len, packs), default=1) > 1:  # every rank gets work if it can
+        j = max(range(len(packs)), key=lambda j: (len(packs[j]), -j))
+        half = len(packs[j]) // 2
+        packs[j : j + 1] = [packs[j][:half], packs[j][half:]]
     times = [cost.predict([lengths[i] for i in mb]) for mb in packs]
     loads = [(0.0, k) for k in range(ranks)]  # (predicted seconds, rank): a heap
     owned: list[list[int]] = [[] for _ in range(ranks)]

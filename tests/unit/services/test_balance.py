@@ -32,7 +32,7 @@ def test_public_api():
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("budget", [0, 64, 512])
 def test_every_plan_is_a_partition_within_the_budget(policy: str, budget: int):
-    for n in (0, 1, 3, 7, 40):
+    for n in (0, 1, 3, 4, 7, 40):
         lengths = long_tailed(n, n)
         lengths = [max(1, x // 8) for x in lengths]  # 2..128: some rows longer than a 64 budget
         for ranks in range(1, 6):
@@ -45,8 +45,8 @@ def test_every_plan_is_a_partition_within_the_budget(policy: str, budget: int):
                 assert budget == 0 or len(mb) == 1 or len(mb) * max(lengths[i] for i in mb) <= budget
             if budget == 0:
                 assert all(len(rank) <= 1 for rank in out)  # one micro-batch per rank
-            if n < ranks:
-                assert sum(1 for rank in out if not rank) >= ranks - n
+            empty = sum(1 for rank in out if not rank)
+            assert empty == max(0, ranks - n)  # work for every rank while there are rows
 
 
 def test_count_splits_contiguous_equal_counts():
@@ -58,6 +58,11 @@ def test_ranks_may_run_different_numbers_of_micro_batches():
     lengths = [1000] + [50] * 80  # one long row costs as much as all the short ones
     out = plan(lengths, 2, 2000, "cost", CostModel(**TRUE))
     assert sorted(len(rank) for rank in out) == [1, 2]  # the long row alone, two packs of 40 short
+
+
+def test_cost_splits_micro_batches_so_that_every_rank_has_work():
+    out = plan([5] * 6, 4, 1000, "cost")  # one micro-batch would hold every row
+    assert all(out) and sorted(i for rank in out for mb in rank for i in mb) == list(range(6))
 
 
 @pytest.mark.parametrize("kind", ["lognormal", "pareto"])
