@@ -98,7 +98,8 @@ class WeightStore:
 
     def _check(self, version: int, rank: int, ranks: int, whole: bool, pending: _Pending) -> None:
         """Refuse a part that could never show, or that would show something wrong."""
-        latest, what = self.latest(), f"part {rank} of {ranks} of version {version}"
+        latest = self.latest()
+        what = f"version {version}" if ranks == 1 else f"part {rank} of {ranks} of version {version}"
         if version <= latest:
             raise WorkerError(
                 f"publish of {what}: the store already holds version {latest}; versions only grow "
@@ -207,19 +208,30 @@ class WeightClient:
         return await self._call("wait_version", min_version, timeout_s)
 
     async def pull(
-        self, min_version: int = 0, timeout_s: float | None = None, whole: bool = False
+        self,
+        min_version: int = 0,
+        timeout_s: float | None = None,
+        whole: bool = False,
+        *,
+        into: Mapping[str, torch.Tensor] | None = None,
     ) -> tuple[int, dict[str, torch.Tensor]]:
         """The newest version >= min_version as tensors (views of the received buffers, or one copy
         where a tensor spans buckets or parts): what it published, or every tensor of the model
-        (`whole`, for an engine that holds none yet). Raises WeightMismatch, before returning
-        anything, when a received bucket differs from the published one."""
+        (`whole`, for an engine that holds none yet). A tensor named in `into` (e.g. the live
+        parameters) is written into it, the one copy of its bytes, and returned as it. Raises
+        WeightMismatch, before returning or writing anything, when a received bucket differs from
+        the published one."""
         version, publications = await self._call("get", min_version, timeout_s, whole)
+        received = [  # every bucket checked before any tensor is made or written
+            await asyncio.gather(*(self._receive(v, (rank, len(parts)), *p) for rank, p in enumerate(parts)))
+            for v, parts in publications
+        ]
         tensors: dict[str, torch.Tensor] = {}
-        for published, parts in publications:  # the whole publication first, the newest over it
-            received = await asyncio.gather(
-                *(self._receive(published, (rank, len(parts)), *part) for rank, part in enumerate(parts))
-            )
-            tensors.update(await asyncio.to_thread(unpack, received))
+        for (published, _), parts in zip(publications, received):  # the whole one first, the newest over it
+            try:
+                tensors.update(await asyncio.to_thread(unpack, parts, into))
+            except ValueError as e:  # the parts do not fit together (or into `into`)
+                raise WorkerError(f"pull of version {published}: {e}") from None
         return version, tensors
 
     async def _receive(

@@ -427,7 +427,7 @@ class WeightsConfig(Section):
         "(the last one smaller; a tensor may span several).",
     )
     channels: int = Field(
-        1,
+        2,
         ge=1,
         le=64,
         description="Transfer streams per publisher and per puller; bucket b rides stream b % channels, so "

@@ -155,14 +155,19 @@ def channel_bytes(sizes: Sequence[int], channels: int) -> list[int]:
     return out
 
 
-def unpack(parts: Sequence[tuple[Index, Sequence[Bucket]]]) -> dict[str, torch.Tensor]:
+def unpack(
+    parts: Sequence[tuple[Index, Sequence[Bucket]]], into: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """Tensors from the buckets of one or more parts (ranks) of one publication: a view of the
     received bytes where one piece is the whole tensor, else one copy of its pieces into a new
-    tensor. Raises ValueError when the parts disagree on a tensor or leave some of it out.
+    tensor. A tensor named in `into` is written there instead, piece by piece (its one copy: no
+    tensor in between), and returned as it. Raises ValueError, before writing anything, when the
+    parts disagree on a tensor, leave some of it out, or it does not fit its `into` tensor.
 
     Buffers from Ray's object store are read-only; torch warns that it cannot protect them.
     The views are only ever read (copied into parameters), so the warning is silenced here.
     """
+    into = into or {}
     pieces: dict[str, list[tuple[Slot, np.ndarray | None]]] = {}
     for index, buckets in parts:
         taken = [0] * len(buckets)  # pieces of each bucket handed out so far: slots are in order
@@ -171,30 +176,62 @@ def unpack(parts: Sequence[tuple[Index, Sequence[Bucket]]]) -> dict[str, torch.T
             if s.nbytes:
                 piece, taken[s.bucket] = buckets[s.bucket][taken[s.bucket]], taken[s.bucket] + 1
             pieces.setdefault(s.name, []).append((s, piece))
+    for name, found in pieces.items():
+        _check(name, found, into.get(name))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given buffer is not writable")
-        return {name: _join(name, found) for name, found in pieces.items()}
+        return {
+            name: _write(into[name], found) if name in into else _join(found)
+            for name, found in pieces.items()
+        }
 
 
-def _join(name: str, found: list[tuple[Slot, np.ndarray | None]]) -> torch.Tensor:
+def _check(name: str, found: list[tuple[Slot, np.ndarray | None]], target: torch.Tensor | None) -> None:
+    """The pieces of `name` agree on dtype and shape, tile its bytes exactly, and fit `target`."""
     first = found[0][0]
-    dtype, shape = getattr(torch, first.dtype), first.shape
-    total = math.prod(shape) * dtype.itemsize
-    if any((s.dtype, s.shape) != (first.dtype, shape) for s, _ in found):
+    if any((s.dtype, s.shape) != (first.dtype, first.shape) for s, _ in found):
         seen = sorted({(s.dtype, s.shape) for s, _ in found})
         raise ValueError(f"tensor {name!r} arrives as {seen}: its parts must agree on dtype and shape")
-    found = sorted(((s, p) for s, p in found if s.nbytes), key=lambda sp: sp[0].start)
-    ends = [0] + [s.start + s.nbytes for s, _ in found]
-    if any(s.start != end for (s, _), end in zip(found, ends)) or ends[-1] != total:
-        ranges = [(s.start, s.start + s.nbytes) for s, _ in found]
+    total = math.prod(first.shape) * getattr(torch, first.dtype).itemsize
+    ranges = sorted((s.start, s.start + s.nbytes) for s, _ in found if s.nbytes)
+    ends = [0] + [b for _, b in ranges]
+    if [a for a, _ in ranges] != ends[:-1] or ends[-1] != total:
         raise ValueError(
             f"tensor {name!r} ({total} bytes) arrives as byte ranges {ranges[:8]}: they must tile it "
             "exactly; publish every row once, from exactly one part"
         )
-    if len(found) == 1:
-        raw = torch.frombuffer(found[0][1], dtype=torch.uint8)  # type: ignore[arg-type]
-    else:
-        raw = torch.empty(total, dtype=torch.uint8)
-        for s, piece in found:
-            raw[s.start : s.start + s.nbytes].copy_(torch.frombuffer(piece, dtype=torch.uint8))  # type: ignore[arg-type]
-    return raw.view(dtype).view(shape) if total else torch.empty(shape, dtype=dtype)
+    if target is not None and tuple(target.shape) != first.shape:
+        raise ValueError(
+            f"tensor {name!r} arrives with shape {first.shape}, its destination has {tuple(target.shape)}; "
+            "nothing was written"
+        )
+
+
+def _pieces(found: list[tuple[Slot, np.ndarray | None]]) -> list[tuple[int, torch.Tensor]]:
+    """(byte offset in the tensor, bytes) of each non-empty piece."""
+    return [(s.start, torch.frombuffer(p, dtype=torch.uint8)) for s, p in found if p is not None]  # type: ignore[arg-type]
+
+
+def _join(found: list[tuple[Slot, np.ndarray | None]]) -> torch.Tensor:
+    first = found[0][0]
+    dtype = getattr(torch, first.dtype)
+    pieces = _pieces(found)
+    if not pieces:
+        return torch.empty(first.shape, dtype=dtype)
+    if len(pieces) == 1:
+        return pieces[0][1].view(dtype).view(first.shape)  # a view of the received bytes
+    raw = torch.empty(math.prod(first.shape) * dtype.itemsize, dtype=torch.uint8)
+    for start, piece in pieces:
+        raw[start : start + len(piece)].copy_(piece)
+    return raw.view(dtype).view(first.shape)
+
+
+def _write(target: torch.Tensor, found: list[tuple[Slot, np.ndarray | None]]) -> torch.Tensor:
+    """Copy the pieces into `target` (converting, in one more copy, if its dtype or layout differs)."""
+    if target.dtype != getattr(torch, found[0][0].dtype) or not target.is_contiguous():
+        with torch.no_grad():
+            return target.copy_(_join(found))
+    raw = target.detach().view(-1).view(torch.uint8)
+    for start, piece in _pieces(found):
+        raw[start : start + len(piece)].copy_(piece)
+    return target

@@ -147,3 +147,18 @@ def test_unpack_refuses_shards_that_leave_rows_out_or_overlap():
         pack({"t": Shard(t[:3], 2, (4, 3))}, 16)
     with pytest.raises(ValueError, match="do not fit"):
         pack({"t": Shard(t[:, :2], 0, (4, 3))}, 16)
+
+
+def test_unpack_into_writes_each_tensor_once_into_its_destination():
+    state = _state()
+    slots, buckets = pack(state, 100)
+    parts = [(_index(slots, buckets), _frozen(buckets))]
+    into = {name: torch.zeros_like(t) for name, t in state.items()}
+    into["embed"] = torch.zeros(10, 4, dtype=torch.float64)  # another dtype: converted
+    out = unpack(parts, into)
+    for name, t in state.items():
+        assert out[name] is into[name] and torch.equal(out[name], t.to(out[name].dtype))
+    wrong = {"embed": torch.zeros(4, 10), "big": torch.zeros(64, 8)}
+    with pytest.raises(ValueError, match="nothing was written"):
+        unpack(parts, wrong)
+    assert not wrong["big"].any()  # checked before anything is written

@@ -195,3 +195,27 @@ async def test_the_remote_store_carries_sharded_parts_over_channels(ray_session)
     got = await Puller.remote(store).pull.remote(0)
     for name, t in state.items():
         assert got[name] == (str(t.dtype), t.shape, t.view(-1).view(torch.uint8).numpy().tobytes())
+
+
+async def test_pull_into_live_tensors_writes_nothing_when_a_bucket_is_corrupted():
+    store = WeightStore()
+    client = WeightClient(store, remote=False, bucket_mb=100 / 2**20, channels=2)
+    state = _state()
+    await client.publish(0, state)
+    live = {name: torch.zeros_like(t) for name, t in state.items()}
+    _, tensors = await client.pull(0, into=live)
+    assert all(tensors[name] is live[name] for name in state) and _equal(live, state)
+    await client.publish(1, {name: torch.ones_like(t) for name, t in state.items()})
+    _corrupt(store, 1, 22)  # the last bucket: every other one is checked fine first
+    with pytest.raises(WeightMismatch, match="bucket 22"):
+        await client.pull(1, into=live)
+    assert _equal(live, state)
+
+
+async def test_parts_that_do_not_tile_a_tensor_fail_the_pull_with_a_worker_error():
+    client = WeightClient(WeightStore(), remote=False)
+    t = torch.arange(12.0).reshape(4, 3)
+    for rank in range(2):  # both ranks send rows 0 and 1; rows 2 and 3 never arrive
+        await client.publish(0, {"t": Shard(t[:2], 0, (4, 3))}, part=(rank, 2))
+    with pytest.raises(WorkerError, match="pull of version 0: tensor 't'.*tile it exactly"):
+        await client.pull(0)
