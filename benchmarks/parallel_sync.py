@@ -15,7 +15,8 @@ same run (median, before and after the grid); `vs memcpy` is GB/s over it. `part
 the same state as two parts from two publisher actors at once (each its half of every tensor's
 rows, as FSDP ranks do). `raw` is the floor of the transport without this module: one `ray.put`
 of all the tensors as one object, and each puller maps it and copies every tensor (no buckets, no
-fingerprints). `channel max/mean` is the busiest channel's bytes over the mean (per part).
+fingerprints). `channel max/mean` is the busiest channel's bytes over the mean, and `max-mean` the
+busiest channel's excess over the mean in buckets (at most 1: the equal split's bound), per part.
 
 The path moves the bytes 1 + pullers times (into shared memory, then into each puller's tensors)
 and reads them 1 + pullers more times (the fingerprints), so even with free reads the pullers'
@@ -189,16 +190,18 @@ async def run_grid(state, settings, repeats: int, n_pullers: int, warmup: int) -
     for setting, timed in runs.items():
         k, bucket_mb, sharded = setting if setting != "raw" else ("raw", nbytes / 2**20, False)
         if k == "raw":
-            buckets, balance = 1, 1.0
+            buckets, balance, excess = 1, 1.0, 0.0
         else:
             sizes = [[sum(len(p) for p in b) for b in pack(part, clients[k, bucket_mb].bucket_bytes)[1]]
                      for part in (parts if sharded else [state])]  # fmt: skip
             buckets = sum(len(s) for s in sizes)
-            balance = max(max(c) / (sum(c) / k) for c in (channel_bytes(s, k) for s in sizes))
+            per_channel = [channel_bytes(s, k) for s in sizes]
+            balance = max(max(c) / (sum(c) / k) for c in per_channel)
+            excess = max((max(c) - sum(c) / k) / max(s) for c, s in zip(per_channel, sizes))
         med = {key: statistics.median(r[key] for r in timed[1:]) for key in timed[0]}
         rows.append({"channels": k, "bucket_mb": bucket_mb, "sharded": sharded, "buckets": buckets,
                      "gbps": nbytes / med["total_s"] / 1e9, **med,
-                     "channel_max_over_mean": balance})  # fmt: skip
+                     "channel_max_over_mean": balance, "channel_excess_buckets": excess})  # fmt: skip
     return rows, copies[1:]
 
 
@@ -240,14 +243,14 @@ def table(figures: dict) -> str:
         f"{figures['pullers']} pullers, median of {figures['repeats']}; "
         f"memcpy {figures['memcpy_gbps']:.2f} GB/s (2-core CPU, Ray object store)",
         "| parts | channels | bucket MB | buckets | GB/s | vs memcpy | publish s | pull s | total s "
-        "| channel max/mean |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| channel max/mean | max-mean (buckets) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in figures["rows"]:
         lines.append(
             f"| {2 if r['sharded'] else 1} | {r['channels']} | {r['bucket_mb']:g} | {r['buckets']} "
             f"| {r['gbps']:.2f} | {r['ratio']:.0%} | {r['publish_s']:.3f} | {r['pull_s']:.3f} "
-            f"| {r['total_s']:.3f} | {r['channel_max_over_mean']:.3f} |"
+            f"| {r['total_s']:.3f} | {r['channel_max_over_mean']:.3f} | {r['channel_excess_buckets']:.2f} |"
         )
     return "\n".join(lines)
 
