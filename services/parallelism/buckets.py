@@ -134,11 +134,11 @@ def fingerprint(bucket: Sequence[np.ndarray]) -> int:
     """The sum, modulo 2**64, of each piece's little-endian 64-bit words (a short tail as one
     number). A changed byte changes its word by d * 256**j with 0 < |d| < 256 and j < 8, never a
     multiple of 2**64, so any single changed byte (or word) is caught; a stale, zeroed or foreign
-    bucket is caught unless its sum collides. It reads at memory speed (numpy, ~24 GB/s on the
-    2-core dev machine, against zlib.crc32 2.3, adler32 2.0, sha1 1.7, blake2b 1.1 and md5
-    0.8 GB/s): a CRC or a hash would take longer than the transfer it guards. What it misses,
-    words swapped within a bucket, is not an error a transport that moves a bucket as one
-    object makes."""
+    bucket is caught unless its sum collides. It reads at memory speed: on the 2-core dev machine
+    numpy sums 24 GB/s over one 64 MiB buffer (11-17 GB/s over a real state dict's buckets), where
+    zlib.crc32 runs 2.3, adler32 2.0, sha1 1.7, blake2b 1.1 and md5 0.8 GB/s, below the ~5 GB/s of
+    the transfer it guards (Ray's put). What it misses, words swapped within a bucket, is not an
+    error that a transport moving a bucket as one object makes."""
     total = 0
     for piece in bucket:
         head = len(piece) - len(piece) % 8
