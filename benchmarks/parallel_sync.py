@@ -10,10 +10,11 @@ workers.weights.WeightClient, the product's path: equal buckets, a fingerprint p
 their own tensors (`pull(into=...)`: map and verify every bucket, then copy each piece into place,
 the one copy): `switched`. Time runs from the publish call until the last puller has switched;
 GB/s is the state's bytes over that time; `publish s` is the publish call, `pull s` the slowest
-puller's pull. `memcpy` is a torch copy of the same bytes into a touched buffer, measured in the
-same run (median, before and after the grid); `vs memcpy` is GB/s over it. `parts 2` rows publish
-the same state as two parts from two publisher actors at once (each its half of every tensor's
-rows, as FSDP ranks do). `raw` is the floor of the transport without this module: one `ray.put`
+puller's pull, `wake s` the rest (the store waking the pullers, their calls to it, scheduling).
+`memcpy` is a torch copy of the same bytes into a touched buffer, measured in the same run (once
+per round, median); `vs memcpy` is GB/s over it. `parts 2` rows publish the same state as two
+parts from two publisher actors at once (each its half of every tensor's rows, as FSDP ranks
+do). `raw` is the floor of the transport without this module: one `ray.put`
 of all the tensors as one object, and each puller maps it and copies every tensor (no buckets, no
 fingerprints). `channel max/mean` is the busiest channel's bytes over the mean, and `max-mean` the
 busiest channel's excess over the mean in buckets (at most 1: the equal split's bound), per part.
@@ -22,9 +23,10 @@ The path moves the bytes 1 + pullers times (into shared memory, then into each p
 and reads them 1 + pullers more times (the fingerprints), so even with free reads the pullers'
 copies alone, on a memory-bound 2-core machine, hold it near or below 1/2 of memcpy.
 
-Each row is the median of `--repeats` publications after one warm-up; before the grid, enough
-publications to write every page of the object store once (first touches are page faults, not
-weight sync). CPU only: the numbers are "2-core CPU, Ray object store", never GPU figures.
+Settings take turns, one publication each per round, so the load of a shared machine falls on
+all alike; each row is the median of `--repeats` rounds after a warm-up round, and before them
+come enough publications to write every page of the object store once (first touches are page
+faults, not weight sync). The 1-minute load average before and after is reported. CPU only: the numbers are "2-core CPU, Ray object store", never GPU figures.
 
     .venv/bin/python benchmarks/parallel_sync.py --json docs/bench-parallel-sync.json
     .venv/bin/python benchmarks/parallel_sync.py --quick
@@ -225,8 +227,10 @@ def measure(
         os.environ.setdefault("RAY_preallocate_plasma_memory", "1")
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
                  object_store_memory=store_bytes)  # fmt: skip
+    load = [os.getloadavg()[0]]  # other jobs on a shared machine: the 1-minute load, before and after
     try:
         rows, copies = asyncio.run(run_grid(state, settings, repeats, pullers, store_bytes // nbytes + 1))
+        load.append(os.getloadavg()[0])
     finally:
         if started:
             ray.shutdown()
@@ -234,23 +238,25 @@ def measure(
     for r in rows:
         r["ratio"] = r["gbps"] / memcpy
     return {"state_bytes": nbytes, "tensors": len(state), "pullers": pullers, "repeats": repeats,
-            "memcpy_gbps": memcpy, "memcpy_s": copies, "rows": rows}  # fmt: skip
+            "memcpy_gbps": memcpy, "memcpy_s": copies, "load_before_after": load, "rows": rows}  # fmt: skip
 
 
 def table(figures: dict) -> str:
     lines = [
         f"{figures['state_bytes'] / 2**20:.0f} MiB in {figures['tensors']} float32 tensors, "
         f"{figures['pullers']} pullers, median of {figures['repeats']}; "
-        f"memcpy {figures['memcpy_gbps']:.2f} GB/s (2-core CPU, Ray object store)",
-        "| parts | channels | bucket MB | buckets | GB/s | vs memcpy | publish s | pull s | total s "
+        f"memcpy {figures['memcpy_gbps']:.2f} GB/s (2-core CPU, Ray object store); 1-minute load "
+        + " -> ".join(f"{x:.1f}" for x in figures["load_before_after"]),
+        "| parts | channels | bucket MB | buckets | GB/s | vs memcpy | publish s | pull s | wake s | total s "
         "| channel max/mean | max-mean (buckets) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in figures["rows"]:
         lines.append(
             f"| {2 if r['sharded'] else 1} | {r['channels']} | {r['bucket_mb']:g} | {r['buckets']} "
             f"| {r['gbps']:.2f} | {r['ratio']:.0%} | {r['publish_s']:.3f} | {r['pull_s']:.3f} "
-            f"| {r['total_s']:.3f} | {r['channel_max_over_mean']:.3f} | {r['channel_excess_buckets']:.2f} |"
+            f"| {r['total_s'] - r['publish_s'] - r['pull_s']:.3f} | {r['total_s']:.3f} "
+            f"| {r['channel_max_over_mean']:.3f} | {r['channel_excess_buckets']:.2f} |"
         )
     return "\n".join(lines)
 
