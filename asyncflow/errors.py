@@ -11,6 +11,7 @@
     │   ├── StorageUnavailable a storage unit or backend cannot be reached
     │   └── AccessDenied       the store refused a client without its token
     ├── WorkerError            a worker (rollout, reward, trainer, ...) failed
+    │   └── WeightMismatch     received weights differ from the published ones (a bucket's fingerprint)
     └── ControlError           a live run cannot be found or refused a command (asyncflow.Client)
 
 The root and the store's errors are defined in `dataplane.errors` (the data store imports
@@ -46,6 +47,7 @@ __all__ = [
     "StorageUnavailable",
     "StoreTimeout",
     "UnknownPartition",
+    "WeightMismatch",
     "WorkerError",
 ]
 
@@ -61,3 +63,8 @@ class RankDied(WorkerError):
 
 class ControlError(AsyncFlowError, RuntimeError):
     """No live run of that name, or the run refused or could not apply a command."""
+
+
+class WeightMismatch(WorkerError):
+    """A pulled version's bytes differ from what its publisher sent (a bucket's fingerprint or
+    size); the message names the version, part, bucket, channel and both fingerprints."""

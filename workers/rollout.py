@@ -15,9 +15,11 @@ rewards or training; the engine knows nothing about the store.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from asyncflow.errors import WeightMismatch
 from workers.reward import parts_of, takes_info, with_info
 from workers.samples import PARTITION, ROLLOUT, idle, serve, take
 
@@ -26,6 +28,8 @@ if TYPE_CHECKING:  # the seams' protocols and classes, for the type checker
     from services.serving.protocol import Engine
     from workers.kinds import Kind
     from workers.weights import WeightClient
+
+log = logging.getLogger("asyncflow.rollout")
 
 
 class RolloutWorker:
@@ -56,17 +60,32 @@ class RolloutWorker:
             "weight_syncs": 0,
             "sync_s": 0.0,
             "mid_call_syncs": 0,  # versions loaded while a call was generating (partial rollout)
+            "rejected_versions": 0,  # versions whose received bytes differed from the published ones
         }
+        self.rejected = -1  # the newest version refused; it is not pulled again
+
+    @property
+    def seen(self) -> int:
+        """The newest version this worker has loaded or refused."""
+        return max(self.engine.version, self.rejected)
 
     async def sync_weights(self, min_version: int = 0) -> int:
-        """Load the newest published version (waiting for one >= min_version); returns it."""
+        """Load the newest published version (waiting for one >= min_version); returns the version
+        the engine holds. A version whose bytes arrive changed (WeightMismatch) is refused: the
+        engine keeps its weights, the refusal is counted and logged, and the next version is tried."""
         start = time.perf_counter()
         latest = await self.weights.wait_version(min_version)
-        if latest > self.engine.version:
-            # an engine that never loaded a version takes every tensor, the others only what changed
-            version, tensors = await self.weights.pull(min_version, whole=self.engine.version < 0)
-            await self.engine.update_weights(version, tensors)
-            self.stats["weight_syncs"] += 1
+        if latest > self.seen:
+            try:
+                # an engine that never loaded a version takes every tensor, the others only what changed
+                version, tensors = await self.weights.pull(min_version, whole=self.engine.version < 0)
+            except WeightMismatch as e:
+                self.rejected = latest
+                self.stats["rejected_versions"] += 1
+                log.warning("%s refused weights; it keeps version %d: %s", self.name, self.engine.version, e)
+            else:
+                await self.engine.update_weights(version, tensors)
+                self.stats["weight_syncs"] += 1
         self.stats["sync_s"] += time.perf_counter() - start
         return self.engine.version
 
@@ -118,12 +137,13 @@ class RolloutWorker:
         newer: asyncio.Future | None = None
         try:
             while self.partial_rollout and not call.done():
-                newer = asyncio.ensure_future(self.weights.wait_version(self.engine.version + 1))
+                newer = asyncio.ensure_future(self.weights.wait_version(self.seen + 1))
                 await asyncio.wait([call, newer], return_when=asyncio.FIRST_COMPLETED)
                 if newer.done():
                     newer.result()  # a failed wait raises here
-                    await self.sync_weights()
-                    self.stats["mid_call_syncs"] += 1
+                    held = self.engine.version
+                    if await self.sync_weights() != held:  # (not when the version was refused)
+                        self.stats["mid_call_syncs"] += 1
             return await call
         finally:
             for task in (call, newer):  # a remote wait stays parked in the weight store until a publish

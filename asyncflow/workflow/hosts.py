@@ -66,7 +66,8 @@ class Host:
         # Looked up by name, not passed as a handle: a handle among the constructor arguments
         # would keep Ray from restarting this actor reliably (ray-project/ray#53727).
         handle = ray.get_actor(f"{self.config.dataplane.name}.weights", namespace=NAMESPACE)
-        return WeightClient(handle, remote=True, bucket_mb=self.config.weights.bucket_mb)
+        w = self.config.weights
+        return WeightClient(handle, remote=True, bucket_mb=w.bucket_mb, channels=w.channels)
 
     def stats(self) -> dict:
         return dict(getattr(self._worker, "stats", {}))

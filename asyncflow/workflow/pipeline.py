@@ -362,6 +362,7 @@ class Pipeline:
             }
             if role == "rollout":  # versions loaded while a call was generating (partial rollout)
                 out[role]["mid_call_syncs"] = sum(s.get("mid_call_syncs", 0) for s in stats)
+                out[role]["rejected_versions"] = sum(s.get("rejected_versions", 0) for s in stats)
             if role == "reward":  # calls that raised, hung or returned no finite number
                 out[role]["failures"] = sum(s.get("failures", 0) for s in stats)
         store = (await self.client.store_stats())["partitions"].get(PARTITION, {})

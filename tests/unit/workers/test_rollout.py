@@ -39,3 +39,26 @@ async def test_a_version_published_mid_call_is_loaded_only_with_partial_rollout(
     else:
         assert worker.stats["mid_call_syncs"] == 0 and engine.version == 0
         assert versions == {0}
+
+
+async def test_a_version_refused_mid_call_is_not_retried_and_the_call_goes_on():
+    store = WeightStore()
+    weights = WeightClient(store, remote=False, bucket_mb=0.01)
+    await weights.publish(0, build_model(VOCAB, seed=0).state_dict())
+    engine = TorchEngine(build_model(VOCAB, seed=2), eos_token_id=EOS_ID, pad_token_id=PAD_ID, version=-1)
+    worker = RolloutWorker(
+        engine, None, weights, n=2, groups_per_call=4, params=SamplingParams(max_new_tokens=40),
+        kind=None, partial_rollout=True,
+    )  # fmt: skip
+    await worker.sync_weights(0)
+    requests = [Request(f"{i}", [1, 3 + i], 2, worker.params) for i in range(8)]
+    call = asyncio.ensure_future(worker._generate(requests))
+    for _ in range(4):
+        await asyncio.sleep(0)
+    await weights.publish(1, build_model(VOCAB, seed=1).state_dict())
+    ((_, buckets),) = store._versions[1][0]
+    buckets[0][0][0] ^= 1  # one flipped bit in the stored version
+    out = await asyncio.wait_for(call, timeout=60)  # the loop waits for version 2, not spinning on 1
+    assert {v for c in out for v in c.versions} == {0}
+    assert worker.stats["rejected_versions"] == 1 and worker.stats["mid_call_syncs"] == 0
+    assert engine.version == 0
