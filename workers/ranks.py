@@ -170,7 +170,7 @@ class Ranks:
 def blocks(policy: torch.nn.Module) -> list[torch.nn.Module]:
     """The repeated blocks FSDP shards one by one: transformers' `_no_split_modules` classes (decoder
     layers), found inside LoRA wrappers too; none for a model without them (one unit: the root)."""
-    names = set()
+    names: set[str] = set()
     for module in policy.modules():
         names.update(getattr(module, "_no_split_modules", None) or [])
     return [m for m in policy.modules() if type(m).__name__ in names]

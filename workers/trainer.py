@@ -404,7 +404,9 @@ class TrainerWorker:
         full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.ranks.rank == 0:
             save_file(
-                {k: v.contiguous() for k, v in full.items() if k not in tied}, path, metadata={"format": "pt"}
+                {k: v.contiguous() for k, v in full.items() if k not in tied},  # type: ignore[union-attr]
+                path,
+                metadata={"format": "pt"},
             )
 
     def _trainable(self) -> Any:

@@ -117,7 +117,9 @@ class Pipeline:
         done, pending = await asyncio.wait(calls, return_when=asyncio.FIRST_EXCEPTION)
         if pending:  # a rank failed: see whether it died (the others fail with it, or hang)
             await asyncio.wait(pending, timeout=grace_s)
-        errors = [c.exception() for c in calls if c.done() and not c.cancelled() and c.exception()]
+        errors: list[BaseException] = [
+            e for c in calls if c.done() and not c.cancelled() and (e := c.exception()) is not None
+        ]
         if not errors:
             return calls[0].result()
         for c in calls:
