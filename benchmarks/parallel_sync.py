@@ -26,7 +26,8 @@ copies alone, on a memory-bound 2-core machine, hold it near or below 1/2 of mem
 Settings take turns, one publication each per round, so the load of a shared machine falls on
 all alike; each row is the median of `--repeats` rounds after a warm-up round, and before them
 come enough publications to write every page of the object store once (first touches are page
-faults, not weight sync). The 1-minute load average before and after is reported. CPU only: the numbers are "2-core CPU, Ray object store", never GPU figures.
+faults, not weight sync). The 1-minute load average before and after is reported. CPU only:
+the numbers are "2-core CPU, Ray object store", never GPU figures.
 
     .venv/bin/python benchmarks/parallel_sync.py --json docs/bench-parallel-sync.json
     .venv/bin/python benchmarks/parallel_sync.py --quick
