@@ -153,7 +153,7 @@ def worker(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
 
 
 def step_record(step: int, lengths: list[int], gathered: list[Any], cost: CostModel) -> dict:
-    record: dict[str, Any] = {"step": step, "tokens": sum(lengths), "cost_model": cost.metrics()}
+    record: dict[str, Any] = {"step": step, "batch_tokens": sum(lengths), "cost_model": cost.metrics()}
     for policy in RUNS:
         ranks = [g[policy] for g in gathered]
         p = ranks[0]["plan"]
