@@ -153,7 +153,7 @@ def worker(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
 
 
 def step_record(step: int, lengths: list[int], gathered: list[Any], cost: CostModel) -> dict:
-    record: dict[str, Any] = {"step": step, "tokens": sum(lengths), "cost_model": cost.metrics()}
+    record: dict[str, Any] = {"step": step, "batch_tokens": sum(lengths), "cost_model": cost.metrics()}
     for policy in RUNS:
         ranks = [g[policy] for g in gathered]
         p = ranks[0]["plan"]
@@ -172,8 +172,6 @@ def step_record(step: int, lengths: list[int], gathered: list[Any], cost: CostMo
             "micro_batches": [len(rank) for rank in p],
             "rows": [sum(len(mb) for mb in rank) for rank in p],
             "padding_efficiency": real / padded,
-            # per rank, per micro-batch: rows, longest row, tokens, measured seconds (for refits)
-            "micro_batch_s": [[[len(ls), max(ls), sum(ls), t] for ls, t in r["timings"]] for r in ranks],
         }
     return record
 
@@ -283,6 +281,17 @@ def table(result: dict) -> str:
 SETTINGS = [(4096, "sdpa"), (1024, "sdpa"), (1024, "eager")]
 
 
+def rounded(value: Any) -> Any:
+    """Floats to 4 significant digits, throughout: timings on a shared machine carry no more."""
+    if isinstance(value, float):
+        return float(f"{value:.4g}")
+    if isinstance(value, dict):
+        return {k: rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [rounded(v) for v in value]
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="write the figures here")
@@ -299,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         print(table(runs[-1]) + "\n", flush=True)
     print(f"wall {sum(r['wall_s'] for r in runs):.0f} s", file=sys.stderr)
     if args.json:
-        args.json.write_text(json.dumps({"runs": runs}, indent=2))
+        args.json.write_text(json.dumps({"runs": rounded(runs)}, indent=1))
     return 0
 
 
