@@ -16,7 +16,7 @@ def cpus_needed(config: AsyncFlowConfig) -> float:
     """Logical CPUs the run's actors reserve (Ray must offer at least this many)."""
     d = config.dataplane
     return (
-        config.trainer.num_cpus
+        config.trainer.num_cpus * config.trainer.num_ranks
         + config.rollout.num_cpus * config.rollout.num_workers
         + config.reward.num_cpus * config.reward.num_workers
         + (config.reference.num_cpus if config.reference.enabled else 0)
