@@ -43,7 +43,8 @@ def run_example(overrides: list[str], steps: int, evals: int, out: Path) -> dict
     """One run of the sort example; its summary and per-step medians."""
     args = [
         sys.executable, "-m", "asyncflow.cli", "run", str(ROOT / "examples" / "sort.yaml"), "--quiet",
-        "--set", f"output_dir={out}", "--set", f"trainer.steps={steps}", "--set", f"task.eval_prompts={evals}",
+        "--set", f"output_dir={out}", "--set", f"trainer.steps={steps}",
+        "--set", f"task.eval_prompts={evals}",
         "--set", f"dataplane.name=bench-parallel-{time.monotonic_ns()}",
     ]  # fmt: skip
     for o in overrides:
@@ -83,7 +84,7 @@ def ranks_part(steps: int, evals: int) -> dict:
 
 
 def ranks_table(result: dict) -> str:
-    head = "| trainer | wall s | samples/s | step ms | train ms | wait ms | publish ms | imbalance | eval before -> after |"
+    head = "| trainer | wall s | samples/s | step ms | train ms | wait ms | publish ms | imbalance | eval |"
     rows = [head, "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for label, r in result.items():
         evals = "-" if r["eval_after"] is None else f"{r['eval_before']:.3f} -> {r['eval_after']:.3f}"
