@@ -55,9 +55,8 @@ def share(data: dict, rank: int, ranks: int) -> dict:
 def trainer(rank: int, ranks: int, config: TrainerConfig) -> TrainerWorker:
     torch.manual_seed(0)
     tok = build_tokenizer(list("0123456789"))
-    kind = TokenKind(
-        tok, ModelConfig(hidden_size=64, intermediate_size=64, num_layers=2, num_heads=2), RolloutConfig()
-    )
+    model = ModelConfig(hidden_size=64, intermediate_size=64, num_layers=2, num_heads=2)
+    kind = TokenKind(tok, model, RolloutConfig(), chunk_tokens=config.logprob_chunk_tokens)
     return TrainerWorker(
         kind.model(0), None, None, config, kind, n=N, staleness=0, reference=False,
         ranks=Ranks(rank, ranks, config.parallel),
@@ -123,20 +122,23 @@ def assert_same(one: dict, many: dict, *, atol: float) -> None:
 
 
 BASE = {"batch_prompts": GROUPS, "lr": 1e-3, "micro_batch_tokens": 64}
-CASES = [  # ranks, parallel, balance, loss aggregation, optimizer steps per batch
-    (2, "fsdp", "cost", "token-mean", 1),
-    (2, "ddp", "tokens", "seq-mean-token-sum", 1),
-    (2, "fsdp", "count", "seq-mean-token-mean", 2),
-    (4, "fsdp", "tokens", "token-mean", 1),
-    (4, "ddp", "cost", "token-mean", 2),
+MEMORY = {"gradient_checkpointing": True, "logprob_chunk_tokens": 16}  # the LM head called on its own
+CASES = [  # ranks, parallel, balance, loss aggregation, optimizer steps per batch, more
+    (2, "fsdp", "cost", "token-mean", 1, {}),
+    (2, "ddp", "tokens", "seq-mean-token-sum", 1, {}),
+    (2, "fsdp", "count", "seq-mean-token-mean", 2, {}),
+    (2, "fsdp", "cost", "token-mean", 1, MEMORY),
+    (4, "fsdp", "tokens", "token-mean", 1, {}),
+    (4, "ddp", "cost", "token-mean", 2, {}),
 ]
 
 
-@pytest.mark.parametrize(("ranks", "parallel", "balance", "agg", "minibatches"), CASES)
-def test_ranks_train_as_one(tmp_path, ranks, parallel, balance, agg, minibatches):
+@pytest.mark.parametrize(("ranks", "parallel", "balance", "agg", "minibatches", "more"), CASES)
+def test_ranks_train_as_one(tmp_path, ranks, parallel, balance, agg, minibatches, more):
     """Loss, gradient norm and gradients within float32 summation-order noise (rtol 1e-4, atol
     1e-6); parameters after two AdamW steps (lr 1e-3) within 1e-5."""
     config = {**BASE, "loss_agg": agg, "minibatches": minibatches, "parallel": parallel, "balance": balance}
+    config.update(more)
     one = spawn(1, config, tmp_path, steps=2)
     many = spawn(ranks, {**config, "num_ranks": ranks}, tmp_path, steps=2)
     assert_same(one, many, atol=1e-5)
