@@ -104,7 +104,13 @@ class WorkerGroupConfig(PodConfig):
 class RedisDeployConfig(Section):
     """The Redis StatefulSet holding the durable data store (rendered when dataplane.backend is redis)."""
 
-    image: str = Field("redis:7.4-alpine", min_length=1, description="Redis server image.")
+    image: str = Field(
+        "redis:7.4-alpine",
+        min_length=1,
+        description="Redis server image. A tag moves: pin it by digest in production, e.g. "
+        "`redis:7.4-alpine@sha256:...` (`docker buildx imagetools inspect redis:7.4-alpine` prints it); "
+        "run_as_user/run_as_group must match the image's `redis` user.",
+    )
     storage: str = Field("20Gi", pattern=QUANTITY, description="Size of its PersistentVolumeClaim (AOF).")
     storage_class: str | None = Field(None, description="StorageClass of the claim (None: the default).")
     appendfsync: Literal["always", "everysec"] = Field(

@@ -488,9 +488,36 @@ def test_bad_deploy_settings_are_refused_with_the_field():
 
 def test_the_dockerfile_builds_the_images_the_manifests_name():
     text = (ROOT / "deploy" / "docker" / "Dockerfile").read_text()
-    stages = [line.split()[-1] for line in text.splitlines() if line.startswith("FROM ") and " AS " in line]
-    assert {"cpu", "cuda"} <= set(stages)
+    stages = {}  # name -> its lines
+    for line in text.splitlines():
+        if line.startswith("FROM "):
+            stages[line.split()[-1]] = current = []
+        elif stages:
+            current.append(line)
+    assert {"builder", "deps-cpu", "deps-cuda", "cpu", "cuda"} <= set(stages)
     config = configs()["cluster"].deploy.k8s
+    for target in ("cpu", "cuda"):
+        deps = "\n".join(stages[f"deps-{target}"])
+        # Dependencies from pyproject.toml alone: a code change does not reinstall torch.
+        assert "COPY --chown=1000:100 pyproject.toml" in deps and "asyncflow asyncflow" not in deps
+        runtime = "\n".join(stages[target])
+        assert "--from=builder" in runtime and "--no-deps" in runtime
+        assert f"USER {config.run_as_user}:{config.run_as_group}" in runtime  # the pods' fixed UID
     readme = (ROOT / "deploy" / "README.md").read_text()
     for target, image in (("cpu", config.image), ("cuda", config.gpu_image)):
         assert f"--target {target}" in readme and image.rsplit(":", 1)[1] in readme
+
+
+def test_the_image_installs_what_pyproject_names(tmp_path):
+    script = ROOT / "deploy" / "docker" / "requirements.py"
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text(
+        '[project]\nname = "asyncflow"\ndependencies = ["torch==2.13.0"]\n'
+        '[project.optional-dependencies]\nredis = ["redis>=5"]\nall = ["asyncflow[redis]", "vllm"]\n'
+    )
+    out = subprocess.run(
+        [sys.executable, script, pyproject, "all"], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split() == ["torch==2.13.0", "vllm", "redis>=5"]
+    out = subprocess.run([sys.executable, script, pyproject, "nope"], capture_output=True, text=True)
+    assert out.returncode != 0 and "no extra 'nope'" in out.stderr
