@@ -220,7 +220,7 @@ class K8sConfig(Section):
     )
     ray_auth: Literal["token", "disabled"] = Field(
         "token",
-        description="Ray's token authentication (KubeRay authOptions; KubeRay >= 1.5.1, Ray >= 2.52): "
+        description="Ray's token authentication (KubeRay authOptions; KubeRay >= 1.6, Ray >= 2.52): "
         "every request to the dashboard, job server and GCS needs the token of the `<name>-ray-auth` "
         "Secret. `disabled` lets any pod that reaches the head run code on the cluster.",
     )
