@@ -268,6 +268,8 @@ class K8sConfig(Section):
         for d in dirs:
             if not d.startswith("/") or d.rstrip("/") in ("", "/dev/shm"):
                 raise ValueError(f"{d!r} must be an absolute path other than / and /dev/shm, e.g. '/tmp'")
+        if len(set(dirs)) != len(dirs):
+            raise ValueError(f"each directory may be listed once, got {dirs}")
         return dirs
 
     @field_validator("worker_groups")

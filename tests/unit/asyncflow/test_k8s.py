@@ -482,6 +482,8 @@ def test_bad_deploy_settings_are_refused_with_the_field():
         parse_config({"deploy": {"k8s": {"worker_groups": [{"name": "GPU_pool"}]}}})
     with pytest.raises(ConfigError, match="deploy.k8s.writable_dirs.*absolute"):
         parse_config({"deploy": {"k8s": {"writable_dirs": ["tmp"]}}})
+    with pytest.raises(ConfigError, match="listed once"):
+        parse_config({"deploy": {"k8s": {"writable_dirs": ["/tmp", "/tmp"]}}})
     with pytest.raises(ConfigError, match="keep one of them"):
         parse_config({"dataplane": {"redis": {"url": "redis://:pw@h:6379/0", "password_env": "PW"}}})
 
