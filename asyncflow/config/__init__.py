@@ -144,17 +144,7 @@ class AsyncFlowConfig(Section):
                 f"trainer.kl_coef = {self.trainer.kl_coef} needs reference log-probs; "
                 "set reference.enabled: true, or trainer.kl_coef: 0"
             )
-        t = self.trainer
-        if t.num_ranks > t.batch_prompts:
-            raise ValueError(
-                f"trainer.num_ranks = {t.num_ranks} ranks for trainer.batch_prompts = {t.batch_prompts} "
-                "groups: each rank reads whole groups from the store; raise batch_prompts or lower num_ranks"
-            )
-        if t.num_ranks > 1 and t.parallel == "fsdp" and isinstance(t.trainable, Lora):
-            raise ValueError(
-                "trainer.trainable = {lora: ...} with trainer.parallel = 'fsdp': publishing merges each "
-                "adapter into its whole base weight, which FSDP holds in shards; set trainer.parallel: ddp"
-            )
+        self._ranks_consistent()
         batch_rows = self.trainer.batch_prompts * self.rollout.n
         if self.dataplane.capacity_rows < batch_rows:
             raise ValueError(
@@ -183,6 +173,19 @@ class AsyncFlowConfig(Section):
                 f"trainer.minibatches = {self.trainer.minibatches}; make it a multiple"
             )
         return self
+
+    def _ranks_consistent(self) -> None:
+        t = self.trainer
+        if t.num_ranks > t.batch_prompts:
+            raise ValueError(
+                f"trainer.num_ranks = {t.num_ranks} ranks for trainer.batch_prompts = {t.batch_prompts} "
+                "groups: each rank reads whole groups from the store; raise batch_prompts or lower num_ranks"
+            )
+        if t.num_ranks > 1 and t.parallel == "fsdp" and isinstance(t.trainable, Lora):
+            raise ValueError(
+                "trainer.trainable = {lora: ...} with trainer.parallel = 'fsdp': publishing merges each "
+                "adapter into its whole base weight, which FSDP holds in shards; set trainer.parallel: ddp"
+            )
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> AsyncFlowConfig:

@@ -36,34 +36,7 @@ def redis_objects(k8s: K8sConfig, name: str) -> list[dict]:
         "metadata": meta(k8s, name, "redis", "-redis"),
         "spec": {"clusterIP": "None", "selector": select, "ports": [{"name": "redis", "port": 6379}]},
     }
-    args = [f"{REDIS_CONF}/redis.conf", "--appendonly", "yes", "--appendfsync", r.appendfsync,
-            "--dir", "/data", "--save", ""]  # fmt: skip
-    # redis-cli reads the password from REDISCLI_AUTH: not on its command line either.
-    ping = "redis-cli ping | grep -q PONG"
-    alive = "redis-cli ping | grep -qE 'PONG|LOADING'"  # replaying a long AOF is not dead
-    container = {
-        "name": "redis",
-        "image": r.image,
-        "imagePullPolicy": k8s.image_pull_policy,
-        "command": ["redis-server"],
-        "args": args,
-        "env": [password_env(name, "REDISCLI_AUTH")],
-        "ports": [{"name": "redis", "containerPort": 6379}],
-        "resources": resources(r.cpu, r.memory, 0),
-        "readinessProbe": {"exec": {"command": ["sh", "-c", ping]}, "periodSeconds": 5},
-        "livenessProbe": {
-            "exec": {"command": ["sh", "-c", alive]},
-            "initialDelaySeconds": 30,
-            "periodSeconds": 10,
-            "timeoutSeconds": 5,
-            "failureThreshold": 6,
-        },
-        "securityContext": container_security(),
-        "volumeMounts": [
-            {"name": "data", "mountPath": "/data"},
-            {"name": "config", "mountPath": REDIS_CONF, "readOnly": True},
-        ],
-    }
+    container = _redis_container(k8s, name)
     config = {
         "secretName": full,
         "items": [{"key": "redis.conf", "path": "redis.conf"}],
@@ -102,3 +75,37 @@ def redis_objects(k8s: K8sConfig, name: str) -> list[dict]:
         "spec": {"maxUnavailable": 0, "selector": {"matchLabels": select}},
     }
     return [service, statefulset, budget]
+
+
+def _redis_container(k8s: K8sConfig, name: str) -> dict:
+    """The redis-server container: AOF on /data, the password from the mounted config file."""
+    r = k8s.redis
+    args = [f"{REDIS_CONF}/redis.conf", "--appendonly", "yes", "--appendfsync", r.appendfsync,
+            "--dir", "/data", "--save", ""]  # fmt: skip
+    # redis-cli reads the password from REDISCLI_AUTH: not on its command line either.
+    ping = "redis-cli ping | grep -q PONG"
+    alive = "redis-cli ping | grep -qE 'PONG|LOADING'"  # replaying a long AOF is not dead
+    container = {
+        "name": "redis",
+        "image": r.image,
+        "imagePullPolicy": k8s.image_pull_policy,
+        "command": ["redis-server"],
+        "args": args,
+        "env": [password_env(name, "REDISCLI_AUTH")],
+        "ports": [{"name": "redis", "containerPort": 6379}],
+        "resources": resources(r.cpu, r.memory, 0),
+        "readinessProbe": {"exec": {"command": ["sh", "-c", ping]}, "periodSeconds": 5},
+        "livenessProbe": {
+            "exec": {"command": ["sh", "-c", alive]},
+            "initialDelaySeconds": 30,
+            "periodSeconds": 10,
+            "timeoutSeconds": 5,
+            "failureThreshold": 6,
+        },
+        "securityContext": container_security(),
+        "volumeMounts": [
+            {"name": "data", "mountPath": "/data"},
+            {"name": "config", "mountPath": REDIS_CONF, "readOnly": True},
+        ],
+    }
+    return container
