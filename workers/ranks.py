@@ -130,7 +130,7 @@ class Ranks:
         if self.parallel == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
-            return DistributedDataParallel(root, broadcast_buffers=False)  # buffers: constants (rotary)
+            return DistributedDataParallel(root, forward_sync_buffers=False)  # buffers: constants (rotary)
         from torch.distributed.fsdp import fully_shard
 
         for block in blocks(policy):

@@ -20,6 +20,7 @@ optimizer state are sharded (FSDP2) or replicated (DDP); each rank publishes wha
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import time
 from collections.abc import Sequence
@@ -335,6 +336,11 @@ class TrainerWorker:
         return loss, part
 
     def close(self) -> None:
+        """Leave the ranks' group: DDP's reducer goes first (destroying the group under a live one
+        can hang gloo's shutdown)."""
+        if self.ranks.many:
+            self.net = Scored(self.kind, self.model)
+            gc.collect()
         self.ranks.leave()
 
     # ------------------------------------------------------------------ checkpoints

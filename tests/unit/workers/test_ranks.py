@@ -94,7 +94,7 @@ def run_rank(rank: int, ranks: int, port: int, config: dict, out: str, steps: in
     state = optimizer_state(worker) if worker.optimizer.state else {}
     if rank == 0:
         torch.save({"metrics": metrics, "params": params, "grads": grads, "optimizer": state}, out)
-    worker.ranks.leave()
+    worker.close()
 
 
 def spawn(ranks: int, config: dict, tmp: Path, *, steps: int = 1, load: str | None = None,
