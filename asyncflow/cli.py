@@ -136,7 +136,8 @@ def _render_k8s(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.set)
     password = Path(args.redis_password_file).read_text().strip() if args.redis_password_file else None
-    files = k8s.render(config, redis_password=password)
+    token = Path(args.ray_token_file).read_text().strip() if args.ray_token_file else None
+    files = k8s.render(config, redis_password=password, ray_token=token)
     if args.no_secret:
         files.pop("secret.yaml", None)
     if args.output is None:  # one stream for `kubectl apply -f -`: the chosen Ray variant only
@@ -144,12 +145,8 @@ def _render_k8s(args: argparse.Namespace) -> int:
         print("---\n".join(k8s.dump(docs) for name, docs in files.items() if name != other), end="")
         return 0
     out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, docs in files.items():
-        (out / name).write_text(
-            f"# Rendered by `asyncflow render-k8s {args.config}`: edit the config, not this.\n"
-            + k8s.dump(docs)
-        )
+    header = f"# Rendered by `asyncflow render-k8s {args.config}`: edit the config, not this.\n"
+    k8s.write(files, out, header)  # secret.yaml: readable by its owner only
     print(
         f"# wrote {', '.join(files)} to {out}/ (apply rayjob.yaml or raycluster.yaml, not both)",
         file=sys.stderr,
@@ -230,7 +227,10 @@ def _cluster_commands(sub: Any) -> None:
         "--redis-password-file", metavar="FILE", help="the Redis password (default: a random one)"
     )
     render.add_argument(
-        "--no-secret", action="store_true", help="leave the Secret out (create it with kubectl)"
+        "--ray-token-file", metavar="FILE", help="the Ray cluster's auth token (default: a random one)"
+    )
+    render.add_argument(
+        "--no-secret", action="store_true", help="leave the Secrets out (create them with kubectl)"
     )
     render.set_defaults(func=_render_k8s)
 

@@ -440,6 +440,30 @@ def test_checked_in_manifests_are_the_render_of_the_example(tmp_path):
     assert fresh == shipped, "deploy/k8s/ is stale: run the command in this test's docstring"
 
 
+def test_written_secrets_are_private_and_carry_the_given_token(tmp_path):
+    token = tmp_path / "token"
+    token.write_text("t0ken-from-the-head\n")
+    args = [
+        "render-k8s",
+        "examples/cluster.yaml",
+        "-o",
+        str(tmp_path / "out"),
+        "--ray-token-file",
+        str(token),
+    ]
+    out = subprocess.run(
+        [sys.executable, "-m", "asyncflow.cli", *args], cwd=ROOT, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    secret = tmp_path / "out" / "secret.yaml"
+    assert secret.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "out" / "rayjob.yaml").stat().st_mode & 0o077 == 0o044  # the rest: world-readable
+    assert "t0ken-from-the-head" in secret.read_text()
+    assert not any(
+        "t0ken-from-the-head" in p.read_text() for p in (tmp_path / "out").glob("*.yaml") if p != secret
+    )
+
+
 def test_stdout_holds_one_ray_variant(tmp_path):
     password = tmp_path / "password"
     password.write_text("s3cret\n")
