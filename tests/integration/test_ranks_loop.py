@@ -5,14 +5,12 @@ last checkpoint without training a sample twice."""
 
 from __future__ import annotations
 
-import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from asyncflow.rundir import RunDir
-from tests.integration.test_rl_loop import _config, assert_exactly_once
+from tests.integration.test_rl_loop import _config, assert_exactly_once, train_in_thread, wait_for_checkpoint
 
 pytestmark = pytest.mark.integration
 
@@ -39,25 +37,12 @@ def test_two_ranks_train_on_policy_in_sync_mode(ray_session, tmp_path, parallel)
 def test_a_killed_rank_restarts_the_run_from_its_checkpoint(ray_session, tmp_path):
     import ray
 
-    from asyncflow.recipes.grpo import train
-
     config = _config(
         tmp_path, "trainer.steps=10", "task.eval_prompts=0", "trainer.num_ranks=2",
         "trainer.checkpoint_every=3", "trainer.num_cpus=0.5",
     )  # fmt: skip
-    result: dict = {}
-
-    def run() -> None:
-        try:
-            result.update(train(config, display=False))
-        except BaseException as e:  # handed to the test thread
-            result["error"] = e
-
-    runner = threading.Thread(target=run)
-    runner.start()
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and not list(Path(tmp_path).glob("*/checkpoints/step_0000003")):
-        time.sleep(0.1)
+    runner, result = train_in_thread(config)
+    wait_for_checkpoint(tmp_path, 3)
     time.sleep(1.0)  # into a later step
     ray.kill(ray.get_actor(f"{config.dataplane.name}.trainer1", namespace="asyncflow"))
     runner.join(timeout=300)

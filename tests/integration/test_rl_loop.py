@@ -31,6 +31,28 @@ def _config(tmp_path, *overrides: str):
     return load_config(EXAMPLE, [f"output_dir={tmp_path}", f"dataplane.name={name}", *overrides])
 
 
+def train_in_thread(config) -> tuple[threading.Thread, dict]:
+    """`train(config)` started in a thread; its summary, or the error it raised ("error"), lands in
+    the dict."""
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result.update(train(config, display=False))
+        except BaseException as e:  # handed to the test thread
+            result["error"] = e
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    return runner, result
+
+
+def wait_for_checkpoint(output_dir, step: int, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not list(Path(output_dir).glob(f"*/checkpoints/step_{step:07d}")):
+        time.sleep(0.1)
+
+
 def assert_exactly_once(summary: dict, n: int = 8) -> list[tuple[int, int]]:
     trained = RunDir(summary["run_dir"]).trained()
     assert len(trained) == len(set(trained)), "a sample was trained twice"
@@ -244,19 +266,8 @@ def test_a_dead_trainer_is_named_with_how_to_resume(ray_session, tmp_path):
         tmp_path, "trainer.steps=100000", "task.eval_prompts=0", "trainer.checkpoint_every=5",
         "trainer.max_restarts=0",
     )  # fmt: skip
-    result: dict = {}
-
-    def run() -> None:
-        try:
-            result.update(train(config, display=False))
-        except BaseException as e:  # handed to the test thread
-            result["error"] = e
-
-    runner = threading.Thread(target=run)
-    runner.start()
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not list(Path(tmp_path).glob("*/checkpoints/step_0000005")):
-        time.sleep(0.1)
+    runner, result = train_in_thread(config)
+    wait_for_checkpoint(tmp_path, 5)
     ray.kill(ray.get_actor(f"{config.dataplane.name}.trainer0", namespace="asyncflow"))
     runner.join(timeout=120)
     error = result.get("error")
