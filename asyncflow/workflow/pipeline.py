@@ -143,26 +143,51 @@ class Pipeline:
         """Workers that run a loop of their own in async mode."""
         return [*self.rollouts, *self.rewards, *self.references]
 
-    async def ready(self, ranks_timeout_s: float = 300.0) -> None:
+    async def ready(self) -> None:
         """Wait until every worker actor is built and connected (they start in parallel), and the
-        trainer ranks have joined their group."""
+        trainer ranks have joined their group. Actors the cluster has no room for fail the run after
+        start_timeout_s, named with the resources they asked for."""
+        timeout_s = self.config.start_timeout_s
         if self.ranks_group is not None:
             t = self.config.trainer
-            done, _ = await asyncio.wait(
-                [asyncio.ensure_future(self.ranks_group.ready())], timeout=ranks_timeout_s
-            )
+            done, _ = await asyncio.wait([asyncio.ensure_future(self.ranks_group.ready())], timeout=timeout_s)
             if not done:
                 raise ConfigError(
                     f"trainer.num_ranks = {t.num_ranks} ranks of {t.num_cpus} CPUs each found no room in the "
-                    f"cluster within {ranks_timeout_s:.0f} s; add nodes, or lower trainer.num_ranks or "
-                    "trainer.num_cpus"
+                    f"cluster within {timeout_s:.0f} s (start_timeout_s; {free_cpus()}); add nodes, or lower "
+                    "trainer.num_ranks or trainer.num_cpus"
                 )
-        await self._ask(*(a.start.remote() for a in [self.source, *self.trainers, *self.streamers]))
+        actors = [self.source, *self.trainers, *self.streamers]
+        starts = {asyncio.ensure_future(self._ask(a.start.remote())): a for a in actors}
+        done, pending = await asyncio.wait(starts, timeout=timeout_s, return_when=asyncio.FIRST_EXCEPTION)
+        for task in pending:
+            task.cancel()
+        for task in done:
+            task.result()  # a worker that failed to start: its own error
+        if pending:
+            raise ConfigError(self._not_started([starts[t] for t in pending], timeout_s))
         if len(self.trainers) > 1:
             address = await self._ask(self.trainer.address.remote())
             await self._ask(*(t.join.remote(address) for t in self.trainers))
         if self.client is None:
             self.client = await self.store.async_client()
+
+    def _not_started(self, actors: list[Any], timeout_s: float) -> str:
+        """Which actors are still not started, the CPUs each asked for and what the cluster has free."""
+        c = self.config
+        cpus = {"the prompt source": 0.1, "the trainer": c.trainer.num_cpus,
+                "trainer rank": c.trainer.num_cpus, "rollout worker": c.rollout.num_cpus,
+                "reward worker": c.reward.num_cpus}  # fmt: skip
+        asks = []
+        for actor in actors:
+            role = self.role_of(actor._actor_id.hex())
+            asks.append(f"{role} ({cpus.get(role.rstrip('0123456789 '), 0)} CPUs)")
+        return (
+            f"{len(actors)} of the run's actors did not start within {timeout_s:.0f} s (start_timeout_s): "
+            f"{', '.join(asks)}; {free_cpus()}. The cluster has no room for them: add nodes (or let the "
+            "autoscaler), or lower trainer.num_cpus, rollout.num_workers / rollout.num_cpus, "
+            "reward.num_workers / reward.num_cpus; raise start_timeout_s if they are only slow to start"
+        )
 
     # ------------------------------------------------------------------ fresh start, resume
 
@@ -170,12 +195,20 @@ class Pipeline:
         """A new run: the samples partition, the warm-start, the reference's weights, version 0."""
         from workers.samples import PARTITION, consumers, schema
 
+        name = self.config.dataplane.name
         if PARTITION in (await self.client.store_stats())["partitions"]:  # a durable store outlives runs
-            raise ConfigError(
-                f"store {self.config.dataplane.name!r} already holds a {PARTITION!r} partition (another run "
-                "uses it, or one ended without cleaning up); set dataplane.name to a name of its own, or "
-                "continue that run with --resume"
-            )
+            if not self.run.owns_partition(name):
+                raise ConfigError(
+                    f"store {name!r} already holds a {PARTITION!r} partition (another run uses it, or one "
+                    "ended without cleaning up); set dataplane.name to a name of its own, or continue that "
+                    "run with --resume"
+                )
+            # An earlier attempt of this run (same run directory) died before its first checkpoint:
+            # nothing of it is kept, so its rows go and the run starts clean.
+            log.warning("store %r: dropping the %r partition a dead earlier attempt of this run left", name,
+                        PARTITION)  # fmt: skip
+            await self.client.drop_partition(PARTITION)
+        self.run.claim_partition(name)
         await self.client.create_partition(
             PARTITION, schema(self.config.policy), consumers=consumers(self.config.reference.enabled),
             stale_policy="regenerate",
@@ -443,6 +476,12 @@ class Pipeline:
 def _unwrapped(e: Any) -> Exception:
     """A worker's own AsyncFlowError out of Ray's task error; other errors (bugs) keep Ray's stack."""
     return e.cause if isinstance(e.cause, AsyncFlowError) else e
+
+
+def free_cpus() -> str:
+    """The cluster's free and total CPUs, as a message says them."""
+    free, total = ray.available_resources().get("CPU", 0.0), ray.cluster_resources().get("CPU", 0.0)
+    return f"the cluster has {free:g} of its {total:g} CPUs free"
 
 
 def split(total: int, parts: int) -> list[int]:
