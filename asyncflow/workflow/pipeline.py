@@ -31,6 +31,7 @@ from asyncflow.workflow.hosts import (
     SourceHost,
     TrainerHost,
 )
+from asyncflow.workflow.runtime import free_cpus, not_started
 
 log = logging.getLogger("asyncflow")
 
@@ -165,29 +166,13 @@ class Pipeline:
         for task in done:
             task.result()  # a worker that failed to start: its own error
         if pending:
-            raise ConfigError(self._not_started([starts[t] for t in pending], timeout_s))
+            roles = [self.role_of(starts[t]._actor_id.hex()) for t in pending]
+            raise ConfigError(not_started(self.config, roles, timeout_s))
         if len(self.trainers) > 1:
             address = await self._ask(self.trainer.address.remote())
             await self._ask(*(t.join.remote(address) for t in self.trainers))
         if self.client is None:
             self.client = await self.store.async_client()
-
-    def _not_started(self, actors: list[Any], timeout_s: float) -> str:
-        """Which actors are still not started, the CPUs each asked for and what the cluster has free."""
-        c = self.config
-        cpus = {"the prompt source": 0.1, "the trainer": c.trainer.num_cpus,
-                "trainer rank": c.trainer.num_cpus, "rollout worker": c.rollout.num_cpus,
-                "reward worker": c.reward.num_cpus}  # fmt: skip
-        asks = []
-        for actor in actors:
-            role = self.role_of(actor._actor_id.hex())
-            asks.append(f"{role} ({cpus.get(role.rstrip('0123456789 '), 0)} CPUs)")
-        return (
-            f"{len(actors)} of the run's actors did not start within {timeout_s:.0f} s (start_timeout_s): "
-            f"{', '.join(asks)}; {free_cpus()}. The cluster has no room for them: add nodes (or let the "
-            "autoscaler), or lower trainer.num_cpus, rollout.num_workers / rollout.num_cpus, "
-            "reward.num_workers / reward.num_cpus; raise start_timeout_s if they are only slow to start"
-        )
 
     # ------------------------------------------------------------------ fresh start, resume
 
@@ -205,8 +190,7 @@ class Pipeline:
                 )
             # An earlier attempt of this run (same run directory) died before its first checkpoint:
             # nothing of it is kept, so its rows go and the run starts clean.
-            log.warning("store %r: dropping the %r partition a dead earlier attempt of this run left", name,
-                        PARTITION)  # fmt: skip
+            log.warning("store %r: dropping the partition a dead attempt of this run left", name)
             await self.client.drop_partition(PARTITION)
         self.run.claim_partition(name)
         await self.client.create_partition(
@@ -476,12 +460,6 @@ class Pipeline:
 def _unwrapped(e: Any) -> Exception:
     """A worker's own AsyncFlowError out of Ray's task error; other errors (bugs) keep Ray's stack."""
     return e.cause if isinstance(e.cause, AsyncFlowError) else e
-
-
-def free_cpus() -> str:
-    """The cluster's free and total CPUs, as a message says them."""
-    free, total = ray.available_resources().get("CPU", 0.0), ray.cluster_resources().get("CPU", 0.0)
-    return f"the cluster has {free:g} of its {total:g} CPUs free"
 
 
 def split(total: int, parts: int) -> list[int]:

@@ -1,5 +1,5 @@
 """The Ray runtime a run needs: join the cluster named by RAY_ADDRESS, or start Ray here
-with enough logical CPUs for the run's actors."""
+with enough logical CPUs for the run's actors; what to say when the cluster has no room."""
 
 from __future__ import annotations
 
@@ -51,3 +51,24 @@ def init_ray(config: AsyncFlowConfig) -> None:
     # anything else on a shared machine starves them.
     os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+
+
+def free_cpus() -> str:
+    """The cluster's free and total CPUs, as a message says them."""
+    free, total = ray.available_resources().get("CPU", 0.0), ray.cluster_resources().get("CPU", 0.0)
+    return f"the cluster has {free:g} of its {total:g} CPUs free"
+
+
+def not_started(config: AsyncFlowConfig, roles: list[str], timeout_s: float) -> str:
+    """Why the run fails when actors (`roles`: "the trainer", "rollout worker 1", ...) did not start:
+    each with the CPUs it asked for, and what the cluster has free."""
+    cpus = {"the prompt source": 0.1, "the trainer": config.trainer.num_cpus,
+            "trainer rank": config.trainer.num_cpus, "rollout worker": config.rollout.num_cpus,
+            "reward worker": config.reward.num_cpus}  # fmt: skip
+    asks = ", ".join(f"{role} ({cpus.get(role.rstrip('0123456789 '), 0):g} CPUs)" for role in roles)
+    return (
+        f"{len(roles)} of the run's actors did not start within {timeout_s:.0f} s (start_timeout_s): "
+        f"{asks}; {free_cpus()}. The cluster has no room for them: add nodes (or let the autoscaler), "
+        "or lower trainer.num_cpus, rollout.num_workers / rollout.num_cpus, reward.num_workers / "
+        "reward.num_cpus; raise start_timeout_s if they are only slow to start"
+    )

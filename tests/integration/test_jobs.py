@@ -125,7 +125,7 @@ def test_submit_runs_the_example_as_a_job_and_its_metrics_are_read(head, tmp_pat
     done = head.cli("jobs", "status", job_id, "--address", head.url, "--wait", "300", timeout=330)
     state = yaml.safe_load(done.stdout)
     assert state["status"] == "SUCCEEDED" and state["metadata"]["asyncflow_name"] == name, state
-    assert state["entrypoint"].startswith("asyncflow run examples/sort.yaml --set output_dir=")
+    assert state["entrypoint"].startswith("python -m asyncflow.cli run examples/sort.yaml --set output_dir=")
     logs = head.cli("jobs", "logs", job_id, "--address", head.url).stdout
     assert (
         head.cli("jobs", "logs", job_id, "--address", head.url, "--follow").stdout == logs
