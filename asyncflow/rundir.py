@@ -178,6 +178,13 @@ class RunDir:
     def write_summary(self, summary: dict) -> None:
         (self.path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
+    def summary(self) -> dict | None:
+        """The summary of the run's last attempt that ended (None if none did)."""
+        try:
+            return json.loads((self.path / "summary.json").read_text())
+        except (OSError, ValueError):
+            return None
+
 
 MANIFEST = "manifest.json"
 OWNER = "partition.json"  # the store whose samples partition this run created

@@ -202,6 +202,10 @@ def train(
         run, again = RunDir.create(config), False
     view = RunView(config.trainer.steps, config.run_name, enabled=display)
     if again and not resume:
+        done = run.summary()
+        if done and "stopped_at_step" not in done and done["steps"] >= config.trainer.steps:
+            view.note(f"{run.path}: this run has finished ({done['steps']} steps); nothing to do")
+            return done  # a job applied again after it succeeded
         view.note(f"{run.path}: an earlier attempt of this run; continuing it")
     runner = Run(config, run, view)
     try:
