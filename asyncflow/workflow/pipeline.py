@@ -31,7 +31,7 @@ from asyncflow.workflow.hosts import (
     SourceHost,
     TrainerHost,
 )
-from asyncflow.workflow.runtime import free_cpus, not_started
+from asyncflow.workflow.runtime import free_cpus, not_started, placed
 
 log = logging.getLogger("asyncflow")
 
@@ -145,29 +145,29 @@ class Pipeline:
         return [*self.rollouts, *self.rewards, *self.references]
 
     async def ready(self) -> None:
-        """Wait until every worker actor is built and connected (they start in parallel), and the
-        trainer ranks have joined their group. Actors the cluster has no room for fail the run after
-        start_timeout_s, named with the resources they asked for."""
+        """Wait until every worker actor is built and connected (they start in parallel) and the
+        trainer ranks have joined their group; or fail after start_timeout_s, naming the laggards."""
         timeout_s = self.config.start_timeout_s
         if self.ranks_group is not None:
             t = self.config.trainer
             done, _ = await asyncio.wait([asyncio.ensure_future(self.ranks_group.ready())], timeout=timeout_s)
             if not done:
                 raise ConfigError(
-                    f"trainer.num_ranks = {t.num_ranks} ranks of {t.num_cpus} CPUs each found no room in the "
-                    f"cluster within {timeout_s:.0f} s (start_timeout_s; {free_cpus()}); add nodes, or lower "
-                    "trainer.num_ranks or trainer.num_cpus"
+                    f"trainer.num_ranks = {t.num_ranks} ranks of {t.num_cpus} CPUs each found no room within "
+                    f"{timeout_s:.0f} s (start_timeout_s; {free_cpus()}); add nodes, or lower them"
                 )
         actors = [self.source, *self.trainers, *self.streamers]
         starts = {asyncio.ensure_future(self._ask(a.start.remote())): a for a in actors}
         done, pending = await asyncio.wait(starts, timeout=timeout_s, return_when=asyncio.FIRST_EXCEPTION)
-        for task in pending:
-            task.cancel()
-        for task in done:
-            task.result()  # a worker that failed to start: its own error
+        for task in [*pending, *done]:
+            task.cancel() if task in pending else task.result()  # failed to start: its own error
         if pending:
-            roles = [self.role_of(starts[t]._actor_id.hex()) for t in pending]
-            raise ConfigError(not_started(self.config, roles, timeout_s))
+            late = {self.role_of(starts[t]._actor_id.hex()): starts[t] for t in pending}
+            unplaced = [role for role, actor in late.items() if not placed(actor)]
+            for role in unplaced:  # so that the shutdown does not wait for their close()
+                ray.kill(late[role])
+            starting = [role for role in late if role not in unplaced]
+            raise ConfigError(not_started(self.config, unplaced, starting, timeout_s))
         if len(self.trainers) > 1:
             address = await self._ask(self.trainer.address.remote())
             await self._ask(*(t.join.remote(address) for t in self.trainers))
@@ -188,8 +188,7 @@ class Pipeline:
                     "ended without cleaning up); set dataplane.name to a name of its own, or continue that "
                     "run with --resume"
                 )
-            # An earlier attempt of this run (same run directory) died before its first checkpoint:
-            # nothing of it is kept, so its rows go and the run starts clean.
+            # a dead attempt of this run (its run directory) left it, before any checkpoint: start clean
             log.warning("store %r: dropping the partition a dead attempt of this run left", name)
             await self.client.drop_partition(PARTITION)
         self.run.claim_partition(name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Any
 
 import ray
 
@@ -59,16 +60,36 @@ def free_cpus() -> str:
     return f"the cluster has {free:g} of its {total:g} CPUs free"
 
 
-def not_started(config: AsyncFlowConfig, roles: list[str], timeout_s: float) -> str:
-    """Why the run fails when actors (`roles`: "the trainer", "rollout worker 1", ...) did not start:
-    each with the CPUs it asked for, and what the cluster has free."""
+def placed(actor: Any) -> bool:
+    """Whether Ray has placed the actor on a node (False: it still waits for resources). Read from
+    Ray's actor table (what RuntimeContext.was_current_actor_reconstructed reads too): it needs no
+    dashboard, unlike ray.util.state. Unknown counts as placed."""
+    try:
+        from ray._private.state import actors
+
+        info = actors(actor_id=actor._actor_id.hex())
+    except Exception:  # an internal API: if it changes, the message only gets less precise
+        return True
+    return not info or info.get("State") not in ("PENDING_CREATION", "DEPENDENCIES_UNREADY")
+
+
+def not_started(config: AsyncFlowConfig, unplaced: list[str], starting: list[str], timeout_s: float) -> str:
+    """Why the run fails when actors did not start within timeout_s: those Ray could not place
+    (roles: "the trainer", "rollout worker 1", ...) with the CPUs each asked for and what the
+    cluster has free, and those placed but still starting."""
     cpus = {"the prompt source": 0.1, "the trainer": config.trainer.num_cpus,
             "trainer rank": config.trainer.num_cpus, "rollout worker": config.rollout.num_cpus,
             "reward worker": config.reward.num_cpus}  # fmt: skip
-    asks = ", ".join(f"{role} ({cpus.get(role.rstrip('0123456789 '), 0):g} CPUs)" for role in roles)
+    asks = ", ".join(f"{role} ({cpus.get(role.rstrip('0123456789 '), 0):g} CPUs)" for role in unplaced)
+    slow = f"still starting: {', '.join(starting)}" if starting else ""
+    if not unplaced:
+        return (
+            f"the run's actors did not start within {timeout_s:.0f} s (start_timeout_s), though Ray placed "
+            f"them: {slow}. Raise start_timeout_s if they are only slow (a large model loading), or "
+            "look at their logs"
+        )
     return (
-        f"{len(roles)} of the run's actors did not start within {timeout_s:.0f} s (start_timeout_s): "
-        f"{asks}; {free_cpus()}. The cluster has no room for them: add nodes (or let the autoscaler), "
-        "or lower trainer.num_cpus, rollout.num_workers / rollout.num_cpus, reward.num_workers / "
-        "reward.num_cpus; raise start_timeout_s if they are only slow to start"
+        f"the cluster found no room within {timeout_s:.0f} s (start_timeout_s) for {asks}; {free_cpus()}"
+        f"{'; ' + slow if slow else ''}. Add nodes (or let the autoscaler), or lower trainer.num_cpus, "
+        "rollout.num_workers / rollout.num_cpus, reward.num_workers / reward.num_cpus"
     )

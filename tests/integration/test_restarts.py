@@ -100,10 +100,10 @@ def test_actors_the_cluster_has_no_room_for_fail_the_run_by_name(ray_session, tm
     config = load_config(
         EXAMPLE,
         [f"output_dir={tmp_path}", f"dataplane.name=room-{uuid.uuid4().hex[:6]}", "rollout.num_cpus=64",
-         "start_timeout_s=3", "task.eval_prompts=0"],
+         "start_timeout_s=20", "task.eval_prompts=0"],
     )  # fmt: skip
     with pytest.raises(ConfigError) as failed:
         train(config, display=False)
     message = str(failed.value)
-    assert "did not start within 3 s (start_timeout_s): rollout worker 0 (64 CPUs)" in message, message
+    assert "no room within 20 s (start_timeout_s) for rollout worker 0 (64 CPUs);" in message, message
     assert "CPUs free" in message and "rollout.num_cpus" in message
