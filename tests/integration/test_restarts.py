@@ -108,3 +108,20 @@ def test_actors_the_cluster_has_no_room_for_fail_the_run_by_name(ray_session, tm
     message = str(failed.value)
     assert "no room within 20 s (start_timeout_s) for rollout worker 0 (64 CPUs);" in message, message
     assert "CPUs free" in message and "rollout.num_cpus" in message
+
+
+def test_sigterm_past_its_grace_period_exits_without_a_checkpoint_and_says_so(tmp_path):
+    args = [str(EXAMPLE), "--quiet"] + [
+        arg for s in (f"output_dir={tmp_path}", "trainer.steps=100000", "task.eval_prompts=0",
+                      "trainer.checkpoint_every=0", "sigterm_grace_s=0") for arg in ("--set", s)
+    ]  # fmt: skip
+    proc = _start(args)
+    _wait_for(proc, lambda: any(_steps(p) >= 1 for p in tmp_path.iterdir()))
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    assert "Traceback" not in err
+    (run_dir,) = tmp_path.iterdir()
+    assert "stopped by SIGTERM without a final checkpoint (none within sigterm_grace_s = 0 s)" in err, err
+    assert f"from the start (no checkpoint yet) with: asyncflow run --resume {run_dir}" in err
+    assert RunDir(run_dir).latest_checkpoint() is None
