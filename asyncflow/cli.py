@@ -3,9 +3,11 @@
 asyncflow validate CONFIG [--set key=value ...]   check a run config, print it resolved
 asyncflow run CONFIG [--set key=value ...]        RL post-training (prints the run directory)
 asyncflow run --resume RUN_DIR                     continue a run from its last checkpoint
+asyncflow run CONFIG --resume-if-exists            stable run directory; continue it if it exists
 asyncflow export RUN_DIR OUT_DIR [--step N]        the trained policy as a Hugging Face directory
 asyncflow demo [--samples N]                       stream samples through the data store on Ray
 asyncflow submit CONFIG --address URL [--set ...]  run it as a job on a Ray cluster (prints the job id)
+                 [--resume RUN_DIR | --resume-if-exists]  ... continuing a run
 asyncflow jobs status|logs|stop JOB_ID             follow a submitted job
 asyncflow ctl VERB [VALUE] [--name NAME]           steer a live run: status, metrics, pause, resume,
                                                    set-staleness K, scale-rollout N, checkpoint, stop
@@ -21,7 +23,7 @@ from typing import Any
 import yaml
 
 from asyncflow.config import load_config
-from asyncflow.errors import AsyncFlowError, ConfigError
+from asyncflow.errors import AsyncFlowError, ConfigError, RunStopped
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -35,18 +37,27 @@ def _run(args: argparse.Namespace) -> int:
     from asyncflow.recipes.grpo import train
     from asyncflow.rundir import RunDir
 
+    if args.resume and args.resume_if_exists:
+        raise ConfigError("asyncflow run takes --resume RUN_DIR or CONFIG --resume-if-exists, not both")
     if args.resume:
         config = RunDir.open(args.resume).config(args.set)
     elif args.config:
-        config = load_config(args.config, args.set)
+        stable = ["run_dir_mode=stable"] if args.resume_if_exists else []
+        config = load_config(args.config, [*args.set, *stable])
     else:
         raise ConfigError("asyncflow run needs a CONFIG file or --resume RUN_DIR")
-    summary = train(config, resume=args.resume, display=not args.quiet)
+    summary = train(
+        config, resume=args.resume, resume_if_exists=args.resume_if_exists, display=not args.quiet
+    )
     print(yaml.safe_dump(summary, sort_keys=False), end="")
-    if summary.get("stopped_by") == "ctrl-c":
-        print(f"# stopped at step {summary['stopped_at_step']} with a checkpoint; continue with: "
-              f"asyncflow run --resume {summary['run_dir']}", file=sys.stderr)  # fmt: skip
-        return 130
+    by = summary.get("stopped_by")
+    if by in ("ctrl-c", "sigterm"):
+        again = f"asyncflow run {args.config} --resume-if-exists" if args.resume_if_exists else (
+            f"asyncflow run --resume {summary['run_dir']}")  # fmt: skip
+        signal = "SIGTERM" if by == "sigterm" else "Ctrl-C"
+        print(f"# {signal}: stopped at step {summary['stopped_at_step']} with a checkpoint; continue "
+              f"with: {again}", file=sys.stderr)  # fmt: skip
+        return 130 if by == "ctrl-c" else 143
     return 0
 
 
@@ -70,7 +81,7 @@ def _submit(args: argparse.Namespace) -> int:
 
     job_id = jobs.submit(
         args.config, args.set, address=args.address, working_dir=args.working_dir,
-        submission_id=args.submission_id,
+        submission_id=args.submission_id, resume=args.resume, resume_if_exists=args.resume_if_exists,
     )  # fmt: skip
     config = load_config(args.config, args.set)
     if not config.output_dir.startswith("/"):
@@ -167,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint"
     )
+    run.add_argument(
+        "--resume-if-exists",
+        action="store_true",
+        help="run_dir_mode: stable (the run directory is OUTPUT_DIR/RUN_NAME) and, if an earlier attempt "
+        "made it, continue from its last checkpoint: a command that can be run again after any stop",
+    )
     run.add_argument("--quiet", action="store_true", help="no live display, only the final summary")
     run.set_defaults(func=_run)
     export = sub.add_parser("export", help="a run's trained policy as a Hugging Face directory")
@@ -196,6 +213,16 @@ def _cluster_commands(sub: Any) -> None:
     submit.add_argument("--address", help=address_help)
     submit.add_argument("--working-dir", default=".", help="folder uploaded with the job (default: .)")
     submit.add_argument("--submission-id", help="the job id to use (default: one Ray makes up)")
+    again = submit.add_mutually_exclusive_group()
+    again.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue the run directory RUN_DIR (a path on the cluster)"
+    )
+    again.add_argument(
+        "--resume-if-exists",
+        action="store_true",
+        help="the job runs `asyncflow run CONFIG --resume-if-exists`: a stable run directory, continued "
+        "from its last checkpoint when the job is submitted again",
+    )
     submit.set_defaults(func=_submit)
     jobs = sub.add_parser("jobs", help="follow a submitted job: status, logs, stop")
     jobs.add_argument("action", choices=["status", "logs", "stop"])
@@ -239,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except RunStopped as e:  # SIGTERM, and no checkpoint within the grace period
+        print(f"asyncflow {args.command}: {e}", file=sys.stderr)
+        return 143
     except AsyncFlowError as e:
         cause = getattr(e, "cause", None)  # raised in a Ray worker: its own error, not Ray's stack
         print(

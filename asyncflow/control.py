@@ -153,10 +153,10 @@ class Steering:
     idle) through the pipeline. While paused it waits here, serving commands, until a
     `resume` or `stop`."""
 
-    def __init__(self, pipe: Any):  # asyncflow.workflow.Pipeline
+    def __init__(self, pipe: Any, step: int = 0):  # asyncflow.workflow.Pipeline; a resumed run's step
         self.pipe, self.config = pipe, pipe.config
         self.staleness = self.config.staleness
-        self.step = 0
+        self.step = step
         name = control_name(self.config.dataplane.name)
         try:
             ray.get_actor(name, namespace=NAMESPACE)

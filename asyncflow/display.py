@@ -18,7 +18,9 @@ from rich.table import Table
 class RunView:
     def __init__(self, total_steps: int, title: str, enabled: bool = True):
         self.total_steps, self.title, self.enabled = total_steps, title, enabled
-        self.console = Console(stderr=True)
+        # Not a terminal (a file, CI, `ray job logs`): rich would take 80 columns and wrap long lines
+        # mid-word; print each line whole instead.
+        self.console = Console(stderr=True, soft_wrap=not sys.stderr.isatty())
         self.live = Live(console=self.console, refresh_per_second=4, transient=False) if self._tty() else None
         self._last_line = 0.0
 

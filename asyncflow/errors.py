@@ -12,7 +12,8 @@
     │   └── AccessDenied       the store refused a client without its token
     ├── WorkerError            a worker (rollout, reward, trainer, ...) failed
     │   └── WeightMismatch     received weights differ from the published ones (a bucket's fingerprint)
-    └── ControlError           a live run cannot be found or refused a command (asyncflow.Client)
+    ├── ControlError           a live run cannot be found or refused a command (asyncflow.Client)
+    └── RunStopped             SIGTERM ended the run before it could take a final checkpoint
 
 The root and the store's errors are defined in `dataplane.errors` (the data store imports
 nothing from `asyncflow`) and re-exported here. Every message says what was given, what was
@@ -43,6 +44,7 @@ __all__ = [
     "DataPlaneError",
     "LeaseError",
     "RankDied",
+    "RunStopped",
     "SchemaError",
     "StorageUnavailable",
     "StoreTimeout",
@@ -68,3 +70,8 @@ class ControlError(AsyncFlowError, RuntimeError):
 class WeightMismatch(WorkerError):
     """A pulled version's bytes differ from what its publisher sent (a bucket's fingerprint or
     size); the message names the version, part, bucket, channel and both fingerprints."""
+
+
+class RunStopped(AsyncFlowError, RuntimeError):
+    """SIGTERM (job stop, eviction, node drain) ended the run before it reached a step boundary
+    within sigterm_grace_s: no final checkpoint; the message says where a resume continues from."""

@@ -2,6 +2,7 @@
 
 `submit` validates the config here (a typo fails before anything is sent), then asks the
 cluster's job server (the Ray dashboard, http://HOST:8265) to run `asyncflow run CONFIG`
+(as `python -m asyncflow.cli run CONFIG`)
 with the working directory (the project: its code, the config, custom tasks and rewards)
 and `deploy.ray`'s packages and variables carried by the job's runtime environment. In the
 job RAY_ADDRESS is set, so `asyncflow run` joins the cluster rather than starting a Ray of
@@ -12,6 +13,7 @@ RAY_API_SERVER_ADDRESS or RAY_ADDRESS, as with the `ray job` commands.
 
 from __future__ import annotations
 
+import math
 import shlex
 import time
 from collections.abc import Iterator
@@ -38,9 +40,17 @@ def job_client(address: str | None) -> Any:
         ) from None
 
 
-def entrypoint(config_path: str, overrides: list[str] | tuple[str, ...]) -> str:
+def entrypoint(
+    config_path: str, overrides: list[str] | tuple[str, ...], *, resume: str | None = None,
+    resume_if_exists: bool = False,
+) -> str:  # fmt: skip
+    """The job's command: `python -m asyncflow.cli run ...` (the `asyncflow` script may not be on
+    the PATH of the cluster's job driver; the Python that runs the job has the package)."""
     sets = [arg for item in overrides for arg in ("--set", item)]
-    return shlex.join(["asyncflow", "run", config_path, *sets])
+    if resume:
+        return shlex.join(["python", "-m", "asyncflow.cli", "run", "--resume", resume, *sets])
+    again = ["--resume-if-exists"] if resume_if_exists else []
+    return shlex.join(["python", "-m", "asyncflow.cli", "run", config_path, *again, *sets])
 
 
 def submit(
@@ -50,9 +60,14 @@ def submit(
     address: str | None = None,
     working_dir: str | Path = ".",
     submission_id: str | None = None,
+    resume: str | None = None,
+    resume_if_exists: bool = False,
 ) -> str:
-    """Submit `asyncflow run CONFIG` as a Ray job; returns its submission id."""
-    config = load_config(config_path, overrides)  # fails here, before anything is sent
+    """Submit `asyncflow run CONFIG` as a Ray job; returns its submission id. `resume`: continue the
+    run directory RESUME (a path on the cluster) instead; `resume_if_exists`: the job runs
+    `asyncflow run CONFIG --resume-if-exists` (stable run directory, continued when it exists)."""
+    stable = ["run_dir_mode=stable"] if resume_if_exists else []
+    config = load_config(config_path, [*overrides, *stable])  # fails here, before anything is sent
     root, path = Path(working_dir).resolve(), Path(config_path).resolve()
     if not path.is_relative_to(root):
         raise ConfigError(
@@ -63,10 +78,14 @@ def submit(
     env: dict[str, Any] = {"working_dir": str(root), "excludes": list(ray_env.excludes)}
     if ray_env.pip:
         env["pip"] = list(ray_env.pip)
-    if ray_env.env_vars:
-        env["env_vars"] = dict(ray_env.env_vars)
+    # `ray job stop` sends SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S (3 s by default):
+    # give the run its grace period to take a final checkpoint.
+    stop_wait = str(math.ceil(config.sigterm_grace_s) + 5)
+    env["env_vars"] = {"RAY_JOB_STOP_WAIT_TIME_S": stop_wait, **ray_env.env_vars}
     return job_client(address).submit_job(
-        entrypoint=entrypoint(path.relative_to(root).as_posix(), overrides),
+        entrypoint=entrypoint(
+            path.relative_to(root).as_posix(), overrides, resume=resume, resume_if_exists=resume_if_exists
+        ),
         runtime_env=env,
         submission_id=submission_id,
         entrypoint_num_cpus=ray_env.entrypoint_num_cpus or None,
@@ -123,6 +142,7 @@ def logs(job_id: str, address: str | None = None, follow: bool = False) -> Itera
 
 
 def stop(job_id: str, address: str | None = None) -> bool:
-    """Ask Ray to end the job (SIGTERM, then SIGKILL); True if it was running. The run can be
-    continued from its last checkpoint with --resume; `asyncflow ctl stop` checkpoints first."""
+    """Ask Ray to end the job (SIGTERM: the run checkpoints at its next step within
+    sigterm_grace_s, then SIGKILL); True if it was running. The run continues from its last
+    checkpoint with --resume (or --resume-if-exists)."""
     return bool(job_client(address).stop_job(job_id))

@@ -1,8 +1,9 @@
 """A run directory: the resolved config, metrics as JSONL, the trained-sample ledger,
 checkpoints and a final summary. Everything a resumed run needs is in here.
 
-    runs/<run_name>-<time>/
+    runs/<run_name>-<time>/  (run_dir_mode: timestamped; runs/<run_name>/ when stable)
       config.yaml            the resolved config (what `--resume` runs again)
+      partition.json         the store whose samples partition this run created
       metrics.jsonl          one line per step
       trained.jsonl          per step, the (prompt, sample) pairs trained: the exactly-once ledger
       checkpoints/step_N/    store/ (rows in flight), trainer/ (model, optimizer), state.json,
@@ -35,16 +36,42 @@ class RunDir:
 
     @classmethod
     def create(cls, config: AsyncFlowConfig) -> RunDir:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        path = Path(config.output_dir) / f"{config.run_name}-{stamp}"
-        suffix = 1
-        while path.exists():
-            path = Path(config.output_dir) / f"{config.run_name}-{stamp}-{suffix}"
-            suffix += 1
-        path.mkdir(parents=True)
+        """A new run directory: output_dir/<run_name>-<time> (run_dir_mode: timestamped), or
+        output_dir/<run_name> (stable; `for_config` reopens it when it exists)."""
+        out = Path(config.output_dir)
+        if config.run_dir_mode == "stable":
+            path = out / config.run_name
+            if (path / "config.yaml").exists():
+                raise ConfigError(
+                    f"run directory {str(path)!r} already exists: continue it with `asyncflow run "
+                    f"--resume {path}` (or --resume-if-exists), or give this run a run_name of its own"
+                )
+        else:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            path = out / f"{config.run_name}-{stamp}"
+            suffix = 1
+            while path.exists():
+                path = out / f"{config.run_name}-{stamp}-{suffix}"
+                suffix += 1
+        path.mkdir(parents=True, exist_ok=True)
         run = cls(path)
         run.config_path.write_text(yaml.safe_dump(config.public(), sort_keys=False))  # no secret on disk
         return run
+
+    @classmethod
+    def for_config(cls, config: AsyncFlowConfig) -> tuple[RunDir, bool]:
+        """The stable run directory of `config` (output_dir/<run_name>) and whether it existed: an
+        earlier attempt of the same run, to be continued from its last checkpoint."""
+        if config.run_dir_mode != "stable":
+            raise ConfigError(
+                "continuing a run by its config needs run_dir_mode: stable (a run directory named "
+                f"after run_name alone); {config.run_name!r} has run_dir_mode: {config.run_dir_mode}. "
+                "Set run_dir_mode=stable, or pass the run directory: asyncflow run --resume RUN_DIR"
+            )
+        path = Path(config.output_dir) / config.run_name
+        if (path / "config.yaml").exists():
+            return cls(path), True
+        return cls.create(config), False
 
     @classmethod
     def open(cls, path: str | Path) -> RunDir:
@@ -107,6 +134,20 @@ class RunDir:
                 on_skip(f"checkpoint {path.name} is not usable ({problem}); trying the one before")
         return None
 
+    # ------------------------------------------------------------------ the store's partition
+
+    def claim_partition(self, store: str) -> None:
+        """Record that this run creates its samples partition in the store named `store`, so that a
+        later attempt of the same run may drop what a dead attempt left there."""
+        (self.path / OWNER).write_text(json.dumps({"store": store}) + "\n")
+
+    def owns_partition(self, store: str) -> bool:
+        """Whether an earlier attempt of this run created the samples partition of store `store`."""
+        try:
+            return json.loads((self.path / OWNER).read_text()).get("store") == store
+        except (OSError, ValueError):
+            return False
+
     # ------------------------------------------------------------------ logs
 
     def log(self, metrics: dict[str, Any]) -> None:
@@ -137,8 +178,16 @@ class RunDir:
     def write_summary(self, summary: dict) -> None:
         (self.path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
+    def summary(self) -> dict | None:
+        """The summary of the run's last attempt that ended (None if none did)."""
+        try:
+            return json.loads((self.path / "summary.json").read_text())
+        except (OSError, ValueError):
+            return None
+
 
 MANIFEST = "manifest.json"
+OWNER = "partition.json"  # the store whose samples partition this run created
 
 
 def check_checkpoint(path: Path) -> str | None:

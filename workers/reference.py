@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from workers.samples import PARTITION, REFERENCE, idle, serve, take, work_through
+from workers.samples import REFERENCE, fill, idle, serve, take, work_through
 
 if TYPE_CHECKING:  # the seams' protocols and classes, for the type checker
     from dataplane.client import StoreClient
@@ -51,7 +51,7 @@ class ReferenceWorker:
         """Write the reference log-probs of a batch (the caller acks it)."""
         start = time.perf_counter()
         ref = self.kind.reference_logprobs(self.model, batch)
-        await self.store.put(PARTITION, {"ref_logprobs": ref}, rows=batch)
+        await fill(self.store, {"ref_logprobs": ref}, batch)
         self.stats["samples"] += len(batch)
         self.stats["busy_s"] += time.perf_counter() - start
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from workers.samples import PARTITION, REWARD, REWARD_FIELDS, idle, serve, take, work_through
+from workers.samples import REWARD, REWARD_FIELDS, fill, idle, serve, take, work_through
 
 if TYPE_CHECKING:  # the seams' protocols and classes, for the type checker
     from dataplane.client import StoreClient
@@ -189,15 +189,15 @@ class RewardWorker:
                 part = overlong(len(response), max_tokens, buffer, penalty)
                 reward, error, parts = scored[i]
                 scored[i] = (reward + part, error, {**(parts or {"reward": reward}), "overlong": part})
-        await self.store.put(
-            PARTITION,
+        await fill(
+            self.store,
             # One float32 array: a list of Python floats would have to be exact in float32 (-0.1 is not).
             {
                 "reward": np.asarray([s for s, _, _ in scored], np.float32),
                 "reward_error": [e for _, e, _ in scored],
                 "reward_parts": [json.dumps(p) if p else "" for _, _, p in scored],
             },
-            rows=batch,
+            batch,
         )
         self.stats["samples"] += len(batch)
         self.stats["busy_s"] += time.perf_counter() - start

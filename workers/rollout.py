@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from asyncflow.errors import WeightMismatch
 from workers.reward import parts_of, takes_info, with_info
-from workers.samples import PARTITION, ROLLOUT, idle, serve, take
+from workers.samples import ROLLOUT, fill, idle, serve, take
 
 if TYPE_CHECKING:  # the seams' protocols and classes, for the type checker
     from dataplane.client import StoreClient
@@ -121,10 +121,10 @@ class RolloutWorker:
         rows: list[Any] = [None] * len(batch)
         for c in completions:
             rows[order[(int(c.request_id), c.index)]] = c
-        await self.store.put(
-            PARTITION,
+        await fill(
+            self.store,
             self.kind.results(rows),
-            rows=batch,
+            batch,
             version=min(min(c.versions, default=self.engine.version) for c in rows),
         )
         self.stats["samples"] += len(rows)

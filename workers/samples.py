@@ -13,7 +13,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from asyncflow.errors import StoreTimeout
+from asyncflow.errors import SchemaError, StoreTimeout
 
 if TYPE_CHECKING:  # the seams' protocols and classes, for the type checker
     from dataplane.client import StoreClient
@@ -144,3 +144,25 @@ async def take(
     return await store.get(
         PARTITION, fields, size, consumer, min_rows=unit, timeout_s=timeout_s, sampler=sampler, writes=writes
     )
+
+
+async def fill(store: StoreClient, data: dict[str, Any], batch: Any, **put: Any) -> None:
+    """Write a consumer's fields into the rows of `batch` it leased (rollout, reward, reference).
+
+    A worker writes, then acks; a checkpoint taken between the two holds rows with the fields
+    written and the lease not yet acked, so after a resume the rows come back to the consumer
+    with their fields already there, and the store refuses the whole put. Then each row is
+    written alone and a row already written keeps the values the checkpoint holds: nothing is
+    written twice, and the batch can be acked."""
+    try:
+        await store.put(PARTITION, data, rows=batch, **put)
+        return
+    except SchemaError as e:
+        if "already written" not in str(e):
+            raise
+    for i, row in enumerate(batch.rows):
+        try:
+            await store.put(PARTITION, {k: v[i : i + 1] for k, v in data.items()}, rows=[row], **put)
+        except SchemaError as e:
+            if "already written" not in str(e):
+                raise

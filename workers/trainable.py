@@ -29,7 +29,8 @@ def _peft() -> Any:
     except ImportError:
         raise ImportError(
             "trainer.trainable: lora trains adapters with peft, which is not installed; install the "
-            "`lora` extra (pip install 'asyncflow[lora]'), or set trainer.trainable: all"
+            "`lora` extra (pip install -e '.[lora]' in an AsyncFlow checkout, or pip install "
+            "'peft>=0.21'), or set trainer.trainable: all"
         ) from None
     return peft
 

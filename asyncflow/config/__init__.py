@@ -70,6 +70,26 @@ class AsyncFlowConfig(Section):
     )
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for every random number generator of the run.")
     output_dir: str = Field("runs", min_length=1, description="Run directories are made under this folder.")
+    run_dir_mode: Literal["timestamped", "stable"] = Field(
+        "timestamped",
+        description="timestamped: each `asyncflow run` makes a new output_dir/<run_name>-<time>; stable: "
+        "the run directory is output_dir/<run_name>, and running the config again continues it from "
+        "its last checkpoint (what a cluster job that may be retried or re-applied needs).",
+    )
+    start_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        le=86_400,
+        description="How long the run waits for its actors to start (the cluster to offer the CPUs "
+        "and GPUs they ask for) before it fails, naming the ones still pending.",
+    )
+    sigterm_grace_s: float = Field(
+        25.0,
+        ge=0,
+        le=3600,
+        description="On SIGTERM (job stop, eviction, node drain) the run stops at the next step boundary "
+        "with a checkpoint; after this many seconds it exits without one.",
+    )
     mode: Literal["async", "sync"] = Field(
         "async",
         description="async: workers stream, bounded by `staleness`; sync: generate -> reward -> train -> "

@@ -49,9 +49,25 @@ class RayJobConfig(Section):
     pip: list[str] = Field(
         default_factory=list,
         max_length=256,
-        description="Packages pip-installs into the job's runtime environment (e.g. 'asyncflow[redis]'); "
-        "empty when the cluster's image already has everything.",
+        description="Extra packages pip-installs into the job's runtime environment (e.g. "
+        "'redis[hiredis]>=5.0', a custom reward's library); empty when the cluster's image has "
+        "everything. AsyncFlow itself comes from the image (deploy/docker) or the uploaded working "
+        "directory: never list a bare 'asyncflow' (PyPI's 'asyncflow' is an unrelated project).",
     )
+
+    @field_validator("pip")
+    @classmethod
+    def _not_someone_elses_asyncflow(cls, pip: list[str]) -> list[str]:
+        for spec in pip:
+            name = re.split(r"[\[<>=!~;@ ]", spec.strip(), maxsplit=1)[0].lower().replace("_", "-")
+            if name == "asyncflow":
+                raise ValueError(
+                    f"deploy.ray.pip lists {spec!r}: 'asyncflow' on PyPI is an unrelated project. AsyncFlow "
+                    "reaches the cluster in its image (deploy/docker) or the uploaded working directory; "
+                    "list only extra packages (e.g. 'redis[hiredis]>=5.0')"
+                )
+        return pip
+
     env_vars: dict[str, str] = Field(
         default_factory=dict, description="Environment variables of the job's driver and every worker."
     )

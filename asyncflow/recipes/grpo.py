@@ -19,7 +19,7 @@ import time
 from asyncflow.config import AsyncFlowConfig
 from asyncflow.control import Steering, StopRun
 from asyncflow.display import RunView
-from asyncflow.errors import DataPlaneError, RankDied, WorkerError
+from asyncflow.errors import DataPlaneError, RankDied, RunStopped, WorkerError
 from asyncflow.report import Report, prompts_line
 from asyncflow.rundir import RunDir
 from asyncflow.workflow import Pipeline, init_ray
@@ -50,7 +50,9 @@ class Run:
         self.report = Report(config, run)
         self.steering: Steering | None = None  # applies what clients ask (asyncflow.control)
         self.checkpointed = -1  # step of the last checkpoint taken
-        self.interrupted = False  # Ctrl-C: stop at the next step boundary, with a checkpoint
+        self.interrupted: str | None = None  # "ctrl-c" or "sigterm": stop at the next step, checkpointed
+        self.stopped_with_checkpoint = False  # past it, shutting down: SIGTERM's deadline no longer cuts
+        self.grace_expired = False  # SIGTERM, and no step boundary within sigterm_grace_s
         self._stats_at = 0.0
 
     async def main(self, resume: bool) -> dict:
@@ -77,14 +79,34 @@ class Run:
         return f"the run stopped ({where}): continue it with `asyncflow run --resume {self.run.path}`"
 
     def _on_ctrl_c(self) -> None:
-        self.interrupted = True
+        self.interrupted = "ctrl-c"
         asyncio.get_running_loop().remove_signal_handler(signal.SIGINT)  # a second Ctrl-C stops at once
         self.view.note("Ctrl-C: stopping after this step with a checkpoint (press it again to stop now)")
+
+    def _on_sigterm(self, task: asyncio.Task | None) -> None:
+        """Job stop, eviction, node drain: a checkpoint at the next step boundary, or, once
+        sigterm_grace_s has passed, the run ends without one (Ray or Kubernetes kills it next)."""
+        loop = asyncio.get_running_loop()
+        loop.remove_signal_handler(signal.SIGTERM)
+        grace = self.config.sigterm_grace_s
+        self.interrupted = self.interrupted or "sigterm"
+        self.view.note(f"SIGTERM: stopping after this step with a checkpoint (within {grace:g} s)")
+        loop.call_later(grace, self._past_grace, task)
+
+    def _past_grace(self, task: asyncio.Task | None) -> None:
+        if task is not None and not task.done() and not self.stopped_with_checkpoint:
+            self.view.note(
+                f"SIGTERM: no checkpoint within sigterm_grace_s = {self.config.sigterm_grace_s:g} s"
+            )
+            self.grace_expired = True
+            task.cancel()
 
     async def _main(self, resume: bool) -> dict:
         config, run = self.config, self.run
         with contextlib.suppress(ValueError, NotImplementedError, RuntimeError):  # main thread only
-            asyncio.get_running_loop().add_signal_handler(signal.SIGINT, self._on_ctrl_c)
+            events = asyncio.get_running_loop()
+            events.add_signal_handler(signal.SIGINT, self._on_ctrl_c)
+            events.add_signal_handler(signal.SIGTERM, self._on_sigterm, asyncio.current_task())
         state = run.latest_checkpoint(on_skip=self.view.note) if resume else None
         if resume and state is None:
             self.view.note(f"{run.path}: no usable checkpoint; starting again from step 0")
@@ -94,7 +116,7 @@ class Run:
             self.view.note(prompts_line(pipe.prompt_filter))
         ended = "failed"
         try:
-            self.steering = Steering(pipe)
+            self.steering = Steering(pipe, step=state[1]["step"] if state else 0)
             await pipe.ready()
             if state is None:
                 self.view.note(f"warm-start: {await pipe.fresh()}")
@@ -115,10 +137,11 @@ class Run:
                     await loop(pipe, start, config.trainer.steps, self.on_step)
             except StopRun as stop:  # a client or Ctrl-C asked: checkpoint here and end; --resume continues
                 path = await self.checkpoint(stop.step)
+                self.stopped_with_checkpoint = True
                 reply = {"step": stop.step, "checkpoint": str(path)}
                 await self.steering.reply(stop.requests, [reply] * len(stop.requests))
                 ended = "stopped"
-                by = "ctrl-c" if self.interrupted else "client"
+                by = self.interrupted or "client"
                 return await self.finish(before, None, stopped_at_step=stop.step, stopped_by=by)
             after = await pipe.evaluate(evals, config.trainer.steps) if evals else None
             await self.checkpoint(config.trainer.steps)
@@ -157,17 +180,50 @@ class Run:
         return self.report.summary(before, after, staleness, **left, **self.pipe.prompt_filter, **more)
 
 
-def train(config: AsyncFlowConfig, *, resume: str | None = None, display: bool = True) -> dict:
+def train(
+    config: AsyncFlowConfig,
+    *,
+    resume: str | None = None,
+    resume_if_exists: bool = False,
+    display: bool = True,
+) -> dict:
     """Run (or resume) RL post-training; returns the summary. Starts Ray here if needed.
 
-    Ctrl-C stops the run at the next step boundary with a checkpoint (a second one at once)."""
+    resume: the run directory to continue; resume_if_exists: continue the run's stable run
+    directory (run_dir_mode: stable) from its last checkpoint if an earlier attempt made it.
+    Ctrl-C stops the run at the next step boundary with a checkpoint (a second one at once);
+    SIGTERM does the same within sigterm_grace_s, then ends without one (RunStopped)."""
     init_ray(config)  # first: a cluster that refuses us leaves no empty run directory
-    run = RunDir.open(resume) if resume else RunDir.create(config)
+    if resume:
+        run, again = RunDir.open(resume), True
+    elif resume_if_exists:
+        run, again = RunDir.for_config(config)
+    else:
+        run, again = RunDir.create(config), False
     view = RunView(config.trainer.steps, config.run_name, enabled=display)
+    if again and not resume:
+        done = run.summary()
+        if done and "stopped_at_step" not in done and done["steps"] >= config.trainer.steps:
+            view.note(f"{run.path}: this run has finished ({done['steps']} steps); nothing to do")
+            return done  # a job applied again after it succeeded
+        view.note(f"{run.path}: an earlier attempt of this run; continuing it")
+    runner = Run(config, run, view)
     try:
-        return asyncio.run(Run(config, run, view).main(resume=resume is not None))
+        return asyncio.run(runner.main(resume=again))
     except KeyboardInterrupt:
-        last = run.latest_checkpoint()
-        where = f"from step {last[1]['step']}" if last else "from the start (no checkpoint yet)"
-        print(f"\ninterrupted; continue {where} with: asyncflow run --resume {run.path}", file=sys.stderr)
+        print(
+            f"\ninterrupted; continue {_where(run)} with: asyncflow run --resume {run.path}", file=sys.stderr
+        )
         raise
+    except asyncio.CancelledError:
+        if not runner.grace_expired:
+            raise
+        raise RunStopped(
+            f"stopped by SIGTERM without a final checkpoint (none within sigterm_grace_s = "
+            f"{config.sigterm_grace_s:g} s); continue {_where(run)} with: asyncflow run --resume {run.path}"
+        ) from None
+
+
+def _where(run: RunDir) -> str:
+    last = run.latest_checkpoint()
+    return f"from step {last[1]['step']}" if last else "from the start (no checkpoint yet)"

@@ -41,7 +41,8 @@ def math_verify(prompt: str, response: str, answer: str) -> float:
         from math_verify import parse, verify
     except ImportError:
         raise ImportError(
-            "asyncflow.tasks.rewards:math_verify needs the math-verify package: pip install 'asyncflow[math]'"
+            "asyncflow.tasks.rewards:math_verify needs the math-verify package: pip install "
+            "'math-verify>=0.9' (in an AsyncFlow checkout: pip install -e '.[math]')"
         ) from None
     final, want = _FINAL.findall(response), _FINAL.findall(answer)  # GSM8K's answers end in `#### n`
     answer = want[-1] if want else answer

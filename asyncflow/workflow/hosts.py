@@ -25,6 +25,19 @@ from asyncflow.config import AsyncFlowConfig
 NAMESPACE = "asyncflow"
 
 
+def reconstructed() -> bool:
+    """Whether Ray restarted this actor. Ray 2.60's `was_current_actor_reconstructed` reads its own
+    deprecated `RuntimeContext.actor_id`, which warns once per actor (in every job's log when the
+    run joins a cluster: log_to_driver); the warning is Ray's, not ours to act on."""
+    import warnings
+
+    from ray.util.annotations import RayDeprecationWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RayDeprecationWarning)
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+
+
 class Host:
     """What every role's actor shares: its config, task and kind; the worker, built on `start`."""
 
@@ -35,7 +48,7 @@ class Host:
         self.config = AsyncFlowConfig.model_validate(config)
         self.store_address, self.index = store_address, index
         # A restarted actor samples with a fresh seed: it must not repeat its previous life's samples.
-        self.incarnation = int(ray.get_runtime_context().was_current_actor_reconstructed)
+        self.incarnation = int(reconstructed())
         self.task = make_task(self.config.task, self.config.seed)
         self.kind = make_kind(self.config, self.task)
         self._worker: Any = None

@@ -31,6 +31,7 @@ from asyncflow.workflow.hosts import (
     SourceHost,
     TrainerHost,
 )
+from asyncflow.workflow.runtime import free_cpus, not_started, placed
 
 log = logging.getLogger("asyncflow")
 
@@ -143,21 +144,30 @@ class Pipeline:
         """Workers that run a loop of their own in async mode."""
         return [*self.rollouts, *self.rewards, *self.references]
 
-    async def ready(self, ranks_timeout_s: float = 300.0) -> None:
-        """Wait until every worker actor is built and connected (they start in parallel), and the
-        trainer ranks have joined their group."""
+    async def ready(self) -> None:
+        """Wait until every worker actor is built and connected (they start in parallel) and the
+        trainer ranks have joined their group; or fail after start_timeout_s, naming the laggards."""
+        timeout_s = self.config.start_timeout_s
         if self.ranks_group is not None:
             t = self.config.trainer
-            done, _ = await asyncio.wait(
-                [asyncio.ensure_future(self.ranks_group.ready())], timeout=ranks_timeout_s
-            )
+            done, _ = await asyncio.wait([asyncio.ensure_future(self.ranks_group.ready())], timeout=timeout_s)
             if not done:
                 raise ConfigError(
-                    f"trainer.num_ranks = {t.num_ranks} ranks of {t.num_cpus} CPUs each found no room in the "
-                    f"cluster within {ranks_timeout_s:.0f} s; add nodes, or lower trainer.num_ranks or "
-                    "trainer.num_cpus"
+                    f"trainer.num_ranks = {t.num_ranks} ranks of {t.num_cpus} CPUs each found no room within "
+                    f"{timeout_s:.0f} s (start_timeout_s; {free_cpus()}); add nodes, or lower them"
                 )
-        await self._ask(*(a.start.remote() for a in [self.source, *self.trainers, *self.streamers]))
+        actors = [self.source, *self.trainers, *self.streamers]
+        starts = {asyncio.ensure_future(self._ask(a.start.remote())): a for a in actors}
+        done, pending = await asyncio.wait(starts, timeout=timeout_s, return_when=asyncio.FIRST_EXCEPTION)
+        for task in [*pending, *done]:
+            task.cancel() if task in pending else task.result()  # failed to start: its own error
+        if pending:
+            late = {self.role_of(starts[t]._actor_id.hex()): starts[t] for t in pending}
+            unplaced = [role for role, actor in late.items() if not placed(actor)]
+            for role in unplaced:  # so that the shutdown does not wait for their close()
+                ray.kill(late[role])
+            starting = [role for role in late if role not in unplaced]
+            raise ConfigError(not_started(self.config, unplaced, starting, timeout_s))
         if len(self.trainers) > 1:
             address = await self._ask(self.trainer.address.remote())
             await self._ask(*(t.join.remote(address) for t in self.trainers))
@@ -170,12 +180,18 @@ class Pipeline:
         """A new run: the samples partition, the warm-start, the reference's weights, version 0."""
         from workers.samples import PARTITION, consumers, schema
 
+        name = self.config.dataplane.name
         if PARTITION in (await self.client.store_stats())["partitions"]:  # a durable store outlives runs
-            raise ConfigError(
-                f"store {self.config.dataplane.name!r} already holds a {PARTITION!r} partition (another run "
-                "uses it, or one ended without cleaning up); set dataplane.name to a name of its own, or "
-                "continue that run with --resume"
-            )
+            if not self.run.owns_partition(name):
+                raise ConfigError(
+                    f"store {name!r} already holds a {PARTITION!r} partition (another run uses it, or one "
+                    "ended without cleaning up); set dataplane.name to a name of its own, or continue that "
+                    "run with --resume"
+                )
+            # a dead attempt of this run (its run directory) left it, before any checkpoint: start clean
+            log.warning("store %r: dropping the partition a dead attempt of this run left", name)
+            await self.client.drop_partition(PARTITION)
+        self.run.claim_partition(name)
         await self.client.create_partition(
             PARTITION, schema(self.config.policy), consumers=consumers(self.config.reference.enabled),
             stale_policy="regenerate",

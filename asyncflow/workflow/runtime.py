@@ -1,10 +1,11 @@
 """The Ray runtime a run needs: join the cluster named by RAY_ADDRESS, or start Ray here
-with enough logical CPUs for the run's actors."""
+with enough logical CPUs for the run's actors; what to say when the cluster has no room."""
 
 from __future__ import annotations
 
 import math
 import os
+from typing import Any
 
 import ray
 
@@ -51,3 +52,44 @@ def init_ray(config: AsyncFlowConfig) -> None:
     # anything else on a shared machine starves them.
     os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+
+
+def free_cpus() -> str:
+    """The cluster's free and total CPUs, as a message says them."""
+    free, total = ray.available_resources().get("CPU", 0.0), ray.cluster_resources().get("CPU", 0.0)
+    return f"the cluster has {free:g} of its {total:g} CPUs free"
+
+
+def placed(actor: Any) -> bool:
+    """Whether Ray has placed the actor on a node (False: it still waits for resources). Read from
+    Ray's actor table (what RuntimeContext.was_current_actor_reconstructed reads too): it needs no
+    dashboard, unlike ray.util.state. Unknown counts as placed."""
+    try:
+        from ray._private.state import actors
+
+        info = actors(actor_id=actor._actor_id.hex())
+    except Exception:  # an internal API: if it changes, the message only gets less precise
+        return True
+    return not info or info.get("State") not in ("PENDING_CREATION", "DEPENDENCIES_UNREADY")
+
+
+def not_started(config: AsyncFlowConfig, unplaced: list[str], starting: list[str], timeout_s: float) -> str:
+    """Why the run fails when actors did not start within timeout_s: those Ray could not place
+    (roles: "the trainer", "rollout worker 1", ...) with the CPUs each asked for and what the
+    cluster has free, and those placed but still starting."""
+    cpus = {"the prompt source": 0.1, "the trainer": config.trainer.num_cpus,
+            "trainer rank": config.trainer.num_cpus, "rollout worker": config.rollout.num_cpus,
+            "reward worker": config.reward.num_cpus}  # fmt: skip
+    asks = ", ".join(f"{role} ({cpus.get(role.rstrip('0123456789 '), 0):g} CPUs)" for role in unplaced)
+    slow = f"still starting: {', '.join(starting)}" if starting else ""
+    if not unplaced:
+        return (
+            f"the run's actors did not start within {timeout_s:.0f} s (start_timeout_s), though Ray placed "
+            f"them: {slow}. Raise start_timeout_s if they are only slow (a large model loading), or "
+            "look at their logs"
+        )
+    return (
+        f"the cluster found no room within {timeout_s:.0f} s (start_timeout_s) for {asks}; {free_cpus()}"
+        f"{'; ' + slow if slow else ''}. Add nodes (or let the autoscaler), or lower trainer.num_cpus, "
+        "rollout.num_workers / rollout.num_cpus, reward.num_workers / reward.num_cpus"
+    )

@@ -34,7 +34,8 @@ def aioredis() -> Any:
         import redis.asyncio as aioredis
     except ImportError:
         raise StorageUnavailable(
-            "dataplane.backend: redis needs the redis package: pip install 'asyncflow[redis]'"
+            "dataplane.backend: redis needs the redis package: pip install 'redis[hiredis]>=5.0' "
+            "(in an AsyncFlow checkout: pip install -e '.[redis]')"
         ) from None
     return aioredis
 

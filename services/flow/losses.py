@@ -60,7 +60,8 @@ def ot_match(x_data: Tensor, x_source: Tensor) -> Tensor:
     except ImportError:
         raise ImportError(
             "OT-CFM solves an exact assignment per batch with scipy, which is not installed; "
-            "pip install scipy (or the asyncflow[bench] extra), or use the icfm / wcfm loss"
+            "pip install scipy (or pip install -e '.[bench]' in an AsyncFlow checkout), or use the icfm / "
+            "wcfm loss"
         ) from None
     cost = torch.cdist(x_data.double(), x_source.double()).square()  # (B, B)
     rows, cols = linear_sum_assignment(cost.numpy())

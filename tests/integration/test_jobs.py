@@ -125,7 +125,7 @@ def test_submit_runs_the_example_as_a_job_and_its_metrics_are_read(head, tmp_pat
     done = head.cli("jobs", "status", job_id, "--address", head.url, "--wait", "300", timeout=330)
     state = yaml.safe_load(done.stdout)
     assert state["status"] == "SUCCEEDED" and state["metadata"]["asyncflow_name"] == name, state
-    assert state["entrypoint"].startswith("asyncflow run examples/sort.yaml --set output_dir=")
+    assert state["entrypoint"].startswith("python -m asyncflow.cli run examples/sort.yaml --set output_dir=")
     logs = head.cli("jobs", "logs", job_id, "--address", head.url).stdout
     assert (
         head.cli("jobs", "logs", job_id, "--address", head.url, "--follow").stdout == logs
@@ -170,3 +170,37 @@ def test_jobs_stop_ends_a_submitted_job(head, tmp_path):
     )
     out = head.cli("jobs", "status", job_id, "--address", head.url, "--wait", "60", check=False)
     assert out.returncode == 1 and yaml.safe_load(out.stdout)["status"] == "STOPPED", out.stdout
+
+
+def test_a_stopped_job_checkpoints_and_the_same_submission_continues_it(head, tmp_path):
+    """`jobs stop` sends SIGTERM: the run checkpoints at a step and the job is STOPPED; submitting
+    the same command again (--resume-if-exists) continues that run directory to the end."""
+    name = f"again-{uuid.uuid4().hex[:6]}"
+    submit = ["submit", "examples/sort.yaml", "--address", head.url, "--resume-if-exists",
+              *sets(tmp_path, name, "trainer.steps=40", "trainer.checkpoint_every=0")]  # fmt: skip
+    job_id = head.cli(*submit).stdout.strip()
+    run_dir = tmp_path / "sort"
+    deadline = time.monotonic() + 240
+    while (
+        not (run_dir / "metrics.jsonl").exists()
+        or len((run_dir / "metrics.jsonl").read_text().splitlines()) < 3
+    ):
+        assert time.monotonic() < deadline, head.cli("jobs", "logs", job_id, "--address", head.url).stdout
+        time.sleep(0.2)
+    head.cli("jobs", "stop", job_id, "--address", head.url)
+    state = yaml.safe_load(
+        head.cli("jobs", "status", job_id, "--address", head.url, "--wait", "90", check=False).stdout
+    )
+    assert state["status"] == "STOPPED", state
+    logs = head.cli("jobs", "logs", job_id, "--address", head.url).stdout
+    assert "SIGTERM: stopped at step" in logs, logs[-3000:]
+    stopped = json.loads((run_dir / "summary.json").read_text())["stopped_at_step"]
+    assert (run_dir / "checkpoints" / f"step_{stopped:07d}" / "state.json").exists()
+
+    again = head.cli(*submit).stdout.strip()
+    done = head.cli("jobs", "status", again, "--address", head.url, "--wait", "300", timeout=330)
+    assert yaml.safe_load(done.stdout)["status"] == "SUCCEEDED", done.stdout
+    logs = head.cli("jobs", "logs", again, "--address", head.url).stdout
+    assert f"(step {stopped}," in logs, logs[-3000:]  # resumed from the SIGTERM checkpoint
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 41))

@@ -161,7 +161,7 @@ def test_a_bad_target_is_refused_before_any_actor_starts(checkpoints):
 
 def test_lora_without_peft_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)  # as if it were not installed
-    with pytest.raises(ImportError, match=r"pip install 'asyncflow\[lora\]'"):
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[lora\]'"):
         make_trainable(build_model(len(TOK), seed=0), TrainerConfig(trainable=LORA).trainable)
 
 
