@@ -26,6 +26,7 @@ nothing about Ray or the cluster.
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 from pathlib import Path
@@ -79,9 +80,14 @@ def render(
         files["redis"] = redis_objects(k8s, name)
         files["secret"].append(redis_secret(k8s, name, redis_password or secrets.token_urlsafe(24)))
     spec = cluster_spec(k8s, name, redis)
+    # SIGTERM (job stop, eviction, drain) checkpoints within sigterm_grace_s: the driver's pod and
+    # Ray's job stop both wait longer than that before they kill.
+    grace = math.ceil(config.sigterm_grace_s)
+    spec["headGroupSpec"]["template"]["spec"]["terminationGracePeriodSeconds"] = grace + 10
     job: dict[str, Any] = {
-        # The interpreter's module, not a console script that may be missing from PATH.
-        "entrypoint": f"python -m asyncflow.cli run {CONFIG_DIR}/config.yaml",
+        # The interpreter's module, not a console script that may be missing from PATH; a retry or
+        # a re-apply continues the run from its last checkpoint.
+        "entrypoint": f"python -m asyncflow.cli run {CONFIG_DIR}/config.yaml --resume-if-exists",
         **runtime_env(config),
         "shutdownAfterJobFinishes": True,
         "ttlSecondsAfterFinished": k8s.ttl_s_after_finished,
@@ -165,9 +171,10 @@ def runtime_env(config: AsyncFlowConfig) -> dict:
     env: dict[str, Any] = {}
     if config.deploy.ray.pip:
         env["pip"] = list(config.deploy.ray.pip)
-    if config.deploy.ray.env_vars:
-        env["env_vars"] = dict(config.deploy.ray.env_vars)
-    return {"runtimeEnvYAML": yaml.safe_dump(env, sort_keys=False)} if env else {}
+    # `jobs stop` sends SIGTERM, then SIGKILL after this many seconds: room for the final checkpoint
+    stop_wait = {"RAY_JOB_STOP_WAIT_TIME_S": str(math.ceil(config.sigterm_grace_s) + 5)}
+    env["env_vars"] = {**stop_wait, **config.deploy.ray.env_vars}
+    return {"runtimeEnvYAML": yaml.safe_dump(env, sort_keys=False)}
 
 
 def runs_claim(k8s: K8sConfig, name: str) -> dict:

@@ -287,11 +287,20 @@ def test_gcs_fault_tolerance_uses_the_run_redis_without_reserved_variables():
 def test_the_rayjob_runs_the_module_with_limits():
     config = load("cluster", "deploy.ray.entrypoint_num_cpus=1.5", "deploy.k8s.active_deadline_s=3600")
     job = k8s.render(config)["rayjob.yaml"][0]["spec"]
-    assert job["entrypoint"] == "python -m asyncflow.cli run /etc/asyncflow/config.yaml"
+    assert job["entrypoint"] == "python -m asyncflow.cli run /etc/asyncflow/config.yaml --resume-if-exists"
     assert job["entrypointNumCpus"] == 1.5
     assert job["activeDeadlineSeconds"] == 3600
     assert job["ttlSecondsAfterFinished"] == 300
     assert "entrypointNumCpus" not in k8s.render(load("cluster"))["rayjob.yaml"][0]["spec"]
+
+
+def test_a_stopped_job_has_time_for_its_final_checkpoint():
+    config = load("cluster", "sigterm_grace_s=40", "deploy.ray.env_vars={FOO: bar}")
+    job = k8s.render(config)["rayjob.yaml"][0]["spec"]
+    env = yaml.safe_load(job["runtimeEnvYAML"])["env_vars"]
+    assert env == {"RAY_JOB_STOP_WAIT_TIME_S": "45", "FOO": "bar"}  # SIGKILL only after the grace
+    head = job["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    assert head["terminationGracePeriodSeconds"] == 50
 
 
 def test_auth_and_policy_can_be_turned_off():
