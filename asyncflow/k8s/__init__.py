@@ -39,9 +39,9 @@ from asyncflow.config.deploy import K8sConfig, k8s_name
 from asyncflow.errors import ConfigError
 from asyncflow.k8s.cluster import cluster_spec, submitter_template
 from asyncflow.k8s.objects import CONFIG_DIR, DASHBOARD_PORT, PASSWORD_ENV, meta, password_env, secret
-from asyncflow.k8s.redis_store import redis_objects, redis_secret
+from asyncflow.k8s.redis_store import REDIS_PORT, redis_address, redis_objects, redis_secret
 
-__all__ = ["PASSWORD_ENV", "dump", "object_name", "password_env", "render", "write"]
+__all__ = ["PASSWORD_ENV", "REDIS_PORT", "dump", "object_name", "password_env", "render", "write"]
 
 ORDER = ("namespace", "secret", "configmap", "storage", "networkpolicy", "redis", "rayjob", "raycluster")
 
@@ -150,7 +150,7 @@ def cluster_config(config: AsyncFlowConfig, name: str) -> dict:
         data.setdefault("dataplane", {}).setdefault("listen", "node")
     if config.dataplane.backend == "redis":
         redis = data.setdefault("dataplane", {}).setdefault("redis", {})
-        redis["url"] = f"redis://{name}-redis.{k8s.namespace}.svc.cluster.local:6379/0"
+        redis["url"] = f"redis://{redis_address(k8s, name)}/0"
         redis["password_env"] = PASSWORD_ENV
     parse_config(data, source="the cluster's config")  # what the pods will load must load
     return data

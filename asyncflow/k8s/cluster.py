@@ -16,6 +16,7 @@ from asyncflow.k8s.objects import (
     pod_security,
     resources,
 )
+from asyncflow.k8s.redis_store import redis_address
 
 
 def scratch(k8s: K8sConfig) -> tuple[list[dict], list[dict]]:
@@ -111,7 +112,7 @@ def cluster_spec(k8s: K8sConfig, name: str, redis: bool) -> dict:
     }
     if k8s.gcs_fault_tolerance:  # KubeRay sets the head's REDIS_PASSWORD from the ref: never set it here
         spec["gcsFaultToleranceOptions"] = {
-            "redisAddress": f"{name}-redis.{k8s.namespace}.svc.cluster.local:6379",
+            "redisAddress": redis_address(k8s, name),
             "redisPassword": {"valueFrom": {"secretKeyRef": {"name": f"{name}-redis", "key": "password"}}},
         }
     if k8s.autoscaling:  # the autoscaler sidecar KubeRay adds to the head, restricted like the rest

@@ -16,6 +16,7 @@ from asyncflow.k8s.objects import (
     secret,
 )
 
+REDIS_PORT = 6379
 REDIS_CONF = "/etc/redis"  # the Secret's redis.conf (`requirepass`), so the password is on no command line
 
 
@@ -23,6 +24,11 @@ def redis_secret(k8s: K8sConfig, name: str, password: str) -> dict:
     """The password for clients, and the server's config file that requires it."""
     quoted = password.replace("\\", "\\\\").replace('"', '\\"')
     return secret(k8s, name, "redis", {"password": password, "redis.conf": f'requirepass "{quoted}"\n'})
+
+
+def redis_address(k8s: K8sConfig, name: str) -> str:
+    """host:port of the run's Redis Service, as pods in the cluster reach it."""
+    return f"{name}-redis.{k8s.namespace}.svc.cluster.local:{REDIS_PORT}"
 
 
 def redis_objects(k8s: K8sConfig, name: str) -> list[dict]:
@@ -34,7 +40,7 @@ def redis_objects(k8s: K8sConfig, name: str) -> list[dict]:
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": meta(k8s, name, "redis", "-redis"),
-        "spec": {"clusterIP": "None", "selector": select, "ports": [{"name": "redis", "port": 6379}]},
+        "spec": {"clusterIP": "None", "selector": select, "ports": [{"name": "redis", "port": REDIS_PORT}]},
     }
     container = _redis_container(k8s, name)
     config = {
@@ -92,7 +98,7 @@ def _redis_container(k8s: K8sConfig, name: str) -> dict:
         "command": ["redis-server"],
         "args": args,
         "env": [password_env(name, "REDISCLI_AUTH")],
-        "ports": [{"name": "redis", "containerPort": 6379}],
+        "ports": [{"name": "redis", "containerPort": REDIS_PORT}],
         "resources": resources(r.cpu, r.memory, 0),
         "readinessProbe": {"exec": {"command": ["sh", "-c", ping]}, "periodSeconds": 5},
         "livenessProbe": {

@@ -269,7 +269,7 @@ def test_gcs_fault_tolerance_uses_the_run_redis_without_reserved_variables():
     config = load("cluster-ha")
     spec = k8s.render(config)["raycluster.yaml"][0]["spec"]
     ft = spec["gcsFaultToleranceOptions"]
-    assert ft["redisAddress"] == "sort-cluster-redis.asyncflow.svc.cluster.local:6379"
+    assert ft["redisAddress"] == f"sort-cluster-redis.asyncflow.svc.cluster.local:{k8s.REDIS_PORT}"
     assert ft["redisPassword"]["valueFrom"]["secretKeyRef"] == {
         "name": "sort-cluster-redis",
         "key": "password",
@@ -418,7 +418,10 @@ def test_the_cluster_gets_the_same_config_adjusted_for_it():
     on_cluster = parse_config(yaml.safe_load(text))
     assert on_cluster.output_dir == config.deploy.k8s.runs_mount
     assert on_cluster.dataplane.redis.password_env == k8s.PASSWORD_ENV
-    assert on_cluster.dataplane.redis.url == "redis://sort-cluster-redis.asyncflow.svc.cluster.local:6379/0"
+    assert (
+        on_cluster.dataplane.redis.url
+        == f"redis://sort-cluster-redis.asyncflow.svc.cluster.local:{k8s.REDIS_PORT}/0"
+    )
     assert on_cluster.trainer == config.trainer and on_cluster.rollout == config.rollout
     assert "deploy" not in yaml.safe_load(text)
     # The password is in the Secret and nowhere else; pods read it from there.
