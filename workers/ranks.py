@@ -150,7 +150,7 @@ class Ranks:
             net.set_requires_gradient_sync(last)  # type: ignore[operator]
             yield
 
-    def owned(self, name: str, t: Any) -> Any:
+    def owned(self, t: Any) -> Any:
         """This rank's part of a sharded tensor (DTensor, sharded on dim 0) as a weight-store Shard."""
         from services.parallelism.buckets import Shard
 

@@ -152,7 +152,7 @@ class TrainerWorker:
     def _owned(self, tensors: dict[str, Any]) -> dict[str, Any]:
         """What this rank publishes: its shard of every sharded tensor, and the whole of the
         unsharded ones it owns (DDP's replicas and FSDP's buffers, spread over the ranks by bytes)."""
-        mine = {n: self.ranks.owned(n, t) for n, t in tensors.items() if is_sharded(t)}
+        mine = {n: self.ranks.owned(t) for n, t in tensors.items() if is_sharded(t)}
         plain = [(n, t) for n, t in tensors.items() if not is_sharded(t)]
         owners = self.ranks.assign([t.numel() * t.element_size() for _, t in plain])
         for (name, t), owner in zip(plain, owners):
@@ -279,7 +279,8 @@ class TrainerWorker:
                 (loss * (share * self.ranks.size if real else 0.0)).backward()
             if not real:
                 continue
-            self.timings.append((self.kind.lengths(batch), time.perf_counter() - started))
+            if self.ranks.many:  # what the cost model learns from
+                self.timings.append((self.kind.lengths(batch), time.perf_counter() - started))
             part["loss"] = loss.item()
             for key, v in part.items():  # micro-batch figures, weighted like the loss
                 stats[key] = (

@@ -114,24 +114,22 @@ class Pipeline:
         """`call(rank)` on every trainer rank, together (their steps meet in collectives); rank 0's
         result. One rank failing stops the others inside a collective (or leaves them waiting in
         one): all are killed, and a dead one is reported as RankDied, which the run recovers from."""
-        calls = [asyncio.ensure_future(self._ask(call(t))) for t in self.trainers]
-        done, pending = await asyncio.wait(calls, return_when=asyncio.FIRST_EXCEPTION)
+        calls = [asyncio.ensure_future(call(t)) for t in self.trainers]
+        _, pending = await asyncio.wait(calls, return_when=asyncio.FIRST_EXCEPTION)
         if pending:  # a rank failed: see whether it died (the others fail with it, or hang)
             await asyncio.wait(pending, timeout=grace_s)
-        errors: list[BaseException] = [
-            e for c in calls if c.done() and not c.cancelled() and (e := c.exception()) is not None
-        ]
-        if not errors:
+        failed = [c for c in calls if c.done() and c.exception() is not None]
+        if not failed:
             return calls[0].result()
         for c in calls:
             c.cancel()
-        dead = [e for e in errors if isinstance(e, WorkerError) and " died" in str(e)]
+        dead = [c.exception() for c in failed if isinstance(c.exception(), ray.exceptions.RayActorError)]
         if len(self.trainers) > 1 or dead:
             for t in self.trainers:
                 ray.kill(t)
         if dead:
-            raise RankDied(str(dead[0])) from None
-        raise errors[0]
+            raise RankDied(f"{self.role_of(dead[0].actor_id)} died") from None  # type: ignore[union-attr]
+        return await self._ask(failed[0])  # raises its error, as every other call's
 
     def _rollout(self, index: int) -> Any:
         r = self.config.rollout
@@ -159,8 +157,10 @@ class Pipeline:
         actors = [self.source, *self.trainers, *self.streamers]
         starts = {asyncio.ensure_future(self._ask(a.start.remote())): a for a in actors}
         done, pending = await asyncio.wait(starts, timeout=timeout_s, return_when=asyncio.FIRST_EXCEPTION)
-        for task in [*pending, *done]:
-            task.cancel() if task in pending else task.result()  # failed to start: its own error
+        for task in pending:
+            task.cancel()
+        for task in done:
+            task.result()  # one that failed to start raises its own error
         if pending:
             late = {self.role_of(starts[t]._actor_id.hex()): starts[t] for t in pending}
             unplaced = [role for role, actor in late.items() if not placed(actor)]
