@@ -107,16 +107,7 @@ def test_a_killed_rollout_worker_loses_no_sample(ray_session, tmp_path):
         "rollout.num_workers=2",
         "rollout.groups_per_call=4",
     )
-    result: dict = {}
-
-    def run() -> None:
-        try:
-            result.update(train(config, display=False))
-        except BaseException as e:  # handed to the test thread
-            result["error"] = e
-
-    runner = threading.Thread(target=run)
-    runner.start()
+    runner, result = train_in_thread(config)
     deadline = time.monotonic() + 120
     metrics = Path()
     while time.monotonic() < deadline and not result:
