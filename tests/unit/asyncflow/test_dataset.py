@@ -100,7 +100,7 @@ def test_bad_files_and_columns_are_refused_with_the_fix(tmp_path, content, optio
 def test_a_data_set_task_needs_a_checkpoint_tokenizer(chat_file):
     from asyncflow.config import parse_config
     from asyncflow.errors import ConfigError
-    from asyncflow.workflow.pipeline import check
+    from asyncflow.workflow.checks import check
 
     options = {"path": chat_file, "messages": "messages"}
     task = {
@@ -162,7 +162,7 @@ def chat_config(path: str, checkpoint: str, **rollout):
 def test_the_run_drops_prompts_the_checkpoint_has_no_room_for_before_any_actor_starts(tmp_path, checkpoints):
     from asyncflow.errors import ConfigError
     from asyncflow.report import prompts_line
-    from asyncflow.workflow.pipeline import check
+    from asyncflow.workflow.checks import check
     from workers.kinds import make_kind
     from workers.policy import make_task
 

@@ -148,7 +148,7 @@ def test_targets_and_patterns_that_match_nothing_name_what_exists():
 
 
 def test_a_bad_target_is_refused_before_any_actor_starts(checkpoints):
-    from asyncflow.workflow.pipeline import check
+    from asyncflow.workflow.checks import check
 
     config = parse_config({
         "model": {"path": checkpoints["qwen2"]},
