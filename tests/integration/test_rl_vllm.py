@@ -35,11 +35,11 @@ def test_on_policy_run_with_vllm_matches_the_trainer(ray_session, tmp_path):
 
 def test_async_run_with_vllm_learns_with_partial_rollout(ray_session, tmp_path):
     config = _config(
-        tmp_path, "rollout.engine=vllm", "rollout.partial_rollout=keep", "trainer.steps=100",
+        tmp_path, "rollout.engine=vllm", "rollout.partial_rollout=keep", "trainer.steps=150",
         "task.eval_prompts=256", "trainer.checkpoint_every=0",
     )  # fmt: skip
     summary = train(config, display=False)
-    assert summary["steps"] == 100
+    assert summary["steps"] == 150
     assert summary["eval_reward_after"] >= summary["eval_reward_before"] + 0.15, summary
     assert set(summary["staleness_histogram"]) <= {"0", "1"}
     assert_exactly_once(summary)
