@@ -17,7 +17,7 @@ from torch import Tensor
 
 __all__ = ["ESTIMATORS", "Estimator", "group_advantages"]
 
-Estimator = Literal["grpo", "drgrpo", "rloo"]
+Estimator = Literal["grpo", "drgrpo", "rloo", "reinforce++"]
 ESTIMATORS: tuple[str, ...] = get_args(Estimator)
 
 
@@ -36,6 +36,11 @@ def group_advantages(rewards: Tensor, estimator: Estimator = "grpo", eps: float 
     - "rloo": A_i = r_i - mean_{j != i}(r_j) = n / (n - 1) * (r_i - mean(r)), the REINFORCE
       leave-one-out baseline (Ahmadian et al. 2024, "Back to Basics", arXiv 2402.14740, the
       RLOO estimator; after Kool et al. 2019). It needs n >= 2.
+    - "reinforce++": A_i = (r_i - mean(r)) / (std_batch + eps), the group mean as baseline and
+      one scale for the whole batch: the standard deviation of every centred reward of all G
+      groups (REINFORCE++-baseline, Hu et al. 2025, arXiv 2501.03262, §3: global advantage
+      normalisation, which a group's own std would make a per-prompt reweighting). Pass the
+      whole batch's rewards at once.
 
     A group of one sample has no baseline but itself: "grpo" and "drgrpo" give 0 (no signal),
     "rloo" raises because its estimator is undefined.
@@ -63,5 +68,7 @@ def group_advantages(rewards: Tensor, estimator: Estimator = "grpo", eps: float 
     centred = r - mean  # (G, n)
     if estimator == "drgrpo" or n == 1:
         return centred
+    if estimator == "reinforce++":
+        return centred / (centred.std(correction=0) + eps) if centred.numel() > 1 else centred
     std = r.std(dim=1, keepdim=True, correction=1)  # (G, 1)
     return centred / (std + eps)

@@ -28,6 +28,8 @@ __all__ = [
     "Correction",
     "KLKind",
     "KL_KINDS",
+    "OBJECTIVES",
+    "Objective",
     "aggregate",
     "importance_ratios",
     "kl_penalty",
@@ -40,6 +42,8 @@ Correction = Literal["none", "decoupled", "tis"]
 CORRECTIONS: tuple[str, ...] = get_args(Correction)
 KLKind = Literal["k1", "k2", "k3"]
 KL_KINDS: tuple[str, ...] = get_args(KLKind)
+Objective = Literal["ppo", "gspo", "cispo"]
+OBJECTIVES: tuple[str, ...] = get_args(Objective)
 
 
 def _check_choice(fn: str, what: str, value: str, choices: tuple[str, ...]) -> None:
@@ -162,6 +166,7 @@ def policy_loss(
     is_cap: float | None = 2.0,
     agg: Aggregation = "token-mean",
     max_tokens: int | None = None,
+    objective: Objective = "ppo",
 ) -> tuple[Tensor, dict[str, float]]:
     """Clipped policy-gradient loss with off-policy correction: a scalar to minimise, and metrics.
 
@@ -171,6 +176,19 @@ def policy_loss(
     AReaL's eq. 5, Fu et al. 2025, arXiv 2505.24298). `clip_eps_high` (default `clip_eps`)
     is DAPO's clip-higher (Yu et al. 2025, arXiv 2503.14476, §3.1). Tokens are reduced with
     `aggregate(…, agg, max_tokens)`.
+
+    `objective` picks what is clipped:
+      "ppo"    the per-token ratio, as above.
+      "gspo"   the sequence's ratio s_i = exp(mean_t log ρ_i,t), the geometric mean of its token
+               ratios, clipped as a whole (GSPO, Zheng et al. 2025, arXiv 2507.18071, eq. 5-7),
+               written per token as GSPO-token (eq. 13): ρ_i,t = sg[s_i] · π_θ(y_t) / sg[π_θ(y_t)],
+               whose gradient with "seq-mean-token-mean" is GSPO's s_i·A_i·∇log s_i. The
+               behaviour weight is taken per sequence the same way. GSPO clips tightly
+               (clip_eps 3e-4, clip_eps_high 4e-4 in the paper).
+      "cispo"  no term is dropped: every token keeps the gradient A·∇log π_θ, scaled by its
+               ratio clipped and detached, L = -w · sg[clip(ρ, 1 - clip_eps, 1 + clip_eps_high)]
+               · A · log π_θ (CISPO, MiniMax-M1, arXiv 2506.13585, eq. 4-5). Its value is not
+               PPO's surrogate; its gradient is the clipped-IS-weight policy gradient.
 
     Shapes: logprobs, behavior_logprobs, proximal_logprobs, mask (B, T); advantages (B,)
     per sample, broadcast over tokens, or (B, T) per token. Only `logprobs` needs a gradient.
@@ -188,6 +206,7 @@ def policy_loss(
       mismatch_kl      k3 estimate of KL(μ ‖ π_prox), π_prox defaulting to π_θ: the
                        train/inference mismatch that the weight corrects (prime-rl's mismatch_kl).
     """
+    _check_choice("policy_loss", "objective", objective, OBJECTIVES)
     high = _check_policy_args(
         logprobs, behavior_logprobs, proximal_logprobs, advantages, mask, clip_eps, clip_eps_high
     )
@@ -201,13 +220,39 @@ def policy_loss(
     adv = advantages.detach().float()
     adv = torch.where(m, adv.unsqueeze(-1) if adv.dim() == 1 else adv, 0.0)  # (B, T)
 
-    ratio, weight = importance_ratios(lp, behavior, proximal, correction=correction, is_cap=is_cap)
-    unclipped = ratio * adv  # (B, T)
-    clipped = ratio.clamp(1 - clip_eps, 1 + high) * adv  # (B, T)
-    per_token = -weight * torch.minimum(unclipped, clipped)  # (B, T)
+    per_token_cap = None if objective == "gspo" else is_cap  # GSPO truncates the sequence's weight
+    ratio, weight = importance_ratios(lp, behavior, proximal, correction=correction, is_cap=per_token_cap)
+    if objective == "gspo":
+        ratio, weight = _per_sequence(ratio, weight, m, is_cap)
+    if objective == "cispo":
+        kept = ratio.detach().clamp(1 - clip_eps, 1 + high)  # (B, T), no gradient
+        per_token = -weight * kept * adv * lp  # (B, T)
+        clipping = kept != ratio.detach()
+    else:
+        unclipped = ratio * adv  # (B, T)
+        clipped = ratio.clamp(1 - clip_eps, 1 + high) * adv  # (B, T)
+        per_token = -weight * torch.minimum(unclipped, clipped)  # (B, T)
+        clipping = clipped < unclipped
     loss = aggregate(per_token, m, agg, max_tokens)
 
-    return loss, _policy_metrics(m, lp, behavior, proximal, ratio, weight, clipped < unclipped, is_cap)
+    return loss, _policy_metrics(m, lp, behavior, proximal, ratio, weight, clipping, is_cap)
+
+
+def _per_sequence(ratio: Tensor, weight: Tensor, m: Tensor, is_cap: float | None) -> tuple[Tensor, Tensor]:
+    """GSPO-token's ratio and the behaviour weight, each the geometric mean over its sequence's
+    tokens, broadcast back to them: (B, T) -> (B, T). The ratio keeps each token's own gradient
+    (value s_i, gradient s_i·∇log π_θ(y_t)); the weight is truncated at is_cap per sequence."""
+    tokens = m.sum(dim=-1, keepdim=True).clamp(min=1)  # (B, 1)
+
+    def seq_mean(x: Tensor) -> Tensor:  # (B, T) -> (B, 1): masked mean per row
+        return torch.where(m, x, 0.0).sum(dim=-1, keepdim=True) / tokens
+
+    log_ratio = torch.log(ratio)  # (B, T); ratio = exp(·) > 0
+    seq_ratio = torch.exp(seq_mean(log_ratio).detach() + log_ratio - log_ratio.detach())  # (B, T)
+    seq_weight = torch.exp(seq_mean(torch.log(weight)))  # (B, 1)
+    if is_cap is not None:
+        seq_weight = seq_weight.clamp(max=is_cap)
+    return seq_ratio, seq_weight.expand_as(ratio)
 
 
 def _check_policy_args(

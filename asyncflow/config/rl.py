@@ -355,8 +355,16 @@ class TrainerConfig(Section):
     lr: float = Field(2e-4, gt=0, le=1.0, description="AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0, le=1.0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, le=1e6, description="Gradient clipping norm.")
-    estimator: Literal["grpo", "drgrpo", "rloo"] = Field(
-        "grpo", description="Group-relative advantage estimator."
+    estimator: Literal["grpo", "drgrpo", "rloo", "reinforce++"] = Field(
+        "grpo",
+        description="Advantage estimator: grpo (group mean and std), drgrpo (group mean), rloo (leave-one-"
+        "out mean), reinforce++ (group mean, one std over the whole batch).",
+    )
+    objective: Literal["ppo", "gspo", "cispo"] = Field(
+        "ppo",
+        description="What the loss clips: ppo (each token's ratio), gspo (each sequence's geometric-mean "
+        "ratio; GSPO clips tightly, e.g. clip_eps 3e-4, clip_eps_high 4e-4), cispo (no token dropped: the "
+        "ratio, clipped and detached, scales each token's policy gradient).",
     )
     correction: Literal["none", "decoupled", "tis"] = Field(
         "decoupled", description="Off-policy correction from behaviour log-probs."

@@ -23,6 +23,7 @@ import ray
 from asyncflow.config import AsyncFlowConfig
 from asyncflow.errors import AsyncFlowError, ConfigError, ControlError, RankDied, WorkerError
 from asyncflow.rundir import RunDir
+from asyncflow.workflow.checks import check
 from asyncflow.workflow.hosts import (
     NAMESPACE,
     ReferenceHost,
@@ -31,7 +32,6 @@ from asyncflow.workflow.hosts import (
     SourceHost,
     TrainerHost,
 )
-from asyncflow.workflow.checks import check
 from asyncflow.workflow.runtime import free_cpus, not_started, placed
 
 log = logging.getLogger("asyncflow")

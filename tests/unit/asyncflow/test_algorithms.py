@@ -28,10 +28,12 @@ METRICS = {
 def test_public_names_are_pinned():
     assert sorted(alg.__all__) == [
         "AGGREGATIONS", "Aggregation", "CORRECTIONS", "Correction", "ESTIMATORS", "Estimator", "KLKind",
-        "KL_KINDS", "aggregate", "chunked_token_logprobs", "entropy", "group_advantages",
-        "importance_ratios", "kl_penalty", "on_grid", "pack", "policy_loss", "token_logprobs", "truncate",
+        "KL_KINDS", "OBJECTIVES", "Objective", "aggregate", "chunked_token_logprobs", "entropy",
+        "group_advantages", "importance_ratios", "kl_penalty", "on_grid", "pack", "policy_loss",
+        "token_logprobs", "truncate",
     ]  # fmt: skip
-    assert alg.ESTIMATORS == ("grpo", "drgrpo", "rloo")
+    assert alg.ESTIMATORS == ("grpo", "drgrpo", "rloo", "reinforce++")
+    assert alg.OBJECTIVES == ("ppo", "gspo", "cispo")
     assert alg.AGGREGATIONS == ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
     assert alg.CORRECTIONS == ("none", "decoupled", "tis")
     assert alg.KL_KINDS == ("k1", "k2", "k3")

@@ -1,0 +1,86 @@
+"""Each policy objective and advantage estimator on the sort example: held-out success before and
+after the same number of async steps, several seeds, one Ray instance.
+
+    .venv/bin/python benchmarks/algorithms.py --steps 150 --seeds 0,1 --json docs/bench-algorithms.json
+    .venv/bin/python benchmarks/algorithms.py --algorithms gspo,cispo --steps 50 --seeds 0   # quick look
+
+An algorithm is a set of `--set` overrides of examples/sort.yaml (ALGORITHMS below); the rest of
+the example (model, warm-start, task, staleness k = 1, decoupled correction) is shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import ray
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from asyncflow.config import load_config  # noqa: E402
+from asyncflow.recipes.grpo import train  # noqa: E402
+from asyncflow.workflow import cpus_needed  # noqa: E402
+
+ALGORITHMS: dict[str, list[str]] = {
+    "grpo": [],
+    "drgrpo": ["trainer.estimator=drgrpo", "trainer.loss_agg=seq-mean-token-sum"],
+    "rloo": ["trainer.estimator=rloo"],
+    "reinforce++": ["trainer.estimator=reinforce++"],
+    "dapo-clip": ["trainer.clip_eps_high=0.28", "reward.overlong_buffer=2"],
+    "gspo": [
+        "trainer.objective=gspo",
+        "trainer.clip_eps=3e-4",
+        "trainer.clip_eps_high=4e-4",
+        "trainer.loss_agg=seq-mean-token-mean",
+    ],  # fmt: skip
+    "cispo": ["trainer.objective=cispo", "trainer.clip_eps=0.9", "trainer.clip_eps_high=0.28"],
+}
+
+
+def run(algorithm: str, seed: int, steps: int, out: Path) -> dict:
+    overrides = [f"output_dir={out}", f"seed={seed}", f"trainer.steps={steps}", "trainer.checkpoint_every=0",
+                 f"dataplane.name=alg-{algorithm}-{seed}", *ALGORITHMS[algorithm]]  # fmt: skip
+    summary = train(load_config(ROOT / "examples" / "sort.yaml", overrides), display=False)
+    return {"algorithm": algorithm, "seed": seed, "before": summary["eval_reward_before"],
+            "after": summary["eval_reward_after"], "seconds": summary["seconds"]}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--algorithms", default=",".join(ALGORITHMS), help="comma-separated names")
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    args = parser.parse_args()
+    names = args.algorithms.split(",")
+    unknown = [n for n in names if n not in ALGORITHMS]
+    if unknown:
+        parser.error(f"unknown algorithm(s) {unknown}; expected some of {list(ALGORITHMS)}")
+    example = load_config(ROOT / "examples" / "sort.yaml", [])
+    ray.init(num_cpus=max(2, round(cpus_needed(example) + 0.5)), include_dashboard=False, log_to_driver=False)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            for seed in (int(s) for s in args.seeds.split(",")):
+                rows.append(run(name, seed, args.steps, Path(tmp)))
+                print(json.dumps(rows[-1]), flush=True)
+    print(f"\n| algorithm | eval before | eval after {args.steps} steps (per seed) | median gain |")
+    print("| --- | --- | --- | --- |")
+    for name in names:
+        mine = [r for r in rows if r["algorithm"] == name]
+        after = " / ".join(f"{r['after']:.3f}" for r in mine)
+        gain = statistics.median(r["after"] - r["before"] for r in mine)
+        print(f"| {name} | {mine[0]['before']:.3f} | {after} | {gain:+.3f} |")
+    if args.json:
+        args.json.write_text(json.dumps({"steps": args.steps, "runs": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
