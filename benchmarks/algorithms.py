@@ -44,7 +44,7 @@ ALGORITHMS: dict[str, list[str]] = {
 
 def run(algorithm: str, seed: int, steps: int, out: Path) -> dict:
     overrides = [f"output_dir={out}", f"seed={seed}", f"trainer.steps={steps}", "trainer.checkpoint_every=0",
-                 f"dataplane.name=alg-{algorithm}-{seed}", *ALGORITHMS[algorithm]]  # fmt: skip
+                 f"dataplane.name=alg-{algorithm.replace('+', 'p')}-{seed}", *ALGORITHMS[algorithm]]  # fmt: skip
     summary = train(load_config(ROOT / "examples" / "sort.yaml", overrides), display=False)
     return {"algorithm": algorithm, "seed": seed, "before": summary["eval_reward_before"],
             "after": summary["eval_reward_after"], "seconds": summary["seconds"]}  # fmt: skip
