@@ -43,8 +43,9 @@ ALGORITHMS: dict[str, list[str]] = {
 
 
 def run(algorithm: str, seed: int, steps: int, out: Path) -> dict:
+    store = f"alg-{algorithm.replace('+', 'p')}-{seed}"  # a store name has no '+'
     overrides = [f"output_dir={out}", f"seed={seed}", f"trainer.steps={steps}", "trainer.checkpoint_every=0",
-                 f"dataplane.name=alg-{algorithm.replace('+', 'p')}-{seed}", *ALGORITHMS[algorithm]]  # fmt: skip
+                 f"dataplane.name={store}", *ALGORITHMS[algorithm]]  # fmt: skip
     summary = train(load_config(ROOT / "examples" / "sort.yaml", overrides), display=False)
     return {"algorithm": algorithm, "seed": seed, "before": summary["eval_reward_before"],
             "after": summary["eval_reward_after"], "seconds": summary["seconds"]}  # fmt: skip
@@ -71,13 +72,16 @@ def main() -> None:
             for seed in (int(s) for s in args.seeds.split(",")):
                 rows.append(run(name, seed, args.steps, Path(tmp)))
                 print(json.dumps(rows[-1]), flush=True)
-    print(f"\n| algorithm | eval before | eval after {args.steps} steps (per seed) | median gain |")
+    print(
+        f"\n| algorithm | eval before (per seed) | eval after {args.steps} steps (per seed) | median gain |"
+    )
     print("| --- | --- | --- | --- |")
     for name in names:
         mine = [r for r in rows if r["algorithm"] == name]
+        before = " / ".join(f"{r['before']:.3f}" for r in mine)
         after = " / ".join(f"{r['after']:.3f}" for r in mine)
         gain = statistics.median(r["after"] - r["before"] for r in mine)
-        print(f"| {name} | {mine[0]['before']:.3f} | {after} | {gain:+.3f} |")
+        print(f"| {name} | {before} | {after} | {gain:+.3f} |")
     if args.json:
         args.json.write_text(json.dumps({"steps": args.steps, "runs": rows}, indent=1) + "\n")
 
