@@ -382,10 +382,17 @@ class Pipeline:
             if role == "rollout":  # versions loaded while a call was generating (partial rollout)
                 out[role]["mid_call_syncs"] = sum(s.get("mid_call_syncs", 0) for s in stats)
                 out[role]["rejected_versions"] = sum(s.get("rejected_versions", 0) for s in stats)
+                out[role].update(_engine_stats(stats))
             if role == "reward":  # calls that raised, hung or returned no finite number
                 out[role]["failures"] = sum(s.get("failures", 0) for s in stats)
-        store = (await self.client.store_stats())["partitions"].get(PARTITION, {})
+        every = await self.client.store_stats()
+        store = every["partitions"].get(PARTITION, {})
         out["queues"] = {name: c["ready"] for name, c in store.get("consumers", {}).items()}
+        out["store"] = {
+            "rows": store.get("rows", 0),
+            "leased_rows": sum(c["leased"] for c in store.get("consumers", {}).values()),
+            "bytes": sum(u.get("bytes", u.get("used_memory", 0)) for u in every.get("units", [])),
+        }  # bytes: field data held by memory units, or the Redis server's used memory
         return out
 
     async def finish(self) -> dict:
@@ -455,6 +462,18 @@ class Pipeline:
                         return "the trainer"
                     return f"{role} {i}" if role.startswith(("rollout", "reward", "trainer")) else role
         return "a worker"
+
+
+def _engine_stats(stats: list[dict]) -> dict:
+    """Rollout's engines together: tokens generated, tokens per busy second, weight loads and the
+    seconds they took."""
+    tokens, busy = sum(s.get("tokens", 0) for s in stats), sum(s["busy_s"] for s in stats)
+    return {
+        "tokens": tokens,
+        "engine_tokens_per_s": tokens / busy if busy > 0 else 0.0,
+        "weight_syncs": sum(s.get("weight_syncs", 0) for s in stats),
+        "weight_sync_s": sum(s.get("sync_s", 0.0) for s in stats),
+    }
 
 
 def _unwrapped(e: Any) -> Exception:
