@@ -4,11 +4,14 @@ on disk."""
 
 from __future__ import annotations
 
+import json
+import re
 import socket
 import time
-import urllib.request
+from pathlib import Path
 
 import pytest
+from readback import scrape, wandb_history  # tests/: on sys.path beside conftest.py
 
 from asyncflow.errors import ConfigError
 from asyncflow.exporters import Point, points
@@ -21,17 +24,6 @@ LINE = {
                 "queues": {"trainer": 128, "reward": 0}},
     "store": {"rows": 300, "bytes": 4096, "leased_rows": 128}, "mode_note": "text is left out",
 }  # fmt: skip
-
-
-def scrape(port: int) -> dict[tuple[str, tuple], float]:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
 
 
 def test_points_name_every_number_of_a_line_once_with_its_labels():
@@ -113,31 +105,28 @@ def test_wandb_offline_run_is_written_to_the_run_directory_without_network(tmp_p
     assert history[1]["queue_ready_rows/trainer"] == 128
 
 
-def wandb_history(path) -> list[dict]:
-    """The history rows of a W&B run file (.wandb: a LevelDB-style log of protobuf records after a
-    7-byte header; records are cut into chunks at 32 KiB block boundaries)."""
-    import json
-    import struct
+DASHBOARD = Path(__file__).parents[3] / "deploy" / "grafana" / "asyncflow.json"
 
-    from wandb.proto import wandb_internal_pb2
 
-    data, block, pos = path.read_bytes(), 32768, 7
-    records, pending = [], b""
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # a block's tail too short for a chunk header is padding
-            pos += block - pos % block
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        pending += data[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):  # FULL, LAST: a whole record
-            records.append(pending)
-            pending = b""
-    rows = []
-    for raw in records:
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(raw)
-        if record.WhichOneof("record_type") == "history":
-            items = record.history.item  # a key with "/" may come as nested_key
-            rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in items})
-    return rows
+def dashboard_metrics() -> set[str]:
+    """The metric names the Grafana dashboard's expressions query (source asyncflow)."""
+    board = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for panel in board["panels"] for t in panel["targets"]]
+    assert exprs and all("${source}_" in e for e in exprs), "every expression picks its source"
+    return {"asyncflow_" + name for e in exprs for name in re.findall(r"\$\{source\}_([a-z0-9_]+)", e)}
+
+
+def test_every_dashboard_expression_names_a_metric_the_exporter_serves():
+    trainer_keys = ["samples", "tokens", "reward_avg10", "is_weight_mean", "is_weight_max", "loss",
+                    "is_truncated_fraction", "mismatch_kl", "logprob_diff_max", "publish_s", "publish_bytes",
+                    "wait_s", "step_s", "tokens_per_s", "trainer_idle_frac", "restarts"]  # fmt: skip
+    line = {**LINE, **{k: 1.0 for k in trainer_keys}}
+    line["workers"] = {**LINE["workers"], "rollout": {**LINE["workers"]["rollout"], "weight_sync_s": 0.5}}
+    sink = Prometheus("127.0.0.1", 0, "toy")
+    try:
+        sink.write(3, points(line))
+        served = {name for name, _ in scrape(sink.port)}
+    finally:
+        sink.close()
+    assert dashboard_metrics() - served == set()
+    assert len(dashboard_metrics()) >= 20
