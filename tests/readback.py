@@ -1,9 +1,13 @@
 """Read a metric sink back the way its own tools do: Prometheus' text format over HTTP, a W&B
-run file. Shared by the exporter tests (unit) and the run tests (integration)."""
+run file; and the metric names the Grafana dashboard queries. Shared by the exporter tests
+(unit) and the run tests (integration)."""
 
 from __future__ import annotations
 
+import json
+import re
 import urllib.request
+from pathlib import Path
 
 
 def scrape(port: int) -> dict[tuple[str, tuple], float]:
@@ -45,3 +49,14 @@ def wandb_history(path) -> list[dict]:
             items = record.history.item  # a key with "/" may come as nested_key
             rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in items})
     return rows
+
+
+DASHBOARD = Path(__file__).parents[1] / "deploy" / "grafana" / "asyncflow.json"
+
+
+def dashboard_metrics() -> set[str]:
+    """The metric names the Grafana dashboard's expressions query (source asyncflow)."""
+    board = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for panel in board["panels"] for t in panel["targets"]]
+    assert exprs and all("${source}_" in e for e in exprs), "every expression picks its source"
+    return {"asyncflow_" + name for e in exprs for name in re.findall(r"\$\{source\}_([a-z0-9_]+)", e)}

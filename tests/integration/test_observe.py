@@ -12,7 +12,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from readback import scrape, wandb_history  # tests/: on sys.path beside conftest.py
+from readback import dashboard_metrics, scrape, wandb_history  # tests/: on sys.path beside conftest.py
 from test_rl_loop import _config, train_in_thread
 
 from asyncflow.cli import main
@@ -76,7 +76,10 @@ def test_prometheus_scraped_during_the_run_shows_each_step_as_metrics_jsonl_has_
         assert scraped[("asyncflow_publish_bytes", run)] == line["publish_bytes"] > 0
         for k, n in line["staleness"].items():
             assert scraped[("asyncflow_staleness_samples", (*run, ("staleness", k)))] == n
-    assert any(name == "asyncflow_worker_idle_frac" for s in seen.values() for name, _ in s)
+    served = {name for s in seen.values() for name, _ in s}
+    # all the dashboard shows but spans (time/... keys come from tracing) and reward components
+    # (the sorting reward has none)
+    assert dashboard_metrics() - served == {"asyncflow_step_time_seconds", "asyncflow_reward_component"}
 
 
 def test_ray_metrics_agent_publishes_the_last_step(runs):

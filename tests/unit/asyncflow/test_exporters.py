@@ -4,14 +4,11 @@ on disk."""
 
 from __future__ import annotations
 
-import json
-import re
 import socket
 import time
-from pathlib import Path
 
 import pytest
-from readback import scrape, wandb_history  # tests/: on sys.path beside conftest.py
+from readback import dashboard_metrics, scrape, wandb_history  # tests/: on sys.path beside conftest.py
 
 from asyncflow.errors import ConfigError
 from asyncflow.exporters import Point, points
@@ -103,17 +100,6 @@ def test_wandb_offline_run_is_written_to_the_run_directory_without_network(tmp_p
     assert [(h["_step"], h["reward_mean"]) for h in history] == [(1, 0.25), (2, 0.5)]
     assert history[0]["step_time_seconds/rollout/generate"] == 0.25
     assert history[1]["queue_ready_rows/trainer"] == 128
-
-
-DASHBOARD = Path(__file__).parents[3] / "deploy" / "grafana" / "asyncflow.json"
-
-
-def dashboard_metrics() -> set[str]:
-    """The metric names the Grafana dashboard's expressions query (source asyncflow)."""
-    board = json.loads(DASHBOARD.read_text())
-    exprs = [t["expr"] for panel in board["panels"] for t in panel["targets"]]
-    assert exprs and all("${source}_" in e for e in exprs), "every expression picks its source"
-    return {"asyncflow_" + name for e in exprs for name in re.findall(r"\$\{source\}_([a-z0-9_]+)", e)}
 
 
 def test_every_dashboard_expression_names_a_metric_the_exporter_serves():
