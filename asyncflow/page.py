@@ -153,19 +153,20 @@ def _shown(value: Any) -> str:
 
 def plots(runs: list[RunData]) -> list[str]:
     """One figure per plot; each run is a series (or a group of series) in it."""
-    reward = {f"{r.label}": r.series("reward_mean") for r in runs}
+    reward = {r.label: r.series("reward_mean") for r in runs}
+    timed = {r.label: r.series("reward_mean", x="elapsed_s") for r in runs}
     for r in runs:  # held-out evals: before the first step, after the last
         before, after = r.summary.get("eval_reward_before"), r.summary.get("eval_reward_after")
-        evals = [(r.metrics[0]["step"] - 1, before)] if before is not None else []
-        evals += [(r.metrics[-1]["step"], after)] if after is not None else []
-        if evals:
-            reward[f"{r.label} eval"] = evals
+        first, last = r.metrics[0], r.metrics[-1]
+        if before is not None or after is not None:
+            at = [(first["step"] - 1, 0.0, before), (last["step"], last.get("elapsed_s", 0.0), after)]
+            reward[f"{r.label} eval"] = [(step, v) for step, _, v in at if v is not None]
+            timed[f"{r.label} eval"] = [(t, v) for _, t, v in at if v is not None]
     figures = [
         ("reward-step", "reward over steps", line_chart(reward, title="reward (and held-out eval)",
                                                         x_label="step", y_label="reward")),
         ("reward-time", "reward over wall time", line_chart(
-            {r.label: r.series("reward_mean", x="elapsed_s") for r in runs},
-            title="reward over wall time", x_label="seconds", y_label="reward")),
+            timed, title="reward (and held-out eval) over wall time", x_label="seconds", y_label="reward")),
         ("throughput", "throughput", line_chart(
             {r.label: r.series("samples_per_s") for r in runs}, title="samples / s (run so far)",
             x_label="step", y_label="samples / s")),
