@@ -11,6 +11,8 @@ checkpoints and a final summary. Everything a resumed run needs is in here.
       reference.safetensors  the warm-started policy (reference for the KL term)
       summary.json           written at the end
       reward.svg             the reward curve
+      tensorboard/, wandb/   the live metric sinks' files (logging.tensorboard, logging.wandb)
+      report.html            `asyncflow report RUN_DIR`'s page (when written here)
 """
 
 from __future__ import annotations

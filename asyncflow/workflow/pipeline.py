@@ -362,8 +362,9 @@ class Pipeline:
     # ------------------------------------------------------------------ reports, the end
 
     async def worker_stats(self) -> dict:
-        """Per role: idle fraction, busy seconds, samples (and mid-call weight loads of rollout,
-        failed calls of reward); and the rows each consumer has ready."""
+        """Per role: idle fraction, busy seconds, samples (and for rollout: mid-call weight loads,
+        engine tokens/s, weight-sync time; for reward: failed calls); the rows each consumer has
+        ready; the store's rows, leased rows and bytes."""
         from workers.samples import PARTITION
 
         roles = {"rollout": self.rollouts, "reward": self.rewards, "reference": self.references}
