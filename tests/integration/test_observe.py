@@ -21,7 +21,7 @@ from asyncflow.rundir import RunDir
 
 pytestmark = pytest.mark.integration
 STEPS = 4
-FAST = [f"trainer.steps={STEPS}", "task.eval_prompts=16", "warmup.steps=5", "trainer.checkpoint_every=0"]
+FAST = [f"trainer.steps={STEPS}", "task.eval_prompts=16", "warmup.steps=0", "trainer.checkpoint_every=0"]
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +47,10 @@ def runs(ray_session, tmp_path_factory):
         time.sleep(0.05)
     runner.join()
     assert "error" not in result, result.get("error")
-    sync = train(_config(out / "sync", *FAST, "mode=sync", "staleness=0"), display=False)
-    return {"async": result, "sync": sync, "scrapes": scrapes, "agent": agent, "out": out}
+    sync = train(
+        _config(out / "sync", *FAST, "mode=sync", "staleness=0", "task.eval_prompts=0"), display=False
+    )
+    return {"async": result, "sync": sync, "scrapes": scrapes, "agent": agent}
 
 
 def ray_agent_metrics() -> dict[str, float]:
