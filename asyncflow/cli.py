@@ -199,16 +199,16 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out_dir", help="where to write the model, its tokenizer and chat template")
     export.add_argument("--step", type=int, help="the checkpoint's step (default: the newest whole one)")
     export.set_defaults(func=_export)
-    demo = sub.add_parser("demo", help="stream samples through the data store with Ray actors")
-    demo.add_argument("--samples", type=int, default=4096, help="samples to stream (default 4096)")
-    demo.add_argument("--group-size", type=int, default=8, help="samples per prompt (default 8)")
-    demo.set_defaults(func=_demo)
     report = sub.add_parser("report", help="a self-contained HTML page of one or more runs, side by side")
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories to show")
     report.add_argument(
         "-o", "--output", metavar="OUT.html", help="where to write it (default: RUN_DIR/report.html)"
     )
     report.set_defaults(func=_report)
+    demo = sub.add_parser("demo", help="stream samples through the data store with Ray actors")
+    demo.add_argument("--samples", type=int, default=4096, help="samples to stream (default 4096)")
+    demo.add_argument("--group-size", type=int, default=8, help="samples per prompt (default 8)")
+    demo.set_defaults(func=_demo)
 
     _cluster_commands(sub)
     return parser
