@@ -219,7 +219,7 @@ def timeline(run: RunData) -> str:
             names.get((e.get("pid"), None), str(e.get("pid"))),
             names.get((e.get("pid"), e.get("tid"))),
         )
-        lane = f"{process} / {thread}" if thread else process
+        lane = f"{process} / {thread}" if thread and thread != process else process
         lanes.setdefault(lane, []).append((e["ts"] / 1e6, e["dur"] / 1e6, str(e.get("name", "?"))))
     svg = timeline_chart(lanes, title=f"{run.label}: the last {TRACE_WINDOW_S:g} s of the trace")
     return _figure(key, f"timeline: {run.label}", svg)
