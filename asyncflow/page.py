@@ -43,7 +43,12 @@ class RunData:
         self.trace = read_trace(run.path / "trace.json")
 
     def series(self, key: str, x: str = "step") -> list[tuple[float, float]]:
-        return [(m[x], m[key]) for m in self.metrics if isinstance(m.get(key), int | float)]
+        number = int | float
+        return [
+            (m[x], m[key])
+            for m in self.metrics
+            if isinstance(m.get(key), number) and isinstance(m.get(x), number)
+        ]
 
     def numbers(self) -> dict[str, float | None]:
         """The summary table's numbers, each taken from metrics.jsonl (evals: summary.json)."""
@@ -163,17 +168,17 @@ def plots(runs: list[RunData]) -> list[str]:
             reward[f"{r.label} eval"] = [(step, v) for step, _, v in at if v is not None]
             timed[f"{r.label} eval"] = [(t, v) for _, t, v in at if v is not None]
     figures = [
-        ("reward-step", "reward over steps", line_chart(reward, title="reward (and held-out eval)",
+        ("reward-step", "reward over steps", _lines(reward, title="reward (and held-out eval)",
                                                         x_label="step", y_label="reward")),
-        ("reward-time", "reward over wall time", line_chart(
+        ("reward-time", "reward over wall time", _lines(
             timed, title="reward (and held-out eval) over wall time", x_label="seconds", y_label="reward")),
-        ("throughput", "throughput", line_chart(
+        ("throughput", "throughput", _lines(
             {r.label: r.series("samples_per_s") for r in runs}, title="samples / s (run so far)",
             x_label="step", y_label="samples / s")),
-        ("staleness", "staleness", line_chart(
+        ("staleness", "staleness", _lines(
             {r.label: _mean_staleness(r) for r in runs}, title="mean staleness of the step's samples",
             x_label="step", y_label="versions behind")),
-        ("idle", "idle per role", line_chart(
+        ("idle", "idle per role", _lines(
             {f"{r.label}: {role}": pts for r in runs for role, pts in r.idle().items() if pts},
             title="idle fraction per role", x_label="step", y_label="idle fraction")),
     ]  # fmt: skip
@@ -187,6 +192,14 @@ def plots(runs: list[RunData]) -> list[str]:
         )
         out.append(_figure(f"time-{i}", f"time breakdown per step: {r.label}", svg))
     return out
+
+
+def _lines(series: dict[str, list[tuple[float, float]]], *, title: str, x_label: str, y_label: str) -> str:
+    """A line chart, or a note when no run has a point of it (a key older runs did not log)."""
+    if not any(series.values()):
+        return f'<p class="none">no data for {escape(title)}</p>'
+    kept = {k: v for k, v in series.items() if v}
+    return line_chart(kept, title=title, x_label=x_label, y_label=y_label)
 
 
 def _mean_staleness(r: RunData) -> list[tuple[float, float]]:

@@ -67,3 +67,11 @@ def test_cli_writes_the_page_into_the_run_directory_and_refuses_a_run_without_st
         page.render([empty.path])
     assert main(["report", str(tmp_path / "nowhere")]) == 2
     assert "is not a run directory" in capsys.readouterr().err
+
+
+def test_a_run_that_logged_fewer_keys_gets_notes_instead_of_plots(tmp_path):
+    run = RunDir.create(load_config(EXAMPLE, [f"output_dir={tmp_path}", "run_name=old"]))
+    run.log({"step": 1, "reward_mean": 0.5, "staleness": {}})  # no rates, idle, times: an older run
+    html = page.render([run.path])
+    assert "no data for samples / s" in html and "no data for idle fraction per role" in html
+    assert html.count("<svg") == 1  # reward over steps; over wall time (no elapsed_s): a note
