@@ -97,7 +97,7 @@ def timeline_chart(
         raise ValueError("timeline_chart needs at least one span")
     t0, t1 = min(s[0] for s in spans), max(s[0] + s[1] for s in spans)
     t1 = t1 if t1 > t0 else t0 + 1
-    left, right, row, top = 180, 16, 24, 64
+    left, right, row, top = 180, 16, 24, 88
     height = top + row * len(lanes) + 40
     sx = lambda t: left + (t - t0) / (t1 - t0) * (width - left - right)  # noqa: E731
     out = [
@@ -111,7 +111,7 @@ def timeline_chart(
     for i, (lane, lane_spans) in enumerate(lanes.items()):
         y = top + i * row
         out.append(f'<text x="{left - 6}" y="{y + 15}" text-anchor="end">{escape(lane)}</text>')
-        for start, dur, label in lane_spans:
+        for start, dur, label in sorted(lane_spans, key=lambda s: -s[1]):  # a span over its parts
             out.append(
                 f'<rect class="span" x="{sx(start):.1f}" y="{y + 3}" '
                 f'width="{max(sx(start + dur) - sx(start), 1):.1f}" '
@@ -122,9 +122,9 @@ def timeline_chart(
         t = t0 + (t1 - t0) * i / 5
         out.append(f'<text x="{sx(t):.1f}" y="{height - 24}" text-anchor="middle">{t - t0:.2f}</text>')
     out.append(f'<text x="{width / 2}" y="{height - 6}" text-anchor="middle">seconds</text>')
-    for i, name in enumerate(names[:8]):  # the legend: a colour per span name, top left
+    for i, name in enumerate(names[:12]):  # the legend: a colour per span name, top left
         out.append(
-            f'<text x="{8 + 90 * (i % 2)}" y="{14 + 12 * (i // 2)}" fill="{color[name]}">'
+            f'<text x="{8 + 120 * (i % 2)}" y="{14 + 12 * (i // 2)}" fill="{color[name]}">'
             f"{escape(name)}</text>"
         )
     out.append("</svg>")
