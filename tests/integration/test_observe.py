@@ -79,9 +79,11 @@ def test_prometheus_scraped_during_the_run_shows_each_step_as_metrics_jsonl_has_
         for k, n in line["staleness"].items():
             assert scraped[("asyncflow_staleness_samples", (*run, ("staleness", k)))] == n
     served = {name for s in seen.values() for name, _ in s}
-    # all the dashboard shows but spans (time/... keys come from tracing) and reward components
-    # (the sorting reward has none)
-    assert dashboard_metrics() - served == {"asyncflow_step_time_seconds", "asyncflow_reward_component"}
+    # all the dashboard shows, but for spans (time/... keys, there when tracing is) and reward
+    # components (the sorting reward has none)
+    assert dashboard_metrics() - served <= {"asyncflow_step_time_seconds", "asyncflow_reward_component"}
+    if any(k.startswith("time/") for k in lines[STEPS]):
+        assert "asyncflow_step_time_seconds" in served
 
 
 def test_ray_metrics_agent_publishes_the_last_step(runs):
@@ -107,13 +109,16 @@ def test_tensorboard_and_wandb_hold_every_step_of_metrics_jsonl(runs):
 
 
 class Dom(HTMLParser):
-    """The rendered page's table cells (by run and key) and, per figure, its series' names."""
+    """The rendered page's table cells (by run and key), per figure its series' names, and the
+    figures that hold timeline spans or bars."""
 
     def __init__(self, text: str):
         super().__init__()
         self.cells: dict[tuple[str, str], str] = {}
         self.series: dict[str, list[str]] = {}
         self.texts: list[str] = []
+        self.spans: set[str] = set()  # figures holding timeline spans
+        self.bars: set[str] = set()  # figures holding bars
         self._cell: tuple[str, str] | None = None
         self._figure = ""
         self.feed(text)
@@ -127,6 +132,8 @@ class Dom(HTMLParser):
             self.cells[self._cell] = ""
         if a.get("class") == "series":
             self.series.setdefault(self._figure, []).append(a["data-series"])
+        if a.get("class") in ("span", "bar"):  # a timeline's span, a time breakdown's bar
+            (self.spans if a["class"] == "span" else self.bars).add(self._figure)
 
     def handle_data(self, data):
         self.texts.append(data)
@@ -161,7 +168,12 @@ def test_report_page_renders_in_a_browser_with_the_numbers_of_metrics_jsonl(runs
     for plot in ("reward-step", "reward-time", "throughput", "staleness"):
         assert set(labels) <= set(doc.series[plot]), (plot, doc.series.get(plot))
     assert any(s.endswith(": trainer") for s in doc.series["idle"])
-    assert any("no trace" in t for t in doc.texts)  # these runs wrote no trace.json
+    for i, run_dir in enumerate(dirs):  # a timeline of the trace, or a note that there is none
+        traced = (Path(run_dir) / "trace.json").exists()
+        assert (f"timeline-{Path(run_dir).name}" in doc.spans) == traced
+        assert any(t == "no trace (no trace.json)" for t in doc.texts) or traced
+        timed = any(k.startswith("time/") for k in RunDir(run_dir).metrics()[-1])
+        assert (f"time-{i}" in doc.bars) == timed
     shot = tmp_path / "page.png"
     subprocess.run(
         [*browse, f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120, check=True
