@@ -369,11 +369,13 @@ class Pipeline:
 
         roles = {"rollout": self.rollouts, "reward": self.rewards, "reference": self.references}
         out: dict[str, Any] = {}
+        engines: list[dict] = []  # the rollout workers' stats: their engines' totals
         for role, actors in roles.items():
             replies = await asyncio.gather(*(a.stats.remote() for a in actors), return_exceptions=True)
             stats = [s for s in replies if isinstance(s, dict) and s]
             if not stats:
                 continue
+            engines += stats if role == "rollout" else []
             busy, idle = sum(s["busy_s"] for s in stats), sum(s["idle_s"] for s in stats)
             out[role] = {
                 "idle_frac": idle / max(busy + idle, 1e-9),
@@ -383,18 +385,27 @@ class Pipeline:
             if role == "rollout":  # versions loaded while a call was generating (partial rollout)
                 out[role]["mid_call_syncs"] = sum(s.get("mid_call_syncs", 0) for s in stats)
                 out[role]["rejected_versions"] = sum(s.get("rejected_versions", 0) for s in stats)
-                out[role].update(_engine_stats(stats))
             if role == "reward":  # calls that raised, hung or returned no finite number
                 out[role]["failures"] = sum(s.get("failures", 0) for s in stats)
+        store = (await self.client.store_stats())["partitions"].get(PARTITION, {})
+        out["queues"] = {name: c["ready"] for name, c in store.get("consumers", {}).items()}
+        if engines:
+            out["rollout"].update(_engine_stats(engines))
+        out["store"] = await self.store_totals()
+        return out
+
+    async def store_totals(self) -> dict:
+        """The store's rows and leased rows of this run's samples partition, and the bytes it holds
+        (field data of the memory units, or the Redis server's used memory)."""
+        from workers.samples import PARTITION
+
         every = await self.client.store_stats()
         store = every["partitions"].get(PARTITION, {})
-        out["queues"] = {name: c["ready"] for name, c in store.get("consumers", {}).items()}
-        out["store"] = {
+        return {
             "rows": store.get("rows", 0),
             "leased_rows": sum(c["leased"] for c in store.get("consumers", {}).values()),
             "bytes": sum(u.get("bytes", u.get("used_memory", 0)) for u in every.get("units", [])),
-        }  # bytes: field data held by memory units, or the Redis server's used memory
-        return out
+        }
 
     async def finish(self) -> dict:
         """The run ended: what is left untrained, then drop the partition (its rows live on in the
