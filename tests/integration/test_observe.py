@@ -27,12 +27,27 @@ FAST = [f"trainer.steps={STEPS}", "task.eval_prompts=16", "warmup.steps=0", "tra
 @pytest.fixture(scope="module")
 def runs(ray_session, tmp_path_factory):
     """An async run with every sink on (Prometheus scraped while it trains) and a sync run."""
+    out = tmp_path_factory.mktemp("observe")
+    for attempt in range(3):  # a free port may be taken before the run binds it (a busy machine)
+        result, scrapes, agent = observed_run(out / f"async-{attempt}")
+        if "logging.prometheus_port" not in str(result.get("error", "")):
+            break
+    assert "error" not in result, result.get("error")
+    sync = train(
+        _config(out / "sync", *FAST, "mode=sync", "staleness=0", "task.eval_prompts=0"), display=False
+    )
+    return {"async": result, "sync": sync, "scrapes": scrapes, "agent": agent}
+
+
+def observed_run(out: Path) -> tuple[dict, list[dict], dict[str, float]]:
+    """Train with every sink on; scrape /metrics while it trains, and Ray's agent until it shows
+    the last step. Returns the run's summary (or error), the scrapes and the agent's metrics."""
     from conftest import free_port
 
-    port, out = free_port(), tmp_path_factory.mktemp("observe")
+    port = free_port()
     sinks = [f"logging.prometheus_port={port}", "logging.ray_metrics=true", "logging.tensorboard=true",
              "logging.wandb=true", "run_name=observed"]  # fmt: skip
-    runner, result = train_in_thread(_config(out / "async", *FAST, *sinks))
+    runner, result = train_in_thread(_config(out, *FAST, *sinks))
     scrapes, agent, polled, deadline = [], {}, 0.0, float("inf")
     while runner.is_alive() or (agent.get("ray_asyncflow_step") != STEPS and time.monotonic() < deadline):
         if runner.is_alive():
@@ -40,17 +55,15 @@ def runs(ray_session, tmp_path_factory):
                 scrapes.append(scrape(port))
             except OSError:
                 pass  # not serving yet
+        elif "error" in result:
+            break
         elif deadline == float("inf"):
             deadline = time.monotonic() + 60  # the agent may export the last step a little later
         if time.monotonic() - polled > 1:  # Ray's agent exports what it was sent every few seconds
             agent, polled = ray_agent_metrics(), time.monotonic()
         time.sleep(0.05)
     runner.join()
-    assert "error" not in result, result.get("error")
-    sync = train(
-        _config(out / "sync", *FAST, "mode=sync", "staleness=0", "task.eval_prompts=0"), display=False
-    )
-    return {"async": result, "sync": sync, "scrapes": scrapes, "agent": agent}
+    return result, scrapes, agent
 
 
 def ray_agent_metrics() -> dict[str, float]:
