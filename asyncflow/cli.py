@@ -12,6 +12,7 @@ asyncflow jobs status|logs|stop JOB_ID             follow a submitted job
 asyncflow ctl VERB [VALUE] [--name NAME]           steer a live run: status, metrics, pause, resume,
                                                    set-staleness K, scale-rollout N, checkpoint, stop
 asyncflow render-k8s CONFIG [-o DIR]               KubeRay, Redis and config manifests for Kubernetes
+asyncflow report RUN_DIR [RUN_DIR ...] [-o OUT]    one HTML page of runs' metrics, side by side
 """
 
 from __future__ import annotations
@@ -165,6 +166,13 @@ def _render_k8s(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from asyncflow import page
+
+    print(page.write(args.run_dirs, args.output))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="asyncflow", description="Asynchronous streaming RL post-training.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -191,6 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out_dir", help="where to write the model, its tokenizer and chat template")
     export.add_argument("--step", type=int, help="the checkpoint's step (default: the newest whole one)")
     export.set_defaults(func=_export)
+    report = sub.add_parser("report", help="a self-contained HTML page of one or more runs, side by side")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories to show")
+    report.add_argument(
+        "-o", "--output", metavar="OUT.html", help="where to write it (default: RUN_DIR/report.html)"
+    )
+    report.set_defaults(func=_report)
     demo = sub.add_parser("demo", help="stream samples through the data store with Ray actors")
     demo.add_argument("--samples", type=int, default=4096, help="samples to stream (default 4096)")
     demo.add_argument("--group-size", type=int, default=8, help="samples per prompt (default 8)")

@@ -8,6 +8,7 @@ from collections import deque
 from typing import Any
 
 from asyncflow.config import AsyncFlowConfig
+from asyncflow.exporters import open_exporters
 from asyncflow.plot import line_chart
 from asyncflow.rundir import RunDir
 
@@ -21,6 +22,7 @@ class Report:
         self.started = time.perf_counter()
         self.workers: dict[str, str] = {}  # the live view's lines about workers
         self.restarts = 0  # of the whole run, after a trainer rank died
+        self.exporters = open_exporters(config, run.path)  # the live sinks of `logging`
 
     def step(self, step: int, m: dict, workers: dict | None) -> dict:
         """Complete a step's metrics (rates, averages; `workers`: the pipeline's worker stats, when
@@ -34,9 +36,12 @@ class Report:
             step=step, elapsed_s=round(elapsed, 3), samples_per_s=self.samples / elapsed,
             tokens_per_s=self.tokens / elapsed, reward_avg10=sum(self.recent) / len(self.recent),
             trainer_idle_frac=self.trainer_wait_s / elapsed,
-            staleness={str(k): v for k, v in m["staleness"].items()},
+            staleness={str(k): v for k, v in m["staleness"].items()}, restarts=self.restarts,
         )  # fmt: skip
         if workers is not None:
+            workers = dict(workers)
+            if "store" in workers:
+                m["store"] = workers.pop("store")  # rows, leased rows, bytes
             m["workers"] = workers
             self.workers = {
                 **{
@@ -48,7 +53,12 @@ class Report:
                 "queues (ready rows)": "  ".join(f"{k} {v}" for k, v in workers["queues"].items()),
             }
         self.run.log(m)
+        self.exporters.write(m)
         return m
+
+    def close(self) -> None:
+        """Stop the live sinks (the /metrics endpoint, event files, the W&B run)."""
+        self.exporters.close()
 
     def plot(self, before: float | None, after: float | None) -> None:
         """reward.svg: the training reward per step, its 10-step mean, and the held-out evals."""

@@ -9,6 +9,8 @@ checkpoints and a final summary. Everything a resumed run needs is in here.
       checkpoints/step_N/    store/ (rows in flight), trainer/ (model, optimizer), state.json,
                              manifest.json (each file's size and SHA-256); written whole or not at all
       reference.safetensors  the warm-started policy (reference for the KL term)
+      tensorboard/, wandb/   the live metric sinks' files (logging.tensorboard, logging.wandb)
+      report.html            `asyncflow report RUN_DIR`'s page (when written here)
       summary.json           written at the end
       reward.svg             the reward curve
 """

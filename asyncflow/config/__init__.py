@@ -16,6 +16,7 @@ from pydantic import Field, ValidationError, model_validator
 from asyncflow.config._base import Section
 from asyncflow.config.deploy import DeployConfig
 from asyncflow.config.flow import FlowConfig
+from asyncflow.config.observe import LoggingConfig
 from asyncflow.config.rl import (
     Lora,
     LoraConfig,
@@ -39,6 +40,7 @@ __all__ = [
     "DataPlaneConfig",
     "DeployConfig",
     "FlowConfig",
+    "LoggingConfig",
     "Lora",
     "LoraConfig",
     "ModelConfig",
@@ -124,6 +126,10 @@ class AsyncFlowConfig(Section):
     )
     deploy: DeployConfig = Field(
         default_factory=DeployConfig, description="Ray job submission and Kubernetes; the run ignores it."
+    )
+    logging: LoggingConfig = Field(
+        default_factory=LoggingConfig,
+        description="Live metric sinks beside metrics.jsonl: Prometheus, Ray metrics, TensorBoard, W&B.",
     )
 
     def public(self) -> dict[str, Any]:

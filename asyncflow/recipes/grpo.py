@@ -222,6 +222,8 @@ def train(
             f"stopped by SIGTERM without a final checkpoint (none within sigterm_grace_s = "
             f"{config.sigterm_grace_s:g} s); continue {_where(run)} with: asyncflow run --resume {run.path}"
         ) from None
+    finally:
+        runner.report.close()
 
 
 def _where(run: RunDir) -> str:

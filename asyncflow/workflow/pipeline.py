@@ -362,17 +362,20 @@ class Pipeline:
     # ------------------------------------------------------------------ reports, the end
 
     async def worker_stats(self) -> dict:
-        """Per role: idle fraction, busy seconds, samples (and mid-call weight loads of rollout,
-        failed calls of reward); and the rows each consumer has ready."""
+        """Per role: idle fraction, busy seconds, samples (and for rollout: mid-call weight loads,
+        engine tokens/s, weight-sync time; for reward: failed calls); the rows each consumer has
+        ready; the store's rows, leased rows and bytes."""
         from workers.samples import PARTITION
 
         roles = {"rollout": self.rollouts, "reward": self.rewards, "reference": self.references}
         out: dict[str, Any] = {}
+        engines: list[dict] = []  # the rollout workers' stats: their engines' totals
         for role, actors in roles.items():
             replies = await asyncio.gather(*(a.stats.remote() for a in actors), return_exceptions=True)
             stats = [s for s in replies if isinstance(s, dict) and s]
             if not stats:
                 continue
+            engines += stats if role == "rollout" else []
             busy, idle = sum(s["busy_s"] for s in stats), sum(s["idle_s"] for s in stats)
             out[role] = {
                 "idle_frac": idle / max(busy + idle, 1e-9),
@@ -386,7 +389,23 @@ class Pipeline:
                 out[role]["failures"] = sum(s.get("failures", 0) for s in stats)
         store = (await self.client.store_stats())["partitions"].get(PARTITION, {})
         out["queues"] = {name: c["ready"] for name, c in store.get("consumers", {}).items()}
+        if engines:
+            out["rollout"].update(_engine_stats(engines))
+        out["store"] = await self.store_totals()
         return out
+
+    async def store_totals(self) -> dict:
+        """The store's rows and leased rows of this run's samples partition, and the bytes it holds
+        (field data of the memory units, or the Redis server's used memory)."""
+        from workers.samples import PARTITION
+
+        every = await self.client.store_stats()
+        store = every["partitions"].get(PARTITION, {})
+        return {
+            "rows": store.get("rows", 0),
+            "leased_rows": sum(c["leased"] for c in store.get("consumers", {}).values()),
+            "bytes": sum(u.get("bytes", u.get("used_memory", 0)) for u in every.get("units", [])),
+        }
 
     async def finish(self) -> dict:
         """The run ended: what is left untrained, then drop the partition (its rows live on in the
@@ -455,6 +474,18 @@ class Pipeline:
                         return "the trainer"
                     return f"{role} {i}" if role.startswith(("rollout", "reward", "trainer")) else role
         return "a worker"
+
+
+def _engine_stats(stats: list[dict]) -> dict:
+    """Rollout's engines together: tokens generated, tokens per busy second, weight loads and the
+    seconds they took."""
+    tokens, busy = sum(s.get("tokens", 0) for s in stats), sum(s["busy_s"] for s in stats)
+    return {
+        "tokens": tokens,
+        "engine_tokens_per_s": tokens / busy if busy > 0 else 0.0,
+        "weight_syncs": sum(s.get("weight_syncs", 0) for s in stats),
+        "weight_sync_s": sum(s.get("sync_s", 0.0) for s in stats),
+    }
 
 
 def _unwrapped(e: Any) -> Exception:
