@@ -259,17 +259,32 @@ class RolloutHost(Host):
 
 class RewardHost(Host):
     def make(self, store: Any) -> Any:
-        from workers.policy import make_reward_fn
         from workers.reward import RewardWorker
 
         r, max_new = self.config.reward, self.config.rollout.max_new_tokens
         return RewardWorker(
-            make_reward_fn(self.config.task), self.kind, store, timeout_s=r.timeout_s,
+            self.reward_fn(), self.kind, store, timeout_s=r.timeout_s,
             failure_reward=r.failure_reward, batch_rows=r.batch_rows,
             get_timeout_s=self.config.dataplane.get_timeout_s,
             per_group=self.config.rollout.n if r.per_group else 0,
             overlong=(max_new, r.overlong_buffer, r.overlong_penalty) if r.overlong_buffer else None,
         )  # fmt: skip
+
+    def reward_fn(self) -> Any:
+        """The task's reward function, or the reward processes that serve it (reward.isolation)."""
+        from workers.policy import make_reward_fn
+        from workers.reward_pool import RewardProcesses
+
+        r, task = self.config.reward, self.config.task
+        if r.isolation == "thread" or (r.isolation == "auto" and task.reward_options):
+            return make_reward_fn(task)
+        return RewardProcesses(
+            task.reward, task.reward_options, processes=r.processes, memory_limit_mb=r.memory_limit_mb
+        )
+
+    async def _build(self) -> None:
+        await super()._build()
+        await self._worker.start()  # the reward processes load the function now, not on the first call
 
     async def run(self) -> None:
         await (await self.worker()).run()
