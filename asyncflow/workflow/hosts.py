@@ -243,6 +243,17 @@ class RolloutHost(Host):
     async def sync_weights(self, min_version: int = 0) -> int:
         return await (await self.worker()).sync_weights(min_version)
 
+    async def probe(self) -> dict:
+        """Health: a tiny generation on the engine; its seconds (`probe_s`) and the longest engine
+        call so far. {} while the worker is still being built or holds no weights yet."""
+        worker = self._worker
+        if worker is None or worker.engine.version < 0:
+            return {}
+        return {
+            "probe_s": await worker.probe(self.task.example(0)),
+            "longest_call_s": worker.stats["longest_call_s"],
+        }
+
     async def evaluate(self, count: int, min_version: int) -> float:
         """Mean reward on `count` held-out prompts with weights >= min_version."""
         from workers.policy import make_reward_fn
