@@ -35,6 +35,7 @@ class Health:
         self.pipe, self.config = pipe, config
         self.longest: dict[Any, float] = {}  # actor -> the longest engine call it reported
         self.replaced = 0  # workers killed for not answering
+        self.restarting: set[Any] = set()  # killed, and not heard from since: not killed again
 
     async def run(self) -> None:
         while True:
@@ -50,10 +51,12 @@ class Health:
             reply = call.result()
             if reply:
                 self.longest[actor] = reply["longest_call_s"]
+            self.restarting.discard(actor)
             return True
         call.cancel()
-        if actor not in self.pipe.rollouts:  # removed meanwhile (scaled down)
+        if actor not in self.pipe.rollouts or actor in self.restarting:  # scaled down, or dying
             return True
+        self.restarting.add(actor)
         self.replaced += 1
         name = self.pipe.role_of(actor._actor_id.hex())
         log.warning("%s did not answer a health probe within %.0f s: restarting it", name, deadline)

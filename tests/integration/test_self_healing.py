@@ -21,8 +21,9 @@ pytestmark = pytest.mark.integration
 
 def test_a_reward_that_hangs_on_some_samples_is_killed_and_the_run_finishes(ray_session, tmp_path):
     config = _config(
-        tmp_path, "trainer.steps=4", "task.eval_prompts=0", "trainer.checkpoint_every=0",
-        "task.reward=faulty_rewards:hangs_sometimes", "reward.isolation=process", "reward.timeout_s=0.5",
+        tmp_path, "trainer.steps=4", "task.eval_prompts=0", "trainer.checkpoint_every=0", "warmup.steps=5",
+        "task.reward=tests.integration.faulty_rewards:hangs_sometimes", "reward.isolation=process",
+        "reward.timeout_s=0.5",
     )  # fmt: skip
     summary = train(config, display=False)
     assert summary["steps"] == 4
@@ -35,7 +36,7 @@ def test_a_rollout_engine_that_stops_answering_is_replaced(ray_session, tmp_path
     import ray
 
     config = _config(
-        tmp_path, "trainer.steps=30", "task.eval_prompts=0", "trainer.checkpoint_every=0",
+        tmp_path, "trainer.steps=30", "task.eval_prompts=0", "trainer.checkpoint_every=0", "warmup.steps=5",
         "rollout.groups_per_call=4", "dataplane.lease_s=5",
         "rollout.health.every_s=1", "rollout.health.timeout_s=4",
     )  # fmt: skip
@@ -61,3 +62,18 @@ def test_a_rollout_engine_that_stops_answering_is_replaced(ray_session, tmp_path
             os.kill(pid, signal.SIGKILL)  # our own stopped process, should the test fail before
         except ProcessLookupError:
             pass
+
+
+def test_a_reward_pool_that_holds_the_trainer_back_grows(ray_session, tmp_path):
+    config = _config(
+        tmp_path, "trainer.steps=8", "task.eval_prompts=0", "trainer.checkpoint_every=0", "warmup.steps=5",
+        "task.reward=tests.integration.faulty_rewards:slow", "reward.processes=1",
+        "reward.autoscale.max=2", "reward.autoscale.every_steps=2",
+    )  # fmt: skip
+    summary = train(config, display=False)
+    assert summary["steps"] == 8
+    assert_exactly_once(summary)
+    sizes = [
+        m["workers"]["reward"]["workers"] for m in RunDir(summary["run_dir"]).metrics() if "workers" in m
+    ]
+    assert sizes[0] == 1 and sizes[-1] == 2, sizes
