@@ -19,8 +19,8 @@ class AutoscaleConfig(Section):
         0,
         ge=0,
         le=10_000_000,
-        description="Rows ready for the pool (waiting for it) above which it may grow, when the trainer "
-        "also waited for its batch (0: one trainer batch, trainer.batch_prompts x rollout.n rows).",
+        description="Rows ready for the pool (waiting for it) from which on it may grow, when the trainer "
+        "also waited for its batch (0: half a trainer batch, trainer.batch_prompts x rollout.n / 2 rows).",
     )
     trainer_wait_frac: float = Field(
         0.2,

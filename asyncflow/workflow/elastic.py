@@ -29,8 +29,9 @@ def decide(
 ) -> int:  # fmt: skip
     """The pool's next size. `idle_frac`: of its workers' time since the last decision; `queue_rows`:
     rows ready for it now; `trainer_wait_frac`: of the trainer's time spent waiting for its batch;
-    `batch_rows`: one trainer batch (the queue that counts as long when grow_queue_rows is 0)."""
-    long_queue = queue_rows >= (bounds.grow_queue_rows or batch_rows)
+    `batch_rows`: one trainer batch (half of it is a long queue when grow_queue_rows is 0: with
+    admission bounding the rows in flight, a queue seldom holds a whole batch)."""
+    long_queue = queue_rows >= (bounds.grow_queue_rows or max(batch_rows // 2, 1))
     if trainer_wait_frac >= bounds.trainer_wait_frac and long_queue and idle_frac < bounds.shrink_idle_frac:
         size += 1
     elif idle_frac >= bounds.shrink_idle_frac:
