@@ -106,7 +106,18 @@ def serve(conn: Connection, setup: dict) -> None:
             sys.exit(OUT_OF_MEMORY_EXIT)
 
 
+def die_with_parent() -> None:
+    """Ask Linux to kill this process when the worker that started it dies (prctl PR_SET_PDEATHSIG):
+    a hung call must not outlive a killed worker."""
+    if sys.platform == "linux":
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+
+
 def main(fd: int) -> None:
+    die_with_parent()
     conn = Connection(fd)
     try:
         serve(conn, unpack(conn.recv_bytes()))

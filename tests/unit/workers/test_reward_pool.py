@@ -107,3 +107,37 @@ async def test_the_worker_records_a_killed_call_as_a_failure_and_goes_on():
         assert worker.stats["restarts"] == 1
     finally:
         worker.close()
+
+
+def test_a_reward_process_dies_with_the_worker_that_started_it(tmp_path):
+    """A worker killed mid-call (SIGKILL: no close) leaves no hung reward process behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    script = (
+        "import asyncio, sys\n"
+        "from workers.reward_pool import RewardProcesses\n"
+        "async def main():\n"
+        "    pool = RewardProcesses('pool_rewards:hangs', processes=1)\n"
+        "    await pool.start()\n"
+        "    print(next(iter(pool._live)).proc.pid, flush=True)\n"
+        "    await pool.call(['p', 'hang', '1'], '', 3600)\n"
+        "asyncio.run(main())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    worker = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
+    child = int(worker.stdout.readline())
+    time.sleep(0.2)  # the call is in flight
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.wait()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    os.kill(child, signal.SIGKILL)
+    pytest.fail("the reward process outlived its worker")
