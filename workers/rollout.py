@@ -175,7 +175,8 @@ class RolloutWorker:
         """A health probe: one sample for one prompt, beside any call in flight; returns its seconds."""
         start = time.perf_counter()
         prompt = self.kind.prompts([example])[self.kind.prompt_field][0]
-        await self.engine.generate([self.kind.request("probe", prompt, 1, self.params)])
+        request_id = f"probe{time.monotonic_ns()}"  # unique: an engine may still run an earlier one
+        await self.engine.generate([self.kind.request(request_id, prompt, 1, self.params)])
         return time.perf_counter() - start
 
     async def evaluate(self, examples: list[Any], reward_fn: Any, per_group: bool = False) -> float:
