@@ -11,7 +11,7 @@ from asyncflow.config._base import Section
 class AutoscaleConfig(Section):
     """`autoscale: {min, max}`: the pool's size moves between min and max, one worker at a time,
     decided between trainer steps. It grows while the trainer waits for data and rows queue up in
-    front of the pool; it shrinks while its workers sit idle."""
+    front of the pool; it shrinks while it would still sit idle with one worker fewer."""
 
     min: int = Field(1, ge=1, le=1024, description="Fewest workers.")
     max: int = Field(4, ge=1, le=1024, description="Most workers.")
@@ -33,8 +33,8 @@ class AutoscaleConfig(Section):
         0.6,
         gt=0,
         le=1,
-        description="The pool shrinks when its workers were idle (waiting for rows) this fraction of the "
-        "time since the last decision, or more.",
+        description="The pool shrinks when its workers would still be idle (waiting for rows) this "
+        "fraction of the time, or more, with one worker fewer doing the same work.",
     )
     every_steps: int = Field(5, ge=1, le=1_000_000, description="Trainer steps between two decisions.")
 
@@ -48,7 +48,8 @@ class AutoscaleConfig(Section):
 class HealthConfig(Section):
     """Health probes of the rollout engines (async mode): every `every_s` each rollout worker runs a
     tiny generation; one that gets no answer within the deadline has its actor restarted (its leased
-    rows return to the store once their lease expires, and another worker generates them)."""
+    rows return to the store once their lease expires, and another worker generates them). A worker
+    whose engine has not answered yet (starting, or restarted) has `start_timeout_s` instead."""
 
     every_s: float = Field(10.0, ge=0, le=86_400, description="Seconds between two probes (0: no probes).")
     timeout_s: float = Field(

@@ -2,7 +2,8 @@
 
 `decide` is the rule, a pure function: a pool grows by one while the trainer waits for its
 batch and rows queue up in front of that pool (they are ready for it and it has not taken
-them), and shrinks by one while its workers sit idle; it stays within its autoscale bounds.
+them), and shrinks by one while it would still sit idle with one worker fewer; it stays
+within its autoscale bounds.
 `Autoscaler` feeds it what happened since its last decision (the trainer's waits, the
 pools' busy and idle seconds, the store's queues) every `autoscale.every_steps` steps and
 applies the sizes through the pipeline's scaling methods, the path the steering verbs
@@ -12,6 +13,7 @@ applies the sizes through the pipeline's scaling methods, the path the steering 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +22,9 @@ import ray
 
 from asyncflow.config import AsyncFlowConfig
 from asyncflow.config.pools import AutoscaleConfig
-from asyncflow.errors import ControlError
+from asyncflow.errors import AsyncFlowError, ControlError
+
+log = logging.getLogger("asyncflow")
 
 
 def decide(
@@ -32,9 +36,11 @@ def decide(
     `batch_rows`: one trainer batch (half of it is a long queue when grow_queue_rows is 0: with
     admission bounding the rows in flight, a queue seldom holds a whole batch)."""
     long_queue = queue_rows >= (bounds.grow_queue_rows or max(batch_rows // 2, 1))
+    # idle with one worker fewer, the same work spread over them: shrinking never makes it a bottleneck
+    idle_after = 1 - (1 - idle_frac) * size / (size - 1) if size > 1 else 0.0
     if trainer_wait_frac >= bounds.trainer_wait_frac and long_queue and idle_frac < bounds.shrink_idle_frac:
         size += 1
-    elif idle_frac >= bounds.shrink_idle_frac:
+    elif idle_after >= bounds.shrink_idle_frac:
         size -= 1
     return min(max(size, bounds.min), bounds.max)
 
@@ -51,13 +57,14 @@ class Autoscaler:
         self.every = min((b.every_steps for b in self.bounds.values()), default=1)
         self._window()
         self.seen: dict[str, tuple[float, float]] = {}  # role -> (busy_s, idle_s) at the last decision
+        self.resizing: dict[str, asyncio.Task] = {}  # role -> its resize in flight
 
     def _window(self) -> None:
         self.steps, self.wait_s, self.since = 0, 0.0, time.monotonic()
 
     async def after_step(self, metrics: dict, workers: dict | None) -> dict[str, int]:
-        """Count the step; every `every_steps` steps (with fresh worker stats) resize the pools.
-        Returns the pools whose size changed, with their new size."""
+        """Count the step; every `every_steps` steps (with fresh worker stats) decide the pools' sizes
+        and start resizing those that change (in the background). Returns them, with their new size."""
         if not self.bounds:
             return {}
         self.steps += 1
@@ -75,10 +82,19 @@ class Autoscaler:
                 trainer_wait_frac=trainer_wait, queue_rows=workers["queues"].get(role, 0),
                 batch_rows=self.batch_rows,
             )  # fmt: skip
-            if size != stats["workers"]:
-                changed[role] = await self.scale[role](size)
+            resizing = self.resizing.get(role)
+            if size != stats["workers"] and (resizing is None or resizing.done()):
+                # in the background: new workers take seconds to start, the trainer need not wait
+                self.resizing[role] = asyncio.ensure_future(self._resize(role, size))
+                changed[role] = size
         self._window()
         return changed
+
+    async def _resize(self, role: str, size: int) -> None:
+        try:
+            await self.scale[role](size)
+        except AsyncFlowError as e:  # no room for one more: the pool keeps its size, the run goes on
+            log.warning("autoscale: %s pool not resized to %d: %s", role, size, e)
 
     def _idle_frac(self, role: str, stats: dict) -> float:
         """The pool's idle fraction since the last decision (over the whole run when a worker left)."""

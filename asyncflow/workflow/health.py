@@ -29,38 +29,52 @@ def deadline_s(config: HealthConfig, longest_call_s: float) -> float:
 
 
 class Health:
-    """Probes the rollout workers of `pipe` (asyncflow.workflow.Pipeline) until cancelled."""
+    """Probes the rollout workers of `pipe` (asyncflow.workflow.Pipeline) until cancelled. A worker
+    whose engine has not answered a probe yet (starting, or restarted) gets `start_timeout_s`."""
 
-    def __init__(self, pipe: Any, config: HealthConfig):
-        self.pipe, self.config = pipe, config
-        self.longest: dict[Any, float] = {}  # actor -> the longest engine call it reported
+    def __init__(self, pipe: Any, config: HealthConfig, start_timeout_s: float):
+        self.pipe, self.config, self.start_timeout_s = pipe, config, start_timeout_s
+        self.longest: dict[Any, float] = {}  # actor -> the longest engine call of its working engine
         self.replaced = 0  # workers killed for not answering
-        self.restarting: set[Any] = set()  # killed, and not heard from since: not killed again
 
     async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.every_s)
-            await asyncio.gather(*(self.probe(actor) for actor in list(self.pipe.rollouts)))
+        """Probe every worker every `every_s`; a worker still answering a probe is not asked again,
+        so one slow worker holds up no other's probe."""
+        probes: dict[Any, asyncio.Task] = {}
+        try:
+            while True:
+                await asyncio.sleep(self.config.every_s)
+                for actor, task in list(probes.items()):
+                    if task.done():
+                        del probes[actor]
+                        task.result()  # a bug in the probing itself stops the run
+                for actor in self.pipe.rollouts:
+                    if actor not in probes:
+                        probes[actor] = asyncio.ensure_future(self.probe(actor))
+        finally:
+            for task in probes.values():
+                task.cancel()
 
     async def probe(self, actor: Any) -> bool:
         """Probe one worker; False if it did not answer in time (it is then killed for a restart)."""
-        deadline = deadline_s(self.config, self.longest.get(actor, 0.0))
+        known = actor in self.longest
+        deadline = deadline_s(self.config, self.longest[actor]) if known else self.start_timeout_s
         call = asyncio.ensure_future(_answer(actor.probe.remote()))
         done, _ = await asyncio.wait([call], timeout=deadline)
         if done:
             reply = call.result()
             if reply:
                 self.longest[actor] = reply["longest_call_s"]
-            self.restarting.discard(actor)
+            else:  # still building its engine, or restarting: not a working engine yet
+                self.longest.pop(actor, None)
             return True
         call.cancel()
-        if actor not in self.pipe.rollouts or actor in self.restarting:  # scaled down, or dying
+        if actor not in self.pipe.rollouts:  # scaled down meanwhile
             return True
-        self.restarting.add(actor)
         self.replaced += 1
         name = self.pipe.role_of(actor._actor_id.hex())
         log.warning("%s did not answer a health probe within %.0f s: restarting it", name, deadline)
-        self.longest.pop(actor, None)  # the new engine reports its own calls
+        self.longest.pop(actor, None)  # the new engine has start_timeout_s to answer
         ray.kill(actor, no_restart=False)
         return False
 

@@ -69,7 +69,7 @@ class Pipeline:
         self.loops: dict[Any, asyncio.Future] = {}  # async mode: actor -> the task supervising it
         self.next_rollout = r.num_workers  # fresh actor names for added workers
         self.paused = False
-        self.health = Health(self, r.health)  # probes of the rollout engines (async mode)
+        self.health = Health(self, r.health, config.start_timeout_s)  # probes of the engines (async mode)
         self.autoscaler = Autoscaler(config, {"rollout": self.scale_rollout, "reward": self.scale_reward})
         self.client: Any = None  # the driver's store client (dataplane.client.StoreClient)
 

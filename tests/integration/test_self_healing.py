@@ -47,6 +47,7 @@ def test_a_rollout_engine_that_stops_answering_is_replaced(ray_session, tmp_path
         if found and len(found[0].read_text().splitlines()) >= 5:
             break
         time.sleep(0.1)
+    time.sleep(3)  # probes (every second) have found its engine working: its deadline is the probe's
     victim = ray.get_actor(f"{config.dataplane.name}.rollout0", namespace="asyncflow")
     pid = ray.get(victim.start.remote())
     os.kill(pid, signal.SIGSTOP)  # the only rollout worker: alive to Ray, answering nothing
