@@ -41,12 +41,14 @@ def test_a_rollout_engine_that_stops_answering_is_replaced(ray_session, tmp_path
         "rollout.health.every_s=1", "rollout.health.timeout_s=4",
     )  # fmt: skip
     runner, result = train_in_thread(config)
-    deadline = time.monotonic() + 120
+    deadline, metrics = time.monotonic() + 180, Path()
     while time.monotonic() < deadline and not result:
         found = list(Path(tmp_path).glob("*/metrics.jsonl"))
         if found and len(found[0].read_text().splitlines()) >= 5:
+            metrics = found[0]
             break
         time.sleep(0.1)
+    assert metrics.exists(), f"the run did not reach step 5: {result}"
     time.sleep(3)  # probes (every second) have found its engine working: its deadline is the probe's
     victim = ray.get_actor(f"{config.dataplane.name}.rollout0", namespace="asyncflow")
     pid = ray.get(victim.start.remote())
