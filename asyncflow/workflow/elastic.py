@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import ray
@@ -48,8 +48,10 @@ def decide(
 class Autoscaler:
     """Decides and applies the pools' sizes between steps, for the pools that have autoscale bounds."""
 
-    def __init__(self, config: AsyncFlowConfig, scale: dict[str, Callable[[int], Any]]):
-        """`scale`: role -> the pipeline's coroutine function that resizes that pool."""
+    def __init__(self, config: AsyncFlowConfig, scale: Mapping[str, Callable[[int], Any]], loops: dict):
+        """`scale`: role -> the pipeline's coroutine function that resizes that pool; `loops`: the
+        pipeline's background tasks, where a resize runs (so that stopping the streams stops it)."""
+        self.loops = loops
         bounds = {"rollout": config.rollout.autoscale, "reward": config.reward.autoscale}
         self.bounds = {role: b for role, b in bounds.items() if b is not None}
         self.scale = scale
@@ -85,10 +87,18 @@ class Autoscaler:
             resizing = self.resizing.get(role)
             if size != stats["workers"] and (resizing is None or resizing.done()):
                 # in the background: new workers take seconds to start, the trainer need not wait
-                self.resizing[role] = asyncio.ensure_future(self._resize(role, size))
+                task = self.resizing[role] = asyncio.ensure_future(self._resize(role, size))
+                self.loops[("resize", role)] = task
+                task.add_done_callback(self._done)
                 changed[role] = size
         self._window()
         return changed
+
+    def _done(self, task: asyncio.Task) -> None:
+        """A resize that ended leaves the pipeline's tasks (one that failed stays: the run reports it)."""
+        for key, running in list(self.loops.items()):
+            if running is task and (task.cancelled() or task.exception() is None):
+                del self.loops[key]
 
     async def _resize(self, role: str, size: int) -> None:
         try:
@@ -124,6 +134,9 @@ async def resize(
                 f"a new {what} did not start within {start_timeout_s:.0f} s: the cluster has no room for it; "
                 "add nodes, or lower its num_cpus"
             ) from None
+        except BaseException:  # cancelled (the run stops) or failed: it never joins the pool
+            ray.kill(actor)
+            raise
         actors.append(actor)
         if supervise is not None:
             loops[actor] = asyncio.ensure_future(supervise(actor))

@@ -70,7 +70,8 @@ class Pipeline:
         self.next_rollout = r.num_workers  # fresh actor names for added workers
         self.paused = False
         self.health = Health(self, r.health, config.start_timeout_s)  # probes of the engines (async mode)
-        self.autoscaler = Autoscaler(config, {"rollout": self.scale_rollout, "reward": self.scale_reward})
+        scale = {"rollout": self.scale_rollout, "reward": self.scale_reward}
+        self.autoscaler = Autoscaler(config, scale, self.loops)  # rollout/reward.autoscale
         self.client: Any = None  # the driver's store client (dataplane.client.StoreClient)
 
     def _spawn(

@@ -69,14 +69,14 @@ def test_a_rollout_engine_that_stops_answering_is_replaced(ray_session, tmp_path
 
 def test_a_reward_pool_that_holds_the_trainer_back_grows(ray_session, tmp_path):
     config = _config(
-        tmp_path, "trainer.steps=8", "task.eval_prompts=0", "trainer.checkpoint_every=0", "warmup.steps=5",
+        tmp_path, "trainer.steps=30", "task.eval_prompts=0", "trainer.checkpoint_every=0", "warmup.steps=5",
         "task.reward=tests.integration.faulty_rewards:slow", "reward.processes=1",
         "reward.autoscale.max=2", "reward.autoscale.every_steps=2",
     )  # fmt: skip
     summary = train(config, display=False)
-    assert summary["steps"] == 8
+    assert summary["steps"] == 30
     assert_exactly_once(summary)
     sizes = [
         m["workers"]["reward"]["workers"] for m in RunDir(summary["run_dir"]).metrics() if "workers" in m
     ]
-    assert sizes[0] == 1 and sizes[-1] == 2, sizes
+    assert sizes[0] == 1 and max(sizes) == 2, sizes  # it grew (a new worker takes seconds to join)

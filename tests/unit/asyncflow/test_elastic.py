@@ -55,7 +55,8 @@ async def test_the_autoscaler_decides_every_few_steps_from_the_window_since_its_
         sizes.append(n)
         return n
 
-    scaler = Autoscaler(config, {"reward": scale})
+    loops: dict = {}
+    scaler = Autoscaler(config, {"reward": scale}, loops)
     busy_trainer = {"wait_s": 0.0}
     stats = {"workers": 1, "busy_s": 10.0, "idle_s": 0.0, "idle_frac": 0.0}
     workers = {"reward": stats, "queues": {"reward": 100}}
@@ -64,8 +65,9 @@ async def test_the_autoscaler_decides_every_few_steps_from_the_window_since_its_
     waiting = {"wait_s": 1e6}  # it waited the whole time; 100 rows queue for reward (a batch is 32)
     assert await scaler.after_step(waiting, workers) == {}
     assert await scaler.after_step(waiting, workers) == {"reward": 2}
-    await scaler.resizing["reward"]  # applied in the background
-    assert sizes == [2]
+    assert list(loops) == [("resize", "reward")]  # applied in the background, stopped with the streams
+    await scaler.resizing["reward"]
+    assert sizes == [2] and not loops
     idle = {"workers": 2, "busy_s": 11.0, "idle_s": 9.0, "idle_frac": 0.45}  # 90% idle since then
     workers = {"reward": idle, "queues": {"reward": 0}}
     await scaler.after_step(busy_trainer, workers)
