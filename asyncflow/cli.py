@@ -120,6 +120,11 @@ def _jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+# What `asyncflow ctl` does to a live run (asyncflow.control's verbs, as commands).
+CTL_VERBS = ("status", "metrics", "pause", "resume", "set-staleness", "scale-rollout", "scale-reward",
+             "checkpoint", "stop")  # fmt: skip
+
+
 def _ctl(args: argparse.Namespace) -> int:
     import json
 
@@ -232,15 +237,10 @@ def _cluster_commands(sub: Any) -> None:
     jobs.add_argument("--follow", action="store_true", help="logs: keep printing until the job ends")
     jobs.add_argument("--wait", type=float, metavar="SECONDS", help="status: wait up to SECONDS for the end")
     jobs.set_defaults(func=_jobs)
-    verbs = ["status", "metrics", "pause", "resume", "set-staleness", "scale-rollout", "scale-reward",
-             "checkpoint", "stop"]  # fmt: skip
     ctl = sub.add_parser("ctl", help="steer a live run (from any process of its Ray cluster)")
-    ctl.add_argument("verb", choices=verbs)
+    ctl.add_argument("verb", choices=CTL_VERBS)
     ctl.add_argument(
-        "value",
-        nargs="?",
-        type=int,
-        help="set-staleness K, scale-rollout/scale-reward N (metrics: after step)",
+        "value", nargs="?", type=int, help="set-staleness K, scale-rollout/-reward N (metrics: after step)"
     )
     ctl.add_argument("--name", default="asyncflow", help="the run's dataplane.name (default: asyncflow)")
     ctl.add_argument(
