@@ -10,7 +10,8 @@ asyncflow submit CONFIG --address URL [--set ...]  run it as a job on a Ray clus
                  [--resume RUN_DIR | --resume-if-exists]  ... continuing a run
 asyncflow jobs status|logs|stop JOB_ID             follow a submitted job
 asyncflow ctl VERB [VALUE] [--name NAME]           steer a live run: status, metrics, pause, resume,
-                                                   set-staleness K, scale-rollout N, checkpoint, stop
+                                                   set-staleness K, scale-rollout N, scale-reward N,
+                                                   checkpoint, stop
 asyncflow render-k8s CONFIG [-o DIR]               KubeRay, Redis and config manifests for Kubernetes
 asyncflow report RUN_DIR [RUN_DIR ...] [-o OUT]    one HTML page of runs' metrics, side by side
 """
@@ -120,12 +121,17 @@ def _jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+# What `asyncflow ctl` does to a live run (asyncflow.control's verbs, as commands).
+CTL_VERBS = ("status", "metrics", "pause", "resume", "set-staleness", "scale-rollout", "scale-reward",
+             "checkpoint", "stop")  # fmt: skip
+
+
 def _ctl(args: argparse.Namespace) -> int:
     import json
 
     from asyncflow.control import Client
 
-    needs_value = args.verb in ("set-staleness", "scale-rollout")
+    needs_value = args.verb in ("set-staleness", "scale-rollout", "scale-reward")
     if needs_value != (args.value is not None) and args.verb != "metrics":
         raise ConfigError(
             f"asyncflow ctl {args.verb} {'needs a number, e.g. 2' if needs_value else 'takes no value'}"
@@ -245,11 +251,10 @@ def _cluster_commands(sub: Any) -> None:
     jobs.add_argument("--follow", action="store_true", help="logs: keep printing until the job ends")
     jobs.add_argument("--wait", type=float, metavar="SECONDS", help="status: wait up to SECONDS for the end")
     jobs.set_defaults(func=_jobs)
-    verbs = ["status", "metrics", "pause", "resume", "set-staleness", "scale-rollout", "checkpoint", "stop"]
     ctl = sub.add_parser("ctl", help="steer a live run (from any process of its Ray cluster)")
-    ctl.add_argument("verb", choices=verbs)
+    ctl.add_argument("verb", choices=CTL_VERBS)
     ctl.add_argument(
-        "value", nargs="?", type=int, help="set-staleness K, scale-rollout N (metrics: after step)"
+        "value", nargs="?", type=int, help="set-staleness K, scale-rollout/-reward N (metrics: after step)"
     )
     ctl.add_argument("--name", default="asyncflow", help="the run's dataplane.name (default: asyncflow)")
     ctl.add_argument(

@@ -31,7 +31,7 @@ import ray
 from asyncflow.errors import ControlError
 from asyncflow.workflow import NAMESPACE
 
-VERBS = ("pause", "resume", "set_staleness", "scale_rollout", "checkpoint", "stop")
+VERBS = ("pause", "resume", "set_staleness", "scale_rollout", "scale_reward", "checkpoint", "stop")
 
 
 def control_name(store: str) -> str:
@@ -257,6 +257,12 @@ class Steering:
             raise ControlError(f"rollout workers must be an int in 1..1024, got {n!r}")
         return {"rollout_workers": await self.pipe.scale_rollout(n)}
 
+    async def scale_reward(self, n: int) -> dict:
+        """Add or remove reward workers, as scale_rollout does rollout workers."""
+        if not isinstance(n, int) or not 1 <= n <= 1024:
+            raise ControlError(f"reward workers must be an int in 1..1024, got {n!r}")
+        return {"reward_workers": await self.pipe.scale_reward(n)}
+
     async def checkpoint(self) -> dict:
         path = await self.pipe.checkpoint(self.step)
         return {"step": self.step, "checkpoint": str(path)}
@@ -273,6 +279,7 @@ class Client:
         client.pause(); client.resume()
         client.set_staleness(0)           # on-policy from the next step on
         client.scale_rollout(2)           # add (or remove) rollout workers
+        client.scale_reward(2)            # add (or remove) reward workers
         client.checkpoint()               # a checkpoint now; returns its path
         client.stop()                     # checkpoint and end; `asyncflow run --resume RUN_DIR` continues
 
@@ -343,6 +350,9 @@ class Client:
 
     def scale_rollout(self, n: int) -> dict:
         return self._request("scale_rollout", n)
+
+    def scale_reward(self, n: int) -> dict:
+        return self._request("scale_reward", n)
 
     def checkpoint(self) -> dict:
         return self._request("checkpoint")

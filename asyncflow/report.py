@@ -45,7 +45,7 @@ class Report:
             m["workers"] = workers
             self.workers = {
                 **{
-                    r: f"idle {v['idle_frac']:.0%}  samples {v['samples']}"
+                    r: f"workers {v['workers']}  idle {v['idle_frac']:.0%}  samples {v['samples']}"
                     + (f"  failures {v['failures']}" if v.get("failures") else "")
                     for r, v in workers.items()
                     if r != "queues"

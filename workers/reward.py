@@ -6,18 +6,17 @@ A reward function returns a number, or a dict of named parts whose sum is the re
 trainer as `reward/<name>`. DAPO's overlong penalty (`reward.overlong_buffer`) is one more
 part, added here from the response's length in tokens.
 
-Each call runs in a thread with a deadline: a reward that raises, hangs or is not a finite
-number (NaN, inf) is recorded as a failure (its error text in `reward_error`,
-`failure_reward` as the reward), never a dead run. A hung call's thread cannot be killed
-from Python; it is abandoned and counted, and the pool has spare threads so that the next
-calls still run.
+Each call has a deadline: a reward that raises, hangs, runs out of memory or is not a finite
+number (NaN, inf) is recorded as a failure (its error text in `reward_error`, `failure_reward`
+as the reward), never a dead run. The function runs either in reward processes
+(workers/reward_pool.py: a hung call's process is killed and replaced, memory is capped) or,
+given a plain callable, in a thread: a hung thread cannot be killed from Python, so it is
+abandoned and counted, and the pool has spare threads so that the next calls still run.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
-import inspect
 import json
 import math
 import time
@@ -26,6 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from asyncflow.errors import WorkerError
+from workers.reward_child import takes_info, with_info
+from workers.reward_pool import RewardFailed, RewardProcesses
 from workers.samples import REWARD, REWARD_FIELDS, fill, idle, serve, take, work_through
 
 if TYPE_CHECKING:  # the seams' protocols and classes, for the type checker
@@ -52,27 +54,6 @@ def parts_of(value: Any) -> tuple[float, dict[str, float]]:
     return total, parts
 
 
-def takes_info(reward_fn: Any) -> bool:
-    """Whether `reward_fn` takes the record's metadata as an `info` keyword (or **kwargs)."""
-    try:
-        params = inspect.signature(reward_fn).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    return any(p.name == "info" or p.kind is p.VAR_KEYWORD for p in params)
-
-
-def with_info(reward_fn: Any, info: Any) -> Any:
-    """`reward_fn` with its `info` keyword bound to the decoded metadata: a dict per sample, or a
-    list of them for a group."""
-
-    def decode(text: str) -> dict:
-        return json.loads(text) if text else {}
-
-    return functools.partial(
-        reward_fn, info=[decode(i) for i in info] if isinstance(info, list) else decode(info)
-    )
-
-
 def overlong(length: int, max_tokens: int, buffer: int, penalty: float) -> float:
     """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13): 0 up to max_tokens - buffer tokens,
     then falling linearly to -penalty at max_tokens."""
@@ -94,35 +75,52 @@ class RewardWorker:
         per_group: int = 0,
         overlong: tuple[int, int, float] | None = None,
     ):
-        """`per_group`: the group size n when the reward function scores a whole group per call
-        (lists in, a list out), 0 for one call per sample. `overlong`: (max_new_tokens, buffer,
-        penalty) of DAPO's overlong penalty, None for none."""
+        """`reward_fn`: the function, called in a thread, or RewardProcesses serving it. `per_group`:
+        the group size n when the reward function scores a whole group per call (lists in, a list
+        out), 0 for one call per sample. `overlong`: (max_new_tokens, buffer, penalty) of DAPO's
+        overlong penalty, None for none."""
         self.reward_fn, self.kind, self.store = reward_fn, kind, store
         self.timeout_s, self.failure_reward, self.batch_rows = timeout_s, failure_reward, batch_rows
         self.get_timeout_s, self.per_group, self.overlong = get_timeout_s, per_group, overlong
-        self.takes_info = takes_info(reward_fn)
+        self.processes = reward_fn if isinstance(reward_fn, RewardProcesses) else None
+        self.takes_info = self.processes is None and takes_info(reward_fn)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="reward")
         self.stats: dict[str, float] = {
             "samples": 0,
             "failures": 0,
             "timeouts": 0,
+            "restarts": 0,  # reward processes replaced (killed past the deadline, out of memory, dead)
             "busy_s": 0.0,
             "idle_s": 0.0,
         }
 
     async def _call(self, *args: Any, info: Any = "") -> tuple[Any, str]:
         """(what the reward function returned, "") or (None, why it failed)."""
+        try:
+            if self.processes is not None:
+                try:
+                    return await self.processes.call(list(args), info, self.timeout_s), ""
+                finally:
+                    self.stats["restarts"] = self.processes.restarts
+            return await self._in_thread(args, info), ""
+        except TimeoutError:
+            self.stats["timeouts"] += 1
+            return None, f"timed out after {self.timeout_s:g} s"
+        except RewardFailed as e:
+            return None, str(e)
+        except WorkerError:  # the reward processes cannot start: the run stops with the cause
+            raise
+        except Exception as e:  # the user's reward function failed: record it, keep the run going
+            return None, f"{type(e).__name__}: {e}"[:500]
+
+    async def _in_thread(self, args: tuple, info: Any) -> Any:
         loop = asyncio.get_running_loop()
         fn = with_info(self.reward_fn, info) if self.takes_info else self.reward_fn
         call = loop.run_in_executor(self._pool, fn, *args)
         done, _ = await asyncio.wait([call], timeout=self.timeout_s)  # wait_for would cancel-and-hang
         if not done:
-            self.stats["timeouts"] += 1
-            return None, f"timed out after {self.timeout_s:g} s"
-        try:
-            return call.result(), ""
-        except Exception as e:  # the user's reward function failed: record it, keep the run going
-            return None, f"{type(e).__name__}: {e}"[:500]
+            raise TimeoutError(self.timeout_s)
+        return call.result()
 
     def _scored(self, value: Any, error: str) -> Scored:
         if not error:
@@ -222,5 +220,12 @@ class RewardWorker:
             timeout_s=self.get_timeout_s, **self._read,
         )  # fmt: skip
 
+    async def start(self) -> None:
+        """Start the reward processes, if any (a reward that cannot load fails here)."""
+        if self.processes is not None:
+            await self.processes.start()
+
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.processes is not None:
+            self.processes.close()

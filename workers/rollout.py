@@ -61,6 +61,7 @@ class RolloutWorker:
             "sync_s": 0.0,
             "mid_call_syncs": 0,  # versions loaded while a call was generating (partial rollout)
             "rejected_versions": 0,  # versions whose received bytes differed from the published ones
+            "longest_call_s": 0.0,  # the longest engine call: what a health probe's deadline allows for
         }
         self.rejected = -1  # the newest version refused; it is not pulled again
 
@@ -116,7 +117,9 @@ class RolloutWorker:
         requests = [
             self.kind.request(f"{batch['prompt_index'][i]}", prompts[i], self.n, self.params) for i in heads
         ]
+        called = time.perf_counter()
         completions = await self._generate(requests)
+        self.stats["longest_call_s"] = max(self.stats["longest_call_s"], time.perf_counter() - called)
         order = {(int(batch["prompt_index"][i]), int(batch["sample_index"][i])): i for i in range(len(batch))}
         rows: list[Any] = [None] * len(batch)
         for c in completions:
@@ -167,6 +170,14 @@ class RolloutWorker:
 
     async def close(self) -> None:
         await self.engine.close()
+
+    async def probe(self, example: Any) -> float:
+        """A health probe: one sample for one prompt, beside any call in flight; returns its seconds."""
+        start = time.perf_counter()
+        prompt = self.kind.prompts([example])[self.kind.prompt_field][0]
+        request_id = f"probe{time.monotonic_ns()}"  # unique: an engine may still run an earlier one
+        await self.engine.generate([self.kind.request(request_id, prompt, 1, self.params)])
+        return time.perf_counter() - start
 
     async def evaluate(self, examples: list[Any], reward_fn: Any, per_group: bool = False) -> float:
         """Mean reward of one sample per held-out prompt, with the current weights."""

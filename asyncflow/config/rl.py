@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from asyncflow.config._base import Section
+from asyncflow.config.pools import AutoscaleConfig, HealthConfig
 
 # vLLM's CPU attention kernels take these head sizes only; keeping the torch engine to the
 # same set means a model that trains here also serves there.
@@ -242,6 +243,8 @@ class RolloutConfig(Section):
     max_restarts: int = Field(
         2, ge=0, le=100, description="Times a dead worker is restarted before the run fails."
     )
+    health: HealthConfig = Field(default_factory=HealthConfig, description="Health probes of the engines.")
+    autoscale: AutoscaleConfig | None = Field(None, description="Elastic pool bounds (unset: fixed size).")
 
     @model_validator(mode="after")
     def _abort_needs_vllm(self) -> RolloutConfig:
@@ -277,6 +280,19 @@ class RewardConfig(Section):
     )
     overlong_penalty: float = Field(1.0, gt=0, le=1e6, description="The overlong penalty at max_new_tokens.")
     num_cpus: float = Field(0.25, gt=0, le=1024, description="Ray CPUs reserved per worker.")
+    isolation: Literal["auto", "process", "thread"] = Field(
+        "auto",
+        description="Where calls run: process (reward processes; a hung call's process is killed, memory "
+        "is capped), thread (in the worker; a hung call is abandoned), or auto: process, except for a "
+        "reward made from task.reward_options (a model loaded once and batched in torch), which runs in "
+        "a thread.",
+    )
+    processes: int = Field(2, ge=1, le=256, description="Reward processes per worker; calls run in parallel.")
+    memory_limit_mb: int = Field(
+        1024, ge=0, le=1 << 24, description="Memory a reward process may add past what it holds once its "
+        "function is loaded (address space, RLIMIT_AS); a call past it fails (0: no limit).",
+    )  # fmt: skip
+    autoscale: AutoscaleConfig | None = Field(None, description="Elastic pool bounds (unset: fixed size).")
 
 
 class ReferenceConfig(Section):

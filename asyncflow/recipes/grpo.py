@@ -159,6 +159,9 @@ class Run:
             workers = await self.pipe.worker_stats()
         m = self.report.step(step, m, workers)
         self.view.update(m, self.report.workers)
+        resized = await self.pipe.autoscaler.after_step(m, workers)  # rollout/reward.autoscale
+        if resized:
+            self.view.note("autoscale: " + ", ".join(f"{role} workers -> {n}" for role, n in resized.items()))
         every = self.config.trainer.checkpoint_every
         if every and step % every == 0:
             await self.checkpoint(step)

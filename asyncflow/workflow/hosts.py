@@ -243,6 +243,17 @@ class RolloutHost(Host):
     async def sync_weights(self, min_version: int = 0) -> int:
         return await (await self.worker()).sync_weights(min_version)
 
+    async def probe(self) -> dict:
+        """Health: a tiny generation on the engine; its seconds (`probe_s`) and the longest engine
+        call so far. {} while the worker is still being built or holds no weights yet."""
+        worker = self._worker
+        if worker is None or worker.engine.version < 0:
+            return {}
+        return {
+            "probe_s": await worker.probe(self.task.example(0)),
+            "longest_call_s": worker.stats["longest_call_s"],
+        }
+
     async def evaluate(self, count: int, min_version: int) -> float:
         """Mean reward on `count` held-out prompts with weights >= min_version."""
         from workers.policy import make_reward_fn
@@ -259,17 +270,32 @@ class RolloutHost(Host):
 
 class RewardHost(Host):
     def make(self, store: Any) -> Any:
-        from workers.policy import make_reward_fn
         from workers.reward import RewardWorker
 
         r, max_new = self.config.reward, self.config.rollout.max_new_tokens
         return RewardWorker(
-            make_reward_fn(self.config.task), self.kind, store, timeout_s=r.timeout_s,
+            self.reward_fn(), self.kind, store, timeout_s=r.timeout_s,
             failure_reward=r.failure_reward, batch_rows=r.batch_rows,
             get_timeout_s=self.config.dataplane.get_timeout_s,
             per_group=self.config.rollout.n if r.per_group else 0,
             overlong=(max_new, r.overlong_buffer, r.overlong_penalty) if r.overlong_buffer else None,
         )  # fmt: skip
+
+    def reward_fn(self) -> Any:
+        """The task's reward function, or the reward processes that serve it (reward.isolation)."""
+        from workers.policy import make_reward_fn
+        from workers.reward_pool import RewardProcesses
+
+        r, task = self.config.reward, self.config.task
+        if r.isolation == "thread" or (r.isolation == "auto" and task.reward_options):
+            return make_reward_fn(task)
+        return RewardProcesses(
+            task.reward, task.reward_options, processes=r.processes, memory_limit_mb=r.memory_limit_mb
+        )
+
+    async def _build(self) -> None:
+        await super()._build()
+        await self._worker.start()  # the reward processes load the function now, not on the first call
 
     async def run(self) -> None:
         await (await self.worker()).run()

@@ -24,6 +24,8 @@ from asyncflow.config import AsyncFlowConfig
 from asyncflow.errors import AsyncFlowError, ConfigError, ControlError, RankDied, WorkerError
 from asyncflow.rundir import RunDir
 from asyncflow.workflow.checks import check
+from asyncflow.workflow.elastic import Autoscaler, resize
+from asyncflow.workflow.health import Health
 from asyncflow.workflow.hosts import (
     NAMESPACE,
     ReferenceHost,
@@ -61,14 +63,15 @@ class Pipeline:
         self.trainers = [self._rank(i) for i in range(config.trainer.num_ranks)]
         self.trainer = self.trainers[0]  # rank 0: its step's metrics are the run's
         self.rollouts = [self._rollout(i) for i in range(r.num_workers)]
-        self.rewards = [
-            self._spawn(RewardHost, "reward", i, num_cpus=config.reward.num_cpus, restarts=2)
-            for i in range(config.reward.num_workers)
-        ]
+        self.next_reward = 0  # fresh actor names for added workers
+        self.rewards = [self._reward() for _ in range(config.reward.num_workers)]
         self.references: list[Any] = []
         self.loops: dict[Any, asyncio.Future] = {}  # async mode: actor -> the task supervising it
         self.next_rollout = r.num_workers  # fresh actor names for added workers
         self.paused = False
+        self.health = Health(self, r.health, config.start_timeout_s)  # probes of the engines (async mode)
+        scale = {"rollout": self.scale_rollout, "reward": self.scale_reward}
+        self.autoscaler = Autoscaler(config, scale, self.loops)  # rollout/reward.autoscale
         self.client: Any = None  # the driver's store client (dataplane.client.StoreClient)
 
     def _spawn(
@@ -237,6 +240,8 @@ class Pipeline:
         for actor in [*self.streamers, self.source]:
             restarts = self.config.rollout.max_restarts if actor in self.rollouts else 0
             self.loops[actor] = asyncio.ensure_future(self._supervise(actor, restarts))
+        if self.config.rollout.health.every_s:  # engines that stop answering are restarted
+            self.loops["health"] = asyncio.ensure_future(self.health.run())
 
     async def stop_streams(self) -> None:
         # Stop admitting first: a source cancelled inside a put would leave rows in the store
@@ -345,6 +350,16 @@ class Pipeline:
             ray.kill(actor)
         return len(self.rollouts)
 
+    async def scale_reward(self, n: int) -> int:
+        """Add or remove reward workers (a removed one's leased rows go back to the store)."""
+        loop = (lambda actor: self._supervise(actor, 0)) if self.config.mode == "async" else None
+        return await resize(self.rewards, n, self._reward, "reward worker", loops=self.loops, supervise=loop)
+
+    def _reward(self) -> Any:
+        self.next_reward += 1
+        r = self.config.reward
+        return self._spawn(RewardHost, "reward", self.next_reward - 1, num_cpus=r.num_cpus, restarts=2)
+
     async def checkpoint(self, step: int) -> Path:
         """Model, optimizer, version, every row in the store and the prompt cursor, consistently: the
         source is paused (no put in flight) and the trainer is between steps. Written whole or not
@@ -378,15 +393,19 @@ class Pipeline:
             engines += stats if role == "rollout" else []
             busy, idle = sum(s["busy_s"] for s in stats), sum(s["idle_s"] for s in stats)
             out[role] = {
+                "workers": len(actors),
                 "idle_frac": idle / max(busy + idle, 1e-9),
                 "busy_s": busy,
+                "idle_s": idle,
                 "samples": sum(s["samples"] for s in stats),
             }
             if role == "rollout":  # versions loaded while a call was generating (partial rollout)
                 out[role]["mid_call_syncs"] = sum(s.get("mid_call_syncs", 0) for s in stats)
                 out[role]["rejected_versions"] = sum(s.get("rejected_versions", 0) for s in stats)
+                out[role]["replaced"] = self.health.replaced  # engines that stopped answering
             if role == "reward":  # calls that raised, hung or returned no finite number
-                out[role]["failures"] = sum(s.get("failures", 0) for s in stats)
+                for key in ("failures", "timeouts", "restarts"):  # restarts: reward processes replaced
+                    out[role][key] = sum(s.get(key, 0) for s in stats)
         store = (await self.client.store_stats())["partitions"].get(PARTITION, {})
         out["queues"] = {name: c["ready"] for name, c in store.get("consumers", {}).items()}
         if engines:

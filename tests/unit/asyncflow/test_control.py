@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from asyncflow.control import RunControl
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -50,10 +52,11 @@ async def test_the_end_refuses_queued_and_later_commands():
     assert board.calls == 0
 
 
-def test_ctl_refuses_a_verb_without_its_value_before_joining_any_cluster():
-    run = [sys.executable, "-m", "asyncflow.cli", "ctl", "scale-rollout"]
+@pytest.mark.parametrize("verb", ["scale-rollout", "scale-reward"])
+def test_ctl_refuses_a_verb_without_its_value_before_joining_any_cluster(verb):
+    run = [sys.executable, "-m", "asyncflow.cli", "ctl", verb]
     out = subprocess.run(run, capture_output=True, text=True, cwd=ROOT)
-    assert out.returncode == 2 and "scale-rollout needs a number" in out.stderr
+    assert out.returncode == 2 and f"{verb} needs a number" in out.stderr
 
 
 def test_submit_checks_the_config_and_its_place_before_sending_anything(tmp_path):

@@ -62,3 +62,27 @@ async def test_a_version_refused_mid_call_is_not_retried_and_the_call_goes_on():
     assert {v for c in out for v in c.versions} == {0}
     assert worker.stats["rejected_versions"] == 1 and worker.stats["mid_call_syncs"] == 0
     assert engine.version == 0
+
+
+async def test_a_health_probe_answers_beside_a_call_in_flight():
+    from asyncflow.config import ModelConfig, RolloutConfig
+    from asyncflow.tasks.sorting import SortDigits
+    from workers.kinds import TokenKind
+    from workers.policy import make_tokenizer
+
+    task = SortDigits()
+    tokenizer = make_tokenizer(task)
+    kind = TokenKind(tokenizer, ModelConfig(), RolloutConfig(max_new_tokens=4))
+    model = build_model(len(tokenizer), seed=0)
+    engine = TorchEngine(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=PAD_ID, version=0)
+    worker = RolloutWorker(
+        engine, None, None, n=2, groups_per_call=4, params=kind.params(), kind=kind  # no store, no weights
+    )  # fmt: skip
+    prompt = kind.prompts([task.example(0)])[kind.prompt_field][0]
+    call = asyncio.ensure_future(
+        engine.generate([kind.request(f"{i}", prompt, 2, worker.params) for i in range(8)])
+    )
+    await asyncio.sleep(0)  # the call is decoding
+    seconds = await worker.probe(task.example(1))
+    assert 0 < seconds < 30
+    assert len(await call) == 16  # the call in flight is not disturbed
