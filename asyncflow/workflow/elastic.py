@@ -23,6 +23,7 @@ import ray
 from asyncflow.config import AsyncFlowConfig
 from asyncflow.config.pools import AutoscaleConfig
 from asyncflow.errors import AsyncFlowError, ControlError
+from asyncflow.workflow.runtime import free_cpus
 
 log = logging.getLogger("asyncflow")
 
@@ -131,8 +132,8 @@ async def resize(
         except TimeoutError:
             ray.kill(actor)
             raise ControlError(
-                f"a new {what} did not start within {start_timeout_s:.0f} s: the cluster has no room for it; "
-                "add nodes, or lower its num_cpus"
+                f"a new {what} did not start within {start_timeout_s:.0f} s: the cluster has no room for it "
+                f"({free_cpus()}); add nodes, or lower its num_cpus"
             ) from None
         except BaseException:  # cancelled (the run stops) or failed: it never joins the pool
             ray.kill(actor)

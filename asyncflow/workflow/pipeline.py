@@ -21,7 +21,7 @@ from typing import Any
 import ray
 
 from asyncflow.config import AsyncFlowConfig
-from asyncflow.errors import AsyncFlowError, ConfigError, ControlError, RankDied, WorkerError
+from asyncflow.errors import AsyncFlowError, ConfigError, RankDied, WorkerError
 from asyncflow.rundir import RunDir
 from asyncflow.workflow.checks import check
 from asyncflow.workflow.elastic import Autoscaler, resize
@@ -321,34 +321,18 @@ class Pipeline:
             self.source.set_staleness.remote(k), *(t.set_staleness.remote(k) for t in self.trainers)
         )
 
-    async def scale_rollout(self, n: int, start_timeout_s: float = 120.0) -> int:
+    async def scale_rollout(self, n: int) -> int:
         """Add or remove rollout workers. A removed worker is closed and killed; rows it held go
         back to the store and another worker generates them."""
-        while len(self.rollouts) < n:
-            actor = self._rollout(self.next_rollout)
-            self.next_rollout += 1
-            try:
-                await asyncio.wait_for(self._ask(actor.start.remote()), start_timeout_s)
-            except TimeoutError:
-                ray.kill(actor)
-                raise ControlError(
-                    f"a new rollout worker did not start within {start_timeout_s:.0f} s: the cluster has no "
-                    f"room for {self.config.rollout.num_cpus} more CPUs; add nodes, or lower rollout.num_cpus"
-                ) from None
-            self.rollouts.append(actor)
-            if self.config.mode == "async":  # sync mode calls every rollout worker each step
-                self.loops[actor] = asyncio.ensure_future(
-                    self._supervise(actor, self.config.rollout.max_restarts)
-                )
-        while len(self.rollouts) > n:
-            actor = self.rollouts.pop()
-            task = self.loops.pop(actor, None)
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-            await asyncio.wait([asyncio.ensure_future(actor.close.remote())], timeout=30)  # its engine
-            ray.kill(actor)
-        return len(self.rollouts)
+        r = self.config.rollout
+        loop = (lambda actor: self._supervise(actor, r.max_restarts)) if self.config.mode == "async" else None
+        return await resize(
+            self.rollouts, n, self._next_rollout, "rollout worker", loops=self.loops, supervise=loop
+        )
+
+    def _next_rollout(self) -> Any:
+        self.next_rollout += 1
+        return self._rollout(self.next_rollout - 1)
 
     async def scale_reward(self, n: int) -> int:
         """Add or remove reward workers (a removed one's leased rows go back to the store)."""
@@ -377,54 +361,10 @@ class Pipeline:
     # ------------------------------------------------------------------ reports, the end
 
     async def worker_stats(self) -> dict:
-        """Per role: idle fraction, busy seconds, samples (and for rollout: mid-call weight loads,
-        engine tokens/s, weight-sync time; for reward: failed calls); the rows each consumer has
-        ready; the store's rows, leased rows and bytes."""
-        from workers.samples import PARTITION
+        """Per role and of the store: asyncflow.workflow.stats.worker_stats."""
+        from asyncflow.workflow.stats import worker_stats
 
-        roles = {"rollout": self.rollouts, "reward": self.rewards, "reference": self.references}
-        out: dict[str, Any] = {}
-        engines: list[dict] = []  # the rollout workers' stats: their engines' totals
-        for role, actors in roles.items():
-            replies = await asyncio.gather(*(a.stats.remote() for a in actors), return_exceptions=True)
-            stats = [s for s in replies if isinstance(s, dict) and s]
-            if not stats:
-                continue
-            engines += stats if role == "rollout" else []
-            busy, idle = sum(s["busy_s"] for s in stats), sum(s["idle_s"] for s in stats)
-            out[role] = {
-                "workers": len(actors),
-                "idle_frac": idle / max(busy + idle, 1e-9),
-                "busy_s": busy,
-                "idle_s": idle,
-                "samples": sum(s["samples"] for s in stats),
-            }
-            if role == "rollout":  # versions loaded while a call was generating (partial rollout)
-                out[role]["mid_call_syncs"] = sum(s.get("mid_call_syncs", 0) for s in stats)
-                out[role]["rejected_versions"] = sum(s.get("rejected_versions", 0) for s in stats)
-                out[role]["replaced"] = self.health.replaced  # engines that stopped answering
-            if role == "reward":  # calls that raised, hung or returned no finite number
-                for key in ("failures", "timeouts", "restarts"):  # restarts: reward processes replaced
-                    out[role][key] = sum(s.get(key, 0) for s in stats)
-        store = (await self.client.store_stats())["partitions"].get(PARTITION, {})
-        out["queues"] = {name: c["ready"] for name, c in store.get("consumers", {}).items()}
-        if engines:
-            out["rollout"].update(_engine_stats(engines))
-        out["store"] = await self.store_totals()
-        return out
-
-    async def store_totals(self) -> dict:
-        """The store's rows and leased rows of this run's samples partition, and the bytes it holds
-        (field data of the memory units, or the Redis server's used memory)."""
-        from workers.samples import PARTITION
-
-        every = await self.client.store_stats()
-        store = every["partitions"].get(PARTITION, {})
-        return {
-            "rows": store.get("rows", 0),
-            "leased_rows": sum(c["leased"] for c in store.get("consumers", {}).values()),
-            "bytes": sum(u.get("bytes", u.get("used_memory", 0)) for u in every.get("units", [])),
-        }
+        return await worker_stats(self)
 
     async def finish(self) -> dict:
         """The run ended: what is left untrained, then drop the partition (its rows live on in the
@@ -493,18 +433,6 @@ class Pipeline:
                         return "the trainer"
                     return f"{role} {i}" if role.startswith(("rollout", "reward", "trainer")) else role
         return "a worker"
-
-
-def _engine_stats(stats: list[dict]) -> dict:
-    """Rollout's engines together: tokens generated, tokens per busy second, weight loads and the
-    seconds they took."""
-    tokens, busy = sum(s.get("tokens", 0) for s in stats), sum(s["busy_s"] for s in stats)
-    return {
-        "tokens": tokens,
-        "engine_tokens_per_s": tokens / busy if busy > 0 else 0.0,
-        "weight_syncs": sum(s.get("weight_syncs", 0) for s in stats),
-        "weight_sync_s": sum(s.get("sync_s", 0.0) for s in stats),
-    }
 
 
 def _unwrapped(e: Any) -> Exception:
