@@ -23,6 +23,7 @@ import ray
 from asyncflow.config import AsyncFlowConfig
 from asyncflow.errors import AsyncFlowError, ConfigError, ControlError, RankDied, WorkerError
 from asyncflow.rundir import RunDir
+from asyncflow.workflow.checks import check
 from asyncflow.workflow.hosts import (
     NAMESPACE,
     ReferenceHost,
@@ -31,8 +32,8 @@ from asyncflow.workflow.hosts import (
     SourceHost,
     TrainerHost,
 )
-from asyncflow.workflow.checks import check
 from asyncflow.workflow.runtime import free_cpus, not_started, placed
+from asyncflow.workflow.watchdog import Watchdog
 
 log = logging.getLogger("asyncflow")
 
@@ -70,6 +71,7 @@ class Pipeline:
         self.next_rollout = r.num_workers  # fresh actor names for added workers
         self.paused = False
         self.client: Any = None  # the driver's store client (dataplane.client.StoreClient)
+        self.watchdog = Watchdog(self)  # stalls: diagnosed, then restarted or stopped
 
     def _spawn(
         self, host: type, role: str, slot: int = 0, *, num_cpus: float, restarts: int = 0,
@@ -116,20 +118,25 @@ class Pipeline:
         result. One rank failing stops the others inside a collective (or leaves them waiting in
         one): all are killed, and a dead one is reported as RankDied, which the run recovers from."""
         calls = [asyncio.ensure_future(call(t)) for t in self.trainers]
-        _, pending = await asyncio.wait(calls, return_when=asyncio.FIRST_EXCEPTION)
-        if pending:  # a rank failed: see whether it died (the others fail with it, or hang)
-            await asyncio.wait(pending, timeout=grace_s)
+        limit_s = self.config.watchdog.call_timeout_s
+        _, pending = await asyncio.wait(calls, timeout=limit_s, return_when=asyncio.FIRST_EXCEPTION)
         failed = [c for c in calls if c.done() and c.exception() is not None]
-        if not failed:
+        if pending and failed:  # a rank failed: see whether it died (the others fail with it, or hang)
+            await asyncio.wait(pending, timeout=grace_s)
+            failed = [c for c in calls if c.done() and c.exception() is not None]
+        if not failed and not pending:
             return calls[0].result()
         for c in calls:
             c.cancel()
         dead = [c.exception() for c in failed if isinstance(c.exception(), ray.exceptions.RayActorError)]
-        if len(self.trainers) > 1 or dead:
+        if len(self.trainers) > 1 or dead or not failed:
             for t in self.trainers:
                 ray.kill(t)
+        if not failed:  # stuck: no call can wait forever
+            raise RankDied(f"the trainer did not answer within watchdog.call_timeout_s = {limit_s:g} s")
         if dead:
-            raise RankDied(f"{self.role_of(dead[0].actor_id)} died") from None  # type: ignore[union-attr]
+            why = self.watchdog.stalled or f"{self.role_of(dead[0].actor_id)} died"  # type: ignore[union-attr]
+            raise RankDied(why) from None
         return await self._ask(failed[0])  # raises its error, as every other call's
 
     def _rollout(self, index: int) -> Any:
@@ -226,6 +233,7 @@ class Pipeline:
                     "reference",
                     num_cpus=self.config.reference.num_cpus,
                     weights_path=str(self.run.reference_weights),
+                    restarts=2,
                 )  # fmt: skip
             ]
             await self._ask(self.references[0].start.remote())
@@ -237,11 +245,14 @@ class Pipeline:
         for actor in [*self.streamers, self.source]:
             restarts = self.config.rollout.max_restarts if actor in self.rollouts else 0
             self.loops[actor] = asyncio.ensure_future(self._supervise(actor, restarts))
+        if self.config.watchdog.enabled:
+            self.loops[self.watchdog] = asyncio.ensure_future(self.watchdog.run())
 
     async def stop_streams(self) -> None:
         # Stop admitting first: a source cancelled inside a put would leave rows in the store
         # beyond its cursor, and a later resume would admit those prompts again.
-        await asyncio.gather(self.source.pause.remote(), return_exceptions=True)
+        probe_s = self.config.watchdog.probe_timeout_s
+        await asyncio.gather(asyncio.wait_for(self.source.pause.remote(), probe_s), return_exceptions=True)
         loops = list(self.loops.values())
         for task in loops:
             task.cancel()
@@ -250,15 +261,22 @@ class Pipeline:
 
     async def train_step(self) -> dict:
         """One trainer step; fails at once if a supervised loop failed meanwhile."""
+        self.watchdog.step_began()
         step = asyncio.ensure_future(self._ranks(lambda t: t.step.remote()))
         done, _ = await asyncio.wait([step, *self.loops.values()], return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            if task is not step and task.exception() is not None:
-                if step.done():
-                    step.exception()  # retrieved: the loop's failure is the one reported
-                step.cancel()
-                raise task.exception()  # type: ignore[misc]
-        return await step
+        try:
+            for task in done:
+                if task is not step and task.exception() is not None:
+                    if step.done():
+                        step.exception()  # retrieved: the loop's failure is the one reported
+                    step.cancel()
+                    raise task.exception()  # type: ignore[misc]
+            metrics = await step
+        except AsyncFlowError as e:  # diagnosed (stalls/) before the run stops or restarts
+            await self.watchdog.failed(e)
+            raise
+        self.watchdog.step_ended()
+        return metrics
 
     async def sync_round(self, step: int) -> None:
         """Sync mode, before step `step`'s training: admit a batch, generate it, score it."""
@@ -279,7 +297,7 @@ class Pipeline:
 
     async def _supervise(self, actor: Any, restarts: int) -> None:
         """Keep `actor.run()` going; Ray restarts a dead actor, this calls run() on the new one."""
-        failures = 0
+        failures, key = 0, actor._actor_id.hex()
         while True:
             ref = actor.run.remote()
             try:
@@ -292,7 +310,7 @@ class Pipeline:
                 await asyncio.sleep(0.5)  # Ray is restarting it: ask again shortly
             except ray.exceptions.RayActorError as e:
                 failures += 1
-                if failures > restarts:
+                if failures > restarts + self.watchdog.healed.get(key, 0):  # its restarts, and the watchdog's
                     raise WorkerError(
                         f"{self.role_of(e.actor_id)} died {failures} times (limit {restarts}): {e}"
                     ) from None
@@ -369,7 +387,10 @@ class Pipeline:
         roles = {"rollout": self.rollouts, "reward": self.rewards, "reference": self.references}
         out: dict[str, Any] = {}
         for role, actors in roles.items():
-            replies = await asyncio.gather(*(a.stats.remote() for a in actors), return_exceptions=True)
+            probes = (
+                asyncio.wait_for(a.stats.remote(), self.config.watchdog.probe_timeout_s) for a in actors
+            )
+            replies = await asyncio.gather(*probes, return_exceptions=True)  # a stuck actor: left out
             stats = [s for s in replies if isinstance(s, dict) and s]
             if not stats:
                 continue
@@ -432,8 +453,14 @@ class Pipeline:
     async def _ask(self, *calls: Awaitable[Any]) -> Any:
         """Await actor calls (one: its result; several: their results); a dead actor or a worker's
         exception becomes an AsyncFlowError that names it, without Ray's stack."""
+        limit_s = self.config.watchdog.call_timeout_s
         try:
-            results = await asyncio.gather(*calls)
+            results = await asyncio.wait_for(asyncio.gather(*calls), limit_s)
+        except TimeoutError:
+            raise WorkerError(
+                f"a call to a worker did not answer within watchdog.call_timeout_s = {limit_s:g} s; its "
+                "actor is stuck (read its stack: py-spy dump --pid PID), or raise watchdog.call_timeout_s"
+            ) from None
         except ray.exceptions.RayActorError as e:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise WorkerError(f"{self.role_of(e.actor_id)} died ({reason})") from None
