@@ -36,6 +36,7 @@ from asyncflow.workflow.runtime import free_cpus, not_started, placed
 from asyncflow.workflow.watchdog import Watchdog
 
 log = logging.getLogger("asyncflow")
+RESTARTS = 2  # a reward or reference worker that dies is restarted this many times (and the watchdog's)
 
 
 class Pipeline:
@@ -63,7 +64,7 @@ class Pipeline:
         self.trainer = self.trainers[0]  # rank 0: its step's metrics are the run's
         self.rollouts = [self._rollout(i) for i in range(r.num_workers)]
         self.rewards = [
-            self._spawn(RewardHost, "reward", i, num_cpus=config.reward.num_cpus, restarts=2)
+            self._spawn(RewardHost, "reward", i, num_cpus=config.reward.num_cpus, restarts=RESTARTS)
             for i in range(config.reward.num_workers)
         ]
         self.references: list[Any] = []
@@ -77,14 +78,14 @@ class Pipeline:
         self, host: type, role: str, slot: int = 0, *, num_cpus: float, restarts: int = 0,
         options: dict | None = None, **kw: Any,
     ):  # fmt: skip
-        """A host actor named `<store>.<role><slot>`; Ray restarts it up to `restarts` times if it dies."""
+        """A host actor named `<store>.<role><slot>`; Ray restarts it `restarts` (+ the watchdog's) times."""
         return (
             ray.remote(host)
             .options(
                 name=f"{self.config.dataplane.name}.{role}{slot}",
                 namespace=NAMESPACE,
                 num_cpus=num_cpus,
-                max_restarts=restarts,
+                max_restarts=restarts + (self.config.watchdog.max_restarts if restarts else 0),
                 max_concurrency=64,
                 **(options or {}),
             )  # fmt: skip
@@ -233,7 +234,7 @@ class Pipeline:
                     "reference",
                     num_cpus=self.config.reference.num_cpus,
                     weights_path=str(self.run.reference_weights),
-                    restarts=2,
+                    restarts=RESTARTS,
                 )  # fmt: skip
             ]
             await self._ask(self.references[0].start.remote())
@@ -243,7 +244,8 @@ class Pipeline:
     async def start_streams(self) -> None:
         """Async mode: every streaming worker and the source run their loop, supervised."""
         for actor in [*self.streamers, self.source]:
-            restarts = self.config.rollout.max_restarts if actor in self.rollouts else 0
+            restarts = RESTARTS * (actor is not self.source)  # a rollout worker: rollout.max_restarts
+            restarts = self.config.rollout.max_restarts if actor in self.rollouts else restarts
             self.loops[actor] = asyncio.ensure_future(self._supervise(actor, restarts))
         if self.config.watchdog.enabled:
             self.loops[self.watchdog] = asyncio.ensure_future(self.watchdog.run())
@@ -457,10 +459,10 @@ class Pipeline:
         try:
             results = await asyncio.wait_for(asyncio.gather(*calls), limit_s)
         except TimeoutError:
-            raise WorkerError(
-                f"a call to a worker did not answer within watchdog.call_timeout_s = {limit_s:g} s; its "
-                "actor is stuck (read its stack: py-spy dump --pid PID), or raise watchdog.call_timeout_s"
-            ) from None
+            why = (
+                f"within watchdog.call_timeout_s = {limit_s:g} s: stuck? (py-spy dump --pid PID); or raise it"
+            )
+            raise WorkerError(f"a worker did not answer {why}") from None
         except ray.exceptions.RayActorError as e:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise WorkerError(f"{self.role_of(e.actor_id)} died ({reason})") from None

@@ -45,17 +45,18 @@ class Clock:
     last: float
     mark: Any = None
     longest_s: float = 0.0
+    starting: bool = False  # restarted, no progress since: a start-up is no measure of a call
 
     def see(self, mark: Any, now: float, waiting: bool) -> None:
         if mark != self.mark:
-            if self.mark is not None:
+            if self.mark is not None and not self.starting:
                 self.longest_s = max(self.longest_s, now - self.last)
-            self.mark, self.last = mark, now
+            self.mark, self.last, self.starting = mark, now, False
         elif not waiting:  # nothing to do is no stall
             self.last = now
 
 
-@dataclass
+@dataclass(eq=False)  # hashable by identity: the pipeline keys its loops by it
 class Watchdog:
     """Watches one pipeline (asyncflow.workflow.Pipeline); `run()` is one of its supervised loops."""
 
@@ -70,6 +71,7 @@ class Watchdog:
     inflight: dict[str, float] = field(default_factory=dict)  # call -> when it started (monotonic)
     queues: dict[str, Any] = field(default_factory=dict)  # the store's consumers, as last read
     written: int = 0
+    lives: dict[str, int] = field(default_factory=dict)  # actor id -> Ray's count of its restarts
 
     @property
     def config(self) -> Any:
@@ -89,6 +91,8 @@ class Watchdog:
     async def run(self) -> None:
         now = time.monotonic()
         self.clocks = {stage: Clock(last=now) for stage in STAGES}
+        for stage in STAGES[:4]:
+            await asyncio.to_thread(self._restarted, stage)  # how many lives each actor has had
         while True:
             await asyncio.sleep(self.config.check_every_s)
             await self.check()
@@ -99,17 +103,22 @@ class Watchdog:
         if consumers is not None:
             self.queues = consumers
             for stage in ("rollout", "reward", "reference"):
-                c = consumers.get(stage)
+                c, clock = consumers.get(stage), self.clocks[stage]
                 if c is not None and self.actors_of(stage):
-                    self.clocks[stage].see(c["acked"], now, c["ready"] + c["leased"] > 0)
+                    clock.see(c["acked"], now, c["ready"] + c["leased"] > 0)
+                else:  # no such stage in this run
+                    clock.see(clock.mark, now, False)
             trainer = consumers.get("trainer", {})
             has_batch = trainer.get("ready", 0) + trainer.get("leased", 0) >= self._batch_rows()
             self.clocks["trainer"].see(self.step, now, self.step_started is not None and has_batch)
         for stage in STAGES:
             clock, deadline = self.clocks[stage], self.deadline(stage)
             if now - clock.last > deadline:
+                if stage != "store" and await asyncio.to_thread(self._restarted, stage):
+                    clock.last, clock.starting = now, True  # Ray restarted one: a start-up, no stall
+                    continue
                 await self.stall(stage, now - clock.last, deadline)
-                clock.last = time.monotonic()  # a restarted stage gets a whole deadline again
+                clock.last, clock.starting = time.monotonic(), True  # restarted: first_deadline_s again
 
     def deadline(self, stage: str) -> float:
         c, clock = self.config, self.clocks[stage]
@@ -117,7 +126,7 @@ class Watchdog:
             return c.deadline_s[stage]
         if stage == "store":  # the store answers each probe, or is stuck
             return max(c.floor_s, c.probe_timeout_s)
-        if clock.longest_s == 0:
+        if clock.starting or clock.longest_s == 0:
             return c.first_deadline_s
         return max(c.floor_s, c.factor * clock.longest_s)
 
@@ -141,6 +150,19 @@ class Watchdog:
             except ValueError:  # it died: nothing to read
                 pass
         return found
+
+    def _restarted(self, stage: str) -> bool:
+        """Whether one of the stage's actors is restarting, or restarted since the last look."""
+        from ray._private import state
+
+        changed = False
+        for actor in self.actors_of(stage):
+            key = actor._actor_id.hex()
+            info = state.actors(key)
+            lives = int(info.get("NumRestarts", 0))
+            changed |= info.get("State") not in ("ALIVE", None) or lives != self.lives.get(key, lives)
+            self.lives[key] = lives
+        return changed
 
     def _batch_rows(self) -> int:
         c = self.pipe.config
