@@ -8,7 +8,7 @@ stage. Imports nothing but pydantic.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -16,6 +16,7 @@ from asyncflow.config._base import Section
 
 Stage = Literal["trainer", "rollout", "reward", "reference", "store"]
 Policy = Literal["restart", "stop"]
+Seconds = Annotated[float, Field(gt=0, le=7 * 86_400)]
 
 DEFAULT_POLICY: dict[Stage, Policy] = {
     "trainer": "restart", "rollout": "restart", "reward": "restart", "reference": "restart", "store": "stop",
@@ -46,7 +47,7 @@ class WatchdogConfig(Section):
         description="The deadline of a stage before any of its progress was measured (the first step "
         "includes building engines and compiling kernels).",
     )
-    deadline_s: dict[Stage, float] = Field(
+    deadline_s: dict[Stage, Seconds] = Field(
         default_factory=dict,
         description="A fixed deadline (seconds) per stage, e.g. {trainer: 600}; it replaces the "
         "measured one.",
