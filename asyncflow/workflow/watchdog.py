@@ -261,6 +261,9 @@ class Watchdog:
             "since_progress_s": {s: round(now - c.last, 1) for s, c in self.clocks.items()},
             "actors": [{"name": n, "pid": pid, "stack": st} for (n, _), (pid, st) in zip(actors, found)],
             "calls_in_flight": {call: round(now - t, 1) for call, t in self.inflight.items()},
+            "loops_running": [
+                self._name(a) for a, task in self.pipe.loops.items() if a is not self and not task.done()
+            ],
             "samples_in_flight": {c: q.get("leased", 0) for c, q in self.queues.items()},
             "queues": self.queues,
         }
@@ -309,7 +312,8 @@ def _readable(record: dict) -> str:
         f"reason: {record['reason']}",
         f"trainer steps done: {record['trainer_steps']}",
         "seconds since progress: " + ", ".join(f"{s} {v}" for s, v in record["since_progress_s"].items()),
-        "calls in flight (seconds): " + (json.dumps(record["calls_in_flight"]) or "none"),
+        "calls in flight (seconds): " + json.dumps(record["calls_in_flight"]),
+        "streaming loops running: " + ", ".join(record["loops_running"]),
         "samples in flight (rows leased, by consumer): " + json.dumps(record["samples_in_flight"]),
         "queues: " + json.dumps(record["queues"]),
     ]

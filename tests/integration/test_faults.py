@@ -157,3 +157,28 @@ def test_a_killed_storage_unit_stops_the_run_with_a_diagnosis_naming_the_store(r
     (diagnosis,) = _diagnoses(run_dir, "store")
     assert diagnosis["action"].startswith("stop")
     assert any(a["name"].endswith("controller") for a in diagnosis["actors"]), diagnosis["actors"]
+
+
+def test_a_killed_redis_server_stops_the_run_with_a_diagnosis_naming_the_store(ray_session, tmp_path):
+    from tests.conftest import free_port, start_redis
+
+    (tmp_path / "redis").mkdir()
+    port = free_port()
+    server = start_redis(str(tmp_path / "redis"), port)  # this test's own server: it kills it
+    try:
+        config = _config(
+            tmp_path / "runs", *FAST, "dataplane.backend=redis", f"dataplane.redis.url=redis://127.0.0.1:{port}/0",
+            "dataplane.redis.retry_deadline_s=2", "dataplane.redis.socket_timeout_s=2",
+        )  # fmt: skip
+        runner, result = train_in_thread(config)
+        run_dir = _wait_for_step(tmp_path / "runs", result, 3)
+        server.kill()
+        runner.join(timeout=240)
+    finally:
+        server.kill()
+        server.wait()
+    assert isinstance(result.get("error"), AsyncFlowError), result
+    assert "asyncflow run --resume" in str(result["error"])
+    (diagnosis,) = _diagnoses(run_dir, "store")[:1]
+    assert diagnosis["action"].startswith("stop")
+    assert "store" in diagnosis["stage"] and diagnosis["reason"]
