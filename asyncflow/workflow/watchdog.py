@@ -251,12 +251,14 @@ class Watchdog:
         stacks of its actors, the calls and samples in flight and the store's queues."""
         now = time.monotonic()
         found = await asyncio.gather(*(asyncio.to_thread(_stack_of, a) for _, a in actors))
+        capture_s = time.monotonic() - now
         record = {
             "stage": stage,
             "reason": reason,
             "action": action,
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "trainer_steps": self.step,
+            "stacks_read_in_s": round(capture_s, 2),
             "deadlines_s": {s: self.deadline(s) for s in self.clocks},
             "since_progress_s": {s: round(now - c.last, 1) for s, c in self.clocks.items()},
             "actors": [{"name": n, "pid": pid, "stack": st} for (n, _), (pid, st) in zip(actors, found)],
