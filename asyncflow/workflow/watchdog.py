@@ -29,7 +29,7 @@ from typing import Any
 
 import ray
 
-from asyncflow.errors import DataPlaneError, Stalled
+from asyncflow.errors import DataPlaneError, RankDied, Stalled
 from asyncflow.workflow.hosts import NAMESPACE
 from asyncflow.workflow.stacks import stack
 
@@ -237,7 +237,9 @@ class Watchdog:
         stage = _stage_of(error)
         actors = [(self._name(a), a) for a in self.actors_of(stage)] if stage else []
         try:
-            path = await self.diagnose(stage or "unknown", str(error), actors, "stop (failed)")
+            again = "restart the run from its last checkpoint (while trainer.max_restarts allow)"
+            action = again if isinstance(error, RankDied) else "stop (failed)"
+            path = await self.diagnose(stage or "unknown", str(error), actors, action)
         except Exception as e:  # the diagnosis must not hide the failure it describes
             log.warning("could not write the diagnosis of %s: %s", error, e)
             return

@@ -86,30 +86,45 @@ def _wait_for_diagnosis(run_dir: Path, stage: str, result: dict, timeout_s: floa
     raise AssertionError(f"no diagnosis of the {stage} stage: {result}")
 
 
-def test_workers_frozen_then_killed_in_turn_are_restarted_and_lose_no_sample(ray_session, tmp_path):
-    """Reward, rollout and reference are frozen one after the other: each is diagnosed (its stack,
-    the rows waiting for it) and restarted; then each is killed. The run finishes, exactly once."""
+def _freeze_in_turn(config, tmp_path: Path, result: dict, stages: tuple[str, ...]) -> contextlib.ExitStack:
+    """Freeze each stage's worker in turn; each is diagnosed (its stack, the rows waiting for it)
+    and restarted, and the run trains again before the next. The frozen processes stay frozen
+    until the returned stack closes (the watchdog has had them killed by then)."""
+    run_dir = _wait_for_step(tmp_path, result, 4)  # the stages' waits are measured by then
+    frozen = contextlib.ExitStack()
+    for stage in stages:
+        frozen.enter_context(_frozen(_pid(_actor(config, f"{stage}0"))))
+        diagnosis = _wait_for_diagnosis(run_dir, stage, result)
+        assert diagnosis["action"] == "restart" and "no progress for" in diagnosis["reason"]
+        (actor,) = diagnosis["actors"]
+        assert stage in actor["name"] and actor["pid"] > 0
+        assert "Thread" in actor["stack"] and ".py" in actor["stack"], actor["stack"]  # py-spy's dump
+        assert diagnosis["queues"][stage]["ready"] + diagnosis["queues"][stage]["leased"] > 0
+        assert stage in diagnosis["samples_in_flight"]
+        assert f"stage: {stage}" in next((run_dir / "stalls").glob(f"*-{stage}.txt")).read_text()
+        _wait_for_step(tmp_path, result, len(RunDir(run_dir).metrics()) + 2)  # it trains again
+    return frozen
+
+
+def test_frozen_reward_then_rollout_workers_are_restarted_and_lose_no_sample(ray_session, tmp_path):
+    config = _config(tmp_path, *FAST)
+    runner, result = train_in_thread(config)
+    with _freeze_in_turn(config, tmp_path, result, ("reward", "rollout")):
+        summary = _finish(runner, result)
+    assert summary["steps"] == 14
+    assert_exactly_once(summary)
+
+
+def test_a_frozen_reference_then_every_killed_worker_is_restarted_and_loses_no_sample(ray_session, tmp_path):
     import ray
 
-    config = _config(tmp_path, *FAST, "trainer.steps=20", "reference.enabled=true", "watchdog.max_restarts=3")
+    config = _config(tmp_path, *FAST, "reference.enabled=true")
     runner, result = train_in_thread(config)
-    run_dir = _wait_for_step(tmp_path, result, 4)  # the stages' waits are measured by then
-    with contextlib.ExitStack() as frozen:
-        for stage in ("reward", "rollout", "reference"):
-            frozen.enter_context(_frozen(_pid(_actor(config, f"{stage}0"))))
-            diagnosis = _wait_for_diagnosis(run_dir, stage, result)
-            assert diagnosis["action"] == "restart" and "no progress for" in diagnosis["reason"]
-            (actor,) = diagnosis["actors"]
-            assert stage in actor["name"] and actor["pid"] > 0
-            assert "Thread" in actor["stack"] and ".py" in actor["stack"], actor["stack"]  # py-spy's dump
-            assert diagnosis["queues"][stage]["ready"] + diagnosis["queues"][stage]["leased"] > 0
-            assert stage in diagnosis["samples_in_flight"]
-            assert f"stage: {stage}" in next((run_dir / "stalls").glob(f"*-{stage}.txt")).read_text()
-            _wait_for_step(tmp_path, result, len(RunDir(run_dir).metrics()) + 2)  # it trains again
-        for stage in ("reward", "rollout", "reference"):
+    with _freeze_in_turn(config, tmp_path, result, ("reference",)):
+        for stage in ("reward", "rollout", "reference"):  # as if their processes died
             ray.kill(_actor(config, f"{stage}0"), no_restart=False)
         summary = _finish(runner, result)
-    assert summary["steps"] == 20
+    assert summary["steps"] == 14
     assert_exactly_once(summary)
 
 
