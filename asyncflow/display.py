@@ -23,6 +23,7 @@ class RunView:
         self.console = Console(stderr=True, soft_wrap=not sys.stderr.isatty())
         self.live = Live(console=self.console, refresh_per_second=4, transient=False) if self._tty() else None
         self._last_line = 0.0
+        self.last_stall: str | None = None  # the watchdog's latest diagnosis, shown until the run ends
 
     def _tty(self) -> bool:
         return self.enabled and sys.stderr.isatty()
@@ -39,6 +40,12 @@ class RunView:
     def note(self, text: str) -> None:
         if self.enabled:
             self.console.print(text)
+
+    def stall(self, text: str) -> None:
+        """A stall or failure the watchdog diagnosed: printed at once, and kept in the table."""
+        self.last_stall = text
+        if self.enabled:
+            self.console.print(f"[bold red]{text}[/]", markup=True, highlight=False)
 
     def update(self, m: dict[str, Any], workers: dict[str, Any]) -> None:
         if not self.enabled:
@@ -66,4 +73,6 @@ class RunView:
         t.add_row("trainer", f"idle {m['trainer_idle_frac']:.0%}   version {m['version']}")
         for role, info in workers.items():
             t.add_row(role, info)
+        if self.last_stall:
+            t.add_row("watchdog", f"[red]{self.last_stall}[/]")
         return t

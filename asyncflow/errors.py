@@ -11,7 +11,8 @@
     │   ├── StorageUnavailable a storage unit or backend cannot be reached
     │   └── AccessDenied       the store refused a client without its token
     ├── WorkerError            a worker (rollout, reward, trainer, ...) failed
-    │   └── WeightMismatch     received weights differ from the published ones (a bucket's fingerprint)
+    │   ├── WeightMismatch     received weights differ from the published ones (a bucket's fingerprint)
+    │   └── Stalled            a stage made no progress within its watchdog deadline (diagnosis in stalls/)
     ├── ControlError           a live run cannot be found or refused a command (asyncflow.Client)
     └── RunStopped             SIGTERM ended the run before it could take a final checkpoint
 
@@ -46,6 +47,7 @@ __all__ = [
     "RankDied",
     "RunStopped",
     "SchemaError",
+    "Stalled",
     "StorageUnavailable",
     "StoreTimeout",
     "UnknownPartition",
@@ -61,6 +63,11 @@ class WorkerError(AsyncFlowError, RuntimeError):
 class RankDied(WorkerError):
     """A trainer rank died: the others cannot finish a step without it; the run restarts them all
     from its last checkpoint (trainer.max_restarts times)."""
+
+
+class Stalled(WorkerError):
+    """A stage made no progress within its watchdog deadline and its policy (or its spent restarts)
+    stops the run; the message names the stage and the diagnosis written under <run_dir>/stalls/."""
 
 
 class ControlError(AsyncFlowError, RuntimeError):

@@ -32,6 +32,7 @@ from asyncflow.config.rl import (
     WeightsConfig,
     import_string,
 )
+from asyncflow.config.watchdog import WatchdogConfig
 from asyncflow.errors import ConfigError
 from dataplane.config import DataPlaneConfig
 
@@ -53,6 +54,7 @@ __all__ = [
     "TrainerConfig",
     "Trainable",
     "WarmupConfig",
+    "WatchdogConfig",
     "WeightsConfig",
     "import_string",
     "load_config",
@@ -123,6 +125,9 @@ class AsyncFlowConfig(Section):
     weights: WeightsConfig = Field(default_factory=WeightsConfig, description="The weight store.")
     dataplane: DataPlaneConfig = Field(
         default_factory=DataPlaneConfig, description="The streaming data store."
+    )
+    watchdog: WatchdogConfig = Field(
+        default_factory=WatchdogConfig, description="Stall detection and the timeouts of remote calls."
     )
     deploy: DeployConfig = Field(
         default_factory=DeployConfig, description="Ray job submission and Kubernetes; the run ignores it."

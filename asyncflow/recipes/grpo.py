@@ -112,6 +112,7 @@ class Run:
             self.view.note(f"{run.path}: no usable checkpoint; starting again from step 0")
             run.truncate_logs(0)
         self.pipe = pipe = Pipeline(config, run, cursor=state[1]["cursor"] if state else 0)
+        pipe.watchdog.on_stall = self.view.stall  # a stall's line in the live view
         if pipe.prompt_filter:
             self.view.note(prompts_line(pipe.prompt_filter))
         ended = "failed"

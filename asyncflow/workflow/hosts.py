@@ -42,9 +42,11 @@ class Host:
     """What every role's actor shares: its config, task and kind; the worker, built on `start`."""
 
     def __init__(self, config: dict, store_address: str, index: int = 0):
+        from asyncflow.workflow.stacks import dump_on_signal
         from workers.kinds import make_kind
         from workers.policy import make_task
 
+        dump_on_signal()  # the watchdog's fallback for reading this actor's stacks without py-spy
         self.config = AsyncFlowConfig.model_validate(config)
         self.store_address, self.index = store_address, index
         # A restarted actor samples with a fresh seed: it must not repeat its previous life's samples.

@@ -35,8 +35,10 @@ from asyncflow.workflow.hosts import (
     TrainerHost,
 )
 from asyncflow.workflow.runtime import free_cpus, not_started, placed
+from asyncflow.workflow.watchdog import Watchdog
 
 log = logging.getLogger("asyncflow")
+RESTARTS = 2  # a reward or reference worker that dies is restarted this many times (and the watchdog's)
 
 
 class Pipeline:
@@ -73,19 +75,20 @@ class Pipeline:
         scale = {"rollout": self.scale_rollout, "reward": self.scale_reward}
         self.autoscaler = Autoscaler(config, scale, self.loops)  # rollout/reward.autoscale
         self.client: Any = None  # the driver's store client (dataplane.client.StoreClient)
+        self.watchdog = Watchdog(self)  # stalls: diagnosed, then restarted or stopped
 
     def _spawn(
         self, host: type, role: str, slot: int = 0, *, num_cpus: float, restarts: int = 0,
         options: dict | None = None, **kw: Any,
     ):  # fmt: skip
-        """A host actor named `<store>.<role><slot>`; Ray restarts it up to `restarts` times if it dies."""
+        """A host actor named `<store>.<role><slot>`; Ray restarts it `restarts` (+ the watchdog's) times."""
         return (
             ray.remote(host)
             .options(
                 name=f"{self.config.dataplane.name}.{role}{slot}",
                 namespace=NAMESPACE,
                 num_cpus=num_cpus,
-                max_restarts=restarts,
+                max_restarts=restarts + (self.config.watchdog.max_restarts if restarts else 0),
                 max_concurrency=64,
                 **(options or {}),
             )  # fmt: skip
@@ -119,20 +122,25 @@ class Pipeline:
         result. One rank failing stops the others inside a collective (or leaves them waiting in
         one): all are killed, and a dead one is reported as RankDied, which the run recovers from."""
         calls = [asyncio.ensure_future(call(t)) for t in self.trainers]
-        _, pending = await asyncio.wait(calls, return_when=asyncio.FIRST_EXCEPTION)
-        if pending:  # a rank failed: see whether it died (the others fail with it, or hang)
-            await asyncio.wait(pending, timeout=grace_s)
+        limit_s = self.config.watchdog.call_timeout_s
+        _, pending = await asyncio.wait(calls, timeout=limit_s, return_when=asyncio.FIRST_EXCEPTION)
         failed = [c for c in calls if c.done() and c.exception() is not None]
-        if not failed:
+        if pending and failed:  # a rank failed: see whether it died (the others fail with it, or hang)
+            await asyncio.wait(pending, timeout=grace_s)
+            failed = [c for c in calls if c.done() and c.exception() is not None]
+        if not failed and not pending:
             return calls[0].result()
         for c in calls:
             c.cancel()
         dead = [c.exception() for c in failed if isinstance(c.exception(), ray.exceptions.RayActorError)]
-        if len(self.trainers) > 1 or dead:
+        if len(self.trainers) > 1 or dead or not failed:
             for t in self.trainers:
                 ray.kill(t)
+        if not failed:  # stuck: no call can wait forever
+            raise RankDied(f"the trainer did not answer within watchdog.call_timeout_s = {limit_s:g} s")
         if dead:
-            raise RankDied(f"{self.role_of(dead[0].actor_id)} died") from None  # type: ignore[union-attr]
+            why = self.watchdog.stalled or f"{self.role_of(dead[0].actor_id)} died"  # type: ignore[union-attr]
+            raise RankDied(why) from None
         return await self._ask(failed[0])  # raises its error, as every other call's
 
     def _rollout(self, index: int) -> Any:
@@ -229,6 +237,7 @@ class Pipeline:
                     "reference",
                     num_cpus=self.config.reference.num_cpus,
                     weights_path=str(self.run.reference_weights),
+                    restarts=RESTARTS,
                 )  # fmt: skip
             ]
             await self._ask(self.references[0].start.remote())
@@ -238,15 +247,19 @@ class Pipeline:
     async def start_streams(self) -> None:
         """Async mode: every streaming worker and the source run their loop, supervised."""
         for actor in [*self.streamers, self.source]:
-            restarts = self.config.rollout.max_restarts if actor in self.rollouts else 0
+            restarts = RESTARTS * (actor is not self.source)  # a rollout worker: rollout.max_restarts
+            restarts = self.config.rollout.max_restarts if actor in self.rollouts else restarts
             self.loops[actor] = asyncio.ensure_future(self._supervise(actor, restarts))
         if self.config.rollout.health.every_s:  # engines that stop answering are restarted
             self.loops["health"] = asyncio.ensure_future(self.health.run())
+        if self.config.watchdog.enabled:
+            self.loops[self.watchdog] = asyncio.ensure_future(self.watchdog.run())
 
     async def stop_streams(self) -> None:
         # Stop admitting first: a source cancelled inside a put would leave rows in the store
         # beyond its cursor, and a later resume would admit those prompts again.
-        await asyncio.gather(self.source.pause.remote(), return_exceptions=True)
+        probe_s = self.config.watchdog.probe_timeout_s
+        await asyncio.gather(asyncio.wait_for(self.source.pause.remote(), probe_s), return_exceptions=True)
         loops = list(self.loops.values())
         for task in loops:
             task.cancel()
@@ -255,15 +268,22 @@ class Pipeline:
 
     async def train_step(self) -> dict:
         """One trainer step; fails at once if a supervised loop failed meanwhile."""
+        self.watchdog.step_began()
         step = asyncio.ensure_future(self._ranks(lambda t: t.step.remote()))
         done, _ = await asyncio.wait([step, *self.loops.values()], return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            if task is not step and task.exception() is not None:
-                if step.done():
-                    step.exception()  # retrieved: the loop's failure is the one reported
-                step.cancel()
-                raise task.exception()  # type: ignore[misc]
-        return await step
+        try:
+            for task in done:
+                if task is not step and task.exception() is not None:
+                    if step.done():
+                        step.exception()  # retrieved: the loop's failure is the one reported
+                    step.cancel()
+                    raise task.exception()  # type: ignore[misc]
+            metrics = await step
+        except AsyncFlowError as e:  # diagnosed (stalls/) before the run stops or restarts
+            await self.watchdog.failed(e)
+            raise
+        self.watchdog.step_ended()
+        return metrics
 
     async def sync_round(self, step: int) -> None:
         """Sync mode, before step `step`'s training: admit a batch, generate it, score it."""
@@ -284,7 +304,7 @@ class Pipeline:
 
     async def _supervise(self, actor: Any, restarts: int) -> None:
         """Keep `actor.run()` going; Ray restarts a dead actor, this calls run() on the new one."""
-        failures = 0
+        failures, key = 0, actor._actor_id.hex()
         while True:
             ref = actor.run.remote()
             try:
@@ -297,7 +317,7 @@ class Pipeline:
                 await asyncio.sleep(0.5)  # Ray is restarting it: ask again shortly
             except ray.exceptions.RayActorError as e:
                 failures += 1
-                if failures > restarts:
+                if failures > restarts + self.watchdog.healed.get(key, 0):  # its restarts, and the watchdog's
                     raise WorkerError(
                         f"{self.role_of(e.actor_id)} died {failures} times (limit {restarts}): {e}"
                     ) from None
@@ -336,13 +356,13 @@ class Pipeline:
 
     async def scale_reward(self, n: int) -> int:
         """Add or remove reward workers (a removed one's leased rows go back to the store)."""
-        loop = (lambda actor: self._supervise(actor, 0)) if self.config.mode == "async" else None
+        loop = (lambda actor: self._supervise(actor, RESTARTS)) if self.config.mode == "async" else None
         return await resize(self.rewards, n, self._reward, "reward worker", loops=self.loops, supervise=loop)
 
     def _reward(self) -> Any:
         self.next_reward += 1
         r = self.config.reward
-        return self._spawn(RewardHost, "reward", self.next_reward - 1, num_cpus=r.num_cpus, restarts=2)
+        return self._spawn(RewardHost, "reward", self.next_reward - 1, num_cpus=r.num_cpus, restarts=RESTARTS)
 
     async def checkpoint(self, step: int) -> Path:
         """Model, optimizer, version, every row in the store and the prompt cursor, consistently: the
@@ -410,8 +430,14 @@ class Pipeline:
     async def _ask(self, *calls: Awaitable[Any]) -> Any:
         """Await actor calls (one: its result; several: their results); a dead actor or a worker's
         exception becomes an AsyncFlowError that names it, without Ray's stack."""
+        limit_s = self.config.watchdog.call_timeout_s
         try:
-            results = await asyncio.gather(*calls)
+            results = await asyncio.wait_for(asyncio.gather(*calls), limit_s)
+        except TimeoutError:
+            why = (
+                f"within watchdog.call_timeout_s = {limit_s:g} s: stuck? (py-spy dump --pid PID); or raise it"
+            )
+            raise WorkerError(f"a worker did not answer {why}") from None
         except ray.exceptions.RayActorError as e:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise WorkerError(f"{self.role_of(e.actor_id)} died ({reason})") from None

@@ -18,7 +18,8 @@ async def worker_stats(pipe: Any) -> dict:
     out: dict[str, Any] = {}
     engines: list[dict] = []  # the rollout workers' stats: their engines' totals
     for role, actors in roles.items():
-        replies = await asyncio.gather(*(a.stats.remote() for a in actors), return_exceptions=True)
+        probes = (asyncio.wait_for(a.stats.remote(), pipe.config.watchdog.probe_timeout_s) for a in actors)
+        replies = await asyncio.gather(*probes, return_exceptions=True)  # a stuck actor: left out
         stats = [s for s in replies if isinstance(s, dict) and s]
         if not stats:
             continue
