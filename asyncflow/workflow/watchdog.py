@@ -227,6 +227,8 @@ class Watchdog:
         return silent or actors
 
     def _name(self, actor: Any) -> str:
+        if not hasattr(actor, "_actor_id"):  # a loop of the driver's own: health probes, a resize
+            return actor if isinstance(actor, str) else " ".join(map(str, actor))
         role = self.pipe.role_of(actor._actor_id.hex())
         return role if role != "a worker" else _ray_name(actor)
 
