@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from asyncflow.tracing import traced
 from workers.samples import REWARD, REWARD_FIELDS, fill, idle, serve, take, work_through
 
 if TYPE_CHECKING:  # the seams' protocols and classes, for the type checker
@@ -162,6 +163,7 @@ class RewardWorker:
         await self.store.ack(batch)
         return len(batch)
 
+    @traced("reward", lambda batch: {"row_ids": batch.rows})
     async def process(self, batch: Any) -> None:
         """Score a batch and write its reward fields (the caller acks it)."""
         start = time.perf_counter()

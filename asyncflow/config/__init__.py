@@ -31,6 +31,7 @@ from asyncflow.config.rl import (
     WeightsConfig,
     import_string,
 )
+from asyncflow.config.trace import TraceConfig
 from asyncflow.errors import ConfigError
 from dataplane.config import DataPlaneConfig
 
@@ -48,6 +49,7 @@ __all__ = [
     "RolloutConfig",
     "Section",
     "TaskConfig",
+    "TraceConfig",
     "TrainerConfig",
     "Trainable",
     "WarmupConfig",
@@ -119,6 +121,7 @@ class AsyncFlowConfig(Section):
     )
     trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="Loss, optimizer, checkpoints.")
     weights: WeightsConfig = Field(default_factory=WeightsConfig, description="The weight store.")
+    trace: TraceConfig = Field(default_factory=TraceConfig, description="Spans of every actor: trace.json.")
     dataplane: DataPlaneConfig = Field(
         default_factory=DataPlaneConfig, description="The streaming data store."
     )

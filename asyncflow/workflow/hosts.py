@@ -19,6 +19,7 @@ from typing import Any
 import ray
 
 from asyncflow.config import AsyncFlowConfig
+from asyncflow.tracing import tracer
 
 # The Ray namespace of every named actor of a run (`<dataplane.name>.trainer0`, `.control`, ...);
 # the memory store names its actors in a namespace of the same name.
@@ -41,11 +42,15 @@ def reconstructed() -> bool:
 class Host:
     """What every role's actor shares: its config, task and kind; the worker, built on `start`."""
 
+    role = ""  # the role's name in trace tracks and time/<role>/... metrics
+    track_base = 0  # its trace tracks are numbered track_base + index
+
     def __init__(self, config: dict, store_address: str, index: int = 0):
         from workers.kinds import make_kind
         from workers.policy import make_task
 
         self.config = AsyncFlowConfig.model_validate(config)
+        tracer.configure(self.config.trace.enabled, self.config.trace.max_events)
         self.store_address, self.index = store_address, index
         # A restarted actor samples with a fresh seed: it must not repeat its previous life's samples.
         self.incarnation = int(reconstructed())
@@ -85,6 +90,15 @@ class Host:
     def stats(self) -> dict:
         return dict(getattr(self._worker, "stats", {}))
 
+    def trace(self) -> dict:
+        """The spans this actor recorded since the last call, and the track they belong on."""
+        return {"role": self.role, "track": self.track_base + self.index, "name": self.track_name,
+                "events": tracer.drain()}  # fmt: skip
+
+    @property
+    def track_name(self) -> str:
+        return f"{self.role} {self.index}"
+
     async def close(self) -> None:
         """Close the worker (its engine: vLLM's process group and its file in the temp directory)
         and its store connection, before the actor is killed."""
@@ -100,6 +114,12 @@ class Host:
 
 
 class SourceHost(Host):
+    role, track_base = "source", 1000
+
+    @property
+    def track_name(self) -> str:
+        return "prompt source"
+
     def __init__(self, config: dict, store_address: str, cursor: int):
         super().__init__(config, store_address)
         self.cursor = cursor
@@ -131,6 +151,12 @@ class SourceHost(Host):
 
 class TrainerHost(Host):
     """One trainer rank (`index`, of trainer.num_ranks); the pipeline joins the ranks into a group."""
+
+    role, track_base = "trainer", 2000
+
+    @property
+    def track_name(self) -> str:
+        return f"trainer rank {self.index}"
 
     def make(self, store: Any) -> Any:
         import torch
@@ -182,6 +208,8 @@ class TrainerHost(Host):
 
 
 class RolloutHost(Host):
+    role, track_base = "rollout", 3000
+
     _eval_reward: Any = None  # the held-out reward function, made on the first evaluation
 
     def make(self, store: Any) -> Any:
@@ -258,6 +286,8 @@ class RolloutHost(Host):
 
 
 class RewardHost(Host):
+    role, track_base = "reward", 4000
+
     def make(self, store: Any) -> Any:
         from workers.policy import make_reward_fn
         from workers.reward import RewardWorker
@@ -279,6 +309,12 @@ class RewardHost(Host):
 
 
 class ReferenceHost(Host):
+    role, track_base = "reference", 5000
+
+    @property
+    def track_name(self) -> str:
+        return "reference"
+
     def __init__(self, config: dict, store_address: str, weights_path: str):
         super().__init__(config, store_address)
         self.weights_path = weights_path

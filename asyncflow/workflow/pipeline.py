@@ -23,6 +23,7 @@ import ray
 from asyncflow.config import AsyncFlowConfig
 from asyncflow.errors import AsyncFlowError, ConfigError, ControlError, RankDied, WorkerError
 from asyncflow.rundir import RunDir
+from asyncflow.workflow.checks import check
 from asyncflow.workflow.hosts import (
     NAMESPACE,
     ReferenceHost,
@@ -31,8 +32,8 @@ from asyncflow.workflow.hosts import (
     SourceHost,
     TrainerHost,
 )
-from asyncflow.workflow.checks import check
 from asyncflow.workflow.runtime import free_cpus, not_started, placed
+from asyncflow.workflow.traces import Traces
 
 log = logging.getLogger("asyncflow")
 
@@ -70,6 +71,7 @@ class Pipeline:
         self.next_rollout = r.num_workers  # fresh actor names for added workers
         self.paused = False
         self.client: Any = None  # the driver's store client (dataplane.client.StoreClient)
+        self.traces = Traces(config.trace, run)  # every actor's spans: trace.json
 
     def _spawn(
         self, host: type, role: str, slot: int = 0, *, num_cpus: float, restarts: int = 0,
@@ -258,7 +260,14 @@ class Pipeline:
                     step.exception()  # retrieved: the loop's failure is the one reported
                 step.cancel()
                 raise task.exception()  # type: ignore[misc]
-        return await step
+        metrics = await step
+        metrics.update(await self.trace_step())
+        return metrics
+
+    async def trace_step(self) -> dict[str, float]:
+        """Every actor's spans since the last call into trace.json; their seconds per role and span
+        (`time/<role>/<span>`), for the step's metrics line."""
+        return await self.traces.collect([self.source, *self.trainers, *self.streamers])
 
     async def sync_round(self, step: int) -> None:
         """Sync mode, before step `step`'s training: admit a batch, generate it, score it."""
@@ -396,6 +405,8 @@ class Pipeline:
         stats = (await self.client.store_stats())["partitions"][PARTITION]["consumers"][TRAINER]
         admitted = await self._ask(self.source.pause.remote())
         await self.client.drop_partition(PARTITION)
+        await self.trace_step()  # the last spans (evaluation, final checkpoint); trace.json is closed
+        self.traces.close()
         return {"admitted_prompts": admitted, "untrained_rows": stats["pending"] + stats["leased"]}
 
     async def shutdown(self, grace_s: float = 30.0) -> None:
