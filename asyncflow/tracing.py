@@ -5,12 +5,12 @@ Every process (one per Ray actor) has one `Tracer`, `tracer`, that the workers r
 complete event (ph "X") with wall-clock start and duration in microseconds, so the tracks of
 different processes line up. Events stay in memory (at most `max_events`, the rest counted
 as dropped) until `drain()` hands them over as plain dicts (msgpack- and JSON-able); the
-workflow drains every actor after each step and appends the events to the run's trace.json
+workflow drains every actor in the background (about once a second) into the run's trace.json
 (asyncflow.rundir), one named track per actor. Off, a span is one attribute test.
 
-A span's args name what it worked on: `rows` (the store's row ids of a batch; the prompt
-source's `admit` span maps them to (prompt, sample)), `version` (the policy version), byte
-and token counts. The module knows nothing about workers, Ray or the store.
+A span's args name what it worked on: `row_ids` (the store's rows of a batch; the prompt
+source's `admit` span maps them to (prompt, sample)), `rows` (how many), `version` (the
+policy version), byte and token counts. The module knows nothing about workers, Ray or the store.
 """
 
 from __future__ import annotations

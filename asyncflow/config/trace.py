@@ -14,16 +14,24 @@ class TraceConfig(Section):
 
     enabled: bool = Field(
         True,
-        description="Record spans in every actor and append them to <run_dir>/trace.json after each "
-        "step (open it in https://ui.perfetto.dev or chrome://tracing; `asyncflow trace RUN_DIR "
+        description="Record spans in every actor and append them to <run_dir>/trace.json "
+        "(open it in https://ui.perfetto.dev or chrome://tracing; `asyncflow trace RUN_DIR "
         "--sample P:S` prints one sample's life). Off: no spans, and no time/... figures in metrics.",
     )
     max_events: int = Field(
         100_000,
         ge=100,
         le=10_000_000,
-        description="Spans an actor keeps between two drains (one per step); more are dropped and "
+        description="Spans an actor keeps between two collections; more are dropped and "
         "counted in a trace.dropped event, so a stalled run cannot fill an actor's memory.",
+    )
+    collect_every_s: float = Field(
+        1.0,
+        ge=0,
+        le=3600,
+        description="How often the driver collects the actors' spans into trace.json, in the "
+        "background (0: after every step). Each step's time/<role>/<span> figures are the seconds "
+        "per step over the latest collection's steps.",
     )
     otlp_endpoint: str | None = Field(
         None,

@@ -261,13 +261,13 @@ class Pipeline:
                 step.cancel()
                 raise task.exception()  # type: ignore[misc]
         metrics = await step
-        metrics.update(await self.trace_step())
+        metrics.update(self.traces.step(self.tracked))  # spans to trace.json, in the background
         return metrics
 
-    async def trace_step(self) -> dict[str, float]:
-        """Every actor's spans since the last call into trace.json; their seconds per role and span
-        (`time/<role>/<span>`), for the step's metrics line."""
-        return await self.traces.collect([self.source, *self.trainers, *self.streamers])
+    @property
+    def tracked(self) -> list[Any]:
+        """The actors whose spans go to trace.json."""
+        return [self.source, *self.trainers, *self.streamers]
 
     async def sync_round(self, step: int) -> None:
         """Sync mode, before step `step`'s training: admit a batch, generate it, score it."""
@@ -405,8 +405,7 @@ class Pipeline:
         stats = (await self.client.store_stats())["partitions"][PARTITION]["consumers"][TRAINER]
         admitted = await self._ask(self.source.pause.remote())
         await self.client.drop_partition(PARTITION)
-        await self.trace_step()  # the last spans (evaluation, final checkpoint); trace.json is closed
-        self.traces.close()
+        await self.traces.close(self.tracked)  # the last spans (evaluation, final checkpoint)
         return {"admitted_prompts": admitted, "untrained_rows": stats["pending"] + stats["leased"]}
 
     async def shutdown(self, grace_s: float = 30.0) -> None:
