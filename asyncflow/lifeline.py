@@ -58,8 +58,13 @@ def sample_life(events: list[dict], prompt: int, sample: int | None = None) -> l
                [admit["args"]["row_ids"][k * n + sample]])  # fmt: skip
     names = {e["pid"]: e["args"]["name"] for e in events if e.get("name") == "process_name"}
     stages = [_stage("admit", admit, names)]
-    for e in events:
-        if e.get("ph") == "X" and e["name"] in STAGES and e["name"] != "admit" and e["ts"] >= admit["ts"]:
+    for e in events:  # a train step may start (waiting for data) before its rows were admitted
+        if (
+            e.get("ph") == "X"
+            and e["name"] in STAGES
+            and e["name"] != "admit"
+            and e["ts"] + e["dur"] > admit["ts"]
+        ):
             if rows.intersection(e["args"].get("row_ids", ())):
                 stages.append(_stage(e["name"], e, names, _data_at(events, e)))
     return sorted(stages, key=lambda s: s.start_us)
