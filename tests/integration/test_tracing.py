@@ -38,9 +38,9 @@ def test_a_run_traces_every_actor_and_each_sample_s_life(ray_session, tmp_path, 
     collector = Collector()
     try:
         config = _config(
-            tmp_path, "trainer.steps=6", "warmup.steps=5", "task.eval_prompts=0", "trainer.checkpoint_every=0",
-            "reference.enabled=true", "trainer.kl_coef=0.01", "trace.collect_every_s=0",
-            f"trace.otlp_endpoint={collector.url}",
+            tmp_path, "trainer.steps=6", "warmup.steps=5", "task.eval_prompts=0",
+            "trainer.checkpoint_every=0", "reference.enabled=true", "trainer.kl_coef=0.01",
+            "trace.collect_every_s=0", f"trace.otlp_endpoint={collector.url}",
         )  # fmt: skip
         summary = train(config, display=False)
     finally:

@@ -60,8 +60,10 @@ def test_spans_reach_the_collector_with_their_times_actor_and_nesting(collector)
     export = OtlpExport(collector.url, service="sort-1")
     step = {"name": "step", "ph": "X", "ts": 1_000, "dur": 900, "args": {"version": 2, "row_ids": [4, 5]}}
     child = {"name": "optimizer", "ph": "X", "ts": 1_500, "dur": 100, "args": {}}
-    export.export([{"role": "trainer", "track": 2000, "name": "trainer rank 0",
-                    "events": [child, step, {"name": "trace.dropped", "ph": "i", "ts": 5, "args": {}}]}])  # fmt: skip
+    dropped = {"name": "trace.dropped", "ph": "i", "ts": 5, "args": {}}
+    export.export(
+        [{"role": "trainer", "track": 2000, "name": "trainer rank 0", "events": [child, step, dropped]}]
+    )
     export.close()  # flushes
     spans = {s.name: (service, s) for service, s in collector.spans}
     assert set(spans) == {"step", "optimizer"}  # an instant is no span
