@@ -112,9 +112,10 @@ class Tracer:
         return events
 
 
-# The process's tracer: each Ray actor is its own process, so each has its own. Hosts configure it
-# from the run's `trace` section before they build their worker.
-tracer = Tracer()
+# The process's tracer: each Ray actor is its own process, so each has its own. It starts off (a
+# process that uses workers without a host collects nothing); hosts configure it from the run's
+# `trace` section before they build their worker.
+tracer = Tracer(enabled=False)
 
 
 def traced(name: str, args: Callable[..., dict[str, Any]] | None = None) -> Callable:

@@ -58,7 +58,7 @@ def test_the_buffer_is_bounded_and_says_how_many_it_dropped():
     assert len(tracer.drain()) == 1  # the count starts again
 
 
-def test_traced_makes_each_call_a_span_with_args_from_its_arguments():
+def test_traced_makes_each_call_a_span_with_args_from_its_arguments(monkeypatch):
     import asyncflow.tracing as tracing
 
     class Worker:
@@ -66,7 +66,8 @@ def test_traced_makes_each_call_a_span_with_args_from_its_arguments():
         async def process(self, batch):
             return len(batch)
 
-    tracing.tracer.drain()
+    assert asyncio.run(Worker().process([7])) == 1 and tracing.tracer.drain() == []  # off until a host
+    monkeypatch.setattr(tracing, "tracer", Tracer())  # turns it on
     assert asyncio.run(Worker().process([7, 8])) == 2
     (event,) = tracing.tracer.drain()
     assert event["name"] == "reward" and event["args"] == {"row_ids": [7, 8]}
