@@ -42,8 +42,8 @@ def reconstructed() -> bool:
 class Host:
     """What every role's actor shares: its config, task and kind; the worker, built on `start`."""
 
-    role = ""  # the role's name in trace tracks and time/<role>/... metrics
-    track_base = 0  # its trace tracks are numbered track_base + index
+    role = ""  # the role's name in time/<role>/... metrics
+    track_base, track_label = 0, "{role} {index}"  # its trace track: number, and name
 
     def __init__(self, config: dict, store_address: str, index: int = 0):
         from workers.kinds import make_kind
@@ -92,12 +92,13 @@ class Host:
 
     def trace(self) -> dict:
         """The spans this actor recorded since the last call, and the track they belong on."""
-        return {"role": self.role, "track": self.track_base + self.index, "name": self.track_name,
-                "events": tracer.drain()}  # fmt: skip
-
-    @property
-    def track_name(self) -> str:
-        return f"{self.role} {self.index}"
+        name = self.track_label.format(role=self.role, index=self.index)
+        return {
+            "role": self.role,
+            "track": self.track_base + self.index,
+            "name": name,
+            "events": tracer.drain(),
+        }
 
     async def close(self) -> None:
         """Close the worker (its engine: vLLM's process group and its file in the temp directory)
@@ -114,11 +115,7 @@ class Host:
 
 
 class SourceHost(Host):
-    role, track_base = "source", 1000
-
-    @property
-    def track_name(self) -> str:
-        return "prompt source"
+    role, track_base, track_label = "source", 1000, "prompt source"
 
     def __init__(self, config: dict, store_address: str, cursor: int):
         super().__init__(config, store_address)
@@ -152,11 +149,7 @@ class SourceHost(Host):
 class TrainerHost(Host):
     """One trainer rank (`index`, of trainer.num_ranks); the pipeline joins the ranks into a group."""
 
-    role, track_base = "trainer", 2000
-
-    @property
-    def track_name(self) -> str:
-        return f"trainer rank {self.index}"
+    role, track_base, track_label = "trainer", 2000, "trainer rank {index}"
 
     def make(self, store: Any) -> Any:
         import torch
@@ -309,11 +302,7 @@ class RewardHost(Host):
 
 
 class ReferenceHost(Host):
-    role, track_base = "reference", 5000
-
-    @property
-    def track_name(self) -> str:
-        return "reference"
+    role, track_base, track_label = "reference", 5000, "reference"
 
     def __init__(self, config: dict, store_address: str, weights_path: str):
         super().__init__(config, store_address)
