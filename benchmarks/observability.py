@@ -118,11 +118,13 @@ def main() -> None:
     overhead = (table["on"]["step_ms"] - table["off"]["step_ms"]) / table["off"]["step_ms"]
     spans = {"span_us": span_cost(True), "span_off_us": span_cost(False)}
     print(
-        f"{'trace':<6}{'step_ms':>10}{'samples/s':>12}{'collect_ms':>12}{'events/step':>13}"
+        f"{'trace':<6}{'step_ms':>10}{'(min-max)':>14}{'samples/s':>12}{'collect_ms':>12}{'events/step':>13}"
         f"{'trace KB/step':>15}"
     )
     for mode, row in table.items():
-        print(f"{mode:<6}{row['step_ms']:>10.1f}{row['samples_per_s']:>12.0f}{row['collect_ms']:>12.2f}"
+        lo, hi = min(x["step_ms"] for x in runs[mode]), max(x["step_ms"] for x in runs[mode])
+        spread = f"({lo:.0f}-{hi:.0f})"
+        print(f"{mode:<6}{row['step_ms']:>10.1f}{spread:>14}{row['samples_per_s']:>12.0f}{row['collect_ms']:>12.2f}"
               f"{row['events_per_step']:>13.1f}{row['trace_kb_per_step']:>15.1f}")  # fmt: skip
     print(f"overhead of tracing: {overhead:+.1%} of step time (median of {args.repeats} pairs)")
     print(f"one span: {spans['span_us']:.2f} us recorded, {spans['span_off_us']:.2f} us with tracing off")
