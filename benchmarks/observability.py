@@ -12,7 +12,8 @@ medians over the repeats of:
                    about one per trace.collect_every_s.
 
 It also times one span in a loop (span_us: on; span_off_us: off), the cost per recorded unit
-of work. The overhead is (on - off) / off of step_ms.
+of work. The overhead is the median over the pairs of on / off - 1 of step_ms: the two runs of
+a pair run back to back, so a load that drifts between pairs skews it least.
 
     .venv/bin/python benchmarks/observability.py [--steps 60] [--repeats 3] [--json out.json]
 """
@@ -126,8 +127,8 @@ def main() -> None:
     for mode, row in table.items():
         lo, hi = min(x["step_ms"] for x in runs[mode]), max(x["step_ms"] for x in runs[mode])
         spread = f"({lo:.0f}-{hi:.0f})"
-        print(f"{mode:<6}{row['step_ms']:>10.1f}{spread:>14}{row['samples_per_s']:>12.0f}{row['collect_ms']:>12.2f}"
-              f"{row['events_per_step']:>13.1f}{row['trace_kb_per_step']:>15.1f}")  # fmt: skip
+        print(f"{mode:<6}{row['step_ms']:>10.1f}{spread:>14}{row['samples_per_s']:>12.0f}"
+              f"{row['collect_ms']:>12.2f}{row['events_per_step']:>13.1f}{row['trace_kb_per_step']:>15.1f}")  # fmt: skip
     print(f"overhead of tracing: {overhead:+.1%} of step time (median of the {args.repeats} pairs' on/off - 1: "
           f"{', '.join(f'{p:+.1%}' for p in pairs)})")  # fmt: skip
     print(f"one span: {spans['span_us']:.2f} us recorded, {spans['span_off_us']:.2f} us with tracing off")
