@@ -127,8 +127,8 @@ def main() -> None:
     for mode, row in table.items():
         lo, hi = min(x["step_ms"] for x in runs[mode]), max(x["step_ms"] for x in runs[mode])
         cells = [f"{row['step_ms']:>10.1f}", f"{f'({lo:.0f}-{hi:.0f})':>14}",
-                 f"{row['samples_per_s']:>12.0f}", f"{row['collect_ms']:>12.2f}", f"{row['events_per_step']:>13.1f}",
-                 f"{row['trace_kb_per_step']:>15.1f}"]  # fmt: skip
+                 f"{row['samples_per_s']:>12.0f}", f"{row['collect_ms']:>12.2f}",
+                 f"{row['events_per_step']:>13.1f}", f"{row['trace_kb_per_step']:>15.1f}"]  # fmt: skip
         print(f"{mode:<6}" + "".join(cells))
     each = ", ".join(f"{p:+.1%}" for p in pairs)
     print(f"overhead of tracing: {overhead:+.1%} of step time (median of the pairs' on / off - 1: {each})")
