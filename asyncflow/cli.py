@@ -6,6 +6,7 @@ asyncflow run --resume RUN_DIR                     continue a run from its last 
 asyncflow run CONFIG --resume-if-exists            stable run directory; continue it if it exists
 asyncflow export RUN_DIR OUT_DIR [--step N]        the trained policy as a Hugging Face directory
 asyncflow demo [--samples N]                       stream samples through the data store on Ray
+asyncflow trace RUN_DIR --sample P:S               one sample's life from the run's trace.json
 asyncflow submit CONFIG --address URL [--set ...]  run it as a job on a Ray cluster (prints the job id)
                  [--resume RUN_DIR | --resume-if-exists]  ... continuing a run
 asyncflow jobs status|logs|stop JOB_ID             follow a submitted job
@@ -76,6 +77,21 @@ def _demo(args: argparse.Namespace) -> int:
 
     result = run_demo(samples=args.samples, group_size=args.group_size)
     return 0 if result["trained"] == result["distinct"] == result["samples"] else 1
+
+
+def _trace(args: argparse.Namespace) -> int:
+    from asyncflow.lifeline import format_life, parse_sample, sample_life
+    from asyncflow.rundir import RunDir
+
+    run = RunDir.open(args.run_dir)
+    if not run.trace_path.exists():
+        raise ConfigError(
+            f"{args.run_dir!r} has no trace.json: the run recorded no spans (trace.enabled: false, or it "
+            "stopped before its first step); run it with trace.enabled=true"
+        )
+    prompt, sample = parse_sample(args.sample)
+    print(format_life(sample_life(run.trace(), prompt, sample), args.sample))
+    return 0
 
 
 def _submit(args: argparse.Namespace) -> int:
@@ -215,6 +231,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--samples", type=int, default=4096, help="samples to stream (default 4096)")
     demo.add_argument("--group-size", type=int, default=8, help="samples per prompt (default 8)")
     demo.set_defaults(func=_demo)
+    trace = sub.add_parser("trace", help="one sample's life in a run: admitted, generated, rewarded, trained")
+    trace.add_argument("run_dir", help="the run directory (its trace.json)")
+    trace.add_argument(
+        "--sample",
+        required=True,
+        metavar="P:S",
+        help="sample S of prompt P (as trained.jsonl names it), or P",
+    )
+    trace.set_defaults(func=_trace)
 
     _cluster_commands(sub)
     return parser

@@ -13,6 +13,7 @@ checkpoints and a final summary. Everything a resumed run needs is in here.
       report.html            `asyncflow report RUN_DIR`'s page (when written here)
       summary.json           written at the end
       reward.svg             the reward curve
+      trace.json             every actor's spans, Chrome / Perfetto trace format (appended per step)
 """
 
 from __future__ import annotations
@@ -176,6 +177,46 @@ class RunDir:
 
     def trained(self) -> list[tuple[int, int]]:
         return [tuple(r) for record in _records(self.path / "trained.jsonl") for r in record["rows"]]
+
+    @property
+    def trace_path(self) -> Path:
+        return self.path / "trace.json"
+
+    def append_trace(self, events: list[dict]) -> None:
+        """Append trace events to trace.json, a JSON array in Chrome's trace format. The array is
+        left open while the run goes on (Chrome and Perfetto read it so: the closing `]` is
+        optional), and reopened when a closed one gets more events (a resumed run)."""
+        if not events:
+            return
+        path = self.trace_path
+        with open(path, "a+b") as f:
+            f.seek(0, os.SEEK_END)
+            first = f.tell() == 0
+            if not first:
+                f.seek(max(f.tell() - 3, 0))
+                tail = f.read()
+                if tail.rstrip().endswith(b"]"):  # closed: take the `]` off again
+                    f.truncate(f.tell() - len(tail) + tail.rstrip().rindex(b"]"))
+            f.seek(0, os.SEEK_END)
+            text = ",\n".join(json.dumps(e, separators=(",", ":")) for e in events)
+            f.write((("[\n" if first else ",\n") + text).encode())
+
+    def close_trace(self) -> None:
+        """Close trace.json's array (the run ended), so that it is plain JSON too."""
+        path = self.trace_path
+        if path.exists() and not path.read_bytes().rstrip().endswith(b"]"):
+            with open(path, "a") as f:
+                f.write("\n]\n")
+
+    def trace(self) -> list[dict]:
+        """trace.json's events, whether its array is closed or not (a run still going, or killed)."""
+        text = self.trace_path.read_text().rstrip()
+        if text.endswith("]"):
+            return json.loads(text)
+        try:
+            return json.loads(text + "]")
+        except ValueError:  # a kill cut the last event short: events are one per line
+            return json.loads(text[: text.rfind(",\n")] + "]")
 
     def write_summary(self, summary: dict) -> None:
         (self.path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from asyncflow.tracing import traced
 from workers.samples import REFERENCE, fill, idle, serve, take, work_through
 
 if TYPE_CHECKING:  # the seams' protocols and classes, for the type checker
@@ -47,6 +48,7 @@ class ReferenceWorker:
         await self.store.ack(batch)
         return len(batch)
 
+    @traced("reference", lambda batch: {"row_ids": batch.rows})
     async def process(self, batch: Any) -> None:
         """Write the reference log-probs of a batch (the caller acks it)."""
         start = time.perf_counter()

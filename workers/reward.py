@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from asyncflow.errors import WorkerError
+from asyncflow.tracing import traced
 from workers.reward_child import takes_info, with_info
 from workers.reward_pool import RewardFailed, RewardProcesses
 from workers.samples import REWARD, REWARD_FIELDS, fill, idle, serve, take, work_through
@@ -160,6 +161,7 @@ class RewardWorker:
         await self.store.ack(batch)
         return len(batch)
 
+    @traced("reward", lambda batch: {"row_ids": batch.rows})
     async def process(self, batch: Any) -> None:
         """Score a batch and write its reward fields (the caller acks it)."""
         start = time.perf_counter()

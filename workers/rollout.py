@@ -20,6 +20,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from asyncflow.errors import WeightMismatch
+from asyncflow.tracing import tracer
 from workers.reward import parts_of, takes_info, with_info
 from workers.samples import ROLLOUT, fill, idle, serve, take
 
@@ -75,17 +76,21 @@ class RolloutWorker:
         the engine holds. A version whose bytes arrive changed (WeightMismatch) is refused: the
         engine keeps its weights, the refusal is counted and logged, and the next version is tried."""
         start = time.perf_counter()
-        latest = await self.weights.wait_version(min_version)
+        with tracer.span("weights.wait", min_version=min_version, held=self.engine.version):
+            latest = await self.weights.wait_version(min_version)
         if latest > self.seen:
             try:
                 # an engine that never loaded a version takes every tensor, the others only what changed
-                version, tensors = await self.weights.pull(min_version, whole=self.engine.version < 0)
+                with tracer.span("weights.pull", held=self.engine.version) as span:
+                    version, tensors = await self.weights.pull(min_version, whole=self.engine.version < 0)
+                    span.update(version=version, bytes=sum(t.nbytes for t in tensors.values()))
             except WeightMismatch as e:
                 self.rejected = latest
                 self.stats["rejected_versions"] += 1
                 log.warning("%s refused weights; it keeps version %d: %s", self.name, self.engine.version, e)
             else:
-                await self.engine.update_weights(version, tensors)
+                with tracer.span("weights.switch", version=version, held=self.engine.version):
+                    await self.engine.update_weights(version, tensors)
                 self.stats["weight_syncs"] += 1
         self.stats["sync_s"] += time.perf_counter() - start
         return self.engine.version
@@ -118,7 +123,11 @@ class RolloutWorker:
             self.kind.request(f"{batch['prompt_index'][i]}", prompts[i], self.n, self.params) for i in heads
         ]
         called = time.perf_counter()
-        completions = await self._generate(requests)
+        with tracer.span(
+            "generate", row_ids=batch.rows, groups=len(requests), version=self.engine.version
+        ) as span:
+            completions = await self._generate(requests)
+            span.update(tokens=sum(len(c.versions) for c in completions), version_end=self.engine.version)
         self.stats["longest_call_s"] = max(self.stats["longest_call_s"], time.perf_counter() - called)
         order = {(int(batch["prompt_index"][i]), int(batch["sample_index"][i])): i for i in range(len(batch))}
         rows: list[Any] = [None] * len(batch)

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from asyncflow.errors import SchemaError, StoreTimeout
+from asyncflow.tracing import tracer
 
 if TYPE_CHECKING:  # the seams' protocols and classes, for the type checker
     from dataplane.client import StoreClient
@@ -106,16 +107,18 @@ async def serve(
 def idle(
     stats: dict[str, float], process: Callable[[Any], Awaitable[Any]]
 ) -> Callable[[Any], Awaitable[None]]:
-    """`process`, adding the time between its calls (waiting for rows) to stats["idle_s"]."""
-    last = time.perf_counter()
+    """`process`, adding the time between its calls (waiting for rows) to stats["idle_s"], and
+    tracing it as a `store.wait` span."""
+    last, last_ns = time.perf_counter(), time.time_ns()
 
     async def timed(batch: Any) -> None:
-        nonlocal last
+        nonlocal last, last_ns
         stats["idle_s"] += time.perf_counter() - last
+        tracer.complete("store.wait", last_ns, time.time_ns(), rows=len(batch))
         try:
             await process(batch)
         finally:
-            last = time.perf_counter()
+            last, last_ns = time.perf_counter(), time.time_ns()
 
     return timed
 
@@ -141,9 +144,14 @@ async def take(
 ) -> Any:
     """Up to `size` rows: at least `unit` (one group), waiting for them, plus what became ready with
     them (sync mode). An empty batch means the stream ended."""
-    return await store.get(
-        PARTITION, fields, size, consumer, min_rows=unit, timeout_s=timeout_s, sampler=sampler, writes=writes
-    )
+    with tracer.span("store.get") as span:
+        got = store.stats.bytes_got
+        batch = await store.get(
+            PARTITION, fields, size, consumer, min_rows=unit, timeout_s=timeout_s, sampler=sampler,
+            writes=writes,
+        )  # fmt: skip
+        span.update(rows=len(batch), bytes=store.stats.bytes_got - got)
+    return batch
 
 
 async def fill(store: StoreClient, data: dict[str, Any], batch: Any, **put: Any) -> None:
@@ -155,7 +163,10 @@ async def fill(store: StoreClient, data: dict[str, Any], batch: Any, **put: Any)
     written alone and a row already written keeps the values the checkpoint holds: nothing is
     written twice, and the batch can be acked."""
     try:
-        await store.put(PARTITION, data, rows=batch, **put)
+        with tracer.span("store.put", rows=len(batch)) as span:
+            sent = store.stats.bytes_put
+            await store.put(PARTITION, data, rows=batch, **put)
+            span["bytes"] = store.stats.bytes_put - sent
         return
     except SchemaError as e:
         if "already written" not in str(e):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any
 
+from asyncflow.tracing import tracer
 from asyncflow.versioning import admission_limit
 from workers.samples import PARTITION
 
@@ -50,18 +51,22 @@ class PromptSource:
             examples = [self.task.example(i) for i in range(self.cursor, self.cursor + take)]
             prompts = self.kind.prompts(examples)  # {field: one value per example}
             rows = [k for k in range(take) for _ in range(self.n)]  # each example n times
-            await self.store.put(
-                PARTITION,
-                {
-                    **{field: [values[k] for k in rows] for field, values in prompts.items()},
-                    "prompt_index": [self.cursor + k for k in rows],
-                    "sample_index": [j % self.n for j in range(len(rows))],
-                    "answer": [examples[k].answer for k in rows],
-                    "info": [getattr(examples[k], "info", "") for k in rows],
-                    "admit_version": [version] * len(rows),
-                },
-                group_size=self.n,
-            )
+            # the span maps store rows to samples: row ids[k * n + j] is sample j of prompt cursor + k
+            with tracer.span("admit", prompt=self.cursor, prompts=take, n=self.n, version=version) as span:
+                sent = self.store.stats.bytes_put
+                span["row_ids"] = await self.store.put(
+                    PARTITION,
+                    {
+                        **{field: [values[k] for k in rows] for field, values in prompts.items()},
+                        "prompt_index": [self.cursor + k for k in rows],
+                        "sample_index": [j % self.n for j in range(len(rows))],
+                        "answer": [examples[k].answer for k in rows],
+                        "info": [getattr(examples[k], "info", "") for k in rows],
+                        "admit_version": [version] * len(rows),
+                    },
+                    group_size=self.n,
+                )
+                span["bytes"] = self.store.stats.bytes_put - sent
             self.cursor += take
             count -= take
         return self.cursor

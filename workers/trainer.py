@@ -40,6 +40,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from asyncflow.algorithms import aggregate, group_advantages, kl_penalty, on_grid, policy_loss
 from asyncflow.config import TrainerConfig, WarmupConfig
+from asyncflow.tracing import tracer
 from asyncflow.versioning import min_usable_version, staleness_histogram
 from services.parallelism.balance import CostModel, imbalance, plan
 from workers.policy import enable_gradient_checkpointing
@@ -139,15 +140,19 @@ class TrainerWorker:
         """Publish the current version: every tensor (`whole`: the first publication of a run, from
         which every engine can start), or only those training changes; returns the seconds it took."""
         self._wrap()
-        tensors = publication(self.model, self.config.trainable, whole=whole)
-        if not self.ranks.many:
-            self.publish_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
-            return await self.weights.publish(self.version, tensors, whole=whole)
-        mine = self._owned(tensors)
-        self.publish_bytes = sum(getattr(t, "local", t).nbytes for t in mine.values())
-        return await self.weights.publish(
-            self.version, mine, whole=whole, part=(self.ranks.rank, self.ranks.size)
-        )
+        with tracer.span("publish", version=self.version, whole=whole) as span:
+            tensors = publication(self.model, self.config.trainable, whole=whole)
+            if not self.ranks.many:
+                self.publish_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+                seconds = await self.weights.publish(self.version, tensors, whole=whole)
+            else:
+                mine = self._owned(tensors)
+                self.publish_bytes = sum(getattr(t, "local", t).nbytes for t in mine.values())
+                seconds = await self.weights.publish(
+                    self.version, mine, whole=whole, part=(self.ranks.rank, self.ranks.size)
+                )
+            span["bytes"] = self.publish_bytes
+        return seconds
 
     def _owned(self, tensors: dict[str, Any]) -> dict[str, Any]:
         """What this rank publishes: its shard of every sharded tensor, and the whole of the
@@ -164,23 +169,36 @@ class TrainerWorker:
 
     async def step(self) -> dict:
         """Train on one batch of whole groups; returns the step's metrics."""
-        start = time.perf_counter()
-        self._wrap()
+        with tracer.span("step", held=self.version) as span:
+            start = time.perf_counter()
+            self._wrap()
+            batch = await self._take()
+            span["row_ids"] = batch.rows  # this rank's rows
+            waited = time.perf_counter() - start
+            metrics = self.train_on(self.ranks.merge(batch.data))  # every rank's groups: the whole batch
+            if self.config.simulated_step_s_per_ktoken:  # benchmark only: a larger model's step time
+                await asyncio.sleep(self.config.simulated_step_s_per_ktoken * metrics["tokens"] / 1000)
+            metrics["publish_s"] = await self.publish(whole=self.config.trainable == "all")
+            metrics["publish_bytes"] = self.publish_bytes
+            with tracer.span("store.ack", rows=len(batch)):
+                await self.store.ack(batch)
+            metrics.update(wait_s=waited, step_s=time.perf_counter() - start)
+            span.update(version=self.version, samples=metrics["samples"], tokens=metrics["tokens"])
+        return metrics
+
+    async def _take(self) -> Any:
+        """This rank's share of the next batch of whole groups, within the staleness window."""
         r = self.ranks
         groups = self.config.batch_prompts // r.size + (r.rank < self.config.batch_prompts % r.size)
-        batch = await self.store.get(
-            PARTITION, self.fields, groups * self.n, TRAINER, sampler="group",
-            v_min=min_usable_version(self.version, self.staleness), timeout_s=self.get_timeout_s,
-        )  # fmt: skip
-        waited = time.perf_counter() - start
-        metrics = self.train_on(r.merge(batch.data))  # every rank's groups: the whole batch
-        if self.config.simulated_step_s_per_ktoken:  # benchmark only: a larger model's step time
-            await asyncio.sleep(self.config.simulated_step_s_per_ktoken * metrics["tokens"] / 1000)
-        metrics["publish_s"] = await self.publish(whole=self.config.trainable == "all")
-        metrics["publish_bytes"] = self.publish_bytes
-        await self.store.ack(batch)
-        metrics.update(wait_s=waited, step_s=time.perf_counter() - start)
-        return metrics
+        v_min = min_usable_version(self.version, self.staleness)
+        with tracer.span("store.get", v_min=v_min) as span:
+            got = self.store.stats.bytes_got
+            batch = await self.store.get(
+                PARTITION, self.fields, groups * self.n, TRAINER, sampler="group", v_min=v_min,
+                timeout_s=self.get_timeout_s,
+            )  # fmt: skip
+            span.update(rows=len(batch), bytes=self.store.stats.bytes_got - got)
+        return batch
 
     def train_on(self, data: dict) -> dict:
         """One batch of whole groups: advantages, then `minibatches` optimizer steps, each
@@ -199,7 +217,8 @@ class TrainerWorker:
         plans = [self._plan([rows[p] for p in positions]) for positions in minibatches]
         proximal = None
         if len(minibatches) > 1:  # the policy before this batch's first update (decoupled PPO)
-            proximal = self._logprobs_no_grad(rows, minibatches, plans)
+            with tracer.span("proximal_logprobs", samples=len(rows)):
+                proximal = self._logprobs_no_grad(rows, minibatches, plans)
         stats: dict[str, float] = {}
         self.timings: list[tuple[list[int], float]] = []  # (lengths, seconds) of each micro-batch run
         for positions, (micros, passes) in zip(minibatches, plans):
@@ -270,7 +289,10 @@ class TrainerWorker:
             micro = micros[k] if real else [0]
             batch = [rows[i] for i in micro]
             started = time.perf_counter()
-            with self.ranks.accumulating(self.net, last=k == passes - 1):
+            with (
+                self.ranks.accumulating(self.net, last=k == passes - 1),
+                tracer.span("forward_backward", samples=len(micro) if real else 0),
+            ):
                 logprobs, mask = self.net(batch)  # (b, T) with gradient, (b, T)
                 share = sum(len(r.behavior) if per_token else bool(r.behavior) for r in batch) / max(total, 1)
                 loss, part = self._micro_loss(
@@ -286,8 +308,9 @@ class TrainerWorker:
                 stats[key] = (
                     max(stats.get(key, v), v) if key.endswith("_max") else stats.get(key, 0.0) + v * share
                 )
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm)
-        self.optimizer.step()
+        with tracer.span("optimizer"):
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm)
+            self.optimizer.step()
         stats = self.ranks.reduce_stats(stats)
         norm = grad_norm.full_tensor() if is_sharded(grad_norm) else grad_norm  # type: ignore[attr-defined]
         stats["grad_norm"] = norm.item()
@@ -352,14 +375,15 @@ class TrainerWorker:
         number of ranks reads them back), the version and what was trainable. Every rank calls it."""
         self._wrap()
         assert self.optimizer is not None
-        Path(path).mkdir(parents=True, exist_ok=True)
-        self._save_module(self.model, f"{path}/model.safetensors")
-        optimizer = {"optimizer": get_optimizer_state_dict(self.model, self.optimizer)}
-        with self.ranks.single_process_io():
-            dcp.save(optimizer, checkpoint_id=f"{path}/optimizer", no_dist=not self.ranks.many)
-        if self.ranks.rank == 0:
-            state = {"version": self.version, "trainable": self._trainable(), "ranks": self.ranks.size}
-            Path(path, "trainer.json").write_text(json.dumps(state))
+        with tracer.span("checkpoint", version=self.version):
+            Path(path).mkdir(parents=True, exist_ok=True)
+            self._save_module(self.model, f"{path}/model.safetensors")
+            optimizer = {"optimizer": get_optimizer_state_dict(self.model, self.optimizer)}
+            with self.ranks.single_process_io():
+                dcp.save(optimizer, checkpoint_id=f"{path}/optimizer", no_dist=not self.ranks.many)
+            if self.ranks.rank == 0:
+                state = {"version": self.version, "trainable": self._trainable(), "ranks": self.ranks.size}
+                Path(path, "trainer.json").write_text(json.dumps(state))
 
     def load(self, path: str) -> int:
         """Continue from a checkpoint that any number of ranks wrote (before this trainer's first step)."""

@@ -32,6 +32,7 @@ from asyncflow.config.rl import (
     WeightsConfig,
     import_string,
 )
+from asyncflow.config.trace import TraceConfig
 from asyncflow.config.watchdog import WatchdogConfig
 from asyncflow.errors import ConfigError
 from dataplane.config import DataPlaneConfig
@@ -51,6 +52,7 @@ __all__ = [
     "RolloutConfig",
     "Section",
     "TaskConfig",
+    "TraceConfig",
     "TrainerConfig",
     "Trainable",
     "WarmupConfig",
@@ -123,6 +125,7 @@ class AsyncFlowConfig(Section):
     )
     trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="Loss, optimizer, checkpoints.")
     weights: WeightsConfig = Field(default_factory=WeightsConfig, description="The weight store.")
+    trace: TraceConfig = Field(default_factory=TraceConfig, description="Spans of every actor: trace.json.")
     dataplane: DataPlaneConfig = Field(
         default_factory=DataPlaneConfig, description="The streaming data store."
     )

@@ -19,6 +19,7 @@ from typing import Any
 import ray
 
 from asyncflow.config import AsyncFlowConfig
+from asyncflow.tracing import tracer
 
 # The Ray namespace of every named actor of a run (`<dataplane.name>.trainer0`, `.control`, ...);
 # the memory store names its actors in a namespace of the same name.
@@ -41,6 +42,9 @@ def reconstructed() -> bool:
 class Host:
     """What every role's actor shares: its config, task and kind; the worker, built on `start`."""
 
+    role = ""  # the role's name in time/<role>/... metrics
+    track_base, track_label = 0, "{role} {index}"  # its trace track: number, and name
+
     def __init__(self, config: dict, store_address: str, index: int = 0):
         from asyncflow.workflow.stacks import dump_on_signal
         from workers.kinds import make_kind
@@ -48,6 +52,7 @@ class Host:
 
         dump_on_signal()  # the watchdog's fallback for reading this actor's stacks without py-spy
         self.config = AsyncFlowConfig.model_validate(config)
+        tracer.configure(self.config.trace.enabled, self.config.trace.max_events)
         self.store_address, self.index = store_address, index
         # A restarted actor samples with a fresh seed: it must not repeat its previous life's samples.
         self.incarnation = int(reconstructed())
@@ -87,6 +92,16 @@ class Host:
     def stats(self) -> dict:
         return dict(getattr(self._worker, "stats", {}))
 
+    def trace(self) -> dict:
+        """The spans this actor recorded since the last call, and the track they belong on."""
+        name = self.track_label.format(role=self.role, index=self.index)
+        return {
+            "role": self.role,
+            "track": self.track_base + self.index,
+            "name": name,
+            "events": tracer.drain(),
+        }
+
     async def close(self) -> None:
         """Close the worker (its engine: vLLM's process group and its file in the temp directory)
         and its store connection, before the actor is killed."""
@@ -102,6 +117,8 @@ class Host:
 
 
 class SourceHost(Host):
+    role, track_base, track_label = "source", 1000, "prompt source"
+
     def __init__(self, config: dict, store_address: str, cursor: int):
         super().__init__(config, store_address)
         self.cursor = cursor
@@ -133,6 +150,8 @@ class SourceHost(Host):
 
 class TrainerHost(Host):
     """One trainer rank (`index`, of trainer.num_ranks); the pipeline joins the ranks into a group."""
+
+    role, track_base, track_label = "trainer", 2000, "trainer rank {index}"
 
     def make(self, store: Any) -> Any:
         import torch
@@ -184,6 +203,8 @@ class TrainerHost(Host):
 
 
 class RolloutHost(Host):
+    role, track_base = "rollout", 3000
+
     _eval_reward: Any = None  # the held-out reward function, made on the first evaluation
 
     def make(self, store: Any) -> Any:
@@ -271,6 +292,8 @@ class RolloutHost(Host):
 
 
 class RewardHost(Host):
+    role, track_base = "reward", 4000
+
     def make(self, store: Any) -> Any:
         from workers.reward import RewardWorker
 
@@ -307,6 +330,8 @@ class RewardHost(Host):
 
 
 class ReferenceHost(Host):
+    role, track_base, track_label = "reference", 5000, "reference"
+
     def __init__(self, config: dict, store_address: str, weights_path: str):
         super().__init__(config, store_address)
         self.weights_path = weights_path

@@ -35,6 +35,7 @@ from asyncflow.workflow.hosts import (
     TrainerHost,
 )
 from asyncflow.workflow.runtime import free_cpus, not_started, placed
+from asyncflow.workflow.traces import Traces
 from asyncflow.workflow.watchdog import Watchdog
 
 log = logging.getLogger("asyncflow")
@@ -76,6 +77,7 @@ class Pipeline:
         self.autoscaler = Autoscaler(config, scale, self.loops)  # rollout/reward.autoscale
         self.client: Any = None  # the driver's store client (dataplane.client.StoreClient)
         self.watchdog = Watchdog(self)  # stalls: diagnosed, then restarted or stopped
+        self.traces = Traces(config.trace, run)  # every actor's spans: trace.json
 
     def _spawn(
         self, host: type, role: str, slot: int = 0, *, num_cpus: float, restarts: int = 0,
@@ -283,7 +285,13 @@ class Pipeline:
             await self.watchdog.failed(e)
             raise
         self.watchdog.step_ended()
+        metrics.update(self.traces.step(self.tracked))  # spans to trace.json, in the background
         return metrics
+
+    @property
+    def tracked(self) -> list[Any]:
+        """The actors whose spans go to trace.json."""
+        return [self.source, *self.trainers, *self.streamers]
 
     async def sync_round(self, step: int) -> None:
         """Sync mode, before step `step`'s training: admit a batch, generate it, score it."""
@@ -394,6 +402,7 @@ class Pipeline:
         stats = (await self.client.store_stats())["partitions"][PARTITION]["consumers"][TRAINER]
         admitted = await self._ask(self.source.pause.remote())
         await self.client.drop_partition(PARTITION)
+        await self.traces.close(self.tracked)  # the last spans (evaluation, final checkpoint)
         return {"admitted_prompts": admitted, "untrained_rows": stats["pending"] + stats["leased"]}
 
     async def shutdown(self, grace_s: float = 30.0) -> None:

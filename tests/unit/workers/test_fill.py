@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from asyncflow.errors import SchemaError
-from dataplane.batch import Batch
+from dataplane.batch import Batch, ClientStats
 from workers.samples import PARTITION, fill
 
 
@@ -17,6 +17,7 @@ class WriteOnceStore:
 
     def __init__(self, written: dict[int, float]):
         self.written = dict(written)
+        self.stats = ClientStats()
 
     async def put(self, partition, data, rows=None, **kw):
         assert partition == PARTITION
