@@ -34,9 +34,11 @@ class _Span:
 
     def __enter__(self) -> dict[str, Any]:
         self.start = time.time_ns()
+        self.tracer._open[id(self)] = self
         return self.args
 
     def __exit__(self, kind: Any, error: Any, tb: Any) -> None:
+        self.tracer._open.pop(id(self), None)
         if kind is not None:
             self.args["error"] = kind.__name__
         self.tracer.complete(self.name, self.start, time.time_ns(), **self.args)
@@ -64,6 +66,7 @@ class Tracer:
         self.enabled, self.max_events = enabled, max_events
         self.dropped = 0  # events not kept since the last drain: the buffer was full
         self._events: list[dict[str, Any]] = []
+        self._open: dict[int, _Span] = {}  # spans begun and not yet ended: the calls in flight
 
     def configure(self, enabled: bool, max_events: int) -> None:
         self.enabled, self.max_events = enabled, max_events
@@ -98,6 +101,13 @@ class Tracer:
             self.dropped += 1
             return
         self._events.append({"name": name, "ph": "i", "s": "t", "ts": time.time_ns() // 1000, "args": args})
+
+    def in_flight(self) -> list[dict[str, Any]]:
+        """The spans begun and not ended, oldest first: what the process is doing now (its name,
+        seconds so far, args such as row_ids). A watchdog's diagnosis of a stuck actor shows them."""
+        now = time.time_ns()
+        spans = sorted(self._open.values(), key=lambda span: span.start)
+        return [{"name": s.name, "for_s": round((now - s.start) / 1e9, 3), **s.args} for s in spans]
 
     def drain(self) -> list[dict[str, Any]]:
         """The events recorded since the last drain (and one `trace.dropped` instant if the buffer

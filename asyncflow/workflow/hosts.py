@@ -100,7 +100,12 @@ class Host:
             "track": self.track_base + self.index,
             "name": name,
             "events": tracer.drain(),
+            "in_flight": tracer.in_flight(),
         }
+
+    def in_flight(self) -> list[dict]:
+        """The spans this actor has begun and not ended (asyncflow.tracing.Tracer.in_flight)."""
+        return tracer.in_flight()
 
     async def close(self) -> None:
         """Close the worker (its engine: vLLM's process group and its file in the temp directory)

@@ -38,6 +38,7 @@ class Traces:
         self.per_step: dict[str, float] = {}  # the latest collection's time/<role>/<span> per step
         self.steps = 0  # steps since the running (or last) collection started
         self._asked: dict[Any, asyncio.Future] = {}  # actor -> its trace() call still on its way
+        self.in_flight: dict[Any, list[dict]] = {}  # actor -> its open spans at the last collection
         self._collecting: asyncio.Future | None = None
         self._started = -float("inf")  # time.monotonic() of the last collection's start
 
@@ -66,6 +67,7 @@ class Traces:
                 del self._asked[actor]
                 if call.exception() is None:  # a dead actor's spans died with it
                     replies.append(call.result())
+                    self.in_flight[actor] = replies[-1].get("in_flight", [])
         seconds = self.write(replies)
         self.per_step = {k: round(v / max(steps, 1), 6) for k, v in seconds.items()}
 

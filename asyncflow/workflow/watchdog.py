@@ -256,6 +256,7 @@ class Watchdog:
         now = time.monotonic()
         found = await asyncio.gather(*(asyncio.to_thread(_stack_of, a) for _, a in actors))
         capture_s = time.monotonic() - now
+        doing = await asyncio.gather(*(self._in_flight(a) for _, a in actors))
         record = {
             "stage": stage,
             "reason": reason,
@@ -265,7 +266,10 @@ class Watchdog:
             "stacks_read_in_s": round(capture_s, 2),
             "deadlines_s": {s: self.deadline(s) for s in self.clocks},
             "since_progress_s": {s: round(now - c.last, 1) for s, c in self.clocks.items()},
-            "actors": [{"name": n, "pid": pid, "stack": st} for (n, _), (pid, st) in zip(actors, found)],
+            "actors": [
+                {"name": n, "pid": pid, "stack": st, "in_flight": spans}
+                for (n, _), (pid, st), spans in zip(actors, found, doing)
+            ],
             "calls_in_flight": {call: round(now - t, 1) for call, t in self.inflight.items()},
             "loops_running": [
                 self._name(a) for a, task in self.pipe.loops.items() if a is not self and not task.done()
@@ -280,6 +284,15 @@ class Watchdog:
         path.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
         path.with_suffix(".txt").write_text(_readable(record))
         return path.with_suffix(".txt")
+
+    async def _in_flight(self, actor: Any) -> dict:
+        """What the actor is doing: its open spans (names, seconds, row ids) as it tells them now,
+        or, when it does not answer (its event loop is stuck), as the last trace collection saw them."""
+        try:
+            spans = await asyncio.wait_for(actor.in_flight.remote(), self.config.probe_timeout_s)
+            return {"as_of": "now", "spans": spans}
+        except Exception:  # frozen, dead, or blocked: the last collection's view
+            return {"as_of": "last trace collection", "spans": self.pipe.traces.in_flight.get(actor, [])}
 
 
 def _stack_of(actor: Any) -> tuple[int | None, str]:
@@ -324,5 +337,12 @@ def _readable(record: dict) -> str:
         "queues: " + json.dumps(record["queues"]),
     ]
     for actor in record["actors"]:
-        lines += ["", f"--- {actor['name']} (pid {actor['pid']})", actor["stack"].rstrip()]
+        lines += ["", f"--- {actor['name']} (pid {actor['pid']})"]
+        doing = actor.get("in_flight", {})
+        for span in doing.get("spans", []):
+            args = {k: v for k, v in span.items() if k not in ("name", "for_s")}
+            lines.append(
+                f"in flight ({doing['as_of']}): {span['name']} for {span['for_s']} s  {json.dumps(args)}"
+            )
+        lines.append(actor["stack"].rstrip())
     return "\n".join(lines) + "\n"

@@ -99,6 +99,9 @@ def _freeze_in_turn(config, tmp_path: Path, result: dict, stages: tuple[str, ...
         (actor,) = diagnosis["actors"]
         assert stage in actor["name"] and actor["pid"] > 0
         assert "Thread" in actor["stack"] and ".py" in actor["stack"], actor["stack"]  # py-spy's dump
+        # a frozen process cannot answer: its calls in flight are the last trace collection's
+        assert actor["in_flight"]["as_of"] == "last trace collection"
+        assert all(span["for_s"] >= 0 and "name" in span for span in actor["in_flight"]["spans"])
         assert diagnosis["queues"][stage]["ready"] + diagnosis["queues"][stage]["leased"] > 0
         assert stage in diagnosis["samples_in_flight"]
         assert f"stage: {stage}" in next((run_dir / "stalls").glob(f"*-{stage}.txt")).read_text()

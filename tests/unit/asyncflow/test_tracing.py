@@ -31,6 +31,21 @@ def test_a_span_is_a_complete_event_in_wall_clock_microseconds_with_its_args():
     assert tracer.drain() == []  # drained once
 
 
+def test_the_spans_in_flight_are_those_begun_and_not_ended_with_their_rows():
+    tracer = Tracer()
+    with tracer.span("step"):
+        with tracer.span("store.get", row_ids=[4, 5]):
+            time.sleep(0.01)
+            doing = tracer.in_flight()
+        assert [s["name"] for s in tracer.in_flight()] == ["step"]
+    assert [s["name"] for s in doing] == ["step", "store.get"]  # oldest first
+    assert doing[1]["row_ids"] == [4, 5] and doing[0]["for_s"] >= doing[1]["for_s"] >= 0.01
+    assert tracer.in_flight() == []
+    with pytest.raises(ValueError), tracer.span("reward"):
+        raise ValueError("bad reward")
+    assert tracer.in_flight() == []  # an error ends a span too
+
+
 def test_an_exception_leaving_a_span_is_noted_and_raised():
     tracer = Tracer()
     with pytest.raises(ValueError), tracer.span("reward"):
