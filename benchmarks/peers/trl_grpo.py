@@ -29,9 +29,11 @@ How "the same" is made:
 Sizes ("larger" on the sort task: responses are at most one token longer than the list, so a
 larger run needs longer lists as well as a larger model):
 
-  small  examples/sort.yaml as it is: hidden 64, 2 layers, 5-digit lists, 8 new tokens.
-  large  hidden 512, 8 layers, 8 heads, MLP 2048 (~25M parameters); lists of 2 to 16 digits,
-         long-tailed (Pareto 1.2), 17 new tokens: responses of 3 to 17 tokens.
+  small   examples/sort.yaml as it is: hidden 64, 2 layers, 5-digit lists, 8 new tokens.
+  medium  hidden 256, 4 layers, 4 heads, MLP 1024 (~3M parameters); lists of 2 to 16 digits,
+          long-tailed (Pareto 1.2), 17 new tokens: responses of 3 to 17 tokens.
+  large   hidden 512, 8 layers, 8 heads, MLP 2048 (~25M parameters); the medium lists.
+  The 70 warm-start steps and the RL hyper-parameters stay the example's for every size.
 
 Run alone (TRL only) or, with AsyncFlow beside it, from benchmarks/e2e.py --peers trl:
 
@@ -61,22 +63,26 @@ sys.path.insert(0, str(ROOT))
 from asyncflow.config import AsyncFlowConfig, parse_config  # noqa: E402
 
 EXAMPLE = ROOT / "examples" / "sort.yaml"
-LARGE = {
-    "model": {"hidden_size": 512, "intermediate_size": 2048, "num_layers": 8, "num_heads": 8,
-              "max_positions": 48},
+LONG_LISTS = {
     "task": {"options": {"min_digits": 2, "max_digits": 16, "lengths": "long_tail"}},
     "rollout": {"max_new_tokens": 17},
+}
+SIZES = {  # what changes from examples/sort.yaml
+    "small": {},
+    "medium": {"model": {"hidden_size": 256, "intermediate_size": 1024, "num_layers": 4, "num_heads": 4,
+                         "max_positions": 48}} | LONG_LISTS,
+    "large": {"model": {"hidden_size": 512, "intermediate_size": 2048, "num_layers": 8, "num_heads": 8,
+                        "max_positions": 48}} | LONG_LISTS,
 }  # fmt: skip
 
 
 def example_config(size: str, seed: int = 0) -> dict[str, Any]:
-    """examples/sort.yaml as a dict (model, task, warm-start, hyper-parameters), resized for `large`."""
+    """examples/sort.yaml as a dict (model, task, warm-start, hyper-parameters), resized as `size` says."""
+    if size not in SIZES:
+        raise ValueError(f"size {size!r}: expected one of {list(SIZES)} (small: examples/sort.yaml as it is)")
     data = yaml.safe_load(EXAMPLE.read_text())
-    if size == "large":
-        for section, values in LARGE.items():
-            data[section].update(values)
-    elif size != "small":
-        raise ValueError(f"size {size!r}: expected 'small' (examples/sort.yaml) or 'large'")
+    for section, values in SIZES[size].items():
+        data[section].update(values)
     data["seed"] = seed
     return data
 
@@ -194,6 +200,7 @@ def train_trl(config: AsyncFlowConfig, steps: int, threads: int, snapshot_every:
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             self.start, self.paused = time.perf_counter(), 0.0
+            self.threads = torch.get_num_threads()  # as TRL and accelerate left them
 
         def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
             now = time.perf_counter()
@@ -222,7 +229,7 @@ def train_trl(config: AsyncFlowConfig, steps: int, threads: int, snapshot_every:
         curve.append({"step": snap["step"], "elapsed_s": snap["elapsed_s"], "eval": evaluate(config, model)})
     return {
         "samples_per_s": samples / clock.elapsed, "tokens_per_s": tokens / clock.elapsed,
-        "loop_s": clock.elapsed, "steps": steps, "samples": samples,
+        "loop_s": clock.elapsed, "steps": steps, "samples": samples, "torch_threads": clock.threads,
         "reward_last_10pct": statistics.mean(h["reward"] for h in logs[-max(1, len(logs) // 10):]),
         "curve": curve,
     }  # fmt: skip
@@ -388,7 +395,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The comparison's options (benchmarks/e2e.py --peers trl takes the same)."""
-    parser.add_argument("--size", choices=["small", "large"], default="small", help="see the module doc")
+    parser.add_argument("--size", choices=list(SIZES), default="small", help="see the module doc")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of TRL and of AsyncFlow sync")
     parser.add_argument("--snapshot-every", type=int, default=50, help="steps between evaluated snapshots")
 
