@@ -407,8 +407,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        nargs="+",
+        help="run nothing: tabulate the runs of these --json files together",
+    )
     add_arguments(parser)
-    compare(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    if args.from_json:
+        payloads = [json.loads(path.read_text()) for path in args.from_json]
+        runs: dict[str, list[dict]] = {}
+        for payload in payloads:
+            for system, per in payload["runs"].items():
+                runs.setdefault(system, []).extend(per)
+        steps = payloads[0]["args"]["steps"]
+        print(table(summarise(runs, payloads[0]["eval_before"]), payloads[0]["eval_before"], steps))
+        return 0
+    compare(args)
     return 0
 
 
