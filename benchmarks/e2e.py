@@ -20,6 +20,11 @@ Two modes:
     .venv/bin/python benchmarks/e2e.py --mode simulated --workers 16,32 --steps 60 --repeats 1 \\
         --json docs/bench-e2e-sim.json
     .venv/bin/python benchmarks/e2e.py --systems sync,async-k2 --steps 50 --repeats 1   # quick look
+    .venv/bin/python benchmarks/e2e.py --peers trl --systems sync,async-k1 --steps 500 --repeats 1
+
+With --peers trl: TRL's GRPOTrainer beside the AsyncFlow systems, all on examples/sort.yaml (or
+--size large) from one shared warm-started checkpoint, with eval at equal steps and at equal
+wall time (benchmarks/peers/trl_grpo.py says how the two are made the same).
 
 samples/s and tokens/s count trained samples and their response tokens over the RL loop
 (from the first step's start to the last step's end; warm-start and evals excluded).
@@ -47,6 +52,7 @@ sys.path.insert(0, str(ROOT))
 from asyncflow.config import AsyncFlowConfig, load_config, parse_config  # noqa: E402
 from asyncflow.recipes.grpo import train  # noqa: E402
 from asyncflow.workflow import cpus_needed  # noqa: E402
+from benchmarks.peers import trl_grpo  # noqa: E402
 
 SYSTEMS = {"sync": ("sync", 0), "async-k1": ("async", 1), "async-k2": ("async", 2), "async-k4": ("async", 4)}
 
@@ -206,11 +212,20 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument(
+        "--peers", choices=["trl"], help="run the peers' comparison on the sort example instead (real mode)"
+    )
+    trl_grpo.add_arguments(parser)
+    parser.add_argument(
         "--from-runs",
         type=Path,
         help="run nothing: tabulate the run directories under this one (with --mode)",
     )
     args = parser.parse_args(argv)
+    if args.peers == "trl":
+        args.systems = ",".join(["trl", *(s for s in args.systems.split(",") if s != "trl")])
+        args.steps = args.steps or 500
+        trl_grpo.compare(args)
+        return 0
     systems = args.systems.split(",")
     steps = args.steps or (200 if args.mode == "real" else 40)
     groups = [0] if args.mode == "real" else [int(w) for w in args.workers.split(",")]

@@ -1,0 +1,432 @@
+"""TRL's GRPOTrainer as a peer of AsyncFlow on the sort example: same model, warm-start, data,
+reward and hyper-parameters, measured the same way.
+
+How "the same" is made:
+
+  model, warm-start  AsyncFlow's own warm-start (`TokenKind.warmup`, the example's `warmup.*`) runs
+                     once, here, on the example's built-in Llama; the result is saved as a Hugging
+                     Face directory. TRL loads that directory, and AsyncFlow starts from it too
+                     (`model.path`, `warmup.steps: 0`). The eval of that directory is the eval before
+                     RL of every system (and AsyncFlow's own `eval_reward_before` is printed beside it).
+  data               asyncflow.tasks.sorting: the training prompts in AsyncFlow's order (the task's
+                     examples 0, 1, 2, ...; TRL's shuffling off), the prompt as the same token ids
+                     (BOS, then one token per character), 16 prompts x 8 samples per step.
+  reward             asyncflow.tasks.sorting.reward on the decoded response (special tokens dropped).
+  hyper-parameters   AdamW (lr 2e-4, weight decay 0, constant schedule), gradient clipping at 1.0,
+                     PPO clip eps 0.2, no KL (TRL beta 0, AsyncFlow kl_coef 0), one optimizer step per
+                     batch (TRL num_iterations 1), rewards scaled by their group's std (TRL
+                     scale_rewards "group", AsyncFlow estimator grpo), temperature 1, top-p 1, top-k 0,
+                     max_new_tokens as the example. AsyncFlow's loss_agg "token-mean" (the sum over every
+                     response token of the batch over their count) is TRL's loss_type "dapo" (with one
+                     process and one accumulation step "bnpo" is the same number).
+  eval               one fresh AsyncFlow torch engine (seed = run seed x 1000, as rollout worker 0's)
+                     samples one response per held-out prompt (task.eval_example 0..eval_prompts-1)
+                     with AsyncFlow's RolloutWorker.evaluate, for every system's snapshots alike.
+  CPU                TRL: use_cpu, fp32 (bf16 off), no vLLM, no gradient checkpointing, report_to none,
+                     `threads` torch threads; AsyncFlow sync: the same threads for trainer and rollout;
+                     AsyncFlow async: one thread each (each has a core of its own).
+
+Sizes ("larger" on the sort task: responses are at most one token longer than the list, so a
+larger run needs longer lists as well as a larger model):
+
+  small   examples/sort.yaml as it is: hidden 64, 2 layers, 5-digit lists, 8 new tokens.
+  medium  hidden 256, 4 layers, 4 heads, MLP 1024 (~3M parameters); lists of 2 to 16 digits,
+          long-tailed (Pareto 1.2), 17 new tokens: responses of 3 to 17 tokens.
+  large   hidden 512, 8 layers, 8 heads, MLP 2048 (~25M parameters); the medium lists.
+  The 70 warm-start steps and the RL hyper-parameters stay the example's for every size.
+
+Run alone (TRL only) or, with AsyncFlow beside it, from benchmarks/e2e.py --peers trl:
+
+    .venv/bin/python benchmarks/peers/trl_grpo.py --steps 20
+    .venv/bin/python benchmarks/e2e.py --peers trl --systems sync,async-k1 --steps 500 --repeats 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from asyncflow.config import AsyncFlowConfig, parse_config  # noqa: E402
+
+EXAMPLE = ROOT / "examples" / "sort.yaml"
+LONG_LISTS = {
+    "task": {"options": {"min_digits": 2, "max_digits": 16, "lengths": "long_tail"}},
+    "rollout": {"max_new_tokens": 17},
+}
+SIZES = {  # what changes from examples/sort.yaml
+    "small": {},
+    "medium": {"model": {"hidden_size": 256, "intermediate_size": 1024, "num_layers": 4, "num_heads": 4,
+                         "max_positions": 48}} | LONG_LISTS,
+    "large": {"model": {"hidden_size": 512, "intermediate_size": 2048, "num_layers": 8, "num_heads": 8,
+                        "max_positions": 48}} | LONG_LISTS,
+}  # fmt: skip
+
+
+def example_config(size: str, seed: int = 0) -> dict[str, Any]:
+    """examples/sort.yaml as a dict (model, task, warm-start, hyper-parameters), resized as `size` says."""
+    if size not in SIZES:
+        raise ValueError(f"size {size!r}: expected one of {list(SIZES)} (small: examples/sort.yaml as it is)")
+    data = yaml.safe_load(EXAMPLE.read_text())
+    for section, values in SIZES[size].items():
+        data[section].update(values)
+    data["seed"] = seed
+    return data
+
+
+def asyncflow_config(
+    base: dict[str, Any], model_dir: str, *, mode: str, staleness: int, steps: int, threads: int,
+    snapshot_every: int,
+) -> dict[str, Any]:  # fmt: skip
+    """The example started from the warm-started directory: warm-start off, checkpoints every
+    `snapshot_every` steps (the snapshots evaluated for equal wall time)."""
+    data = copy.deepcopy(base)
+    data.update(mode=mode, staleness=staleness, model={"path": model_dir})
+    data["warmup"] = {"steps": 0}
+    data["rollout"]["torch_threads"] = threads
+    data["trainer"].update(steps=steps, torch_threads=threads, checkpoint_every=snapshot_every)
+    return data
+
+
+def warm_start(config: AsyncFlowConfig, out_dir: str | Path, threads: int) -> Path:
+    """AsyncFlow's warm-start of the built-in model (as its trainer runs it), saved for both systems."""
+    import torch
+
+    from services.models import save_model
+    from workers.kinds import make_kind
+    from workers.policy import make_task, set_threads
+
+    set_threads(threads)
+    task = make_task(config.task, config.seed)
+    kind = make_kind(config, task)
+    torch.manual_seed(config.seed)
+    model = kind.model(config.seed).train()
+    kind.warmup(model, task, config.warmup)
+    return save_model(model.eval(), kind.tokenizer, out_dir)
+
+
+def evaluate(config: AsyncFlowConfig, model: Any) -> float:
+    """AsyncFlow's held-out eval of `model` (a transformers model whose tokenizer is the config's
+    model.path): a fresh torch engine seeded as rollout worker 0, one sample per eval prompt."""
+    from services.serving.torch_engine import TorchEngine
+    from workers.kinds import make_kind
+    from workers.policy import make_reward_fn, make_task
+    from workers.rollout import RolloutWorker
+
+    task = make_task(config.task, config.seed)
+    kind = make_kind(config, task)
+    engine = TorchEngine(
+        model.eval(), eos_token_id=kind.stop_ids[0], pad_token_id=kind.tokenizer.pad_token_id,
+        version=0, seed=config.seed * 1000,
+    )  # fmt: skip
+    worker = RolloutWorker(engine, None, None, n=1, groups_per_call=1, params=kind.params(), kind=kind)  # type: ignore[arg-type]
+    examples = [task.eval_example(i) for i in range(config.task.eval_prompts)]
+    return asyncio.run(worker.evaluate(examples, make_reward_fn(config.task, evaluation=True)))
+
+
+def load(model_dir: str | Path) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+
+
+def trl_reward(config: AsyncFlowConfig) -> Any:
+    """The task's reward in TRL's signature: lists of prompts and completions, dataset columns as kwargs."""
+    from workers.policy import make_reward_fn
+
+    fn = make_reward_fn(config.task)
+
+    def reward(prompts: list[str], completions: list[str], answer: list[str], **_: Any) -> list[float]:
+        return [float(fn(p, c, a)) for p, c, a in zip(prompts, completions, answer)]
+
+    reward.__name__ = "task_reward"
+    return reward
+
+
+def trl_args(config: AsyncFlowConfig, out_dir: str, steps: int) -> Any:
+    from trl import GRPOConfig
+
+    t, r = config.trainer, config.rollout
+    return GRPOConfig(
+        output_dir=out_dir, use_cpu=True, bf16=False, fp16=False, report_to="none", seed=config.seed,
+        max_steps=steps, learning_rate=t.lr, lr_scheduler_type="constant", warmup_steps=0,
+        weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, optim="adamw_torch",
+        per_device_train_batch_size=t.batch_prompts * r.n, gradient_accumulation_steps=1,
+        num_generations=r.n, num_iterations=1, max_completion_length=r.max_new_tokens,
+        temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, beta=0.0, epsilon=t.clip_eps,
+        epsilon_high=t.clip_eps_high, loss_type="dapo", scale_rewards="group",
+        gradient_checkpointing=False, shuffle_dataset=False, disable_dropout=True, logging_steps=1,
+        save_strategy="no", dataloader_num_workers=0, log_completions=False, disable_tqdm=True,
+    )  # fmt: skip
+
+
+def train_trl(config: AsyncFlowConfig, steps: int, threads: int, snapshot_every: int) -> dict[str, Any]:
+    """TRL's GRPOTrainer from config.model.path for `steps` steps; its figures and its policy's
+    weights every `snapshot_every` steps (with the loop time they were reached at)."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer, PrinterCallback, TrainerCallback
+    from trl import GRPOTrainer
+
+    from workers.policy import make_task, set_threads
+
+    set_threads(threads)
+    path = str(config.model.path)
+    tok = AutoTokenizer.from_pretrained(path)
+    task = make_task(config.task, config.seed)
+    examples = [task.example(i) for i in range(steps * config.trainer.batch_prompts)]
+    # the prompt ids AsyncFlow gives the engine: BOS, then one token per character
+    data = Dataset.from_dict(
+        {"prompt": [tok.bos_token + e.prompt for e in examples], "answer": [e.answer for e in examples]}
+    )
+    snapshots: list[dict[str, Any]] = []
+
+    class Clock(TrainerCallback):
+        """Loop time from the first step's start, without the time spent snapshotting."""
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.start, self.paused = time.perf_counter(), 0.0
+            self.threads = torch.get_num_threads()  # as TRL and accelerate left them
+
+        def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+            now = time.perf_counter()
+            self.elapsed = now - self.start - self.paused
+            if state.global_step % snapshot_every == 0 or state.global_step == steps:
+                weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                snapshots.append({"step": state.global_step, "elapsed_s": self.elapsed, "weights": weights})
+                self.paused += time.perf_counter() - now
+
+    clock = Clock()
+    with tempfile.TemporaryDirectory(prefix="asyncflow-trl-") as out_dir:
+        trainer = GRPOTrainer(
+            model=load(path), reward_funcs=trl_reward(config), args=trl_args(config, out_dir, steps),
+            train_dataset=data, processing_class=tok, callbacks=[clock],
+        )  # fmt: skip
+        trainer.remove_callback(PrinterCallback)  # the log of every step stays in state.log_history
+        torch.manual_seed(config.seed)
+        trainer.train()
+    logs = [h for h in trainer.state.log_history if "completions/mean_length" in h]
+    samples = steps * config.trainer.batch_prompts * config.rollout.n
+    tokens = sum(h["completions/mean_length"] for h in logs) * config.trainer.batch_prompts * config.rollout.n
+    model = trainer.model
+    curve = []
+    for snap in snapshots:
+        model.load_state_dict(snap["weights"])
+        curve.append({"step": snap["step"], "elapsed_s": snap["elapsed_s"], "eval": evaluate(config, model)})
+    return {
+        "samples_per_s": samples / clock.elapsed, "tokens_per_s": tokens / clock.elapsed,
+        "loop_s": clock.elapsed, "steps": steps, "samples": samples, "torch_threads": clock.threads,
+        "reward_last_10pct": statistics.mean(h["reward"] for h in logs[-max(1, len(logs) // 10):]),
+        "curve": curve,
+    }  # fmt: skip
+
+
+def train_asyncflow(config: AsyncFlowConfig) -> dict[str, Any]:
+    """One AsyncFlow run (Ray already up); its figures, and the eval of each checkpoint."""
+    from asyncflow.export import export
+    from asyncflow.recipes.grpo import train
+
+    summary = train(config, display=False)
+    run_dir = Path(summary["run_dir"])
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    elapsed = {m["step"]: m["elapsed_s"] for m in metrics}
+    curve = []
+    for step in sorted(
+        s for s in elapsed if s % config.trainer.checkpoint_every == 0 or s == config.trainer.steps
+    ):
+        with tempfile.TemporaryDirectory(prefix="asyncflow-export-") as out:
+            curve.append(
+                {
+                    "step": step,
+                    "elapsed_s": elapsed[step],
+                    "eval": evaluate(config, load(export(run_dir, out, step))),
+                }
+            )
+    return {
+        "samples_per_s": summary["samples_per_s"], "tokens_per_s": summary["tokens_per_s"],
+        "loop_s": metrics[-1]["elapsed_s"], "steps": config.trainer.steps,
+        "samples": sum(m["samples"] for m in metrics), "reward_last_10pct": summary["reward_last_10pct"],
+        "own_eval_before": summary["eval_reward_before"], "own_eval_after": summary["eval_reward_after"],
+        "curve": curve,
+    }  # fmt: skip
+
+
+AF_SYSTEMS = {
+    "sync": ("sync", 0),
+    "async-k1": ("async", 1),
+    "async-k2": ("async", 2),
+    "async-k4": ("async", 4),
+}
+
+
+def run_one(system: str, base: dict, model_dir: str, args: argparse.Namespace, name: str, out: str) -> dict:
+    if system == "trl":
+        data = asyncflow_config(
+            base, model_dir, mode="sync", staleness=0, steps=args.steps, threads=args.threads,
+            snapshot_every=args.snapshot_every,
+        )  # fmt: skip
+        return train_trl(parse_config(data), args.steps, args.threads, args.snapshot_every)
+    mode, k = AF_SYSTEMS[system]
+    data = asyncflow_config(
+        base, model_dir, mode=mode, staleness=k, steps=args.steps,
+        threads=args.threads if mode == "sync" else 1, snapshot_every=args.snapshot_every,
+    )  # fmt: skip
+    data.update(run_name=name, output_dir=out)
+    data.setdefault("dataplane", {})["name"] = name  # every run its own store in the one Ray instance
+    return train_asyncflow(parse_config(data))
+
+
+def at_time(run: dict, seconds: float) -> dict:
+    """The newest snapshot reached within `seconds` of loop time (None before the first)."""
+    reached = [p for p in run["curve"] if p["elapsed_s"] <= seconds + 1e-9]
+    return reached[-1] if reached else {"step": 0, "elapsed_s": 0.0, "eval": None}
+
+
+def summarise(runs: dict[str, list[dict]], before: float) -> dict[str, dict]:
+    """Per system, medians over repeats; equal wall time is the shortest run's loop time in each repeat."""
+    out: dict[str, dict] = {}
+    repeats = min(len(r) for r in runs.values())
+    budget = [min(r[i]["loop_s"] for r in runs.values()) for i in range(repeats)]
+    for system, per in runs.items():
+        equal = [at_time(per[i], budget[i]) for i in range(repeats)]
+        evals_t = [p["eval"] if p["eval"] is not None else before for p in equal]
+        out[system] = {
+            key: statistics.median(r[key] for r in per)
+            for key in ("samples_per_s", "tokens_per_s", "loop_s", "reward_last_10pct")
+        } | {
+            "eval_after": statistics.median(r["curve"][-1]["eval"] for r in per),
+            "equal_time_s": statistics.median(budget),
+            "equal_time_step": statistics.median(p["step"] for p in equal),
+            "equal_time_eval": statistics.median(evals_t),
+        }
+    return out
+
+
+def table(results: dict[str, dict], before: float, steps: int) -> str:
+    base = results.get("trl")
+    lines = [
+        f"| system | samples/s | tokens/s | vs TRL | wall s ({steps} steps) | eval after {steps} steps "
+        "| equal wall time: s | step reached | eval | train reward, last 10% |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for system, r in results.items():
+        ratio = f"{r['samples_per_s'] / base['samples_per_s']:.2f}x" if base else ""
+        lines.append(
+            f"| {system} | {r['samples_per_s']:.0f} | {r['tokens_per_s']:.0f} | {ratio} | {r['loop_s']:.1f} "
+            f"| {r['eval_after']:.3f} | {r['equal_time_s']:.1f} | {r['equal_time_step']:.0f} "
+            f"| {r['equal_time_eval']:.3f} | {r['reward_last_10pct']:.3f} |"
+        )
+    lines.append(f"\neval before RL (the shared warm-start, every system): {before:.3f}")
+    return "\n".join(lines)
+
+
+def compare(args: argparse.Namespace) -> dict[str, Any]:
+    """Warm-start once; then every system, interleaved per repeat, from that checkpoint."""
+    import os
+
+    systems = args.systems.split(",")
+    bad = [s for s in systems if s != "trl" and s not in AF_SYSTEMS]
+    if bad:
+        raise ValueError(f"--systems {bad}: expected trl or one of {list(AF_SYSTEMS)}")
+    base = example_config(args.size, args.seed)
+    out = tempfile.mkdtemp(prefix="asyncflow-e2e-trl-")
+    model_dir = str(warm_start(parse_config(base), Path(out, "warm"), args.threads))
+    start = parse_config(asyncflow_config(base, model_dir, mode="sync", staleness=0, steps=1, threads=1,
+                                          snapshot_every=1))  # fmt: skip
+    before = evaluate(start, load(model_dir))
+    print(f"warm-start in {model_dir}: eval {before:.3f}", file=sys.stderr)
+    runs: dict[str, list[dict]] = {s: [] for s in systems}
+    ray_up = False
+    if any(s != "trl" for s in systems):
+        import ray
+
+        from asyncflow.workflow import cpus_needed
+
+        configs = [
+            asyncflow_config(base, model_dir, mode=AF_SYSTEMS[s][0], staleness=AF_SYSTEMS[s][1], steps=1,
+                             threads=1, snapshot_every=1)
+            for s in systems if s != "trl"
+        ]  # fmt: skip
+        need = max(cpus_needed(parse_config(c)) for c in configs)
+        # read by the raylet Ray starts (Ray's default 15 starves the actors behind other load)
+        os.environ["RAY_worker_niceness"] = str(getattr(args, "worker_niceness", 0))
+        ray.init(num_cpus=max(2, math.ceil(need)), include_dashboard=False, log_to_driver=False)
+        ray_up = True
+    try:
+        for repeat in range(args.repeats):
+            for system in systems:  # interleaved, so drift in the machine's load hits every system
+                load_avg = os.getloadavg()[0]
+                r = run_one(system, base, model_dir, args, f"e2e-{system}-{args.size}-{repeat}", out)
+                r["load_before"], r["load_after"] = load_avg, os.getloadavg()[0]
+                runs[system].append(r)
+                print(
+                    f"repeat {repeat} {system}: {r['samples_per_s']:.0f} samples/s, {r['loop_s']:.1f} s, "
+                    "eval "
+                    f"{r['curve'][-1]['eval']:.3f} (own before/after {r.get('own_eval_before')}/"
+                    f"{r.get('own_eval_after')}), load {load_avg:.1f} -> {r['load_after']:.1f}",
+                    file=sys.stderr,
+                )  # fmt: skip
+    finally:
+        if ray_up:
+            import ray
+
+            ray.shutdown()
+    results = summarise(runs, before)
+    print(table(results, before, args.steps))
+    payload = {"args": vars(args) | {"json": None}, "eval_before": before, "results": results, "runs": runs}
+    if args.json:
+        args.json.write_text(json.dumps(payload, indent=2, default=str))
+    return payload
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The comparison's options (benchmarks/e2e.py --peers trl takes the same)."""
+    parser.add_argument("--size", choices=list(SIZES), default="small", help="see the module doc")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of TRL and of AsyncFlow sync")
+    parser.add_argument("--snapshot-every", type=int, default=50, help="steps between evaluated snapshots")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--systems", default="trl", help=f"comma-separated, of trl, {', '.join(AF_SYSTEMS)}")
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        nargs="+",
+        help="run nothing: tabulate the runs of these --json files together",
+    )
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.from_json:
+        payloads = [json.loads(path.read_text()) for path in args.from_json]
+        runs: dict[str, list[dict]] = {}
+        for payload in payloads:
+            for system, per in payload["runs"].items():
+                runs.setdefault(system, []).extend(per)
+        steps = payloads[0]["args"]["steps"]
+        print(table(summarise(runs, payloads[0]["eval_before"]), payloads[0]["eval_before"], steps))
+        return 0
+    compare(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
