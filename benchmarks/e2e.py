@@ -30,6 +30,8 @@ samples/s and tokens/s count trained samples and their response tokens over the 
 (from the first step's start to the last step's end; warm-start and evals excluded).
 Trainer idle: 1 - (time inside optimizer steps, not waiting for data) / loop time.
 Rollout idle: 1 - (time rollout workers spent generating and writing) / (workers x loop time).
+The step breakdown (ms per step) sums every span of trace.json over the run: the trainer's step and
+its parts, which add up to it ("other" is the Python between them), and the other roles' spans.
 """
 
 from __future__ import annotations
@@ -127,7 +129,47 @@ def figures(summary: dict, config: AsyncFlowConfig) -> dict[str, Any]:
         "loop_s": loop_s,
         "samples": sum(m["samples"] for m in metrics),
         "staleness_histogram": summary["staleness_histogram"],
+        "breakdown": breakdown(Path(summary["run_dir"]), len(metrics)) if config.trace.enabled else {},
     }
+
+
+TRAINER_PARTS = ("store.get", "forward_backward", "optimizer", "publish", "store.ack")
+
+
+def breakdown(run_dir: Path, steps: int) -> dict[str, float]:
+    """Milliseconds per step of each part of the trainer's step, from the run's trace.json (every
+    span, summed over the run, over `steps`): its parts, and "other" (Python between them), so
+    that the parts add up to the step; and each other role's busy spans per step."""
+    from asyncflow.rundir import RunDir
+
+    names = {e["pid"]: e["args"]["name"] for e in RunDir(run_dir).trace() if e.get("name") == "process_name"}
+    total: dict[str, float] = {}
+    for e in RunDir(run_dir).trace():
+        if e.get("ph") == "X":
+            role = names.get(e["pid"], "?").split(" rank ")[0].rstrip(" 0123456789")
+            key = f"{role}/{e['name']}"
+            total[key] = total.get(key, 0.0) + e["dur"] / 1e3 / steps
+    parts = {f"trainer/{p}": total.pop(f"trainer/{p}", 0.0) for p in TRAINER_PARTS}
+    step = total.pop("trainer/step", 0.0)
+    parts["trainer/other"] = step - sum(parts.values())
+    return {"trainer/step": step, **parts, **dict(sorted(total.items()))}
+
+
+def breakdown_table(results: dict[str, dict[str, Any]]) -> str:
+    """Where a step's milliseconds go, per system: the trainer's step and its parts (they add up to
+    it), then the other roles' busy spans per step."""
+    keys = list(
+        dict.fromkeys(k for per in results.values() for r in per.values() for k in r.get("breakdown", {}))
+    )
+    systems = [(g, s, r) for g, per in results.items() for s, r in per.items() if r.get("breakdown")]
+    if not systems:
+        return ""
+    lines = ["| ms per step | " + " | ".join(f"{g}{s}" for g, s, _ in systems) + " |",
+             "|---|" + "---|" * len(systems)]  # fmt: skip
+    for key in keys:
+        cells = " | ".join(f"{r['breakdown'].get(key, 0.0):.2f}" for _, _, r in systems)
+        lines.append(f"| {key} | {cells} |")
+    return "\n".join(lines)
 
 
 def collect(root: Path) -> dict[str, dict[str, list[dict]]]:
@@ -145,7 +187,9 @@ def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Per-figure medians over repeats; the staleness histogram is summed."""
     out: dict[str, Any] = {}
     for key, value in runs[0].items():
-        if key == "staleness_histogram":
+        if key == "breakdown":
+            out[key] = {k: statistics.median(r[key].get(k, 0.0) for r in runs) for k in value}
+        elif key == "staleness_histogram":
             hist: dict[str, int] = {}
             for r in runs:
                 for lag, count in r[key].items():
@@ -268,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     label = (lambda g: "") if args.mode == "real" else (lambda g: f"{g} workers, ")
     results = {label(int(g)): {s: median_of(r) for s, r in per.items()} for g, per in runs.items()}
     print(table(results))
+    print("\nWhere a step goes (from trace.json; the trainer's parts add up to its step):\n")
+    print(breakdown_table(results))
     if args.json:
         payload = {"mode": args.mode, "steps": steps, "repeats": args.repeats,
                    "args": vars(args) | {"json": None}, "results": results, "runs": runs}  # fmt: skip
