@@ -4,11 +4,13 @@ A stuck actor cannot answer a call, so its stacks are read by pid: `py-spy dump`
 the process' memory without stopping it (it works on a frozen process too). Where py-spy
 is missing or not permitted (no ptrace), a host that called `dump_on_signal()` at start
 writes its threads' stacks itself (faulthandler, in C: a blocked event loop still
-answers) to a file named by its pid when it gets SIGUSR2.
+answers) to a file named by its pid when it gets SIGUSR2; the file is unlinked as soon as it
+is open, so nothing outlives the process, and the reader finds it through /proc/PID/fd.
 """
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import os
 import shutil
@@ -28,11 +30,29 @@ def dump_file(pid: int) -> Path:
 
 
 def dump_on_signal() -> None:
-    """From now on SIGUSR2 makes this process write every thread's stack to dump_file(its pid)."""
+    """From now on SIGUSR2 makes this process write every thread's stack to dump_file(its pid).
+    The file is unlinked as soon as it is open: it lives as long as the process (however that
+    ends, nothing is left in the temp directory), and a reader finds it as /proc/PID/fd/N."""
     global _dump_file
     if _dump_file is None:
-        _dump_file = open(dump_file(os.getpid()), "w")  # noqa: SIM115 (faulthandler keeps writing to it)
+        path = dump_file(os.getpid())
+        _dump_file = open(path, "w+")  # noqa: SIM115 (faulthandler keeps writing to it)
+        path.unlink()
         faulthandler.register(SIGNAL, file=_dump_file, all_threads=True, chain=False)
+
+
+def _open_dump(pid: int) -> Path | None:
+    """Process `pid`'s unlinked dump file, as its /proc/PID/fd/N entry (None: it has none)."""
+    wanted = f"{dump_file(pid)} (deleted)"
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            entry = Path(f"/proc/{pid}/fd/{fd}")
+            with contextlib.suppress(OSError):
+                if os.readlink(entry) == wanted:
+                    return entry
+    except OSError:  # no such process, no /proc (not Linux), or not ours to read
+        return None
+    return None
 
 
 def py_spy() -> str | None:
@@ -58,9 +78,9 @@ def stack(pid: int, timeout_s: float = 20.0) -> str:
 
 
 def _faulthandler_stack(pid: int, why: str, timeout_s: float) -> str:
-    file = dump_file(pid)
-    if not file.exists():
-        return f"no stack: {why}; and process {pid} has no faulthandler dump file {file}"
+    file = _open_dump(pid)
+    if file is None:
+        return f"no stack: {why}; and process {pid} has no faulthandler dump file {dump_file(pid)}"
     size = file.stat().st_size
     try:
         os.kill(pid, SIGNAL)

@@ -108,3 +108,10 @@ def test_a_stall_stays_in_the_live_table():
     out = io.StringIO()
     Console(file=out, width=200).print(view._table(METRICS, {}))
     assert "watchdog" in out.getvalue() and "stall: reward made no progress for 12 s" in out.getvalue()
+
+
+def test_the_dump_file_lives_only_as_long_as_its_process(sleeper):
+    from asyncflow.workflow.stacks import _open_dump, dump_file
+
+    assert not dump_file(sleeper.pid).exists()  # unlinked at once: nothing stays in the temp directory
+    assert _open_dump(sleeper.pid) is not None  # the reader finds it through /proc
