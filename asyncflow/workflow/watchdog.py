@@ -288,11 +288,14 @@ class Watchdog:
     async def _in_flight(self, actor: Any) -> dict:
         """What the actor is doing: its open spans (names, seconds, row ids) as it tells them now,
         or, when it does not answer (its event loop is stuck), as the last trace collection saw them."""
+        last = {"as_of": "last trace collection", "spans": self.pipe.traces.in_flight.get(actor, [])}
+        if self.stalled is not None or not hasattr(actor, "in_flight"):  # a store actor has no spans
+            return last
         try:
             spans = await asyncio.wait_for(actor.in_flight.remote(), self.config.probe_timeout_s)
             return {"as_of": "now", "spans": spans}
         except Exception:  # frozen, dead, or blocked: the last collection's view
-            return {"as_of": "last trace collection", "spans": self.pipe.traces.in_flight.get(actor, [])}
+            return last
 
 
 def _stack_of(actor: Any) -> tuple[int | None, str]:
