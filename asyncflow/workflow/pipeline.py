@@ -124,6 +124,8 @@ class Pipeline:
         result. One rank failing stops the others inside a collective (or leaves them waiting in
         one): all are killed, and a dead one is reported as RankDied, which the run recovers from."""
         calls = [asyncio.ensure_future(call(t)) for t in self.trainers]
+        for c in calls:
+            c.add_done_callback(_retrieved)
         limit_s = self.config.watchdog.call_timeout_s
         _, pending = await asyncio.wait(calls, timeout=limit_s, return_when=asyncio.FIRST_EXCEPTION)
         failed = [c for c in calls if c.done() and c.exception() is not None]
@@ -272,6 +274,7 @@ class Pipeline:
         """One trainer step; fails at once if a supervised loop failed meanwhile."""
         self.watchdog.step_began()
         step = asyncio.ensure_future(self._ranks(lambda t: t.step.remote()))
+        step.add_done_callback(_retrieved)  # a run stopped mid-step (SIGTERM) leaves it behind
         done, _ = await asyncio.wait([step, *self.loops.values()], return_when=asyncio.FIRST_COMPLETED)
         try:
             for task in done:
@@ -468,6 +471,14 @@ class Pipeline:
                         return "the trainer"
                     return f"{role} {i}" if role.startswith(("rollout", "reward", "trainer")) else role
         return "a worker"
+
+
+def _retrieved(task: asyncio.Future) -> None:
+    """Mark a task's error as seen: one the run left behind when it stopped (its awaiter gone)
+    is not logged as "Task exception was never retrieved" with a traceback. An awaiter still
+    gets the error as usual."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _unwrapped(e: Any) -> Exception:
