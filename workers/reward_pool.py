@@ -26,6 +26,7 @@ from typing import Any
 
 from asyncflow.errors import WorkerError
 from dataplane.codec import pack, unpack
+from dataplane.errors import CodecError
 
 ENTRY = "from workers.reward_child import main; main({fd})"
 
@@ -102,7 +103,7 @@ class RewardProcesses:
             raise WorkerError(str(self._broken))
         try:
             message = pack({"args": args, "info": info})
-        except Exception as e:
+        except CodecError as e:  # a value the wire cannot carry
             self._idle.put_nowait(process)
             raise RewardFailed(f"the reward's arguments cannot be sent to its process: {e}") from None
         healthy = False

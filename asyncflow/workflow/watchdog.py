@@ -294,7 +294,7 @@ class Watchdog:
         try:
             spans = await asyncio.wait_for(actor.in_flight.remote(), self.config.probe_timeout_s)
             return {"as_of": "now", "spans": spans}
-        except Exception:  # frozen, dead, or blocked: the last collection's view
+        except (TimeoutError, ray.exceptions.RayError):  # frozen, dead, or blocked: the last collection's
             return last
 
 
@@ -304,7 +304,7 @@ def _stack_of(actor: Any) -> tuple[int | None, str]:
 
     try:
         pid = int(state.actors(actor._actor_id.hex())["Pid"])
-    except Exception as e:  # Ray's table has no such actor (or no pid yet): say so in the diagnosis
+    except (KeyError, TypeError, ValueError) as e:  # no such actor in Ray's table, or no pid yet: said
         return None, f"no stack: Ray does not know the actor's process ({e})"
     return pid, stack(pid)
 
@@ -314,7 +314,7 @@ def _ray_name(actor: Any) -> str:
 
     try:
         return str(state.actors(actor._actor_id.hex())["Name"])
-    except Exception:
+    except (KeyError, TypeError):  # Ray's table has no such actor (any more): its id names it
         return actor._actor_id.hex()
 
 

@@ -9,8 +9,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-pytest.importorskip("opentelemetry.exporter.otlp.proto.http.trace_exporter")
-
 
 class Collector:
     """An OTLP/HTTP traces receiver on a free local port: every span it was sent."""
