@@ -9,7 +9,6 @@ page needs no network (inline SVG, no script, no style sheet from elsewhere).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from html import escape
 from pathlib import Path
@@ -40,7 +39,7 @@ class RunData:
         config = yaml.safe_load(run.config_path.read_text()) or {}
         self.mode, self.k = config.get("mode", "async"), config.get("staleness", 1)
         self.label = f"{run.path.name} ({self.mode}, k={self.k})"
-        self.trace = read_trace(run.path / "trace.json")
+        self.trace = read_trace(run)
 
     def series(self, key: str, x: str = "step") -> list[tuple[float, float]]:
         number = int | float
@@ -238,18 +237,12 @@ def timeline(run: RunData) -> str:
     return _figure(key, f"timeline: {run.label}", svg)
 
 
-def read_trace(path: Path) -> tuple[dict[tuple[Any, Any], str], list[dict]] | None:
-    """Lane names and complete ("X") events of a Chrome trace JSON array; a live run's file may
-    lack its closing `]` or end in a cut event. None when there is no file."""
-    if not path.exists():
+def read_trace(run: RunDir) -> tuple[dict[tuple[Any, Any], str], list[dict]] | None:
+    """Lane names and complete ("X") events of the run's trace.json (a live run's too: RunDir.trace
+    reads an array not closed yet, or cut inside an event). None when there is no file."""
+    if not run.trace_path.exists():
         return None
-    text = path.read_text().strip().rstrip(",")
-    try:
-        events = json.loads(text if text.endswith("]") else text + "]")
-    except ValueError:  # cut inside an event: keep the whole ones before it
-        events = json.loads(text[: text.rfind("}", 0, text.rfind("{")) + 1].rstrip(",") + "]")
-    if isinstance(events, dict):
-        events = events.get("traceEvents", [])
+    events = run.trace()
     names: dict[tuple[Any, Any], str] = {}
     for e in events:
         if e.get("ph") == "M" and e.get("name") in ("process_name", "thread_name"):

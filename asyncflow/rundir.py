@@ -204,9 +204,12 @@ class RunDir:
     def close_trace(self) -> None:
         """Close trace.json's array (the run ended), so that it is plain JSON too."""
         path = self.trace_path
-        if path.exists() and not path.read_bytes().rstrip().endswith(b"]"):
-            with open(path, "a") as f:
-                f.write("\n]\n")
+        if not path.exists():
+            return
+        with open(path, "a+b") as f:  # only its last bytes are read: the trace can be large
+            f.seek(max(f.seek(0, os.SEEK_END) - 3, 0))
+            if not f.read().rstrip().endswith(b"]"):
+                f.write(b"\n]\n")
 
     def trace(self) -> list[dict]:
         """trace.json's events, whether its array is closed or not (a run still going, or killed)."""

@@ -65,10 +65,10 @@ def points(line: dict[str, Any]) -> list[Point]:
 
 
 def _workers(workers: dict[str, Any]) -> list[Point]:
-    """worker_<stat>{role=...} per role; queue_ready_rows{consumer=...}; store_<stat>."""
+    """worker_<stat>{role=...} per role; queue_ready_rows{consumer=...}."""
     out: list[Point] = []
     for role, stats in workers.items():
-        if role in _NESTED or role == "store":
+        if role in _NESTED:
             out += points({role: stats})
         elif isinstance(stats, dict):
             out += [Point(f"worker_{_name(k)}", (("role", role),), float(v)) for k, v in stats.items()

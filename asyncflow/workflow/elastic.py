@@ -89,7 +89,7 @@ class Autoscaler:
             if size != stats["workers"] and (resizing is None or resizing.done()):
                 # in the background: new workers take seconds to start, the trainer need not wait
                 task = self.resizing[role] = asyncio.ensure_future(self._resize(role, size))
-                self.loops[("resize", role)] = task
+                self.loops[f"{role} resize"] = task  # a driver loop: named by a string
                 task.add_done_callback(self._done)
                 changed[role] = size
         self._window()

@@ -251,8 +251,8 @@ class Pipeline:
     async def start_streams(self) -> None:
         """Async mode: every streaming worker and the source run their loop, supervised."""
         for actor in [*self.streamers, self.source]:
-            restarts = RESTARTS * (actor is not self.source)  # a rollout worker: rollout.max_restarts
-            restarts = self.config.rollout.max_restarts if actor in self.rollouts else restarts
+            restarts = self.config.rollout.max_restarts if actor in self.rollouts else RESTARTS
+            restarts = 0 if actor is self.source else restarts
             self.loops[actor] = asyncio.ensure_future(self._supervise(actor, restarts))
         if self.config.rollout.health.every_s:  # engines that stop answering are restarted
             self.loops["health"] = asyncio.ensure_future(self.health.run())

@@ -227,8 +227,6 @@ class Watchdog:
         return silent or actors
 
     def _name(self, actor: Any) -> str:
-        if not hasattr(actor, "_actor_id"):  # a loop of the driver's own: health probes, a resize
-            return actor if isinstance(actor, str) else " ".join(map(str, actor))
         role = self.pipe.role_of(actor._actor_id.hex())
         return role if role != "a worker" else _ray_name(actor)
 
@@ -272,7 +270,9 @@ class Watchdog:
             ],
             "calls_in_flight": {call: round(now - t, 1) for call, t in self.inflight.items()},
             "loops_running": [
-                self._name(a) for a, task in self.pipe.loops.items() if a is not self and not task.done()
+                a if isinstance(a, str) else self._name(a)  # a string: a driver loop (health, a resize)
+                for a, task in self.pipe.loops.items()
+                if a is not self and not task.done()
             ],
             "samples_in_flight": {c: q.get("leased", 0) for c, q in self.queues.items()},
             "queues": self.queues,

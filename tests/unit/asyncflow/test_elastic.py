@@ -65,7 +65,7 @@ async def test_the_autoscaler_decides_every_few_steps_from_the_window_since_its_
     waiting = {"wait_s": 1e6}  # it waited the whole time; 100 rows queue for reward (a batch is 32)
     assert await scaler.after_step(waiting, workers) == {}
     assert await scaler.after_step(waiting, workers) == {"reward": 2}
-    assert list(loops) == [("resize", "reward")]  # applied in the background, stopped with the streams
+    assert list(loops) == ["reward resize"]  # applied in the background, stopped with the streams
     await scaler.resizing["reward"]
     assert sizes == [2] and not loops
     idle = {"workers": 2, "busy_s": 11.0, "idle_s": 9.0, "idle_frac": 0.45}  # 90% idle since then

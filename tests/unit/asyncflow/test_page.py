@@ -51,7 +51,7 @@ def test_the_timeline_reads_a_live_trace_without_its_closing_bracket(tmp_path):
               {"ph": "X", "name": "train", "pid": 8, "tid": 1, "ts": 100_000, "dur": 50_000}]  # fmt: skip
     text = json.dumps(events)[:-1] + ',\n{"ph": "X", "name": "cut'  # a run still writing it
     (run.path / "trace.json").write_text(text)
-    names, spans = page.read_trace(run.path / "trace.json")  # type: ignore[misc]
+    names, spans = page.read_trace(run)  # type: ignore[misc]
     assert [e["name"] for e in spans] == ["generate", "train"] and names[(7, None)] == "rollout-0"
     html = page.render([run.path])
     assert html.count('class="span"') == 2 and ">rollout-0<" in html and "no trace" not in html
