@@ -148,6 +148,9 @@ class Run:
             await self.checkpoint(config.trainer.steps)
             ended = "finished"
             return await self.finish(before, after)
+        except (DataPlaneError, WorkerError) as e:  # wherever it surfaced (a step, a checkpoint): diagnosed
+            await pipe.watchdog.failed(e)
+            raise
         finally:
             if self.steering is not None:
                 await self.steering.close(ended)

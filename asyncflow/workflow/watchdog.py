@@ -111,7 +111,7 @@ class Watchdog:
             trainer = consumers.get("trainer", {})
             has_batch = trainer.get("ready", 0) + trainer.get("leased", 0) >= self._batch_rows()
             self.clocks["trainer"].see(self.step, now, self.step_started is not None and has_batch)
-        for stage in STAGES:
+        for stage in STAGES if consumers is not None else ("store",):  # a silent store: blame only it
             clock, deadline = self.clocks[stage], self.deadline(stage)
             if now - clock.last > deadline:
                 if stage != "store" and await asyncio.to_thread(self._restarted, stage):
