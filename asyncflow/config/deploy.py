@@ -169,6 +169,13 @@ class NetworkPolicyConfig(Section):
         description="Label sets of other pods in the run's namespace that may reach the run (e.g. a CI "
         "runner that submits jobs); the run's own pods always may.",
     )
+    scrape_namespace: str = Field(
+        "monitoring",
+        max_length=63,
+        pattern=DNS_LABEL,
+        description="With logging.prometheus_port set: the namespace whose pods (Prometheus) may scrape "
+        "the head's /metrics port, and only that port.",
+    )
 
 
 class K8sConfig(Section):

@@ -71,7 +71,7 @@ def render(
         "storage": [runs_claim(k8s, name)],
     }
     if k8s.network_policy.enabled:
-        files["networkpolicy"] = [network_policy(k8s, name)]
+        files["networkpolicy"] = [network_policy(k8s, name, config.logging.prometheus_port)]
     if k8s.ray_auth == "token":
         files["secret"].append(
             secret(k8s, name, "ray-auth", {"auth_token": ray_token or secrets.token_hex(32)})
@@ -79,7 +79,7 @@ def render(
     if redis:
         files["redis"] = redis_objects(k8s, name)
         files["secret"].append(redis_secret(k8s, name, redis_password or secrets.token_urlsafe(24)))
-    spec = cluster_spec(k8s, name, redis)
+    spec = cluster_spec(k8s, name, redis, config.logging.prometheus_port)
     # SIGTERM (job stop, eviction, drain) checkpoints within sigterm_grace_s: the driver's pod and
     # Ray's job stop both wait longer than that before they kill.
     grace = math.ceil(config.sigterm_grace_s)
@@ -146,6 +146,8 @@ def cluster_config(config: AsyncFlowConfig, name: str) -> dict:
     k8s = config.deploy.k8s
     data = config.model_dump(mode="json", exclude_unset=True, exclude={"deploy"})
     data["output_dir"] = k8s.runs_mount
+    if config.logging.prometheus_port:  # the driver runs on the head pod: Prometheus scrapes it there
+        data.setdefault("logging", {})["prometheus_host"] = "0.0.0.0"
     if config.dataplane.backend == "memory":  # workers on other pods reach the store's actors
         data.setdefault("dataplane", {}).setdefault("listen", "node")
     if config.dataplane.backend == "redis":
@@ -192,9 +194,10 @@ def runs_claim(k8s: K8sConfig, name: str) -> dict:
     }
 
 
-def network_policy(k8s: K8sConfig, name: str) -> dict:
-    """Ingress to the run's pods from the run's pods, the KubeRay operator (the dashboard only)
-    and deploy.k8s.network_policy.client_labels; egress stays open (pip, model downloads)."""
+def network_policy(k8s: K8sConfig, name: str, metrics_port: int = 0) -> dict:
+    """Ingress to the run's pods from the run's pods, the KubeRay operator (the dashboard only),
+    deploy.k8s.network_policy.client_labels and, with a metrics port, the scrape namespace (that
+    port only); egress stays open (pip, model downloads)."""
     np = k8s.network_policy
     run = {"podSelector": {"matchLabels": {"app.kubernetes.io/instance": name}}}
     peers = [run, *({"podSelector": {"matchLabels": dict(c)}} for c in np.client_labels)]
@@ -212,6 +215,13 @@ def network_policy(k8s: K8sConfig, name: str) -> dict:
             "ingress": [
                 {"from": peers},
                 {"from": [operator], "ports": [{"protocol": "TCP", "port": DASHBOARD_PORT}]},
+                *([scrape(np.scrape_namespace, metrics_port)] if metrics_port else []),
             ],
         },
     }
+
+
+def scrape(namespace: str, port: int) -> dict:
+    """Prometheus's pods (any in `namespace`) may reach the /metrics port, nothing else."""
+    where = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}}
+    return {"from": [where], "ports": [{"protocol": "TCP", "port": port}]}

@@ -95,11 +95,14 @@ def worker_group(k8s: K8sConfig, name: str, group: WorkerGroupConfig, redis: boo
     }
 
 
-def cluster_spec(k8s: K8sConfig, name: str, redis: bool) -> dict:
+def cluster_spec(k8s: K8sConfig, name: str, redis: bool, metrics_port: int = 0) -> dict:
+    """The RayCluster spec; with a metrics port (logging.prometheus_port) the head, where the
+    driver runs, names it and carries the prometheus.io annotations scrapers look for."""
     ports = [
         {"name": "gcs-server", "containerPort": 6379},
         {"name": "dashboard", "containerPort": DASHBOARD_PORT},
         {"name": "client", "containerPort": 10001},
+        *([{"name": "metrics", "containerPort": metrics_port}] if metrics_port else []),
     ]
     spec: dict[str, Any] = {
         "rayVersion": k8s.ray_version,
@@ -123,5 +126,11 @@ def cluster_spec(k8s: K8sConfig, name: str, redis: bool) -> dict:
         "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": str(k8s.head.ray_cpus)},
         "template": pod_template(k8s, name, k8s.head, "ray-head", redis, ports),
     }
+    if metrics_port:
+        spec["headGroupSpec"]["template"]["metadata"]["annotations"] = {
+            "prometheus.io/scrape": "true",
+            "prometheus.io/port": str(metrics_port),
+            "prometheus.io/path": "/metrics",
+        }
     spec["workerGroupSpecs"] = [worker_group(k8s, name, g, redis) for g in k8s.worker_groups]
     return spec

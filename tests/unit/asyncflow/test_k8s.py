@@ -63,6 +63,7 @@ VARIANTS = {
     **{name: (f"{name}.yaml", []) for name in DEPLOYED},
     "sort-memory": ("sort.yaml", []),
     "cluster-ha": ("cluster.yaml", ["deploy.k8s.gcs_fault_tolerance=true", "deploy.k8s.autoscaling=true"]),
+    "cluster-metrics": ("cluster.yaml", ["logging.prometheus_port=9464"]),
 }
 PASSWORD, TOKEN = "pw-only-in-the-secret", "token-only-in-the-secret"
 
@@ -237,7 +238,10 @@ def test_every_pod_is_restricted_and_behind_auth(variant):
     selector = policy["spec"]["podSelector"]["matchLabels"]
     for template in templates:
         assert selector.items() <= template["metadata"]["labels"].items()
-    peers = [peer for rule in policy["spec"]["ingress"] for peer in rule["from"]]
+    scrape = [{"protocol": "TCP", "port": config.logging.prometheus_port}]  # its own test below
+    peers = [
+        peer for rule in policy["spec"]["ingress"] if rule.get("ports") != scrape for peer in rule["from"]
+    ]
     assert peers == [
         {"podSelector": {"matchLabels": selector}},
         {
@@ -308,6 +312,23 @@ def test_auth_and_policy_can_be_turned_off():
     files = k8s.render(load("sort-memory", *sets))
     assert "secret.yaml" not in files and "networkpolicy.yaml" not in files
     assert files["raycluster.yaml"][0]["spec"]["authOptions"] == {"mode": "disabled"}
+
+
+def test_prometheus_scrapes_the_head_where_the_driver_serves_metrics():
+    files = k8s.render(load("cluster-metrics"))
+    head = files["raycluster.yaml"][0]["spec"]["headGroupSpec"]["template"]
+    assert {"name": "metrics", "containerPort": 9464} in head["spec"]["containers"][0]["ports"]
+    assert head["metadata"]["annotations"]["prometheus.io/port"] == "9464"
+    config = yaml.safe_load(files["configmap.yaml"][0]["data"]["config.yaml"])
+    assert config["logging"] == {"prometheus_port": 9464, "prometheus_host": "0.0.0.0"}
+    (rule,) = [r for r in files["networkpolicy.yaml"][0]["spec"]["ingress"] if r.get("ports") == [
+        {"protocol": "TCP", "port": 9464}]]  # fmt: skip
+    assert rule["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    ]
+    plain = k8s.render(load("cluster"))["raycluster.yaml"][0]["spec"]["headGroupSpec"]["template"]
+    assert "annotations" not in plain["metadata"]
+    assert all(p["name"] != "metrics" for p in plain["spec"]["containers"][0]["ports"])
 
 
 # --- names ---------------------------------------------------------------------------------
