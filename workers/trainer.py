@@ -351,7 +351,7 @@ class TrainerWorker:
         loss, part = policy_loss(
             logprobs, behavior, advantages, mask, proximal_logprobs=proximal, correction=c.correction,
             clip_eps=c.clip_eps, clip_eps_high=c.clip_eps_high, is_cap=c.is_cap, agg=c.loss_agg,
-            max_tokens=max_tokens, objective=c.objective,
+            max_tokens=max_tokens, objective=c.objective, is_mask=c.is_mask,
         )  # fmt: skip
         if ref is not None:
             kl = aggregate(kl_penalty(logprobs, ref), mask, c.loss_agg, max_tokens)

@@ -167,6 +167,7 @@ def policy_loss(
     agg: Aggregation = "token-mean",
     max_tokens: int | None = None,
     objective: Objective = "ppo",
+    is_mask: tuple[float, float] | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Clipped policy-gradient loss with off-policy correction: a scalar to minimise, and metrics.
 
@@ -190,6 +191,12 @@ def policy_loss(
                · A · log π_θ (CISPO, MiniMax-M1, arXiv 2506.13585, eq. 4-5). Its value is not
                PPO's surrogate; its gradient is the clipped-IS-weight policy gradient.
 
+    `is_mask = (low, high)` drops, instead of truncating, every token whose behaviour weight
+    π_prox/μ (before the cap) lies outside [low, high]: its term gets weight 0, while the
+    aggregation still counts it (IcePop, Ling Team 2025, arXiv 2510.18855, §2.2; OpenRLHF's
+    and SkyRL's "icepop" masks use [0.5, 5]). Such tokens are where the sampler and the
+    trainer disagree most: stale ones, or a kernel mismatch.
+
     Shapes: logprobs, behavior_logprobs, proximal_logprobs, mask (B, T); advantages (B,)
     per sample, broadcast over tokens, or (B, T) per token. Only `logprobs` needs a gradient.
     Padding (mask 0) changes neither the loss nor the gradient, whatever it holds.
@@ -202,6 +209,9 @@ def policy_loss(
       ratio_mean       mean ρ;
       is_weight_mean   mean w after truncation; is_weight_max: its maximum;
       is_truncated_fraction  share of tokens whose weight hit is_cap;
+      is_masked_fraction     share of tokens is_mask dropped;
+      is_ess           effective sample size of the weights, (Σw)² / (N·Σw²) over the N tokens
+                       (1: all weights equal; small: a few tokens carry the gradient);
       approx_kl        k3 estimate of KL(μ ‖ π_θ): how far training has moved from the sampler;
       mismatch_kl      k3 estimate of KL(μ ‖ π_prox), π_prox defaulting to π_θ: the
                        train/inference mismatch that the weight corrects (prime-rl's mismatch_kl).
@@ -224,6 +234,12 @@ def policy_loss(
     ratio, weight = importance_ratios(lp, behavior, proximal, correction=correction, is_cap=per_token_cap)
     if objective == "gspo":
         ratio, weight = _per_sequence(ratio, weight, m, is_cap)
+    dropped = torch.zeros_like(m)
+    if is_mask is not None:
+        anchor = lp.detach() if proximal is None or correction == "none" else proximal
+        raw = torch.exp(anchor - behavior)  # (B, T): the weight before any cap
+        dropped = m & ((raw < is_mask[0]) | (raw > is_mask[1]))
+        weight = torch.where(dropped, 0.0, weight)
     if objective == "cispo":
         kept = ratio.detach().clamp(1 - clip_eps, 1 + high)  # (B, T), no gradient
         per_token = -weight * kept * adv * lp  # (B, T)
@@ -235,7 +251,8 @@ def policy_loss(
         clipping = clipped < unclipped
     loss = aggregate(per_token, m, agg, max_tokens)
 
-    return loss, _policy_metrics(m, lp, behavior, proximal, ratio, weight, clipping, is_cap)
+    metrics = _policy_metrics(m, lp, behavior, proximal, ratio, weight, clipping, is_cap, dropped)
+    return loss, metrics
 
 
 def _per_sequence(ratio: Tensor, weight: Tensor, m: Tensor, is_cap: float | None) -> tuple[Tensor, Tensor]:
@@ -281,7 +298,7 @@ def _check_policy_args(
 
 def _policy_metrics(
     m: Tensor, lp: Tensor, behavior: Tensor, proximal: Tensor | None, ratio: Tensor, weight: Tensor,
-    clipping: Tensor, is_cap: float | None,
+    clipping: Tensor, is_cap: float | None, dropped: Tensor,
 ) -> dict[str, float]:  # fmt: skip
     """policy_loss's metrics (see there), masked means over tokens, with one device sync."""
     with torch.no_grad():
@@ -292,6 +309,8 @@ def _policy_metrics(
 
         trainer_lp = lp.detach() if proximal is None else proximal
         truncated = weight >= is_cap if is_cap is not None else torch.zeros_like(m)
+        w = torch.where(m, weight.float(), 0.0)
+        ess = w.sum() ** 2 / (tokens * (w**2).sum()).clamp(min=1e-12)
         values = torch.stack(
             [
                 masked_mean(clipping),
@@ -301,11 +320,13 @@ def _policy_metrics(
                 masked_mean(truncated),
                 masked_mean(kl_penalty(behavior, lp.detach())),
                 masked_mean(kl_penalty(behavior, trainer_lp)),
+                masked_mean(dropped),
+                ess,
             ]
         ).tolist()  # one device sync for all metrics
     names = (
         "clip_fraction", "ratio_mean", "is_weight_mean", "is_weight_max",
-        "is_truncated_fraction", "approx_kl", "mismatch_kl",
+        "is_truncated_fraction", "approx_kl", "mismatch_kl", "is_masked_fraction", "is_ess",
     )  # fmt: skip
     return dict(zip(names, values))
 

@@ -390,6 +390,8 @@ class TrainerConfig(Section):
     )
     clip_eps_high: float | None = Field(None, gt=0, le=10, description="PPO clip range, high side (DAPO).")
     is_cap: float | None = Field(2.0, gt=0, le=1e6, description="Cap on the behaviour importance weight.")
+    is_mask: tuple[float, float] | None = Field(None, description="[low, high]: a token whose behaviour "
+        "weight (before is_cap) is outside gets weight 0 (IcePop: [0.5, 5]); null: off.")  # fmt: skip
     loss_agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = Field(
         "token-mean", description="How per-token losses become one number."
     )
@@ -460,12 +462,18 @@ class TrainerConfig(Section):
     num_cpus: float = Field(1.0, gt=0, le=1024, description="Ray CPUs reserved (per rank).")
     torch_threads: int = Field(1, ge=1, le=1024, description="torch intra-op threads (per rank).")
     simulated_step_s_per_ktoken: float = Field(
-        0.0,
-        ge=0,
-        le=600.0,
-        description="Benchmark only: seconds of sleep added to each step per 1000 trained tokens, "
-        "to stand in for a larger model's training cost (0: off).",
-    )
+        0.0, ge=0, le=600.0, description="Benchmark only: seconds of sleep added to each step per 1000 "
+        "trained tokens, to stand in for a larger model's training cost (0: off).",
+    )  # fmt: skip
+
+    @field_validator("is_mask")
+    @classmethod
+    def _mask_keeps_on_policy(cls, band: tuple[float, float] | None) -> tuple[float, float] | None:
+        if band is not None and not 0 <= band[0] < 1 < band[1]:  # on-policy tokens (weight 1) stay
+            raise ValueError(
+                f"is_mask {list(band)} must be [low, high], 0 <= low < 1 < high; IcePop: [0.5, 5]"
+            )
+        return band
 
 
 class WeightsConfig(Section):

@@ -21,7 +21,7 @@ from asyncflow.algorithms import (
 
 METRICS = {
     "clip_fraction", "ratio_mean", "is_weight_mean", "is_weight_max",
-    "is_truncated_fraction", "approx_kl", "mismatch_kl",
+    "is_truncated_fraction", "approx_kl", "mismatch_kl", "is_masked_fraction", "is_ess",
 }  # fmt: skip
 
 

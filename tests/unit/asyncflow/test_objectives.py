@@ -114,3 +114,33 @@ def test_reinforce_plus_plus_centres_per_group_and_scales_by_the_batch_std():
     grpo = group_advantages(rewards, "grpo")
     torch.testing.assert_close(grpo[0], grpo[1])
     assert torch.equal(group_advantages(torch.ones(3, 4), "reinforce++"), torch.zeros(3, 4))
+
+
+def test_is_mask_drops_the_tokens_whose_behaviour_weight_leaves_the_band():
+    # one sample, three tokens; the trainer's log-probs equal the proximal ones (ratio 1), and the
+    # behaviour weights pi_prox / mu are 0.3, 1.0 and 6.0: the band [0.5, 5] keeps only the middle one
+    prox = torch.log(torch.tensor([[0.3, 0.5, 0.6]]))
+    mu = prox - torch.log(torch.tensor([[0.3, 1.0, 6.0]]))
+    mask, adv = torch.ones(1, 3, dtype=torch.bool), torch.tensor([2.0])
+    lp = prox.clone().requires_grad_(True)
+    loss, metrics = policy_loss(
+        lp, mu, adv, mask, proximal_logprobs=prox, is_cap=2.0, is_mask=(0.5, 5.0), agg="token-mean"
+    )
+    loss.backward()
+    # token-mean over all three tokens: only the kept token's -w * rho * A = -1 * 1 * 2 survives
+    assert loss.item() == pytest.approx(-2.0 / 3)
+    torch.testing.assert_close(lp.grad, torch.tensor([[0.0, -2.0 / 3, 0.0]]))
+    assert metrics["is_masked_fraction"] == pytest.approx(2 / 3)
+    assert metrics["is_ess"] == pytest.approx(1 / 3)  # weights 0, 1, 0: (1)^2 / (3 * 1)
+
+    _, plain = policy_loss(lp.detach(), mu, adv, mask, proximal_logprobs=prox, is_cap=2.0)
+    w = torch.tensor([0.3, 1.0, 2.0])  # truncated at the cap, none dropped
+    assert plain["is_masked_fraction"] == 0.0
+    assert plain["is_ess"] == pytest.approx((w.sum() ** 2 / (3 * (w**2).sum())).item())
+
+
+def test_is_mask_must_keep_on_policy_tokens():
+    from asyncflow.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"0 <= low < 1 < high"):
+        load_config("examples/sort.yaml", ["trainer.is_mask=[1.2, 5]"])
