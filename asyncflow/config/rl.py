@@ -396,6 +396,15 @@ class TrainerConfig(Section):
     kl_coef: float = Field(
         0.0, ge=0, le=100, description="Weight of the KL to the reference (needs reference)."
     )
+    dynamic_sampling: bool = Field(
+        False, description="DAPO's dynamic sampling (Yu et al. 2025, arXiv 2503.14476, eq. 11): a group "
+        "whose rewards are all equal (zero advantage, no gradient) is consumed but not trained, the source "
+        "admits a new prompt in its place, and the step reads groups until batch_prompts have signal.",
+    )  # fmt: skip
+    max_dropped_batches: int = Field(
+        8, ge=1, le=10_000, description="With dynamic_sampling: a step may drop this many times "
+        "batch_prompts groups; one more fails the run (its rewards never vary) instead of waiting forever.",
+    )  # fmt: skip
     minibatches: int = Field(
         1,
         ge=1,
@@ -460,12 +469,9 @@ class TrainerConfig(Section):
     num_cpus: float = Field(1.0, gt=0, le=1024, description="Ray CPUs reserved (per rank).")
     torch_threads: int = Field(1, ge=1, le=1024, description="torch intra-op threads (per rank).")
     simulated_step_s_per_ktoken: float = Field(
-        0.0,
-        ge=0,
-        le=600.0,
-        description="Benchmark only: seconds of sleep added to each step per 1000 trained tokens, "
-        "to stand in for a larger model's training cost (0: off).",
-    )
+        0.0, ge=0, le=600.0, description="Benchmark only: seconds of sleep added to each step per 1000 "
+        "trained tokens, to stand in for a larger model's training cost (0: off).",
+    )  # fmt: skip
 
 
 class WeightsConfig(Section):
