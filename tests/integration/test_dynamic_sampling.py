@@ -105,3 +105,23 @@ def test_a_reward_that_never_varies_fails_naming_the_option(ray_session, tmp_pat
     )
     with pytest.raises(WorkerError, match=r"trainer\.dynamic_sampling.*max_dropped_batches"):
         train(config, display=False)
+
+
+def test_a_resumed_run_keeps_the_slots_dropped_groups_freed(ray_session, tmp_path):
+    """At k = 0 the source admits exactly what the trainer still needs: a resumed source that forgot
+    the slots dropped groups freed would admit nothing in place of the next drops, and the step
+    would wait for good. The checkpoint keeps them with the cursor; exactly-once holds across."""
+    import json
+
+    first = train(
+        _config(tmp_path, "staleness=0", "trainer.steps=4", "dataplane.get_timeout_s=60"), display=False
+    )
+    run_dir = first["run_dir"]
+    state = json.loads((Path(run_dir) / "checkpoints" / "step_0000004" / "state.json").read_text())
+    assert state["freed"] == sum(m["dropped_groups"] for m in RunDir(run_dir).metrics()) > 0
+    resumed = train(RunDir.open(run_dir).config([f"trainer.steps={STEPS}"]), resume=run_dir, display=False)
+    assert resumed["steps"] == STEPS
+    metrics = RunDir(run_dir).metrics()
+    assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
+    assert all(m["uniform_groups"] == 0 for m in metrics)
+    assert_exactly_once_with_drops(resumed)
