@@ -65,6 +65,32 @@ def test_trained_batches_hold_no_uniform_group_and_drops_are_replaced(ray_sessio
     assert set(summary["staleness_histogram"]) <= {str(lag) for lag in range(k + 1)}
     # each dropped group freed an admission slot: more prompts came in than without drops
     assert summary["admitted_prompts"] >= STEPS * BATCH + sum(drops)
+    assert_step_parts_add_up(summary["run_dir"])
+
+
+def assert_step_parts_add_up(run_dir: str) -> None:
+    """trace.json: each trainer step holds its reads, its drops and its training as parts that
+    never overlap, so they add up to at most the step (benchmarks/e2e.py's breakdown)."""
+    events = RunDir(run_dir).trace()
+    names = {e["pid"]: e["args"]["name"] for e in events if e.get("name") == "process_name"}
+    trainer = [e for e in events if e.get("ph") == "X" and names.get(e["pid"]) == "trainer rank 0"]
+    parts = ("store.get", "drop_groups", "forward_backward", "optimizer", "publish", "store.ack")
+    steps = [e for e in trainer if e["name"] == "step"]
+    assert len(steps) == STEPS
+    for step in steps:
+        end = step["ts"] + step["dur"]
+        inside = sorted(
+            (
+                e
+                for e in trainer
+                if e["name"] in parts and step["ts"] <= e["ts"] and e["ts"] + e["dur"] <= end
+            ),
+            key=lambda e: e["ts"],
+        )
+        for a, b in zip(inside, inside[1:]):
+            assert a["ts"] + a["dur"] <= b["ts"] + 1, (a["name"], b["name"])  # 1 µs of rounding
+        assert sum(e["dur"] for e in inside) <= step["dur"]
+    assert any(e["name"] == "drop_groups" for e in trainer)
 
 
 def test_on_redis_dropped_groups_are_counted_and_the_store_is_left_clean(ray_session, tmp_path, redis_url):
