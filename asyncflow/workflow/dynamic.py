@@ -19,10 +19,15 @@ import ray
 
 async def reset_dropped(client: Any, enabled: bool) -> None:
     """A fresh run: drop what an earlier attempt left of DROPPED; make it anew when enabled."""
+    await drop_dropped(client)
+    await ensure_dropped(client, enabled)
+
+
+async def ensure_dropped(client: Any, enabled: bool) -> None:
+    """DROPPED exists when dynamic sampling is on (a run resumed with it turned on has none yet)."""
     from workers.samples import ADMISSION, DROPPED, DROPPED_SCHEMA
 
-    await drop_dropped(client)
-    if enabled:
+    if enabled and DROPPED not in (await client.store_stats())["partitions"]:
         await client.create_partition(DROPPED, DROPPED_SCHEMA, consumers=[ADMISSION])
 
 

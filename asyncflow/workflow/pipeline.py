@@ -24,7 +24,7 @@ from asyncflow.config import AsyncFlowConfig
 from asyncflow.errors import AsyncFlowError, ConfigError, RankDied, WorkerError
 from asyncflow.rundir import RunDir
 from asyncflow.workflow.checks import check
-from asyncflow.workflow.dynamic import drop_dropped, refills, reset_dropped
+from asyncflow.workflow.dynamic import drop_dropped, ensure_dropped, refills, reset_dropped
 from asyncflow.workflow.elastic import Autoscaler, resize
 from asyncflow.workflow.health import Health
 from asyncflow.workflow.hosts import (
@@ -233,6 +233,7 @@ class Pipeline:
             await self.client.drop_partition(PARTITION)
         await drop_dropped(self.client)
         await self.client.restore(str(path / "store"))
+        await ensure_dropped(self.client, self.config.trainer.dynamic_sampling)
         version = await self._ranks(lambda t: t.load.remote(str(path / "trainer")))
         await self._ranks(lambda t: t.publish.remote())
         await self._start_reference()
@@ -281,9 +282,8 @@ class Pipeline:
         step = asyncio.ensure_future(self._ranks(lambda t: t.step.remote()))
         step.add_done_callback(_retrieved)  # a run stopped mid-step (SIGTERM) leaves it behind
         extra = refills(self, step)  # sync mode, dynamic sampling: dropped groups replaced meanwhile
-        done, _ = await asyncio.wait(
-            [step, *self.loops.values(), *extra], return_when=asyncio.FIRST_COMPLETED
-        )
+        waits = [step, *self.loops.values(), *extra]
+        done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         try:
             for task in done:
                 if task is not step and task.exception() is not None:
