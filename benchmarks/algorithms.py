@@ -53,7 +53,7 @@ def run(algorithm: str, seed: int, steps: int, out: Path) -> dict:
     metrics = RunDir(summary["run_dir"]).metrics()
     return {"algorithm": algorithm, "seed": seed, "before": summary["eval_reward_before"],
             "after": summary["eval_reward_after"], "seconds": summary["seconds"],
-            "admitted_prompts": summary["admitted_prompts"],  # generated: dropped groups are replaced
+            "admitted_prompts": summary["admitted_prompts"],  # a dropped group is replaced by one more
             "dropped_groups": sum(m.get("dropped_groups", 0) for m in metrics),
             "uniform_groups_trained": sum(m["uniform_groups"] for m in metrics)}  # fmt: skip
 
@@ -81,7 +81,7 @@ def main() -> None:
                 print(json.dumps(rows[-1]), flush=True)
     print(
         f"\n| algorithm | eval before (per seed) | eval after {args.steps} steps (per seed) | median gain "
-        "| prompts generated | groups dropped | uniform groups trained | seconds |"
+        "| prompts admitted | groups dropped | uniform groups trained | seconds |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name in names:
