@@ -167,3 +167,4 @@ class PromptSource:
     def set_staleness(self, k: int) -> None:
         """A new bound k (a steered run): admission follows it from the next put on."""
         self.staleness = k
+        self._changed.set()  # a wider bound admits at once, not at the next version
