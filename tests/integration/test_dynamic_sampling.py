@@ -45,8 +45,13 @@ def assert_exactly_once_with_drops(summary: dict) -> tuple[list, list]:
 
 @pytest.mark.parametrize(
     "overrides",
-    [["mode=sync", "staleness=0"], ["staleness=0"], ["staleness=1"]],
-    ids=["sync-k0", "async-k0", "async-k1"],
+    [
+        ["mode=sync", "staleness=0"],
+        ["staleness=0"],
+        ["staleness=1"],
+        ["staleness=1", "trainer.num_ranks=2", "trainer.parallel=ddp", "trainer.num_cpus=0.5"],
+    ],
+    ids=["sync-k0", "async-k0", "async-k1", "async-k1-two-ranks"],
 )
 def test_trained_batches_hold_no_uniform_group_and_drops_are_replaced(ray_session, tmp_path, overrides):
     summary = train(_config(tmp_path, *overrides), display=False)
