@@ -44,20 +44,23 @@ async def take_with_signal(
     """`groups` whole groups of `n` rows whose rewards differ, at versions >= `v_min`; every uniform
     group read meanwhile is dropped (noted in DROPPED with the trainer's `version`, then acked)."""
     kept: Batch | None = None
-    out = Screened(batch=None)  # type: ignore[arg-type]
-    have = 0
+    dropped: list[list[int]] = []
+    have = dropped_groups = 0
     while have < groups:
         batch = await _get(store, fields, (groups - have) * n, n, v_min, kept, timeout_s)
         keep, drop = split_by_signal(batch.groups, [float(r) for r in batch["reward"]])
         if drop:
-            await _drop(store, batch.select(drop), version, out, max_drops)
+            gone = batch.select(drop)
+            dropped_groups += len(set(gone.groups))
+            _check_bound(dropped_groups, max_drops)
+            await _drop(store, gone, version)
+            dropped += [[int(p), int(s)] for p, s in zip(gone["prompt_index"], gone["sample_index"])]
         if keep:
             part = batch.select(keep)
             kept = part if kept is None else kept + part
             have += len(set(part.groups))
     assert kept is not None
-    out.batch = kept
-    return out
+    return Screened(kept, dropped, dropped_groups)
 
 
 async def _get(
@@ -87,24 +90,21 @@ async def _get(
             await store.renew(held)
 
 
-async def _drop(store: StoreClient, batch: Batch, version: int, out: Screened, max_drops: int) -> None:
-    """Consume the rows of uniform groups without training them: a DROPPED row per group first (so
-    a slot is never lost), then the ack."""
-    first: dict[int, int] = {}  # group id -> its prompt index
-    for g, p in zip(batch.groups, batch["prompt_index"]):
-        first.setdefault(g, int(p))
-    out.dropped_groups += len(first)
-    if out.dropped_groups > max_drops:
+def _check_bound(dropped_groups: int, max_drops: int) -> None:
+    if dropped_groups > max_drops:
         raise WorkerError(
-            f"trainer.dynamic_sampling dropped {out.dropped_groups} groups in one step, more than "
+            f"trainer.dynamic_sampling dropped {dropped_groups} groups in one step, more than "
             f"trainer.max_dropped_batches x batch_prompts = {max_drops}: the rewards of every sample of a "
             "prompt came out equal (the task is too easy or too hard for the policy, or the reward is "
             "constant). Check the reward function and rollout.temperature, raise "
             "trainer.max_dropped_batches, or set trainer.dynamic_sampling: false"
         )
-    with tracer.span("drop_groups", groups=len(first), rows=len(batch)):
-        prompts = list(first.values())
+
+
+async def _drop(store: StoreClient, batch: Batch, version: int) -> None:
+    """Consume the rows of uniform groups without training them: a DROPPED row per group first (so
+    a slot is never lost), then the ack. The span names the rows (a sample's life ends "dropped")."""
+    prompts = list(dict(zip(batch.groups, (int(p) for p in batch["prompt_index"]))).values())
+    with tracer.span("drop_groups", held=version, groups=len(prompts), row_ids=batch.rows):
         await store.put(DROPPED, {"prompt_index": prompts, "version": [version] * len(prompts)})
         await store.ack(batch)
-    pairs = zip(batch["prompt_index"], batch["sample_index"])
-    out.dropped.extend([int(p), int(s)] for p, s in pairs)

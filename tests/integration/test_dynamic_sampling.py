@@ -13,6 +13,7 @@ import pytest
 
 from asyncflow.config import load_config
 from asyncflow.errors import WorkerError
+from asyncflow.lifeline import sample_life
 from asyncflow.recipes.grpo import train
 from asyncflow.rundir import RunDir
 
@@ -71,6 +72,9 @@ def test_trained_batches_hold_no_uniform_group_and_drops_are_replaced(ray_sessio
     # each dropped group freed an admission slot: more prompts came in than without drops
     assert summary["admitted_prompts"] >= STEPS * BATCH + sum(drops)
     assert_step_parts_add_up(summary["run_dir"])
+    prompt, sample = dropped[-1]  # its life, from the trace: generated, rewarded, dropped
+    life = [s.what for s in sample_life(RunDir(summary["run_dir"]).trace(), prompt, sample)]
+    assert life[0] == "admitted" and life[-1] == "dropped" and "trained" not in life, life
 
 
 def assert_step_parts_add_up(run_dir: str) -> None:
