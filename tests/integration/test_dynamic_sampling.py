@@ -62,6 +62,7 @@ def test_trained_batches_hold_no_uniform_group_and_drops_are_replaced(ray_sessio
     assert all(m["samples"] == BATCH * N for m in metrics)  # every batch full of groups with signal
     drops = [m["dropped_groups"] for m in metrics]
     assert sum(drops) > 0, "the warm-started policy fails whole groups: some must be dropped"
+    assert summary["dropped_groups"] == sum(drops)
     for m in metrics:
         assert m["dropped_fraction"] == pytest.approx(m["dropped_groups"] / (m["dropped_groups"] + BATCH))
     trained, dropped = assert_exactly_once_with_drops(summary)
