@@ -18,14 +18,14 @@ from asyncflow.errors import ConfigError
 __all__ = ["Stage", "format_life", "parse_sample", "sample_life"]
 
 STAGES = {"admit": "admitted", "generate": "generated", "reward": "rewarded",
-          "reference": "ref logprobs", "step": "trained"}  # fmt: skip
+          "reference": "ref logprobs", "step": "trained", "drop_groups": "dropped"}  # fmt: skip
 
 
 @dataclass
 class Stage:
     """One span of a sample's life: what happened, where, when (µs, wall clock) and its args."""
 
-    what: str  # admitted | generated | rewarded | ref logprobs | trained
+    what: str  # admitted | generated | rewarded | ref logprobs | trained | dropped (dynamic sampling)
     track: str  # the actor: "rollout 0", "trainer rank 0", ...
     start_us: int
     end_us: int
@@ -124,4 +124,6 @@ def _details(s: Stage) -> str:
         return f"at {version} ({a['groups']} groups, {a.get('tokens', '?')} tokens in the call)"
     if s.what == "trained":
         return f"at step {a.get('version', '?')} (version {a['held']} -> {a.get('version', '?')})"
+    if s.what == "dropped":
+        return f"at version {a['held']}: its group's rewards were all equal (dynamic sampling)"
     return f"{len(a.get('row_ids', ()))} rows in the batch"

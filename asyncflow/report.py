@@ -86,6 +86,7 @@ class Report:
         for m in metrics:
             for k, v in m["staleness"].items():
                 hist[k] = hist.get(k, 0) + v
+        dynamic = self.config.trainer.dynamic_sampling  # groups consumed, never trained: in the summary
         summary = {
             "run_dir": str(self.run.path),
             "mode": self.config.mode,
@@ -100,6 +101,7 @@ class Report:
             "staleness_histogram": dict(sorted(hist.items(), key=lambda kv: int(kv[0]))),
             "seconds": round(time.perf_counter() - self.started, 2),
             "restarts": self.restarts,
+            **({"dropped_groups": sum(m.get("dropped_groups", 0) for m in metrics)} if dynamic else {}),
             **more,
         }
         self.plot(before, after)

@@ -5,7 +5,8 @@ checkpoints and a final summary. Everything a resumed run needs is in here.
       config.yaml            the resolved config (what `--resume` runs again)
       partition.json         the store whose samples partition this run created
       metrics.jsonl          one line per step
-      trained.jsonl          per step, the (prompt, sample) pairs trained: the exactly-once ledger
+      trained.jsonl          per step, the (prompt, sample) pairs trained (and dropped, under dynamic
+                             sampling): the exactly-once ledger
       checkpoints/step_N/    store/ (rows in flight), trainer/ (model, optimizer), state.json,
                              manifest.json (each file's size and SHA-256); written whole or not at all
       reference.safetensors  the warm-started policy (reference for the KL term)
@@ -155,11 +156,13 @@ class RunDir:
 
     def log(self, metrics: dict[str, Any]) -> None:
         trained = metrics.pop("trained", None)
+        dropped = metrics.pop("dropped", None)  # dynamic sampling: consumed, never trained
         with open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
         if trained is not None:
+            record = {"step": metrics["step"], "rows": trained, **({"dropped": dropped} if dropped else {})}
             with open(self.path / "trained.jsonl", "a") as f:
-                f.write(json.dumps({"step": metrics["step"], "rows": trained}) + "\n")
+                f.write(json.dumps(record) + "\n")
 
     def truncate_logs(self, step: int) -> None:
         """Forget steps after `step` (they are trained again after a resume from it), and a line a
@@ -177,6 +180,11 @@ class RunDir:
 
     def trained(self) -> list[tuple[int, int]]:
         return [tuple(r) for record in _records(self.path / "trained.jsonl") for r in record["rows"]]
+
+    def dropped(self) -> list[tuple[int, int]]:
+        """The (prompt, sample) pairs dynamic sampling consumed without training them."""
+        records = _records(self.path / "trained.jsonl")
+        return [tuple(r) for record in records for r in record.get("dropped", [])]
 
     @property
     def trace_path(self) -> Path:

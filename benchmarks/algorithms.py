@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from asyncflow.config import load_config  # noqa: E402
 from asyncflow.recipes.grpo import train  # noqa: E402
+from asyncflow.rundir import RunDir  # noqa: E402
 from asyncflow.workflow import cpus_needed  # noqa: E402
 
 ALGORITHMS: dict[str, list[str]] = {
@@ -39,6 +40,8 @@ ALGORITHMS: dict[str, list[str]] = {
         "trainer.loss_agg=seq-mean-token-mean",
     ],  # fmt: skip
     "cispo": ["trainer.objective=cispo", "trainer.clip_eps=0.9", "trainer.clip_eps_high=0.28"],
+    "dynamic-sampling": ["trainer.dynamic_sampling=true"],
+    "dapo": ["trainer.clip_eps_high=0.28", "trainer.loss_agg=token-mean", "trainer.dynamic_sampling=true"],
 }
 
 
@@ -47,8 +50,12 @@ def run(algorithm: str, seed: int, steps: int, out: Path) -> dict:
     overrides = [f"output_dir={out}", f"seed={seed}", f"trainer.steps={steps}", "trainer.checkpoint_every=0",
                  f"dataplane.name={store}", *ALGORITHMS[algorithm]]  # fmt: skip
     summary = train(load_config(ROOT / "examples" / "sort.yaml", overrides), display=False)
+    metrics = RunDir(summary["run_dir"]).metrics()
     return {"algorithm": algorithm, "seed": seed, "before": summary["eval_reward_before"],
-            "after": summary["eval_reward_after"], "seconds": summary["seconds"]}  # fmt: skip
+            "after": summary["eval_reward_after"], "seconds": summary["seconds"],
+            "admitted_prompts": summary["admitted_prompts"],  # a dropped group is replaced by one more
+            "dropped_groups": sum(m.get("dropped_groups", 0) for m in metrics),
+            "uniform_groups_trained": sum(m["uniform_groups"] for m in metrics)}  # fmt: skip
 
 
 def main() -> None:
@@ -73,15 +80,18 @@ def main() -> None:
                 rows.append(run(name, seed, args.steps, Path(tmp)))
                 print(json.dumps(rows[-1]), flush=True)
     print(
-        f"\n| algorithm | eval before (per seed) | eval after {args.steps} steps (per seed) | median gain |"
+        f"\n| algorithm | eval before (per seed) | eval after {args.steps} steps (per seed) | median gain "
+        "| prompts admitted | groups dropped | uniform groups trained | seconds |"
     )
-    print("| --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name in names:
         mine = [r for r in rows if r["algorithm"] == name]
         before = " / ".join(f"{r['before']:.3f}" for r in mine)
         after = " / ".join(f"{r['after']:.3f}" for r in mine)
         gain = statistics.median(r["after"] - r["before"] for r in mine)
-        print(f"| {name} | {before} | {after} | {gain:+.3f} |")
+        costs = ("admitted_prompts", "dropped_groups", "uniform_groups_trained", "seconds")
+        per_seed = " | ".join(" / ".join(str(r[k]) for r in mine) for k in costs)
+        print(f"| {name} | {before} | {after} | {gain:+.3f} | {per_seed} |")
     if args.json:
         args.json.write_text(json.dumps({"steps": args.steps, "runs": rows}, indent=1) + "\n")
 

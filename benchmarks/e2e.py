@@ -133,7 +133,7 @@ def figures(summary: dict, config: AsyncFlowConfig) -> dict[str, Any]:
     }
 
 
-TRAINER_PARTS = ("store.get", "forward_backward", "optimizer", "publish", "store.ack")
+TRAINER_PARTS = ("store.get", "drop_groups", "forward_backward", "optimizer", "publish", "store.ack")
 
 
 def breakdown(run_dir: Path, steps: int) -> dict[str, float]:

@@ -82,6 +82,13 @@ def consumers(reference: bool) -> list[str]:
     return [ROLLOUT, REWARD, TRAINER] + ([REFERENCE] if reference else [])
 
 
+# Dynamic sampling (trainer.dynamic_sampling): one row per group the trainer dropped (consumed,
+# not trained), read by the source, which admits a new prompt in its place (workers.screening).
+DROPPED = "dropped"
+DROPPED_SCHEMA = {"prompt_index": "int64", "version": "int64"}
+ADMISSION = "admission"  # the source, as the consumer of DROPPED
+
+
 async def serve(
     store: StoreClient, fields: Sequence[str], size: int, consumer: str,
     process: Callable[[Any], Awaitable[Any]], *, unit: int = 1, sampler: str = "sequential",

@@ -5,16 +5,25 @@ the trainer has published version i // batch_prompts - k, so at most (k + 1) x b
 prompts are in flight and no sample is generated more than k versions before it trains.
 Each admitted prompt becomes a group of `n` rows. The cursor (next prompt index) is the
 source's whole state: a resumed run starts from it.
+
+Dynamic sampling (trainer.dynamic_sampling): the trainer drops groups whose rewards are all
+equal and notes each in the store's DROPPED partition; the source reads those notes and admits
+one more prompt per dropped group (`freed`, kept with the cursor in a checkpoint). The bound
+still holds: prompt i enters once `i < admission_limit(v, k, batch) + freed`, and the trainer
+has consumed `v * batch + (groups it dropped)` groups by version v, so prompt i is trained at
+a version no more than k above the one it was admitted at.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from asyncflow.errors import StoreTimeout
 from asyncflow.tracing import tracer
 from asyncflow.versioning import admission_limit
-from workers.samples import PARTITION
+from workers.samples import ADMISSION, DROPPED, PARTITION
 
 if TYPE_CHECKING:  # the seams' protocols and classes, for the type checker
     from dataplane.client import StoreClient
@@ -35,14 +44,22 @@ class PromptSource:
         staleness: int,
         cursor: int = 0,
         prompts_per_put: int = 8,
+        dynamic_sampling: bool = False,
+        freed: int = 0,
     ):
         self.task, self.kind, self.store, self.weights = task, kind, store, weights
         self.n, self.batch_prompts, self.staleness = n, batch_prompts, staleness
         self.cursor, self.prompts_per_put = cursor, prompts_per_put
+        self.dynamic_sampling = dynamic_sampling
+        self.freed = freed  # admission slots freed by dropped groups (dynamic sampling), ever
         self._running = asyncio.Event()
         self._running.set()
         self._idle = asyncio.Event()  # set while no put is in progress: a checkpoint may be taken
         self._idle.set()
+        self._noting = asyncio.Event()  # set while no dropped-group note is being acked and counted
+        self._noting.set()
+        self._changed = asyncio.Event()  # a new version, or freed slots: admission looks again
+        self.version = 0
 
     async def admit(self, count: int, version: int) -> int:
         """Put the next `count` prompts (stamped with the trainer's `version`); returns the cursor."""
@@ -73,23 +90,75 @@ class PromptSource:
 
     async def run(self) -> None:
         """Admit prompts whenever the bound allows, forever (the workflow cancels it)."""
-        version = await self.weights.latest()
+        self.version = max(await self.weights.latest(), 0)
+        watchers = [asyncio.ensure_future(self._watch_versions())]
+        if self.dynamic_sampling:
+            watchers.append(asyncio.ensure_future(self._watch_dropped()))
+        try:
+            while True:
+                await self._running.wait()
+                self._changed.clear()  # before looking: a change from here on wakes the wait below
+                limit = admission_limit(self.version, self.staleness, self.batch_prompts) + self.freed
+                if limit > self.cursor:  # one put at a time, so a pause takes effect between puts
+                    self._idle.clear()
+                    try:
+                        await self.admit(min(limit - self.cursor, self.prompts_per_put), self.version)
+                    finally:
+                        self._idle.set()
+                    continue
+                await self._wait_changed(watchers)
+        finally:
+            for task in watchers:
+                task.cancel()
+            await asyncio.gather(*watchers, return_exceptions=True)
+
+    async def _wait_changed(self, watchers: Sequence[asyncio.Future]) -> None:
+        """Until the version or the freed slots change; a watcher's error is raised here."""
+        changed = asyncio.ensure_future(self._changed.wait())
+        try:
+            await asyncio.wait([changed, *watchers], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            changed.cancel()
+        for task in watchers:
+            if task.done():
+                task.result()
+
+    async def _watch_versions(self) -> None:
+        while True:
+            self.version = max(await self.weights.wait_version(self.version + 1), 0)
+            self._changed.set()
+
+    async def _watch_dropped(self) -> None:
+        while True:
+            await self.take_freed()
+            self._changed.set()
+
+    async def take_freed(self) -> int:
+        """Wait for the trainer's notes of dropped groups (dynamic sampling), count each as a freed
+        admission slot and return how many. Paused, it hands back what it read (a checkpoint then
+        holds those notes unread, and `freed` without them)."""
         while True:
             await self._running.wait()
-            allowed = admission_limit(max(version, 0), self.staleness, self.batch_prompts) - self.cursor
-            if allowed > 0:  # one put at a time, so a pause takes effect between puts
-                self._idle.clear()
-                try:
-                    await self.admit(min(allowed, self.prompts_per_put), max(version, 0))
-                finally:
-                    self._idle.set()
+            try:
+                batch = await self.store.get(DROPPED, ["prompt_index"], 1024, ADMISSION, min_rows=1)
+            except StoreTimeout:  # nothing dropped for a while: keep waiting
                 continue
-            version = await self.weights.wait_version(version + 1)
+            if self._running.is_set():
+                break
+            await self.store.release(batch)  # paused meanwhile: unread, for the checkpoint
+        self._noting.clear()
+        try:
+            await self.store.ack(batch)
+            self.freed += len(batch)
+        finally:
+            self._noting.set()
+        return len(batch)
 
     async def pause(self) -> int:
         """Stop admitting after the put in progress; returns the cursor (for a checkpoint)."""
         self._running.clear()
         await self._idle.wait()
+        await self._noting.wait()
         return self.cursor
 
     def resume(self) -> None:
@@ -98,3 +167,4 @@ class PromptSource:
     def set_staleness(self, k: int) -> None:
         """A new bound k (a steered run): admission follows it from the next put on."""
         self.staleness = k
+        self._changed.set()  # a wider bound admits at once, not at the next version

@@ -46,6 +46,7 @@ from services.parallelism.balance import CostModel, imbalance, plan
 from workers.policy import enable_gradient_checkpointing
 from workers.ranks import Ranks, aliases, is_sharded
 from workers.samples import PARTITION, TRAINER
+from workers.screening import Screened, take_with_signal
 from workers.trainable import make_trainable, plain_model, publication, trainable_parameters
 
 if TYPE_CHECKING:  # the seams' protocols and classes, for the type checker
@@ -108,6 +109,7 @@ class TrainerWorker:
             self._optimize()
         self.publish_bytes = 0  # of the last publication
         self.fields = [*kind.trainer_reads(reference), "reward_parts"]
+        self.screened: Screened | None = None  # the last step's groups, under dynamic sampling
 
     def _optimize(self) -> None:
         self.params = trainable_parameters(self.model)  # what the optimizer holds and clips
@@ -176,6 +178,8 @@ class TrainerWorker:
             span["row_ids"] = batch.rows  # this rank's rows
             waited = time.perf_counter() - start
             metrics = self.train_on(self.ranks.merge(batch.data))  # every rank's groups: the whole batch
+            if self.config.dynamic_sampling:
+                metrics.update(self._dropped())
             if self.config.simulated_step_s_per_ktoken:  # benchmark only: a larger model's step time
                 await asyncio.sleep(self.config.simulated_step_s_per_ktoken * metrics["tokens"] / 1000)
             metrics["publish_s"] = await self.publish(whole=self.config.trainable == "all")
@@ -191,6 +195,12 @@ class TrainerWorker:
         r = self.ranks
         groups = self.config.batch_prompts // r.size + (r.rank < self.config.batch_prompts % r.size)
         v_min = min_usable_version(self.version, self.staleness)
+        if self.config.dynamic_sampling:  # uniform groups dropped, others read in their place
+            self.screened = await take_with_signal(
+                self.store, self.fields, groups, self.n, v_min=v_min, version=self.version,
+                max_drops=self.config.max_dropped_batches * groups, timeout_s=self.get_timeout_s,
+            )  # fmt: skip
+            return self.screened.batch
         with tracer.span("store.get", v_min=v_min) as span:
             got = self.store.stats.bytes_got
             batch = await self.store.get(
@@ -199,6 +209,18 @@ class TrainerWorker:
             )  # fmt: skip
             span.update(rows=len(batch), bytes=self.store.stats.bytes_got - got)
         return batch
+
+    def _dropped(self) -> dict[str, Any]:
+        """Dynamic sampling's figures over every rank: groups dropped, their fraction of the groups
+        read, and the dropped rows (the exactly-once ledger's, beside the trained ones)."""
+        assert self.screened is not None
+        parts = self.ranks.gather([self.screened.dropped_groups, self.screened.dropped])
+        dropped = sum(count for count, _ in parts)
+        return {
+            "dropped_groups": dropped,
+            "dropped_fraction": dropped / (dropped + self.config.batch_prompts),
+            "dropped": [row for _, rows in parts for row in rows],
+        }
 
     def train_on(self, data: dict) -> dict:
         """One batch of whole groups: advantages, then `minibatches` optimizer steps, each
@@ -233,6 +255,7 @@ class TrainerWorker:
             "samples": len(rows),
             "tokens": sum(len(r.behavior) for r in rows),  # scored actions: tokens, or denoising steps
             "reward_mean": rewards.mean().item(),
+            "uniform_groups": int((rewards.amax(1) == rewards.amin(1)).sum()),  # all rewards equal: no signal
             "response_len": sum(len(r.behavior) for r in rows) / len(rows),
             **reward_parts([data["reward_parts"][i] for i in order] if "reward_parts" in data else []),
             "staleness": staleness_histogram(self.version - 1, [r.version(self.version) for r in rows]),

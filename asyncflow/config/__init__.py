@@ -29,11 +29,11 @@ from asyncflow.config.rl import (
     Trainable,
     TrainerConfig,
     WarmupConfig,
-    WeightsConfig,
     import_string,
 )
 from asyncflow.config.trace import TraceConfig
 from asyncflow.config.watchdog import WatchdogConfig
+from asyncflow.config.weights import WeightsConfig
 from asyncflow.errors import ConfigError
 from dataplane.config import DataPlaneConfig
 

@@ -398,6 +398,15 @@ class TrainerConfig(Section):
     kl_coef: float = Field(
         0.0, ge=0, le=100, description="Weight of the KL to the reference (needs reference)."
     )
+    dynamic_sampling: bool = Field(
+        False, description="DAPO's dynamic sampling (Yu et al. 2025, arXiv 2503.14476, eq. 11): a group "
+        "whose rewards are all equal (zero advantage, no gradient) is consumed but not trained, the source "
+        "admits a new prompt in its place, and the step reads groups until batch_prompts have signal.",
+    )  # fmt: skip
+    max_dropped_batches: int = Field(
+        8, ge=1, le=10_000, description="With dynamic_sampling: a step may drop this many times "
+        "batch_prompts groups; one more fails the run (its rewards never vary) instead of waiting forever.",
+    )  # fmt: skip
     minibatches: int = Field(
         1,
         ge=1,
@@ -474,25 +483,3 @@ class TrainerConfig(Section):
                 f"is_mask {list(band)} must be [low, high], 0 <= low < 1 < high; IcePop: [0.5, 5]"
             )
         return band
-
-
-class WeightsConfig(Section):
-    """The weight store: recent versions as equal-size byte buckets, each checked by its fingerprint
-    when pulled, spread over `channels` transfer streams (workers.weights)."""
-
-    keep_versions: int = Field(2, ge=1, le=1000, description="Versions kept; older ones are freed.")
-    bucket_mb: float = Field(
-        64.0,
-        gt=0,
-        le=65536,
-        description="Size of one bucket: the weights' bytes are cut into buckets of exactly this size "
-        "(the last one smaller; a tensor may span several).",
-    )
-    channels: int = Field(
-        2,
-        ge=1,
-        le=64,
-        description="Transfer streams per publisher and per puller; bucket b rides stream b % channels, so "
-        "each carries the same bytes to within one bucket. On CPU a stream is a thread that puts (or maps "
-        "and checks) its buckets through Ray's object store.",
-    )

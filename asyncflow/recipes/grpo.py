@@ -111,7 +111,8 @@ class Run:
         if resume and state is None:
             self.view.note(f"{run.path}: no usable checkpoint; starting again from step 0")
             run.truncate_logs(0)
-        self.pipe = pipe = Pipeline(config, run, cursor=state[1]["cursor"] if state else 0)
+        where = state[1] if state else {}  # the prompt cursor, and the slots dropped groups freed
+        self.pipe = pipe = Pipeline(config, run, cursor=where.get("cursor", 0), freed=where.get("freed", 0))
         pipe.watchdog.on_stall = self.view.stall  # a stall's line in the live view
         if pipe.prompt_filter:
             self.view.note(prompts_line(pipe.prompt_filter))

@@ -124,9 +124,9 @@ class Host:
 class SourceHost(Host):
     role, track_base, track_label = "source", 1000, "prompt source"
 
-    def __init__(self, config: dict, store_address: str, cursor: int):
+    def __init__(self, config: dict, store_address: str, cursor: int, freed: int = 0):
         super().__init__(config, store_address)
-        self.cursor = cursor
+        self.cursor, self.freed = cursor, freed
 
     def make(self, store: Any) -> Any:
         from workers.source import PromptSource
@@ -134,8 +134,16 @@ class SourceHost(Host):
         c = self.config
         return PromptSource(
             self.task, self.kind, store, self.weights(), n=c.rollout.n, batch_prompts=c.trainer.batch_prompts,
-            staleness=c.staleness, cursor=self.cursor,
+            staleness=c.staleness, cursor=self.cursor, dynamic_sampling=c.trainer.dynamic_sampling,
+            freed=self.freed,
         )  # fmt: skip
+
+    async def take_freed(self) -> int:
+        """Dynamic sampling: wait for groups the trainer dropped; how many (slots freed)."""
+        return await (await self.worker()).take_freed()
+
+    async def freed_slots(self) -> int:
+        return (await self.worker()).freed
 
     async def admit(self, count: int, version: int) -> int:
         return await (await self.worker()).admit(count, version)

@@ -24,6 +24,7 @@ from asyncflow.config import AsyncFlowConfig
 from asyncflow.errors import AsyncFlowError, ConfigError, RankDied, WorkerError
 from asyncflow.rundir import RunDir
 from asyncflow.workflow.checks import check
+from asyncflow.workflow.dynamic import drop_dropped, ensure_dropped, refills, reset_dropped
 from asyncflow.workflow.elastic import Autoscaler, resize
 from asyncflow.workflow.health import Health
 from asyncflow.workflow.hosts import (
@@ -34,7 +35,7 @@ from asyncflow.workflow.hosts import (
     SourceHost,
     TrainerHost,
 )
-from asyncflow.workflow.runtime import free_cpus, not_started, placed
+from asyncflow.workflow.runtime import free_cpus, names_free, not_started, placed
 from asyncflow.workflow.traces import Traces
 from asyncflow.workflow.watchdog import Watchdog
 
@@ -45,9 +46,10 @@ RESTARTS = 2  # a reward or reference worker that dies is restarted this many ti
 class Pipeline:
     """The running actors of one run, by role, and their partition in the store."""
 
-    def __init__(self, config: AsyncFlowConfig, run: RunDir, *, cursor: int = 0):
+    def __init__(self, config: AsyncFlowConfig, run: RunDir, *, cursor: int = 0, freed: int = 0):
         """Start the store, the weight store and the worker actors (Ray must be up); `cursor` is the
-        next prompt to admit. The reference worker starts later, once the weights it keeps exist."""
+        next prompt to admit, `freed` the admission slots dropped groups freed (dynamic sampling).
+        The reference worker starts later, once the weights it keeps exist."""
         from dataplane.store import start_store
         from workers.weights import WeightStore
 
@@ -61,7 +63,7 @@ class Pipeline:
             .remote(config.weights.keep_versions)
         )
         r = config.rollout
-        self.source = self._spawn(SourceHost, "source", num_cpus=0.1, cursor=cursor)
+        self.source = self._spawn(SourceHost, "source", num_cpus=0.1, cursor=cursor, freed=freed)
         self.ranks_group = self._rank_bundles()
         self.trainers = [self._rank(i) for i in range(config.trainer.num_ranks)]
         self.trainer = self.trainers[0]  # rank 0: its step's metrics are the run's
@@ -72,6 +74,7 @@ class Pipeline:
         self.loops: dict[Any, asyncio.Future] = {}  # async mode: actor -> the task supervising it
         self.next_rollout = r.num_workers  # fresh actor names for added workers
         self.paused = False
+        self.round_version = 0  # sync mode: the trainer version of the round being generated
         self.health = Health(self, r.health, config.start_timeout_s)  # probes of the engines (async mode)
         scale = {"rollout": self.scale_rollout, "reward": self.scale_reward}
         self.autoscaler = Autoscaler(config, scale, self.loops)  # rollout/reward.autoscale
@@ -212,6 +215,7 @@ class Pipeline:
             PARTITION, schema(self.config.policy), consumers=consumers(self.config.reference.enabled),
             stale_policy="regenerate",
         )  # fmt: skip
+        await reset_dropped(self.client, self.config.trainer.dynamic_sampling)
         warm = await self._ranks(lambda t: t.warmup.remote())
         if self.config.reference.enabled:
             await self._ranks(lambda t: t.save_weights.remote(str(self.run.reference_weights)))
@@ -227,7 +231,9 @@ class Pipeline:
 
         if PARTITION in (await self.client.store_stats())["partitions"]:
             await self.client.drop_partition(PARTITION)
+        await drop_dropped(self.client)
         await self.client.restore(str(path / "store"))
+        await ensure_dropped(self.client, self.config.trainer.dynamic_sampling)
         version = await self._ranks(lambda t: t.load.remote(str(path / "trainer")))
         await self._ranks(lambda t: t.publish.remote())
         await self._start_reference()
@@ -275,7 +281,9 @@ class Pipeline:
         self.watchdog.step_began()
         step = asyncio.ensure_future(self._ranks(lambda t: t.step.remote()))
         step.add_done_callback(_retrieved)  # a run stopped mid-step (SIGTERM) leaves it behind
-        done, _ = await asyncio.wait([step, *self.loops.values()], return_when=asyncio.FIRST_COMPLETED)
+        extra = refills(self, step)  # sync mode, dynamic sampling: dropped groups replaced meanwhile
+        waits = [step, *self.loops.values(), *extra]
+        done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         try:
             for task in done:
                 if task is not step and task.exception() is not None:
@@ -284,9 +292,13 @@ class Pipeline:
                     step.cancel()
                     raise task.exception()  # type: ignore[misc]
             metrics = await step
+            await asyncio.gather(*extra)  # a refill ends with its step
         except AsyncFlowError as e:  # diagnosed (stalls/) before the run stops or restarts
             await self.watchdog.failed(e)
             raise
+        finally:
+            for task in extra:
+                task.cancel()
         self.watchdog.step_ended()
         metrics.update(self.traces.step(self.tracked))  # spans to trace.json, in the background
         return metrics
@@ -298,8 +310,13 @@ class Pipeline:
 
     async def sync_round(self, step: int) -> None:
         """Sync mode, before step `step`'s training: admit a batch, generate it, score it."""
-        groups, n = self.config.trainer.batch_prompts, self.config.rollout.n
-        await self._ask(self.source.admit.remote(groups, step - 1))
+        self.round_version = step - 1
+        await self.generate(self.config.trainer.batch_prompts, step - 1)
+
+    async def generate(self, groups: int, version: int) -> None:
+        """Sync mode: admit `groups` prompts (at trainer version `version`), generate them, score them."""
+        n = self.config.rollout.n
+        await self._ask(self.source.admit.remote(groups, version))
         await self._ask(*(r.work.remote(g) for r, g in zip(self.rollouts, split(groups, len(self.rollouts)))))
         await self._ask(
             *(w.work.remote(g * n) for w, g in zip(self.rewards, split(groups, len(self.rewards))))
@@ -344,6 +361,7 @@ class Pipeline:
 
     async def resume_admission(self) -> None:
         self.paused = False
+        self.round_version = 0  # sync mode: the trainer version of the round being generated
         await self._ask(self.source.resume.remote())
 
     async def set_staleness(self, k: int) -> None:
@@ -380,6 +398,7 @@ class Pipeline:
         source is paused (no put in flight) and the trainer is between steps. Written whole or not
         at all (RunDir)."""
         cursor = await self._ask(self.source.pause.remote())
+        freed = await self._ask(self.source.freed_slots.remote())  # dynamic sampling's, with the cursor
         try:
             tmp = self.run.begin_checkpoint(step)
             await self.client.checkpoint(str(tmp / "store"))
@@ -387,7 +406,7 @@ class Pipeline:
         finally:
             if not self.paused:  # a run a client paused stays paused
                 await self._ask(self.source.resume.remote())
-        return self.run.commit_checkpoint(tmp, step, {"step": step, "cursor": cursor})
+        return self.run.commit_checkpoint(tmp, step, {"step": step, "cursor": cursor, "freed": freed})
 
     # ------------------------------------------------------------------ reports, the end
 
@@ -405,6 +424,7 @@ class Pipeline:
         stats = (await self.client.store_stats())["partitions"][PARTITION]["consumers"][TRAINER]
         admitted = await self._ask(self.source.pause.remote())
         await self.client.drop_partition(PARTITION)
+        await drop_dropped(self.client)
         await self.traces.close(self.tracked)  # the last spans (evaluation, final checkpoint)
         return {"admitted_prompts": admitted, "untrained_rows": stats["pending"] + stats["leased"]}
 
@@ -425,17 +445,7 @@ class Pipeline:
         if self.ranks_group is not None:
             ray.util.remove_placement_group(self.ranks_group)
         self.store.shutdown()
-        await self._names_free()
-
-    async def _names_free(self, timeout_s: float = 30.0) -> None:
-        """Wait until Ray has let go of this run's actor names, so that a restart can take them again."""
-        prefix = f"{self.config.dataplane.name}."
-        deadline = asyncio.get_running_loop().time() + timeout_s
-        while asyncio.get_running_loop().time() < deadline:
-            names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
-            if not any(n.startswith(prefix) for n in names):
-                return
-            await asyncio.sleep(0.1)
+        await names_free(f"{self.config.dataplane.name}.")
 
     # ------------------------------------------------------------------ Ray's errors, ours
 

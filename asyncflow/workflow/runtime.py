@@ -3,6 +3,7 @@ with enough logical CPUs for the run's actors; what to say when the cluster has 
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 from typing import Any
@@ -93,3 +94,14 @@ def not_started(config: AsyncFlowConfig, unplaced: list[str], starting: list[str
         f"{'; ' + slow if slow else ''}. Add nodes (or let the autoscaler), or lower trainer.num_cpus, "
         "rollout.num_workers / rollout.num_cpus, reward.num_workers / reward.num_cpus"
     )
+
+
+async def names_free(prefix: str, timeout_s: float = 30.0) -> None:
+    """Wait until Ray has let go of the actor names that start with `prefix` (a run's), so that a
+    restart can take them again."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while asyncio.get_running_loop().time() < deadline:
+        names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
+        if not any(n.startswith(prefix) for n in names):
+            return
+        await asyncio.sleep(0.1)

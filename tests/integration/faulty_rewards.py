@@ -17,3 +17,8 @@ def slow(prompt: str, response: str, answer: str) -> float:
     """The example's reward, 10 ms per sample: one reward process scores 100 samples a second."""
     time.sleep(0.01)
     return float(response == answer)
+
+
+def constant(prompt: str, response: str, answer: str) -> float:
+    """A reward that never varies: every group's rewards are all equal."""
+    return 1.0

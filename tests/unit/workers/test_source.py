@@ -14,7 +14,7 @@ from dataplane.client import StoreClient
 from dataplane.memory.local import serve_locally
 from workers.kinds import TokenKind
 from workers.policy import make_tokenizer
-from workers.samples import PARTITION, SCHEMA
+from workers.samples import ADMISSION, DROPPED, DROPPED_SCHEMA, PARTITION, SCHEMA
 from workers.source import PromptSource
 from workers.weights import WeightClient, WeightStore
 
@@ -69,6 +69,44 @@ async def test_admission_follows_the_trainer_version_and_the_bound(store):
         ) == {0, 1}
         assert max(batch["admit_version"].tolist()) == 3
         await store.ack(batch)
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+
+
+async def test_each_dropped_group_frees_a_slot_and_a_pause_holds_the_notes_unread(store):
+    """Dynamic sampling: a note in DROPPED admits one more prompt at the same version; paused, the
+    source reads none (a checkpoint holds them unread and `freed` without them)."""
+    await store.create_partition(DROPPED, DROPPED_SCHEMA, consumers=[ADMISSION])
+    task = SortDigits()
+    kind = TokenKind(make_tokenizer(task), ModelConfig(), RolloutConfig(n=2))
+    weights = WeightClient(WeightStore(), remote=False)
+    source = PromptSource(
+        task, kind, store, weights, n=2, batch_prompts=3, staleness=0, dynamic_sampling=True
+    )
+    await weights.publish(0, {"w": torch.zeros(2)})
+    running = asyncio.ensure_future(source.run())
+    try:
+        await settle(source, 3)  # (0 + 0 + 1) x 3
+        await store.put(DROPPED, {"prompt_index": [0, 2], "version": [0, 0]})
+        await settle(source, 5)  # two slots freed at version 0
+        assert source.freed == 2
+        assert await source.pause() == 5
+        await store.put(DROPPED, {"prompt_index": [3], "version": [0]})
+        await settle(source, 5)
+        assert source.freed == 2
+        stats = (await store.store_stats())["partitions"][DROPPED]["consumers"][ADMISSION]
+        assert stats["leased"] == 0  # handed back, not held across the pause
+        source.resume()
+        await settle(source, 6)
+        assert source.freed == 3
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+    restarted = PromptSource(task, kind, store, weights, n=2, batch_prompts=3, staleness=0, cursor=6, freed=3)
+    running = asyncio.ensure_future(restarted.run())
+    try:
+        await settle(restarted, 6)  # a resumed source counts the freed slots it was given, no more
     finally:
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
