@@ -37,6 +37,8 @@ RUNS: dict[str, list[str]] = {
     "k4": ["staleness=4"],
     "k4-icepop": ["staleness=4", *ICEPOP],
     "k4-none": ["staleness=4", "trainer.correction=none"],  # no off-policy correction at all
+    "k4-ahead1": ["staleness=4", "admit_ahead=1"],  # admission on demand: no lag that buys nothing
+    "k2-ahead1": ["staleness=2", "admit_ahead=1"],
 }
 DIAGNOSTICS = ("clip_fraction", "is_truncated_fraction", "is_masked_fraction", "is_ess", "mismatch_kl")
 

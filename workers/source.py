@@ -6,6 +6,12 @@ prompts are in flight and no sample is generated more than k versions before it 
 Each admitted prompt becomes a group of `n` rows. The cursor (next prompt index) is the
 source's whole state: a resumed run starts from it.
 
+Admission on demand (`admit_ahead`, async): within the bound, the source admits only while
+the trainer has fewer than `admit_ahead` batches waiting (rows it has not read whose every
+field is ready). A trainer-bound run then trains samples about admit_ahead + 1 versions old
+instead of k, at the same throughput (running further ahead only fills the queue); a
+rollout-bound run never fills the queue, so k still governs.
+
 Dynamic sampling (trainer.dynamic_sampling): the trainer drops groups whose rewards are all
 equal and notes each in the store's DROPPED partition; the source reads those notes and admits
 one more prompt per dropped group (`freed`, kept with the cursor in a checkpoint). The bound
@@ -23,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from asyncflow.errors import StoreTimeout
 from asyncflow.tracing import tracer
 from asyncflow.versioning import admission_limit
-from workers.samples import ADMISSION, DROPPED, PARTITION
+from workers.samples import ADMISSION, DROPPED, PARTITION, TRAINER
 
 if TYPE_CHECKING:  # the seams' protocols and classes, for the type checker
     from dataplane.client import StoreClient
@@ -46,12 +52,14 @@ class PromptSource:
         prompts_per_put: int = 8,
         dynamic_sampling: bool = False,
         freed: int = 0,
+        admit_ahead: int | None = None,
     ):
         self.task, self.kind, self.store, self.weights = task, kind, store, weights
         self.n, self.batch_prompts, self.staleness = n, batch_prompts, staleness
         self.cursor, self.prompts_per_put = cursor, prompts_per_put
         self.dynamic_sampling = dynamic_sampling
         self.freed = freed  # admission slots freed by dropped groups (dynamic sampling), ever
+        self.admit_ahead = admit_ahead  # batches the trainer may have waiting before admission pauses
         self._running = asyncio.Event()
         self._running.set()
         self._idle = asyncio.Event()  # set while no put is in progress: a checkpoint may be taken
@@ -99,7 +107,7 @@ class PromptSource:
                 await self._running.wait()
                 self._changed.clear()  # before looking: a change from here on wakes the wait below
                 limit = admission_limit(self.version, self.staleness, self.batch_prompts) + self.freed
-                if limit > self.cursor:  # one put at a time, so a pause takes effect between puts
+                if limit > self.cursor and await self._wanted():  # one put at a time: a pause acts between
                     self._idle.clear()
                     try:
                         await self.admit(min(limit - self.cursor, self.prompts_per_put), self.version)
@@ -111,6 +119,15 @@ class PromptSource:
             for task in watchers:
                 task.cancel()
             await asyncio.gather(*watchers, return_exceptions=True)
+
+    async def _wanted(self) -> bool:
+        """With admit_ahead: whether the trainer has fewer than that many batches waiting. Rows it
+        has not read yet and whose every field is ready are waiting; rows in generation are not."""
+        if self.admit_ahead is None:
+            return True
+        stats = await self.store.store_stats()
+        trainer = stats["partitions"].get(PARTITION, {}).get("consumers", {}).get(TRAINER, {})
+        return trainer.get("ready", 0) < self.admit_ahead * self.batch_prompts * self.n
 
     async def _wait_changed(self, watchers: Sequence[asyncio.Future]) -> None:
         """Until the version or the freed slots change; a watcher's error is raised here."""

@@ -107,6 +107,13 @@ class AsyncFlowConfig(Section):
         le=1024,
         description="k: a sample trains while trainer_version - its version <= k (0: on-policy).",
     )
+    admit_ahead: int | None = Field(
+        None, ge=1, le=1024,
+        description="Async: the source admits prompts only while the trainer has fewer than this many "
+        "batches waiting (generated and scored, not yet trained), within the staleness bound; so a run "
+        "whose trainer is the bottleneck trains fresher samples, and one whose rollout is keeps k. "
+        "null: admit as far as the bound allows.",
+    )  # fmt: skip
     policy: Literal["token", "flow"] = Field(
         "token",
         description="The kind of policy: a language model (token) or a flow-matching generator (flow, "

@@ -135,7 +135,7 @@ class SourceHost(Host):
         return PromptSource(
             self.task, self.kind, store, self.weights(), n=c.rollout.n, batch_prompts=c.trainer.batch_prompts,
             staleness=c.staleness, cursor=self.cursor, dynamic_sampling=c.trainer.dynamic_sampling,
-            freed=self.freed,
+            freed=self.freed, admit_ahead=c.admit_ahead if c.mode == "async" else None,
         )  # fmt: skip
 
     async def take_freed(self) -> int:

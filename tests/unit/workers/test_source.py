@@ -110,3 +110,33 @@ async def test_each_dropped_group_frees_a_slot_and_a_pause_holds_the_notes_unrea
     finally:
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
+
+
+async def test_admit_ahead_pauses_admission_while_the_trainer_has_batches_waiting(store):
+    """admit_ahead = 1: the source stops once a batch's rows wait for the trainer (far below the
+    staleness bound of k = 4) and admits again when the trainer took them and published."""
+    from asyncflow.errors import StoreTimeout
+
+    task = SortDigits()
+    kind = TokenKind(make_tokenizer(task), ModelConfig(), RolloutConfig(n=2))
+    weights = WeightClient(WeightStore(), remote=False)
+    with pytest.raises(StoreTimeout):  # the trainer asks first: the store learns which fields it reads
+        await store.get(PARTITION, ["prompt_index"], 1, "trainer", timeout_s=0.05)
+    source = PromptSource(
+        task, kind, store, weights, n=2, batch_prompts=3, staleness=4, prompts_per_put=2, admit_ahead=1
+    )
+    tensors = {"w": torch.zeros(2)}
+    await weights.publish(0, tensors)
+    running = asyncio.ensure_future(source.run())
+    try:
+        await settle(source, 4)  # 4 prompts = 8 ready rows >= 1 batch of 3 x 2: no more
+        batch = await store.get(PARTITION, ["prompt_index"], 6, "trainer")
+        await store.ack(batch)  # 2 rows still wait: fewer than a batch
+        await weights.publish(1, tensors)
+        await settle(source, 6)
+        source.admit_ahead = None  # as far as the bound allows: (1 + 4 + 1) x 3
+        await weights.publish(2, tensors)
+        await settle(source, 21)
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
