@@ -7,10 +7,12 @@ Each admitted prompt becomes a group of `n` rows. The cursor (next prompt index)
 source's whole state: a resumed run starts from it.
 
 Admission on demand (`admit_ahead`, async): within the bound, the source admits only while
-the trainer has fewer than `admit_ahead` batches waiting (rows it has not read whose every
-field is ready). A trainer-bound run then trains samples about admit_ahead + 1 versions old
+rollout is short of work (fewer rows queued than its workers' next calls take) and the
+trainer has fewer than `admit_ahead` batches waiting (rows it has not read whose every field
+is ready). A trainer-bound run then trains samples about admit_ahead + 1 versions old
 instead of k, at the same throughput (running further ahead only fills the queue); a
-rollout-bound run never fills the queue, so k still governs.
+rollout-bound run never fills the queue, so k still governs. The source reads the store's
+counts every 50 ms while it holds back.
 
 Dynamic sampling (trainer.dynamic_sampling): the trainer drops groups whose rewards are all
 equal and notes each in the store's DROPPED partition; the source reads those notes and admits
@@ -29,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from asyncflow.errors import StoreTimeout
 from asyncflow.tracing import tracer
 from asyncflow.versioning import admission_limit
-from workers.samples import ADMISSION, DROPPED, PARTITION, TRAINER
+from workers.samples import ADMISSION, DROPPED, PARTITION, ROLLOUT, TRAINER
 
 if TYPE_CHECKING:  # the seams' protocols and classes, for the type checker
     from dataplane.client import StoreClient
@@ -53,6 +55,7 @@ class PromptSource:
         dynamic_sampling: bool = False,
         freed: int = 0,
         admit_ahead: int | None = None,
+        backlog_rows: int = 0,  # 0: one batch
     ):
         self.task, self.kind, self.store, self.weights = task, kind, store, weights
         self.n, self.batch_prompts, self.staleness = n, batch_prompts, staleness
@@ -60,6 +63,7 @@ class PromptSource:
         self.dynamic_sampling = dynamic_sampling
         self.freed = freed  # admission slots freed by dropped groups (dynamic sampling), ever
         self.admit_ahead = admit_ahead  # batches the trainer may have waiting before admission pauses
+        self.backlog_rows = backlog_rows  # with admit_ahead: rows queued for rollout that keep it busy
         self._running = asyncio.Event()
         self._running.set()
         self._idle = asyncio.Event()  # set while no put is in progress: a checkpoint may be taken
@@ -107,7 +111,10 @@ class PromptSource:
                 await self._running.wait()
                 self._changed.clear()  # before looking: a change from here on wakes the wait below
                 limit = admission_limit(self.version, self.staleness, self.batch_prompts) + self.freed
-                if limit > self.cursor and await self._wanted():  # one put at a time: a pause acts between
+                if limit > self.cursor and not await self._wanted():  # on demand: look again shortly
+                    await self._wait_changed(watchers, timeout_s=0.05)
+                    continue
+                if limit > self.cursor:  # one put at a time, so a pause takes effect between puts
                     self._idle.clear()
                     try:
                         await self.admit(min(limit - self.cursor, self.prompts_per_put), self.version)
@@ -121,19 +128,23 @@ class PromptSource:
             await asyncio.gather(*watchers, return_exceptions=True)
 
     async def _wanted(self) -> bool:
-        """With admit_ahead: whether the trainer has fewer than that many batches waiting. Rows it
-        has not read yet and whose every field is ready are waiting; rows in generation are not."""
+        """With admit_ahead: whether rollout is short of work (fewer than backlog_rows untaken)
+        and the trainer has fewer than admit_ahead batches waiting (rows it has not read whose
+        every field is ready)."""
         if self.admit_ahead is None:
             return True
         stats = await self.store.store_stats()
-        trainer = stats["partitions"].get(PARTITION, {}).get("consumers", {}).get(TRAINER, {})
-        return trainer.get("ready", 0) < self.admit_ahead * self.batch_prompts * self.n
+        consumers = stats["partitions"].get(PARTITION, {}).get("consumers", {})
+        queued = consumers.get(ROLLOUT, {}).get("pending", 0)  # admitted, not yet taken by a worker
+        waiting = consumers.get(TRAINER, {}).get("ready", 0)
+        batch = self.batch_prompts * self.n
+        return queued < (self.backlog_rows or batch) and waiting < self.admit_ahead * batch
 
-    async def _wait_changed(self, watchers: Sequence[asyncio.Future]) -> None:
-        """Until the version or the freed slots change; a watcher's error is raised here."""
+    async def _wait_changed(self, watchers: Sequence[asyncio.Future], timeout_s: float | None = None) -> None:
+        """Until the version or the freed slots change (or timeout_s); a watcher's error is raised here."""
         changed = asyncio.ensure_future(self._changed.wait())
         try:
-            await asyncio.wait([changed, *watchers], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([changed, *watchers], timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
         finally:
             changed.cancel()
         for task in watchers:

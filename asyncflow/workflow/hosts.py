@@ -136,6 +136,7 @@ class SourceHost(Host):
             self.task, self.kind, store, self.weights(), n=c.rollout.n, batch_prompts=c.trainer.batch_prompts,
             staleness=c.staleness, cursor=self.cursor, dynamic_sampling=c.trainer.dynamic_sampling,
             freed=self.freed, admit_ahead=c.admit_ahead if c.mode == "async" else None,
+            backlog_rows=c.rollout.num_workers * c.rollout.groups_per_call * c.rollout.n,
         )  # fmt: skip
 
     async def take_freed(self) -> int:

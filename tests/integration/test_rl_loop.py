@@ -97,6 +97,22 @@ def test_on_policy_modes_train_only_lag_zero(ray_session, tmp_path, overrides):
         assert metrics[-1]["kl_ref"] > 0
 
 
+def test_admission_on_demand_keeps_a_slow_trainer_s_queue_short(ray_session, tmp_path):
+    """admit_ahead = 1 at k = 4 with a trainer slowed to be the bottleneck: admission pauses while a
+    batch waits, so the run admits far fewer than the (steps + k + 1) batches the bound allows, and
+    still trains every sample once."""
+    steps = 12
+    config = _config(
+        tmp_path, f"trainer.steps={steps}", "task.eval_prompts=0", "staleness=4", "admit_ahead=1",
+        "trainer.simulated_step_s_per_ktoken=0.5", "trainer.checkpoint_every=0",
+    )  # fmt: skip
+    summary = train(config, display=False)
+    assert summary["steps"] == steps
+    assert summary["admitted_prompts"] <= (steps + 3) * 16 < (steps + 4 + 1) * 16, summary
+    assert set(summary["staleness_histogram"]) <= {"0", "1", "2", "3", "4"}
+    assert_exactly_once(summary)
+
+
 def test_a_killed_rollout_worker_loses_no_sample(ray_session, tmp_path):
     import ray
 
