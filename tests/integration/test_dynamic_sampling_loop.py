@@ -16,6 +16,7 @@ from asyncflow.errors import WorkerError
 from asyncflow.lifeline import sample_life
 from asyncflow.recipes.grpo import train
 from asyncflow.rundir import RunDir
+from tests.integration.test_rl_loop import store_partitions
 
 pytestmark = pytest.mark.integration
 EXAMPLE = Path(__file__).parents[2] / "examples" / "sort.yaml"
@@ -104,11 +105,6 @@ def assert_step_parts_add_up(run_dir: str) -> None:
 
 
 def test_on_redis_dropped_groups_are_counted_and_the_store_is_left_clean(ray_session, tmp_path, redis_url):
-    import asyncio
-
-    from dataplane import StoreClient
-    from dataplane.store import start_store
-
     config = _config(tmp_path, "dataplane.backend=redis", f"dataplane.redis.url={redis_url}")
     summary = train(config, display=False)
     assert summary["steps"] == STEPS
@@ -116,15 +112,7 @@ def test_on_redis_dropped_groups_are_counted_and_the_store_is_left_clean(ray_ses
     assert all(m["uniform_groups"] == 0 for m in metrics)
     assert sum(m["dropped_groups"] for m in metrics) > 0
     assert_exactly_once_with_drops(summary)
-
-    async def partitions() -> dict:
-        client = await StoreClient.connect(start_store(config.dataplane).address)
-        try:
-            return (await client.store_stats())["partitions"]
-        finally:
-            await client.close()
-
-    assert not {"samples", "dropped"} & set(asyncio.run(partitions()))
+    assert not {"samples", "dropped"} & set(store_partitions(config))
 
 
 def test_without_it_batches_do_hold_uniform_groups(ray_session, tmp_path):

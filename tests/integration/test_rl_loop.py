@@ -62,6 +62,23 @@ def assert_exactly_once(summary: dict, n: int = 8) -> list[tuple[int, int]]:
     return trained
 
 
+def store_partitions(config) -> dict:
+    """The partitions the run's store holds now, by name (their stats)."""
+    import asyncio
+
+    from dataplane import StoreClient
+    from dataplane.store import start_store
+
+    async def read() -> dict:
+        client = await StoreClient.connect(start_store(config.dataplane).address)
+        try:
+            return (await client.store_stats())["partitions"]
+        finally:
+            await client.close()
+
+    return asyncio.run(read())
+
+
 def test_example_learns_at_toy_size(ray_session, tmp_path):
     config = _config(tmp_path, "trainer.steps=150", "task.eval_prompts=256", "trainer.checkpoint_every=0")
     summary = train(config, display=False)
@@ -215,9 +232,6 @@ def test_resume_after_the_process_is_killed(tmp_path):
 def test_a_run_on_the_redis_store_cleans_up_after_itself(ray_session, tmp_path, redis_url):
     """The same loop on the durable store: exactly once, and the run's partition is gone at the end
     (its rows live on in the final checkpoint), so the next run with that store name starts clean."""
-    import asyncio
-
-    from dataplane import StoreClient
 
     config = _config(
         tmp_path,
@@ -229,17 +243,7 @@ def test_a_run_on_the_redis_store_cleans_up_after_itself(ray_session, tmp_path, 
     summary = train(config, display=False)
     assert summary["steps"] == 8
     assert_exactly_once(summary)
-
-    async def partitions() -> dict:
-        from dataplane.store import start_store
-
-        client = await StoreClient.connect(start_store(config.dataplane).address)
-        try:
-            return (await client.store_stats())["partitions"]
-        finally:
-            await client.close()
-
-    assert "samples" not in asyncio.run(partitions())
+    assert "samples" not in store_partitions(config)
 
 
 def test_ctrl_c_stops_at_a_step_with_a_checkpoint_and_says_how_to_resume(tmp_path):
