@@ -220,6 +220,23 @@ def median(values: list[Any]) -> Any:
     return statistics.median(values) if values else None
 
 
+def seed_tables(args: argparse.Namespace, tables: set[str]) -> dict[str, Any]:
+    """The PMRF and PFGM++ tables (benchmarks/flow_pmrf.py, benchmarks/flow_pfgm.py)."""
+    if not tables & {"pmrf", "pfgm"}:
+        return {}
+    from benchmarks.flow_digits import Judge
+    from benchmarks.flow_pfgm import pfgm_tables
+    from benchmarks.flow_pmrf import pmrf_table
+
+    judge = Judge(0)
+    out: dict[str, Any] = {}
+    if "pmrf" in tables:
+        out["pmrf"] = pmrf_table(args, judge, median)
+    if "pfgm" in tables:
+        out["pfgm"] = pfgm_tables(args, judge, w2, floor, median)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=10000, help="Adam steps per pre-training run")
@@ -232,13 +249,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rl-steps", type=int, default=300)
     parser.add_argument("--skip-rl", action="store_true")
     parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument(
+        "--only",
+        help="comma-separated tables to run, of quality,rl,pmrf,pfgm (default: quality,rl, less --skip-*)",
+    )
+    parser.add_argument(
+        "--digits-iters", type=int, default=3000, help="Adam steps per digits model (pmrf, pfgm)"
+    )
+    parser.add_argument("--degradations", default="noise,blur,mask", help="pmrf: of asyncflow.tasks.digits")
+    parser.add_argument(
+        "--sigma-s", type=float, default=0.1, help="pmrf: source noise std (paper: 0.025-0.1)"
+    )
+    parser.add_argument("--aug-dims", default="1,8,64,inf", help="pfgm: the D values (inf: Gaussian)")
+    parser.add_argument("--pfgm-iters-2d", type=int, default=5000, help="pfgm: Adam steps per 2-D model")
+    parser.add_argument(
+        "--sampler-noise", type=float, default=0.5, help="pfgm: velocity noise std, noisy column"
+    )
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--svg", type=Path, help="write the RL hit-rate curves here")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     payload: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}}
+    tables = (
+        set(args.only.split(","))
+        if args.only
+        else {"quality", "rl"}
+        - {t for t, skip in (("quality", args.skip_quality), ("rl", args.skip_rl)) if skip}
+    )
+    if tables - {"quality", "rl", "pmrf", "pfgm"}:
+        parser.error(f"--only: unknown tables {sorted(tables - {'quality', 'rl', 'pmrf', 'pfgm'})}")
+    payload.update(seed_tables(args, tables))
 
-    if not args.skip_quality:
+    if "quality" in tables:
         methods = args.methods.split(",")
         runs = {m: [quality(m, args.iters, s) for s in range(args.seeds)] for m in methods}
         floors = [floor(s) for s in range(args.seeds)]
@@ -255,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {m} | " + " | ".join(cells) + f" | {row['train_s']:.0f} |")
         payload["quality"] = {"median": summary, "runs": runs, "floor": floors}
 
-    if not args.skip_rl:
+    if "rl" in tables:
         import ray
 
         ks = [int(k) for k in args.staleness.split(",")]
