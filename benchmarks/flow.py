@@ -1,4 +1,4 @@
-"""Flow-matching benchmark: generation quality of the pre-training losses, and the RL curve.
+"""Flow-matching benchmark: generation quality of the pre-training losses, the RL curve, PMRF, PFGM++.
 
 1. Quality. Transport eight Gaussians (torchcfm's: radius 5, covariance sqrt(0.1) I) to
    moons (torchcfm's: sklearn moons, noise 0.2, x * 3 - 1). Each method trains the same
@@ -18,11 +18,20 @@
    mode, the policy's own sampler) of every checkpoint (every 20 steps), seconds from the
    first RL step to the first checkpoint at >= 0.95, and an SVG of the curves.
 
+3. PMRF on 8 x 8 digits (benchmarks/flow_pmrf.py): PMRF against the MMSE predictor, a flow
+   conditioned on y and a flow from y, on digits degraded by noise, blur and masks; MSE,
+   FD in a small classifier's features and its accuracy, at K = 1, 2, 5, 10, 50 steps.
+
+4. PFGM++ (benchmarks/flow_pfgm.py): W2 on moons and FD on digits against Euler steps, and
+   with a noisy sampler, for several augmented dimensions D (inf: the Gaussian).
+
     flock /tmp/asyncflow-bench.lock .venv/bin/python benchmarks/flow.py --iters 20000 --rl-seeds 3 \\
         --json docs/bench-flow.json --svg docs/bench-flow-rl.svg
     .venv/bin/python benchmarks/flow.py --iters 500 --skip-rl    # quick look
+    .venv/bin/python -m benchmarks.flow --only pmrf,pfgm --seeds 3    # tables 3 and 4 (see --help)
 
-Needs the `bench` extra (torchcfm, POT, scipy; see pyproject.toml for the light install).
+Needs the `bench` extra (torchcfm, POT, scipy, scikit-learn; see pyproject.toml for the light
+install).
 """
 
 from __future__ import annotations
