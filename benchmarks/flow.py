@@ -242,7 +242,7 @@ def seed_tables(args: argparse.Namespace, tables: set[str]) -> dict[str, Any]:
     if "pmrf" in tables:
         out["pmrf"] = pmrf_table(args, judge, median)
     if "pfgm" in tables:
-        out["pfgm"] = pfgm_tables(args, judge, w2, floor, median)
+        out["pfgm"] = pfgm_tables(args, judge if "digits" in args.pfgm_data else None, w2, median)
     return out
 
 
