@@ -271,6 +271,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--aug-dims", default="1,8,64,inf", help="pfgm: the D values (inf: Gaussian)")
     parser.add_argument("--pfgm-iters-2d", type=int, default=5000, help="pfgm: Adam steps per 2-D model")
+    parser.add_argument("--pfgm-data", default="2d,digits", help="pfgm: which tables, of 2d,digits")
+    parser.add_argument(
+        "--pfgm-points", type=int, default=2000, help="pfgm: 2-D samples per W2 (exact assignment)"
+    )
     parser.add_argument(
         "--sampler-noise", type=float, default=0.5, help="pfgm: velocity noise std, noisy column"
     )
