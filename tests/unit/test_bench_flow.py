@@ -15,8 +15,10 @@ def test_pmrf_and_pfgm_tables_run_at_toy_size(tmp_path, capsys):
     before = torch.get_num_threads()
     out = tmp_path / "flow.json"
     try:
-        main(["--only", "pmrf,pfgm", "--digits-iters", "20", "--pfgm-iters-2d", "20",
-              "--degradations", "mask", "--aug-dims", "8,inf", "--pfgm-points", "200", "--json", str(out)])  # fmt: skip
+        toy = ["--digits-iters", "20", "--pfgm-iters-2d", "20", "--pfgm-points", "200"]
+        main(
+            ["--only", "pmrf,pfgm", *toy, "--degradations", "mask", "--aug-dims", "8,inf", "--json", str(out)]
+        )
     finally:
         torch.set_num_threads(before)
     figures = json.loads(out.read_text())
