@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 
 from benchmarks.flow import main
 
 
-@pytest.mark.slow
 def test_pmrf_and_pfgm_tables_run_at_toy_size(tmp_path, capsys):
     before = torch.get_num_threads()
     out = tmp_path / "flow.json"
