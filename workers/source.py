@@ -12,7 +12,8 @@ trainer has fewer than `admit_ahead` batches waiting (rows it has not read whose
 is ready). A trainer-bound run then trains samples about admit_ahead + 1 versions old
 instead of k, at the same throughput (running further ahead only fills the queue); a
 rollout-bound run never fills the queue, so k still governs. The source reads the store's
-counts every 50 ms while it holds back.
+counts every 50 ms while it holds back (store_stats: cheap on the memory store; on Redis a
+snapshot of the partition, so a partition of many thousand live rows makes each look cost more).
 
 Dynamic sampling (trainer.dynamic_sampling): the trainer drops groups whose rewards are all
 equal and notes each in the store's DROPPED partition; the source reads those notes and admits
