@@ -156,3 +156,15 @@ def reward_model(checkpoints, tmp_path_factory):
     model.save_pretrained(path)
     AutoTokenizer.from_pretrained(checkpoints["llama"]).save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for tiny models: one thread is faster than two that wait on each other
+    (on a busy machine, much faster); the setting is restored after the test."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

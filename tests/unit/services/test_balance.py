@@ -167,15 +167,6 @@ def test_bad_input_names_the_value():
 # --- the gradient is the global-batch gradient under any plan -----------------------------------
 
 
-@pytest.fixture
-def one_thread():
-    # Tiny matmuls are fastest on one thread; restore so other modules keep their setting.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class TinyCausalLM(torch.nn.Module):
     """Embedding, a causal running mean, a linear head: each position sees only its prefix, so
     right padding changes nothing before it (as in a causal transformer)."""

@@ -25,15 +25,7 @@ from services.flow.boss import bellman_grid, jump_costs
 from services.flow.losses import fit, make_loss, ot_match
 from services.serving import Engine
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one thread is faster than two that wait on each other (and on a
-    busy machine, much faster)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _model(seed: int = 0, cond: int = 0, **kw) -> VelocityMLP:

@@ -13,13 +13,7 @@ from services.flow import VelocityMLP, euler, uniform_grid
 from services.flow.losses import fit, make_loss
 from services.flow.pfgm import pfgm_noise, pfgm_radius, pfgm_source
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.mark.parametrize(("dim", "aug_dim", "sigma"), [(2, 1, 1.0), (2, 8, 0.5), (64, 4, 2.0), (64, 64, 1.0)])

@@ -11,13 +11,7 @@ from services.flow import FlowEngine, FlowRequest, FlowSamplingParams, VelocityM
 from services.flow.pmrf import MeanMLP, PMRFPolicy, fit_mean, pmrf_source, restore, stage2_loss
 from services.flow.sampling import uniform_grid
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _pair(dim: int = 3, cond: int = 4, seed: int = 0) -> tuple[MeanMLP, VelocityMLP]:

@@ -11,13 +11,7 @@ from services.models import BOS_ID, EOS_ID, PAD_ID, build_model, build_tokenizer
 SYMBOLS = "0123456789+= "
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls are fastest on one thread; restore so other modules keep their setting.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_tokenizer_one_id_per_character_and_round_trip():

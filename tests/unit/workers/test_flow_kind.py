@@ -16,13 +16,7 @@ from workers.flow_kind import FlowKind
 from workers.samples import FLOW_SCHEMA
 from workers.trainer import TrainerWorker
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _setup(n: int = 8, **trainer):
