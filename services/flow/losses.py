@@ -124,15 +124,24 @@ def fit(
     the source samples (standard normal by default). Returns the mean loss of the last tenth
     of the steps."""
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    tail: list[float] = []
-    for step in range(steps):
+
+    def step_loss(step: int) -> Tensor:
         x_data, cond = data(step, batch_size)
         if source is None:
             x_source = torch.randn(x_data.shape, generator=generator)
         else:
             x_source = source(step, batch_size)
-        value = loss(model, x_data, x_source, cond, generator)
+        return loss(model, x_data, x_source, cond, generator)
+
+    return adam(model, step_loss, steps=steps, lr=lr)
+
+
+def adam(model: torch.nn.Module, step_loss: Callable[[int], Tensor], *, steps: int, lr: float) -> float:
+    """`steps` Adam steps on `step_loss(step)`; the mean loss of the last tenth of the steps."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    tail: list[float] = []
+    for step in range(steps):
+        value = step_loss(step)
         optimizer.zero_grad(set_to_none=True)
         value.backward()
         optimizer.step()

@@ -30,12 +30,12 @@ Knows nothing about engines, rewards, the data store or the degradations.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
+from services.flow.losses import adam
 from services.flow.model import BLOCK, VelocityMLP
 from services.flow.sampling import euler
 
@@ -78,17 +78,12 @@ def fit_mean(
 ) -> float:  # fmt: skip
     """Stage 1: Adam on E |x - f(y)|^2 (per-dimension mean); `pairs(step, batch_size)` gives
     (x, y). Returns the mean loss of the last tenth of the steps."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    tail: list[float] = []
-    for step in range(steps):
+
+    def step_loss(step: int) -> Tensor:
         x, y = pairs(step, batch_size)
-        loss = (model(y) - x).square().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step >= steps - max(1, steps // 10):
-            tail.append(loss.item())
-    return sum(tail) / len(tail) if tail else math.nan
+        return (model(y) - x).square().mean()
+
+    return adam(model, step_loss, steps=steps, lr=lr)
 
 
 @torch.no_grad()
