@@ -15,6 +15,7 @@ import json
 import statistics
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import ray
@@ -68,17 +69,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args()
     names = args.algorithms.split(",")
-    unknown = [n for n in names if n not in ALGORITHMS]
-    if unknown:
-        parser.error(f"unknown algorithm(s) {unknown}; expected some of {list(ALGORITHMS)}")
-    example = load_config(ROOT / "examples" / "sort.yaml", [])
-    ray.init(num_cpus=max(2, round(cpus_needed(example) + 0.5)), include_dashboard=False, log_to_driver=False)
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in names:
-            for seed in (int(s) for s in args.seeds.split(",")):
-                rows.append(run(name, seed, args.steps, Path(tmp)))
-                print(json.dumps(rows[-1]), flush=True)
+    rows = sweep(parser, run, names, ALGORITHMS, args.seeds, args.steps, args.json)
     print(
         f"\n| algorithm | eval before (per seed) | eval after {args.steps} steps (per seed) | median gain "
         "| prompts admitted | groups dropped | uniform groups trained | seconds |"
@@ -92,8 +83,29 @@ def main() -> None:
         costs = ("admitted_prompts", "dropped_groups", "uniform_groups_trained", "seconds")
         per_seed = " | ".join(" / ".join(str(r[k]) for r in mine) for k in costs)
         print(f"| {name} | {before} | {after} | {gain:+.3f} | {per_seed} |")
-    if args.json:
-        args.json.write_text(json.dumps({"steps": args.steps, "runs": rows}, indent=1) + "\n")
+
+
+def sweep(
+    parser: argparse.ArgumentParser, run: Callable[[str, int, int, Path], dict], names: list[str],
+    known: dict, seeds: str, steps: int, out: Path | None,
+) -> list[dict]:  # fmt: skip
+    """`run(name, seed, steps, dir)` for every seed, then every name, on one Ray instance sized for
+    the sort example; each row is printed, and written to `out` as it lands (a run cut short
+    keeps what finished)."""
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        parser.error(f"unknown name(s) {unknown}; expected some of {list(known)}")
+    example = load_config(ROOT / "examples" / "sort.yaml", [])
+    ray.init(num_cpus=max(2, round(cpus_needed(example) + 0.5)), include_dashboard=False, log_to_driver=False)
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in (int(s) for s in seeds.split(",")):
+            for name in names:
+                rows.append(run(name, seed, steps, Path(tmp)))
+                print(json.dumps(rows[-1]), flush=True)
+                if out:
+                    out.write_text(json.dumps({"steps": steps, "runs": rows}, indent=1) + "\n")
+    return rows
 
 
 if __name__ == "__main__":

@@ -17,17 +17,14 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 from pathlib import Path
-
-import ray
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from asyncflow.config import load_config  # noqa: E402
 from asyncflow.recipes.grpo import train  # noqa: E402
-from asyncflow.workflow import cpus_needed  # noqa: E402
+from benchmarks.algorithms import sweep  # noqa: E402
 
 ICEPOP = ["trainer.is_mask=[0.5,5]"]
 RUNS: dict[str, list[str]] = {
@@ -96,20 +93,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args()
-    names = args.runs.split(",")
-    unknown = [n for n in names if n not in RUNS]
-    if unknown:
-        parser.error(f"unknown run(s) {unknown}; expected some of {list(RUNS)}")
-    example = load_config(ROOT / "examples" / "sort.yaml", [])
-    ray.init(num_cpus=max(2, round(cpus_needed(example) + 0.5)), include_dashboard=False, log_to_driver=False)
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for seed in (int(s) for s in args.seeds.split(",")):
-            for name in names:
-                rows.append(run(name, seed, args.steps, Path(tmp)))
-                print(json.dumps(rows[-1]), flush=True)
-                if args.json:  # what has finished, in case a later run is cut short
-                    args.json.write_text(json.dumps({"steps": args.steps, "runs": rows}, indent=1) + "\n")
+    rows = sweep(parser, run, args.runs.split(","), RUNS, args.seeds, args.steps, args.json)
     print("\n" + table(rows, args.steps))
 
 
