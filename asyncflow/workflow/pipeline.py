@@ -361,7 +361,6 @@ class Pipeline:
 
     async def resume_admission(self) -> None:
         self.paused = False
-        self.round_version = 0  # sync mode: the trainer version of the round being generated
         await self._ask(self.source.resume.remote())
 
     async def set_staleness(self, k: int) -> None:
