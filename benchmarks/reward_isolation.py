@@ -2,9 +2,11 @@
 
 The reward stage of the tiny example (examples/sort.yaml: `asyncflow.tasks.sorting:reward`, a
 string comparison) scored through RewardWorker as a run scores it: a batch of `--batch` samples
-at a time, every call of the batch in flight together. The function itself takes microseconds,
-so the figures are the isolation's own overhead per sample: a thread pool hop (thread) against a
-msgpack round trip over a socket pair to a reward process (process, 1..N processes). Also timed:
+at a time: in threads every call of the batch in flight together, in processes one message per
+process carrying its share of the batch and one reply per call. The function itself takes
+microseconds, so the figures are the isolation's own overhead per sample: a thread pool hop
+(thread) against its share of a msgpack round trip over a socket pair to a reward process
+(process, 1..N processes). Also timed:
 starting the processes (each loads the function), and replacing one killed past its deadline.
 
 With `--e2e STEPS` it also trains the example for STEPS steps with each isolation, in turns
@@ -51,9 +53,9 @@ async def score_all(worker: RewardWorker, rows: list, batch: int) -> tuple[float
     start = time.perf_counter()
     for i in range(0, len(rows), batch):
         t = time.perf_counter()
-        scored = await asyncio.gather(*(worker._score(*row) for row in rows[i : i + batch]))
+        outcomes = await worker._calls([(list(row), "") for row in rows[i : i + batch]])
         times.append(time.perf_counter() - t)
-        assert all(error == "" for _, error, _ in scored)
+        assert all(error == "" for _, error in outcomes)
     return 1e6 * (time.perf_counter() - start) / len(rows), 1000 * statistics.median(times)
 
 

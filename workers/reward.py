@@ -97,24 +97,39 @@ class RewardWorker:
 
     async def _call(self, *args: Any, info: Any = "") -> tuple[Any, str]:
         """(what the reward function returned, "") or (None, why it failed)."""
-        try:
-            if self.processes is not None:
-                try:
-                    return await self.processes.call(list(args), info, self.timeout_s), ""
-                finally:
-                    self.stats["restarts"] = self.processes.restarts
-            return await self._in_thread(args, info), ""
-        except TimeoutError:
+        return (await self._calls([(list(args), info)]))[0]
+
+    async def _calls(self, calls: list[tuple[list, Any]]) -> list[tuple[Any, str]]:
+        """`_call` for many calls at once: in reward processes, one batch per process (one message
+        each way per call would cost more than a cheap function); in threads, all in flight."""
+        if self.processes is None:
+            results = await asyncio.gather(*(self._in_thread(args, info) for args, info in calls),
+                                           return_exceptions=True)  # fmt: skip
+        else:
+            size = -(-len(calls) // self.processes.size)  # contiguous chunks, one per process
+            try:
+                chunks = await asyncio.gather(
+                    *(self.processes.call_many(calls[i : i + size], self.timeout_s)
+                      for i in range(0, len(calls), size))
+                )  # fmt: skip
+            finally:
+                self.stats["restarts"] = self.processes.restarts
+            results = [result for chunk in chunks for result in chunk]
+        return [self._outcome(result) for result in results]
+
+    def _outcome(self, result: Any) -> tuple[Any, str]:
+        if isinstance(result, WorkerError):  # the reward processes cannot start: the run stops
+            raise result
+        if isinstance(result, TimeoutError):
             self.stats["timeouts"] += 1
             return None, f"timed out after {self.timeout_s:g} s"
-        except RewardFailed as e:
-            return None, str(e)
-        except WorkerError:  # the reward processes cannot start: the run stops with the cause
-            raise
-        except Exception as e:  # the user's reward function failed: record it, keep the run going
-            return None, f"{type(e).__name__}: {e}"[:500]
+        if isinstance(result, RewardFailed):
+            return None, str(result)
+        if isinstance(result, Exception):  # the user's reward function failed: record it, go on
+            return None, f"{type(result).__name__}: {result}"[:500]
+        return result, ""
 
-    async def _in_thread(self, args: tuple, info: Any) -> Any:
+    async def _in_thread(self, args: list, info: Any) -> Any:
         loop = asyncio.get_running_loop()
         fn = with_info(self.reward_fn, info) if self.takes_info else self.reward_fn
         call = loop.run_in_executor(self._pool, fn, *args)
@@ -136,16 +151,13 @@ class RewardWorker:
     async def _score(self, *args: Any, info: str = "") -> Scored:
         return self._scored(*await self._call(*args, info=info))
 
-    async def _score_group(self, rows: list[tuple], info: list[str]) -> list[Scored]:
-        """One call for a group: lists of prompts, responses and answers in, one result per row out."""
-        values, error = await self._call(*(list(column) for column in zip(*rows)), info=info)
-        if not error and not (isinstance(values, (list, tuple)) and len(values) == len(rows)):
-            error = f"a per-group reward function must return a list of {len(rows)} rewards, got {values!r}"[
-                :500
-            ]
+    def _group_scored(self, size: int, value: Any, error: str) -> list[Scored]:
+        """A per-group call's result as one Scored per row."""
+        if not error and not (isinstance(value, (list, tuple)) and len(value) == size):
+            error = f"a per-group reward function must return a list of {size} rewards, got {value!r}"[:500]
         if error:
-            return [self._scored(None, error) for _ in rows]
-        return [self._scored(v, "") for v in values]
+            return [self._scored(None, error) for _ in range(size)]
+        return [self._scored(v, "") for v in value]
 
     async def step(self, max_rows: int | None = None) -> int:
         """Score up to `max_rows` ready rows (sync mode); returns how many (0: the stream ended)."""
@@ -166,23 +178,24 @@ class RewardWorker:
         """Score a batch and write its reward fields (the caller acks it)."""
         start = time.perf_counter()
         rows = [self.kind.reward_args(*row) for row in zip(*(batch[f] for f in self.fields[:3]))]
-        if self.per_group:  # the batch holds whole groups: one call per prompt
+        infos = batch["info"]
+        if self.per_group:  # the batch holds whole groups: one call per prompt, lists in, a list out
             groups: dict[int, list[int]] = {}
             for i, prompt_index in enumerate(batch["prompt_index"]):
                 groups.setdefault(int(prompt_index), []).append(i)
-            results = await asyncio.gather(
-                *(
-                    self._score_group([rows[i] for i in g], [batch["info"][i] for i in g])
-                    for g in groups.values()
-                )
-            )
+            calls = [
+                ([list(c) for c in zip(*(rows[i] for i in g))], [infos[i] for i in g])
+                for g in groups.values()
+            ]
             by_row: dict[int, Scored] = {}
-            for members, group_scored in zip(groups.values(), results):
-                by_row.update(zip(members, group_scored))
+            for members, outcome in zip(groups.values(), await self._calls(calls)):
+                by_row.update(zip(members, self._group_scored(len(members), *outcome)))
             scored = [by_row[i] for i in range(len(rows))]
         else:
-            infos = batch["info"]
-            scored = list(await asyncio.gather(*(self._score(*row, info=i) for row, i in zip(rows, infos))))
+            scored = [
+                self._scored(*outcome)
+                for outcome in await self._calls([(list(r), i) for r, i in zip(rows, infos)])
+            ]
         if self.overlong is not None:
             max_tokens, buffer, penalty = self.overlong
             for i, response in enumerate(batch[self.kind.response_field]):

@@ -4,10 +4,14 @@ calls over its pipe until the pipe closes. It knows nothing of the store, the ru
 Every message is msgpack (dataplane.codec: numpy arrays as raw buffers), sent with
 Connection.send_bytes, never pickle. The first message is the setup:
 `{"spec", "options", "sys_path", "memory_limit_mb"}`; the process answers `{"ready": pid}` once the
-function is loaded, or `{"error": text}` and exits. Then each call `{"args": [...], "info": ...}`
-gets `{"value": result}` or `{"error": text}`. Its address space is capped at what it holds once
-loaded plus `memory_limit_mb` (RLIMIT_AS): a call that allocates past that fails with
-MemoryError, that sample alone. A hung call is not this process's concern: the pool kills it.
+function is loaded, or `{"error": text}` and exits. Then each message is a batch of calls,
+`{"calls": [{"args": [...], "info": ...}, ...]}`, and each call gets its own reply in order, sent
+as soon as it is done: `{"value": result}` or `{"error": text}`. One message per batch instead of
+one per call is what makes a process cheap for a function that takes microseconds; a reply per
+call keeps each call's deadline its own (the pool times the gap between replies). Its address
+space is capped at what it holds once loaded plus `memory_limit_mb` (RLIMIT_AS): a call that
+allocates past that fails with MemoryError, that sample alone. A hung call is not this
+process's concern: the pool kills it.
 
 Started as `python -c "from workers.reward_child import main; main(FD)"`, FD a socket of the pair.
 """
@@ -97,13 +101,14 @@ def serve(conn: Connection, setup: dict) -> None:
     conn.send_bytes(pack({"ready": os.getpid()}))
     while True:
         try:
-            call = unpack(conn.recv_bytes())
+            calls = unpack(conn.recv_bytes())["calls"]
         except EOFError:  # the pool closed the pipe: its worker is done
             return
-        reply, out_of_memory = answer(reward_fn, info_too, call)
-        conn.send_bytes(reply)
-        if out_of_memory:  # start afresh: a failed allocation may have left the heap torn
-            sys.exit(OUT_OF_MEMORY_EXIT)
+        for call in calls:
+            reply, out_of_memory = answer(reward_fn, info_too, call)
+            conn.send_bytes(reply)
+            if out_of_memory:  # start afresh: a failed allocation may have left the heap torn
+                sys.exit(OUT_OF_MEMORY_EXIT)
 
 
 def die_with_parent() -> None:

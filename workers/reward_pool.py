@@ -95,36 +95,71 @@ class RewardProcesses:
     async def call(self, args: list, info: Any, timeout_s: float) -> Any:
         """The function's value on `args` (and the record's `info`, if it takes it). Raises
         TimeoutError past `timeout_s` (its process killed), RewardFailed if the call failed."""
+        (result,) = await self.call_many([(args, info)], timeout_s)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    async def call_many(self, calls: list[tuple[list, Any]], timeout_s: float) -> list[Any]:
+        """Each call's value, or the TimeoutError / RewardFailed it failed with, in order. The calls
+        go to one process as one message and come back one reply each, and each has `timeout_s` from
+        the reply before it. A call that hangs, runs out of memory or kills its process fails alone:
+        the process is replaced and the calls after it go on in another."""
+        results: list[Any] = []
+        while len(results) < len(calls):
+            pending = calls[len(results) :]
+            try:
+                message = pack({"calls": [{"args": args, "info": info} for args, info in pending]})
+            except CodecError as e:  # a value the wire cannot carry: find it, one call at a time
+                if len(pending) > 1:
+                    for one in pending:
+                        results += await self.call_many([one], timeout_s)
+                    break
+                results.append(RewardFailed(f"the reward's arguments cannot be sent to its process: {e}"))
+                continue
+            process = await self._take()
+            healthy = False
+            try:
+                healthy = await self._replies(process, message, len(pending), timeout_s, results)
+            finally:
+                if healthy:
+                    self._idle.put_nowait(process)  # type: ignore[union-attr]
+                else:  # killed past its deadline, cancelled mid-call, dead or out of memory: a fresh one
+                    self._replace(process)
+        return results
+
+    async def _take(self) -> _Process:
+        """An idle process (waiting for one); WorkerError once none can be started again."""
         await self.start()
         assert self._idle is not None
         process = await self._idle.get()
         if process is None:  # no process could be started again: the run cannot score
             self._idle.put_nowait(None)
             raise WorkerError(str(self._broken))
-        try:
-            message = pack({"args": args, "info": info})
-        except CodecError as e:  # a value the wire cannot carry
-            self._idle.put_nowait(process)
-            raise RewardFailed(f"the reward's arguments cannot be sent to its process: {e}") from None
-        healthy = False
+        return process
+
+    async def _replies(self, process: _Process, message: bytes, n: int, timeout_s: float, out: list) -> bool:
+        """Send `message` (n calls) and append each call's result to `out` as its reply arrives;
+        whether the process is still fit to serve (False: it hung, died or ran out of memory,
+        after which the calls not answered are not in `out`)."""
         try:
             process.conn.send_bytes(message)
-            if not await readable(process.conn, timeout_s):
-                raise TimeoutError(f"timed out after {timeout_s:g} s")
-            reply = unpack(process.conn.recv_bytes())
-            healthy = not str(reply.get("error", "")).startswith("MemoryError")  # it exits after one
-        except TimeoutError:  # (an OSError too): its process is killed below
-            raise
+            for _ in range(n):
+                # the event loop only when no reply is waiting: a fast function's replies are read in a run
+                if not process.conn.poll(0) and not await readable(process.conn, timeout_s):
+                    out.append(TimeoutError(f"timed out after {timeout_s:g} s"))
+                    return False
+                reply = unpack(process.conn.recv_bytes())
+                if "error" not in reply:
+                    out.append(reply["value"])
+                    continue
+                out.append(RewardFailed(reply["error"]))
+                if str(reply["error"]).startswith("MemoryError"):  # it exits after one
+                    return False
         except (EOFError, OSError):
-            raise RewardFailed(f"the reward process died ({self._end(process)})") from None
-        finally:
-            if healthy:
-                self._idle.put_nowait(process)
-            else:  # killed past its deadline, cancelled mid-call, dead or out of memory: a fresh one
-                self._replace(process)
-        if "error" in reply:
-            raise RewardFailed(reply["error"])
-        return reply["value"]
+            out.append(RewardFailed(f"the reward process died ({self._end(process)})"))
+            return False
+        return True
 
     async def _spawn(self) -> _Process:
         ours, theirs = socket.socketpair()

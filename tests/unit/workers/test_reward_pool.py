@@ -33,6 +33,36 @@ async def test_a_hung_call_is_killed_within_its_deadline_and_the_next_call_runs(
     assert await pool.call(["p", "2", "1"], "", 10.0) == 0.0  # a fresh process answers
 
 
+async def test_a_batch_goes_as_one_message_and_a_hung_call_in_it_fails_alone(pool):
+    """call_many: every call answered in order; the hung one is killed at its own deadline and the
+    calls after it run in a fresh process."""
+    await pool.start()
+    first = next(iter(pool._live)).proc.pid
+    start = time.perf_counter()
+    results = await pool.call_many([(["p", r, "1"], "") for r in ("1", "0", "hang", "1", "2")], 0.5)
+    assert time.perf_counter() - start < 0.5 + 1.0
+    assert results[:2] == [1.0, 0.0] and results[3:] == [1.0, 0.0]
+    assert isinstance(results[2], TimeoutError) and pool.restarts == 1
+    assert next(iter(pool._live)).proc.pid != first
+
+
+async def test_a_batch_with_an_allocation_past_the_limit_or_a_value_the_wire_cannot_carry():
+    pool = RewardProcesses("pool_rewards:allocates", processes=1, memory_limit_mb=64)
+    try:
+        results = await pool.call_many(
+            [(["p", "8", ""], ""), (["p", "512", ""], ""), (["p", "8", ""], "")], 10.0
+        )
+        assert results[0] == 1.0 and results[2] == 1.0
+        assert isinstance(results[1], RewardFailed) and "MemoryError" in str(results[1])
+        results = await pool.call_many(
+            [(["p", "8", ""], ""), (["p", object(), ""], ""), (["p", "8", ""], "")], 10.0
+        )
+        assert results[0] == 1.0 and results[2] == 1.0
+        assert isinstance(results[1], RewardFailed) and "cannot be sent" in str(results[1])
+    finally:
+        pool.close()
+
+
 async def test_a_call_past_the_memory_limit_fails_that_call_only():
     pool = RewardProcesses("pool_rewards:allocates", processes=1, memory_limit_mb=64)
     try:
