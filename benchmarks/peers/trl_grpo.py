@@ -61,6 +61,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from asyncflow.config import AsyncFlowConfig, parse_config  # noqa: E402
+from benchmarks.steps import breakdown, breakdown_table  # noqa: E402
 
 EXAMPLE = ROOT / "examples" / "sort.yaml"
 LONG_LISTS = {
@@ -261,7 +262,7 @@ def train_asyncflow(config: AsyncFlowConfig) -> dict[str, Any]:
         "loop_s": metrics[-1]["elapsed_s"], "steps": config.trainer.steps,
         "samples": sum(m["samples"] for m in metrics), "reward_last_10pct": summary["reward_last_10pct"],
         "own_eval_before": summary["eval_reward_before"], "own_eval_after": summary["eval_reward_after"],
-        "curve": curve,
+        "curve": curve, "breakdown": breakdown(run_dir, len(metrics)) if config.trace.enabled else {},
     }  # fmt: skip
 
 
@@ -313,6 +314,10 @@ def summarise(runs: dict[str, list[dict]], before: float) -> dict[str, dict]:
             "equal_time_step": statistics.median(p["step"] for p in equal),
             "equal_time_eval": statistics.median(evals_t),
         }
+        if per[0].get("breakdown"):
+            out[system]["breakdown"] = {
+                k: statistics.median(r["breakdown"].get(k, 0.0) for r in per) for k in per[0]["breakdown"]
+            }
     return out
 
 
@@ -387,6 +392,8 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
             ray.shutdown()
     results = summarise(runs, before)
     print(table(results, before, args.steps))
+    print("\nWhere an AsyncFlow step goes (from trace.json; the trainer's parts add up to its step):\n")
+    print(breakdown_table({"": results}))
     payload = {"args": vars(args) | {"json": None}, "eval_before": before, "results": results, "runs": runs}
     if args.json:
         args.json.write_text(json.dumps(payload, indent=2, default=str))
