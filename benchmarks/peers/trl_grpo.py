@@ -61,7 +61,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from asyncflow.config import AsyncFlowConfig, parse_config  # noqa: E402
-from benchmarks.steps import breakdown, breakdown_table  # noqa: E402
+from benchmarks.steps import CpuMeter, breakdown, breakdown_table, cpu_table, cpu_window  # noqa: E402
 
 EXAMPLE = ROOT / "examples" / "sort.yaml"
 LONG_LISTS = {
@@ -200,12 +200,14 @@ def train_trl(config: AsyncFlowConfig, steps: int, threads: int, snapshot_every:
         """Loop time from the first step's start, without the time spent snapshotting."""
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            self.start, self.paused = time.perf_counter(), 0.0
+            self.start, self.paused, self.cpu = time.perf_counter(), 0.0, []
             self.threads = torch.get_num_threads()  # as TRL and accelerate left them
 
         def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
             now = time.perf_counter()
             self.elapsed = now - self.start - self.paused
+            if state.global_step in cpu_window(steps):  # TRL is this one process
+                self.cpu.append(time.process_time())
             if state.global_step % snapshot_every == 0 or state.global_step == steps:
                 weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 snapshots.append({"step": state.global_step, "elapsed_s": self.elapsed, "weights": weights})
@@ -223,6 +225,8 @@ def train_trl(config: AsyncFlowConfig, steps: int, threads: int, snapshot_every:
     logs = [h for h in trainer.state.log_history if "completions/mean_length" in h]
     samples = steps * config.trainer.batch_prompts * config.rollout.n
     tokens = sum(h["completions/mean_length"] for h in logs) * config.trainer.batch_prompts * config.rollout.n
+    first, last = cpu_window(steps)
+    cpu = 1000 * (clock.cpu[1] - clock.cpu[0]) / (last - first) if len(clock.cpu) == 2 else 0.0
     model = trainer.model
     curve = []
     for snap in snapshots:
@@ -231,6 +235,7 @@ def train_trl(config: AsyncFlowConfig, steps: int, threads: int, snapshot_every:
     return {
         "samples_per_s": samples / clock.elapsed, "tokens_per_s": tokens / clock.elapsed,
         "loop_s": clock.elapsed, "steps": steps, "samples": samples, "torch_threads": clock.threads,
+        "cpu_ms_per_step": {"driver": cpu, "total": cpu} if cpu else {},
         "reward_last_10pct": statistics.mean(h["reward"] for h in logs[-max(1, len(logs) // 10):]),
         "curve": curve,
     }  # fmt: skip
@@ -241,7 +246,9 @@ def train_asyncflow(config: AsyncFlowConfig) -> dict[str, Any]:
     from asyncflow.export import export
     from asyncflow.recipes.grpo import train
 
-    summary = train(config, display=False)
+    first, last = cpu_window(config.trainer.steps)
+    with CpuMeter(f"{config.run_name}-[0-9]*/metrics.jsonl", Path(config.output_dir), first, last) as cpu:
+        summary = train(config, display=False)
     run_dir = Path(summary["run_dir"])
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     elapsed = {m["step"]: m["elapsed_s"] for m in metrics}
@@ -263,6 +270,7 @@ def train_asyncflow(config: AsyncFlowConfig) -> dict[str, Any]:
         "samples": sum(m["samples"] for m in metrics), "reward_last_10pct": summary["reward_last_10pct"],
         "own_eval_before": summary["eval_reward_before"], "own_eval_after": summary["eval_reward_after"],
         "curve": curve, "breakdown": breakdown(run_dir, len(metrics)) if config.trace.enabled else {},
+        "cpu_ms_per_step": cpu.per_step(),
     }  # fmt: skip
 
 
@@ -314,6 +322,11 @@ def summarise(runs: dict[str, list[dict]], before: float) -> dict[str, dict]:
             "equal_time_step": statistics.median(p["step"] for p in equal),
             "equal_time_eval": statistics.median(evals_t),
         }
+        cpu = [r["cpu_ms_per_step"] for r in per if r.get("cpu_ms_per_step")]
+        if cpu:
+            out[system]["cpu_ms_per_step"] = {
+                k: statistics.median(c.get(k, 0.0) for c in cpu) for k in cpu[0]
+            }
         if per[0].get("breakdown"):
             out[system]["breakdown"] = {
                 k: statistics.median(r["breakdown"].get(k, 0.0) for r in per) for k in per[0]["breakdown"]
@@ -394,6 +407,8 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     print(table(results, before, args.steps))
     print("\nWhere an AsyncFlow step goes (from trace.json; the trainer's parts add up to its step):\n")
     print(breakdown_table({"": results}))
+    print("\nCPU per step, every process of each system (load-proof, unlike wall time):\n")
+    print(cpu_table(results))
     payload = {"args": vars(args) | {"json": None}, "eval_before": before, "results": results, "runs": runs}
     if args.json:
         args.json.write_text(json.dumps(payload, indent=2, default=str))
