@@ -43,6 +43,7 @@ from asyncflow.config import TrainerConfig, WarmupConfig
 from asyncflow.tracing import tracer
 from asyncflow.versioning import min_usable_version, staleness_histogram
 from services.parallelism.balance import CostModel, imbalance, plan
+from workers.critic import Critic, value_model
 from workers.policy import enable_gradient_checkpointing
 from workers.ranks import Ranks, aliases, is_sharded
 from workers.samples import PARTITION, TRAINER
@@ -110,6 +111,7 @@ class TrainerWorker:
         self.publish_bytes = 0  # of the last publication
         self.fields = [*kind.trainer_reads(reference), "reward_parts"]
         self.screened: Screened | None = None  # the last step's groups, under dynamic sampling
+        self.critic: Critic | None = None  # PPO's value model (estimator gae), made with the optimizer
 
     def _optimize(self) -> None:
         self.params = trainable_parameters(self.model)  # what the optimizer holds and clips
@@ -124,6 +126,9 @@ class TrainerWorker:
             self.net = self.ranks.wrap(self.net, self.model)
             self.wrapped = True
             self._optimize()
+        if self.config.critic is not None and self.critic is None:  # from the warm-started policy
+            fresh = self.kind.model(torch.initial_seed() + 1) if self.config.critic.init == "random" else None
+            self.critic = Critic(value_model(self.model, self.config.critic.init, fresh), self.config)
 
     def warmup(self, task: Any, config: WarmupConfig) -> dict:
         """The kind's warm-start of the policy (supervised answers, or flow-matching pre-training);
@@ -231,12 +236,17 @@ class TrainerWorker:
         )
         rows = self.kind.rows(data, order, self.reference)
         rewards = torch.tensor([r.reward for r in rows]).view(-1, self.n)  # (G, n)
-        advantages = group_advantages(rewards, self.config.estimator).view(-1)  # (B,)
         max_tokens = max(len(r.behavior) for r in rows)  # Dr.GRPO's constant divisor
         groups = torch.arange(len(rows)).view(-1, self.n)  # (G, n) row positions
         minibatches = [g.reshape(-1).tolist() for g in groups.chunk(self.config.minibatches)]
         # per minibatch, this rank's micro-batches (positions in it) and how many passes every rank makes
         plans = [self._plan([rows[p] for p in positions]) for positions in minibatches]
+        critic_stats: dict[str, float] = {}
+        if self.critic is None:
+            advantages = group_advantages(rewards, self.config.estimator).view(-1)  # type: ignore[arg-type]
+        else:  # (B, 3, T): per token advantage, return and value, from the critic before this batch
+            micros = self.kind.micro_batches(rows, self.config.micro_batch_tokens)
+            advantages, critic_stats = self.critic.targets(rows, micros, self.config.kl_coef)
         proximal = None
         if len(minibatches) > 1:  # the policy before this batch's first update (decoupled PPO)
             with tracer.span("proximal_logprobs", samples=len(rows)):
@@ -249,6 +259,7 @@ class TrainerWorker:
                                  micros, passes)  # fmt: skip
         if self.ranks.many:
             stats.update(self._balance_metrics())
+        stats.update(critic_stats)
         self.version += 1
         return {
             "version": self.version,
@@ -306,6 +317,8 @@ class TrainerWorker:
         total = sum(len(r.behavior) if per_token else bool(r.behavior) for r in rows)
         assert self.optimizer is not None
         self.optimizer.zero_grad(set_to_none=True)
+        if self.critic is not None:
+            self.critic.zero_grad()
         stats: dict[str, float] = {}
         for k in range(passes):
             real = k < len(micros)
@@ -334,6 +347,8 @@ class TrainerWorker:
         with tracer.span("optimizer"):
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm)
             self.optimizer.step()
+            if self.critic is not None:
+                stats.update(self.critic.step())
         stats = self.ranks.reduce_stats(stats)
         norm = grad_norm.full_tensor() if is_sharded(grad_norm) else grad_norm  # type: ignore[attr-defined]
         stats["grad_norm"] = norm.item()
@@ -347,7 +362,13 @@ class TrainerWorker:
         behavior = on_grid([r.behavior for r in batch], mask)
         prox = logprobs.detach() if proximal is None else on_grid([proximal[i].tolist() for i in micro], mask)
         ref = on_grid([r.ref or [] for r in batch], mask) if self.reference else None
-        loss, part = self._loss(logprobs, behavior, advantages[micro], mask, prox, ref, max_tokens)
+        adv, value_loss, figures = advantages[micro], None, dict[str, float]()
+        if self.critic is not None:  # GAE: the KL to the reference is in the rewards, not the loss
+            adv, value_loss, figures = self.critic.loss(batch, adv, max_tokens)
+            ref = None
+        loss, part = self._loss(logprobs, behavior, adv, mask, prox, ref, max_tokens)
+        if value_loss is not None:  # the critic's parameters are its own: one backward trains both
+            loss, part = loss + value_loss, {**part, **figures, "policy_loss": loss.item()}
         # 0 exactly when rollout and trainer agree bit for bit (lag 0, a flow policy): any grid,
         # sigma, dtype or conditioning mismatch shows here first.
         part["logprob_diff_max"] = (logprobs.detach() - behavior)[mask].abs().max().item()
@@ -404,6 +425,8 @@ class TrainerWorker:
             optimizer = {"optimizer": get_optimizer_state_dict(self.model, self.optimizer)}
             with self.ranks.single_process_io():
                 dcp.save(optimizer, checkpoint_id=f"{path}/optimizer", no_dist=not self.ranks.many)
+            if self.critic is not None:
+                self.critic.save(path)
             if self.ranks.rank == 0:
                 state = {"version": self.version, "trainable": self._trainable(), "ranks": self.ranks.size}
                 Path(path, "trainer.json").write_text(json.dumps(state))
@@ -434,6 +457,8 @@ class TrainerWorker:
             with self.ranks.single_process_io():
                 dcp.load(optimizer, checkpoint_id=f"{path}/optimizer", no_dist=not self.ranks.many)
             set_optimizer_state_dict(self.model, self.optimizer, optimizer["optimizer"])
+        if self.critic is not None:
+            self.critic.load(path)
         self.version = state["version"]
         return self.version
 

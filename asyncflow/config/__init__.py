@@ -18,6 +18,7 @@ from asyncflow.config.deploy import DeployConfig
 from asyncflow.config.flow import FlowConfig
 from asyncflow.config.observe import LoggingConfig
 from asyncflow.config.rl import (
+    CriticConfig,
     Lora,
     LoraConfig,
     ModelConfig,
@@ -39,6 +40,7 @@ from dataplane.config import DataPlaneConfig
 
 __all__ = [
     "AsyncFlowConfig",
+    "CriticConfig",
     "DataPlaneConfig",
     "DeployConfig",
     "FlowConfig",
@@ -192,6 +194,11 @@ class AsyncFlowConfig(Section):
                 f"dataplane.capacity_rows = {self.dataplane.capacity_rows} cannot hold one training batch "
                 f"(trainer.batch_prompts x rollout.n = {batch_rows} rows); raise it to at least "
                 f"{(self.staleness + 1) * batch_rows} so rollout can run k = {self.staleness} steps ahead"
+            )
+        if self.policy == "flow" and self.trainer.estimator == "gae":
+            raise ValueError(
+                "trainer.estimator = 'gae' needs a value model of the policy's transformer; a flow "
+                "policy has none; use a group estimator (grpo, drgrpo, rloo, reinforce++)"
             )
         if self.policy == "flow" and isinstance(self.trainer.trainable, Lora):
             raise ValueError(
