@@ -88,8 +88,11 @@ async def test_the_critic_resumes_from_a_checkpoint(tok, tmp_path):
     after, again = trainer.train_on(data), resumed.train_on(data)  # optimizer state restored too
     for key in ("value_loss", "loss", "explained_variance", "grad_norm", "value_grad_norm"):
         assert again[key] == pytest.approx(after[key], rel=1e-5, abs=1e-7), key
-    plain = TrainerWorker(build_model(len(tok), seed=1), None, None, TrainerConfig(batch_prompts=2),
-                          TokenKind(tok, ModelConfig(), RolloutConfig()), n=N, staleness=0, reference=False)  # fmt: skip
+    kind = TokenKind(tok, ModelConfig(), RolloutConfig())
+    plain = TrainerWorker(
+        build_model(len(tok), seed=1), None, None, TrainerConfig(batch_prompts=2), kind, n=N, staleness=0,
+        reference=False,
+    )  # fmt: skip
     plain.save(str(tmp_path / "grpo"))
     with pytest.raises(ValueError, match="holds no critic"):
         _trainer(tok).load(str(tmp_path / "grpo"))
