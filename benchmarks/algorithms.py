@@ -43,6 +43,7 @@ ALGORITHMS: dict[str, list[str]] = {
     "cispo": ["trainer.objective=cispo", "trainer.clip_eps=0.9", "trainer.clip_eps_high=0.28"],
     "dynamic-sampling": ["trainer.dynamic_sampling=true"],
     "dapo": ["trainer.clip_eps_high=0.28", "trainer.loss_agg=token-mean", "trainer.dynamic_sampling=true"],
+    "ppo": ["trainer.estimator=gae", "trainer.critic={lr: 2.0e-3}"],  # GAE from a learned critic
 }
 
 
