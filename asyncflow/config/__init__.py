@@ -187,18 +187,13 @@ class AsyncFlowConfig(Section):
                 f"trainer.kl_coef = {self.trainer.kl_coef} needs reference log-probs; "
                 "set reference.enabled: true, or trainer.kl_coef: 0"
             )
-        self._ranks_consistent()
+        self._trainer_consistent()
         batch_rows = self.trainer.batch_prompts * self.rollout.n
         if self.dataplane.capacity_rows < batch_rows:
             raise ValueError(
                 f"dataplane.capacity_rows = {self.dataplane.capacity_rows} cannot hold one training batch "
                 f"(trainer.batch_prompts x rollout.n = {batch_rows} rows); raise it to at least "
                 f"{(self.staleness + 1) * batch_rows} so rollout can run k = {self.staleness} steps ahead"
-            )
-        if self.policy == "flow" and self.trainer.estimator == "gae":
-            raise ValueError(
-                "trainer.estimator = 'gae' needs a value model of the policy's transformer; a flow "
-                "policy has none; use a group estimator (grpo, drgrpo, rloo, reinforce++)"
             )
         if self.policy == "flow" and isinstance(self.trainer.trainable, Lora):
             raise ValueError(
@@ -222,7 +217,13 @@ class AsyncFlowConfig(Section):
             )
         return self
 
-    def _ranks_consistent(self) -> None:
+    def _trainer_consistent(self) -> None:
+        """The trainer's ranks and critic against the rest of the run."""
+        if self.policy == "flow" and self.trainer.estimator == "gae":
+            raise ValueError(
+                "trainer.estimator = 'gae' needs a value model of the policy's transformer; a flow "
+                "policy has none; use a group estimator (grpo, drgrpo, rloo, reinforce++)"
+            )
         t = self.trainer
         if t.num_ranks > t.batch_prompts:
             raise ValueError(

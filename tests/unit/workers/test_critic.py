@@ -112,3 +112,5 @@ def test_config_combinations_are_checked(tmp_path):
         load_config(example, ["trainer.estimator=gae", "trainer.critic={}", "trainer.num_ranks=2"])
     with pytest.raises(ConfigError, match="lam"):
         load_config(example, ["trainer.estimator=gae", "trainer.critic={lam: 1.5}"])
+    with pytest.raises(ConfigError, match="a flow policy has none"):
+        load_config(example.parent / "flow-2d.yaml", ["trainer.estimator=gae", "trainer.critic={}"])
