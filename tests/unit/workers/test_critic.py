@@ -114,3 +114,27 @@ def test_config_combinations_are_checked(tmp_path):
         load_config(example, ["trainer.estimator=gae", "trainer.critic={lam: 1.5}"])
     with pytest.raises(ConfigError, match="a flow policy has none"):
         load_config(example.parent / "flow-2d.yaml", ["trainer.estimator=gae", "trainer.critic={}"])
+
+
+async def test_the_reward_sits_on_the_last_token_and_the_kl_is_a_per_token_reward(tok):
+    torch.manual_seed(0)
+    critic = CriticConfig(whiten=False, lam=1.0)
+    config = TrainerConfig(batch_prompts=2, estimator="gae", critic=critic, kl_coef=0.5)
+    kind = TokenKind(tok, ModelConfig(), RolloutConfig())
+    trainer = TrainerWorker(build_model(len(tok), seed=1), None, None, config, kind, n=N, staleness=0,
+                            reference=True)  # fmt: skip
+    data = await _batch(trainer.model, tok)
+    data["ref_logprobs"] = [b - 0.1 for b in data["behavior_logprobs"]]  # log μ - log π_ref = 0.1
+    rows = kind.rows(data, list(range(2 * N)), reference=True)
+    trainer._wrap()
+    assert trainer.critic is not None
+    targets, figures = trainer.critic.targets(rows, [list(range(2 * N))], config.kl_coef)
+    assert figures["kl_ref"] == pytest.approx(0.1, abs=1e-5)
+    for i, row in enumerate(rows):  # V = 0 at start, gamma = lam = 1: advantage = return = reward-to-go
+        n = len(row.response)
+        to_go = [row.reward - 0.5 * 0.1 * (n - t) for t in range(n)]
+        torch.testing.assert_close(targets[i, 1, :n], torch.tensor(to_go), atol=1e-5, rtol=0)
+        torch.testing.assert_close(targets[i, 0, :n], torch.tensor(to_go), atol=1e-5, rtol=0)
+        assert targets[i, :, n:].abs().sum() == 0
+    metrics = trainer.train_on(data)
+    assert metrics["kl_ref"] == pytest.approx(0.1, abs=1e-5) and "value_loss" in metrics
