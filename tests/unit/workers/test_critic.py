@@ -138,3 +138,14 @@ async def test_the_reward_sits_on_the_last_token_and_the_kl_is_a_per_token_rewar
         assert targets[i, :, n:].abs().sum() == 0
     metrics = trainer.train_on(data)
     assert metrics["kl_ref"] == pytest.approx(0.1, abs=1e-5) and "value_loss" in metrics
+
+
+async def test_minibatches_split_the_critics_targets_with_the_groups(tok):
+    torch.manual_seed(0)
+    config = TrainerConfig(batch_prompts=2, minibatches=2, estimator="gae", critic=CriticConfig())
+    kind = TokenKind(tok, ModelConfig(), RolloutConfig())
+    trainer = TrainerWorker(build_model(len(tok), seed=1), None, None, config, kind, n=N, staleness=0,
+                            reference=False)  # fmt: skip
+    metrics = trainer.train_on(await _batch(trainer.model, tok))
+    assert np.isfinite(metrics["value_loss"]) and metrics["samples"] == 2 * N
+    assert metrics["value_mean"] != 0.0  # the second minibatch saw the critic after its first step
