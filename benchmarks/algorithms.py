@@ -43,6 +43,8 @@ ALGORITHMS: dict[str, list[str]] = {
     "cispo": ["trainer.objective=cispo", "trainer.clip_eps=0.9", "trainer.clip_eps_high=0.28"],
     "dynamic-sampling": ["trainer.dynamic_sampling=true"],
     "dapo": ["trainer.clip_eps_high=0.28", "trainer.loss_agg=token-mean", "trainer.dynamic_sampling=true"],
+    "ppo": ["trainer.estimator=gae", "trainer.critic={lr: 2.0e-3}"],  # GAE from a learned critic
+    "ppo-lam1": ["trainer.estimator=gae", "trainer.critic={lr: 2.0e-3, lam: 1.0}"],  # critic as a baseline
 }
 
 
@@ -56,7 +58,21 @@ def run(algorithm: str, seed: int, steps: int, out: Path) -> dict:
             "after": summary["eval_reward_after"], "seconds": summary["seconds"],
             "admitted_prompts": summary["admitted_prompts"],  # a dropped group is replaced by one more
             "dropped_groups": sum(m.get("dropped_groups", 0) for m in metrics),
-            "uniform_groups_trained": sum(m["uniform_groups"] for m in metrics)}  # fmt: skip
+            "uniform_groups_trained": sum(m["uniform_groups"] for m in metrics),
+            **critic_figures(metrics)}  # fmt: skip
+
+
+def critic_figures(metrics: list[dict]) -> dict:
+    """With a learned critic: its value loss over the first and last tenth of the steps, and its
+    explained variance over the last tenth (medians); nothing for group estimators."""
+    if "value_loss" not in metrics[0]:
+        return {}
+    tenth = max(1, len(metrics) // 10)
+    first, last = metrics[:tenth], metrics[-tenth:]
+    ev = [m["explained_variance"] for m in last if m["explained_variance"] == m["explained_variance"]]
+    return {"value_loss_first": statistics.median(m["value_loss"] for m in first),
+            "value_loss_last": statistics.median(m["value_loss"] for m in last),
+            "explained_variance_last": statistics.median(ev) if ev else float("nan")}  # fmt: skip
 
 
 def main() -> None:
@@ -83,6 +99,14 @@ def main() -> None:
         costs = ("admitted_prompts", "dropped_groups", "uniform_groups_trained", "seconds")
         per_seed = " | ".join(" / ".join(str(r[k]) for r in mine) for k in costs)
         print(f"| {name} | {before} | {after} | {gain:+.3f} | {per_seed} |")
+    critics = [r for r in rows if "value_loss_last" in r]
+    if critics:
+        header = "| algorithm | seed | value loss, first 10 % | last 10 % | explained variance, last 10 % |"
+        print(f"\n{header}")
+        print("| --- | --- | --- | --- | --- |")
+        for r in critics:
+            loss = f"{r['value_loss_first']:.4f} | {r['value_loss_last']:.4f}"
+            print(f"| {r['algorithm']} | {r['seed']} | {loss} | {r['explained_variance_last']:.3f} |")
 
 
 def sweep(

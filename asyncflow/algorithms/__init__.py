@@ -6,7 +6,7 @@ The trainer composes them; `asyncflow.versioning` owns the staleness rule.
 
 from __future__ import annotations
 
-from asyncflow.algorithms.advantages import ESTIMATORS, Estimator, group_advantages
+from asyncflow.algorithms.advantages import ESTIMATORS, Estimator, gae, group_advantages, whiten
 from asyncflow.algorithms.logprobs import chunked_token_logprobs, entropy, token_logprobs, truncate
 from asyncflow.algorithms.losses import (
     AGGREGATIONS,
@@ -23,6 +23,7 @@ from asyncflow.algorithms.losses import (
     policy_loss,
 )
 from asyncflow.algorithms.sequences import on_grid, pack
+from asyncflow.algorithms.values import explained_variance, value_loss
 
 __all__ = [
     "AGGREGATIONS",
@@ -38,6 +39,8 @@ __all__ = [
     "aggregate",
     "chunked_token_logprobs",
     "entropy",
+    "explained_variance",
+    "gae",
     "group_advantages",
     "importance_ratios",
     "kl_penalty",
@@ -46,4 +49,6 @@ __all__ = [
     "policy_loss",
     "token_logprobs",
     "truncate",
+    "value_loss",
+    "whiten",
 ]

@@ -18,6 +18,7 @@ from asyncflow.config.deploy import DeployConfig
 from asyncflow.config.flow import FlowConfig
 from asyncflow.config.observe import LoggingConfig
 from asyncflow.config.rl import (
+    CriticConfig,
     Lora,
     LoraConfig,
     ModelConfig,
@@ -39,6 +40,7 @@ from dataplane.config import DataPlaneConfig
 
 __all__ = [
     "AsyncFlowConfig",
+    "CriticConfig",
     "DataPlaneConfig",
     "DeployConfig",
     "FlowConfig",
@@ -185,7 +187,7 @@ class AsyncFlowConfig(Section):
                 f"trainer.kl_coef = {self.trainer.kl_coef} needs reference log-probs; "
                 "set reference.enabled: true, or trainer.kl_coef: 0"
             )
-        self._ranks_consistent()
+        self._trainer_consistent()
         batch_rows = self.trainer.batch_prompts * self.rollout.n
         if self.dataplane.capacity_rows < batch_rows:
             raise ValueError(
@@ -215,7 +217,13 @@ class AsyncFlowConfig(Section):
             )
         return self
 
-    def _ranks_consistent(self) -> None:
+    def _trainer_consistent(self) -> None:
+        """The trainer's ranks and critic against the rest of the run."""
+        if self.policy == "flow" and self.trainer.estimator == "gae":
+            raise ValueError(
+                "trainer.estimator = 'gae' needs a value model of the policy's transformer; a flow "
+                "policy has none; use a group estimator (grpo, drgrpo, rloo, reinforce++)"
+            )
         t = self.trainer
         if t.num_ranks > t.batch_prompts:
             raise ValueError(

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from asyncflow.config._base import Section
+from asyncflow.config.critic import CriticConfig, check_critic
 from asyncflow.config.pools import AutoscaleConfig, HealthConfig
 
 # vLLM's CPU attention kernels take these head sizes only; keeping the torch engine to the
@@ -371,10 +372,15 @@ class TrainerConfig(Section):
     lr: float = Field(2e-4, gt=0, le=1.0, description="AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0, le=1.0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, le=1e6, description="Gradient clipping norm.")
-    estimator: Literal["grpo", "drgrpo", "rloo", "reinforce++"] = Field(
+    estimator: Literal["grpo", "drgrpo", "rloo", "reinforce++", "gae"] = Field(
         "grpo",
         description="Advantage estimator: grpo (group mean and std), drgrpo (group mean), rloo (leave-one-"
-        "out mean), reinforce++ (group mean, one std over the whole batch).",
+        "out mean), reinforce++ (group mean, one std over the whole batch), gae (PPO: per-token GAE from "
+        "the learned critic of `critic`; the reward sits on the last token, the KL to the reference, with "
+        "kl_coef, is a per-token reward instead of a loss term).",
+    )
+    critic: CriticConfig | None = Field(
+        None, description="The learned critic, needed by (and only by) estimator: gae; {} takes its defaults."
     )
     objective: Literal["ppo", "gspo", "cispo"] = Field(
         "ppo",
@@ -483,3 +489,8 @@ class TrainerConfig(Section):
                 f"is_mask {list(band)} must be [low, high], 0 <= low < 1 < high; IcePop: [0.5, 5]"
             )
         return band
+
+    @model_validator(mode="after")
+    def _critic_with_gae(self) -> TrainerConfig:
+        check_critic(self.estimator, self.critic, self.num_ranks)
+        return self

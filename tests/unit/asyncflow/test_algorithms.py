@@ -29,8 +29,8 @@ def test_public_names_are_pinned():
     assert sorted(alg.__all__) == [
         "AGGREGATIONS", "Aggregation", "CORRECTIONS", "Correction", "ESTIMATORS", "Estimator", "KLKind",
         "KL_KINDS", "OBJECTIVES", "Objective", "aggregate", "chunked_token_logprobs", "entropy",
-        "group_advantages", "importance_ratios", "kl_penalty", "on_grid", "pack", "policy_loss",
-        "token_logprobs", "truncate",
+        "explained_variance", "gae", "group_advantages", "importance_ratios", "kl_penalty", "on_grid",
+        "pack", "policy_loss", "token_logprobs", "truncate", "value_loss", "whiten",
     ]  # fmt: skip
     assert alg.ESTIMATORS == ("grpo", "drgrpo", "rloo", "reinforce++")
     assert alg.OBJECTIVES == ("ppo", "gspo", "cispo")
