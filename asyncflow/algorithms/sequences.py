@@ -5,6 +5,7 @@ Torch only; nothing here knows about models or the store.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 __all__ = ["on_grid", "pack"]
@@ -13,13 +14,17 @@ __all__ = ["on_grid", "pack"]
 def pack(prompts: list[list[int]], responses: list[list[int]], pad: int = 0):
     """Right-padded prompt+response ids (B, L), next-token targets (B, L-1) and the mask of
     target positions that are response tokens (B, L-1), in row-major response order."""
-    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
-    ids = torch.full((len(prompts), max(lengths)), pad, dtype=torch.long)  # (B, L)
-    mask = torch.zeros(len(prompts), max(lengths) - 1, dtype=torch.bool)  # (B, L-1)
+    p_len = np.array([len(p) for p in prompts])  # (B,)
+    r_len = np.array([len(r) for r in responses])  # (B,)
+    width = int((p_len + r_len).max())
+    ids = np.full((len(prompts), width), pad, dtype=np.int64)  # (B, L): filled in numpy, cheaper per row
     for i, (p, r) in enumerate(zip(prompts, responses)):
-        ids[i, : len(p) + len(r)] = torch.tensor(p + r)
-        mask[i, len(p) - 1 : len(p) - 1 + len(r)] = True  # the logits at position t predict token t+1
-    return ids, ids[:, 1:], mask
+        ids[i, : p_len[i]] = p
+        ids[i, p_len[i] : p_len[i] + r_len[i]] = r
+    t = np.arange(width - 1)  # the logits at position t predict token t+1
+    mask = (t >= p_len[:, None] - 1) & (t < (p_len + r_len - 1)[:, None])  # (B, L-1)
+    grid = torch.from_numpy(ids)
+    return grid, grid[:, 1:], torch.from_numpy(mask)
 
 
 def on_grid(values: list[list[float]], mask: torch.Tensor) -> torch.Tensor:
