@@ -55,6 +55,11 @@ def parts_of(value: Any) -> tuple[float, dict[str, float]]:
     return total, parts
 
 
+def with_episode(info: str, episode: str) -> str:
+    """A row's info (a JSON object, "" for none) with its episode's record added as `episode`."""
+    return json.dumps({**(json.loads(info) if info else {}), "episode": json.loads(episode)})
+
+
 def overlong(length: int, max_tokens: int, buffer: int, penalty: float) -> float:
     """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13): 0 up to max_tokens - buffer tokens,
     then falling linearly to -penalty at max_tokens."""
@@ -166,22 +171,21 @@ class RewardWorker:
         """Score a batch and write its reward fields (the caller acks it)."""
         start = time.perf_counter()
         rows = [self.kind.reward_args(*row) for row in zip(*(batch[f] for f in self.fields[:3]))]
+        infos = list(batch["info"])
+        if "episode" in self.fields:  # multi-turn: the reward function sees the episode in info["episode"]
+            infos = [with_episode(i, e) for i, e in zip(infos, batch["episode"])]
         if self.per_group:  # the batch holds whole groups: one call per prompt
             groups: dict[int, list[int]] = {}
             for i, prompt_index in enumerate(batch["prompt_index"]):
                 groups.setdefault(int(prompt_index), []).append(i)
             results = await asyncio.gather(
-                *(
-                    self._score_group([rows[i] for i in g], [batch["info"][i] for i in g])
-                    for g in groups.values()
-                )
+                *(self._score_group([rows[i] for i in g], [infos[i] for i in g]) for g in groups.values())
             )
             by_row: dict[int, Scored] = {}
             for members, group_scored in zip(groups.values(), results):
                 by_row.update(zip(members, group_scored))
             scored = [by_row[i] for i in range(len(rows))]
         else:
-            infos = batch["info"]
             scored = list(await asyncio.gather(*(self._score(*row, info=i) for row, i in zip(rows, infos))))
         if self.overlong is not None:
             max_tokens, buffer, penalty = self.overlong
@@ -204,7 +208,8 @@ class RewardWorker:
 
     @property
     def fields(self) -> list[str]:
-        return [self.kind.prompt_field, self.kind.response_field, "answer", "prompt_index", "info"]
+        fields = [self.kind.prompt_field, self.kind.response_field, "answer", "prompt_index", "info"]
+        return fields + (["episode"] if getattr(self.kind, "multi_turn", False) else [])
 
     @property
     def _read(self) -> dict[str, Any]:

@@ -10,15 +10,30 @@ import torch
 __all__ = ["on_grid", "pack"]
 
 
-def pack(prompts: list[list[int]], responses: list[list[int]], pad: int = 0):
+def pack(
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    pad: int = 0,
+    loss_masks: list[list[int]] | None = None,
+):
     """Right-padded prompt+response ids (B, L), next-token targets (B, L-1) and the mask of
-    target positions that are response tokens (B, L-1), in row-major response order."""
+    target positions that are response tokens (B, L-1), in row-major response order. With
+    `loss_masks` (one 0/1 per response token: a multi-turn trajectory's model tokens are 1, the
+    environment's 0) only the response tokens marked 1 are in the mask."""
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
     ids = torch.full((len(prompts), max(lengths)), pad, dtype=torch.long)  # (B, L)
     mask = torch.zeros(len(prompts), max(lengths) - 1, dtype=torch.bool)  # (B, L-1)
     for i, (p, r) in enumerate(zip(prompts, responses)):
         ids[i, : len(p) + len(r)] = torch.tensor(p + r)
-        mask[i, len(p) - 1 : len(p) - 1 + len(r)] = True  # the logits at position t predict token t+1
+        if loss_masks is None:
+            mask[i, len(p) - 1 : len(p) - 1 + len(r)] = True  # the logits at position t predict token t+1
+        else:
+            if len(loss_masks[i]) != len(r):
+                raise ValueError(
+                    f"pack: row {i} has {len(r)} response tokens but a loss mask of {len(loss_masks[i])}; "
+                    "a loss mask has one entry per response token"
+                )
+            mask[i, len(p) - 1 : len(p) - 1 + len(r)] = torch.tensor(loss_masks[i], dtype=torch.bool)
     return ids, ids[:, 1:], mask
 
 

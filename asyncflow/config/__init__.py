@@ -15,6 +15,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from asyncflow.config._base import Section
 from asyncflow.config.deploy import DeployConfig
+from asyncflow.config.env import EnvConfig
 from asyncflow.config.flow import FlowConfig
 from asyncflow.config.observe import LoggingConfig
 from asyncflow.config.rl import (
@@ -41,6 +42,7 @@ __all__ = [
     "AsyncFlowConfig",
     "DataPlaneConfig",
     "DeployConfig",
+    "EnvConfig",
     "FlowConfig",
     "LoggingConfig",
     "Lora",
@@ -126,6 +128,9 @@ class AsyncFlowConfig(Section):
     task: TaskConfig = Field(default_factory=TaskConfig, description="Prompts and the reward function.")
     warmup: WarmupConfig = Field(default_factory=WarmupConfig, description="Supervised warm-start before RL.")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Rollout workers and sampling.")
+    env: EnvConfig = Field(
+        default_factory=EnvConfig, description="Multi-turn episodes with an environment (unset source: none)."
+    )
     reward: RewardConfig = Field(default_factory=RewardConfig, description="Reward workers.")
     reference: ReferenceConfig = Field(
         default_factory=ReferenceConfig, description="Reference log-probs (KL)."
@@ -179,6 +184,11 @@ class AsyncFlowConfig(Section):
                 f"{self.rollout.top_p} sample from a truncation that needs the whole vocabulary row; set "
                 "trainer.logprob_vocab_shards: 1 (logprob_chunk_tokens still bounds the logits), or "
                 "rollout.top_k: 0 and top_p: 1"
+            )
+        if self.env.source is not None and self.policy != "token":
+            raise ValueError(
+                f"env.source = {self.env.source!r} runs multi-turn episodes of a language model, but "
+                f"policy = {self.policy!r}; unset env.source, or use policy: token"
             )
         if self.trainer.kl_coef > 0 and not self.reference.enabled:
             raise ValueError(
