@@ -37,9 +37,10 @@ class EnvHost:
     """Environments of many episodes at once, by episode id: one per episode, made by the
     `source` factory with `options`. A plain class; the workflow makes it a Ray actor."""
 
-    def __init__(self, source: str, options: dict[str, Any] | None = None):
-        self.factory, self.options = import_string(source), dict(options or {})
-        self.source = source
+    def __init__(self, source: str | Callable[..., Any], options: dict[str, Any] | None = None):
+        """`source`: the factory, or its 'module:attr' (what crosses to a Ray actor)."""
+        self.factory = import_string(source) if isinstance(source, str) else source
+        self.source, self.options = getattr(self.factory, "__qualname__", str(source)), dict(options or {})
         self.envs: dict[str, Environment] = {}
 
     async def reset(self, episode: str, example: dict) -> str:
@@ -216,7 +217,7 @@ class Episodes:
         record = out.episode
         first = await self.pool.reset(episode, example)
         out.add(self.encode(first), trained=False)
-        for _ in range(self.max_turns):
+        for turns_left in range(self.max_turns - 1, -1, -1):
             room = self.max_tokens - len(out.response_ids)
             if room < 1:
                 return "max_episode_tokens"
@@ -236,5 +237,7 @@ class Episodes:
             record["info"].append(step.info)
             if step.done:
                 return "done"
+            if not turns_left:  # no turn would read the observation
+                break
             out.add(self.encode(step.observation), trained=False)
         return "max_turns"
