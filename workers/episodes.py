@@ -12,7 +12,8 @@ Environments live in their own pool (`EnvPool`: EnvHost actors, made remote by t
 so a slow tool waits there while the engine keeps generating the other episodes' turns.
 Turns that are ready together go to the engine as one call (`Batcher`). An episode ends when
 the environment says done, after `max_turns` model turns, when its tokens reach
-`max_episode_tokens`, or past `episode_timeout_s`; `episode["end"]` records which.
+`max_episode_tokens`, or past `episode_timeout_s`; `episode["end"]` records which ("env_error"
+and `episode["error"]` when the environment itself failed: the sample keeps its turns).
 
 This module knows nothing about the store: the rollout worker writes the trajectories.
 """
@@ -205,6 +206,8 @@ class Episodes:
                 record["end"] = await self._turns(generate, request, example, episode, out)
         except TimeoutError:
             record["end"] = "timeout"
+        except EnvFailed as e:  # the environment's fault: recorded, the episode keeps its turns
+            record["end"], record["error"] = "env_error", str(e)
         finally:
             record["seconds"] = round(time.monotonic() - start, 4)
             await asyncio.shield(self.pool.close(episode))
@@ -215,7 +218,7 @@ class Episodes:
     ) -> str:
         """The turns of one episode; returns why it ended."""
         record = out.episode
-        first = await self.pool.reset(episode, example)
+        first = await _env(self.pool.reset(episode, example))
         out.add(self.encode(first), trained=False)
         for turns_left in range(self.max_turns - 1, -1, -1):
             room = self.max_tokens - len(out.response_ids)
@@ -231,7 +234,7 @@ class Episodes:
             out.finish_reason, record["turns"] = turn.finish_reason, record["turns"] + 1
             if turn.finish_reason == "abort":
                 return "abort"
-            step = await self.pool.step(episode, self.decode(turn.response_ids))
+            step = await _env(self.pool.step(episode, self.decode(turn.response_ids)))
             for name, value in step.reward.items():
                 record["reward"][name] = record["reward"].get(name, 0.0) + float(value)
             record["info"].append(step.info)
@@ -241,3 +244,17 @@ class Episodes:
                 break
             out.add(self.encode(step.observation), trained=False)
         return "max_turns"
+
+
+class EnvFailed(Exception):
+    """An environment's reset or step raised (or its actor died); the message says what."""
+
+
+async def _env(call: Awaitable[Any]) -> Any:
+    """An environment call, its failure (not the engine's, not a timeout) as EnvFailed."""
+    try:
+        return await call
+    except (TimeoutError, asyncio.CancelledError):
+        raise
+    except Exception as e:
+        raise EnvFailed(f"{type(e).__name__}: {e}") from e

@@ -185,11 +185,6 @@ class AsyncFlowConfig(Section):
                 "trainer.logprob_vocab_shards: 1 (logprob_chunk_tokens still bounds the logits), or "
                 "rollout.top_k: 0 and top_p: 1"
             )
-        if self.env.source is not None and self.policy != "token":
-            raise ValueError(
-                f"env.source = {self.env.source!r} runs multi-turn episodes of a language model, but "
-                f"policy = {self.policy!r}; unset env.source, or use policy: token"
-            )
         if self.trainer.kl_coef > 0 and not self.reference.enabled:
             raise ValueError(
                 f"trainer.kl_coef = {self.trainer.kl_coef} needs reference log-probs; "
@@ -222,6 +217,15 @@ class AsyncFlowConfig(Section):
             raise ValueError(
                 f"trainer.batch_prompts = {self.trainer.batch_prompts} does not split into "
                 f"trainer.minibatches = {self.trainer.minibatches}; make it a multiple"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _env_consistent(self) -> AsyncFlowConfig:
+        if self.env.source is not None and self.policy != "token":
+            raise ValueError(
+                f"env.source = {self.env.source!r} runs multi-turn episodes of a language model, but "
+                f"policy = {self.policy!r}; unset env.source, or use policy: token"
             )
         return self
 

@@ -129,3 +129,17 @@ async def test_environments_run_in_ray_actors(ray_session):
     assert step.observation == "[42]"
     await pool.close("e")
     assert await actor.live.remote() == 0
+
+
+def test_the_env_section_refuses_what_cannot_run():
+    from asyncflow.config import parse_config
+    from asyncflow.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="env.source = 'nowhere:env'.*cannot import module 'nowhere'"):
+        parse_config({"env": {"source": "nowhere:env"}})
+    flow = {"policy": "flow", "task": {"source": "asyncflow.tasks.gaussians:EightGaussians",
+            "reward": "asyncflow.tasks.gaussians:reward"}}  # fmt: skip
+    with pytest.raises(ConfigError, match="multi-turn episodes of a language model.*unset env.source"):
+        parse_config({**flow, "env": {"source": "asyncflow.envs.arithmetic:calculator_env"}})
+    config = parse_config({"env": {"source": "asyncflow.envs.arithmetic:calculator_env", "max_turns": 3}})
+    assert config.env.max_turns == 3

@@ -219,3 +219,15 @@ def test_the_warm_start_trains_the_models_turns_of_a_demonstration():
     environment = [i for i, m in zip(ids, mask) if not m]
     assert kind.tokenizer.decode(environment) == f"[{product}]"  # the observation is not trained
     assert ids.count(kind.stop_ids[0]) == 2  # both model turns end with the stop token
+
+
+class Broken(Echo):
+    async def step(self, response: str) -> Step:
+        raise KeyError("the game lost its board")
+
+
+async def test_an_environment_that_fails_ends_its_episode_with_the_reason():
+    _, _, engine, episodes = setup(factory=Broken)
+    (t,) = await run_all(episodes, engine.generate, count=1)
+    assert t.episode["end"] == "env_error" and t.episode["error"] == "KeyError: 'the game lost its board'"
+    assert t.episode["turns"] == 1 and sum(t.loss_mask) == len(t.versions) > 0
