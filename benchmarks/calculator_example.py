@@ -4,7 +4,7 @@ Runs examples/calculator.yaml (multi-turn episodes: the tiny model must call the
 multiply two 3-digit numbers) once per mode and seed, each a fresh run in this process (real Ray
 actors: rollout, reward, trainer and the environment's own actor), and prints one row per run:
 success on 256 held-out products before and after RL (one episode each at temperature 1), RL
-seconds, samples/s, the mean model turns per episode and the model's share of trajectory tokens.
+seconds, samples/s and model tokens per sample; `async-no-tool` is the control without the tool.
 
     .venv/bin/python benchmarks/calculator_example.py --json docs/bench-calculator.json
     .venv/bin/python benchmarks/calculator_example.py --modes async --seeds 0 1 2 --steps 100
@@ -23,14 +23,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+# The control: the same model and budget without the tool (one turn, the product answered directly).
+NO_TOOL = ["env.source=null", "task.reward=asyncflow.envs.arithmetic:direct", "rollout.max_new_tokens=8"]
+
+
 def run(out: Path, mode: str, seed: int, steps: int) -> dict:
     from asyncflow.config import load_config
     from asyncflow.recipes.grpo import train
     from asyncflow.rundir import RunDir
 
     overrides = [
-        f"output_dir={out}", f"seed={seed}", f"trainer.steps={steps}", f"mode={mode}",
-        f"dataplane.name=calculator-{mode}-{seed}", "trainer.checkpoint_every=0",
+        f"output_dir={out}", f"seed={seed}", f"trainer.steps={steps}", "trainer.checkpoint_every=0",
+        f"mode={mode.removesuffix('-no-tool')}", f"dataplane.name=calculator-{mode}-{seed}",
+        *(NO_TOOL if mode.endswith("-no-tool") else []),
     ]  # fmt: skip
     summary = train(load_config(ROOT / "examples" / "calculator.yaml", overrides), display=False)
     metrics = RunDir(summary["run_dir"]).metrics()
@@ -49,7 +54,9 @@ def run(out: Path, mode: str, seed: int, steps: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--modes", nargs="+", default=["sync", "async"], choices=["sync", "async"])
+    ap.add_argument(
+        "--modes", nargs="+", default=["sync", "async"], choices=["sync", "async", "async-no-tool"]
+    )
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--json", default="", help="write the rows here")

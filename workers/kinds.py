@@ -325,7 +325,7 @@ class TokenKind:
         for multi-turn episodes) a whole episode, each segment tokenized on its own as the rollout
         does, the model's turns ended by the stop token and trained, the environment's not."""
         tok, stop = self.tokenizer, self.stop_ids[0]
-        if not hasattr(task, "demonstration"):
+        if not (self.multi_turn and hasattr(task, "demonstration")):
             return [[*tok.encode(e.answer, add_special_tokens=False), stop] for e in examples], None
         targets, masks = [], []
         for e in examples:

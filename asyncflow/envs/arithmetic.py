@@ -15,7 +15,7 @@ import random
 from asyncflow.envs import Example
 from asyncflow.envs.tools import Calculator, ToolEnv
 
-__all__ = ["Products", "calculator_env", "exact"]
+__all__ = ["Products", "calculator_env", "direct", "exact"]
 
 _EVAL_STREAM = 1 << 40  # eval indices live far from training indices
 
@@ -55,6 +55,11 @@ class Products:
 def exact(answer: str, example: Example) -> dict[str, float]:
     """The reward parts of a final answer: `correct` is 1 for exactly the expected answer."""
     return {"correct": float(answer.strip() == example.answer)}
+
+
+def direct(prompt: str, response: str, answer: str) -> float:
+    """The control without the tool (env.source unset): 1 for the exact product as the response."""
+    return float(response.strip() == answer)
 
 
 def calculator_env(max_digits: int = 64) -> ToolEnv:

@@ -137,6 +137,8 @@ async def test_the_trainer_scores_exactly_the_model_tokens_of_a_trajectory():
     rows = kind.rows(data, [0, 1, 2, 3], reference=False)
     _, mask = kind.logprobs(model, rows)
     assert mask.sum().item() == metrics["tokens"]
+    ref = kind.reference_logprobs(model, data)  # the reference scores the same tokens, one per model token
+    assert [len(r) for r in ref] == [sum(t.loss_mask) for t in trajectories]
 
 
 def test_the_loss_mask_leaves_environment_tokens_out_of_the_scored_positions():
