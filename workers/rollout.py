@@ -80,6 +80,8 @@ class RolloutWorker:
             "longest_call_s": 0.0,  # the longest engine call: what a health probe's deadline allows for
         }
         self.rejected = -1  # the newest version refused; it is not pulled again
+        if episodes is not None:  # episodes run, their model turns, and those a limit or an error ended
+            self.stats.update(episodes=0, episode_turns=0, episodes_cut=0)
 
     @property
     def seen(self) -> int:
@@ -185,15 +187,17 @@ class RolloutWorker:
         """One multi-turn episode per sample of each request, their turns batched (workers.episodes)."""
         assert self.episodes is not None and self.examples is not None
         generate, examples = Batcher(self._generate), self.examples
-        return list(
-            await asyncio.gather(
-                *(
-                    self.episodes.run(generate, r, i, examples(int(r.request_id)))
-                    for r in requests
-                    for i in range(r.n)
-                )
+        episodes = await asyncio.gather(
+            *(
+                self.episodes.run(generate, r, i, examples(int(r.request_id)))
+                for r in requests
+                for i in range(r.n)
             )
         )
+        self.stats["episodes"] += len(episodes)
+        self.stats["episode_turns"] += sum(t.episode["turns"] for t in episodes)
+        self.stats["episodes_cut"] += sum(t.episode["end"] != "done" for t in episodes)  # limits, errors
+        return list(episodes)
 
     async def work(self, groups: int) -> int:
         """Generate for exactly `groups` prompt groups (sync mode); returns samples written."""
