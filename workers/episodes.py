@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -31,6 +32,7 @@ from asyncflow.config import import_string
 from asyncflow.envs import Environment, Example, Step
 from services.serving import Completion, Request
 
+log = logging.getLogger("asyncflow.episodes")
 Generate = Callable[[Sequence[Request]], Awaitable[list[Completion]]]
 
 
@@ -210,8 +212,15 @@ class Episodes:
             record["end"], record["error"] = "env_error", str(e)
         finally:
             record["seconds"] = round(time.monotonic() - start, 4)
-            await asyncio.shield(self.pool.close(episode))
+            await asyncio.shield(self._close(episode))  # (also when the episode is cancelled)
         return out
+
+    async def _close(self, episode: str) -> None:
+        """Close an episode's environment; a failure to (its actor gone at shutdown) is logged."""
+        try:
+            await self.pool.close(episode)
+        except Exception as e:
+            log.warning("the environment of episode %s did not close: %s: %s", episode, type(e).__name__, e)
 
     async def _turns(
         self, generate: Generate, request: Request, example: Example, episode: str, out: Trajectory

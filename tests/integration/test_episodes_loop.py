@@ -28,5 +28,6 @@ def test_the_calculator_example_trains_on_episodes(tmp_path, ray_session, mode):
     metrics = RunDir(summary["run_dir"]).metrics()
     # warm-started on demonstrations: the model calls the tool and some episodes succeed
     assert any(m["reward_mean"] > 0 for m in metrics)
-    assert all(m["logprob_diff_max"] < 0.1 for m in metrics)  # mask and positions line up
+    on_policy = metrics if mode == "sync" else metrics[:1]  # async: later steps may train older episodes
+    assert all(m["logprob_diff_max"] < 1e-3 for m in on_policy)  # mask and positions line up
     assert "reward/correct" in metrics[0]
