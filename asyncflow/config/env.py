@@ -28,7 +28,8 @@ class EnvConfig(Section):
     )  # fmt: skip
     max_episode_tokens: int = Field(
         64, ge=1, le=1_000_000, description="Tokens after the prompt (model and environment tokens) per "
-        "episode, at most; each turn samples at most min(rollout.max_new_tokens, what is left).",
+        "episode, at most; each turn samples at most min(rollout.max_new_tokens, what is left). The "
+        "prompt plus this many tokens must fit the model's positions.",
     )  # fmt: skip
     num_workers: int = Field(
         1, ge=1, le=1024, description="Environment actors per rollout worker; episodes are dealt out to them."
