@@ -213,7 +213,7 @@ class TokenKind:
         }
         if self.multi_turn:
             fields["loss_mask"] = [np.asarray(c.loss_mask, dtype=np.uint8) for c in outputs]
-            fields["episode"] = [json.dumps(c.episode) for c in outputs]
+            fields["episode"] = [json.dumps(c.episode, default=str) for c in outputs]
         return fields
 
     def reward_args(self, prompt: Any, response: Any, answer: str) -> tuple[str, str, str]:

@@ -243,7 +243,7 @@ class RolloutWorker:
         for arg, example, output in zip(args, examples, outputs):
             info = getattr(example, "info", "")
             if self.episodes is not None:
-                info = with_episode(info, json.dumps(output.episode))
+                info = with_episode(info, json.dumps(output.episode, default=str))
             fn = with_info(reward_fn, [info] if per_group else info) if binds_info else reward_fn
             if per_group:  # a reward function that scores lists: each held-out prompt is a group of one
                 rewards.append(parts_of(fn(*([a] for a in arg))[0])[0])

@@ -31,7 +31,7 @@ class Step:
     observation: str = ""  # text appended after the turn (tokenized on its own); "" for none
     done: bool = False  # the episode is over: no observation follows, the model has no more turns
     reward: dict[str, float] = field(default_factory=dict)  # this turn's named reward parts
-    info: dict[str, Any] = field(default_factory=dict)  # anything to record (JSON-able), e.g. a tool's error
+    info: dict[str, Any] = field(default_factory=dict)  # anything to record (JSON; other values as str)
 
 
 @runtime_checkable
