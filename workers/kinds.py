@@ -17,6 +17,7 @@ log-probs under a model with gradient, the engine, and the warm-start.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from services.parallelism.balance import micro_batches
 from services.parallelism.vocab import vocab_parallel_logprobs
 from services.serving import Request, SamplingParams
 from workers.policy import body_and_head, check_body_and_head, eos_ids, make_model, make_tokenizer
-from workers.samples import PROMPT_FIELDS, ROLLOUT_FIELDS
+from workers.samples import EPISODE_FIELDS, PROMPT_FIELDS, ROLLOUT_FIELDS
 
 
 class Sample(Protocol):
@@ -98,6 +99,7 @@ def make_kind(config: AsyncFlowConfig, task: Any) -> Kind:
     kind = TokenKind(
         make_tokenizer(task, config.model), config.model, config.rollout,
         chunk_tokens=config.trainer.logprob_chunk_tokens, vocab_shards=config.trainer.logprob_vocab_shards,
+        multi_turn=config.env.source is not None,
     )  # fmt: skip
     if hasattr(task, "limit_prompts"):
         task.limit_prompts(lambda prompt: len(kind.prompt_ids(prompt)), kind.prompt_room())
@@ -112,9 +114,15 @@ class TokenKind:
 
     def __init__(
         self, tokenizer: Any, model: ModelConfig, rollout: RolloutConfig, *, chunk_tokens: int = 0,
-        vocab_shards: int = 1,
+        vocab_shards: int = 1, multi_turn: bool = False,
     ):  # fmt: skip
         self.tokenizer, self.model_config, self.rollout = tokenizer, model, rollout
+        # Multi-turn episodes (workers.episodes): a response is the whole trajectory, and its loss
+        # mask says which tokens the model sampled (trained) and which the environment gave (not).
+        self.multi_turn = multi_turn
+        if multi_turn:
+            self.rollout_fields = ROLLOUT_FIELDS + EPISODE_FIELDS
+            self.reference_reads = [*TokenKind.reference_reads, "loss_mask"]
         self.chunk_tokens = chunk_tokens  # positions whose logits exist at once (0: all of them)
         self.vocab_shards = vocab_shards  # pieces of the vocabulary whose logits exist at once
         self._stop_ids: tuple[int, ...] | None = None
@@ -196,12 +204,17 @@ class TokenKind:
         return Request(request_id, np.asarray(prompt).tolist(), n, params)
 
     def results(self, outputs: Sequence[Any]) -> dict[str, list]:
-        return {
+        """Engine completions (or, multi-turn, workers.episodes.Trajectory) as rollout fields."""
+        fields: dict[str, list] = {
             "response_ids": [np.asarray(c.response_ids, dtype=np.int64) for c in outputs],
             "behavior_logprobs": [np.asarray(c.logprobs, dtype=np.float32) for c in outputs],
             "token_versions": [np.asarray(c.versions, dtype=np.int64) for c in outputs],
             "finish": [c.finish_reason for c in outputs],
         }
+        if self.multi_turn:
+            fields["loss_mask"] = [np.asarray(c.loss_mask, dtype=np.uint8) for c in outputs]
+            fields["episode"] = [json.dumps(c.episode, default=str) for c in outputs]
+        return fields
 
     def reward_args(self, prompt: Any, response: Any, answer: str) -> tuple[str, str, str]:
         """(prompt text, response text, answer): decoded once, here, without special tokens; the
@@ -212,7 +225,8 @@ class TokenKind:
     @torch.no_grad()
     def reference_logprobs(self, model: torch.nn.Module, batch: Any) -> list[np.ndarray]:
         prompts = [p.tolist() for p in batch["prompt_ids"]]
-        ids, targets, mask = pack(prompts, [r.tolist() for r in batch["response_ids"]])
+        masks = [m.tolist() for m in batch["loss_mask"]] if self.multi_turn else None
+        ids, targets, mask = pack(prompts, [r.tolist() for r in batch["response_ids"]], loss_masks=masks)
         # (B, T-1): the sampler's distribution, so the KL is 0 at step 1
         lp = self._logprobs(model, ids, targets, mask, self.rollout)
         return [row[m].numpy() for row, m in zip(lp, mask)]
@@ -228,7 +242,7 @@ class TokenKind:
 
     def trainer_reads(self, reference: bool) -> list[str]:
         fields = ["prompt_ids", "prompt_index", "sample_index", *ROLLOUT_FIELDS[:3], "reward"]
-        return fields + (["ref_logprobs"] if reference else [])
+        return fields + (["ref_logprobs"] if reference else []) + (["loss_mask"] if self.multi_turn else [])
 
     def rows(self, data: dict, order: list[int], reference: bool) -> list[TokenSample]:
         return [
@@ -239,6 +253,7 @@ class TokenKind:
                 data["token_versions"][i].tolist(),
                 float(data["reward"][i]),
                 data["ref_logprobs"][i].tolist() if reference else None,
+                data["loss_mask"][i].tolist() if self.multi_turn else None,
             )  # fmt: skip
             for i in order
         ]
@@ -250,7 +265,8 @@ class TokenKind:
         return [len(r.prompt) + len(r.response) for r in rows]
 
     def logprobs(self, model: torch.nn.Module, rows: Sequence[TokenSample]) -> tuple[Tensor, Tensor]:
-        ids, targets, mask = pack([r.prompt for r in rows], [r.response for r in rows])
+        masks = [r.mask or [] for r in rows] if self.multi_turn else None  # env tokens: no log-prob, no loss
+        ids, targets, mask = pack([r.prompt for r in rows], [r.response for r in rows], loss_masks=masks)
         return self._logprobs(model, ids, targets, mask, self.rollout), mask  # (b, L-1) each
 
     def _logprobs(
@@ -289,7 +305,6 @@ class TokenKind:
         """Supervised steps on the task's answers (examples far from the RL prompts' indices)."""
         if config.steps == 0:
             return {"steps": 0}
-        tok = self.tokenizer
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
         start, loss = time.perf_counter(), torch.tensor(0.0)
         for step in range(config.steps):
@@ -297,13 +312,31 @@ class TokenKind:
                 task.example((1 << 36) + step * config.batch_size + i) for i in range(config.batch_size)
             ]
             prompts = [self.prompt_ids(e.prompt) for e in examples]
-            answers = [[*tok.encode(e.answer, add_special_tokens=False), self.stop_ids[0]] for e in examples]
-            ids, targets, mask = pack(prompts, answers)
+            answers, masks = self._targets(task, examples)
+            ids, targets, mask = pack(prompts, answers, loss_masks=masks)
             loss = -self._logprobs(model, ids, targets, mask, None)[mask].mean()  # the cross-entropy
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
         return {"steps": config.steps, "loss": loss.item(), "seconds": time.perf_counter() - start}
+
+    def _targets(self, task: Any, examples: Sequence[Any]) -> tuple[list[list[int]], list[list[int]] | None]:
+        """The warm-start's targets: each answer then the stop token, or (a task with `demonstration`,
+        for multi-turn episodes) a whole episode, each segment tokenized on its own as the rollout
+        does, the model's turns ended by the stop token and trained, the environment's not."""
+        tok, stop = self.tokenizer, self.stop_ids[0]
+        if not (self.multi_turn and hasattr(task, "demonstration")):
+            return [[*tok.encode(e.answer, add_special_tokens=False), stop] for e in examples], None
+        targets, masks = [], []
+        for e in examples:
+            ids, mask = [], []
+            for text, by_model in task.demonstration(e):
+                segment = [*tok.encode(text, add_special_tokens=False), *([stop] if by_model else [])]
+                ids += segment
+                mask += [int(by_model)] * len(segment)
+            targets.append(ids)
+            masks.append(mask)
+        return targets, masks
 
 
 @dataclass
@@ -317,6 +350,7 @@ class TokenSample:
     versions: list[int]
     reward: float
     ref: list[float] | None
+    mask: list[int] | None = None  # multi-turn: 1 per model token, 0 per environment token of `response`
 
     def version(self, default: int) -> int:
         """The oldest version that produced a token of this sample (its staleness counts from it)."""

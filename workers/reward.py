@@ -55,6 +55,11 @@ def parts_of(value: Any) -> tuple[float, dict[str, float]]:
     return total, parts
 
 
+def with_episode(info: str, episode: str) -> str:
+    """A row's info (a JSON object, "" for none) with its episode's record added as `episode`."""
+    return json.dumps({**(json.loads(info) if info else {}), "episode": json.loads(episode)})
+
+
 def overlong(length: int, max_tokens: int, buffer: int, penalty: float) -> float:
     """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13): 0 up to max_tokens - buffer tokens,
     then falling linearly to -penalty at max_tokens."""
@@ -178,7 +183,9 @@ class RewardWorker:
         """Score a batch and write its reward fields (the caller acks it)."""
         start = time.perf_counter()
         rows = [self.kind.reward_args(*row) for row in zip(*(batch[f] for f in self.fields[:3]))]
-        infos = batch["info"]
+        infos = list(batch["info"])
+        if "episode" in self.fields:  # multi-turn: the reward function sees the episode in info["episode"]
+            infos = [with_episode(i, e) for i, e in zip(infos, batch["episode"])]
         if self.per_group:  # the batch holds whole groups: one call per prompt, lists in, a list out
             groups: dict[int, list[int]] = {}
             for i, prompt_index in enumerate(batch["prompt_index"]):
@@ -217,7 +224,8 @@ class RewardWorker:
 
     @property
     def fields(self) -> list[str]:
-        return [self.kind.prompt_field, self.kind.response_field, "answer", "prompt_index", "info"]
+        fields = [self.kind.prompt_field, self.kind.response_field, "answer", "prompt_index", "info"]
+        return fields + (["episode"] if getattr(self.kind, "multi_turn", False) else [])
 
     @property
     def _read(self) -> dict[str, Any]:

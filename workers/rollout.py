@@ -8,25 +8,32 @@ never waits for the trainer unless a prompt was admitted at a version newer than
 weights it holds, and the trainer never waits for it. With partial rollout on, a version
 published while a call is generating is also loaded at once: the engine swaps the weights
 under the samples in flight (and keeps them, or regenerates them, as it was built to), so
-long responses do not hold old weights for the whole call. The worker knows nothing about
-rewards or training; the engine knows nothing about the store.
+long responses do not hold old weights for the whole call. With an environment (`episodes`,
+workers.episodes) each sample is a multi-turn episode: its turns go to the engine batched with
+the other episodes' turns, and what it writes is the whole trajectory with its loss mask. The
+worker knows nothing about rewards or training; the engine knows nothing about the store.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from asyncflow.errors import WeightMismatch
 from asyncflow.tracing import tracer
-from workers.reward import parts_of, takes_info, with_info
+from workers.episodes import Batcher
+from workers.reward import parts_of, takes_info, with_episode, with_info
 from workers.samples import ROLLOUT, fill, idle, serve, take
 
 if TYPE_CHECKING:  # the seams' protocols and classes, for the type checker
+    from asyncflow.tasks import Example
     from dataplane.client import StoreClient
     from services.serving.protocol import Engine
+    from workers.episodes import Episodes
     from workers.kinds import Kind
     from workers.weights import WeightClient
 
@@ -47,8 +54,16 @@ class RolloutWorker:
         name: str = "rollout",
         get_timeout_s: float | None = None,
         partial_rollout: bool = False,
+        episodes: Episodes | None = None,
+        examples: Callable[[int], Example] | None = None,
     ):
+        """`episodes`: multi-turn episodes with an environment, on the task example that
+        `examples(prompt_index)` returns (both or neither)."""
+        if (episodes is None) != (examples is None):
+            raise ValueError("RolloutWorker: episodes need examples (the task's example(index)), and back")
         self.engine, self.store, self.weights = engine, store, weights
+        self.episodes, self.examples = episodes, examples
+        self._sync = asyncio.Lock()  # concurrent episodes' engine calls may all reach a safe point
         self.partial_rollout = partial_rollout
         self.n, self.groups_per_call, self.params, self.name = n, groups_per_call, params, name
         self.kind = kind  # workers.kinds: what prompts and responses are
@@ -65,6 +80,8 @@ class RolloutWorker:
             "longest_call_s": 0.0,  # the longest engine call: what a health probe's deadline allows for
         }
         self.rejected = -1  # the newest version refused; it is not pulled again
+        if episodes is not None:  # episodes run, their model turns, and those a limit or an error ended
+            self.stats.update(episodes=0, episode_turns=0, episodes_cut=0)
 
     @property
     def seen(self) -> int:
@@ -78,6 +95,12 @@ class RolloutWorker:
         start = time.perf_counter()
         with tracer.span("weights.wait", min_version=min_version, held=self.engine.version):
             latest = await self.weights.wait_version(min_version)
+        async with self._sync:  # concurrent episodes reach safe points together: one pull
+            await self._load(latest, min_version)
+        self.stats["sync_s"] += time.perf_counter() - start
+        return self.engine.version
+
+    async def _load(self, latest: int, min_version: int) -> None:
         if latest > self.seen:
             try:
                 # an engine that never loaded a version takes every tensor, the others only what changed
@@ -92,8 +115,6 @@ class RolloutWorker:
                 with tracer.span("weights.switch", version=version, held=self.engine.version):
                     await self.engine.update_weights(version, tensors)
                 self.stats["weight_syncs"] += 1
-        self.stats["sync_s"] += time.perf_counter() - start
-        return self.engine.version
 
     async def step(self, max_groups: int | None = None) -> int:
         """One engine call on up to `max_groups` ready prompt groups (sync mode). Returns samples
@@ -126,7 +147,7 @@ class RolloutWorker:
         with tracer.span(
             "generate", row_ids=batch.rows, groups=len(requests), version=self.engine.version
         ) as span:
-            completions = await self._generate(requests)
+            completions = await (self._episodes(requests) if self.episodes else self._generate(requests))
             span.update(tokens=sum(len(c.versions) for c in completions), version_end=self.engine.version)
         self.stats["longest_call_s"] = max(self.stats["longest_call_s"], time.perf_counter() - called)
         order = {(int(batch["prompt_index"][i]), int(batch["sample_index"][i])): i for i in range(len(batch))}
@@ -143,7 +164,7 @@ class RolloutWorker:
         self.stats["tokens"] += sum(len(c.versions) for c in rows)  # tokens, or denoising steps
         self.stats["busy_s"] += time.perf_counter() - start
 
-    async def _generate(self, requests: list) -> list:
+    async def _generate(self, requests: Sequence[Any]) -> list:
         """engine.generate, loading each version published meanwhile when partial rollout is on."""
         call = asyncio.ensure_future(self.engine.generate(requests))
         newer: asyncio.Future | None = None
@@ -161,6 +182,22 @@ class RolloutWorker:
             for task in (call, newer):  # a remote wait stays parked in the weight store until a publish
                 if task is not None and not task.done():
                     task.cancel()
+
+    async def _episodes(self, requests: list) -> list:
+        """One multi-turn episode per sample of each request, their turns batched (workers.episodes)."""
+        assert self.episodes is not None and self.examples is not None
+        generate, examples = Batcher(self._generate), self.examples
+        episodes = await asyncio.gather(
+            *(
+                self.episodes.run(generate, r, i, examples(int(r.request_id)))
+                for r in requests
+                for i in range(r.n)
+            )
+        )
+        self.stats["episodes"] += len(episodes)
+        self.stats["episode_turns"] += sum(t.episode["turns"] for t in episodes)
+        self.stats["episodes_cut"] += sum(t.episode["end"] != "done" for t in episodes)  # limits, errors
+        return list(episodes)
 
     async def work(self, groups: int) -> int:
         """Generate for exactly `groups` prompt groups (sync mode); returns samples written."""
@@ -192,11 +229,21 @@ class RolloutWorker:
         """Mean reward of one sample per held-out prompt, with the current weights."""
         prompts = self.kind.prompts(examples)[self.kind.prompt_field]
         requests = [self.kind.request(f"eval{i}", p, 1, self.params) for i, p in enumerate(prompts)]
-        responses = self.kind.results(await self.engine.generate(requests))[self.kind.response_field]
+        outputs: list[Any]
+        if self.episodes is not None:  # the held-out prompts' episodes, each with its own example
+            generate = Batcher(self.engine.generate)
+            outputs = await asyncio.gather(
+                *(self.episodes.run(generate, r, 0, e) for r, e in zip(requests, examples))
+            )
+        else:
+            outputs = await self.engine.generate(requests)
+        responses = self.kind.results(outputs)[self.kind.response_field]
         args = [self.kind.reward_args(p, r, e.answer) for p, r, e in zip(prompts, responses, examples)]
         binds_info, rewards = takes_info(reward_fn), []
-        for arg, example in zip(args, examples):
+        for arg, example, output in zip(args, examples, outputs):
             info = getattr(example, "info", "")
+            if self.episodes is not None:
+                info = with_episode(info, json.dumps(output.episode, default=str))
             fn = with_info(reward_fn, [info] if per_group else info) if binds_info else reward_fn
             if per_group:  # a reward function that scores lists: each held-out prompt is a group of one
                 rewards.append(parts_of(fn(*([a] for a in arg))[0])[0])

@@ -34,6 +34,11 @@ SCHEMA = {
     "behavior_logprobs": "float32[*]",
     "token_versions": "int64[*]",  # the policy version that produced each token
     "finish": "str",  # stop | length | abort
+    # RolloutWorker, multi-turn episodes only (env.source): the response is the whole trajectory
+    # after the prompt, model and environment tokens; behavior_logprobs and token_versions hold one
+    # entry per model token
+    "loss_mask": "uint8[*]",  # per response token: 1 sampled by the model (trained), 0 the environment's
+    "episode": "str",  # JSON: turns, why it ended, the environment's reward parts and info per turn
     # RewardWorker
     "reward": "float32",
     "reward_error": "str",  # "" when the reward function returned normally
@@ -51,6 +56,7 @@ PROMPT_FIELDS = [
 ]  # rollout reads them
 # The source also writes "info" (metadata for the reward); rollout has no use for it, so does not read it.
 ROLLOUT_FIELDS = ["response_ids", "behavior_logprobs", "token_versions", "finish"]
+EPISODE_FIELDS = ["loss_mask", "episode"]  # what rollout also writes for multi-turn episodes
 REWARD_FIELDS = ["reward", "reward_error", "reward_parts"]
 
 # A flow-matching policy's rows: a condition instead of prompt ids, and instead of tokens the

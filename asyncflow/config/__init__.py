@@ -15,6 +15,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from asyncflow.config._base import Section
 from asyncflow.config.deploy import DeployConfig
+from asyncflow.config.env import EnvConfig
 from asyncflow.config.flow import FlowConfig
 from asyncflow.config.observe import LoggingConfig
 from asyncflow.config.rl import (
@@ -43,6 +44,7 @@ __all__ = [
     "CriticConfig",
     "DataPlaneConfig",
     "DeployConfig",
+    "EnvConfig",
     "FlowConfig",
     "LoggingConfig",
     "Lora",
@@ -128,6 +130,9 @@ class AsyncFlowConfig(Section):
     task: TaskConfig = Field(default_factory=TaskConfig, description="Prompts and the reward function.")
     warmup: WarmupConfig = Field(default_factory=WarmupConfig, description="Supervised warm-start before RL.")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Rollout workers and sampling.")
+    env: EnvConfig = Field(
+        default_factory=EnvConfig, description="Multi-turn episodes with an environment (unset source: none)."
+    )
     reward: RewardConfig = Field(default_factory=RewardConfig, description="Reward workers.")
     reference: ReferenceConfig = Field(
         default_factory=ReferenceConfig, description="Reference log-probs (KL)."
@@ -214,6 +219,15 @@ class AsyncFlowConfig(Section):
             raise ValueError(
                 f"trainer.batch_prompts = {self.trainer.batch_prompts} does not split into "
                 f"trainer.minibatches = {self.trainer.minibatches}; make it a multiple"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _env_consistent(self) -> AsyncFlowConfig:
+        if self.env.source is not None and self.policy != "token":
+            raise ValueError(
+                f"env.source = {self.env.source!r} runs multi-turn episodes of a language model, but "
+                f"policy = {self.policy!r}; unset env.source, or use policy: token"
             )
         return self
 

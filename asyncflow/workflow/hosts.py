@@ -231,7 +231,27 @@ class RolloutHost(Host):
             self.engine(), store, self.weights(), n=c.n, groups_per_call=c.groups_per_call,
             params=self.kind.params(), kind=self.kind, name=f"rollout{self.index}",
             get_timeout_s=self.config.dataplane.get_timeout_s, partial_rollout=c.partial_rollout != "off",
+            **self.episodes(),
         )  # fmt: skip
+
+    def episodes(self) -> dict[str, Any]:
+        """With env.source: the episode runner over this worker's own pool of environment actors
+        (a slow tool waits there, not in the engine's process), and the task's examples."""
+        e = self.config.env
+        if e.source is None:
+            return {}
+        import ray
+
+        from workers.episodes import EnvHost, EnvPool, Episodes, RemoteEnvHost
+
+        actor = ray.remote(num_cpus=e.num_cpus, max_restarts=1)(EnvHost)
+        pool = EnvPool([RemoteEnvHost(actor.remote(e.source, e.options)) for _ in range(e.num_workers)])
+        kind: Any = self.kind  # a TokenKind: env.source needs policy: token
+        episodes = Episodes(
+            pool, kind.tokenizer, kind.stop_ids, max_turns=e.max_turns, episode_timeout_s=e.episode_timeout_s,
+            max_episode_tokens=e.max_episode_tokens,
+        )  # fmt: skip
+        return {"episodes": episodes, "examples": self.task.example}
 
     def engine(self) -> Any:
         """The rollout engine of the configured kind; its weights come from the weight store."""
