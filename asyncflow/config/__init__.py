@@ -15,7 +15,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from asyncflow.config._base import Section
 from asyncflow.config.deploy import DeployConfig
-from asyncflow.config.flow import FlowConfig
+from asyncflow.config.flow import EncoderConfig, FlowConfig
 from asyncflow.config.observe import LoggingConfig
 from asyncflow.config.rl import (
     Lora,
@@ -41,6 +41,7 @@ __all__ = [
     "AsyncFlowConfig",
     "DataPlaneConfig",
     "DeployConfig",
+    "EncoderConfig",
     "FlowConfig",
     "LoggingConfig",
     "Lora",
