@@ -26,7 +26,7 @@ import numpy as np
 from asyncflow.tasks import FlowExample
 from asyncflow.tasks.digits import SIDE, split, square_masks
 
-__all__ = ["CLASSIFIER_SEED", "DigitInpainting", "agreement", "condition", "reward"]
+__all__ = ["CLASSIFIER_SEED", "DigitInpainting", "agreement", "classifier", "condition", "reward"]
 
 CLASSIFIER_SEED = 1
 PIXELS = SIDE * SIDE
@@ -74,7 +74,7 @@ class DigitInpainting:
 
 
 @functools.cache
-def _classifier() -> Any:
+def classifier() -> Any:
     import torch
 
     from asyncflow.tasks.digit_classifier import train_classifier
@@ -93,7 +93,7 @@ def _probabilities(sample: Any) -> np.ndarray:
 
     x = torch.as_tensor(np.asarray(sample, np.float32).reshape(1, PIXELS))
     with torch.no_grad():
-        return torch.softmax(_classifier()(x), dim=-1)[0].numpy()
+        return torch.softmax(classifier()(x), dim=-1)[0].numpy()
 
 
 def _check(condition: Any, sample: Any, answer: str) -> tuple[np.ndarray, np.ndarray, int]:
