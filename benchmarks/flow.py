@@ -27,7 +27,8 @@
 
 5. The plug-in context encoder (benchmarks/flow_encoder.py): digits inpainting by a context
    encoder on a frozen pre-trained backbone against full fine-tuning, supervised then
-   Flow-GRPO, at equal wall time: bytes per weight update, agreement, MSE, FD.
+   Flow-GRPO, at equal time (CPU seconds of the one-thread process): bytes per weight update,
+   agreement, MSE, FD.
 
     flock /tmp/asyncflow-bench.lock .venv/bin/python benchmarks/flow.py --iters 20000 --rl-seeds 3 \\
         --json docs/bench-flow.json --svg docs/bench-flow-rl.svg
@@ -289,10 +290,13 @@ def main(argv: list[str] | None = None) -> int:
         "--sampler-noise", type=float, default=0.5, help="pfgm: velocity noise std, noisy column"
     )
     parser.add_argument(
-        "--encoder-sup-s", type=float, default=60.0, help="encoder: seconds of supervised training per arm"
+        "--encoder-sup-s",
+        type=float,
+        default=60.0,
+        help="encoder: CPU seconds of supervised training per arm",
     )
     parser.add_argument(
-        "--encoder-rl-s", type=float, default=60.0, help="encoder: seconds of Flow-GRPO per arm"
+        "--encoder-rl-s", type=float, default=60.0, help="encoder: CPU seconds of Flow-GRPO per arm"
     )
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--svg", type=Path, help="write the RL hit-rate curves here")
