@@ -19,6 +19,7 @@ Knows nothing about models or engines; torch only inside the rewards.
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Any
 
 import numpy as np
@@ -73,8 +74,17 @@ class DigitInpainting:
         return x, condition(x, square_masks(count, rng, self.mask_size))
 
 
-@functools.cache
+_training = threading.Lock()  # a reward worker calls from a thread pool: one call trains it, once
+
+
 def classifier() -> Any:
+    """The reward's digit classifier, trained on first use in this process (then kept)."""
+    with _training:
+        return _trained()
+
+
+@functools.cache
+def _trained() -> Any:
     import torch
 
     from asyncflow.tasks.digit_classifier import train_classifier
