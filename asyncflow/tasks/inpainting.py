@@ -13,6 +13,9 @@ judge it is measured by):
     reward(c, x, label)    = {"label": p(label | x), "consistency": -mean over known pixels of (x - c)^2}
     agreement(c, x, label) = 1 if the classifier's most likely digit for x is label, else 0
 
+`InpaintingReward` is `reward` made once per reward worker (task.reward_options), so the
+classifier trains when the worker starts rather than inside the first call.
+
 Knows nothing about models or engines; torch only inside the rewards.
 """
 
@@ -27,7 +30,15 @@ import numpy as np
 from asyncflow.tasks import FlowExample
 from asyncflow.tasks.digits import SIDE, split, square_masks
 
-__all__ = ["CLASSIFIER_SEED", "DigitInpainting", "agreement", "classifier", "condition", "reward"]
+__all__ = [
+    "CLASSIFIER_SEED",
+    "DigitInpainting",
+    "InpaintingReward",
+    "agreement",
+    "classifier",
+    "condition",
+    "reward",
+]
 
 CLASSIFIER_SEED = 1
 PIXELS = SIDE * SIDE
@@ -124,6 +135,25 @@ def reward(condition: Any, sample: Any, answer: str) -> dict[str, float]:
     known = c[PIXELS:]
     error = float((known * (x - c[:PIXELS]) ** 2).sum() / max(known.sum(), 1.0))
     return {"label": float(_probabilities(x)[label]), "consistency": -error}
+
+
+class InpaintingReward:
+    """`reward`, with the squared error on the known pixels weighted by `consistency_weight`, made
+    once per reward worker (task.reward_options): the classifier trains when the worker starts,
+    before it takes any rows, so no row waits on it past its lease."""
+
+    def __init__(self, consistency_weight: float = 1.0):
+        if not consistency_weight >= 0:
+            raise ValueError(
+                f"InpaintingReward: consistency_weight={consistency_weight}, expected >= 0; fix "
+                "task.reward_options"
+            )
+        self.consistency_weight = consistency_weight
+        classifier()
+
+    def __call__(self, condition: Any, sample: Any, answer: str) -> dict[str, float]:
+        parts = reward(condition, sample, answer)
+        return {"label": parts["label"], "consistency": self.consistency_weight * parts["consistency"]}
 
 
 def agreement(condition: Any, sample: Any, answer: str) -> float:

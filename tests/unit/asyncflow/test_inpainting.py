@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from asyncflow.tasks.inpainting import DigitInpainting, agreement, classifier, reward
+from asyncflow.tasks.inpainting import DigitInpainting, InpaintingReward, agreement, classifier, reward
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -44,6 +44,11 @@ def test_the_reward_is_the_label_probability_and_the_known_pixels_error(task):
     off[known[:3]] += 0.5  # three known pixels off by 0.5: squared error 3 * 0.25 over 48 known pixels
     off[np.flatnonzero(c[64:] == 0)] = 1.0  # hidden pixels do not count for consistency
     assert reward(c, off, example.answer)["consistency"] == pytest.approx(-0.75 / 48)
+    weighted = InpaintingReward(consistency_weight=2.0)(c, off, example.answer)
+    assert weighted == {
+        "label": reward(c, off, example.answer)["label"],
+        "consistency": pytest.approx(-1.5 / 48),
+    }
     # the reward classifier reads clean test digits as their labels
     agree = [
         agreement(task.eval_example(i).condition, task.test[i], task.eval_example(i).answer)
