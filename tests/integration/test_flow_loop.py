@@ -58,11 +58,9 @@ def test_the_context_encoder_alone_trains_and_travels(ray_session, tmp_path):
     )  # fmt: skip
     summary = train(config, display=False)
     assert_exactly_once(summary)
-    metrics = RunDir(summary["run_dir"]).metrics()
-    first, last = (
-        load_file(str(Path(summary["run_dir"], "checkpoints", f"step_{s}", "trainer", "model.safetensors")))
-        for s in (10, 20)
-    )
+    run = RunDir(summary["run_dir"])
+    metrics = run.metrics()
+    first, last = (load_file(str(run.checkpoint_dir(s) / "trainer" / "model.safetensors")) for s in (10, 20))
     encoder = {k for k in first if k.startswith("encoder.") and k != "encoder.freqs"}
     assert all(torch.equal(first[k], last[k]) for k in first if k.startswith("backbone."))
     assert all(not torch.equal(first[k], last[k]) for k in encoder)
