@@ -151,8 +151,8 @@ class FlowKind:
 
     def warmup(self, model: torch.nn.Module, task: Any, config: WarmupConfig) -> dict:
         """Flow-matching pre-training on `task.data` with the configured loss. With flow.encoder:
-        the backbone alone, unconditionally, then the encoder alone on the inpainting loss (each
-        whatever trainer.trainable later trains)."""
+        the backbone alone, unconditionally, then the encoder alone on the inpainting loss, whatever
+        trainer.trainable trains later."""
         e = self.config.encoder
         loss = make_loss(self.config.pretrain_loss, wcfm_eps=self.config.wcfm_eps)
         out: dict[str, Any] = {"steps": config.steps}
