@@ -25,10 +25,16 @@
 4. PFGM++ (benchmarks/flow_pfgm.py): W2 on moons and FD on digits against Euler steps, and
    with a noisy sampler, for several augmented dimensions D (inf: the Gaussian).
 
+5. The plug-in context encoder (benchmarks/flow_encoder.py): digits inpainting by a context
+   encoder on a frozen pre-trained backbone against full fine-tuning, supervised then
+   Flow-GRPO, at equal time (CPU seconds of the one-thread process): bytes per weight update,
+   agreement, MSE, FD.
+
     flock /tmp/asyncflow-bench.lock .venv/bin/python benchmarks/flow.py --iters 20000 --rl-seeds 3 \\
         --json docs/bench-flow.json --svg docs/bench-flow-rl.svg
     .venv/bin/python benchmarks/flow.py --iters 500 --skip-rl    # quick look
     .venv/bin/python -m benchmarks.flow --only pmrf,pfgm --seeds 3    # tables 3 and 4 (see --help)
+    .venv/bin/python -m benchmarks.flow --only encoder --seeds 3      # table 5
 
 Needs the `bench` extra (torchcfm, POT, scipy, scikit-learn; see pyproject.toml for the light
 install).
@@ -230,8 +236,8 @@ def median(values: list[Any]) -> Any:
 
 
 def seed_tables(args: argparse.Namespace, tables: set[str]) -> dict[str, Any]:
-    """The PMRF and PFGM++ tables (benchmarks/flow_pmrf.py, benchmarks/flow_pfgm.py)."""
-    if not tables & {"pmrf", "pfgm"}:
+    """The PMRF, PFGM++ and encoder tables (benchmarks/flow_pmrf.py, flow_pfgm.py, flow_encoder.py)."""
+    if not tables & {"pmrf", "pfgm", "encoder"}:
         return {}
     from benchmarks.flow_digits import Judge
     from benchmarks.flow_pfgm import pfgm_tables
@@ -243,6 +249,10 @@ def seed_tables(args: argparse.Namespace, tables: set[str]) -> dict[str, Any]:
         out["pmrf"] = pmrf_table(args, judge, median)
     if "pfgm" in tables:
         out["pfgm"] = pfgm_tables(args, judge if "digits" in args.pfgm_data else None, w2, median)
+    if "encoder" in tables:
+        from benchmarks.flow_encoder import encoder_table
+
+        out["encoder"] = encoder_table(args, judge, median)
     return out
 
 
@@ -260,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument(
         "--only",
-        help="comma-separated tables to run, of quality,rl,pmrf,pfgm (default: quality,rl, less --skip-*)",
+        help="comma-separated tables to run, of quality,rl,pmrf,pfgm,encoder (default: quality,rl, less "
+        "--skip-*)",
     )
     parser.add_argument(
         "--digits-iters", type=int, default=3000, help="Adam steps per digits model (pmrf, pfgm)"
@@ -278,6 +289,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--sampler-noise", type=float, default=0.5, help="pfgm: velocity noise std, noisy column"
     )
+    parser.add_argument(
+        "--encoder-sup-s",
+        type=float,
+        default=60.0,
+        help="encoder: CPU seconds of supervised training per arm",
+    )
+    parser.add_argument(
+        "--encoder-rl-s", type=float, default=60.0, help="encoder: CPU seconds of Flow-GRPO per arm"
+    )
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--svg", type=Path, help="write the RL hit-rate curves here")
     args = parser.parse_args(argv)
@@ -289,8 +309,9 @@ def main(argv: list[str] | None = None) -> int:
         else {"quality", "rl"}
         - {t for t, skip in (("quality", args.skip_quality), ("rl", args.skip_rl)) if skip}
     )
-    if tables - {"quality", "rl", "pmrf", "pfgm"}:
-        parser.error(f"--only: unknown tables {sorted(tables - {'quality', 'rl', 'pmrf', 'pfgm'})}")
+    known = {"quality", "rl", "pmrf", "pfgm", "encoder"}
+    if tables - known:
+        parser.error(f"--only: unknown tables {sorted(tables - known)}; expected some of {sorted(known)}")
     payload.update(seed_tables(args, tables))
 
     if "quality" in tables:

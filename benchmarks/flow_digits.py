@@ -14,37 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch import nn
 
+from asyncflow.tasks.digit_classifier import train_classifier
 from asyncflow.tasks.digits import split
-
-
-class Classifier(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Sequential(nn.Linear(64, 128), nn.SiLU(), nn.Linear(128, 64), nn.SiLU())
-        self.head = nn.Linear(64, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
-
-
-def train_classifier(seed: int = 0, steps: int = 2000) -> Classifier:
-    (train, labels), _ = split()
-    x, y = torch.from_numpy(train), torch.from_numpy(labels)
-    torch.manual_seed(seed)
-    model = Classifier()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    rng = np.random.default_rng([seed, 7])
-    for _ in range(steps):
-        rows = torch.from_numpy(rng.integers(0, len(x), 128))
-        # light pixel noise keeps the features meaningful on imperfect images
-        inputs = x[rows] + 0.05 * torch.randn(len(rows), 64)
-        loss = nn.functional.cross_entropy(model(inputs), y[rows])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return model.eval()
 
 
 def _stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

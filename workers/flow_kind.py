@@ -16,6 +16,7 @@ pre-training on the task's data (services.flow.losses).
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from torch import Tensor
 
 from asyncflow.config import FlowConfig, WarmupConfig
 from services.flow import FlowEngine, FlowRequest, FlowSample, FlowSamplingParams, VelocityMLP, step_logprobs
+from services.flow.encoder import EncoderFlow, inpainting_loss, training_only
 from services.flow.losses import fit, make_loss
 from workers.samples import FLOW_PROMPT_FIELDS, FLOW_ROLLOUT_FIELDS
 
@@ -61,20 +63,35 @@ class FlowKind:
                     f"policy flow needs a flow task (asyncflow.tasks.FlowTask), but {type(task).__name__} "
                     f"has no {attr!r}; set task.source to one, e.g. asyncflow.tasks.gaussians:EightGaussians"
                 )
+        if config.encoder is not None and not task.condition_dim:
+            raise ValueError(
+                f"flow.encoder reads the task's condition, but {type(task).__name__} is unconditional "
+                "(condition_dim 0); unset flow.encoder, or use a conditional task such as "
+                "asyncflow.tasks.inpainting:DigitInpainting"
+            )
         self.config, self.task = config, task
 
-    def model(self, seed: int) -> VelocityMLP:
-        c = self.config
+    def model(self, seed: int) -> VelocityMLP | EncoderFlow:
+        """The velocity MLP, or with flow.encoder an unconditional one (the backbone) under a
+        context encoder (services.flow.encoder)."""
+        c, e = self.config, self.config.encoder
         with torch.random.fork_rng():  # the same seed gives the same initial weights everywhere
             torch.manual_seed(seed)
-            return VelocityMLP(
-                self.task.dim, self.task.condition_dim, hidden_size=c.hidden_size, num_layers=c.num_layers,
-                time_features=c.time_features,
+            mlp = VelocityMLP(
+                self.task.dim, 0 if e else self.task.condition_dim, hidden_size=c.hidden_size,
+                num_layers=c.num_layers, time_features=c.time_features,
+            )  # fmt: skip
+            if e is None:
+                return mlp
+            return EncoderFlow(
+                mlp, self.task.condition_dim, hidden_size=e.hidden_size, num_layers=e.num_layers,
+                inject_layers=e.inject_layers,
             )  # fmt: skip
 
     def engine(self, seed: int) -> FlowEngine:
         """An engine with a fresh model; its weights come from the weight store (version -1 until then)."""
-        return FlowEngine(self.model(0), version=-1, seed=seed, boss_fine_steps=self.config.boss_fine_steps)
+        model: Any = self.model(0)  # a VelocityMLP, or an EncoderFlow (which has its interface)
+        return FlowEngine(model, version=-1, seed=seed, boss_fine_steps=self.config.boss_fine_steps)
 
     def params(self) -> FlowSamplingParams:
         c = self.config
@@ -133,22 +150,43 @@ class FlowKind:
         return lp, torch.ones_like(lp, dtype=torch.bool)
 
     def warmup(self, model: torch.nn.Module, task: Any, config: WarmupConfig) -> dict:
-        """Flow-matching pre-training on `task.data` with the configured loss."""
-        if config.steps == 0:
-            return {"steps": 0}
+        """Flow-matching pre-training on `task.data` with the configured loss. With flow.encoder:
+        the backbone alone, unconditionally, then the encoder alone on the inpainting loss, whatever
+        trainer.trainable trains later."""
+        e = self.config.encoder
         loss = make_loss(self.config.pretrain_loss, wcfm_eps=self.config.wcfm_eps)
-
-        def data(step: int, size: int) -> tuple[Tensor, Tensor]:
-            x, cond = task.data(step, size)
-            return torch.as_tensor(x), torch.as_tensor(cond)
-
+        out: dict[str, Any] = {"steps": config.steps}
         start = time.perf_counter()
-        final = fit(
-            model,  # type: ignore[arg-type]  # a VelocityMLP (self.model)
-            loss, data, steps=config.steps, batch_size=config.batch_size, lr=config.lr,
+        if isinstance(model, EncoderFlow):
+            with training_only(model, model.backbone):
+                out["loss"] = self._fit(model.backbone, loss, task, config, config.steps, conditional=False)
+            if e is not None and e.supervised_steps:
+                with training_only(model, model.encoder):
+                    encoder_loss = functools.partial(inpainting_loss, known_weight=e.known_weight)
+                    out["encoder_loss"] = self._fit(model, encoder_loss, task, config, e.supervised_steps)
+                out["encoder_steps"] = e.supervised_steps
+        else:
+            out["loss"] = self._fit(model, loss, task, config, config.steps)
+        out["seconds"] = time.perf_counter() - start
+        return out if config.steps or out.get("encoder_steps") else {"steps": 0}
+
+    @staticmethod
+    def _fit(
+        model: torch.nn.Module, loss: Any, task: Any, config: WarmupConfig, steps: int, *,
+        conditional: bool = True,
+    ) -> float:  # fmt: skip
+        if not steps:
+            return float("nan")
+
+        def data(step: int, size: int) -> tuple[Tensor, Tensor | None]:
+            x, cond = task.data(step, size)
+            return torch.as_tensor(x), (torch.as_tensor(cond) if conditional else None)
+
+        return fit(
+            model,  # type: ignore[arg-type]  # a VelocityMLP or an EncoderFlow (self.model)
+            loss, data, steps=steps, batch_size=config.batch_size, lr=config.lr,
             seed=int(torch.randint(2**31 - 1, ())),
         )  # fmt: skip
-        return {"steps": config.steps, "loss": final, "seconds": time.perf_counter() - start}
 
     def step_logprobs(self, model: VelocityMLP, conditions: Sequence[Any], latents: Sequence[Any],
                       grids: Sequence[Any]) -> torch.Tensor:  # fmt: skip

@@ -7,9 +7,36 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from asyncflow.config._base import Section
+
+
+class EncoderConfig(Section):
+    """A plug-in context encoder on a frozen backbone (services.flow.encoder, VideoPainter's idea):
+    the velocity MLP above is unconditional, pre-trained by `warmup` and then frozen; a small
+    encoder reads the noisy sample, the task's condition and the time, and adds its features to
+    the backbone's first hidden layers through zero-initialised projections. Train and publish it
+    alone with `trainer.trainable: {patterns: ["encoder.*"]}`."""
+
+    hidden_size: int = Field(32, ge=1, le=65536, description="Width of the encoder's MLP.")
+    num_layers: int = Field(2, ge=1, le=64, description="Hidden layers of the encoder's MLP.")
+    inject_layers: int = Field(
+        2, ge=1, le=64,
+        description="How many of the backbone's hidden layers (from the first) receive the encoder's "
+        "features; at most flow.num_layers.",
+    )  # fmt: skip
+    supervised_steps: int = Field(
+        2000, ge=0, le=10_000_000,
+        description="Adam steps (warmup's batch size and rate) that train the encoder alone, after the "
+        "backbone's pre-training, on the inpainting flow-matching loss (0: RL from the zero-initialised "
+        "encoder, i.e. from the backbone itself).",
+    )  # fmt: skip
+    known_weight: float = Field(
+        0.1, ge=0, le=1e3,
+        description="Weight of the known pixels in the supervised loss (hidden pixels weigh 1; 0: the hidden "
+        "region alone). The task's condition must be [masked image, mask].",
+    )  # fmt: skip
 
 
 class FlowConfig(Section):
@@ -46,3 +73,18 @@ class FlowConfig(Section):
     wcfm_eps: float = Field(
         10.0, gt=0, le=1e6, description="W-CFM's kernel width eps in exp(-|x - y|^2 / eps)."
     )
+    encoder: EncoderConfig | None = Field(
+        None,
+        description="Unset: one conditional velocity MLP trains. Set: an unconditional backbone (the MLP "
+        "above), pre-trained by warmup and frozen, plus a trainable context encoder that reads the "
+        "condition (see EncoderConfig).",
+    )
+
+    @model_validator(mode="after")
+    def _encoder_fits(self) -> FlowConfig:
+        if self.encoder is not None and self.encoder.inject_layers > self.num_layers:
+            raise ValueError(
+                f"flow.encoder.inject_layers = {self.encoder.inject_layers} but the backbone has "
+                f"flow.num_layers = {self.num_layers} hidden layers; inject into at most {self.num_layers}"
+            )
+        return self

@@ -18,7 +18,7 @@ from typing import Literal, get_args
 
 import numpy as np
 
-__all__ = ["DEGRADATIONS", "Degradation", "degrade", "digits", "split"]
+__all__ = ["DEGRADATIONS", "Degradation", "degrade", "digits", "split", "square_masks"]
 
 Degradation = Literal["noise", "blur", "mask"]
 DEGRADATIONS: tuple[str, ...] = get_args(Degradation)
@@ -58,7 +58,9 @@ def _blur(x: np.ndarray) -> np.ndarray:
     return img.reshape(-1, SIDE * SIDE)
 
 
-def _mask(count: int, rng: np.random.Generator, size: int = 4) -> np.ndarray:
+def square_masks(count: int, rng: np.random.Generator, size: int = 4) -> np.ndarray:
+    """`count` masks (count, 64) float32: 1 on known pixels, 0 on a `size` x `size` square at a
+    random place."""
     rows, cols = rng.integers(0, SIDE - size + 1, count), rng.integers(0, SIDE - size + 1, count)
     grid = np.arange(SIDE)
     inside_r = (grid[None, :] >= rows[:, None]) & (grid[None, :] < rows[:, None] + size)  # (B, 8)
@@ -77,5 +79,5 @@ def degrade(x: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
     if kind == "blur":
         return (_blur(x) + 0.1 * noise).astype(np.float32)
     if kind == "mask":
-        return _mask(len(x), rng) * x + 0.1 * noise
+        return square_masks(len(x), rng) * x + 0.1 * noise
     raise ValueError(f"unknown degradation {kind!r}; expected one of {DEGRADATIONS}")

@@ -7,6 +7,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import torch
 
 from asyncflow.config import load_config
 from asyncflow.recipes.grpo import train
@@ -40,3 +41,31 @@ def test_flow_policy_learns_to_hit_the_target_mode(ray_session, tmp_path, stalen
         assert all(m["logprob_diff_max"] == 0.0 and m["is_weight_max"] == 1.0 for m in metrics)
     else:
         assert max(m["logprob_diff_max"] for m in metrics) > 0
+
+
+def test_the_context_encoder_alone_trains_and_travels(ray_session, tmp_path):
+    """examples/flow-inpaint.yaml: the backbone is bit-identical in every checkpoint, the encoder
+    moves, and every update publishes the encoder's bytes alone."""
+    from safetensors.torch import load_file
+
+    config = load_config(
+        EXAMPLE.with_name("flow-inpaint.yaml"),
+        [
+            f"output_dir={tmp_path}", f"dataplane.name=inpaint-{uuid.uuid4().hex[:8]}", "staleness=0",
+            "warmup.steps=200", "flow.encoder.supervised_steps=200", "trainer.steps=20",
+            "trainer.checkpoint_every=10", "task.eval_prompts=64",
+        ],
+    )  # fmt: skip
+    summary = train(config, display=False)
+    assert_exactly_once(summary)
+    run = RunDir(summary["run_dir"])
+    metrics = run.metrics()
+    first, last = (load_file(str(run.checkpoint_dir(s) / "trainer" / "model.safetensors")) for s in (10, 20))
+    encoder = {k for k in first if k.startswith("encoder.") and k != "encoder.freqs"}
+    assert all(torch.equal(first[k], last[k]) for k in first if k.startswith("backbone."))
+    assert all(not torch.equal(first[k], last[k]) for k in encoder)
+    encoder_bytes = sum(first[k].numel() * first[k].element_size() for k in encoder)
+    assert all(m["publish_bytes"] == encoder_bytes for m in metrics)
+    assert all(
+        m["logprob_diff_max"] == 0.0 for m in metrics
+    )  # on-policy: the engine's encoder is the trainer's

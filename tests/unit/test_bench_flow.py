@@ -29,3 +29,22 @@ def test_pmrf_and_pfgm_tables_run_at_toy_size(tmp_path, capsys):
         assert set(rows) == {"8", "inf (Gaussian)"} and all(len(r) == 7 for r in rows.values())
     printed = capsys.readouterr().out
     assert "| mask | pmrf |" in printed and "PFGM++ on 8x8 digits" in printed
+
+
+def test_encoder_table_runs_at_toy_size(tmp_path, capsys):
+    before = torch.get_num_threads()
+    out = tmp_path / "encoder.json"
+    try:
+        toy = ["--digits-iters", "5", "--encoder-sup-s", "0.2", "--encoder-rl-s", "0.5"]
+        main(["--only", "encoder", *toy, "--json", str(out)])
+    finally:
+        torch.set_num_threads(before)
+    figures = json.loads(out.read_text())["encoder"]
+    rows = figures["median"]
+    assert set(rows) == {"backbone", "encoder/supervised", "encoder/rl", "full/supervised", "full/rl"}
+    run = figures["runs"][0]
+    # only the encoder's tensors move in the encoder arm: a fraction of the full model's bytes
+    assert 0 < run["encoder"]["bytes_per_update"] < run["full"]["bytes_per_update"] / 4
+    assert run["encoder"]["trained_parameters"] < run["full"]["trained_parameters"] / 4
+    assert all(0 <= r["agreement"] <= 1 and r["fd"] > 0 for r in rows.values())
+    assert "| encoder | rl |" in capsys.readouterr().out
