@@ -23,6 +23,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
@@ -187,16 +188,16 @@ class _Batch:
     @staticmethod
     def build(rows: list[tuple[Request, int]], *, eos: int, pad: int, device: torch.device) -> _Batch:
         prompts = [request.prompt_ids for request, _ in rows]
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        lengths = np.array([len(p) for p in prompts])  # (B,)
+        width = int(lengths.max())
+        ids = np.full((len(rows), width), pad, dtype=np.int64)  # filled in numpy: no tensor per row
         for i, prompt in enumerate(prompts):
-            ids[i, width - len(prompt) :] = torch.tensor(prompt)
-            mask[i, width - len(prompt) :] = 1
+            ids[i, width - lengths[i] :] = prompt
+        mask = (np.arange(width) >= (width - lengths)[:, None]).astype(np.int64)  # (B, T) left padding
         stops = [(eos, *request.params.stop_token_ids) for request, _ in rows]
-        stop_ids = torch.full((len(rows), max(map(len, stops))), -1, dtype=torch.long)
+        stop_ids = np.full((len(rows), max(map(len, stops))), -1, dtype=np.int64)
         for i, stop in enumerate(stops):
-            stop_ids[i, : len(stop)] = torch.tensor(stop)
+            stop_ids[i, : len(stop)] = stop
         params = [request.params for request, _ in rows]
 
         def column(values: list[float] | list[int], dtype: torch.dtype) -> torch.Tensor:
@@ -204,13 +205,13 @@ class _Batch:
 
         return _Batch(
             rows=rows,
-            ids=ids.to(device),
-            mask=mask.to(device),
+            ids=torch.from_numpy(ids).to(device),
+            mask=torch.from_numpy(mask).to(device),
             temperature=column([p.temperature for p in params], torch.float32),
             top_k=column([p.top_k for p in params], torch.long),
             top_p=column([p.top_p for p in params], torch.float32),
             max_new=column([p.max_new_tokens for p in params], torch.long),
-            stop_ids=stop_ids.to(device),
+            stop_ids=torch.from_numpy(stop_ids).to(device),
             done=torch.zeros(len(rows), dtype=torch.bool, device=device),
             stopped=torch.zeros(len(rows), dtype=torch.bool, device=device),
             lengths=torch.zeros(len(rows), dtype=torch.long, device=device),
