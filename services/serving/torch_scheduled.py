@@ -29,6 +29,7 @@ import inspect
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
@@ -90,8 +91,8 @@ class ScheduledTorchEngine(InProcessEngine):
             raise ValueError(f"ScheduledTorchEngine: policy={policy!r}, expected one of {POLICIES}")
         if max_batch_size < 1 or kv_budget_tokens < 1:
             raise ValueError(
-                f"ScheduledTorchEngine: max_batch_size={max_batch_size}, kv_budget_tokens={kv_budget_tokens}; "
-                "both must be >= 1"
+                f"ScheduledTorchEngine: max_batch_size={max_batch_size}, "
+                f"kv_budget_tokens={kv_budget_tokens}; both must be >= 1"
             )
         super().__init__(model, version)
         self.max_batch_size, self.kv_budget_tokens = max_batch_size, kv_budget_tokens
@@ -106,7 +107,9 @@ class ScheduledTorchEngine(InProcessEngine):
         self._max_positions = int(model.config.max_position_embeddings)
         self._vocab_size = int(model.config.vocab_size)
         self._generator = torch.Generator(device=self._device).manual_seed(seed)
-        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self._cache_arg = (
+            "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        )
         self._epoch = 0  # bumped by every weight update; KV of an older epoch is stale
         self._arrivals = 0
         self._live: list[_Seq] = []  # unfinished sequences, any state
@@ -121,6 +124,12 @@ class ScheduledTorchEngine(InProcessEngine):
         self._open_model()
         for request in requests:
             check_fits(request, max_positions=self._max_positions, vocab_size=self._vocab_size)
+            need = len(request.prompt_ids) + request.params.max_new_tokens
+            if need > self.kv_budget_tokens:
+                raise ValueError(
+                    f"Request {request.request_id!r}: prompt + max_new_tokens = {need} KV tokens exceeds "
+                    f"kv_budget_tokens={self.kv_budget_tokens}; raise the budget or lower max_new_tokens"
+                )
         loop, started = asyncio.get_running_loop(), time.perf_counter()
         seqs = []
         for request in requests:
@@ -204,9 +213,8 @@ class ScheduledTorchEngine(InProcessEngine):
             return
         for row, seq in enumerate(self._batch):
             if id(seq) in leaving:
-                seq.kv = [(k[row : row + 1, :, k.shape[2] - len(seq.tokens) + 1 :].to("cpu", copy=True),
-                           v[row : row + 1, :, v.shape[2] - len(seq.tokens) + 1 :].to("cpu", copy=True))
-                          for k, v in self._cache] if keep else None  # fmt: skip
+                kept = _row(self._cache, row, len(seq.tokens) - 1)
+                seq.kv = [(k.to("cpu", copy=True), v.to("cpu", copy=True)) for k, v in kept] if keep else None
                 if keep:
                     self.stats["host_kv_bytes"] += sum(k.nbytes + v.nbytes for k, v in seq.kv or [])
         self._rebuild([s for s in self._batch if id(s) not in leaving], [])
@@ -245,7 +253,7 @@ class ScheduledTorchEngine(InProcessEngine):
             position_ids=positions.to(self._device), use_cache=True, logits_to_keep=1,
             **{self._cache_arg: cache},
         )  # fmt: skip
-        layers = [(layer.keys, layer.values) for layer in cache.layers]
+        layers = _layers(cache)
         return [
             [(k[i : i + 1, :, width - n :], v[i : i + 1, :, width - n :]) for k, v in layers]
             for i, n in enumerate(len(s.tokens) - 1 for s in seqs)
@@ -264,9 +272,7 @@ class ScheduledTorchEngine(InProcessEngine):
         keep = {id(s) for s in staying}
         for row, seq in enumerate(self._batch):
             if id(seq) in keep:
-                n = len(seq.tokens) - 1
-                parts.append((seq, [(k[row : row + 1, :, k.shape[2] - n :], v[row : row + 1, :, v.shape[2] - n :])
-                                    for k, v in self._cache]))  # fmt: skip
+                parts.append((seq, _row(self._cache, row, len(seq.tokens) - 1)))
         parts += joining
         self._batch = [seq for seq, _ in parts]
         for seq in self._batch:
@@ -281,7 +287,7 @@ class ScheduledTorchEngine(InProcessEngine):
             k0 = parts[0][1][layer][0]
             k = k0.new_zeros((len(parts), k0.shape[1], width, k0.shape[3]))
             v = torch.zeros_like(k)
-            for row, (seq, kv) in enumerate(parts):
+            for row, (_, kv) in enumerate(parts):
                 n = kv[layer][0].shape[2]
                 k[row, :, width - n :], v[row, :, width - n :] = kv[layer][0][0], kv[layer][1][0]
                 self._mask[row, width - n :] = 1
@@ -300,7 +306,7 @@ class ScheduledTorchEngine(InProcessEngine):
             input_ids=new, attention_mask=mask, position_ids=positions, use_cache=True,
             **{self._cache_arg: cache},
         )  # fmt: skip
-        self._cache = [(layer.keys, layer.values) for layer in cache.layers]
+        self._cache = _layers(cache)
         self._mask = mask
         params = [s.request.params for s in seqs]
         tokens, logprobs = sample_tokens(
@@ -317,7 +323,7 @@ class ScheduledTorchEngine(InProcessEngine):
         self._record(tokens.tolist(), logprobs.tolist())
 
     def _record(self, tokens: list[int], logprobs: list[float]) -> None:
-        finished = []
+        finished: list[tuple[_Seq, FinishReason]] = []
         for seq, token, logprob in zip(self._batch, tokens, logprobs):
             seq.computed = len(seq.tokens)
             seq.tokens.append(token)
@@ -347,3 +353,14 @@ class ScheduledTorchEngine(InProcessEngine):
             versions=seq.versions,
             finish_reason=reason,
         )
+
+
+def _row(cache: KV, row: int, n: int) -> KV:
+    """Row `row`'s last `n` cached tokens (rows are right-aligned), as views."""
+    return [(k[row : row + 1, :, k.shape[2] - n :], v[row : row + 1, :, v.shape[2] - n :]) for k, v in cache]
+
+
+def _layers(cache: DynamicCache) -> KV:
+    """A cache's per-layer (keys, values) tensors (attention layers only: Llama / Qwen2 style)."""
+    out: Any = [(layer.keys, layer.values) for layer in cache.layers]  # type: ignore[union-attr]
+    return out
