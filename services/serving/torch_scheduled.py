@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from services.serving.optimal import optimal_tokens_per_s
 from services.serving.protocol import Completion, FinishReason, InProcessEngine, Request, check_fits
 from services.serving.scheduler import POLICIES, Policy, Slot, fcfs_priority, plan_step, priority_key
 from services.serving.torch_engine import sample_tokens
@@ -101,6 +102,7 @@ class ScheduledTorchEngine(InProcessEngine):
             ("tokens_generated", "generate_s", "requests", "steps", "preemptions", "restores",
              "recomputed_tokens", "prefill_tokens", "host_kv_bytes", "forward_s", "schedule_s"), 0
         )  # fmt: skip
+        self.stats["optimal_tokens_per_s"] = optimal_tokens_per_s(model)  # NanoFlow's bound, measured
         self.step_log: list[tuple[int, int, float]] = []  # per step: (rows, KV tokens, forward seconds)
         self._eos, self._pad = eos_token_id, pad_token_id
         self._device = next(model.parameters()).device
