@@ -103,7 +103,8 @@ class ScheduledTorchEngine(InProcessEngine):
              "recomputed_tokens", "prefill_tokens", "host_kv_bytes", "forward_s", "schedule_s"), 0
         )  # fmt: skip
         self.stats["optimal_tokens_per_s"] = optimal_tokens_per_s(model)  # NanoFlow's bound, measured
-        self.step_log: list[tuple[int, int, float]] = []  # per step: (rows, KV tokens, forward seconds)
+        # per step: (rows decoded, KV tokens they attend to, tokens prefilled, seconds of the whole step)
+        self.step_log: list[tuple[int, int, int, float]] = []
         self._eos, self._pad = eos_token_id, pad_token_id
         self._device = next(model.parameters()).device
         self._max_positions = int(model.config.max_position_embeddings)
@@ -189,7 +190,7 @@ class ScheduledTorchEngine(InProcessEngine):
         return (*base, *own, seq.index)
 
     def _step(self) -> None:
-        started = time.perf_counter()
+        started, prefilled = time.perf_counter(), self.stats["prefill_tokens"]
         if self._batch and self._cache_epoch != self._epoch:
             self._evict(self._batch, keep=False)  # written by the old weights
         in_batch = {id(s) for s in self._batch}
@@ -202,7 +203,9 @@ class ScheduledTorchEngine(InProcessEngine):
         if admit:
             self._admit(admit)
         self.stats["schedule_s"] += time.perf_counter() - started
-        self._decode()
+        rows, prefilled = len(self._batch), int(self.stats["prefill_tokens"] - prefilled)
+        kv_tokens = self._decode()
+        self.step_log.append((rows, kv_tokens, prefilled, time.perf_counter() - started))
 
     @property
     def _cache_epoch(self) -> int:
@@ -297,7 +300,8 @@ class ScheduledTorchEngine(InProcessEngine):
         self._cache = cache
 
     @torch.inference_mode()
-    def _decode(self) -> None:
+    def _decode(self) -> int:
+        """One token for every running sequence; returns the KV tokens the step attended to."""
         seqs, model = self._batch, self._open_model()
         started = time.perf_counter()
         new = torch.tensor([[s.tokens[-1]] for s in seqs], device=self._device)  # (B, 1)
@@ -321,8 +325,8 @@ class ScheduledTorchEngine(InProcessEngine):
         seconds = time.perf_counter() - started
         self.stats["forward_s"] += seconds
         self.stats["steps"] += 1
-        self.step_log.append((len(seqs), int(mask.sum()), seconds))
         self._record(tokens.tolist(), logprobs.tolist())
+        return int(mask.sum())
 
     def _record(self, tokens: list[int], logprobs: list[float]) -> None:
         finished: list[tuple[_Seq, FinishReason]] = []
