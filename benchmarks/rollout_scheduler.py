@@ -17,10 +17,12 @@ Per policy (fcfs, rl; KV kept on preemption, and for rl also recomputed):
   staleness        mean versions between a group's arrival and the trainer step that trains it
   recomputed       tokens whose KV was computed twice; preemptions; restores
   optimal_pct      generated tokens/s over this machine's bound (matmul FLOP/s / 2 params)
-  sched_pct        share of step time spent planning, preempting, restoring and prefilling
+  sched_pct        share of step time outside the decode forward: planning, preempting, restoring,
+                   prefilling (what NanoFlow's asynchronous scheduling would overlap, prefill aside)
+  plan_pct         share of step time in the policy's decision alone (plan_step)
 
 Then the discrete-event simulator (benchmarks/rollout_sim.py), with the step cost fitted to
-the rl run's measured steps, predicts the same run (checked against the measurement), and
+all real runs' measured steps, predicts the same run (checked against the measurement), and
 runs the same policies at cluster scale (--engines engines, each with its own groups).
 
     flock /tmp/asyncflow-bench.lock .venv/bin/python benchmarks/rollout_scheduler.py \\
@@ -46,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.rollout_sim import Episode, Turn, fit_step_cost, simulate_engine  # noqa: E402
 
 VOCAB, MAX_POSITIONS = 64, 512
+POLICIES = (("fcfs", True), ("rl", True), ("rl", False))  # (policy, keep KV on preemption)
 
 
 def workload(
@@ -113,6 +116,7 @@ async def run_real(episodes: list[Episode], *, policy: str, keep_kv: bool, args:
         "group_done_s": done, "seconds": wall, "stats": stats, "step_log": engine.step_log,
         "optimal_pct": 100 * stats["tokens_generated"] / wall / stats["optimal_tokens_per_s"],
         "sched_pct": 100 * (1 - stats["forward_s"] / busy) if busy else 0.0,
+        "plan_pct": 100 * stats["plan_s"] / busy if busy else 0.0,
     }  # fmt: skip
 
 
@@ -138,29 +142,38 @@ def summarize(done: dict[int, float], starts: dict[int, float], b: int, train_s:
     }  # fmt: skip
 
 
-def real_rows(args: Any) -> tuple[list[dict], dict]:
+def real_rows(args: Any) -> tuple[list[dict], list]:
+    """Each policy --repeats times, interleaved (a load spike hits all of them alike); medians."""
     episodes = workload(args.groups, args.n, args.seed, args.gap_s, tool_scale=args.tool_scale)
     starts = {e.group: e.start_s for e in episodes}
-    rows, runs = [], {}
-    for policy, keep in (("fcfs", True), ("rl", True), ("rl", False)):
-        name = f"{policy}{'' if keep else ' recompute'}"
-        run = asyncio.run(run_real(episodes, policy=policy, keep_kv=keep, args=args))
-        runs[name] = run
-        s = run["stats"]
-        rows.append({
-            "where": "real", "policy": name, **summarize(run["group_done_s"], starts, args.b, args.train_s),
-            "seconds": run["seconds"], "preemptions": int(s["preemptions"]), "restores": int(s["restores"]),
-            "recomputed": int(s["recomputed_tokens"]), "optimal_pct": run["optimal_pct"],
-            "sched_pct": run["sched_pct"],
-        })  # fmt: skip
-    return rows, runs
+    per: dict[str, list[dict]] = {}
+    steps: list = []  # every run's measured steps, for the simulator's fit
+    for _ in range(args.repeats):
+        for policy, keep in POLICIES:
+            name = f"{policy}{'' if keep else ' recompute'}"
+            run = asyncio.run(run_real(episodes, policy=policy, keep_kv=keep, args=args))
+            steps += run["step_log"]
+            s = run["stats"]
+            per.setdefault(name, []).append({
+                **summarize(run["group_done_s"], starts, args.b, args.train_s),
+                "seconds": run["seconds"], "preemptions": int(s["preemptions"]),
+                "restores": int(s["restores"]), "recomputed": int(s["recomputed_tokens"]),
+                "optimal_pct": run["optimal_pct"],
+                "sched_pct": run["sched_pct"], "plan_pct": run["plan_pct"],
+            })  # fmt: skip
+    rows = [
+        {"where": f"real (median of {args.repeats})", "policy": name,
+         **{k: statistics.median(r[k] for r in runs) for k in runs[0]}}
+        for name, runs in per.items()
+    ]  # fmt: skip
+    return rows, steps
 
 
-def sim_rows(args: Any, runs: dict) -> tuple[list[dict], dict]:
-    cost = fit_step_cost(runs["rl"]["step_log"])
+def sim_rows(args: Any, steps: list) -> tuple[list[dict], dict]:
+    cost = fit_step_cost(steps)
     rows = []
     for engines, label in ((1, "sim (this run)"), (args.engines, f"sim x{args.engines} engines")):
-        for policy, keep in (("fcfs", True), ("rl", True), ("rl", False)):
+        for policy, keep in POLICIES:
             done: dict[int, float] = {}
             starts: dict[int, float] = {}
             counters = {"preemptions": 0, "recomputed_tokens": 0}
@@ -187,7 +200,7 @@ def sim_rows(args: Any, runs: dict) -> tuple[list[dict], dict]:
 
 def table(rows: list[dict]) -> str:
     cols = ["where", "policy", "first_B_s", "p50_s", "p99_s", "trainer_idle_s", "staleness", "seconds",
-            "preemptions", "restores", "recomputed", "optimal_pct", "sched_pct"]  # fmt: skip
+            "preemptions", "restores", "recomputed", "optimal_pct", "sched_pct", "plan_pct"]  # fmt: skip
     fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
     lines += [" | ".join(fmt(r.get(c, "")) for c in cols) for r in rows]
@@ -207,6 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tool-scale", type=float, default=1.0, help="factor on tool latencies (median 18 ms)")
     p.add_argument("--train-s", type=float, default=0.2, help="seconds a trainer step takes (idle model)")
     p.add_argument("--engines", type=int, default=256, help="engines in the cluster-scale simulation")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each policy (interleaved); medians")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write the rows here")
     args = p.parse_args(argv)
@@ -215,10 +229,10 @@ def main(argv: list[str] | None = None) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a rollout worker's default (rollout.torch_threads = 1)
     try:
-        real, runs = real_rows(args)
+        real, steps = real_rows(args)
     finally:
         torch.set_num_threads(threads)
-    sim, cost = sim_rows(args, runs)
+    sim, cost = sim_rows(args, steps)
     print(table(real + sim))
     load = os.getloadavg()
     print(f"step cost fit (s): {cost}; load average {load[0]:.2f}; torch threads 1")

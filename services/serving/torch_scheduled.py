@@ -100,7 +100,7 @@ class ScheduledTorchEngine(InProcessEngine):
         self.policy, self.keep_kv = policy, keep_kv
         self.stats: dict[str, float] = dict.fromkeys(
             ("tokens_generated", "generate_s", "requests", "steps", "preemptions", "restores",
-             "recomputed_tokens", "prefill_tokens", "host_kv_bytes", "forward_s", "schedule_s"), 0
+             "recomputed_tokens", "prefill_tokens", "host_kv_bytes", "forward_s", "schedule_s", "plan_s"), 0
         )  # fmt: skip
         self.stats["optimal_tokens_per_s"] = optimal_tokens_per_s(model)  # NanoFlow's bound, measured
         # per step: (rows decoded, KV tokens they attend to, tokens prefilled, seconds of the whole step)
@@ -196,6 +196,7 @@ class ScheduledTorchEngine(InProcessEngine):
         in_batch = {id(s) for s in self._batch}
         slots = [Slot(self.key(s), len(s.tokens), id(s) in in_batch) for s in self._live]
         plan = plan_step(slots, budget_tokens=self.kv_budget_tokens, max_rows=self.max_batch_size)
+        self.stats["plan_s"] += time.perf_counter() - started  # the host-side decision alone
         preempt = [self._live[i] for i in plan.preempt]
         self.stats["preemptions"] += len(preempt)
         self._evict(preempt, keep=self.keep_kv)

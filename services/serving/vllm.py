@@ -99,11 +99,7 @@ class VLLMEngine:
         partial_updates: bool = False,
         policy: Policy = "fcfs",
     ) -> None:
-        if policy not in POLICIES:
-            raise ValueError(
-                f"VLLMEngine: policy={policy!r}, expected one of {POLICIES} ('rl' runs vLLM's priority "
-                "scheduler with the RL priority of services.serving.scheduler)"
-            )
+        _check_policy(policy)
         if on_update not in ("keep", "abort"):
             raise ValueError(
                 f"VLLMEngine: on_update={on_update!r}, expected 'keep' (pause, swap, resume) or 'abort' "
@@ -138,12 +134,10 @@ class VLLMEngine:
         self._held = _read_tensors(model_dir, self._layers) if partial_updates else None
         self.version = version
         self.on_update = on_update
-        device = "cuda" if torch.cuda.is_available() else "cpu"
         self.stats: dict[str, float] = {
             "tokens_generated": 0, "generate_s": 0.0, "requests": 0, "steps": 0, "weight_updates": 0,
             "update_s": 0.0,
-            "optimal_tokens_per_s": matmul_flops(device, getattr(torch, dtype))
-            / (2 * sum(math.prod(s) for s in self._shapes.values())),  # NanoFlow's bound, measured
+            "optimal_tokens_per_s": _bound(self._shapes, dtype),
         }  # fmt: skip
         self._eos = eos_token_id
         self._samples: dict[str, _Sample] = {}  # vLLM request id -> the sample it generates
@@ -382,6 +376,20 @@ def _read_tensors(model_dir: Path, names: Mapping[str, Any]) -> dict[str, torch.
         with safe_open(str(path), framework="pt") as f:
             out.update({name: f.get_tensor(name) for name in f.keys() if name in names})
     return out
+
+
+def _check_policy(policy: str) -> None:
+    if policy not in POLICIES:
+        raise ValueError(
+            f"VLLMEngine: policy={policy!r}, expected one of {POLICIES} ('rl' runs vLLM's priority "
+            "scheduler with the RL priority of services.serving.scheduler)"
+        )
+
+
+def _bound(shapes: Mapping[str, tuple[int, ...]], dtype: str) -> float:
+    """NanoFlow's bound for the checkpoint: measured matmul FLOP/s / (2 * parameters)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return matmul_flops(device, getattr(torch, dtype)) / (2 * sum(math.prod(s) for s in shapes.values()))
 
 
 def _start_vllm(

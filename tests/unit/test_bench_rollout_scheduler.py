@@ -39,11 +39,25 @@ def test_simulator_runs_groups_by_policy():
 def test_benchmark_runs_at_toy_size(tmp_path, capsys):
     out = tmp_path / "bench.json"
     toy = ["--groups", "4", "--n", "2", "--b", "2", "--kv-budget", "700", "--max-rows", "4", "--hidden", "64"]
-    main([*toy, "--engines", "3", "--gap-s", "0.01", "--tool-scale", "0.05", "--json", str(out)])
+    main(
+        [
+            *toy,
+            "--engines",
+            "3",
+            "--repeats",
+            "1",
+            "--gap-s",
+            "0.01",
+            "--tool-scale",
+            "0.05",
+            "--json",
+            str(out),
+        ]
+    )
     rows = json.loads(out.read_text())["rows"]
-    real = {r["policy"]: r for r in rows if r["where"] == "real"}
+    real = {r["policy"]: r for r in rows if r["where"] == "real (median of 1)"}
     assert set(real) == {"fcfs", "rl", "rl recompute"}
     assert real["rl"]["recomputed"] == 0 and real["rl recompute"]["recomputed"] > 0
     assert all(0 < r["optimal_pct"] < 100 and r["p50_s"] <= r["p99_s"] for r in real.values())
-    assert {r["where"] for r in rows} == {"real", "sim (this run)", "sim x3 engines"}
+    assert {r["where"] for r in rows} == {"real (median of 1)", "sim (this run)", "sim x3 engines"}
     assert "first_B_s" in capsys.readouterr().out
