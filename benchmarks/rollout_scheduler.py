@@ -48,7 +48,11 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.rollout_sim import Episode, Turn, fit_step_cost, simulate_engine  # noqa: E402
 
 VOCAB, MAX_POSITIONS = 64, 512
-POLICIES = (("fcfs", True), ("rl", True), ("rl", False))  # (policy, keep KV on preemption)
+# name: (policy, keep KV on preemption, keep a finished turn's KV for the next turn)
+POLICIES = {
+    "fcfs": ("fcfs", True, False), "rl": ("rl", True, False), "rl recompute": ("rl", False, False),
+    "rl + turn KV": ("rl", True, True),
+}  # fmt: skip
 
 
 def workload(
@@ -72,7 +76,7 @@ def workload(
     return episodes
 
 
-async def run_real(episodes: list[Episode], *, policy: str, keep_kv: bool, args: Any) -> dict:
+async def run_real(episodes: list[Episode], *, policy: str, keep_kv: bool, turns: bool, args: Any) -> dict:
     """The workload through a real ScheduledTorchEngine; group completion times and its stats."""
     from services.models import PAD_ID, build_model
     from services.serving import Request, SamplingParams
@@ -82,6 +86,7 @@ async def run_real(episodes: list[Episode], *, policy: str, keep_kv: bool, args:
     model = build_model(VOCAB, hidden_size=args.hidden, num_layers=args.layers, max_positions=MAX_POSITIONS)
     engine = ScheduledTorchEngine(
         model, eos_token_id=VOCAB, pad_token_id=PAD_ID, policy=policy, keep_kv=keep_kv,  # type: ignore[arg-type]
+        turn_cache_tokens=args.kv_budget if turns else 0,
         kv_budget_tokens=args.kv_budget, max_batch_size=args.max_rows,
     )  # fmt: skip
     remaining = {e.group: 0 for e in episodes}
@@ -149,15 +154,15 @@ def real_rows(args: Any) -> tuple[list[dict], list]:
     per: dict[str, list[dict]] = {}
     steps: list = []  # every run's measured steps, for the simulator's fit
     for _ in range(args.repeats):
-        for policy, keep in POLICIES:
-            name = f"{policy}{'' if keep else ' recompute'}"
-            run = asyncio.run(run_real(episodes, policy=policy, keep_kv=keep, args=args))
+        for name, (policy, keep, turns) in POLICIES.items():
+            run = asyncio.run(run_real(episodes, policy=policy, keep_kv=keep, turns=turns, args=args))
             steps += run["step_log"]
             s = run["stats"]
             per.setdefault(name, []).append({
                 **summarize(run["group_done_s"], starts, args.b, args.train_s),
                 "seconds": run["seconds"], "preemptions": int(s["preemptions"]),
                 "restores": int(s["restores"]), "recomputed": int(s["recomputed_tokens"]),
+                "reused": int(s["reused_tokens"]),
                 "optimal_pct": run["optimal_pct"],
                 "sched_pct": run["sched_pct"], "plan_pct": run["plan_pct"],
             })  # fmt: skip
@@ -173,7 +178,7 @@ def sim_rows(args: Any, steps: list) -> tuple[list[dict], dict]:
     cost = fit_step_cost(steps)
     rows = []
     for engines, label in ((1, "sim (this run)"), (args.engines, f"sim x{args.engines} engines")):
-        for policy, keep in POLICIES:
+        for name, (policy, keep, turns) in POLICIES.items():
             done: dict[int, float] = {}
             starts: dict[int, float] = {}
             counters = {"preemptions": 0, "recomputed_tokens": 0}
@@ -184,12 +189,11 @@ def sim_rows(args: Any, steps: list) -> tuple[list[dict], dict]:
                 starts.update({e.group: e.start_s for e in episodes})
                 out = simulate_engine(
                     episodes, policy=policy, cost=cost, budget_tokens=args.kv_budget, max_rows=args.max_rows,  # type: ignore[arg-type]
-                    keep_kv=keep,
+                    keep_kv=keep, turn_cache=turns,
                 )  # fmt: skip
                 done.update(out["group_done_s"])
                 for k in counters:
                     counters[k] += out[k]
-            name = f"{policy}{'' if keep else ' recompute'}"
             rows.append({
                 "where": label, "policy": name, **summarize(done, starts, args.b * engines, args.train_s),
                 "seconds": max(done.values()), "preemptions": counters["preemptions"],
@@ -200,7 +204,8 @@ def sim_rows(args: Any, steps: list) -> tuple[list[dict], dict]:
 
 def table(rows: list[dict]) -> str:
     cols = ["where", "policy", "first_B_s", "p50_s", "p99_s", "trainer_idle_s", "staleness", "seconds",
-            "preemptions", "restores", "recomputed", "optimal_pct", "sched_pct", "plan_pct"]  # fmt: skip
+            "preemptions", "restores", "recomputed", "reused", "optimal_pct", "sched_pct",
+            "plan_pct"]  # fmt: skip
     fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
     lines += [" | ".join(fmt(r.get(c, "")) for c in cols) for r in rows]

@@ -88,6 +88,7 @@ def simulate_engine(
     budget_tokens: int,
     max_rows: int,
     keep_kv: bool = True,
+    turn_cache: bool = False,
 ) -> dict:
     """Run one engine to the end; returns group completion times (s) and counters."""
     remaining = {e.group: 0 for e in episodes}
@@ -115,7 +116,10 @@ def simulate_engine(
         for i in plan.admit:
             seq = live[i]
             if not seq.cached:
-                prefill += seq.context - 1
+                # a later turn with the previous turn's KV kept prefills only its new tokens
+                reuse = turn_cache and seq.turn and not seq.generated
+                fresh = seq.episode.turns[seq.turn].prompt_tokens + 1 if reuse else seq.context
+                prefill += fresh - 1
                 counters["recomputed_tokens"] += (seq.context - 1) if seq.generated else 0
             seq.running = seq.cached = True
         run = [live[i] for i in plan.run]

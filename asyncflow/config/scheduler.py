@@ -31,3 +31,10 @@ class SchedulerConfig(Section):
         description="Scheduled torch engine: keep a preempted sequence's KV on the host and restore it "
         "(true), or drop it and recompute its prefix when it resumes (false).",
     )
+    turn_cache_tokens: int = Field(
+        0,
+        ge=0,
+        le=1 << 30,
+        description="Scheduled torch engine: host tokens of finished sequences' KV kept for a next turn "
+        "whose prompt extends them (multi-turn episodes prefill only the new tokens); 0 turns it off.",
+    )

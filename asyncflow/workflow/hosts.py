@@ -266,7 +266,7 @@ class RolloutHost(Host):
         return ScheduledTorchEngine(
             model, eos_token_id=kind.stop_ids[0], pad_token_id=kind.tokenizer.pad_token_id,
             version=-1, seed=seed, policy=policy, kv_budget_tokens=s.kv_budget_tokens,
-            max_batch_size=s.max_batch_size, keep_kv=s.keep_kv,
+            max_batch_size=s.max_batch_size, keep_kv=s.keep_kv, turn_cache_tokens=s.turn_cache_tokens,
         )  # fmt: skip
 
     def _vllm(self, seed: int) -> Any:

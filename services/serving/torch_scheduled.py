@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -87,6 +88,7 @@ class ScheduledTorchEngine(InProcessEngine):
         kv_budget_tokens: int = 1 << 16,
         policy: Policy = "rl",
         keep_kv: bool = True,
+        turn_cache_tokens: int = 0,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"ScheduledTorchEngine: policy={policy!r}, expected one of {POLICIES}")
@@ -98,9 +100,11 @@ class ScheduledTorchEngine(InProcessEngine):
         super().__init__(model, version)
         self.max_batch_size, self.kv_budget_tokens = max_batch_size, kv_budget_tokens
         self.policy, self.keep_kv = policy, keep_kv
+        self._turns = _TurnCache(turn_cache_tokens)  # finished sequences' KV, for the next turn
         self.stats: dict[str, float] = dict.fromkeys(
             ("tokens_generated", "generate_s", "requests", "steps", "preemptions", "restores",
-             "recomputed_tokens", "prefill_tokens", "host_kv_bytes", "forward_s", "schedule_s", "plan_s"), 0
+             "recomputed_tokens", "prefill_tokens", "host_kv_bytes", "forward_s", "schedule_s", "plan_s",
+             "reused_tokens"), 0
         )  # fmt: skip
         self.stats["optimal_tokens_per_s"] = optimal_tokens_per_s(model)  # NanoFlow's bound, measured
         # per step: (rows decoded, KV tokens they attend to, tokens prefilled, seconds of the whole step)
@@ -158,6 +162,7 @@ class ScheduledTorchEngine(InProcessEngine):
     async def update_weights(self, version: int, tensors: Mapping[str, torch.Tensor]) -> None:
         await super().update_weights(version, tensors)
         self._epoch += 1
+        self._turns.clear()  # written by the old weights
 
     async def close(self) -> None:
         await super().close()
@@ -231,6 +236,12 @@ class ScheduledTorchEngine(InProcessEngine):
         prefill = [s for s in seqs if not (s.kv is not None and s.kv_epoch == self._epoch)]
         self.stats["restores"] += len(restore)
         fresh = [[(k.to(self._device), v.to(self._device)) for k, v in s.kv or []] for s in restore]
+        for seq in [s for s in prefill if not s.computed]:  # a new turn that extends a finished one
+            found = self._turns.take(seq.tokens[:-1])
+            if found is not None:
+                prefill.remove(seq)
+                restore.append(seq)
+                fresh.append(self._extend(seq, *found))
         if prefill:
             fresh += self._prefill(prefill)
         self._rebuild(self._batch, list(zip(restore + prefill, fresh)))
@@ -264,6 +275,26 @@ class ScheduledTorchEngine(InProcessEngine):
             [(k[i : i + 1, :, width - n :], v[i : i + 1, :, width - n :]) for k, v in layers]
             for i, n in enumerate(len(s.tokens) - 1 for s in seqs)
         ]
+
+    @torch.inference_mode()
+    def _extend(self, seq: _Seq, cached: int, kv: KV) -> KV:
+        """`seq`'s KV from a finished turn's KV over its first `cached` tokens plus a prefill of the rest."""
+        self.stats["reused_tokens"] += cached
+        rest = seq.tokens[cached:-1]
+        seq.computed = len(seq.tokens) - 1
+        kv = [(k.to(self._device), v.to(self._device)) for k, v in kv]
+        if not rest:
+            return kv
+        self.stats["prefill_tokens"] += len(rest)
+        model = self._open_model()
+        cache = DynamicCache(ddp_cache_data=kv, config=model.config)
+        positions = torch.arange(cached, cached + len(rest), device=self._device)[None]  # (1, R)
+        model(
+            input_ids=torch.tensor([rest], device=self._device), position_ids=positions, use_cache=True,
+            attention_mask=torch.ones((1, cached + len(rest)), dtype=torch.long, device=self._device),
+            logits_to_keep=1, **{self._cache_arg: cache},
+        )  # fmt: skip
+        return _layers(cache)
 
     def _empty_kv(self) -> KV:
         config = self._open_model().config
@@ -344,6 +375,13 @@ class ScheduledTorchEngine(InProcessEngine):
         if not finished:
             return
         gone = {id(seq) for seq, _ in finished}
+        if self._turns.max_tokens:
+            rows = {id(seq): row for row, seq in enumerate(self._batch)}
+            for seq, _ in finished:  # its KV over all but the last token, for a next turn
+                kv = _row(self._cache, rows[id(seq)], len(seq.tokens) - 1)
+                self._turns.put(
+                    seq.tokens[:-1], [(k.to("cpu", copy=True), v.to("cpu", copy=True)) for k, v in kv]
+                )
         self._rebuild([s for s in self._batch if id(s) not in gone], [])
         self._live = [s for s in self._live if id(s) not in gone]
         for seq, reason in finished:
@@ -371,3 +409,43 @@ def _layers(cache: DynamicCache) -> KV:
     """A cache's per-layer (keys, values) tensors (attention layers only: Llama / Qwen2 style)."""
     out: Any = [(layer.keys, layer.values) for layer in cache.layers]  # type: ignore[union-attr]
     return out
+
+
+class _TurnCache:
+    """Finished sequences' KV on the host, keyed by the tokens it covers, least recently used out
+    first: a multi-turn episode's next request (previous context + response + observation)
+    starts from it instead of prefilling the whole context again."""
+
+    def __init__(self, max_tokens: int) -> None:
+        if max_tokens < 0:
+            raise ValueError(f"ScheduledTorchEngine: turn_cache_tokens={max_tokens}, expected >= 0 (0: off)")
+        self.max_tokens, self.tokens = max_tokens, 0
+        self.entries: OrderedDict[tuple[int, ...], KV] = OrderedDict()
+
+    def put(self, tokens: list[int], kv: KV) -> None:
+        if not tokens or len(tokens) > self.max_tokens:
+            return
+        key = tuple(tokens)
+        if key in self.entries:
+            return
+        self.entries[key] = kv
+        self.tokens += len(key)
+        while self.tokens > self.max_tokens:
+            old, _ = self.entries.popitem(last=False)
+            self.tokens -= len(old)
+
+    def take(self, tokens: list[int]) -> tuple[int, KV] | None:
+        """The longest entry that `tokens` starts with: (its length, its KV), removed from the cache."""
+        best = max(
+            (k for k in self.entries if len(k) <= len(tokens) and tuple(tokens[: len(k)]) == k),
+            key=len,
+            default=None,
+        )
+        if best is None:
+            return None
+        self.tokens -= len(best)
+        return len(best), self.entries.pop(best)
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.tokens = 0

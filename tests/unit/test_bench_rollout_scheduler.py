@@ -56,8 +56,9 @@ def test_benchmark_runs_at_toy_size(tmp_path, capsys):
     )
     rows = json.loads(out.read_text())["rows"]
     real = {r["policy"]: r for r in rows if r["where"] == "real (median of 1)"}
-    assert set(real) == {"fcfs", "rl", "rl recompute"}
+    assert set(real) == {"fcfs", "rl", "rl recompute", "rl + turn KV"}
     assert real["rl"]["recomputed"] == 0 and real["rl recompute"]["recomputed"] > 0
+    assert real["rl"]["reused"] == 0 and real["rl + turn KV"]["reused"] > 0
     assert all(0 < r["optimal_pct"] < 100 and r["p50_s"] <= r["p99_s"] for r in real.values())
     assert {r["where"] for r in rows} == {"real (median of 1)", "sim (this run)", "sim x3 engines"}
     assert "first_B_s" in capsys.readouterr().out

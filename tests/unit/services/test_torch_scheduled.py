@@ -128,3 +128,25 @@ async def test_close_aborts_and_bad_settings_are_named(model_a):
         await engine_for(model_a, kv_budget_tokens=8).generate([Request("r", [3] * 5, 1, GREEDY)])
     with pytest.raises(ValueError, match="priority="):
         Request("r", [3], 1, GREEDY, priority=(1.5,))  # type: ignore[arg-type]
+
+
+async def test_a_next_turn_reuses_the_finished_turns_kv(model_a):
+    first = [Request(f"t{i}", p, 1, GREEDY) for i, p in enumerate([[3, 4, 5], [6, 7], [8]])]
+
+    async def two_turns(engine: ScheduledTorchEngine) -> list[list[int]]:
+        turn1 = await engine.generate(first)
+        # the next turn: the context so far (prompt + response) and an observation of two tokens
+        turn2 = [
+            Request(f"u{c.request_id}", c.prompt_ids + c.response_ids + [9, 10], 1, GREEDY) for c in turn1
+        ]
+        return [c.response_ids for c in await engine.generate(turn2)]
+
+    plain, reusing = engine_for(model_a), engine_for(model_a, turn_cache_tokens=1000)
+    assert await two_turns(reusing) == await two_turns(plain)
+    assert plain.stats["reused_tokens"] == 0
+    # each turn-2 context but its last token was prefilled in full by the plain engine; the
+    # reusing one prefilled only the observation's first token and the turn's last response token
+    assert reusing.stats["reused_tokens"] == plain.stats["prefill_tokens"] - reusing.stats["prefill_tokens"]
+    assert reusing.stats["prefill_tokens"] == sum(len(r.prompt_ids) - 1 for r in first) + 2 * len(first)
+    with pytest.raises(ValueError, match="turn_cache_tokens=-1"):
+        engine_for(model_a, turn_cache_tokens=-1)
