@@ -47,6 +47,7 @@ class Report:
                 **{
                     r: f"workers {v['workers']}  idle {v['idle_frac']:.0%}  samples {v['samples']}"
                     + (f"  failures {v['failures']}" if v.get("failures") else "")
+                    + (f"  {v['engine_optimal_pct']:.1f}% of optimal" if v.get("engine_optimal_pct") else "")
                     for r, v in workers.items()
                     if r != "queues"
                 },

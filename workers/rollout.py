@@ -79,6 +79,9 @@ class RolloutWorker:
             "rejected_versions": 0,  # versions whose received bytes differed from the published ones
             "longest_call_s": 0.0,  # the longest engine call: what a health probe's deadline allows for
         }
+        self.stats["optimal_tokens_per_s"] = float(
+            getattr(engine, "stats", {}).get("optimal_tokens_per_s", 0)
+        )
         self.rejected = -1  # the newest version refused; it is not pulled again
         if episodes is not None:  # episodes run, their model turns, and those a limit or an error ended
             self.stats.update(episodes=0, episode_turns=0, episodes_cut=0)

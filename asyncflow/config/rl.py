@@ -17,6 +17,7 @@ from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 from asyncflow.config._base import Section
 from asyncflow.config.critic import CriticConfig, check_critic
 from asyncflow.config.pools import AutoscaleConfig, HealthConfig
+from asyncflow.config.scheduler import SchedulerConfig
 
 # vLLM's CPU attention kernels take these head sizes only; keeping the torch engine to the
 # same set means a model that trains here also serves there.
@@ -225,6 +226,9 @@ class RolloutConfig(Section):
         default_factory=SimulatedEngineConfig, description="The cost model, when engine is simulated."
     )
     vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="The vLLM engine, when engine is vllm.")
+    scheduler: SchedulerConfig = Field(
+        default_factory=SchedulerConfig, description="Step scheduling and priorities (torch and vLLM)."
+    )
     partial_rollout: Literal["off", "keep", "abort"] = Field(
         "off",
         description="Weights published while an engine call is generating: off loads them at the next "

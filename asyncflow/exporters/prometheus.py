@@ -84,6 +84,8 @@ HELP = {  # what the main metrics mean (the rest are named after their metrics.j
     "publish_bytes": "Bytes of weights the trainer published at the step.",
     "publish_s": "Seconds the trainer took to publish the step's weights.",
     "worker_engine_tokens_per_s": "Tokens the rollout engines generated per busy second.",
+    "worker_engine_optimal_pct": "Rollout tokens/s as % of the bound matmul FLOP/s / 2 params, engine mean.",
+    "worker_engine_optimal_pct_min": "Rollout % of optimal of the worst engine.",
     "store_bytes": "Bytes of row data the store holds.",
     "store_leased_rows": "Rows leased to consumers and not acknowledged yet.",
     "restarts": "Restarts of the run after a trainer rank died.",

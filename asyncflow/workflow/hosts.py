@@ -266,7 +266,28 @@ class RolloutHost(Host):
             )  # fmt: skip
         if c.rollout.engine == "vllm":
             return self._vllm(seed)
+        if c.rollout.scheduler.policy != "off":
+            return self._scheduled(seed)
         return self.kind.engine(seed)  # the torch engine for tokens, the SDE sampler for a flow policy
+
+    def _scheduled(self, seed: int) -> Any:
+        """The scheduled torch engine (rollout.scheduler): a token policy's model, weights to come."""
+        from asyncflow.errors import ConfigError
+        from services.serving.torch_scheduled import ScheduledTorchEngine
+
+        s, kind = self.config.rollout.scheduler, self.kind
+        if not hasattr(kind, "stop_ids"):
+            raise ConfigError(
+                f"rollout.scheduler.policy={s.policy!r} schedules token policies; this run's policy kind is "
+                f"{type(kind).__name__}. Set rollout.scheduler.policy: off"
+            )
+        model: Any = kind.model(0)  # a transformers model; its weights come from the weight store
+        policy: Any = s.policy  # fcfs or rl here
+        return ScheduledTorchEngine(
+            model, eos_token_id=kind.stop_ids[0], pad_token_id=kind.tokenizer.pad_token_id,
+            version=-1, seed=seed, policy=policy, kv_budget_tokens=s.kv_budget_tokens,
+            max_batch_size=s.max_batch_size, keep_kv=s.keep_kv, turn_cache_tokens=s.turn_cache_tokens,
+        )  # fmt: skip
 
     def _vllm(self, seed: int) -> Any:
         import tempfile
@@ -281,6 +302,7 @@ class RolloutHost(Host):
             on_update="abort" if r.partial_rollout == "abort" else "keep",
             max_num_seqs=r.vllm.max_num_seqs, kv_cache_gib=r.vllm.kv_cache_gib, dtype=r.vllm.dtype,
             partial_updates=self.config.trainer.trainable != "all",  # a model trained in part
+            policy="rl" if r.scheduler.policy == "rl" else "fcfs",
         )  # fmt: skip
         path = self.config.model.path
         if path is not None and Path(path).is_dir():  # a local checkpoint: vLLM loads it as it is

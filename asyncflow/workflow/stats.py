@@ -54,10 +54,19 @@ async def worker_stats(pipe: Any) -> dict:
 
 
 def engine_stats(stats: list[dict]) -> dict:
-    """Rollout's engines together: tokens generated, tokens per busy second, weight loads and the
-    seconds they took."""
+    """Rollout's engines together: tokens generated, tokens per busy second, % of optimal (mean and
+    worst engine), weight loads and the seconds they took."""
     tokens, busy = sum(s.get("tokens", 0) for s in stats), sum(s["busy_s"] for s in stats)
+    # NanoFlow's "% of optimal" per engine: its tokens per busy second over its machine's bound
+    # (measured matmul FLOP/s / 2·parameters; services.serving.optimal); engines without a bound left out.
+    pct = [
+        100 * s.get("tokens", 0) / s["busy_s"] / s["optimal_tokens_per_s"]
+        for s in stats
+        if s.get("optimal_tokens_per_s", 0) > 0 and s["busy_s"] > 0
+    ]
     return {
+        "engine_optimal_pct": sum(pct) / len(pct) if pct else 0.0,
+        "engine_optimal_pct_min": min(pct, default=0.0),
         "tokens": tokens,
         "engine_tokens_per_s": tokens / busy if busy > 0 else 0.0,
         "weight_syncs": sum(s.get("weight_syncs", 0) for s in stats),

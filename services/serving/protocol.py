@@ -62,8 +62,17 @@ class Request:
     prompt_ids: list[int]
     n: int = 1
     params: SamplingParams = field(default_factory=SamplingParams)
+    priority: tuple[int, ...] = ()
+    """Scheduling key from the caller's RL state (services.serving.scheduler.priority_key); smaller
+    runs first. Empty: a scheduling engine derives it from the request (unfinished samples, the
+    version at arrival, arrival). Engines without a scheduler ignore it."""
 
     def __post_init__(self) -> None:
+        if not all(isinstance(p, int) for p in self.priority):
+            raise ValueError(
+                f"Request {self.request_id!r}: priority={self.priority!r}, expected a tuple of ints "
+                "(build it with services.serving.scheduler.priority_key)"
+            )
         if not self.prompt_ids:
             raise ValueError(
                 f"Request {self.request_id!r}: prompt_ids is empty; a prompt needs at least one token "

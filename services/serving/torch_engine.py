@@ -28,6 +28,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from asyncflow.algorithms import truncate
+from services.serving.optimal import optimal_tokens_per_s
 from services.serving.protocol import Completion, FinishReason, InProcessEngine, Request, check_fits
 
 __all__ = ["TorchEngine", "sample_tokens"]
@@ -51,6 +52,7 @@ class TorchEngine(InProcessEngine):
         super().__init__(model, version)
         self.max_batch_size = max_batch_size
         self.stats: dict[str, float] = {"tokens_generated": 0, "generate_s": 0.0, "requests": 0}
+        self.stats["optimal_tokens_per_s"] = optimal_tokens_per_s(model)  # NanoFlow's bound, measured
         self._eos = eos_token_id
         self._pad = pad_token_id
         self._device = next(model.parameters()).device

@@ -36,6 +36,14 @@ close lands on a step boundary.
     abort  they are aborted and requeued from their prompts; every token of their
            completions then comes from the new weights (tokens sampled before are dropped).
 
+- Scheduling (`policy`): "fcfs" is vLLM's default. "rl" runs vLLM's priority scheduler with
+  prefix caching; each request's priority is the caller's RL key (Request.priority) or its
+  own (n samples, the version loaded), packed into vLLM's integer (smaller first, ties by
+  arrival). vLLM 0.32 fixes a request's priority at submission, admits waiting requests in
+  its order and, when a running request needs a KV block and none is free, preempts the
+  lowest-priority running one (it does not preempt for a waiting request) and recomputes
+  its KV later (what prefix caching still holds is reused).
+
 The engine knows nothing about tokenization, the data store or Ray: token ids in, token
 ids out. It loads the model from a Hugging Face directory (services.models.save_model
 writes one). Its host process is vLLM's: vLLM seeds the global RNGs with `seed`, and its
@@ -45,6 +53,7 @@ CPU worker turns `torch.set_num_threads` into a no-op, so set threads before bui
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -54,7 +63,9 @@ from typing import Any, Literal
 
 import torch
 
+from services.serving.optimal import matmul_flops
 from services.serving.protocol import Completion, FinishReason, Request, check_fits
+from services.serving.scheduler import POLICIES, Policy, priority_key, vllm_priority
 
 __all__ = ["OnUpdate", "VLLMEngine"]
 
@@ -86,7 +97,9 @@ class VLLMEngine:
         kv_cache_gib: float = 0.25,
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         partial_updates: bool = False,
+        policy: Policy = "fcfs",
     ) -> None:
+        _check_policy(policy)
         if on_update not in ("keep", "abort"):
             raise ValueError(
                 f"VLLMEngine: on_update={on_update!r}, expected 'keep' (pause, swap, resume) or 'abort' "
@@ -109,8 +122,9 @@ class VLLMEngine:
         if getattr(config, "tie_word_embeddings", False) and embedding is not None:
             self._shapes.setdefault("lm_head.weight", self._shapes[embedding])  # saved once, as the embedding
         self._engine: Any = _start_vllm(
-            model_dir, dtype, seed, self._max_positions, max_num_seqs, kv_cache_gib
+            model_dir, dtype, seed, self._max_positions, max_num_seqs, kv_cache_gib, policy
         )
+        self.policy = policy
         self._engine.set_weight_version(str(version))
         mapping = self._engine.collective_rpc(
             lambda worker: dict(getattr(worker.get_model(), "packed_modules_mapping", {}))
@@ -123,6 +137,7 @@ class VLLMEngine:
         self.stats: dict[str, float] = {
             "tokens_generated": 0, "generate_s": 0.0, "requests": 0, "steps": 0, "weight_updates": 0,
             "update_s": 0.0,
+            "optimal_tokens_per_s": _bound(self._shapes, dtype),
         }  # fmt: skip
         self._eos = eos_token_id
         self._samples: dict[str, _Sample] = {}  # vLLM request id -> the sample it generates
@@ -254,7 +269,16 @@ class VLLMEngine:
                 detokenize=False,
                 output_kind=RequestOutputKind.FINAL_ONLY,
             ),
+            priority=self._priority(sample.request),
         )
+
+    def _priority(self, request: Request) -> int:
+        """vLLM's priority (smaller first, ties by arrival): the caller's RL key, else the request's
+        own (its n samples, the version now loaded). vLLM fixes it at submission."""
+        if self.policy == "fcfs":
+            return 0
+        key = request.priority or priority_key(remaining=request.n, version=self.version, arrival=0)
+        return vllm_priority(key)
 
     def _abort(self, samples: list[_Sample]) -> None:
         if samples and self._engine is not None:
@@ -354,9 +378,23 @@ def _read_tensors(model_dir: Path, names: Mapping[str, Any]) -> dict[str, torch.
     return out
 
 
+def _check_policy(policy: str) -> None:
+    if policy not in POLICIES:
+        raise ValueError(
+            f"VLLMEngine: policy={policy!r}, expected one of {POLICIES} ('rl' runs vLLM's priority "
+            "scheduler with the RL priority of services.serving.scheduler)"
+        )
+
+
+def _bound(shapes: Mapping[str, tuple[int, ...]], dtype: str) -> float:
+    """NanoFlow's bound for the checkpoint: measured matmul FLOP/s / (2 * parameters)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return matmul_flops(device, getattr(torch, dtype)) / (2 * sum(math.prod(s) for s in shapes.values()))
+
+
 def _start_vllm(
     model_dir: Path, dtype: Literal["float32", "bfloat16", "float16"], seed: int, max_positions: int,
-    max_num_seqs: int, kv_cache_gib: float,
+    max_num_seqs: int, kv_cache_gib: float, policy: Policy,
 ) -> Any:  # fmt: skip
     """vLLM's engine in this process, token ids in and out, log-probs of what it sampled from."""
     # In process, or the weights could not be handed over as tensors (see the module doc).
@@ -375,7 +413,14 @@ def _start_vllm(
         logprobs_mode="processed_logprobs",
         skip_tokenizer_init=True,  # token ids in and out
         generation_config="vllm",  # sampling comes from the request alone, not the model dir
-        disable_log_stats=True,  # per-step Prometheus bookkeeping; self.stats counts what we report
+        disable_log_stats=True,
+        # RL priorities: vLLM's priority scheduler (waiting requests admitted by priority; under KV
+        # pressure the lowest-priority running one is preempted) with prefix caching, so a
+        # preempted request finds what is left of its prefix's KV.
+        scheduling_policy="priority" if policy == "rl" else "fcfs",
+        enable_prefix_caching=True
+        if policy == "rl"
+        else None,  # per-step Prometheus bookkeeping; self.stats counts what we report
         # CPU: no compile step, start in seconds. GPU: vLLM's default torch.compile + CUDA graphs.
         enforce_eager=not torch.cuda.is_available(),
     )

@@ -97,8 +97,10 @@ def test_example_learns_at_toy_size(ray_session, tmp_path):
     [
         ["mode=sync", "reference.enabled=true", "trainer.kl_coef=0.05"],
         ["staleness=0", "rollout.top_k=6", "rollout.top_p=0.9"],  # the trainer truncates as the engine did
+        # the scheduled engine, its KV budget short enough to preempt: log-probs still the trainer's
+        ["staleness=0", "rollout.scheduler.policy=rl", "rollout.scheduler.kv_budget_tokens=256"],
     ],
-    ids=["sync-with-kl", "async-k0-top-k-top-p"],
+    ids=["sync-with-kl", "async-k0-top-k-top-p", "async-k0-rl-scheduler"],
 )
 def test_on_policy_modes_train_only_lag_zero(ray_session, tmp_path, overrides):
     config = _config(tmp_path, "trainer.steps=12", "task.eval_prompts=0", "rollout.num_workers=2", *overrides)
@@ -109,6 +111,8 @@ def test_on_policy_modes_train_only_lag_zero(ray_session, tmp_path, overrides):
     assert all(m["is_weight_max"] <= 1 + 1e-4 for m in metrics)  # on-policy: behaviour = trainer's policy
     assert all(abs(m["is_weight_mean"] - 1) <= 1e-4 for m in metrics)
     assert all(abs(m["mismatch_kl"]) <= 1e-6 for m in metrics)
+    if config.mode == "async":  # the workers' stats (at the last step always), with NanoFlow's yardstick
+        assert 0 < metrics[-1]["workers"]["rollout"]["engine_optimal_pct"] < 100
     if config.reference.enabled:
         assert metrics[0]["kl_ref"] == pytest.approx(0, abs=1e-6)  # the reference is the policy at step 1
         assert metrics[-1]["kl_ref"] > 0

@@ -10,6 +10,7 @@ weights of v give, a token tagged v + 1 the one v + 1 gives, from its full conte
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import random
 
@@ -44,25 +45,39 @@ def model_b():
     return model(1)
 
 
-@pytest.fixture(scope="module")
-def engine(model_a, tmp_path_factory):
+@contextlib.contextmanager
+def vllm_engine(path, **kwargs):
+    """A VLLMEngine on `path`; afterwards the process's threads and RNGs are put back."""
     from services.serving.vllm import VLLMEngine
 
-    path = save_model(model_a, build_tokenizer(list(SYMBOLS)), tmp_path_factory.mktemp("model"))
-    children = child_pids()
     # vLLM in process seeds the global RNGs and turns torch.set_num_threads into a no-op;
     # put all of it back afterwards, so later tests in this process see what they would alone.
     set_threads, threads = torch.set_num_threads, torch.get_num_threads()
     rng = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    e = VLLMEngine(path, eos_token_id=EOS_ID, version=0, seed=0, kv_cache_gib=0.0625)
-    e.children_before = children  # type: ignore[attr-defined]  # for the shutdown test
-    yield e
-    asyncio.run(e.close())
-    torch.set_num_threads = set_threads
-    torch.set_num_threads(threads)
-    random.setstate(rng[0])
-    np.random.set_state(rng[1])
-    torch.set_rng_state(rng[2])
+    e = VLLMEngine(path, eos_token_id=EOS_ID, version=0, seed=0, **{"kv_cache_gib": 0.0625, **kwargs})
+    try:
+        yield e
+    finally:
+        if e._engine is not None:  # an async test closes it itself, on its own loop
+            asyncio.run(e.close())
+        torch.set_num_threads = set_threads
+        torch.set_num_threads(threads)
+        random.setstate(rng[0])
+        np.random.set_state(rng[1])
+        torch.set_rng_state(rng[2])
+
+
+@pytest.fixture(scope="module")
+def model_dir(model_a, tmp_path_factory):
+    return save_model(model_a, build_tokenizer(list(SYMBOLS)), tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    children = child_pids()
+    with vllm_engine(model_dir) as e:
+        e.children_before = children  # type: ignore[attr-defined]  # for the shutdown test
+        yield e
 
 
 def child_pids() -> set[int]:
@@ -263,3 +278,33 @@ async def test_close_frees_the_engine_and_leaves_no_process(engine):
     with pytest.raises(RuntimeError, match="closed"):
         await engine.generate([Request("x", [1])])
     await engine.close()  # idempotent
+
+
+async def test_rl_policy_passes_priorities_to_vllm(model_dir):
+    # After the shared engine closed: one more in this process, with vLLM's priority scheduler
+    # and a KV cache of one 128-token block (2 KiB a token here), so two requests cannot run
+    # together: the order of completion is the order of priority. (vLLM 0.32 preempts by priority
+    # only when a running request needs a block and none is free; a waiting request of higher
+    # priority waits for a free block rather than preempting one.)
+    from services.serving.scheduler import priority_key
+    from services.serving.vllm import VLLMEngine
+
+    with pytest.raises(ValueError, match="policy='sjf'"):
+        VLLMEngine(model_dir, eos_token_id=EOS_ID, policy="sjf")  # type: ignore[arg-type]
+    params = SamplingParams(top_k=1, max_new_tokens=60 - 5)
+    order: list[str] = []
+    with vllm_engine(model_dir, policy="rl", kv_cache_gib=256 * 1024 / 2**30) as rl:
+        assert rl.stats["optimal_tokens_per_s"] > 0
+
+        async def one(name: str, remaining: int) -> None:
+            key = priority_key(remaining=remaining, version=0, arrival=0)
+            prompt = [1, 3 + remaining, 4, 5, 6]
+            (c,) = await rl.generate([Request(name, prompt, 1, params, priority=key)])
+            assert c.finish_reason in ("stop", "length")
+            order.append(name)
+
+        try:
+            await asyncio.gather(one("far", 5), one("near", 1), one("mid", 3))
+            assert order == ["near", "mid", "far"]
+        finally:
+            await rl.close()
