@@ -12,6 +12,7 @@ KV kept on the host), interleaved repeats in one Ray instance. Per run, from its
   % of optimal     the engine's tokens/s over this machine's bound (matmul FLOP/s / 2 params)
 
     .venv/bin/python benchmarks/scheduler_e2e.py --steps 40 --repeats 2 --json PATH
+    .venv/bin/python benchmarks/scheduler_e2e.py --from-runs /tmp/asyncflow-sched-e2e-XXXX   # tabulate runs
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def figures(summary: dict) -> dict[str, float]:
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     loop_s = metrics[-1]["elapsed_s"] - metrics[0]["elapsed_s"] + metrics[0]["step_s"]
     hist = {int(k): v for k, v in summary["staleness_histogram"].items()}
-    optimal = [v for m in metrics if math.isfinite(v := m.get("engine_optimal_pct") or float("nan"))]
+    rollout = [m.get("workers", {}).get("rollout", {}) for m in metrics]
+    optimal = [v for r in rollout if math.isfinite(v := r.get("engine_optimal_pct") or float("nan"))]
     return {
         "samples_per_s": summary["samples_per_s"],
         "trainer_idle": sum(m["wait_s"] for m in metrics) / loop_s,
@@ -63,15 +65,42 @@ def figures(summary: dict) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import ray
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--kv-budget", type=int, default=2000, help="KV tokens the scheduled engine may hold")
     p.add_argument("--policies", default=",".join(POLICIES))
     p.add_argument("--json", type=Path)
+    p.add_argument(
+        "--from-runs", type=Path, help="run nothing: tabulate the sched-* runs under this directory"
+    )
     args = p.parse_args(argv)
+    runs = collect(args.from_runs) if args.from_runs else measure(args)
+    keys = list(next(iter(runs.values()))[0])
+    print("| policy | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
+    for policy, per in runs.items():
+        print(
+            f"| {policy} | " + " | ".join(f"{statistics.median(r[k] for r in per):.3f}" for k in keys) + " |"
+        )
+    if args.json:
+        args.json.write_text(
+            json.dumps({"args": vars(args) | {"json": None}, "runs": runs}, indent=2, default=str)
+        )
+    return 0
+
+
+def collect(root: Path) -> dict[str, list[dict]]:
+    """Figures of finished runs (run directories sched-<policy>-<repeat>-<time>), by policy."""
+    runs: dict[str, list[dict]] = {}
+    for path in sorted(root.glob("sched-*/summary.json")):
+        policy = path.parent.name.split("-")[1]
+        runs.setdefault(policy, []).append(figures(json.loads(path.read_text())))
+    return runs
+
+
+def measure(args: Any) -> dict[str, list[dict]]:
+    import ray
+
     from asyncflow.recipes.grpo import train
 
     base = yaml.safe_load((ROOT / "examples" / "calculator.yaml").read_text())
@@ -88,15 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"repeat {repeat} {policy}: {f}", file=sys.stderr)
     finally:
         ray.shutdown()
-    keys = list(next(iter(runs.values()))[0])
-    print("| policy | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
-    for policy, per in runs.items():
-        print(
-            f"| {policy} | " + " | ".join(f"{statistics.median(r[k] for r in per):.3f}" for k in keys) + " |"
-        )
-    if args.json:
-        args.json.write_text(json.dumps({"args": vars(args) | {"json": None}, "runs": runs}, indent=2))
-    return 0
+    return runs
 
 
 if __name__ == "__main__":
