@@ -22,10 +22,14 @@ __all__ = ["matmul_flops", "optimal_tokens_per_s", "percent_of_optimal"]
 def matmul_flops(device: str = "cpu", dtype: torch.dtype = torch.float32, size: int = 1024) -> float:
     """Measured FLOP/s of a (size × size) @ (size × size) matmul: the best of 5 after a warm-up.
 
-    Cached per process and setting: the first engine of a process pays ~0.1-0.5 s on a CPU.
+    Cached per process and setting: the first engine of a process pays ~0.1-0.5 s on a CPU. The
+    global random state is left as it was.
     """
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
+    # Its own generator: the global RNG is the engine's (vLLM seeds it and samples from it), and a
+    # measurement must not move the samples a seeded run draws.
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, device=device, generator=g).to(dtype)
+    b = torch.randn(size, size, device=device, generator=g).to(dtype)
     best = float("inf")
     for attempt in range(6):
         if device.startswith("cuda"):
