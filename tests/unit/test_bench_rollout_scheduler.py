@@ -57,7 +57,10 @@ def test_benchmark_runs_at_toy_size(tmp_path, capsys):
     rows = json.loads(out.read_text())["rows"]
     real = {r["policy"]: r for r in rows if r["where"] == "real (median of 1)"}
     assert set(real) == {"fcfs", "rl", "rl recompute", "rl + turn KV"}
-    assert real["rl"]["recomputed"] == 0 and real["rl recompute"]["recomputed"] > 0
+    assert real["rl"]["recomputed"] == 0  # preempted KV kept: nothing computed twice
+    # recomputing: every preemption costs tokens (whether the toy preempts depends on the machine's speed)
+    recompute = real["rl recompute"]
+    assert (recompute["recomputed"] > 0) == (recompute["preemptions"] > 0)
     assert real["rl"]["reused"] == 0 and real["rl + turn KV"]["reused"] > 0
     assert all(0 < r["optimal_pct"] < 100 and r["p50_s"] <= r["p99_s"] for r in real.values())
     assert {r["where"] for r in rows} == {"real (median of 1)", "sim (this run)", "sim x3 engines"}
