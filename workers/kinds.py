@@ -99,7 +99,7 @@ def make_kind(config: AsyncFlowConfig, task: Any) -> Kind:
     kind = TokenKind(
         make_tokenizer(task, config.model), config.model, config.rollout,
         chunk_tokens=config.trainer.logprob_chunk_tokens, vocab_shards=config.trainer.logprob_vocab_shards,
-        multi_turn=config.env.source is not None,
+        multi_turn=config.env.source is not None, episode_tokens=config.env.max_episode_tokens,
     )  # fmt: skip
     if hasattr(task, "limit_prompts"):
         task.limit_prompts(lambda prompt: len(kind.prompt_ids(prompt)), kind.prompt_room())
@@ -114,12 +114,13 @@ class TokenKind:
 
     def __init__(
         self, tokenizer: Any, model: ModelConfig, rollout: RolloutConfig, *, chunk_tokens: int = 0,
-        vocab_shards: int = 1, multi_turn: bool = False,
+        vocab_shards: int = 1, multi_turn: bool = False, episode_tokens: int = 0,
     ):  # fmt: skip
         self.tokenizer, self.model_config, self.rollout = tokenizer, model, rollout
         # Multi-turn episodes (workers.episodes): a response is the whole trajectory, and its loss
         # mask says which tokens the model sampled (trained) and which the environment gave (not).
         self.multi_turn = multi_turn
+        self.episode_tokens = episode_tokens  # an episode's tokens after the prompt, at most (multi-turn)
         if multi_turn:
             self.rollout_fields = ROLLOUT_FIELDS + EPISODE_FIELDS
             self.reference_reads = [*TokenKind.reference_reads, "loss_mask"]
@@ -176,8 +177,9 @@ class TokenKind:
 
     def prompt_room(self) -> int | None:
         """The most prompt tokens the model has room for: its max positions (the built-in model's
-        max_positions, a checkpoint's max_position_embeddings) minus rollout.max_new_tokens; None
-        for a checkpoint whose config gives no max positions."""
+        max_positions, a checkpoint's max_position_embeddings) minus the longest response
+        (rollout.max_new_tokens, or env.max_episode_tokens for multi-turn episodes); None for a
+        checkpoint whose config gives no max positions."""
         m = self.model_config
         positions: int | None = m.max_positions
         if m.path is not None:
@@ -189,13 +191,15 @@ class TokenKind:
             positions = getattr(checkpoint, "max_position_embeddings", None)
         if positions is None:
             return None
-        room = positions - self.rollout.max_new_tokens
-        if room < 1:
+        name, longest = "rollout.max_new_tokens", self.rollout.max_new_tokens
+        if self.multi_turn:
+            name, longest = "env.max_episode_tokens", self.episode_tokens
+        if positions - longest < 1:
             raise ValueError(
-                f"rollout.max_new_tokens {self.rollout.max_new_tokens} leaves no room for a prompt in the "
-                f"model's {positions} positions; lower it below {positions}"
+                f"{name} {longest} leaves no room for a prompt in the model's {positions} positions; "
+                f"lower it below {positions}"
             )
-        return room
+        return positions - longest
 
     def prompts(self, examples: Sequence[Any]) -> dict[str, list]:
         return {"prompt_ids": [np.asarray(self.prompt_ids(e.prompt), np.int64) for e in examples]}

@@ -147,29 +147,73 @@ class RolloutWorker:
             self.kind.request(f"{batch['prompt_index'][i]}", prompts[i], self.n, self.params) for i in heads
         ]
         called = time.perf_counter()
+        order = {(int(batch["prompt_index"][i]), int(batch["sample_index"][i])): i for i in range(len(batch))}
         with tracer.span(
             "generate", row_ids=batch.rows, groups=len(requests), version=self.engine.version
         ) as span:
-            completions = await (self._episodes(requests) if self.episodes else self._generate(requests))
-            span.update(tokens=sum(len(c.versions) for c in completions), version_end=self.engine.version)
+            tokens = await self._generate_into(batch, order, requests)
+            span.update(tokens=tokens, version_end=self.engine.version)
         self.stats["longest_call_s"] = max(self.stats["longest_call_s"], time.perf_counter() - called)
-        order = {(int(batch["prompt_index"][i]), int(batch["sample_index"][i])): i for i in range(len(batch))}
-        rows: list[Any] = [None] * len(batch)
-        for c in completions:
-            rows[order[(int(c.request_id), c.index)]] = c
-        await fill(
-            self.store,
-            self.kind.results(rows),
-            batch,
-            version=min(min(c.versions, default=self.engine.version) for c in rows),
-        )
-        self.stats["samples"] += len(rows)
-        self.stats["tokens"] += sum(len(c.versions) for c in rows)  # tokens, or denoising steps
         self.stats["busy_s"] += time.perf_counter() - start
+
+    async def _generate_into(self, batch: Any, order: dict[tuple[int, int], int], requests: list) -> int:
+        """Generate for `requests` and write each group's rows as soon as the group is complete
+        (the groups that finish together in one put), so reward and the trainer start on the
+        first groups while the slowest still generate; returns the tokens (or steps) written."""
+        groups, follower = self._start(requests)
+        pending, tokens = set(groups), 0
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                completions = [c for task in done for c in task.result()]
+                positions = [order[(int(c.request_id), c.index)] for c in completions]
+                rows = [c for _, c in sorted(zip(positions, completions), key=lambda pc: pc[0])]
+                await fill(
+                    self.store,
+                    self.kind.results(rows),
+                    batch.select(sorted(positions)),
+                    version=min(min(c.versions, default=self.engine.version) for c in rows),
+                )
+                self.stats["samples"] += len(rows)
+                tokens += sum(len(c.versions) for c in rows)  # tokens, or denoising steps
+            if follower is not None:
+                await follower
+        finally:
+            for task in (*groups, follower):
+                if task is not None and not task.done():
+                    task.cancel()
+        self.stats["tokens"] += tokens
+        return tokens
+
+    def _start(self, requests: list) -> tuple[list[asyncio.Future], asyncio.Future | None]:
+        """The call's groups as tasks that each return one group's completions, and the task
+        that follows newer weights meanwhile (partial rollout) when the groups run separately.
+        An engine that batches concurrent calls (`batches_calls`) gets one call per group (per
+        episode turn with an environment), so each group returns when its own samples finish;
+        any other engine gets one call (one per round of episode turns)."""
+        if not getattr(self.engine, "batches_calls", False):
+            if self.episodes is not None:
+                return self._episodes(requests, Batcher(self._generate)), None
+            return [asyncio.ensure_future(self._generate(requests))], None
+        groups: list[asyncio.Future]
+        if self.episodes is not None:
+            groups = self._episodes(requests, self.engine.generate)
+        else:
+            groups = [asyncio.ensure_future(self.engine.generate([r])) for r in requests]
+        return groups, asyncio.ensure_future(self._follow(asyncio.gather(*groups)))
 
     async def _generate(self, requests: Sequence[Any]) -> list:
         """engine.generate, loading each version published meanwhile when partial rollout is on."""
         call = asyncio.ensure_future(self.engine.generate(requests))
+        try:
+            await self._follow(call)
+            return await call
+        finally:
+            if not call.done():
+                call.cancel()
+
+    async def _follow(self, call: asyncio.Future) -> None:
+        """With partial rollout, load each version published while `call` runs."""
         newer: asyncio.Future | None = None
         try:
             while self.partial_rollout and not call.done():
@@ -180,27 +224,27 @@ class RolloutWorker:
                     held = self.engine.version
                     if await self.sync_weights() != held:  # (not when the version was refused)
                         self.stats["mid_call_syncs"] += 1
-            return await call
-        finally:
-            for task in (call, newer):  # a remote wait stays parked in the weight store until a publish
-                if task is not None and not task.done():
-                    task.cancel()
+        finally:  # a remote wait stays parked in the weight store until a publish
+            if newer is not None and not newer.done():
+                newer.cancel()
 
-    async def _episodes(self, requests: list) -> list:
-        """One multi-turn episode per sample of each request, their turns batched (workers.episodes)."""
+    def _episodes(self, requests: list, generate: Callable) -> list[asyncio.Future]:
+        """One multi-turn episode per sample of each request, each turn sent by `generate`
+        (workers.episodes): a task per request, returning its group's trajectories."""
         assert self.episodes is not None and self.examples is not None
-        generate, examples = Batcher(self._generate), self.examples
-        episodes = await asyncio.gather(
-            *(
-                self.episodes.run(generate, r, i, examples(int(r.request_id)))
-                for r in requests
-                for i in range(r.n)
+        examples, episodes = self.examples, self.episodes
+
+        async def group(request: Any) -> list:
+            example = examples(int(request.request_id))
+            done = await asyncio.gather(
+                *(episodes.run(generate, request, i, example) for i in range(request.n))
             )
-        )
-        self.stats["episodes"] += len(episodes)
-        self.stats["episode_turns"] += sum(t.episode["turns"] for t in episodes)
-        self.stats["episodes_cut"] += sum(t.episode["end"] != "done" for t in episodes)  # limits, errors
-        return list(episodes)
+            self.stats["episodes"] += len(done)
+            self.stats["episode_turns"] += sum(t.episode["turns"] for t in done)
+            self.stats["episodes_cut"] += sum(t.episode["end"] != "done" for t in done)  # limits, errors
+            return list(done)
+
+        return [asyncio.ensure_future(group(r)) for r in requests]
 
     async def work(self, groups: int) -> int:
         """Generate for exactly `groups` prompt groups (sync mode); returns samples written."""

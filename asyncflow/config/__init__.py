@@ -230,6 +230,13 @@ class AsyncFlowConfig(Section):
                 f"env.source = {self.env.source!r} runs multi-turn episodes of a language model, but "
                 f"policy = {self.policy!r}; unset env.source, or use policy: token"
             )
+        positions, tokens = self.model.max_positions, self.env.max_episode_tokens
+        if self.env.source is not None and self.model.path is None and tokens >= positions:
+            raise ValueError(
+                f"env.max_episode_tokens = {tokens} leaves no room for a prompt in the model's "
+                f"model.max_positions = {positions}; lower it below {positions} (by the longest prompt), "
+                "or raise model.max_positions"
+            )
         return self
 
     def _trainer_consistent(self) -> None:

@@ -27,7 +27,7 @@ class EnvConfig(Section):
         "with end='timeout' and keeps the turns it has.",
     )  # fmt: skip
     max_episode_tokens: int = Field(
-        64, ge=1, le=1_000_000, description="Tokens after the prompt (model and environment tokens) per "
+        48, ge=1, le=1_000_000, description="Tokens after the prompt (model and environment tokens) per "
         "episode, at most; each turn samples at most min(rollout.max_new_tokens, what is left). The "
         "prompt plus this many tokens must fit the model's positions.",
     )  # fmt: skip

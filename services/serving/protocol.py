@@ -4,6 +4,10 @@ A request is token ids in; a completion is token ids out, with the behaviour log
 of every sampled token and the policy version that produced it. Engines differ in how
 they decode, never in these records, so rollout workers are written once.
 
+An engine whose class sets `batches_calls = True` decodes concurrent `generate()` calls in the
+same steps (continuous batching), so a caller may send each group as its own call and have
+it back as soon as its samples finish.
+
 This module knows nothing about tokenization, the data store, Ray or any model library
 beyond torch tensors for weights.
 """

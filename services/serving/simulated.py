@@ -39,6 +39,8 @@ def response_length(rng: random.Random, *, min_tokens: int, alpha: float, max_ne
 class SimulatedEngine:
     """Engine protocol implementation whose generation is a sleep of heavy-tailed length."""
 
+    batches_calls = True  # concurrent calls sleep side by side, as a continuous-batching server decodes
+
     def __init__(
         self,
         *,

@@ -76,6 +76,8 @@ class _Seq:
 class ScheduledTorchEngine(InProcessEngine):
     """Engine protocol implementation with a step scheduler over an in-process transformers model."""
 
+    batches_calls = True  # concurrent generate() calls share its decode steps: a call per group costs nothing
+
     def __init__(
         self,
         model: PreTrainedModel,

@@ -85,6 +85,8 @@ class _Sample:
 class VLLMEngine:
     """Engine protocol implementation over vLLM's in-process engine (CPU build or GPU build)."""
 
+    batches_calls = True  # concurrent generate() calls share its decode steps: a call per group costs nothing
+
     def __init__(
         self,
         model_dir: str | Path,

@@ -143,3 +143,20 @@ def test_the_env_section_refuses_what_cannot_run():
         parse_config({**flow, "env": {"source": "asyncflow.envs.arithmetic:calculator_env"}})
     config = parse_config({"env": {"source": "asyncflow.envs.arithmetic:calculator_env", "max_turns": 3}})
     assert config.env.max_turns == 3
+    long = {"source": "asyncflow.envs.arithmetic:calculator_env", "max_episode_tokens": 64}
+    with pytest.raises(ConfigError, match="env.max_episode_tokens = 64 leaves no room.*max_positions = 64"):
+        parse_config({"env": long, "model": {"max_positions": 64}})
+
+
+def test_a_multi_turn_prompt_has_room_for_the_episode_not_one_turn():
+    from asyncflow.config import ModelConfig, RolloutConfig
+    from asyncflow.tasks.sorting import SortDigits
+    from workers.kinds import TokenKind
+    from workers.policy import make_tokenizer
+
+    tokenizer, model = make_tokenizer(SortDigits()), ModelConfig(max_positions=64)
+    rollout = RolloutConfig(max_new_tokens=8)
+    assert TokenKind(tokenizer, model, rollout).prompt_room() == 56
+    assert TokenKind(tokenizer, model, rollout, multi_turn=True, episode_tokens=48).prompt_room() == 16
+    with pytest.raises(ValueError, match="env.max_episode_tokens 64 leaves no room"):
+        TokenKind(tokenizer, model, rollout, multi_turn=True, episode_tokens=64).prompt_room()
