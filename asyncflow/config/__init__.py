@@ -16,7 +16,7 @@ from pydantic import Field, ValidationError, model_validator
 from asyncflow.config._base import Section
 from asyncflow.config.deploy import DeployConfig
 from asyncflow.config.env import EnvConfig
-from asyncflow.config.flow import EncoderConfig, FlowConfig
+from asyncflow.config.flow import AFMConfig, EncoderConfig, FlowConfig
 from asyncflow.config.observe import LoggingConfig
 from asyncflow.config.rl import (
     CriticConfig,
@@ -40,6 +40,7 @@ from asyncflow.errors import ConfigError
 from dataplane.config import DataPlaneConfig
 
 __all__ = [
+    "AFMConfig",
     "AsyncFlowConfig",
     "CriticConfig",
     "DataPlaneConfig",
