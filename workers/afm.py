@@ -225,12 +225,12 @@ class AFMTrainer:
                     break
             if previous is not None:
                 await store.ack(previous)
-            described = await store.describe(self.partition)
+            stats = (await store.store_stats()).get("partitions", {}).get(self.partition, {})
         finally:
             await store.close()
         return {
             "version": self.version, "trained": self.trained, "lags": self.lags, "losses": self.losses,
-            "store": described,
+            "store": stats.get("consumers", {}).get(CONSUMER, {}),
         }  # fmt: skip
 
     def _train(self, batch: Any) -> None:

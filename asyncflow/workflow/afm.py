@@ -23,7 +23,7 @@ from dataplane import StoreClient, start_store
 from workers.afm import CONSUMER, SCHEMA, AFMActor, AFMTrainer
 from workers.weights import WeightStore
 
-__all__ = ["run_afm"]
+__all__ = ["run_afm", "summarize"]
 
 
 async def _partition(address: str, name: str, capacity: int) -> None:
@@ -93,3 +93,28 @@ async def run_afm(config: AsyncFlowConfig, *, store_address: str | None = None) 
 
 async def _gather(refs: list[Any]) -> list[Any]:
     return [await r for r in refs]
+
+
+def summarize(result: dict[str, Any], bin_s: float) -> dict[str, Any]:
+    """Success rate and median steps to the goal of the episodes that ended in each `bin_s`
+    window of the run, and the loop's bookkeeping: transitions put, trained, dropped as stale,
+    trained more than once (must be 0), the largest lag trained at (at most the bound)."""
+    episodes, trainer = result["episodes"], result["trainer"]
+    windows: list[dict[str, Any]] = []
+    start = 0.0
+    while start < result["acted_s"]:
+        ended = [e for e in episodes if start <= e["end_s"] < start + bin_s]
+        won = sorted(e["steps"] for e in ended if e["success"])
+        windows.append({
+            "from_s": start, "to_s": start + bin_s, "episodes": len(ended),
+            "success": sum(e["success"] for e in ended) / len(ended) if ended else None,
+            "median_steps": won[len(won) // 2] if won else None,
+        })  # fmt: skip
+        start += bin_s
+    put = sum(len(p) for p in result["put_versions"])
+    trained = trainer["trained"]
+    return {
+        "windows": windows, "episodes": len(episodes), "versions": trainer["version"],
+        "transitions_put": put, "trained": len(trained), "dropped_stale": trainer["store"].get("dropped_stale"),
+        "trained_twice": len(trained) - len(set(trained)), "max_lag": max(trainer["lags"], default=0),
+    }  # fmt: skip
