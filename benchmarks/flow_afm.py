@@ -69,7 +69,8 @@ def afm_table(args: Any, median) -> dict[str, Any]:
         totals = {k: median([r[k] for r in mine]) for k in ("episodes", "versions", "dropped_stale")}
         totals["max_lag"] = max(r["max_lag"] for r in mine)
         summary[arm] = {"success": success, "median_steps": steps, **totals}
-        tail = f" | {totals['episodes']:.0f} | {totals['versions']:.0f} | {totals['dropped_stale']:.0f} | {totals['max_lag']} |"
+        tail = " | ".join(["", *(f"{totals[k]:.0f}" for k in ("episodes", "versions", "dropped_stale")), ""])
+        tail += f"{totals['max_lag']} |"
         print(f"| {arm} | success | " + " | ".join(_cell(s, ".2f") for s in success) + tail)
         print(f"| {arm} | steps | " + " | ".join(_cell(s, ".0f") for s in steps) + " | | | | |")
     assert all(r["trained_twice"] == 0 for r in runs), "a transition was trained twice"

@@ -112,7 +112,7 @@ class AFMActor:
         action = a0
         if self.config.refine:
             cond = condition(*(torch.as_tensor(a, dtype=torch.float32) for a in (position, a0, error)))
-            active = torch.as_tensor(np.linalg.norm(error, axis=1) > self.config.threshold)
+            active = torch.as_tensor(np.linalg.norm(error, axis=1) >= self.config.threshold)
             a0_t = torch.as_tensor(a0, dtype=torch.float32)
             action = refine(self.model, a0_t, cond, self.config.refine_steps, active).double().numpy()
         noise = self.config.explore * self.rng.standard_normal(action.shape)
@@ -125,7 +125,8 @@ class AFMActor:
         self._episode: dict[int, tuple[int, float]] = {}
         for i in range(n):
             self._reset(i, i, started)
-        count, error, rows, steps = n, np.zeros((n, 2)), [], np.zeros(n, int)
+        count, error, steps = n, np.zeros((n, 2)), np.zeros(n, int)
+        rows: list[tuple[Any, ...]] = []  # (position, a0, intended, error) of one env step, each (N, 2)
         try:
             while time.perf_counter() - started < duration_s:
                 if rows and await self.weights.latest() > self.version:
@@ -160,7 +161,7 @@ class AFMActor:
             await store.close()
         return {"episodes": [asdict(e) for e in self.episodes], "put_versions": self.versions_used}
 
-    async def _put(self, store: Any, rows: list[tuple[np.ndarray, ...]]) -> None:
+    async def _put(self, store: Any, rows: list[tuple[Any, ...]]) -> None:
         fields = [np.concatenate([r[k] for r in rows]).astype(np.float32) for k in range(4)]
         count = len(fields[0])
         first = len(self.versions_used)

@@ -56,7 +56,7 @@ class AFMConfig(Section):
     refine_steps: int = Field(2, ge=1, le=100, description="Midpoint steps from a0 to the intended action.")
     threshold: float = Field(
         0.0, ge=0, le=1e3,
-        description="Refine only where the previous step's transition error |e| exceeds this (the "
+        description="Refine only where the previous step's transition error |e| is at least this (the "
         "paper's dynamics_misalignment_threshold; 0: always).",
     )  # fmt: skip
     explore: float = Field(

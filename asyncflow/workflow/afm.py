@@ -59,11 +59,11 @@ async def run_afm(config: AsyncFlowConfig, *, store_address: str | None = None) 
     await _partition(store_address, partition, (config.staleness + 1) * afm.batch_size + rows_per_put)
     # num_cpus=0: these actors are CPU-bound but few; reserving cores would leave a 2-core
     # machine unable to place them beside the store's actors.
-    weights = ray.remote(WeightStore).options(num_cpus=0).remote(keep_versions=2)
-    trainer = ray.remote(AFMTrainer).options(num_cpus=0).remote(
+    weights: Any = ray.remote(WeightStore).options(num_cpus=0).remote(keep_versions=2)
+    trainer: Any = ray.remote(AFMTrainer).options(num_cpus=0).remote(
         afm, config.flow, store_address, weights, partition, staleness=config.staleness, seed=config.seed
     )  # fmt: skip
-    actors = [
+    actors: list[Any] = [
         ray.remote(AFMActor)
         .options(num_cpus=0)
         .remote(afm, config.flow, store_address, weights, partition, actor=i, seed=config.seed)  # fmt: skip
@@ -115,6 +115,7 @@ def summarize(result: dict[str, Any], bin_s: float) -> dict[str, Any]:
     trained = trainer["trained"]
     return {
         "windows": windows, "episodes": len(episodes), "versions": trainer["version"],
-        "transitions_put": put, "trained": len(trained), "dropped_stale": trainer["store"].get("dropped_stale"),
+        "transitions_put": put, "trained": len(trained),
+        "dropped_stale": trainer["store"].get("dropped_stale"),
         "trained_twice": len(trained) - len(set(trained)), "max_lag": max(trainer["lags"], default=0),
     }  # fmt: skip

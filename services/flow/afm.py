@@ -13,7 +13,7 @@ In services.flow's convention (t = 1 source, t = 0 data):
 
 and `refine` integrates from x = a0 at t = 1 to t = 0 with midpoint steps, as the repo's
 `ActionFlowMatching.step` does. The refinement applies only where the previous error exceeds
-a threshold (the repo's `dynamics_misalignment_threshold`); elsewhere a0 goes through.
+a threshold (the repo's `dynamics_misalignment_threshold`; the caller passes `active`).
 
 Intended actions come from observed transitions by hindsight (`relabel`): the robot executed
 a and went from s to s'; the planner would have proposed a0 = nominal_inverse(s, s') to get

@@ -52,3 +52,16 @@ def test_the_cli_runs_the_example_and_writes_its_episodes(ray_session, tmp_path)
     assert len(episodes) == summary["episodes"] > 0 and (run / "config.yaml").exists()
     assert json.loads((run / "summary.json").read_text())["trained_twice"] == 0
     assert summary["max_lag"] <= 2 and len(summary["windows"]) >= 3
+
+
+def test_the_benchmark_table_runs_at_toy_size(ray_session, tmp_path, capsys):
+    import json as json_
+
+    from benchmarks.flow import main
+
+    out = tmp_path / "afm.json"
+    main(["--only", "afm", "--seeds", "1", "--afm-duration-s", "2", "--afm-bin-s", "1", "--json", str(out)])
+    figures = json_.loads(out.read_text())["afm"]
+    assert set(figures["median"]) == {"planner", "afm"}
+    assert all(r["trained_twice"] == 0 and r["max_lag"] <= 2 for r in figures["runs"])
+    assert "| afm | success |" in capsys.readouterr().out

@@ -24,7 +24,11 @@ def _model(seed: int = 0) -> VelocityMLP:
 
 def test_interpolation_runs_from_the_planned_to_the_intended_action():
     gen = torch.Generator().manual_seed(0)
-    a0, a_star, t = torch.randn(7, 2, generator=gen), torch.randn(7, 2, generator=gen), torch.rand(7, generator=gen)
+    a0, a_star, t = (
+        torch.randn(7, 2, generator=gen),
+        torch.randn(7, 2, generator=gen),
+        torch.rand(7, generator=gen),
+    )
     x = interpolate(a0, a_star, t)
     for i in range(7):
         for d in range(2):
