@@ -18,6 +18,10 @@ a threshold (the repo's `dynamics_misalignment_threshold`; the caller passes `ac
 Intended actions come from observed transitions by hindsight (`relabel`): the robot executed
 a and went from s to s'; the planner would have proposed a0 = nominal_inverse(s, s') to get
 there, so (a0 -> a) is a pair whose intended action is a, known without the true dynamics.
+(The repo trains from recorded tensors `states, planned_actions, intended_actions, error`
+whose making it does not include; the relabelling is ours. Its condition is a "dynamics
+regime" (state, planned action, error) registered when the error crosses the threshold, and
+it integrates 10 midpoint steps; here the condition is the previous step's, default 2 steps.)
 
 `CEMPlanner` is the planner: the cross-entropy method over action sequences under the nominal
 model, batched over robots. Knows nothing about the data store, Ray or weights.
