@@ -49,6 +49,13 @@ def _run(args: argparse.Namespace) -> int:
         config = load_config(args.config, [*args.set, *stable])
     else:
         raise ConfigError("asyncflow run needs a CONFIG file or --resume RUN_DIR")
+    if config.flow.afm is not None:  # Action Flow Matching: continual supervised learning, not RL
+        from asyncflow.recipes import afm
+
+        if args.resume or args.resume_if_exists:
+            raise ConfigError("an AFM run (flow.afm set) keeps no checkpoints; run it again without --resume")
+        print(yaml.safe_dump(afm.train(config, display=not args.quiet), sort_keys=False), end="")
+        return 0
     summary = train(
         config, resume=args.resume, resume_if_exists=args.resume_if_exists, display=not args.quiet
     )

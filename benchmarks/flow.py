@@ -1,4 +1,4 @@
-"""Flow-matching benchmark: generation quality of the pre-training losses, the RL curve, PMRF, PFGM++.
+"""Flow-matching benchmark: generation quality of the pre-training losses, the RL curve, PMRF, PFGM++, AFM.
 
 1. Quality. Transport eight Gaussians (torchcfm's: radius 5, covariance sqrt(0.1) I) to
    moons (torchcfm's: sklearn moons, noise 0.2, x * 3 - 1). Each method trains the same
@@ -30,11 +30,16 @@
    Flow-GRPO, at equal time (CPU seconds of the one-thread process): bytes per weight update,
    agreement, MSE, FD.
 
+6. Action Flow Matching (benchmarks/flow_afm.py): examples/flow-robot.yaml, a CEM planner with a
+   misaligned model alone against planner + the action flow trained online through the store:
+   success rate and steps to the goal per window of wall time.
+
     flock /tmp/asyncflow-bench.lock .venv/bin/python benchmarks/flow.py --iters 20000 --rl-seeds 3 \\
         --json docs/bench-flow.json --svg docs/bench-flow-rl.svg
     .venv/bin/python benchmarks/flow.py --iters 500 --skip-rl    # quick look
     .venv/bin/python -m benchmarks.flow --only pmrf,pfgm --seeds 3    # tables 3 and 4 (see --help)
     .venv/bin/python -m benchmarks.flow --only encoder --seeds 3      # table 5
+    .venv/bin/python -m benchmarks.flow --only afm --seeds 3          # table 6
 
 Needs the `bench` extra (torchcfm, POT, scipy, scikit-learn; see pyproject.toml for the light
 install).
@@ -256,6 +261,20 @@ def seed_tables(args: argparse.Namespace, tables: set[str]) -> dict[str, Any]:
     return out
 
 
+def afm_tables(args: argparse.Namespace, tables: set[str]) -> dict[str, Any]:
+    """The Action Flow Matching table (benchmarks/flow_afm.py): Ray runs, so after the digits tables."""
+    if "afm" not in tables:
+        return {}
+    import ray
+
+    from benchmarks.flow_afm import afm_table
+
+    try:
+        return {"afm": afm_table(args, median)}
+    finally:
+        ray.shutdown()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=10000, help="Adam steps per pre-training run")
@@ -270,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument(
         "--only",
-        help="comma-separated tables to run, of quality,rl,pmrf,pfgm,encoder (default: quality,rl, less "
+        help="comma-separated tables to run, of quality,rl,pmrf,pfgm,encoder,afm (default: quality,rl, less "
         "--skip-*)",
     )
     parser.add_argument(
@@ -298,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--encoder-rl-s", type=float, default=60.0, help="encoder: CPU seconds of Flow-GRPO per arm"
     )
+    parser.add_argument("--afm-duration-s", type=float, default=60.0, help="afm: seconds of acting per arm")
+    parser.add_argument("--afm-bin-s", type=float, default=10.0, help="afm: width of a window of wall time")
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--svg", type=Path, help="write the RL hit-rate curves here")
     args = parser.parse_args(argv)
@@ -309,10 +330,11 @@ def main(argv: list[str] | None = None) -> int:
         else {"quality", "rl"}
         - {t for t, skip in (("quality", args.skip_quality), ("rl", args.skip_rl)) if skip}
     )
-    known = {"quality", "rl", "pmrf", "pfgm", "encoder"}
+    known = {"quality", "rl", "pmrf", "pfgm", "encoder", "afm"}
     if tables - known:
         parser.error(f"--only: unknown tables {sorted(tables - known)}; expected some of {sorted(known)}")
     payload.update(seed_tables(args, tables))
+    payload.update(afm_tables(args, tables))
 
     if "quality" in tables:
         methods = args.methods.split(",")

@@ -16,7 +16,7 @@ from pydantic import Field, ValidationError, model_validator
 from asyncflow.config._base import Section
 from asyncflow.config.deploy import DeployConfig
 from asyncflow.config.env import EnvConfig
-from asyncflow.config.flow import EncoderConfig, FlowConfig
+from asyncflow.config.flow import AFMConfig, EncoderConfig, FlowConfig
 from asyncflow.config.observe import LoggingConfig
 from asyncflow.config.rl import (
     CriticConfig,
@@ -40,6 +40,7 @@ from asyncflow.errors import ConfigError
 from dataplane.config import DataPlaneConfig
 
 __all__ = [
+    "AFMConfig",
     "AsyncFlowConfig",
     "CriticConfig",
     "DataPlaneConfig",
@@ -169,6 +170,11 @@ class AsyncFlowConfig(Section):
             raise ValueError(
                 f"policy = {self.policy!r} but task.source {self.task.source!r} is a {kind} task; "
                 f"set policy: {kind}, or pick a task of that kind"
+            )
+        if self.flow.afm is not None and self.policy != "flow":
+            raise ValueError(
+                f"flow.afm is set (an Action Flow Matching run) but policy = {self.policy!r}; set policy: "
+                "flow and task.source: asyncflow.tasks.robot:PointRobotTask, or unset flow.afm"
             )
         memory = {"logprob_chunk_tokens": self.trainer.logprob_chunk_tokens,
                   "logprob_vocab_shards": self.trainer.logprob_vocab_shards > 1,

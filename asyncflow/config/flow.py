@@ -39,6 +39,58 @@ class EncoderConfig(Section):
     )  # fmt: skip
 
 
+class AFMConfig(Section):
+    """Action Flow Matching on the point robot (services.flow.afm, asyncflow.tasks.robot): actors run
+    a CEM planner with a misaligned model, refine its actions with the flow, and write hindsight
+    transitions to the store; a trainer trains the flow on each transition once and publishes weights
+    the actors pick up between steps. The flow's size is flow.hidden_size / num_layers / time_features;
+    the staleness bound is the top-level `staleness`, the seed the top-level `seed`."""
+
+    duration_s: float = Field(60.0, gt=0, le=86_400, description="Seconds the actors act.")
+    num_actors: int = Field(1, ge=1, le=256, description="Ray actors running episodes.")
+    robots: int = Field(16, ge=1, le=4096, description="Robots each actor steps at once (one planner call).")
+    refine: bool = Field(
+        True, description="Refine the planner's actions with the flow (false: the planner alone; the "
+        "trainer still learns from its transitions)."
+    )  # fmt: skip
+    refine_steps: int = Field(2, ge=1, le=100, description="Midpoint steps from a0 to the intended action.")
+    threshold: float = Field(
+        0.0, ge=0, le=1e3,
+        description="Refine only where the previous step's transition error |e| is at least this (the "
+        "paper's dynamics_misalignment_threshold; 0: always).",
+    )  # fmt: skip
+    explore: float = Field(
+        0.1, ge=0, le=10, description="Std of Gaussian noise added to executed actions (data coverage)."
+    )
+    put_every: int = Field(4, ge=1, le=10_000, description="Env steps an actor buffers before one store put.")
+    batch_size: int = Field(64, ge=1, le=65536, description="Transitions per trainer update (each once).")
+    lr: float = Field(1e-3, gt=0, le=1.0, description="Adam learning rate of the flow.")
+    horizon: int = Field(5, ge=1, le=1000, description="CEM planning horizon (steps).")
+    population: int = Field(64, ge=2, le=100_000, description="CEM action sequences per iteration.")
+    elites: int = Field(8, ge=1, le=100_000, description="CEM sequences kept to refit the Gaussian.")
+    iterations: int = Field(3, ge=1, le=100, description="CEM iterations per planning call.")
+    gain: float = Field(0.7, gt=0, le=10, description="Robot: true actuator gain (the planner assumes 1).")
+    angle: float = Field(
+        1.2,
+        ge=-3.1416,
+        le=3.1416,
+        description="Robot: radians the true actuator turns commands by (planner: 0).",
+    )
+    wind: float = Field(
+        0.3, ge=0, le=10, description="Robot: strength of the unmodelled position-dependent wind."
+    )
+    max_steps: int = Field(80, ge=1, le=100_000, description="Robot: steps before an episode is truncated.")
+
+    @model_validator(mode="after")
+    def _elites_fit(self) -> AFMConfig:
+        if self.elites > self.population:
+            raise ValueError(
+                f"flow.afm.elites = {self.elites} exceeds flow.afm.population = {self.population}; "
+                "keep fewer elites than sampled sequences"
+            )
+        return self
+
+
 class FlowConfig(Section):
     """A flow-matching policy: conditional MLP velocity model, Flow-GRPO SDE sampler."""
 
@@ -78,6 +130,12 @@ class FlowConfig(Section):
         description="Unset: one conditional velocity MLP trains. Set: an unconditional backbone (the MLP "
         "above), pre-trained by warmup and frozen, plus a trainable context encoder that reads the "
         "condition (see EncoderConfig).",
+    )
+
+    afm: AFMConfig | None = Field(
+        None,
+        description="Set: `asyncflow run` runs Action Flow Matching on the point robot (see AFMConfig) "
+        "instead of RL; the flow above is the action refiner.",
     )
 
     @model_validator(mode="after")

@@ -174,3 +174,12 @@ def test_trainable_is_all_lora_or_patterns_and_says_so_when_it_is_neither(tmp_pa
                       "trainer": {"trainable": {"lora": {}}}})  # fmt: skip
     for section in (Lora, LoraConfig, Patterns):  # the walk above does not enter the union
         assert all(f.description for f in section.model_fields.values()), section
+
+
+def test_an_afm_run_needs_a_flow_policy_and_enough_cem_samples():
+    flow = {"policy": "flow", "task": {"source": "asyncflow.tasks.robot:PointRobotTask"}}
+    assert parse_config({**flow, "flow": {"afm": {"duration_s": 5}}}).flow.afm.duration_s == 5
+    with pytest.raises(ConfigError, match=r"flow.afm is set .* but policy = 'token'"):
+        parse_config({"flow": {"afm": {}}})
+    with pytest.raises(ConfigError, match=r"flow.afm.elites = 80 exceeds flow.afm.population = 64"):
+        parse_config({**flow, "flow": {"afm": {"elites": 80}}})
