@@ -171,11 +171,6 @@ class AsyncFlowConfig(Section):
                 f"policy = {self.policy!r} but task.source {self.task.source!r} is a {kind} task; "
                 f"set policy: {kind}, or pick a task of that kind"
             )
-        if self.flow.afm is not None and self.policy != "flow":
-            raise ValueError(
-                f"flow.afm is set (an Action Flow Matching run) but policy = {self.policy!r}; set policy: "
-                "flow and task.source: asyncflow.tasks.robot:PointRobotTask, or unset flow.afm"
-            )
         memory = {"logprob_chunk_tokens": self.trainer.logprob_chunk_tokens,
                   "logprob_vocab_shards": self.trainer.logprob_vocab_shards > 1,
                   "gradient_checkpointing": self.trainer.gradient_checkpointing}  # fmt: skip
@@ -230,7 +225,12 @@ class AsyncFlowConfig(Section):
         return self
 
     @model_validator(mode="after")
-    def _env_consistent(self) -> AsyncFlowConfig:
+    def _sections_fit_the_policy(self) -> AsyncFlowConfig:
+        if self.flow.afm is not None and self.policy != "flow":
+            raise ValueError(
+                f"flow.afm is set (an Action Flow Matching run) but policy = {self.policy!r}; set policy: "
+                "flow and task.source: asyncflow.tasks.robot:PointRobotTask, or unset flow.afm"
+            )
         if self.env.source is not None and self.policy != "token":
             raise ValueError(
                 f"env.source = {self.env.source!r} runs multi-turn episodes of a language model, but "
