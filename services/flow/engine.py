@@ -88,11 +88,14 @@ class FlowSample:
     logprobs: list[float]  # (K,)
     versions: list[int]  # (K,)
     finish_reason: Literal["stop", "abort"]
+    output: torch.Tensor | None = None
+    """The sample in data space, (D,), when the model maps its latents to data (`to_data`, e.g.
+    services.flow.pmrf.PMRFPolicy); None when the last latent is the sample."""
 
     @property
     def sample(self) -> torch.Tensor:
-        """The generated point, x at t = 0: (D,)."""
-        return self.latents[-1]
+        """The generated point in data space: (D,), the last latent unless the model maps latents to data."""
+        return self.latents[-1] if self.output is None else self.output
 
 
 class FlowEngine(InProcessEngine):
@@ -159,7 +162,7 @@ class FlowEngine(InProcessEngine):
             await asyncio.sleep(0)  # a step boundary: let pause / update_weights / close land
             await self._unpaused.wait()
             if self._model is None:
-                return self._samples(rows, latents, grid, logps, versions, "abort")
+                return self._samples(rows, latents, grid, logps, versions, "abort", None)
             with torch.no_grad():
                 x, _, _, logp = sde_step(
                     self._model, x, t, t_next, cond, params.noise_level, t_root=times[1],
@@ -168,12 +171,17 @@ class FlowEngine(InProcessEngine):
             latents.append(x)
             logps.append(logp)
             versions.append(self.version)
-        return self._samples(rows, latents, grid, logps, versions, "stop")
+        outputs = None
+        if hasattr(self._model, "to_data"):  # latents are not data (PMRF's residuals): map the sample
+            with torch.no_grad():
+                outputs = self._model.to_data(x, cond)  # (B, D), with the weights of the last step
+        return self._samples(rows, latents, grid, logps, versions, "stop", outputs)
 
     @staticmethod
     def _samples(
         rows: list[tuple[FlowRequest, int]], latents: list[torch.Tensor], grid: torch.Tensor,
         logps: list[torch.Tensor], versions: list[int], reason: Literal["stop", "abort"],
+        outputs: torch.Tensor | None,
     ) -> list[FlowSample]:  # fmt: skip
         path = torch.stack(latents, dim=1)  # (B, steps+1, D)
         logprobs = torch.stack(logps, dim=1).tolist() if logps else [[] for _ in rows]  # (B, steps)
@@ -187,6 +195,7 @@ class FlowEngine(InProcessEngine):
                 logprobs=logprobs[i],
                 versions=list(versions),
                 finish_reason=reason,
+                output=None if outputs is None else outputs[i].clone(),
             )  # fmt: skip
             for i, (request, index) in enumerate(rows)
         ]
