@@ -31,6 +31,7 @@ from asyncflow.config import FlowConfig, WarmupConfig
 from services.flow import FlowEngine, FlowRequest, FlowSample, FlowSamplingParams, VelocityMLP, step_logprobs
 from services.flow.encoder import EncoderFlow, inpainting_loss, training_only
 from services.flow.losses import adam, fit, make_loss
+from services.flow.pfgm import pfgm_source
 from services.flow.pmrf import MeanMLP, PMRFPolicy, fit_mean, stage2_loss
 from workers.samples import FLOW_PROMPT_FIELDS, FLOW_ROLLOUT_FIELDS
 
@@ -99,7 +100,10 @@ class FlowKind:
     def engine(self, seed: int) -> FlowEngine:
         """An engine with a fresh model; its weights come from the weight store (version -1 until then)."""
         model: Any = self.model(0)  # a VelocityMLP, or an EncoderFlow (which has its interface)
-        return FlowEngine(model, version=-1, seed=seed, boss_fine_steps=self.config.boss_fine_steps)
+        aug_dim = self.config.pfgm_aug_dim if self.config.source == "pfgm" else None
+        return FlowEngine(
+            model, version=-1, seed=seed, boss_fine_steps=self.config.boss_fine_steps, aug_dim=aug_dim
+        )
 
     def params(self) -> FlowSamplingParams:
         c = self.config
@@ -177,7 +181,10 @@ class FlowKind:
                     out["encoder_loss"] = self._fit(model, encoder_loss, task, config, e.supervised_steps)
                 out["encoder_steps"] = e.supervised_steps
         else:
-            out["loss"] = self._fit(model, loss, task, config, config.steps)
+            source = None
+            if self.config.source == "pfgm":  # the PFGM++ kernel's noise, a fresh draw per step
+                source = pfgm_source(self.task.dim, self.config.pfgm_aug_dim, seed=int(torch.randint(2**31 - 1, ())))
+            out["loss"] = self._fit(model, loss, task, config, config.steps, source=source)
         out["seconds"] = time.perf_counter() - start
         return out if config.steps or out.get("encoder_steps") or out.get("mean_steps") else {"steps": 0}
 
@@ -209,7 +216,7 @@ class FlowKind:
     @staticmethod
     def _fit(
         model: torch.nn.Module, loss: Any, task: Any, config: WarmupConfig, steps: int, *,
-        conditional: bool = True,
+        conditional: bool = True, source: Any = None,
     ) -> float:  # fmt: skip
         if not steps:
             return float("nan")
@@ -220,7 +227,7 @@ class FlowKind:
 
         return fit(
             model,  # type: ignore[arg-type]  # a VelocityMLP or an EncoderFlow (self.model)
-            loss, data, steps=steps, batch_size=config.batch_size, lr=config.lr,
+            loss, data, steps=steps, batch_size=config.batch_size, lr=config.lr, source=source,
             seed=int(torch.randint(2**31 - 1, ())),
         )  # fmt: skip
 

@@ -100,6 +100,18 @@ class FlowConfig(Section):
         "condition (see EncoderConfig).",
     )
 
+    source: Literal["gaussian", "pfgm"] = Field(
+        "gaussian",
+        description="The flow's source at t = 1, in pre-training and sampling: N(0, I), or the PFGM++ "
+        "kernel's noise at sigma = 1 with augmented dimension pfgm_aug_dim (services.flow.pfgm). The "
+        "Flow-GRPO step's drift assumes the Gaussian source's score, so with pfgm its chain does not keep "
+        "the ODE's marginals exactly (its log-probs, and so the RL ratios, are still exact).",
+    )
+    pfgm_aug_dim: float = Field(
+        64.0, gt=0,
+        description="PFGM++'s augmented dimension D (flow.source pfgm): 1 is PFGM, .inf the Gaussian; "
+        "smaller D, heavier tails.",
+    )  # fmt: skip
     pmrf: PMRFConfig | None = Field(
         None,
         description="Set: the policy is PMRF, a posterior-mean head plus the velocity MLP above as an "
@@ -109,6 +121,11 @@ class FlowConfig(Section):
 
     @model_validator(mode="after")
     def _encoder_fits(self) -> FlowConfig:
+        if self.source == "pfgm" and (self.encoder is not None or self.pmrf is not None):
+            raise ValueError(
+                "flow.source pfgm is an option of the plain velocity MLP; unset flow.encoder / flow.pmrf "
+                "(their warm-starts draw Gaussian sources), or use flow.source gaussian"
+            )
         if self.encoder is not None and self.pmrf is not None:
             raise ValueError(
                 "flow.encoder and flow.pmrf are two policy shapes; set one of them (encoder: inpainting on a "

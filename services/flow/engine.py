@@ -28,6 +28,7 @@ import torch
 
 from services.flow.boss import bellman_grid, jump_costs
 from services.flow.model import VelocityMLP
+from services.flow.pfgm import pfgm_noise
 from services.flow.sampling import Reduce, check_grid, sde_step, uniform_grid
 from services.serving.protocol import InProcessEngine
 
@@ -103,9 +104,12 @@ class FlowEngine(InProcessEngine):
 
     def __init__(
         self, model: VelocityMLP, *, version: int = 0, seed: int = 0, boss_fine_steps: int = 100,
-        boss_samples: int = 512,
+        boss_samples: int = 512, aug_dim: float | None = None,
     ) -> None:  # fmt: skip
+        """`aug_dim`: draw the source at t = 1 from the PFGM++ kernel with augmented dimension D =
+        aug_dim (services.flow.pfgm) instead of N(0, I)."""
         super().__init__(model, version)
+        self._aug_dim = aug_dim
         self.stats: dict[str, float] = {"samples_generated": 0, "generate_s": 0.0, "requests": 0}
         self._generator = torch.Generator().manual_seed(seed)
         self._boss = (boss_fine_steps, boss_samples, seed)
@@ -156,7 +160,10 @@ class FlowEngine(InProcessEngine):
         times = check_grid(grid)
         rows = [(r, i) for r in requests for i in range(r.n)]
         cond = torch.tensor([r.condition for r, _ in rows], dtype=torch.float32).view(len(rows), -1)  # (B, C)
-        x = torch.randn(len(rows), model.dim, generator=self._generator)  # (B, D) at t = 1
+        if self._aug_dim is None:
+            x = torch.randn(len(rows), model.dim, generator=self._generator)  # (B, D) at t = 1
+        else:
+            x = pfgm_noise(len(rows), model.dim, self._aug_dim, generator=self._generator)
         latents, logps, versions = [x], list[torch.Tensor](), list[int]()
         for t, t_next in zip(times, times[1:]):
             await asyncio.sleep(0)  # a step boundary: let pause / update_weights / close land
