@@ -25,6 +25,9 @@
 4. PFGM++ (benchmarks/flow_pfgm.py): W2 on moons and FD on digits against Euler steps, and
    with a noisy sampler, for several augmented dimensions D (inf: the Gaussian).
 
+6. BOSS stage 2 (benchmarks/flow_boss.py): the model fine-tuned on its K chosen steps against
+   the Bellman grid alone (stage 1) and the uniform grid, W2 on the quality table's data.
+
 5. The plug-in context encoder (benchmarks/flow_encoder.py): digits inpainting by a context
    encoder on a frozen pre-trained backbone against full fine-tuning, supervised then
    Flow-GRPO, at equal time (CPU seconds of the one-thread process): bytes per weight update,
@@ -35,6 +38,7 @@
     .venv/bin/python benchmarks/flow.py --iters 500 --skip-rl    # quick look
     .venv/bin/python -m benchmarks.flow --only pmrf,pfgm --seeds 3    # tables 3 and 4 (see --help)
     .venv/bin/python -m benchmarks.flow --only encoder --seeds 3      # table 5
+    .venv/bin/python -m benchmarks.flow --only boss --seeds 3         # table 6
 
 Needs the `bench` extra (torchcfm, POT, scipy, scikit-learn; see pyproject.toml for the light
 install).
@@ -270,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument(
         "--only",
-        help="comma-separated tables to run, of quality,rl,pmrf,pfgm,encoder (default: quality,rl, less "
+        help="comma-separated tables to run, of quality,rl,pmrf,pfgm,encoder,boss (default: quality,rl, less "
         "--skip-*)",
     )
     parser.add_argument(
@@ -298,6 +302,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--encoder-rl-s", type=float, default=60.0, help="encoder: CPU seconds of Flow-GRPO per arm"
     )
+    parser.add_argument("--boss-iters", type=int, default=10000, help="boss: Adam steps of the I-CFM teacher")
+    parser.add_argument("--boss-steps", default="2,4", help="boss: the step counts K")
+    parser.add_argument("--boss-tune-steps", type=int, default=2000, help="boss: stage 2 Adam steps")
+    parser.add_argument("--boss-lr", type=float, default=1e-4, help="boss: stage 2 learning rate")
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--svg", type=Path, help="write the RL hit-rate curves here")
     args = parser.parse_args(argv)
@@ -309,10 +317,14 @@ def main(argv: list[str] | None = None) -> int:
         else {"quality", "rl"}
         - {t for t, skip in (("quality", args.skip_quality), ("rl", args.skip_rl)) if skip}
     )
-    known = {"quality", "rl", "pmrf", "pfgm", "encoder"}
+    known = {"quality", "rl", "pmrf", "pfgm", "encoder", "boss"}
     if tables - known:
         parser.error(f"--only: unknown tables {sorted(tables - known)}; expected some of {sorted(known)}")
     payload.update(seed_tables(args, tables))
+    if "boss" in tables:
+        from benchmarks.flow_boss import boss_table
+
+        payload["boss"] = boss_table(args, train_ours, w2, median, GAUSS_STD, floor)
 
     if "quality" in tables:
         methods = args.methods.split(",")
