@@ -43,7 +43,10 @@ def boss_seed(args: Any, seed: int, train: Callable, w2: Callable, std: float) -
     target = moons(2000, rng)
     cost_noise = torch.from_numpy(eight_gaussians(500, np.random.default_rng([seed, 3]), radius=5.0, std=std))
     pool = torch.from_numpy(eight_gaussians(4096, np.random.default_rng([seed, 5]), radius=5.0, std=std))
-    out: dict[str, Any] = {"seed": seed, "reference-100": w2(euler(teacher, noise, uniform_grid(FINE)).numpy(), target)}
+    out: dict[str, Any] = {
+        "seed": seed,
+        "reference-100": w2(euler(teacher, noise, uniform_grid(FINE)).numpy(), target),
+    }
     with torch.no_grad():
         costs = jump_costs(teacher, cost_noise, FINE)
     for k in (int(s) for s in args.boss_steps.split(",")):
@@ -54,14 +57,18 @@ def boss_seed(args: Any, seed: int, train: Callable, w2: Callable, std: float) -
             model = teacher
             if "+" in arm:
                 model = copy.deepcopy(teacher)
-                redress(model, teacher, pool, grid, fine_steps=FINE, steps=args.boss_tune_steps, batch_size=256,
-                        lr=args.boss_lr, seed=seed)  # fmt: skip
+                redress(
+                    model, teacher, pool, grid, fine_steps=FINE, steps=args.boss_tune_steps,
+                    batch_size=256, lr=args.boss_lr, seed=seed,
+                )  # fmt: skip
             out[f"{arm}-{k}"] = w2(euler(model, noise, grid).numpy(), target)
     out["seconds"] = round(time.perf_counter() - start, 1)
     return out
 
 
-def boss_table(args: Any, train: Callable, w2: Callable, median: Callable, std: float, floor: Callable) -> dict:
+def boss_table(
+    args: Any, train: Callable, w2: Callable, median: Callable, std: float, floor: Callable
+) -> dict:
     runs = [boss_seed(args, s, train, w2, std) for s in range(args.seeds)]
     steps = [int(s) for s in args.boss_steps.split(",")]
     floors = [floor(s) for s in range(args.seeds)]
@@ -72,11 +79,16 @@ def boss_table(args: Any, train: Callable, w2: Callable, median: Callable, std: 
     )
     print("| K | " + " | ".join(ARMS) + " | stage 2 gain over stage 1 | seeds where 1+2 < 1 |")
     print("|---" * (len(ARMS) + 3) + "|")
-    summary: dict[str, Any] = {"floor": median(floors), "reference-100": median([r["reference-100"] for r in runs])}
+    summary: dict[str, Any] = {
+        "floor": median(floors),
+        "reference-100": median([r["reference-100"] for r in runs]),
+    }
     for k in steps:
         row = {arm: median([r[f"{arm}-{k}"] for r in runs]) for arm in ARMS}
         gain = 1 - row["boss-1+2"] / row["boss-1"]
         wins = sum(r[f"boss-1+2-{k}"] < r[f"boss-1-{k}"] for r in runs)
         summary[str(k)] = {**row, "gain": gain, "wins": wins}
-        print(f"| {k} | " + " | ".join(f"{row[a]:.3f}" for a in ARMS) + f" | {gain:.0%} | {wins}/{len(runs)} |")
+        print(
+            f"| {k} | " + " | ".join(f"{row[a]:.3f}" for a in ARMS) + f" | {gain:.0%} | {wins}/{len(runs)} |"
+        )
     return {"median": summary, "runs": runs, "floor": floors}

@@ -66,7 +66,10 @@ class FlowKind:
                     f"policy flow needs a flow task (asyncflow.tasks.FlowTask), but {type(task).__name__} "
                     f"has no {attr!r}; set task.source to one, e.g. asyncflow.tasks.gaussians:EightGaussians"
                 )
-        for name, example in (("encoder", "inpainting:DigitInpainting"), ("pmrf", "restoration:DigitRestoration")):
+        for name, example in (
+            ("encoder", "inpainting:DigitInpainting"),
+            ("pmrf", "restoration:DigitRestoration"),
+        ):
             if getattr(config, name) is not None and not task.condition_dim:
                 raise ValueError(
                     f"flow.{name} reads the task's condition, but {type(task).__name__} is unconditional "
@@ -183,7 +186,9 @@ class FlowKind:
         else:
             source = None
             if self.config.source == "pfgm":  # the PFGM++ kernel's noise, a fresh draw per step
-                source = pfgm_source(self.task.dim, self.config.pfgm_aug_dim, seed=int(torch.randint(2**31 - 1, ())))
+                source = pfgm_source(
+                    self.task.dim, self.config.pfgm_aug_dim, seed=int(torch.randint(2**31 - 1, ()))
+                )
             out["loss"] = self._fit(model, loss, task, config, config.steps, source=source)
         out["seconds"] = time.perf_counter() - start
         return out if config.steps or out.get("encoder_steps") or out.get("mean_steps") else {"steps": 0}

@@ -37,7 +37,9 @@ class DigitGeneration:
 
     def __init__(self, target: int = 3, seed: int = 0):
         if not 0 <= target <= 9:
-            raise ValueError(f"DigitGeneration: target={target}, expected a digit 0 to 9; fix task.options.target")
+            raise ValueError(
+                f"DigitGeneration: target={target}, expected a digit 0 to 9; fix task.options.target"
+            )
         self.target, self.seed = target, seed
         (self.train, _), _ = split()
 

@@ -37,7 +37,7 @@ LEVELS = "0123456789abcdefg"  # the data set's 17 grey levels, 0..16
 
 
 def answer_of(image: np.ndarray, label: int) -> str:
-    """"label:pixels" for one clean digit (64,) in [-1, 1] (see the module docstring)."""
+    """ "label:pixels" for one clean digit (64,) in [-1, 1] (see the module docstring)."""
     levels = np.rint((np.asarray(image, np.float64).reshape(-1) + 1.0) * 8.0).astype(int)
     if levels.shape != (PIXELS,) or levels.min() < 0 or levels.max() > 16:
         raise ValueError(f"answer_of: expected a clean digit of {PIXELS} pixels in [-1, 1], got {image!r}")
@@ -69,21 +69,25 @@ class DigitRestoration:
         (self.train, self.train_labels), (self.test, self.test_labels) = split()
         self._order = np.random.default_rng([seed, 3]).permutation(len(self.train))  # training prompts' order
 
-    def _example(self, images: np.ndarray, labels: np.ndarray, row: int, index: int, stream: int) -> FlowExample:
+    def _example(
+        self, images: np.ndarray, labels: np.ndarray, row: int, index: int, stream: int
+    ) -> FlowExample:
         clean = images[row : row + 1]
         y = degrade(clean, self.degradation, np.random.default_rng([self.seed, stream, index]))[0]
         return FlowExample(tuple(float(v) for v in y), answer_of(clean[0], int(labels[row])))
 
     def example(self, index: int) -> FlowExample:
         """Training digit number `index` (cycling over the 1,297), degraded afresh per index."""
-        return self._example(self.train, self.train_labels, int(self._order[index % len(self._order)]), index, 1)
+        return self._example(
+            self.train, self.train_labels, int(self._order[index % len(self._order)]), index, 1
+        )
 
     def eval_example(self, index: int) -> FlowExample:
         """Held-out digit number `index` of the 500 test digits, a fixed degradation."""
         return self._example(self.test, self.test_labels, index % len(self.test), index, 2)
 
     def data(self, index: int, count: int) -> tuple[np.ndarray, np.ndarray]:
-        """Pre-training batch `index`: clean training digits x (count, 64) and their degradations y (count, 64)."""
+        """Pre-training batch `index`: clean training digits x (count, 64), degraded as y (count, 64)."""
         rng = np.random.default_rng([self.seed, 4, index])
         x = self.train[rng.integers(0, len(self.train), count)]
         return x, degrade(x, self.degradation, rng)
@@ -93,8 +97,8 @@ def _check(condition: Any, sample: Any, answer: str) -> tuple[np.ndarray, int, n
     y, x = np.asarray(condition, np.float32).reshape(-1), np.asarray(sample, np.float32).reshape(-1)
     if y.shape != (PIXELS,) or x.shape != (PIXELS,):
         raise ValueError(
-            f"restoration reward: expected a degraded digit and a sample of {PIXELS} values each, got {y.shape} "
-            f"and {x.shape} (use task.source asyncflow.tasks.restoration:DigitRestoration)"
+            f"restoration reward: expected a degraded digit and a sample of {PIXELS} values each, got "
+            f"{y.shape} and {x.shape} (use task.source asyncflow.tasks.restoration:DigitRestoration)"
         )
     label, clean = parse_answer(answer)
     return x, label, clean
@@ -112,7 +116,9 @@ class RestorationReward:
 
     def __init__(self, mse_weight: float = 1.0):
         if not mse_weight >= 0:
-            raise ValueError(f"RestorationReward: mse_weight={mse_weight}, expected >= 0; fix task.reward_options")
+            raise ValueError(
+                f"RestorationReward: mse_weight={mse_weight}, expected >= 0; fix task.reward_options"
+            )
         self.mse_weight = mse_weight
         classifier()
 

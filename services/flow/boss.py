@@ -94,14 +94,18 @@ def redress_pairs(
         )
     fine, states, path = uniform_grid(fine_steps), {0: x}, x
     for i in range(index[-1]):
-        path = path + float(fine[i + 1] - fine[i]) * teacher(path, x.new_full((x.shape[0],), float(fine[i])), cond)
+        path = path + float(fine[i + 1] - fine[i]) * teacher(
+            path, x.new_full((x.shape[0],), float(fine[i])), cond
+        )
         states[i + 1] = path
     xs = torch.stack([states[i] for i in index])  # (K+1, M, D)
     jumps = torch.tensor([b - a for a, b in zip(times, times[1:])], dtype=x.dtype)  # (K,), negative
     return xs[:-1], (xs[1:] - xs[:-1]) / jumps[:, None, None]
 
 
-def redress_loss(model: VelocityMLP, states: Tensor, targets: Tensor, grid: Tensor, cond: Tensor | None = None) -> Tensor:
+def redress_loss(
+    model: VelocityMLP, states: Tensor, targets: Tensor, grid: Tensor, cond: Tensor | None = None
+) -> Tensor:
     """Stage 2's loss on pairs from `redress_pairs`: sum over dimensions, mean over rows and steps."""
     times = check_grid(grid)
     steps, rows = states.shape[0], states.shape[1]

@@ -32,7 +32,11 @@ async def test_the_engine_starts_from_the_pfgm_kernel():
         samples = await engine.generate([FlowRequest("a", (), 6, FlowSamplingParams(steps=3))])
         first = torch.stack([s.latents[0] for s in samples])
         gen = torch.Generator().manual_seed(5)
-        expected = pfgm_noise(6, 64, aug_dim, generator=gen) if source == "pfgm" else torch.randn(6, 64, generator=gen)
+        expected = (
+            pfgm_noise(6, 64, aug_dim, generator=gen)
+            if source == "pfgm"
+            else torch.randn(6, 64, generator=gen)
+        )
         assert torch.equal(first, expected)
     # D = inf is the Gaussian, draw for draw
     gen_a, gen_b = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)

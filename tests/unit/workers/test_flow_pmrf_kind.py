@@ -34,7 +34,9 @@ async def _batch(kind: FlowKind, engine, groups: int = 2, n: int = 4) -> dict:
     """What the trainer reads from the store; reward: minus the MSE to the clean digit (no classifier)."""
     examples = [kind.task.example(i) for i in range(groups)]
     prompts = kind.prompts(examples)["condition"]
-    outputs = await engine.generate([kind.request(str(i), p, n, kind.params()) for i, p in enumerate(prompts)])
+    outputs = await engine.generate(
+        [kind.request(str(i), p, n, kind.params()) for i, p in enumerate(prompts)]
+    )
     data = {k: list(v) for k, v in kind.results(outputs).items()}
     data["condition"] = [prompts[int(s.request_id)] for s in outputs]
     data["prompt_index"] = np.array([int(s.request_id) for s in outputs])
