@@ -1,4 +1,4 @@
-"""Flow-matching benchmark: generation quality of the pre-training losses, the RL curve, PMRF, PFGM++.
+"""Flow-matching benchmark: generation quality of the pre-training losses, the RL curve, PMRF, PFGM++, BOSS.
 
 1. Quality. Transport eight Gaussians (torchcfm's: radius 5, covariance sqrt(0.1) I) to
    moons (torchcfm's: sklearn moons, noise 0.2, x * 3 - 1). Each method trains the same
@@ -25,13 +25,13 @@
 4. PFGM++ (benchmarks/flow_pfgm.py): W2 on moons and FD on digits against Euler steps, and
    with a noisy sampler, for several augmented dimensions D (inf: the Gaussian).
 
-6. BOSS stage 2 (benchmarks/flow_boss.py): the model fine-tuned on its K chosen steps against
-   the Bellman grid alone (stage 1) and the uniform grid, W2 on the quality table's data.
-
 5. The plug-in context encoder (benchmarks/flow_encoder.py): digits inpainting by a context
    encoder on a frozen pre-trained backbone against full fine-tuning, supervised then
    Flow-GRPO, at equal time (CPU seconds of the one-thread process): bytes per weight update,
    agreement, MSE, FD.
+
+6. BOSS stage 2 (benchmarks/flow_boss.py): the model fine-tuned on its K chosen steps against
+   the Bellman grid alone (stage 1) and the uniform grid, W2 on the quality table's data.
 
     flock /tmp/asyncflow-bench.lock .venv/bin/python benchmarks/flow.py --iters 20000 --rl-seeds 3 \\
         --json docs/bench-flow.json --svg docs/bench-flow-rl.svg
