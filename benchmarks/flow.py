@@ -1,4 +1,4 @@
-"""Flow-matching benchmark: generation quality of the pre-training losses, the RL curve, PMRF, PFGM++, AFM.
+"""Flow-matching benchmark: pre-training losses' quality, the RL curve, PMRF, PFGM++, AFM, BOSS.
 
 1. Quality. Transport eight Gaussians (torchcfm's: radius 5, covariance sqrt(0.1) I) to
    moons (torchcfm's: sklearn moons, noise 0.2, x * 3 - 1). Each method trains the same
@@ -33,6 +33,8 @@
 6. Action Flow Matching (benchmarks/flow_afm.py): examples/flow-robot.yaml, a CEM planner with a
    misaligned model alone against planner + the action flow trained online through the store:
    success rate and steps to the goal per window of wall time.
+7. BOSS stage 2 (benchmarks/flow_boss.py): the model fine-tuned on its K chosen steps against
+   the Bellman grid alone (stage 1) and the uniform grid, W2 on the quality table's data.
 
     flock /tmp/asyncflow-bench.lock .venv/bin/python benchmarks/flow.py --iters 20000 --rl-seeds 3 \\
         --json docs/bench-flow.json --svg docs/bench-flow-rl.svg
@@ -40,6 +42,7 @@
     .venv/bin/python -m benchmarks.flow --only pmrf,pfgm --seeds 3    # tables 3 and 4 (see --help)
     .venv/bin/python -m benchmarks.flow --only encoder --seeds 3      # table 5
     .venv/bin/python -m benchmarks.flow --only afm --seeds 3          # table 6
+    .venv/bin/python -m benchmarks.flow --only boss --seeds 3         # table 7
 
 Needs the `bench` extra (torchcfm, POT, scipy, scikit-learn; see pyproject.toml for the light
 install).
@@ -289,8 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument(
         "--only",
-        help="comma-separated tables to run, of quality,rl,pmrf,pfgm,encoder,afm (default: quality,rl, less "
-        "--skip-*)",
+        help="comma-separated tables to run, of quality,rl,pmrf,pfgm,encoder,afm,boss (default: "
+        "quality,rl, less --skip-*)",
     )
     parser.add_argument(
         "--digits-iters", type=int, default=3000, help="Adam steps per digits model (pmrf, pfgm)"
@@ -319,6 +322,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--afm-duration-s", type=float, default=60.0, help="afm: seconds of acting per arm")
     parser.add_argument("--afm-bin-s", type=float, default=10.0, help="afm: width of a window of wall time")
+    parser.add_argument("--boss-iters", type=int, default=10000, help="boss: Adam steps of the I-CFM teacher")
+    parser.add_argument("--boss-steps", default="2,4", help="boss: the step counts K")
+    parser.add_argument("--boss-tune-steps", type=int, default=2000, help="boss: stage 2 Adam steps")
+    parser.add_argument("--boss-lr", type=float, default=1e-4, help="boss: stage 2 learning rate")
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--svg", type=Path, help="write the RL hit-rate curves here")
     args = parser.parse_args(argv)
@@ -330,11 +337,15 @@ def main(argv: list[str] | None = None) -> int:
         else {"quality", "rl"}
         - {t for t, skip in (("quality", args.skip_quality), ("rl", args.skip_rl)) if skip}
     )
-    known = {"quality", "rl", "pmrf", "pfgm", "encoder", "afm"}
+    known = {"quality", "rl", "pmrf", "pfgm", "encoder", "afm", "boss"}
     if tables - known:
         parser.error(f"--only: unknown tables {sorted(tables - known)}; expected some of {sorted(known)}")
     payload.update(seed_tables(args, tables))
     payload.update(afm_tables(args, tables))
+    if "boss" in tables:
+        from benchmarks.flow_boss import boss_table
+
+        payload["boss"] = boss_table(args, train_ours, w2, median, GAUSS_STD, floor)
 
     if "quality" in tables:
         methods = args.methods.split(",")

@@ -3,7 +3,8 @@
 A prompt is the task's condition vector; a response is the SDE trajectory the engine took
 (latents at every grid point, the grid, one behaviour log-prob and one version per step).
 The reward function is called as reward(condition, sample, answer) with numpy arrays; the
-sample is the trajectory's last point.
+sample is the generated point in data space (the `sample` field): the trajectory's last point,
+or for PMRF (flow.pmrf) f(y) + sigma_s z of the last residual z.
 
 `step_logprobs` is the single place where stored trajectories become log-probs under a
 model: the trainer (with gradient) and the reference (without) both call it, and it calls
@@ -29,7 +30,9 @@ from torch import Tensor
 from asyncflow.config import FlowConfig, WarmupConfig
 from services.flow import FlowEngine, FlowRequest, FlowSample, FlowSamplingParams, VelocityMLP, step_logprobs
 from services.flow.encoder import EncoderFlow, inpainting_loss, training_only
-from services.flow.losses import fit, make_loss
+from services.flow.losses import adam, fit, make_loss
+from services.flow.pfgm import pfgm_source
+from services.flow.pmrf import MeanMLP, PMRFPolicy, fit_mean, stage2_loss
 from workers.samples import FLOW_PROMPT_FIELDS, FLOW_ROLLOUT_FIELDS
 
 
@@ -51,7 +54,7 @@ class FlowSampleRow:
 
 class FlowKind:
     policy = "flow"
-    prompt_field, response_field = "condition", "latents"
+    prompt_field, response_field = "condition", "sample"
     prompt_fields, rollout_fields = FLOW_PROMPT_FIELDS, FLOW_ROLLOUT_FIELDS
     reference_reads = ["condition", "latents", "timesteps"]
     tokenizer = None
@@ -63,24 +66,33 @@ class FlowKind:
                     f"policy flow needs a flow task (asyncflow.tasks.FlowTask), but {type(task).__name__} "
                     f"has no {attr!r}; set task.source to one, e.g. asyncflow.tasks.gaussians:EightGaussians"
                 )
-        if config.encoder is not None and not task.condition_dim:
-            raise ValueError(
-                f"flow.encoder reads the task's condition, but {type(task).__name__} is unconditional "
-                "(condition_dim 0); unset flow.encoder, or use a conditional task such as "
-                "asyncflow.tasks.inpainting:DigitInpainting"
-            )
+        for name, example in (
+            ("encoder", "inpainting:DigitInpainting"),
+            ("pmrf", "restoration:DigitRestoration"),
+        ):
+            if getattr(config, name) is not None and not task.condition_dim:
+                raise ValueError(
+                    f"flow.{name} reads the task's condition, but {type(task).__name__} is unconditional "
+                    f"(condition_dim 0); unset flow.{name}, or use a conditional task such as "
+                    f"asyncflow.tasks.{example}"
+                )
         self.config, self.task = config, task
 
-    def model(self, seed: int) -> VelocityMLP | EncoderFlow:
-        """The velocity MLP, or with flow.encoder an unconditional one (the backbone) under a
-        context encoder (services.flow.encoder)."""
-        c, e = self.config, self.config.encoder
+    def model(self, seed: int) -> VelocityMLP | EncoderFlow | PMRFPolicy:
+        """The velocity MLP; with flow.encoder an unconditional one (the backbone) under a context
+        encoder (services.flow.encoder); with flow.pmrf an unconditional one (the refiner) after a
+        posterior-mean head (services.flow.pmrf)."""
+        c, e, p = self.config, self.config.encoder, self.config.pmrf
         with torch.random.fork_rng():  # the same seed gives the same initial weights everywhere
             torch.manual_seed(seed)
             mlp = VelocityMLP(
-                self.task.dim, 0 if e else self.task.condition_dim, hidden_size=c.hidden_size,
+                self.task.dim, 0 if e or p else self.task.condition_dim, hidden_size=c.hidden_size,
                 num_layers=c.num_layers, time_features=c.time_features,
             )  # fmt: skip
+            if p is not None:
+                mean = MeanMLP(self.task.condition_dim, self.task.dim, hidden_size=p.hidden_size,
+                               num_layers=p.num_layers)  # fmt: skip
+                return PMRFPolicy(mean, mlp, p.sigma_s)
             if e is None:
                 return mlp
             return EncoderFlow(
@@ -91,7 +103,10 @@ class FlowKind:
     def engine(self, seed: int) -> FlowEngine:
         """An engine with a fresh model; its weights come from the weight store (version -1 until then)."""
         model: Any = self.model(0)  # a VelocityMLP, or an EncoderFlow (which has its interface)
-        return FlowEngine(model, version=-1, seed=seed, boss_fine_steps=self.config.boss_fine_steps)
+        aug_dim = self.config.pfgm_aug_dim if self.config.source == "pfgm" else None
+        return FlowEngine(
+            model, version=-1, seed=seed, boss_fine_steps=self.config.boss_fine_steps, aug_dim=aug_dim
+        )
 
     def params(self) -> FlowSamplingParams:
         c = self.config
@@ -109,11 +124,12 @@ class FlowKind:
             "timesteps": [s.timesteps.numpy() for s in outputs],
             "behavior_logprobs": [np.asarray(s.logprobs, np.float32) for s in outputs],
             "step_versions": [np.asarray(s.versions, np.int64) for s in outputs],
+            "sample": [s.sample.numpy() for s in outputs],
         }
 
     def reward_args(self, prompt: Any, response: Any, answer: str) -> tuple[np.ndarray, np.ndarray, str]:
-        """(condition, sample, answer): the sample is the trajectory's last point."""
-        return np.asarray(prompt), np.asarray(response)[-1], answer
+        """(condition, sample, answer): the sample in data space."""
+        return np.asarray(prompt), np.asarray(response), answer
 
     def trainer_reads(self, reference: bool) -> list[str]:
         fields = ["condition", "prompt_index", "sample_index", *FLOW_ROLLOUT_FIELDS, "reward"]
@@ -157,7 +173,9 @@ class FlowKind:
         loss = make_loss(self.config.pretrain_loss, wcfm_eps=self.config.wcfm_eps)
         out: dict[str, Any] = {"steps": config.steps}
         start = time.perf_counter()
-        if isinstance(model, EncoderFlow):
+        if isinstance(model, PMRFPolicy):
+            out.update(self._fit_pmrf(model, task, config))
+        elif isinstance(model, EncoderFlow):
             with training_only(model, model.backbone):
                 out["loss"] = self._fit(model.backbone, loss, task, config, config.steps, conditional=False)
             if e is not None and e.supervised_steps:
@@ -166,14 +184,44 @@ class FlowKind:
                     out["encoder_loss"] = self._fit(model, encoder_loss, task, config, e.supervised_steps)
                 out["encoder_steps"] = e.supervised_steps
         else:
-            out["loss"] = self._fit(model, loss, task, config, config.steps)
+            source = None
+            if self.config.source == "pfgm":  # the PFGM++ kernel's noise, a fresh draw per step
+                source = pfgm_source(
+                    self.task.dim, self.config.pfgm_aug_dim, seed=int(torch.randint(2**31 - 1, ()))
+                )
+            out["loss"] = self._fit(model, loss, task, config, config.steps, source=source)
         out["seconds"] = time.perf_counter() - start
-        return out if config.steps or out.get("encoder_steps") else {"steps": 0}
+        return out if config.steps or out.get("encoder_steps") or out.get("mean_steps") else {"steps": 0}
+
+    def _fit_pmrf(self, model: PMRFPolicy, task: Any, config: WarmupConfig) -> dict[str, float]:
+        """Stage 1, f(y) by MSE for flow.pmrf.mean_steps; stage 2, the refiner by the rectified-flow
+        loss from f(y) + sigma_s eps for warmup.steps; pairs (x, y) are task.data's (data, condition)."""
+        assert self.config.pmrf is not None
+        mean_steps, seed = self.config.pmrf.mean_steps, int(torch.randint(2**31 - 1, ()))
+        generator = torch.Generator().manual_seed(seed)
+
+        def pairs(step: int, size: int) -> tuple[Tensor, Tensor]:
+            x, y = task.data(step, size)
+            return torch.as_tensor(x), torch.as_tensor(y)
+
+        def refiner_loss(step: int) -> Tensor:
+            x, y = pairs(mean_steps + step, config.batch_size)  # batches stage 1 did not see
+            return stage2_loss(model.flow, model.mean, x, y, model.sigma_s, generator)
+
+        out = {"mean_steps": float(mean_steps), "mean_loss": float("nan"), "loss": float("nan")}
+        if mean_steps:
+            with training_only(model, model.mean):
+                out["mean_loss"] = fit_mean(model.mean, pairs, steps=mean_steps, batch_size=config.batch_size,
+                                            lr=config.lr)  # fmt: skip
+        if config.steps:
+            with training_only(model, model.flow):
+                out["loss"] = adam(model.flow, refiner_loss, steps=config.steps, lr=config.lr)
+        return out
 
     @staticmethod
     def _fit(
         model: torch.nn.Module, loss: Any, task: Any, config: WarmupConfig, steps: int, *,
-        conditional: bool = True,
+        conditional: bool = True, source: Any = None,
     ) -> float:  # fmt: skip
         if not steps:
             return float("nan")
@@ -184,7 +232,7 @@ class FlowKind:
 
         return fit(
             model,  # type: ignore[arg-type]  # a VelocityMLP or an EncoderFlow (self.model)
-            loss, data, steps=steps, batch_size=config.batch_size, lr=config.lr,
+            loss, data, steps=steps, batch_size=config.batch_size, lr=config.lr, source=source,
             seed=int(torch.randint(2**31 - 1, ())),
         )  # fmt: skip
 

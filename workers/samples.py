@@ -68,10 +68,11 @@ FLOW_SCHEMA = {
     "timesteps": "float32[*]",  # the grid (K+1,), from 1 to 0
     "behavior_logprobs": "float32[*]",  # log-prob of each step under the sampling weights (K,)
     "step_versions": "int64[*]",  # the policy version that took each step (K,)
+    "sample": "float32[*]",  # the generated point in data space (D,), what the reward judges
     **{k: SCHEMA[k] for k in (*REWARD_FIELDS, "ref_logprobs")},
 }
 FLOW_PROMPT_FIELDS = ["condition", *PROMPT_FIELDS[1:]]
-FLOW_ROLLOUT_FIELDS = ["latents", "timesteps", "behavior_logprobs", "step_versions"]
+FLOW_ROLLOUT_FIELDS = ["latents", "timesteps", "behavior_logprobs", "step_versions", "sample"]
 
 
 def schema(policy: str) -> dict[str, str]:

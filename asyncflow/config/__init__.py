@@ -16,7 +16,7 @@ from pydantic import Field, ValidationError, model_validator
 from asyncflow.config._base import Section
 from asyncflow.config.deploy import DeployConfig
 from asyncflow.config.env import EnvConfig
-from asyncflow.config.flow import AFMConfig, EncoderConfig, FlowConfig
+from asyncflow.config.flow import AFMConfig, EncoderConfig, FlowConfig, PMRFConfig
 from asyncflow.config.observe import LoggingConfig
 from asyncflow.config.rl import (
     CriticConfig,
@@ -52,6 +52,7 @@ __all__ = [
     "Lora",
     "LoraConfig",
     "ModelConfig",
+    "PMRFConfig",
     "Patterns",
     "ReferenceConfig",
     "RewardConfig",

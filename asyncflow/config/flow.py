@@ -91,6 +91,26 @@ class AFMConfig(Section):
         return self
 
 
+class PMRFConfig(Section):
+    """PMRF as the policy (services.flow.pmrf, Ohayon et al. 2025): a posterior-mean head f(y) and
+    an unconditional flow refiner carried from f(y) + sigma_s eps to the data. Warm-start: stage 1
+    trains f by MSE (`mean_steps`), stage 2 the refiner (the MLP above) by the rectified-flow loss
+    for warmup.steps. RL (the Flow-GRPO step over residuals z = (x - f(y)) / sigma_s) trains what
+    trainer.trainable says; `{patterns: ["flow.*"]}` keeps f fixed, so the map from the policy's
+    latents to the restored image does not move and the policy gradient is exact."""
+
+    sigma_s: float = Field(
+        0.1, gt=0, le=10,
+        description="Source noise sigma_s around f(y) (the paper's 0.1; > 0, so the SDE step applies).",
+    )  # fmt: skip
+    hidden_size: int = Field(256, ge=1, le=65536, description="Width of the posterior-mean MLP f.")
+    num_layers: int = Field(3, ge=1, le=64, description="Hidden layers of the posterior-mean MLP f.")
+    mean_steps: int = Field(
+        2000, ge=0, le=10_000_000,
+        description="Adam steps (warmup's batch size and rate) of stage 1, f(y) by MSE, before the refiner.",
+    )  # fmt: skip
+
+
 class FlowConfig(Section):
     """A flow-matching policy: conditional MLP velocity model, Flow-GRPO SDE sampler."""
 
@@ -137,9 +157,37 @@ class FlowConfig(Section):
         description="Set: `asyncflow run` runs Action Flow Matching on the point robot (see AFMConfig) "
         "instead of RL; the flow above is the action refiner.",
     )
+    source: Literal["gaussian", "pfgm"] = Field(
+        "gaussian",
+        description="The flow's source at t = 1, in pre-training and sampling: N(0, I), or the PFGM++ "
+        "kernel's noise at sigma = 1 with augmented dimension pfgm_aug_dim (services.flow.pfgm). The "
+        "Flow-GRPO step's drift assumes the Gaussian source's score, so with pfgm its chain does not keep "
+        "the ODE's marginals exactly (its log-probs, and so the RL ratios, are still exact).",
+    )
+    pfgm_aug_dim: float = Field(
+        64.0, gt=0,
+        description="PFGM++'s augmented dimension D (flow.source pfgm): 1 is PFGM, .inf the Gaussian; "
+        "smaller D, heavier tails.",
+    )  # fmt: skip
+    pmrf: PMRFConfig | None = Field(
+        None,
+        description="Set: the policy is PMRF, a posterior-mean head plus the velocity MLP above as an "
+        "unconditional refiner that reads the condition only through f (see PMRFConfig); the task's "
+        "condition is the degraded input y.",
+    )
 
     @model_validator(mode="after")
     def _encoder_fits(self) -> FlowConfig:
+        if self.source == "pfgm" and (self.encoder is not None or self.pmrf is not None):
+            raise ValueError(
+                "flow.source pfgm is an option of the plain velocity MLP; unset flow.encoder / flow.pmrf "
+                "(their warm-starts draw Gaussian sources), or use flow.source gaussian"
+            )
+        if self.encoder is not None and self.pmrf is not None:
+            raise ValueError(
+                "flow.encoder and flow.pmrf are two policy shapes; set one of them (encoder: inpainting on a "
+                "frozen backbone, pmrf: restoration by a mean head and a flow refiner)"
+            )
         if self.encoder is not None and self.encoder.inject_layers > self.num_layers:
             raise ValueError(
                 f"flow.encoder.inject_layers = {self.encoder.inject_layers} but the backbone has "

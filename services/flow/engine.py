@@ -28,6 +28,7 @@ import torch
 
 from services.flow.boss import bellman_grid, jump_costs
 from services.flow.model import VelocityMLP
+from services.flow.pfgm import pfgm_noise
 from services.flow.sampling import Reduce, check_grid, sde_step, uniform_grid
 from services.serving.protocol import InProcessEngine
 
@@ -88,11 +89,14 @@ class FlowSample:
     logprobs: list[float]  # (K,)
     versions: list[int]  # (K,)
     finish_reason: Literal["stop", "abort"]
+    output: torch.Tensor | None = None
+    """The sample in data space, (D,), when the model maps its latents to data (`to_data`, e.g.
+    services.flow.pmrf.PMRFPolicy); None when the last latent is the sample."""
 
     @property
     def sample(self) -> torch.Tensor:
-        """The generated point, x at t = 0: (D,)."""
-        return self.latents[-1]
+        """The generated point in data space: (D,), the last latent unless the model maps latents to data."""
+        return self.latents[-1] if self.output is None else self.output
 
 
 class FlowEngine(InProcessEngine):
@@ -100,9 +104,12 @@ class FlowEngine(InProcessEngine):
 
     def __init__(
         self, model: VelocityMLP, *, version: int = 0, seed: int = 0, boss_fine_steps: int = 100,
-        boss_samples: int = 512,
+        boss_samples: int = 512, aug_dim: float | None = None,
     ) -> None:  # fmt: skip
+        """`aug_dim`: draw the source at t = 1 from the PFGM++ kernel with augmented dimension D =
+        aug_dim (services.flow.pfgm) instead of N(0, I)."""
         super().__init__(model, version)
+        self._aug_dim = aug_dim
         self.stats: dict[str, float] = {"samples_generated": 0, "generate_s": 0.0, "requests": 0}
         self._generator = torch.Generator().manual_seed(seed)
         self._boss = (boss_fine_steps, boss_samples, seed)
@@ -153,13 +160,16 @@ class FlowEngine(InProcessEngine):
         times = check_grid(grid)
         rows = [(r, i) for r in requests for i in range(r.n)]
         cond = torch.tensor([r.condition for r, _ in rows], dtype=torch.float32).view(len(rows), -1)  # (B, C)
-        x = torch.randn(len(rows), model.dim, generator=self._generator)  # (B, D) at t = 1
+        if self._aug_dim is None:
+            x = torch.randn(len(rows), model.dim, generator=self._generator)  # (B, D) at t = 1
+        else:
+            x = pfgm_noise(len(rows), model.dim, self._aug_dim, generator=self._generator)
         latents, logps, versions = [x], list[torch.Tensor](), list[int]()
         for t, t_next in zip(times, times[1:]):
             await asyncio.sleep(0)  # a step boundary: let pause / update_weights / close land
             await self._unpaused.wait()
             if self._model is None:
-                return self._samples(rows, latents, grid, logps, versions, "abort")
+                return self._samples(rows, latents, grid, logps, versions, "abort", None)
             with torch.no_grad():
                 x, _, _, logp = sde_step(
                     self._model, x, t, t_next, cond, params.noise_level, t_root=times[1],
@@ -168,12 +178,17 @@ class FlowEngine(InProcessEngine):
             latents.append(x)
             logps.append(logp)
             versions.append(self.version)
-        return self._samples(rows, latents, grid, logps, versions, "stop")
+        outputs = None
+        if hasattr(self._model, "to_data"):  # latents are not data (PMRF's residuals): map the sample
+            with torch.no_grad():
+                outputs = self._model.to_data(x, cond)  # (B, D), with the weights of the last step
+        return self._samples(rows, latents, grid, logps, versions, "stop", outputs)
 
     @staticmethod
     def _samples(
         rows: list[tuple[FlowRequest, int]], latents: list[torch.Tensor], grid: torch.Tensor,
         logps: list[torch.Tensor], versions: list[int], reason: Literal["stop", "abort"],
+        outputs: torch.Tensor | None,
     ) -> list[FlowSample]:  # fmt: skip
         path = torch.stack(latents, dim=1)  # (B, steps+1, D)
         logprobs = torch.stack(logps, dim=1).tolist() if logps else [[] for _ in rows]  # (B, steps)
@@ -187,6 +202,7 @@ class FlowEngine(InProcessEngine):
                 logprobs=logprobs[i],
                 versions=list(versions),
                 finish_reason=reason,
+                output=None if outputs is None else outputs[i].clone(),
             )  # fmt: skip
             for i, (request, index) in enumerate(rows)
         ]

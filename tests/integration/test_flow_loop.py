@@ -69,3 +69,34 @@ def test_the_context_encoder_alone_trains_and_travels(ray_session, tmp_path):
     assert all(
         m["logprob_diff_max"] == 0.0 for m in metrics
     )  # on-policy: the engine's encoder is the trainer's
+
+
+def test_pmrf_restoration_trains_the_refiner_alone_and_the_reward_sees_the_image(ray_session, tmp_path):
+    """examples/flow-restore.yaml: PMRF's mean head is bit-identical in every checkpoint, the
+    refiner moves and alone travels, the ratios are exact on-policy, and the reward's MSE part is
+    the restored image's (a residual z would be about 1 / sigma_s^2 = 100 x farther)."""
+    from safetensors.torch import load_file
+
+    config = load_config(
+        EXAMPLE.with_name("flow-restore.yaml"),
+        [
+            f"output_dir={tmp_path}", f"dataplane.name=restore-{uuid.uuid4().hex[:8]}", "staleness=0",
+            "flow.hidden_size=64", "flow.pmrf.hidden_size=64", "flow.pmrf.mean_steps=200", "warmup.steps=200",
+            "trainer.steps=20", "trainer.checkpoint_every=10", "task.eval_prompts=64",
+        ],
+    )  # fmt: skip
+    summary = train(config, display=False)
+    assert_exactly_once(summary)
+    run = RunDir(summary["run_dir"])
+    metrics = run.metrics()
+    first, last = (load_file(str(run.checkpoint_dir(s) / "trainer" / "model.safetensors")) for s in (10, 20))
+    refiner = {k for k in first if k.startswith("flow.") and k != "flow.freqs"}
+    assert all(torch.equal(first[k], last[k]) for k in first if k.startswith("mean."))
+    assert all(not torch.equal(first[k], last[k]) for k in refiner)
+    assert all(
+        m["publish_bytes"] == sum(first[k].numel() * first[k].element_size() for k in refiner)
+        for m in metrics
+    )
+    assert all(m["logprob_diff_max"] == 0.0 for m in metrics)
+    assert all(-0.5 < m["reward/mse"] < 0 and 0 <= m["reward/label"] <= 1 for m in metrics)
+    assert 0.3 <= summary["eval_reward_before"] <= 1.0  # f(y) alone reads most digits right

@@ -44,7 +44,7 @@ async def _rollout(kind, engine, groups: int, n: int) -> dict:
     data["reward"] = np.array(
         [
             reward(*kind.reward_args(c, x, examples[0].answer))
-            for c, x in zip(data["condition"], data["latents"])
+            for c, x in zip(data["condition"], data["sample"])
         ],
         dtype=np.float32,
     )
