@@ -97,7 +97,7 @@ async def rollout(kind: FlowKind, engine: Any, first: int) -> dict[str, Any]:
     data["sample_index"] = np.array([s.index for s in outputs])
     parts = [
         reward(*kind.reward_args(c, x, examples[int(s.request_id)].answer))
-        for c, x, s in zip(data["condition"], data["latents"], outputs)
+        for c, x, s in zip(data["condition"], data["sample"], outputs)
     ]
     data["reward"] = np.array([sum(p.values()) for p in parts], dtype=np.float32)
     return data
