@@ -119,6 +119,24 @@ def warm_start(config: AsyncFlowConfig, out_dir: str | Path, threads: int) -> Pa
     return save_model(model.eval(), kind.tokenizer, out_dir)
 
 
+def reuse_or_warm_start(config: AsyncFlowConfig, out_dir: Path, threads: int) -> Path:
+    """The warm-start saved in `out_dir` by an earlier run of the same size and seed, or a new one
+    there (the large model's warm-start takes minutes: before/after runs of a change share one)."""
+    stamp = Path(out_dir, "warm_start.json")
+    wanted = {"model": config.model.model_dump(), "task": config.task.model_dump(mode="json"),
+              "warmup": config.warmup.model_dump(), "seed": config.seed}  # fmt: skip
+    if stamp.exists():
+        if json.loads(stamp.read_text()) != wanted:
+            raise ValueError(
+                f"--warm-start {out_dir}: saved for another size or seed ({stamp}); expected one made "
+                "with this --size and --seed. Fix: name a new directory, or remove that one"
+            )
+        return Path(out_dir)
+    path = warm_start(config, out_dir, threads)
+    stamp.write_text(json.dumps(wanted))
+    return path
+
+
 def evaluate(config: AsyncFlowConfig, model: Any) -> float:
     """AsyncFlow's held-out eval of `model` (a transformers model whose tokenizer is the config's
     model.path): a fresh torch engine seeded as rollout worker 0, one sample per eval prompt."""
@@ -362,7 +380,9 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--systems {bad}: expected trl or one of {list(AF_SYSTEMS)}")
     base = example_config(args.size, args.seed)
     out = tempfile.mkdtemp(prefix="asyncflow-e2e-trl-")
-    model_dir = str(warm_start(parse_config(base), Path(out, "warm"), args.threads))
+    model_dir = str(
+        reuse_or_warm_start(parse_config(base), args.warm_start or Path(out, "warm"), args.threads)
+    )
     start = parse_config(asyncflow_config(base, model_dir, mode="sync", staleness=0, steps=1, threads=1,
                                           snapshot_every=1))  # fmt: skip
     before = evaluate(start, load(model_dir))
@@ -419,6 +439,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The comparison's options (benchmarks/e2e.py --peers trl takes the same)."""
     parser.add_argument("--size", choices=list(SIZES), default="small", help="see the module doc")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of TRL and of AsyncFlow sync")
+    parser.add_argument(
+        "--warm-start", type=Path,
+        help="directory of the shared warm-start: made there on the first run, reused by later runs",
+    )  # fmt: skip
     parser.add_argument("--snapshot-every", type=int, default=50, help="steps between evaluated snapshots")
 
 
