@@ -333,7 +333,17 @@ def summarise(runs: dict[str, list[dict]], before: float) -> dict[str, dict]:
         evals_t = [p["eval"] if p["eval"] is not None else before for p in equal]
         out[system] = {
             key: statistics.median(r[key] for r in per)
-            for key in ("samples_per_s", "tokens_per_s", "loop_s", "reward_last_10pct")
+            for key in (
+                "samples_per_s",
+                "tokens_per_s",
+                "loop_s",
+                "reward_last_10pct",
+                "samples",
+                "steps",
+                "load_before",
+                "load_after",
+            )
+            if all(key in r for r in per)
         } | {
             "eval_after": statistics.median(r["curve"][-1]["eval"] for r in per),
             "equal_time_s": statistics.median(budget),
@@ -355,19 +365,31 @@ def summarise(runs: dict[str, list[dict]], before: float) -> dict[str, dict]:
 def table(results: dict[str, dict], before: float, steps: int) -> str:
     base = results.get("trl")
     lines = [
-        f"| system | samples/s | tokens/s | vs TRL | wall s ({steps} steps) | eval after {steps} steps "
-        "| equal wall time: s | step reached | eval | train reward, last 10% |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| system | samples/s | tokens/s | vs TRL | load avg (start -> end) | CPU ms per sample | vs TRL "
+        f"| wall s ({steps} steps) | eval after {steps} steps | equal wall time: s | step reached | eval "
+        "| train reward, last 10% |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    per_sample = {s: cpu_per_sample(r) for s, r in results.items()}
     for system, r in results.items():
         ratio = f"{r['samples_per_s'] / base['samples_per_s']:.2f}x" if base else ""
+        cpu, trl = per_sample[system], per_sample.get("trl")
+        cpu_ratio = f"{trl / cpu:.2f}x" if cpu and trl else ""
         lines.append(
-            f"| {system} | {r['samples_per_s']:.0f} | {r['tokens_per_s']:.0f} | {ratio} | {r['loop_s']:.1f} "
-            f"| {r['eval_after']:.3f} | {r['equal_time_s']:.1f} | {r['equal_time_step']:.0f} "
-            f"| {r['equal_time_eval']:.3f} | {r['reward_last_10pct']:.3f} |"
+            f"| {system} | {r['samples_per_s']:.1f} | {r['tokens_per_s']:.0f} | {ratio} "
+            f"| {r.get('load_before', 0):.1f} -> {r.get('load_after', 0):.1f} | {cpu or 0:.2f} | {cpu_ratio} "
+            f"| {r['loop_s']:.1f} | {r['eval_after']:.3f} | {r['equal_time_s']:.1f} "
+            f"| {r['equal_time_step']:.0f} | {r['equal_time_eval']:.3f} | {r['reward_last_10pct']:.3f} |"
         )
+    lines.append("(CPU vs TRL: TRL's CPU per sample over this system's, so above 1x is cheaper than TRL)")
     lines.append(f"\neval before RL (the shared warm-start, every system): {before:.3f}")
     return "\n".join(lines)
+
+
+def cpu_per_sample(r: dict) -> float | None:
+    """CPU ms per trained sample, every process of the system (None without CPU figures)."""
+    cpu = r.get("cpu_ms_per_step", {}).get("total")
+    return cpu / (r["samples"] / r["steps"]) if cpu else None
 
 
 def compare(args: argparse.Namespace) -> dict[str, Any]:
