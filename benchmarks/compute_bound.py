@@ -1,16 +1,20 @@
 """The compute a step of the example needs, alone: what bounds end-to-end samples/s on this machine.
 
-On `examples/sort.yaml`'s model (one torch thread, in this process, no Ray, no store): CPU
-milliseconds to generate one step's samples with the torch engine, to train on them
-(`TrainerWorker.train_on`: the forward, backward, loss and optimizer step of a real step, with
-the example's micro-batching), and to build the trainer's padded grid (`pack`) for a 64-row
-micro-batch. CPU time (`time.process_time`), medians of repeats, so other load on a shared
+On `examples/sort.yaml`'s model (`--size`: resized as the TRL comparison does), one torch
+thread, in this process, no Ray, no store: CPU milliseconds to generate one step's samples with
+the torch engine, to train on them (`TrainerWorker.train_on`: the forward, backward, loss and
+optimizer step of a real step, with the example's micro-batching), and to build the trainer's
+padded grid (`pack`) for a 64-row micro-batch. Generation is measured with the engine as it runs
+(rows that finish leave the forward) and with every row decoded to the end (as before, and as
+transformers' `generate` does, which TRL's GRPOTrainer calls without vLLM: also measured, on the
+same rows). CPU time (`time.process_time`), medians of repeats, so other load on a shared
 machine moves the figures little.
 
 From these: sync mode cannot pass samples / (generate + train) per second, and async mode on two
 cores not samples / max(generate, train), whatever the overheads between the roles.
 
     .venv/bin/python benchmarks/compute_bound.py [--repeats 7] [--json PATH]
+    .venv/bin/python benchmarks/compute_bound.py --size large --warm-start DIR --repeats 3
 """
 
 from __future__ import annotations
@@ -65,6 +69,22 @@ def setup(size: str, warm_start: Path | None) -> tuple[AsyncFlowConfig, Any, Any
     return cfg, task, tok, make_model(cfg.model, len(tok), 0)
 
 
+def hf_generate(model: Any, tok: Any, prompts: list[list[int]], n: int, cfg: AsyncFlowConfig) -> Any:
+    """transformers' `generate` on the same rows, as TRL's GRPOTrainer calls it without vLLM
+    (left-padded prompts, sampling, every row decoded until the last one stops)."""
+    rows = [p for p in prompts for _ in range(n)]
+    width = max(map(len, rows))
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in rows])  # (B, T)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in rows])
+    r = cfg.rollout
+    with torch.no_grad():
+        return model.generate(
+            input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=r.max_new_tokens,
+            temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id, disable_compile=True,
+        )  # fmt: skip
+
+
 def measure(repeats: int, size: str = "small", warm_start: Path | None = None) -> dict[str, float]:
     torch.set_num_threads(1)
     cfg, task, tok, model = setup(size, warm_start)
@@ -97,6 +117,9 @@ def measure(repeats: int, size: str = "small", warm_start: Path | None = None) -
         "generate_ms": cpu_ms(lambda: asyncio.run(engines[True].generate(requests)), calls, repeats),
         "generate_every_row_to_the_end_ms": cpu_ms(
             lambda: asyncio.run(engines[False].generate(requests)), calls, repeats
+        ),
+        "hf_generate_ms (TRL's generation)": cpu_ms(
+            lambda: hf_generate(model, tok, prompts, n, cfg), calls, repeats
         ),
         "train_ms": cpu_ms(lambda: trainer.train_on(data), calls, repeats),
         "pack_64_rows_us": 1000 * cpu_ms(lambda: pack(*half), 200, repeats),
