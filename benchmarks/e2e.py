@@ -21,10 +21,15 @@ Two modes:
         --json docs/bench-e2e-sim.json
     .venv/bin/python benchmarks/e2e.py --systems sync,async-k2 --steps 50 --repeats 1   # quick look
     .venv/bin/python benchmarks/e2e.py --peers trl --systems sync,async-k1 --steps 500 --repeats 1
+    .venv/bin/python benchmarks/e2e.py --peers trl --size large --systems sync,async-k1 --steps 20 \
+        --snapshot-every 10 --repeats 1 --warm-start /tmp/warm-large   # the larger model
 
 With --peers trl: TRL's GRPOTrainer beside the AsyncFlow systems, all on examples/sort.yaml (or
 --size large) from one shared warm-started checkpoint, with eval at equal steps and at equal
-wall time (benchmarks/peers/trl_grpo.py says how the two are made the same).
+wall time (benchmarks/peers/trl_grpo.py says how the two are made the same), the load average at
+each system's start and end, and CPU ms per sample of every process of each system (the figure
+that holds on a shared machine). --size medium / large: a larger model on longer lists;
+--warm-start DIR keeps the shared warm-start (minutes for large) for later runs.
 
 samples/s and tokens/s count trained samples and their response tokens over the RL loop
 (from the first step's start to the last step's end; warm-start and evals excluded).

@@ -119,6 +119,24 @@ def warm_start(config: AsyncFlowConfig, out_dir: str | Path, threads: int) -> Pa
     return save_model(model.eval(), kind.tokenizer, out_dir)
 
 
+def reuse_or_warm_start(config: AsyncFlowConfig, out_dir: Path, threads: int) -> Path:
+    """The warm-start saved in `out_dir` by an earlier run of the same size and seed, or a new one
+    there (the large model's warm-start takes minutes: before/after runs of a change share one)."""
+    stamp = Path(out_dir, "warm_start.json")
+    wanted = {"model": config.model.model_dump(), "task": config.task.model_dump(mode="json"),
+              "warmup": config.warmup.model_dump(), "seed": config.seed}  # fmt: skip
+    if stamp.exists():
+        if json.loads(stamp.read_text()) != wanted:
+            raise ValueError(
+                f"--warm-start {out_dir}: saved for another size or seed ({stamp}); expected one made "
+                "with this --size and --seed. Fix: name a new directory, or remove that one"
+            )
+        return Path(out_dir)
+    path = warm_start(config, out_dir, threads)
+    stamp.write_text(json.dumps(wanted))
+    return path
+
+
 def evaluate(config: AsyncFlowConfig, model: Any) -> float:
     """AsyncFlow's held-out eval of `model` (a transformers model whose tokenizer is the config's
     model.path): a fresh torch engine seeded as rollout worker 0, one sample per eval prompt."""
@@ -315,7 +333,17 @@ def summarise(runs: dict[str, list[dict]], before: float) -> dict[str, dict]:
         evals_t = [p["eval"] if p["eval"] is not None else before for p in equal]
         out[system] = {
             key: statistics.median(r[key] for r in per)
-            for key in ("samples_per_s", "tokens_per_s", "loop_s", "reward_last_10pct")
+            for key in (
+                "samples_per_s",
+                "tokens_per_s",
+                "loop_s",
+                "reward_last_10pct",
+                "samples",
+                "steps",
+                "load_before",
+                "load_after",
+            )
+            if all(key in r for r in per)
         } | {
             "eval_after": statistics.median(r["curve"][-1]["eval"] for r in per),
             "equal_time_s": statistics.median(budget),
@@ -337,19 +365,31 @@ def summarise(runs: dict[str, list[dict]], before: float) -> dict[str, dict]:
 def table(results: dict[str, dict], before: float, steps: int) -> str:
     base = results.get("trl")
     lines = [
-        f"| system | samples/s | tokens/s | vs TRL | wall s ({steps} steps) | eval after {steps} steps "
-        "| equal wall time: s | step reached | eval | train reward, last 10% |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| system | samples/s | tokens/s | vs TRL | load avg (start -> end) | CPU ms per sample | vs TRL "
+        f"| wall s ({steps} steps) | eval after {steps} steps | equal wall time: s | step reached | eval "
+        "| train reward, last 10% |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    per_sample = {s: cpu_per_sample(r) for s, r in results.items()}
     for system, r in results.items():
         ratio = f"{r['samples_per_s'] / base['samples_per_s']:.2f}x" if base else ""
+        cpu, trl = per_sample[system], per_sample.get("trl")
+        cpu_ratio = f"{trl / cpu:.2f}x" if cpu and trl else ""
         lines.append(
-            f"| {system} | {r['samples_per_s']:.0f} | {r['tokens_per_s']:.0f} | {ratio} | {r['loop_s']:.1f} "
-            f"| {r['eval_after']:.3f} | {r['equal_time_s']:.1f} | {r['equal_time_step']:.0f} "
-            f"| {r['equal_time_eval']:.3f} | {r['reward_last_10pct']:.3f} |"
+            f"| {system} | {r['samples_per_s']:.1f} | {r['tokens_per_s']:.0f} | {ratio} "
+            f"| {r.get('load_before', 0):.1f} -> {r.get('load_after', 0):.1f} | {cpu or 0:.2f} | {cpu_ratio} "
+            f"| {r['loop_s']:.1f} | {r['eval_after']:.3f} | {r['equal_time_s']:.1f} "
+            f"| {r['equal_time_step']:.0f} | {r['equal_time_eval']:.3f} | {r['reward_last_10pct']:.3f} |"
         )
+    lines.append("(CPU vs TRL: TRL's CPU per sample over this system's, so above 1x is cheaper than TRL)")
     lines.append(f"\neval before RL (the shared warm-start, every system): {before:.3f}")
     return "\n".join(lines)
+
+
+def cpu_per_sample(r: dict) -> float | None:
+    """CPU ms per trained sample, every process of the system (None without CPU figures)."""
+    cpu = r.get("cpu_ms_per_step", {}).get("total")
+    return cpu / (r["samples"] / r["steps"]) if cpu else None
 
 
 def compare(args: argparse.Namespace) -> dict[str, Any]:
@@ -362,7 +402,9 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--systems {bad}: expected trl or one of {list(AF_SYSTEMS)}")
     base = example_config(args.size, args.seed)
     out = tempfile.mkdtemp(prefix="asyncflow-e2e-trl-")
-    model_dir = str(warm_start(parse_config(base), Path(out, "warm"), args.threads))
+    model_dir = str(
+        reuse_or_warm_start(parse_config(base), args.warm_start or Path(out, "warm"), args.threads)
+    )
     start = parse_config(asyncflow_config(base, model_dir, mode="sync", staleness=0, steps=1, threads=1,
                                           snapshot_every=1))  # fmt: skip
     before = evaluate(start, load(model_dir))
@@ -419,6 +461,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The comparison's options (benchmarks/e2e.py --peers trl takes the same)."""
     parser.add_argument("--size", choices=list(SIZES), default="small", help="see the module doc")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of TRL and of AsyncFlow sync")
+    parser.add_argument(
+        "--warm-start", type=Path,
+        help="directory of the shared warm-start: made there on the first run, reused by later runs",
+    )  # fmt: skip
     parser.add_argument("--snapshot-every", type=int, default=50, help="steps between evaluated snapshots")
 
 

@@ -3,8 +3,11 @@
 Each request is expanded n times; the rows of a chunk are left-padded to a common
 length (an attention mask plus explicit position ids make a padded row compute exactly
 what it would alone), prefilled once, then decoded one token per step, feeding only the
-new token against the cache. Every sampled token carries the log-prob it had under the
-distribution it was drawn from and the policy version of the weights that drew it.
+new token against the cache. Rows that finish leave the forward (their rows of the cache
+are dropped) once an eighth of the rows still computed have finished, so a long-tailed
+batch does not pay for its short rows until its longest one ends. Every sampled token
+carries the log-prob it had under the distribution it was drawn from and the policy
+version of the weights that drew it.
 
 Between steps the loop yields to the event loop, so pause(), update_weights() and
 close() land on a step boundary. After a weight update the in-flight rows are
@@ -46,11 +49,14 @@ class TorchEngine(InProcessEngine):
         version: int = 0,
         seed: int = 0,
         max_batch_size: int = 256,
+        drop_finished: bool = True,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"TorchEngine: max_batch_size={max_batch_size}, expected >= 1 rows per forward")
         super().__init__(model, version)
         self.max_batch_size = max_batch_size
+        # Rows that finished leave the forward (their KV rows dropped); False: every row runs to the end.
+        self.drop_finished = drop_finished
         self.stats: dict[str, float] = {"tokens_generated": 0, "generate_s": 0.0, "requests": 0}
         self.stats["optimal_tokens_per_s"] = optimal_tokens_per_s(model)  # NanoFlow's bound, measured
         self._eos = eos_token_id
@@ -98,18 +104,22 @@ class TorchEngine(InProcessEngine):
         if not await self._step_boundary():
             return batch.completions(abort=True)
         epoch, version = self._weights_epoch, self.version
-        logits, cache = self._prefill(batch.ids, batch.mask)  # (B, V)
+        logits, cache = self._prefill(batch.ids, batch.mask)  # (A, V): the active rows, all at first
         for step in range(batch.max_steps):
             tokens, logprobs = self._sample(logits, batch)
             if batch.record(step, tokens, logprobs, version):
                 break
             if not await self._step_boundary():
                 return batch.completions(abort=True)
-            if self._weights_epoch != epoch:  # new weights: rebuild the cache under them
+            fresh = self._weights_epoch != epoch  # new weights: rebuild the cache under them
+            if self.drop_finished:  # finished rows leave the forward, once enough have
+                batch.shrink(None if fresh else cache)
+            active = batch.active
+            if fresh:
                 epoch, version = self._weights_epoch, self.version
-                logits, cache = self._prefill(batch.ids, batch.mask)
+                logits, cache = self._prefill(batch.ids[active], batch.mask[active])
             else:
-                logits = self._decode(batch.ids[:, -1:], batch.mask, cache)
+                logits = self._decode(batch.ids[active, -1:], batch.mask[active], cache)
         return batch.completions(abort=False)
 
     @torch.inference_mode()
@@ -143,8 +153,13 @@ class TorchEngine(InProcessEngine):
 
     @torch.inference_mode()
     def _sample(self, logits: torch.Tensor, batch: _Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        a = batch.active
         return sample_tokens(
-            logits, batch.temperature, top_k=batch.top_k, top_p=batch.top_p, generator=self._generator
+            logits,
+            batch.temperature[a],
+            top_k=batch.top_k[a],
+            top_p=batch.top_p[a],
+            generator=self._generator,
         )
 
 
@@ -186,6 +201,8 @@ class _Batch:
     tokens: list[torch.Tensor]  # per step (B,)
     logprobs: list[torch.Tensor]  # per step (B,)
     versions: list[int]  # per step: the policy version that sampled it
+    active: torch.Tensor  # (A,) the rows the forward computes (the KV cache's rows), in order
+    pad: int  # the token rows outside the forward receive
 
     @staticmethod
     def build(rows: list[tuple[Request, int]], *, eos: int, pad: int, device: torch.device) -> _Batch:
@@ -220,14 +237,32 @@ class _Batch:
             tokens=[],
             logprobs=[],
             versions=[],
+            active=torch.arange(len(rows), device=device),
+            pad=pad,
         )
 
     @property
     def max_steps(self) -> int:
         return int(self.max_new.max())
 
+    def shrink(self, cache: DynamicCache | None) -> None:
+        """Drop finished rows from the forward (and from `cache`, whose rows are `active`'s) once at
+        least an eighth of the active rows have finished: a long-tailed batch then stops paying for
+        the rows that ended early, at the price of one copy of the cache per shrink."""
+        finished = self.done[self.active]  # (A,)
+        if int(finished.sum()) * 8 < len(self.active):
+            return
+        keep = (~finished).nonzero().squeeze(-1)  # positions in the cache
+        if cache is not None:
+            cache.batch_select_indices(keep)
+        self.active = self.active[keep]
+
     def record(self, step: int, tokens: torch.Tensor, logprobs: torch.Tensor, version: int) -> bool:
-        """Keep step `step`'s tokens for unfinished rows; True once every row has finished."""
+        """Keep step `step`'s tokens (A,) of the active rows for the unfinished ones; True once every
+        row has finished. Rows outside the forward receive padding."""
+        if len(self.active) < len(self.rows):
+            tokens = torch.full_like(self.lengths, self.pad).index_copy_(0, self.active, tokens)
+            logprobs = logprobs.new_zeros(len(self.rows)).index_copy_(0, self.active, logprobs)
         live = ~self.done
         hit_stop = (tokens[:, None] == self.stop_ids).any(-1) & live
         self.lengths += live.long()

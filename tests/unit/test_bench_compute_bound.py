@@ -18,4 +18,6 @@ def test_the_bounds_are_the_samples_over_the_measured_compute(tmp_path, capsys):
     assert f["samples"] == 128 and f["generate_ms"] > 0 and f["train_ms"] > 0 and f["pack_64_rows_us"] > 0
     assert f["sync_bound_samples_per_s"] == pytest.approx(1000 * 128 / (f["generate_ms"] + f["train_ms"]))
     assert f["async_2core_bound_samples_per_s"] >= f["sync_bound_samples_per_s"]
+    # the engine with finished rows dropped, every row to the end, and transformers' generate
+    assert f["generate_every_row_to_the_end_ms"] > 0 and f["hf_generate_ms (TRL's generation)"] > 0
     assert "| train_ms |" in capsys.readouterr().out

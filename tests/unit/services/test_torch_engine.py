@@ -239,6 +239,22 @@ async def test_requests_beyond_max_batch_size_run_in_chunks(model_a):
     ]
 
 
+async def test_rows_that_finish_early_leave_the_forward_without_changing_the_others(model_a):
+    """Caps of 1..12 tokens in one batch: the batch shrinks as rows finish, and every row's tokens
+    and log-probs are what it gets alone."""
+    requests = [
+        Request(f"r{i}", p, params=SamplingParams(top_k=1, max_new_tokens=1 + i))
+        for i, p in enumerate(prompts(12))
+    ]
+    together = await engine_for(model_a).generate(requests)
+    assert len({len(c.response_ids) for c in together}) > 3  # rows left at different steps
+    for request, c in zip(requests, together):
+        (alone,) = await engine_for(model_a).generate([request])
+        assert c.response_ids == alone.response_ids
+        assert c.logprobs == pytest.approx(alone.logprobs, abs=1e-5)
+        assert c.finish_reason == alone.finish_reason
+
+
 async def test_bad_inputs_name_the_value_and_the_fix(model_a):
     with pytest.raises(ValueError, match="prompt_ids is empty"):
         Request("r", [])

@@ -1,0 +1,43 @@
+"""benchmarks/peers/trl_grpo.py without TRL: the shared warm-start's reuse, and the table's CPU
+per sample against TRL's."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from asyncflow.config import parse_config
+from benchmarks.peers import trl_grpo
+
+
+def test_a_saved_warm_start_is_reused_only_for_its_own_size_and_seed(tmp_path):
+    large = parse_config(trl_grpo.example_config("large", seed=0))
+    stamp = tmp_path / "warm_start.json"
+    stamp.write_text(json.dumps({"model": large.model.model_dump(),
+                                 "task": large.task.model_dump(mode="json"),
+                                 "warmup": large.warmup.model_dump(), "seed": 0}))  # fmt: skip
+    assert trl_grpo.reuse_or_warm_start(large, tmp_path, threads=1) == tmp_path  # no training
+    other = parse_config(trl_grpo.example_config("large", seed=1))
+    with pytest.raises(ValueError, match="another size or seed") as e:
+        trl_grpo.reuse_or_warm_start(other, tmp_path, threads=1)
+    assert str(tmp_path) in str(e.value) and "Fix:" in str(e.value)
+
+
+def run(samples_per_s: float, cpu_total: float, load: float) -> dict:
+    return {
+        "samples_per_s": samples_per_s, "tokens_per_s": 5 * samples_per_s, "loop_s": 1280 / samples_per_s,
+        "steps": 10, "samples": 1280, "reward_last_10pct": 0.5, "load_before": load, "load_after": load + 1,
+        "curve": [{"step": 10, "elapsed_s": 1280 / samples_per_s, "eval": 0.6}],
+        "cpu_ms_per_step": {"trainer": cpu_total / 2, "total": cpu_total},
+    }  # fmt: skip
+
+
+def test_the_table_gives_cpu_per_sample_and_the_load_beside_samples_per_s():
+    runs = {"trl": [run(100.0, 2560.0, 3.0)], "sync": [run(150.0, 1280.0, 4.0)]}
+    results = trl_grpo.summarise(runs, before=0.5)
+    assert trl_grpo.cpu_per_sample(results["trl"]) == pytest.approx(20.0)  # 2560 ms / 128 samples
+    assert trl_grpo.cpu_per_sample(results["sync"]) == pytest.approx(10.0)
+    rows = {line.split(" | ")[0].strip("| "): line for line in trl_grpo.table(results, 0.5, 10).splitlines()}
+    assert "| 1.50x | 4.0 -> 5.0 | 10.00 | 2.00x |" in rows["sync"]
+    assert "| 1.00x | 3.0 -> 4.0 | 20.00 | 1.00x |" in rows["trl"]
