@@ -19,6 +19,8 @@ Two modes:
     .venv/bin/python benchmarks/e2e.py --repeats 3 --steps 200 --json docs/bench-e2e.json
     .venv/bin/python benchmarks/e2e.py --mode simulated --workers 16,32 --steps 60 --repeats 1 \\
         --json docs/bench-e2e-sim.json
+    .venv/bin/python benchmarks/e2e.py --mode simulated --workers 4 --groups-per-call 8 --batch-prompts 8 \
+        --systems sync,async-k1 --steps 30 --repeats 1   # several groups per engine call
     .venv/bin/python benchmarks/e2e.py --systems sync,async-k2 --steps 50 --repeats 1   # quick look
     .venv/bin/python benchmarks/e2e.py --peers trl --systems sync,async-k1 --steps 500 --repeats 1
     .venv/bin/python benchmarks/e2e.py --peers trl --size large --systems sync,async-k1 --steps 20 \
@@ -95,13 +97,13 @@ def simulated_config(system: str, steps: int, seed: int, workers: int, args: arg
                   "max_positions": args.max_new_tokens + 24},
         "task": {"options": {"min_digits": 2, "max_digits": 16, "lengths": "long_tail"}, "eval_prompts": 0},
         "rollout": {
-            "engine": "simulated", "num_workers": workers, "n": 8, "groups_per_call": 1,
+            "engine": "simulated", "num_workers": workers, "n": 8, "groups_per_call": args.groups_per_call,
             "max_new_tokens": args.max_new_tokens, "num_cpus": 0.05,
             "simulated": {"time_per_token_s": args.time_per_token_s, "min_tokens": args.min_tokens,
                           "alpha": args.alpha},
         },
         "reward": {"num_workers": 1},
-        "trainer": {"steps": steps, "batch_prompts": workers,
+        "trainer": {"steps": steps, "batch_prompts": args.batch_prompts or workers,
                     "simulated_step_s_per_ktoken": args.step_s_per_ktoken},
         "dataplane": {"stale_policy": "regenerate", "capacity_rows": 16384},
     }  # fmt: skip
@@ -216,6 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--max-new-tokens", type=int, default=128, help="simulated: response length cap")
     parser.add_argument("--step-s-per-ktoken", type=float, default=0.1, help="simulated trainer cost")
+    parser.add_argument(
+        "--groups-per-call", type=int, default=1, help="simulated: prompt groups per rollout engine call"
+    )
+    parser.add_argument(
+        "--batch-prompts", type=int, default=0, help="simulated: groups per training step (0: one per worker)"
+    )
     parser.add_argument(
         "--worker-niceness", type=int, default=0,
         help="niceness of Ray's worker processes (Ray's default is 15, which starves them behind any "
