@@ -66,6 +66,7 @@ class Watchdog:
     healed: dict[str, int] = field(default_factory=dict)  # actor id -> restarts the watchdog ordered
     restarts: int = 0
     stalled: str | None = None  # why the watchdog killed the trainer: the run restarts with this reason
+    failing: bool = False  # a failure is being diagnosed: this pipeline ends with it
     step: int = 0  # trainer steps this pipeline finished
     step_started: float | None = None
     inflight: dict[str, float] = field(default_factory=dict)  # call -> when it started (monotonic)
@@ -232,8 +233,9 @@ class Watchdog:
 
     async def failed(self, error: Exception) -> None:
         """A failure ends the run: the same diagnosis, naming the stage the error names."""
-        if self.stalled is not None or getattr(error, "diagnosed", False):
-            return
+        if self.stalled is not None or self.failing or getattr(error, "diagnosed", False):
+            return  # (a dead store fails the health read and the step at once: one diagnosis)
+        self.failing = True
         stage = _stage_of(error)
         actors = [(self._name(a), a) for a in self.actors_of(stage)] if stage else []
         try:
