@@ -200,6 +200,8 @@ class RolloutWorker:
             groups = self._episodes(requests, self.engine.generate)
         else:
             groups = [asyncio.ensure_future(self.engine.generate([r])) for r in requests]
+        if not self.partial_rollout:
+            return groups, None
         return groups, asyncio.ensure_future(self._follow(asyncio.gather(*groups)))
 
     async def _generate(self, requests: Sequence[Any]) -> list:
