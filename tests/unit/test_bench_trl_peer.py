@@ -41,3 +41,17 @@ def test_the_table_gives_cpu_per_sample_and_the_load_beside_samples_per_s():
     rows = {line.split(" | ")[0].strip("| "): line for line in trl_grpo.table(results, 0.5, 10).splitlines()}
     assert "| 1.50x | 4.0 -> 5.0 | 10.00 | 2.00x |" in rows["sync"]
     assert "| 1.00x | 3.0 -> 4.0 | 20.00 | 1.00x |" in rows["trl"]
+
+
+@pytest.mark.parametrize(
+    "system, mode, engine",
+    [("sync", "sync", "torch"), ("async-k1", "async", "torch"), ("async-k1-vllm", "async", "vllm")],
+)
+def test_each_asyncflow_system_is_the_example_from_the_warm_start_with_its_mode_and_engine(
+    system, mode, engine
+):
+    base = trl_grpo.example_config("medium", seed=0)
+    config = parse_config(trl_grpo.system_config(system, base, "/warm", steps=7, threads=2, snapshot_every=3))
+    assert (config.mode, config.rollout.engine, config.model.path) == (mode, engine, "/warm")
+    assert (config.trainer.steps, config.trainer.checkpoint_every, config.warmup.steps) == (7, 3, 0)
+    assert config.rollout.torch_threads == (2 if mode == "sync" else 1)  # async: one thread per role
