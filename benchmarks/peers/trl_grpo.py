@@ -294,26 +294,30 @@ def train_asyncflow(config: AsyncFlowConfig) -> dict[str, Any]:
     }  # fmt: skip
 
 
-AF_SYSTEMS = {  # name: (mode, staleness k, rollout engine)
-    "sync": ("sync", 0, "torch"),
-    "async-k1": ("async", 1, "torch"),
-    "async-k2": ("async", 2, "torch"),
-    "async-k4": ("async", 4, "torch"),
-    "sync-vllm": ("sync", 0, "vllm"),
-    "async-k1-vllm": ("async", 1, "vllm"),
+AF_SYSTEMS = {  # name: (mode, staleness k, rollout engine, trainer threads in async)
+    "sync": ("sync", 0, "torch", 1),
+    "async-k1": ("async", 1, "torch", 1),
+    "async-k2": ("async", 2, "torch", 1),
+    "async-k4": ("async", 4, "torch", 1),
+    "async-k1-t2": ("async", 1, "torch", 2),  # the trainer also takes the core rollout leaves idle
+    "sync-vllm": ("sync", 0, "vllm", 1),
+    "async-k1-vllm": ("async", 1, "vllm", 1),
 }
 
 
 def system_config(
     system: str, base: dict, model_dir: str, steps: int, threads: int, snapshot_every: int
 ) -> dict:
-    """One AsyncFlow system's config: sync takes `threads` torch threads, async one per role."""
-    mode, k, engine = AF_SYSTEMS[system]
+    """One AsyncFlow system's config: sync takes `threads` torch threads for each role (they take
+    turns), async one for rollout and the system's own count for the trainer."""
+    mode, k, engine, trainer_threads = AF_SYSTEMS[system]
     data = asyncflow_config(
         base, model_dir, mode=mode, staleness=k, steps=steps, threads=threads if mode == "sync" else 1,
         snapshot_every=snapshot_every,
     )  # fmt: skip
     data["rollout"]["engine"] = engine
+    if mode == "async":
+        data["trainer"]["torch_threads"] = trainer_threads
     return data
 
 

@@ -55,3 +55,12 @@ def test_each_asyncflow_system_is_the_example_from_the_warm_start_with_its_mode_
     assert (config.mode, config.rollout.engine, config.model.path) == (mode, engine, "/warm")
     assert (config.trainer.steps, config.trainer.checkpoint_every, config.warmup.steps) == (7, 3, 0)
     assert config.rollout.torch_threads == (2 if mode == "sync" else 1)  # async: one thread per role
+    assert config.trainer.torch_threads == (2 if mode == "sync" else 1)
+
+
+def test_the_async_system_with_a_two_thread_trainer_keeps_one_rollout_thread():
+    base = trl_grpo.example_config("small", seed=0)
+    config = parse_config(
+        trl_grpo.system_config("async-k1-t2", base, "/warm", steps=7, threads=1, snapshot_every=7)
+    )
+    assert (config.mode, config.trainer.torch_threads, config.rollout.torch_threads) == ("async", 2, 1)
