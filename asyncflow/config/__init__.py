@@ -20,20 +20,17 @@ from asyncflow.config.flow import AFMConfig, EncoderConfig, FlowConfig, PMRFConf
 from asyncflow.config.observe import LoggingConfig
 from asyncflow.config.rl import (
     CriticConfig,
-    Lora,
-    LoraConfig,
     ModelConfig,
-    Patterns,
     ReferenceConfig,
     RewardConfig,
     RolloutConfig,
     TaskConfig,
-    Trainable,
     TrainerConfig,
     WarmupConfig,
     import_string,
 )
 from asyncflow.config.trace import TraceConfig
+from asyncflow.config.trainable import Lora, LoraConfig, Patterns, Trainable
 from asyncflow.config.watchdog import WatchdogConfig
 from asyncflow.config.weights import WeightsConfig
 from asyncflow.errors import ConfigError
