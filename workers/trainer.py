@@ -107,9 +107,8 @@ class TrainerWorker:
         self.kind, self.n, self.staleness, self.reference = kind, n, staleness, reference
         self.version, self.get_timeout_s = version, get_timeout_s
         self.ranks = ranks or Ranks()
-        self.net: torch.nn.Module = Scored(
-            kind, self.model, config.autocast
-        )  # wrapped for data parallelism on first use
+        # wrapped for data parallelism on first use
+        self.net: torch.nn.Module = Scored(kind, self.model, config.autocast)
         self.wrapped = not self.ranks.many
         self.optimizer: torch.optim.Optimizer | None = None
         self.cost = CostModel()  # fed every rank's measured micro-batch times, in rank order

@@ -329,10 +329,11 @@ def run_one(system: str, base: dict, model_dir: str, args: argparse.Namespace, n
             base, model_dir, mode="sync", staleness=0, steps=args.steps, threads=args.threads,
             snapshot_every=args.snapshot_every,
         )  # fmt: skip
-        data["trainer"]["autocast"] = "bfloat16" if args.bf16 else "off"
+    else:
+        data = system_config(system, base, model_dir, args.steps, args.threads, args.snapshot_every)
+    data["trainer"]["autocast"] = "bfloat16" if args.bf16 else "off"  # TRL: its bf16 flag
+    if system == "trl":
         return train_trl(parse_config(data), args.steps, args.threads, args.snapshot_every)
-    data = system_config(system, base, model_dir, args.steps, args.threads, args.snapshot_every)
-    data["trainer"]["autocast"] = "bfloat16" if args.bf16 else "off"
     data.update(run_name=name, output_dir=out)
     data.setdefault("dataplane", {})["name"] = name  # every run its own store in the one Ray instance
     return train_asyncflow(parse_config(data))
