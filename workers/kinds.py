@@ -241,8 +241,9 @@ class TokenKind:
         tok = self.tokenizer
         model: Any = self.model(0)  # a transformers model; its weights come from the weight store
         return TorchEngine(
-            model, eos_token_id=self.stop_ids[0], pad_token_id=tok.pad_token_id, version=-1, seed=seed
-        )
+            model, eos_token_id=self.stop_ids[0], pad_token_id=tok.pad_token_id, version=-1, seed=seed,
+            autocast=self.rollout.autocast,
+        )  # fmt: skip
 
     def trainer_reads(self, reference: bool) -> list[str]:
         fields = ["prompt_ids", "prompt_index", "sample_index", *ROLLOUT_FIELDS[:3], "reward"]

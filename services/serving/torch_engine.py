@@ -50,10 +50,11 @@ class TorchEngine(InProcessEngine):
         seed: int = 0,
         max_batch_size: int = 256,
         drop_finished: bool = True,
+        autocast: str = "off",
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"TorchEngine: max_batch_size={max_batch_size}, expected >= 1 rows per forward")
-        super().__init__(model, version)
+        super().__init__(model, version, autocast)
         self.max_batch_size = max_batch_size
         # Rows that finished leave the forward (their KV rows dropped); False: every row runs to the end.
         self.drop_finished = drop_finished

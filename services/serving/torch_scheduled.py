@@ -91,6 +91,7 @@ class ScheduledTorchEngine(InProcessEngine):
         policy: Policy = "rl",
         keep_kv: bool = True,
         turn_cache_tokens: int = 0,
+        autocast: str = "off",
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"ScheduledTorchEngine: policy={policy!r}, expected one of {POLICIES}")
@@ -99,7 +100,7 @@ class ScheduledTorchEngine(InProcessEngine):
                 f"ScheduledTorchEngine: max_batch_size={max_batch_size}, "
                 f"kv_budget_tokens={kv_budget_tokens}; both must be >= 1"
             )
-        super().__init__(model, version)
+        super().__init__(model, version, autocast)
         self.max_batch_size, self.kv_budget_tokens = max_batch_size, kv_budget_tokens
         self.policy, self.keep_kv = policy, keep_kv
         self._turns = _TurnCache(turn_cache_tokens)  # finished sequences' KV, for the next turn

@@ -101,7 +101,11 @@ def test_rl_sections_check_their_values_and_each_other():
         parse_config({"dataplane": {"capacity_rows": 100}, "trainer": {"batch_prompts": 16}})
     with pytest.raises(ConfigError, match="partial_rollout=abort needs rollout.engine=vllm"):
         parse_config({"rollout": {"partial_rollout": "abort"}})
+    with pytest.raises(ConfigError, match="rollout.autocast='bfloat16' is for the torch engines.*vllm.dtype"):
+        parse_config({"rollout": {"engine": "vllm", "autocast": "bfloat16"}})
     flow = {"policy": "flow", "task": {"source": "asyncflow.tasks.gaussians:EightGaussians"}}
+    with pytest.raises(ConfigError, match="rollout.autocast = 'bfloat16' is for token policies"):
+        parse_config({**flow, "rollout": {"autocast": "bfloat16"}})
     with pytest.raises(ConfigError, match="trainer.logprob_chunk_tokens = 256 applies to a token policy"):
         parse_config({**flow, "trainer": {"logprob_chunk_tokens": 256}})
     with pytest.raises(ConfigError, match="trainer.gradient_checkpointing = True applies to a token policy"):

@@ -287,3 +287,19 @@ async def test_close_aborts_in_flight_and_refuses_later_calls(model_a):
     for call in (engine.generate([Request("r", [3])]), engine.update_weights(1, {}), engine.pause()):
         with pytest.raises(RuntimeError, match="TorchEngine is closed"):
             await call
+
+
+async def test_bfloat16_autocast_samples_with_float32_logprobs_near_the_float32_forward():
+    model = build_model(VOCAB, seed=0)  # its own: the engine wraps this model's forward in autocast
+    params = SamplingParams(temperature=0.7, max_new_tokens=12)
+    requests = [Request(f"r{i}", p, n=3, params=params) for i, p in enumerate(prompts(5))]
+    out = await engine_for(model, seed=3, autocast="bfloat16").generate(requests)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the weights stay float32
+    float32 = build_model(VOCAB, seed=0)
+    worst = 0.0
+    for c in out:
+        assert all(isinstance(lp, float) for lp in c.logprobs)
+        ref = teacher_logprobs(float32, c.prompt_ids, c.response_ids, 0.7)
+        ref = ref.gather(-1, torch.tensor(c.response_ids)[:, None]).squeeze(-1)
+        worst = max(worst, (ref - torch.tensor(c.logprobs)).abs().max().item())
+    assert 1e-4 < worst < 0.1  # bfloat16's rounding shows, and is small

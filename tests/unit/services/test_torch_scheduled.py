@@ -150,3 +150,20 @@ async def test_a_next_turn_reuses_the_finished_turns_kv(model_a):
     assert reusing.stats["prefill_tokens"] == sum(len(r.prompt_ids) - 1 for r in first) + 2 * len(first)
     with pytest.raises(ValueError, match="turn_cache_tokens=-1"):
         engine_for(model_a, turn_cache_tokens=-1)
+
+
+async def test_bfloat16_autocast_runs_every_forward_of_the_scheduled_engine():
+    model = build_model(VOCAB, seed=0)  # its own: the engine wraps this model's forward in autocast
+    engine = engine_for(model, kv_budget_tokens=40, autocast="bfloat16")  # tight: preempts and restores
+    out = await engine.generate(requests(6, SamplingParams(max_new_tokens=10)))
+    assert engine.stats["preemptions"] > 0 and all(p.dtype == torch.float32 for p in model.parameters())
+    float32 = build_model(VOCAB, seed=0)
+    worst = 0.0
+    for c in out:
+        with torch.no_grad():
+            logits = float32(torch.tensor([c.prompt_ids + c.response_ids])).logits[
+                0, len(c.prompt_ids) - 1 : -1
+            ]
+        ref = torch.log_softmax(logits, -1).gather(-1, torch.tensor(c.response_ids)[:, None]).squeeze(-1)
+        worst = max(worst, (ref - torch.tensor(c.logprobs)).abs().max().item())
+    assert 1e-4 < worst < 0.1  # bfloat16's rounding shows, and is small
