@@ -7,8 +7,9 @@ optimizer step of a real step, with the example's micro-batching), and to build 
 padded grid (`pack`) for a 64-row micro-batch. Generation is measured with the engine as it runs
 (rows that finish leave the forward) and with every row decoded to the end (as before, and as
 transformers' `generate` does, which TRL's GRPOTrainer calls without vLLM: also measured, on the
-same rows). CPU time (`time.process_time`), medians of repeats, so other load on a shared
-machine moves the figures little.
+same rows). Generation and training are also measured in bfloat16 mixed precision
+(`rollout.autocast`, `trainer.autocast`). CPU time (`time.process_time`), medians of repeats, so
+other load on a shared machine moves the figures little.
 
 From these: sync mode cannot pass samples / (generate + train) per second, and async mode on two
 cores not samples / max(generate, train), whatever the overheads between the roles.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import json
 import statistics
 import sys
@@ -93,6 +95,13 @@ def measure(repeats: int, size: str = "small", warm_start: Path | None = None) -
                           drop_finished=drop)
         for drop in (True, False)
     }  # fmt: skip
+    bf16 = TorchEngine(
+        copy.deepcopy(model),
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        seed=1,
+        autocast="bfloat16",
+    )  # its own copy: autocast wraps the model's forward
     params = SamplingParams(temperature=cfg.rollout.temperature, max_new_tokens=cfg.rollout.max_new_tokens)
     kind = TokenKind(tok, cfg.model, cfg.rollout)
     prompts = [kind.prompt_ids(task.example(i).prompt) for i in range(cfg.trainer.batch_prompts)]
@@ -109,6 +118,8 @@ def measure(repeats: int, size: str = "small", warm_start: Path | None = None) -
         "sample_index": np.tile(np.arange(n), groups),
     }
     trainer = TrainerWorker(model, None, None, cfg.trainer, kind, n=n, staleness=1, reference=False)  # type: ignore[arg-type]
+    mixed = cfg.trainer.model_copy(update={"autocast": "bfloat16"})
+    trainer_bf16 = TrainerWorker(model, None, None, mixed, kind, n=n, staleness=1, reference=False)  # type: ignore[arg-type]
     half = [c.prompt_ids for c in done[:64]], [c.response_ids for c in done[:64]]
     calls = 5 if size == "small" else 1
     return {
@@ -121,7 +132,11 @@ def measure(repeats: int, size: str = "small", warm_start: Path | None = None) -
         "hf_generate_ms (TRL's generation)": cpu_ms(
             lambda: hf_generate(model, tok, prompts, n, cfg), calls, repeats
         ),
+        "generate_bf16_ms (rollout.autocast)": cpu_ms(
+            lambda: asyncio.run(bf16.generate(requests)), calls, repeats
+        ),
         "train_ms": cpu_ms(lambda: trainer.train_on(data), calls, repeats),
+        "train_bf16_ms (trainer.autocast)": cpu_ms(lambda: trainer_bf16.train_on(data), calls, repeats),
         "pack_64_rows_us": 1000 * cpu_ms(lambda: pack(*half), 200, repeats),
     }
 

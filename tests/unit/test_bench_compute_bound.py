@@ -20,4 +20,5 @@ def test_the_bounds_are_the_samples_over_the_measured_compute(tmp_path, capsys):
     assert f["async_2core_bound_samples_per_s"] >= f["sync_bound_samples_per_s"]
     # the engine with finished rows dropped, every row to the end, and transformers' generate
     assert f["generate_every_row_to_the_end_ms"] > 0 and f["hf_generate_ms (TRL's generation)"] > 0
+    assert f["generate_bf16_ms (rollout.autocast)"] > 0 and f["train_bf16_ms (trainer.autocast)"] > 0
     assert "| train_ms |" in capsys.readouterr().out
