@@ -11,6 +11,7 @@ vocabularies.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ __all__ = [
     "build_checkpoint",
     "build_model",
     "build_tokenizer",
+    "mixed_precision",
     "save_model",
 ]
 
@@ -215,3 +217,11 @@ def build_checkpoint(
         model = AutoModelForCausalLM.from_config(config).float()
     model.generation_config = GenerationConfig(eos_token_id=[tokenizer.eos_token_id, *eos_token_ids])
     return save_model(model, tokenizer, path)
+
+
+def mixed_precision(module: torch.nn.Module, dtype: str) -> contextlib.AbstractContextManager:
+    """torch.autocast to `dtype` ("bfloat16") on the device of `module`'s parameters: matmuls in
+    `dtype`, parameters untouched; "off": a context that changes nothing."""
+    if dtype == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(next(module.parameters()).device.type, dtype=getattr(torch, dtype))

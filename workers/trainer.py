@@ -43,6 +43,7 @@ from asyncflow.algorithms import aggregate, group_advantages, kl_penalty, on_gri
 from asyncflow.config import TrainerConfig, WarmupConfig
 from asyncflow.tracing import tracer
 from asyncflow.versioning import min_usable_version, staleness_histogram
+from services.models import mixed_precision
 from services.parallelism.balance import CostModel, imbalance, plan
 from workers.critic import Critic, value_model
 from workers.policy import enable_gradient_checkpointing
@@ -76,10 +77,7 @@ class Scored(torch.nn.Module):
         self.kind, self.policy, self.autocast = kind, policy, autocast
 
     def forward(self, rows: Sequence[Any]) -> tuple[Tensor, Tensor]:
-        if self.autocast == "off":
-            return self.kind.logprobs(self.policy, rows)
-        device = next(self.policy.parameters()).device.type
-        with torch.autocast(device, dtype=getattr(torch, self.autocast)):  # log-probs come out float32
+        with mixed_precision(self.policy, self.autocast):  # log-probs come out float32 either way
             return self.kind.logprobs(self.policy, rows)
 
 

@@ -21,6 +21,8 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
+from services.models import mixed_precision
+
 __all__ = ["Completion", "Engine", "FinishReason", "Request", "SamplingParams", "check_fits", "copy_weights"]
 
 FinishReason = Literal["stop", "length", "abort"]
@@ -147,8 +149,7 @@ class InProcessEngine:
     def __init__(self, model: torch.nn.Module, version: int, autocast: str = "off") -> None:
         self.version = version
         if autocast != "off":  # every forward of this engine's own model, as accelerate wraps one
-            device = next(model.parameters()).device.type
-            model.forward = torch.autocast(device, dtype=getattr(torch, autocast))(model.forward)  # type: ignore[method-assign]
+            model.forward = mixed_precision(model, autocast)(model.forward)  # type: ignore[method-assign,operator]
         self._model: Any = model.eval()
         # Live references to parameters and buffers, so an update copies into what forward reads.
         self._targets = dict(model.state_dict(keep_vars=True))

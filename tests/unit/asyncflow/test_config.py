@@ -106,6 +106,10 @@ def test_rl_sections_check_their_values_and_each_other():
     flow = {"policy": "flow", "task": {"source": "asyncflow.tasks.gaussians:EightGaussians"}}
     with pytest.raises(ConfigError, match="rollout.autocast = 'bfloat16' is for token policies"):
         parse_config({**flow, "rollout": {"autocast": "bfloat16"}})
+    with pytest.raises(
+        ConfigError, match=r"trainer.autocast = 'bfloat16' is for token policies.*autocast: off"
+    ):
+        parse_config({**flow, "trainer": {"autocast": "bfloat16"}})
     with pytest.raises(ConfigError, match="trainer.logprob_chunk_tokens = 256 applies to a token policy"):
         parse_config({**flow, "trainer": {"logprob_chunk_tokens": 256}})
     with pytest.raises(ConfigError, match="trainer.gradient_checkpointing = True applies to a token policy"):

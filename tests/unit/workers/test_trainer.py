@@ -168,16 +168,6 @@ def test_bfloat16_autocast_keeps_float32_weights_and_gives_nearly_the_float32_st
     assert cosine > 0.99 and not torch.equal(grads[0], grads[1])
 
 
-def test_autocast_is_refused_for_flow_policies():
-    from asyncflow.config import parse_config
-
-    with pytest.raises(
-        ValueError, match=r"trainer.autocast = 'bfloat16' is for token policies.*autocast: off"
-    ):
-        parse_config({"policy": "flow", "task": {"source": "asyncflow.tasks.generation:DigitGeneration"},
-                      "trainer": {"autocast": "bfloat16"}})  # fmt: skip
-
-
 def test_micro_batches_respect_the_budget_and_cover_every_row():
     from services.parallelism.balance import micro_batches
 
