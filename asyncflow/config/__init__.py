@@ -287,7 +287,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
             "Start the file with keys such as `run_name:` and `dataplane:`."
         )
     for item in overrides:
-        _apply_override(data, item)
+        apply_override(data, item)
     return parse_config(data, source=str(path))
 
 
@@ -299,7 +299,8 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> AsyncFlowCon
         raise ConfigError(_describe(e, source)) from None
 
 
-def _apply_override(data: dict[str, Any], item: str) -> None:
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Set `a.b.c=value` (the value read as YAML) in the plain config dict `data`."""
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {item!r} is not of the form key.path=value, e.g. dataplane.lease_s=30")

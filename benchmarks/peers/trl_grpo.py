@@ -52,6 +52,7 @@ import asyncio
 import copy
 import json
 import math
+import re
 import statistics
 import sys
 import tempfile
@@ -312,8 +313,12 @@ def system_config(
     system: str, base: dict, model_dir: str, steps: int, threads: int, snapshot_every: int
 ) -> dict:
     """One AsyncFlow system's config: sync takes `threads` torch threads for each role (they take
-    turns), async one for rollout and the system's own count for the trainer."""
-    mode, k, engine, trainer_threads = AF_SYSTEMS[system]
+    turns), async one for rollout and the system's own count for the trainer. A system may be
+    `BASE+key=value+...`: BASE with config overrides, to measure a setting beside BASE in one run."""
+    from asyncflow.config import apply_override
+
+    name, *overrides = system.split("+")
+    mode, k, engine, trainer_threads = AF_SYSTEMS[name]
     data = asyncflow_config(
         base, model_dir, mode=mode, staleness=k, steps=steps, threads=threads if mode == "sync" else 1,
         snapshot_every=snapshot_every,
@@ -321,6 +326,8 @@ def system_config(
     data["rollout"]["engine"] = engine
     if mode == "async":
         data["trainer"]["torch_threads"] = trainer_threads
+    for item in overrides:
+        apply_override(data, item)
     return data
 
 
@@ -425,9 +432,12 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     import os
 
     systems = args.systems.split(",")
-    bad = [s for s in systems if s != "trl" and s not in AF_SYSTEMS]
+    bad = [s for s in systems if s != "trl" and s.split("+")[0] not in AF_SYSTEMS]
     if bad:
-        raise ValueError(f"--systems {bad}: expected trl or one of {list(AF_SYSTEMS)}")
+        raise ValueError(
+            f"--systems {bad}: expected trl or one of {list(AF_SYSTEMS)}, each optionally followed by "
+            "+key=value config overrides (e.g. async-k1+dataplane.num_storage_units=1)"
+        )
     base = example_config(args.size, args.seed)
     out = tempfile.mkdtemp(prefix="asyncflow-e2e-trl-")
     model_dir = str(
@@ -454,7 +464,10 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         for repeat in range(args.repeats):
             for system in systems:  # interleaved, so drift in the machine's load hits every system
                 load_avg = os.getloadavg()[0]
-                r = run_one(system, base, model_dir, args, f"e2e-{system}-{args.size}-{repeat}", out)
+                # unique per repeat and system, within the store's name rules
+                tag = f"e2e-{repeat}-{systems.index(system)}-{args.size}-{system}"
+                name = re.sub(r"[^A-Za-z0-9_.-]", "_", tag)[:64]
+                r = run_one(system, base, model_dir, args, name, out)
                 r["load_before"], r["load_after"] = load_avg, os.getloadavg()[0]
                 runs[system].append(r)
                 print(
@@ -500,7 +513,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--systems", default="trl", help=f"comma-separated, of trl, {', '.join(AF_SYSTEMS)}")
+    parser.add_argument(
+        "--systems",
+        default="trl",
+        help=f"comma-separated, of trl, {', '.join(AF_SYSTEMS)}; SYSTEM+key=value+... adds config overrides",
+    )
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)

@@ -64,3 +64,17 @@ def test_the_async_system_with_a_two_thread_trainer_keeps_one_rollout_thread():
         trl_grpo.system_config("async-k1-t2", base, "/warm", steps=7, threads=1, snapshot_every=7)
     )
     assert (config.mode, config.trainer.torch_threads, config.rollout.torch_threads) == ("async", 2, 1)
+
+
+def test_a_system_with_overrides_is_its_base_with_those_settings_changed():
+    base = trl_grpo.example_config("small", seed=0)
+    system = "async-k1+dataplane.num_storage_units=1+reward.isolation=thread"
+    config = parse_config(trl_grpo.system_config(system, base, "/warm", steps=7, threads=1, snapshot_every=7))
+    plain = parse_config(
+        trl_grpo.system_config("async-k1", base, "/warm", steps=7, threads=1, snapshot_every=7)
+    )
+    assert (config.dataplane.num_storage_units, config.reward.isolation) == (1, "thread")
+    assert (plain.dataplane.num_storage_units, plain.reward.isolation) == (2, "auto")
+    assert config.model_dump(exclude={"dataplane", "reward"}) == plain.model_dump(
+        exclude={"dataplane", "reward"}
+    )
