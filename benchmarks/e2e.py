@@ -25,6 +25,8 @@ Two modes:
     .venv/bin/python benchmarks/e2e.py --peers trl --systems sync,async-k1 --steps 500 --repeats 1
     .venv/bin/python benchmarks/e2e.py --peers trl --size large --systems sync,async-k1 --steps 20 \
         --snapshot-every 10 --repeats 1 --warm-start /tmp/warm-large   # the larger model
+    .venv/bin/python benchmarks/e2e.py --peers trl --systems trl,async-k1,async-k1+reward.isolation=thread \
+        --steps 100 --repeats 2   # SYSTEM+key=value: a config override, measured beside its base
 
 With --peers trl: TRL's GRPOTrainer beside the AsyncFlow systems, all on examples/sort.yaml (or
 --size large) from one shared warm-started checkpoint, with eval at equal steps and at equal
