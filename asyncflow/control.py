@@ -56,6 +56,7 @@ class RunControl:
         self.replies: dict[int, asyncio.Future] = {}
         self.ids = itertools.count(1)
         self.news = asyncio.Event()  # set when a command, a metrics line or the end arrives
+        self.arrived = asyncio.Event()  # set when a command or the end arrives
         self.ended = False
         self.calls = 0  # client calls in flight (close waits for them)
 
@@ -71,6 +72,7 @@ class RunControl:
             key = next(self.ids)
             self.replies[key] = asyncio.get_running_loop().create_future()
             self.inbox.append((key, verb, args))
+            self.arrived.set()
             self._notify()
             return await self.replies[key]
         finally:
@@ -115,11 +117,11 @@ class RunControl:
         return taken
 
     async def wait_commands(self, timeout_s: float) -> list[tuple[int, str, list]]:
-        """Commands, waiting up to timeout_s for one (while the run is paused)."""
-        if not self.inbox:
-            self.news.clear()
+        """Commands, waiting up to timeout_s for one (or for the end)."""
+        if not self.inbox and not self.ended:
+            self.arrived.clear()
             try:
-                await asyncio.wait_for(self.news.wait(), timeout_s)
+                await asyncio.wait_for(self.arrived.wait(), timeout_s)
             except TimeoutError:
                 pass
         taken, self.inbox = self.inbox, []
@@ -138,6 +140,7 @@ class RunControl:
         for key in list(self.replies):
             self.reply(key, {"error": f"the run ended ({state.get('state')})"})
         self.inbox = []
+        self.arrived.set()
         self._notify()
         deadline = time.monotonic() + grace_s
         while self.calls and time.monotonic() < deadline:
@@ -151,7 +154,12 @@ class Steering:
     """The run's side of its control actor: after every step it publishes the status and the
     step's metrics, then applies the commands that arrived (between steps, with the trainer
     idle) through the pipeline. While paused it waits here, serving commands, until a
-    `resume` or `stop`."""
+    `resume` or `stop`.
+
+    Commands come to the driver as they arrive (a call that waits on the actor for them), so a
+    step boundary costs no round trip: its status goes out without waiting for a reply (each
+    publication after the previous one has landed, so they land in order), and the commands
+    already here are applied."""
 
     def __init__(self, pipe: Any, step: int = 0):  # asyncflow.workflow.Pipeline; a resumed run's step
         self.pipe, self.config = pipe, pipe.config
@@ -172,6 +180,10 @@ class Steering:
             .options(name=name, namespace=NAMESPACE, num_cpus=0, max_concurrency=1000)
             .remote(self.status("starting"))
         )
+        self._inbox: list[tuple[int, str, list]] = []  # commands here, not yet applied
+        self._arrived = asyncio.Event()  # set when _inbox gets some
+        self._listener: asyncio.Future | None = None
+        self._published: Any = None  # the last status publication, until it has landed
 
     @property
     def paused(self) -> bool:
@@ -192,15 +204,37 @@ class Steering:
     async def started(self, step: int) -> None:
         self.step = step
         await self.actor.publish.remote(self.status("running"), take=False)
+        self._listener = asyncio.ensure_future(self._listen())
+
+    async def _listen(self) -> None:
+        """Collect commands as clients send them, until close()."""
+        while True:
+            commands = await self.actor.wait_commands.remote(60.0)
+            if commands:
+                self._inbox.extend(commands)
+                self._arrived.set()
 
     async def between_steps(self, step: int, metrics: dict) -> None:
         """Publish `step`, then apply what clients asked for; raises StopRun on `stop`."""
         self.step = step
         line = {k: v for k, v in metrics.items() if k not in ("trained", "workers")}
-        commands = await self.actor.publish.remote(self.status(self._state()), line)
-        await self._apply(commands)
+        await self._landed()
+        self._published = self.actor.publish.remote(self.status(self._state()), line, take=False)
+        await self._apply(self._take())
         while self.paused:
-            await self._apply(await self.actor.wait_commands.remote(1.0))
+            await self._arrived.wait()
+            await self._apply(self._take())
+
+    async def _landed(self) -> None:
+        """Wait for the last publication (long done at a step boundary), so the next lands after it."""
+        if self._published is not None:
+            await self._published
+            self._published = None
+
+    def _take(self) -> list[tuple[int, str, list]]:
+        self._arrived.clear()
+        taken, self._inbox = self._inbox, []
+        return taken
 
     def _state(self) -> str:
         return "paused" if self.paused else "running"
@@ -217,6 +251,7 @@ class Steering:
             replies.append((key, reply))
         if commands:  # the status first: a client that has its reply sees the change in status()
             state = "stopping" if stops else self._state()
+            await self._landed()
             await self.actor.publish.remote(self.status(state), take=False)
         await self.reply([key for key, _ in replies], [reply for _, reply in replies])
         if stops:
@@ -228,6 +263,10 @@ class Steering:
     async def close(self, state: str) -> None:
         """Tell clients the run ended, let their calls return, then remove the actor."""
         # Best effort: the run's own outcome (its exception, if any) matters more than this.
+        if self._listener is not None:
+            self._listener.cancel()  # commands it took and nobody applied: close() refuses them
+        if self._published is not None:
+            await asyncio.gather(self._published, return_exceptions=True)
         await asyncio.gather(self.actor.close.remote(self.status(state)), return_exceptions=True)
         ray.kill(self.actor)
 
