@@ -39,6 +39,27 @@ async def test_metrics_wait_for_new_steps_and_end_with_the_run():
     assert await board.metrics(2, 30) == ([], True)
 
 
+async def test_the_driver_waits_for_commands_not_for_metrics_lines():
+    """What the driver's waiting call returns on: a command or the end, never its own status."""
+    board = RunControl({"state": "running"})
+    waiting = asyncio.ensure_future(board.wait_commands(30))
+    await asyncio.sleep(0)
+    board.publish({"state": "running", "step": 1}, {"step": 1}, take=False)
+    await asyncio.sleep(0.01)
+    assert not waiting.done()  # a metrics line is not a command
+    ask = asyncio.ensure_future(board.request("pause", []))
+    ((key, verb, _),) = await waiting
+    assert verb == "pause" and board.inbox == []
+    board.reply(key, {"step": 1})
+    assert await ask == {"step": 1}
+    assert await board.wait_commands(0.01) == []  # nothing within the timeout
+    later = asyncio.ensure_future(board.wait_commands(30))
+    await asyncio.sleep(0)
+    await board.close({"state": "finished"})
+    assert await later == []  # the end lets a waiting driver go
+    assert await board.wait_commands(30) == []  # and one that asks after it does not wait
+
+
 async def test_the_end_refuses_queued_and_later_commands():
     board = RunControl({"state": "running"})
     queued = asyncio.ensure_future(board.request("pause", []))
