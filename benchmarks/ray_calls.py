@@ -21,17 +21,16 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import ray
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-TICK = os.sysconf("SC_CLK_TCK")
-
 
 def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of process `pid`."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+    """User + system CPU seconds of process `pid` (psutil, as benchmarks/steps.py counts a run's)."""
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
 
 
 @ray.remote(num_cpus=0.1)

@@ -462,10 +462,12 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         ray_up = True
     try:
         for repeat in range(args.repeats):
-            for system in systems:  # interleaved, so drift in the machine's load hits every system
+            for i, system in enumerate(
+                systems
+            ):  # interleaved, so drift in the machine's load hits every system
                 load_avg = os.getloadavg()[0]
                 # unique per repeat and system, within the store's name rules
-                tag = f"e2e-{repeat}-{systems.index(system)}-{args.size}-{system}"
+                tag = f"e2e-{repeat}-{i}-{args.size}-{system}"
                 name = re.sub(r"[^A-Za-z0-9_.-]", "_", tag)[:64]
                 r = run_one(system, base, model_dir, args, name, out)
                 r["load_before"], r["load_after"] = load_avg, os.getloadavg()[0]
