@@ -137,6 +137,7 @@ class SourceHost(Host):
             staleness=c.staleness, cursor=self.cursor, dynamic_sampling=c.trainer.dynamic_sampling,
             freed=self.freed, admit_ahead=c.admit_ahead if c.mode == "async" else None,
             backlog_rows=c.rollout.num_workers * c.rollout.groups_per_call * c.rollout.n,
+            prompts_per_put=c.rollout.groups_per_call,  # a put wakes a worker with a whole call's prompts
         )  # fmt: skip
 
     async def take_freed(self) -> int:

@@ -4,6 +4,7 @@ per-step time breakdown, the OTLP export and `asyncflow trace --sample`."""
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,11 @@ def test_a_run_traces_every_actor_and_each_sample_s_life(ray_session, tmp_path, 
         have = {e["name"] for e in spans if names[e["pid"]] == track}
         assert expected <= have, (track, expected - have)
     _steps_hold_their_parts([e for e in spans if names[e["pid"]] == "trainer rank 0"])
+    # the source puts a whole engine call's prompts at a time, so rollout wakes to one full call, not
+    # several small ones (for a small model an engine call's cost is mostly per decode step, not per row)
+    calls = config.rollout.groups_per_call
+    assert {e["args"]["prompts"] for e in spans if e["name"] == "admit"} == {calls}
+    assert statistics.median(e["args"]["groups"] for e in spans if e["name"] == "generate") == calls
 
     # the samples: every trained one was admitted, generated, rewarded, scored by the reference, trained
     ledger = {tuple(r): record["step"] for record in _ledger(run) for r in record["rows"]}
