@@ -147,20 +147,22 @@ class TrainerWorker:
         """A new bound k (a steered run): the version window of every later step follows it."""
         self.staleness = k
 
-    async def publish(self, whole: bool = True) -> float:
+    async def publish(self, whole: bool = True, *, wait: bool = True) -> float:
         """Publish the current version: every tensor (`whole`: the first publication of a run, from
-        which every engine can start), or only those training changes; returns the seconds it took."""
+        which every engine can start), or only those training changes; returns the seconds it took.
+        `wait=False`: once the bytes are copied, not once the weight store has answered (a step's
+        publication: the next one, or `settle`, waits for that)."""
         self._wrap()
         with tracer.span("publish", version=self.version, whole=whole) as span:
             tensors = publication(self.model, self.config.trainable, whole=whole)
             if not self.ranks.many:
                 self.publish_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
-                seconds = await self.weights.publish(self.version, tensors, whole=whole)
+                seconds = await self.weights.publish(self.version, tensors, whole=whole, wait=wait)
             else:
                 mine = self._owned(tensors)
                 self.publish_bytes = sum(getattr(t, "local", t).nbytes for t in mine.values())
                 seconds = await self.weights.publish(
-                    self.version, mine, whole=whole, part=(self.ranks.rank, self.ranks.size)
+                    self.version, mine, whole=whole, part=(self.ranks.rank, self.ranks.size), wait=wait
                 )
             span["bytes"] = self.publish_bytes
         return seconds
@@ -191,7 +193,8 @@ class TrainerWorker:
                 metrics.update(self._dropped())
             if self.config.simulated_step_s_per_ktoken:  # benchmark only: a larger model's step time
                 await asyncio.sleep(self.config.simulated_step_s_per_ktoken * metrics["tokens"] / 1000)
-            metrics["publish_s"] = await self.publish(whole=self.config.trainable == "all")
+            # the weight store answers while the driver takes its turn; the next publish waits for that
+            metrics["publish_s"] = await self.publish(whole=self.config.trainable == "all", wait=False)
             metrics["publish_bytes"] = self.publish_bytes
             with tracer.span("store.ack", rows=len(batch)):
                 await self.store.ack(batch)

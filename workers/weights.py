@@ -47,6 +47,9 @@ import torch
 from asyncflow.errors import WeightMismatch, WorkerError
 from services.parallelism.buckets import Bucket, Index, Shard, fingerprint, pack, unpack
 
+# Up to this many bytes a version is fingerprinted and sent (or checked and unpacked) in the
+# caller's thread: a hop to a worker thread costs ~0.4 ms, a copy of 4 MiB about as much.
+INLINE_BYTES = 4 * 2**20
 Part = tuple[dict, list[Any]]  # (Index.to_wire(), its buckets: piece lists, or object refs of them)
 
 
@@ -159,6 +162,7 @@ class WeightClient:
             raise ValueError(f"channels must be >= 1, got {channels}")
         self.store, self.remote, self.channels = store, remote, channels
         self.bucket_bytes = max(1, int(bucket_mb * 2**20))
+        self._unsettled: asyncio.Future | None = None  # the store's answer to a publish not waited for
 
     async def _call(self, method: str, *args: Any) -> Any:
         if self.remote:
@@ -173,21 +177,41 @@ class WeightClient:
         whole: bool = True,
         *,
         part: tuple[int, int] = (0, 1),
+        wait: bool = True,
     ) -> float:
         """Publish `tensors` as `version` (`whole`: every tensor of the model, else only some), or
         part `rank` of `ranks` of it (`part`; a value may be a Shard: this rank's rows of a
-        tensor). Returns the seconds it took."""
+        tensor). Returns the seconds it took. Once it returns, the bytes are copied: the tensors may
+        change. `wait=False` returns without waiting for the store to take the version: `settle`
+        (or the next publish) waits for it and raises what the store refused."""
         start = time.perf_counter()
+        await self.settle()  # one publication in flight at a time, in order
         slots, buckets = pack(tensors, self.bucket_bytes)
         k, n = self.channels, len(buckets)
-        sent = await asyncio.gather(*(asyncio.to_thread(self._send, buckets[c::k]) for c in range(k)))
+        if k == 1 and sum(len(p) for b in buckets for p in b) <= INLINE_BYTES:  # a thread hop costs more
+            sent = [self._send(buckets)]
+        else:
+            sent = await asyncio.gather(*(asyncio.to_thread(self._send, buckets[c::k]) for c in range(k)))
         sums: list[int] = [0] * n
         payload: list[Any] = [None] * n
         for c, (channel_sums, channel_payload) in enumerate(sent):
             sums[c::k], payload[c::k] = channel_sums, channel_payload
         index = Index(slots, [sum(len(p) for p in b) for b in buckets], sums, k)
-        await self._call("publish", version, index.to_wire(), payload, whole, part)
+        announced = asyncio.ensure_future(
+            self._call("publish", version, index.to_wire(), payload, whole, part)
+        )
+        if wait:
+            await announced
+        else:
+            self._unsettled = announced
         return time.perf_counter() - start
+
+    async def settle(self) -> None:
+        """Wait until the store has taken the last version published with wait=False; raises what
+        it refused."""
+        pending, self._unsettled = self._unsettled, None
+        if pending is not None:
+            await pending
 
     def _send(self, buckets: list[Bucket]) -> tuple[list[int], list[Any]]:
         """One channel, in a thread of its own: fingerprint each bucket, then hand it over."""
@@ -228,8 +252,9 @@ class WeightClient:
         ]
         tensors: dict[str, torch.Tensor] = {}
         for (published, _), parts in zip(publications, received):  # the whole one first, the newest over it
+            small = sum(size for index, _ in parts for size in index.sizes) <= INLINE_BYTES
             try:
-                tensors.update(await asyncio.to_thread(unpack, parts, into))
+                tensors.update(unpack(parts, into) if small else await asyncio.to_thread(unpack, parts, into))
             except ValueError as e:  # the parts do not fit together (or into `into`)
                 raise WorkerError(f"pull of version {published}: {e}") from None
         return version, tensors
@@ -245,9 +270,12 @@ class WeightClient:
                 f"publisher sent {len(index.sizes)}; nothing was loaded, the current weights stay"
             )
         k = index.channels
-        got = await asyncio.gather(
-            *(asyncio.to_thread(self._fetch, version, part, index, payload, c) for c in range(k))
-        )
+        if k == 1 and sum(index.sizes) <= INLINE_BYTES:
+            got = [self._fetch(version, part, index, payload, 0)]
+        else:
+            got = await asyncio.gather(
+                *(asyncio.to_thread(self._fetch, version, part, index, payload, c) for c in range(k))
+            )
         buckets: list[Any] = [None] * len(payload)
         for c in range(k):
             buckets[c::k] = got[c]

@@ -205,7 +205,9 @@ class TrainerHost(Host):
         return await (await self.worker()).publish()
 
     async def save(self, path: str) -> None:
-        (await self.worker()).save(path)
+        worker = await self.worker()
+        await worker.weights.settle()  # the checkpoint's version is in the weight store
+        worker.save(path)
 
     async def load(self, path: str) -> int:
         return (await self.worker()).load(path)

@@ -197,6 +197,34 @@ async def test_the_remote_store_carries_sharded_parts_over_channels(ray_session)
         assert got[name] == (str(t.dtype), t.shape, t.view(-1).view(torch.uint8).numpy().tobytes())
 
 
+async def test_a_publish_not_waited_for_has_copied_the_bytes_and_settle_raises_a_refusal(ray_session):
+    """A trainer step publishes without waiting for the weight store's answer: the tensors may change
+    at once (its next optimizer step), the store still gets the published bytes, and what the store
+    refused comes out of `settle` (or the next publish)."""
+    ray = ray_session
+    store = ray.remote(WeightStore).options(num_cpus=0).remote(2)
+    client = WeightClient(store, remote=True)  # one channel, a small state: sent in the caller's thread
+    state = _state()
+    published = {k: t.clone() for k, t in state.items()}
+    await client.publish(0, state, wait=False)
+    for t in state.values():  # as the next optimizer step would, in place
+        t.add_(1)
+    await client.settle()
+    assert await client.latest() == 0
+    _, got = await WeightClient(store, remote=True).pull(0)
+    assert _equal(got, published)
+
+    await client.publish(0, state, wait=False)  # a version the store holds already: refused
+    with pytest.raises(WorkerError, match="already holds version 0"):
+        await client.settle()
+    await client.settle()  # reported once
+    await client.publish(0, state, wait=False)  # refused again
+    with pytest.raises(WorkerError, match="already holds version 0"):
+        await client.publish(1, state)  # the next publish raises the refusal of the one before it...
+    await client.publish(1, state)  # ...and is not sent: sent again, it lands
+    assert await client.latest() == 1
+
+
 async def test_pull_into_live_tensors_writes_nothing_when_a_bucket_is_corrupted():
     store = WeightStore()
     client = WeightClient(store, remote=False, bucket_mb=100 / 2**20, channels=2)
