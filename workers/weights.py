@@ -11,6 +11,7 @@ fingerprints its buckets and `ray.put`s them (the one copy, into shared memory),
 of each puller that maps them (`ray.get`, no copy on the same node; Ray's object manager
 pulls them across nodes) and checks them. k streams keep k buckets in flight at once; the
 GPU analogue is k NCCL communicators or queue pairs, which this CPU build does not have.
+A small version (at most INLINE_BYTES) goes through its channels in the caller's thread.
 
 Sharded publication. A trainer whose ranks each hold a part of the model (FSDP shards, as
 `Shard`s) publishes from every rank: `publish(v, tensors, part=(rank, ranks))` sends that
@@ -50,6 +51,13 @@ from services.parallelism.buckets import Bucket, Index, Shard, fingerprint, pack
 # Up to this many bytes a version is fingerprinted and sent (or checked and unpacked) in the
 # caller's thread: a hop to a worker thread costs ~0.4 ms, a copy of 4 MiB about as much.
 INLINE_BYTES = 4 * 2**20
+
+
+async def _off_loop(nbytes: int, fn: Any, *args: Any) -> Any:
+    """`fn(*args)` on `nbytes` of a version: in a worker thread, or in the caller's for a small one."""
+    return fn(*args) if nbytes <= INLINE_BYTES else await asyncio.to_thread(fn, *args)
+
+
 Part = tuple[dict, list[Any]]  # (Index.to_wire(), its buckets: piece lists, or object refs of them)
 
 
@@ -188,10 +196,8 @@ class WeightClient:
         await self.settle()  # one publication in flight at a time, in order
         slots, buckets = pack(tensors, self.bucket_bytes)
         k, n = self.channels, len(buckets)
-        if k == 1 and sum(len(p) for b in buckets for p in b) <= INLINE_BYTES:  # a thread hop costs more
-            sent = [self._send(buckets)]
-        else:
-            sent = await asyncio.gather(*(asyncio.to_thread(self._send, buckets[c::k]) for c in range(k)))
+        size = sum(len(p) for b in buckets for p in b)
+        sent = await asyncio.gather(*(_off_loop(size, self._send, buckets[c::k]) for c in range(k)))
         sums: list[int] = [0] * n
         payload: list[Any] = [None] * n
         for c, (channel_sums, channel_payload) in enumerate(sent):
@@ -252,9 +258,9 @@ class WeightClient:
         ]
         tensors: dict[str, torch.Tensor] = {}
         for (published, _), parts in zip(publications, received):  # the whole one first, the newest over it
-            small = sum(size for index, _ in parts for size in index.sizes) <= INLINE_BYTES
+            size = sum(sum(index.sizes) for index, _ in parts)
             try:
-                tensors.update(unpack(parts, into) if small else await asyncio.to_thread(unpack, parts, into))
+                tensors.update(await _off_loop(size, unpack, parts, into))
             except ValueError as e:  # the parts do not fit together (or into `into`)
                 raise WorkerError(f"pull of version {published}: {e}") from None
         return version, tensors
@@ -270,12 +276,9 @@ class WeightClient:
                 f"publisher sent {len(index.sizes)}; nothing was loaded, the current weights stay"
             )
         k = index.channels
-        if k == 1 and sum(index.sizes) <= INLINE_BYTES:
-            got = [self._fetch(version, part, index, payload, 0)]
-        else:
-            got = await asyncio.gather(
-                *(asyncio.to_thread(self._fetch, version, part, index, payload, c) for c in range(k))
-            )
+        got = await asyncio.gather(
+            *(_off_loop(sum(index.sizes), self._fetch, version, part, index, payload, c) for c in range(k))
+        )
         buckets: list[Any] = [None] * len(payload)
         for c in range(k):
             buckets[c::k] = got[c]

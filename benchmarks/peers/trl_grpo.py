@@ -462,9 +462,8 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         ray_up = True
     try:
         for repeat in range(args.repeats):
-            for i, system in enumerate(
-                systems
-            ):  # interleaved, so drift in the machine's load hits every system
+            # interleaved, so drift in the machine's load hits every system
+            for i, system in enumerate(systems):
                 load_avg = os.getloadavg()[0]
                 # unique per repeat and system, within the store's name rules
                 tag = f"e2e-{repeat}-{i}-{args.size}-{system}"
