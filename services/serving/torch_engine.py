@@ -2,8 +2,9 @@
 
 Each request is expanded n times; the rows of a chunk are left-padded to a common
 length (an attention mask plus explicit position ids make a padded row compute exactly
-what it would alone), prefilled once, then decoded one token per step, feeding only the
-new token against the cache. Rows that finish leave the forward (their rows of the cache
+what it would alone), prefilled once per request (its n rows share the prompt: the
+prompt's cache and last logits are copied to each), then decoded one token per step,
+feeding only the new token against the cache. Rows that finish leave the forward (their rows of the cache
 are dropped) once an eighth of the rows still computed have finished, so a long-tailed
 batch does not pay for its short rows until its longest one ends. Every sampled token
 carries the log-prob it had under the distribution it was drawn from and the policy
@@ -105,7 +106,10 @@ class TorchEngine(InProcessEngine):
         if not await self._step_boundary():
             return batch.completions(abort=True)
         epoch, version = self._weights_epoch, self.version
-        logits, cache = self._prefill(batch.ids, batch.mask)  # (A, V): the active rows, all at first
+        logits, cache = self._prefill(batch.ids[batch.firsts], batch.mask[batch.firsts])  # once per prompt
+        if len(batch.firsts) < len(batch.rows):  # (A, V): the active rows, all at first
+            logits = logits[batch.prompt_of]
+            cache.batch_select_indices(batch.prompt_of)
         for step in range(batch.max_steps):
             tokens, logprobs = self._sample(logits, batch)
             if batch.record(step, tokens, logprobs, version):
@@ -204,6 +208,8 @@ class _Batch:
     versions: list[int]  # per step: the policy version that sampled it
     active: torch.Tensor  # (A,) the rows the forward computes (the KV cache's rows), in order
     pad: int  # the token rows outside the forward receive
+    firsts: torch.Tensor  # (P,) each request's first row: the rows prefilled
+    prompt_of: torch.Tensor  # (B,) each row's request, as a position in `firsts`
 
     @staticmethod
     def build(rows: list[tuple[Request, int]], *, eos: int, pad: int, device: torch.device) -> _Batch:
@@ -219,6 +225,8 @@ class _Batch:
         for i, stop in enumerate(stops):
             stop_ids[i, : len(stop)] = stop
         params = [request.params for request, _ in rows]
+        # a request's n rows are adjacent: a row starts a request where the request changes
+        starts = [i == 0 or request is not rows[i - 1][0] for i, (request, _) in enumerate(rows)]
 
         def column(values: list[float] | list[int], dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype, device=device)
@@ -240,6 +248,8 @@ class _Batch:
             versions=[],
             active=torch.arange(len(rows), device=device),
             pad=pad,
+            firsts=torch.tensor(np.flatnonzero(starts), dtype=torch.long, device=device),
+            prompt_of=torch.tensor(np.cumsum(starts) - 1, dtype=torch.long, device=device),
         )
 
     @property

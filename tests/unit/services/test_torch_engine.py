@@ -239,6 +239,33 @@ async def test_requests_beyond_max_batch_size_run_in_chunks(model_a):
     ]
 
 
+def counted(prefill, rows: list[int]):
+    """`prefill`, noting the rows of each call in `rows`."""
+
+    def call(ids, mask):
+        rows.append(len(ids))
+        return prefill(ids, mask)
+
+    return call
+
+
+async def test_a_requests_rows_share_one_prefill_of_its_prompt(model_a):
+    """GRPO asks for n samples of each prompt: the prompt is prefilled once and its cache copied to
+    the n rows (the first forward holds one row per request), in chunks that split a request too;
+    the samples are those of a prefill per row, which test_logprobs_match_a_teacher_forced_forward
+    checks token by token."""
+    requests = [Request(f"r{i}", p, n=8, params=GREEDY) for i, p in enumerate(prompts(4))]
+    for max_batch_size, first_rows in ((256, [4]), (12, [2, 2, 1])):  # chunks of r0 + r1, r1 + r2, r3
+        engine = engine_for(model_a, max_batch_size=max_batch_size)
+        rows: list[int] = []
+        engine._prefill = counted(engine._prefill, rows)
+        out = await engine.generate(requests)
+        assert rows == first_rows
+        assert len(out) == 32
+        for request in requests:  # greedy: a request's rows are alike
+            assert len({tuple(c.response_ids) for c in out if c.request_id == request.request_id}) == 1
+
+
 async def test_rows_that_finish_early_leave_the_forward_without_changing_the_others(model_a):
     """Caps of 1..12 tokens in one batch: the batch shrinks as rows finish, and every row's tokens
     and log-probs are what it gets alone."""
