@@ -86,6 +86,9 @@ def to_column(field: str, spec: FieldSpec, value: Any, n_rows: int) -> Column:
     if isinstance(value, Sequence) and not isinstance(value, str | bytes):
         if len(value) != n_rows:
             raise SchemaError(f"field {field!r}: got {len(value)} values for {n_rows} rows; give one per row")
+        numbers = _plain_numbers(spec, value)
+        if numbers is not None:  # one number per row, as one array
+            return to_column(field, spec, numbers, n_rows)
         rows = _plain_rows(spec, value) or [_row_array(field, spec, v, i) for i, v in enumerate(value)]
         nbytes = [int(r.nbytes) for r in rows]
         if spec.ragged:
@@ -95,6 +98,19 @@ def to_column(field: str, spec: FieldSpec, value: Any, n_rows: int) -> Column:
         f"field {field!r}: got {type(value).__name__}; expected an array with one row per sample or "
         f"a list of {n_rows} per-row values of {spec}"
     )
+
+
+def _plain_numbers(spec: FieldSpec, values: Sequence[Any]) -> Any:
+    """A scalar field's Python numbers as one array, if numpy reads them as the spec's dtype exactly
+    (ints into an int64 field, bools into a bool one), else None: `_row_array` then checks each row
+    (a float into an int field, an int out of range) and names the first bad one."""
+    if spec.shape or spec.dtype == "bfloat16" or not all(type(v) in (int, float, bool) for v in values):
+        return None
+    try:
+        numbers = np.asarray(values)
+    except OverflowError:  # an int beyond int64
+        return None
+    return numbers if numbers.dtype == np.dtype(spec.dtype) and numbers.shape == (len(values),) else None
 
 
 def _plain_rows(spec: FieldSpec, values: Sequence[Any]) -> list[Any] | None:
@@ -123,16 +139,21 @@ def _row_array(field: str, spec: FieldSpec, value: Any, i: int) -> Any:
             raise SchemaError(f"field {field!r}, row {i}: bfloat16 values must be torch tensors")
         # A plain number for a scalar field: into a float field it is rounded as floats are (0.1 is
         # not exact in float32) unless it overflows; into an int or bool field it must survive unchanged.
-        with np.errstate(all="ignore"):  # an overflow or a NaN into an int is refused just below
-            arr = np.asarray(value, dtype=spec.dtype)
-        if arr.dtype.kind == "f":
-            fits = bool(np.isfinite(arr)) or not np.isfinite(float(value))
-        else:
-            fits = arr.item() == value
+        dtype = np.dtype(spec.dtype)
+        try:
+            with np.errstate(all="ignore"):  # an overflow or a NaN into an int is refused just below
+                arr = np.asarray(value, dtype=dtype)
+            fits = (
+                bool(np.isfinite(arr)) or not np.isfinite(float(value))
+                if dtype.kind == "f"
+                else arr.item() == value
+            )
+        except OverflowError:  # a Python int beyond the dtype's range
+            fits = False
         if not fits:
             raise SchemaError(
                 f"field {field!r}, row {i}: {value!r} does not fit dtype {spec.dtype}"
-                + (" (out of its range)" if arr.dtype.kind == "f" else "; give a value the dtype holds")
+                + (" (out of its range)" if dtype.kind == "f" else "; give a value the dtype holds")
             )
         return arr
     dtype, shape, _, _ = array_meta(value)

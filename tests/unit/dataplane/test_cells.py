@@ -86,3 +86,19 @@ def test_plain_ragged_rows_take_one_pass_and_match_the_row_by_row_path():
     wide = FieldSpec.parse("float32[2,*]")
     with pytest.raises(SchemaError, match="row 1"):
         to_column("w", wide, [np.zeros((2, 3), np.float32), np.zeros((3, 3), np.float32)], 2)
+
+
+def test_plain_numbers_of_a_scalar_field_take_one_array_and_bad_ones_are_named():
+    """Python ints into an int64 field (bools into a bool one) become one array, the same cells as
+    an array's; a float into an int field, an int beyond int64 or a float into a bool field still
+    goes row by row, and the error names the row."""
+    ints, flags = FieldSpec.parse("int64"), FieldSpec.parse("bool")
+    for spec, values in ((ints, [3, -4, 2**62]), (flags, [True, False])):
+        column = to_column("n", spec, values, len(values))
+        as_array = to_column("n", spec, np.array(values, spec.dtype), len(values))
+        assert encode_run(spec, column, len(values)) == encode_run(spec, as_array, len(values))
+    for bad, row in (([1, 2.5], 1), ([1, 2, 2**70], 2), ([-(2**64), 1], 0)):
+        with pytest.raises(SchemaError, match=rf"field 'n', row {row}: .* does not fit dtype int64"):
+            to_column("n", ints, bad, len(bad))
+    with pytest.raises(SchemaError, match=r"field 'f', row 1"):
+        to_column("f", flags, [True, 0.5], 2)
