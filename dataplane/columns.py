@@ -139,21 +139,19 @@ def _row_array(field: str, spec: FieldSpec, value: Any, i: int) -> Any:
             raise SchemaError(f"field {field!r}, row {i}: bfloat16 values must be torch tensors")
         # A plain number for a scalar field: into a float field it is rounded as floats are (0.1 is
         # not exact in float32) unless it overflows; into an int or bool field it must survive unchanged.
-        dtype = np.dtype(spec.dtype)
+        floating = np.dtype(spec.dtype).kind == "f"
         try:
             with np.errstate(all="ignore"):  # an overflow or a NaN into an int is refused just below
-                arr = np.asarray(value, dtype=dtype)
+                arr = np.asarray(value, dtype=spec.dtype)
             fits = (
-                bool(np.isfinite(arr)) or not np.isfinite(float(value))
-                if dtype.kind == "f"
-                else arr.item() == value
+                bool(np.isfinite(arr)) or not np.isfinite(float(value)) if floating else arr.item() == value
             )
         except OverflowError:  # a Python int beyond the dtype's range
             fits = False
         if not fits:
             raise SchemaError(
                 f"field {field!r}, row {i}: {value!r} does not fit dtype {spec.dtype}"
-                + (" (out of its range)" if dtype.kind == "f" else "; give a value the dtype holds")
+                + (" (out of its range)" if floating else "; give a value the dtype holds")
             )
         return arr
     dtype, shape, _, _ = array_meta(value)
