@@ -20,7 +20,6 @@ import asyncio
 import json
 import math
 import time
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -54,16 +53,6 @@ def parts_of(value: Any) -> tuple[float, dict[str, float]]:
     if not math.isfinite(total):  # a NaN would poison the group's advantages and the loss
         raise ValueError(f"the reward function returned {value}, not a finite number")
     return total, parts
-
-
-def reward_parts(stored: Sequence[str]) -> dict[str, float]:
-    """The batch's mean of each named reward part, as `reward/<name>` (a sample without a part
-    counts as 0 for it)."""
-    sums: dict[str, float] = {}
-    for parts in filter(None, stored):
-        for name, value in json.loads(parts).items():
-            sums[name] = sums.get(name, 0.0) + value
-    return {f"reward/{name}": total / len(stored) for name, total in sorted(sums.items())}
 
 
 def with_episode(info: str, episode: str) -> str:

@@ -9,7 +9,6 @@ the bookkeeping, reward and reference fields and differ in what a prompt and a r
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -192,46 +191,3 @@ async def fill(store: StoreClient, data: dict[str, Any], batch: Any, **put: Any)
         except SchemaError as e:
             if "already written" not in str(e):
                 raise
-
-
-class ReadAhead:
-    """The trainer's next batch, read while the driver takes its turn between steps (the step then
-    only waits for what is left of the read). The rows stay leased, not acked, until the step that
-    trains them: a checkpoint taken meanwhile holds them as pending, as it holds any leased row."""
-
-    def __init__(self, store: StoreClient):
-        self.store = store
-        self._ahead: tuple[Any, asyncio.Future] | None = None  # (the read's key, the read)
-
-    def start(self, read: Callable[[], Awaitable[Any]], key: Any) -> None:
-        """Begin `read()`; `key` names what it reads under (the trainer's version window)."""
-        self.cancel()
-        task = asyncio.ensure_future(read())
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # a failure is read again at `take`
-        self._ahead = (key, task)
-
-    @property
-    def pending(self) -> bool:
-        return self._ahead is not None
-
-    async def take(self, key: Any) -> Any:
-        """The batch read ahead if it was read under `key`, else None: a read under another key (the
-        staleness bound was steered meanwhile) is handed back unused, and a failed one (it timed out
-        while the run was paused, the store went away) is for the caller to make again."""
-        if self._ahead is None:
-            return None
-        (started, task), self._ahead = self._ahead, None
-        try:
-            batch = await task
-        except Exception:  # noqa: BLE001 - the caller reads again, and meets a lasting failure itself
-            return None
-        if started == key:
-            return batch
-        await self.store.release(batch)
-        return None
-
-    def cancel(self) -> None:
-        """Stop a read in flight (the store hands back rows it had leased to it)."""
-        if self._ahead is not None:
-            self._ahead[1].cancel()
-            self._ahead = None

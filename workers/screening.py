@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from asyncflow.algorithms.dynamic_sampling import split_by_signal
 from asyncflow.errors import StoreTimeout, WorkerError
@@ -35,18 +35,6 @@ class Screened:
     batch: Batch
     dropped: list[list[int]] = field(default_factory=list)  # (prompt, sample) of each dropped row
     dropped_groups: int = 0
-
-
-def dropped_figures(ranks: Sequence[tuple[int, list[list[int]]]], batch_prompts: int) -> dict[str, Any]:
-    """A step's figures from every rank's (dropped groups, dropped rows): groups dropped, their
-    fraction of the groups read, and the dropped rows (the exactly-once ledger's, beside the
-    trained ones)."""
-    dropped = sum(count for count, _ in ranks)
-    return {
-        "dropped_groups": dropped,
-        "dropped_fraction": dropped / (dropped + batch_prompts),
-        "dropped": [row for _, rows in ranks for row in rows],
-    }
 
 
 async def take_with_signal(

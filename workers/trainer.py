@@ -48,15 +48,24 @@ from services.parallelism.balance import CostModel, imbalance, plan
 from workers.critic import Critic, value_model
 from workers.policy import enable_gradient_checkpointing
 from workers.ranks import Ranks, aliases, is_sharded
-from workers.reward import reward_parts
-from workers.samples import PARTITION, TRAINER, ReadAhead
-from workers.screening import Screened, dropped_figures, take_with_signal
+from workers.samples import PARTITION, TRAINER
+from workers.screening import Screened, take_with_signal
 from workers.trainable import make_trainable, plain_model, publication, trainable_parameters
 
 if TYPE_CHECKING:  # the seams' protocols and classes, for the type checker
     from dataplane.client import StoreClient
     from workers.kinds import Kind
     from workers.weights import WeightClient
+
+
+def reward_parts(stored: Sequence[str]) -> dict[str, float]:
+    """The batch's mean of each named reward part, as `reward/<name>` (a sample without a part
+    counts as 0 for it)."""
+    sums: dict[str, float] = {}
+    for parts in filter(None, stored):
+        for name, value in json.loads(parts).items():
+            sums[name] = sums.get(name, 0.0) + value
+    return {f"reward/{name}": total / len(stored) for name, total in sorted(sums.items())}
 
 
 class Scored(torch.nn.Module):
@@ -107,7 +116,6 @@ class TrainerWorker:
         self.fields = [*kind.trainer_reads(reference), "reward_parts"]
         self.screened: Screened | None = None  # the last step's groups, under dynamic sampling
         self.critic: Critic | None = None  # PPO's value model (estimator gae), made with the optimizer
-        self.ahead = ReadAhead(store)  # the next batch, read while the driver takes its turn
 
     def _optimize(self) -> None:
         self.params = trainable_parameters(self.model)  # what the optimizer holds and clips
@@ -177,14 +185,12 @@ class TrainerWorker:
         with tracer.span("step", held=self.version) as span:
             start = time.perf_counter()
             self._wrap()
-            batch = await self._next_batch()
+            batch = await self._take()
             span["row_ids"] = batch.rows  # this rank's rows
             waited = time.perf_counter() - start
             metrics = self.train_on(self.ranks.merge(batch.data))  # every rank's groups: the whole batch
             if self.config.dynamic_sampling:
-                assert self.screened is not None  # every rank's dropped groups
-                ranks = self.ranks.gather([self.screened.dropped_groups, self.screened.dropped])
-                metrics.update(dropped_figures(ranks, self.config.batch_prompts))
+                metrics.update(self._dropped())
             if self.config.simulated_step_s_per_ktoken:  # benchmark only: a larger model's step time
                 await asyncio.sleep(self.config.simulated_step_s_per_ktoken * metrics["tokens"] / 1000)
             # the weight store answers while the driver takes its turn; the next publish waits for that
@@ -192,37 +198,22 @@ class TrainerWorker:
             metrics["publish_bytes"] = self.publish_bytes
             with tracer.span("store.ack", rows=len(batch)):
                 await self.store.ack(batch)
-            if not self.config.dynamic_sampling and self.version < self.config.steps:  # the next batch
-                self.ahead.start(lambda: self._take("store.read_ahead"), self._window())
             metrics.update(wait_s=waited, step_s=time.perf_counter() - start)
             span.update(version=self.version, samples=metrics["samples"], tokens=metrics["tokens"])
         return metrics
 
-    def _window(self) -> int:
-        """The oldest version the next step may train on."""
-        return min_usable_version(self.version, self.staleness)
-
-    async def _next_batch(self) -> Any:
-        """The batch read ahead after the last step, if still within the window, else read now."""
-        if self.ahead.pending:
-            with tracer.span("store.get", read_ahead=True):  # what is left of the read
-                batch = await self.ahead.take(self._window())
-            if batch is not None:
-                return batch
-        return await self._take()
-
-    async def _take(self, span_name: str = "store.get") -> Any:
+    async def _take(self) -> Any:
         """This rank's share of the next batch of whole groups, within the staleness window."""
         r = self.ranks
         groups = self.config.batch_prompts // r.size + (r.rank < self.config.batch_prompts % r.size)
-        v_min = self._window()
+        v_min = min_usable_version(self.version, self.staleness)
         if self.config.dynamic_sampling:  # uniform groups dropped, others read in their place
             self.screened = await take_with_signal(
                 self.store, self.fields, groups, self.n, v_min=v_min, version=self.version,
                 max_drops=self.config.max_dropped_batches * groups, timeout_s=self.get_timeout_s,
             )  # fmt: skip
             return self.screened.batch
-        with tracer.span(span_name, v_min=v_min) as span:
+        with tracer.span("store.get", v_min=v_min) as span:
             got = self.store.stats.bytes_got
             batch = await self.store.get(
                 PARTITION, self.fields, groups * self.n, TRAINER, sampler="group", v_min=v_min,
@@ -230,6 +221,18 @@ class TrainerWorker:
             )  # fmt: skip
             span.update(rows=len(batch), bytes=self.store.stats.bytes_got - got)
         return batch
+
+    def _dropped(self) -> dict[str, Any]:
+        """Dynamic sampling's figures over every rank: groups dropped, their fraction of the groups
+        read, and the dropped rows (the exactly-once ledger's, beside the trained ones)."""
+        assert self.screened is not None
+        parts = self.ranks.gather([self.screened.dropped_groups, self.screened.dropped])
+        dropped = sum(count for count, _ in parts)
+        return {
+            "dropped_groups": dropped,
+            "dropped_fraction": dropped / (dropped + self.config.batch_prompts),
+            "dropped": [row for _, rows in parts for row in rows],
+        }
 
     def train_on(self, data: dict) -> dict:
         """One batch of whole groups: advantages, then `minibatches` optimizer steps, each
@@ -410,7 +413,6 @@ class TrainerWorker:
     def close(self) -> None:
         """Leave the ranks' group: DDP's reducer goes first (destroying the group under a live one
         can hang gloo's shutdown)."""
-        self.ahead.cancel()
         if self.ranks.many:
             self.net = Scored(self.kind, self.model, self.config.autocast)
             gc.collect()
