@@ -275,9 +275,9 @@ class WeightClient:
                 f"version {version} part {part[0]} of {part[1]}: {len(payload)} buckets arrived, the "
                 f"publisher sent {len(index.sizes)}; nothing was loaded, the current weights stay"
             )
-        k = index.channels
+        k, size = index.channels, sum(index.sizes)
         got = await asyncio.gather(
-            *(_off_loop(sum(index.sizes), self._fetch, version, part, index, payload, c) for c in range(k))
+            *(_off_loop(size, self._fetch, version, part, index, payload, c) for c in range(k))
         )
         buckets: list[Any] = [None] * len(payload)
         for c in range(k):

@@ -4,9 +4,9 @@ Each request is expanded n times; the rows of a chunk are left-padded to a commo
 length (an attention mask plus explicit position ids make a padded row compute exactly
 what it would alone), prefilled once per request (its n rows share the prompt: the
 prompt's cache and last logits are copied to each), then decoded one token per step,
-feeding only the new token against the cache. Rows that finish leave the forward (their rows of the cache
-are dropped) once an eighth of the rows still computed have finished, so a long-tailed
-batch does not pay for its short rows until its longest one ends. Every sampled token
+feeding only the new token against the cache. Rows that finish leave the forward (their
+rows of the cache are dropped) once an eighth of the rows still computed have finished,
+so a long-tailed batch does not pay for its short rows until its longest one ends. Every sampled token
 carries the log-prob it had under the distribution it was drawn from and the policy
 version of the weights that drew it.
 
@@ -107,7 +107,7 @@ class TorchEngine(InProcessEngine):
             return batch.completions(abort=True)
         epoch, version = self._weights_epoch, self.version
         logits, cache = self._prefill(batch.ids[batch.firsts], batch.mask[batch.firsts])  # once per prompt
-        if len(batch.firsts) < len(batch.rows):  # (A, V): the active rows, all at first
+        if len(batch.firsts) < len(batch.rows):  # to every row: (A, V), the active rows, all at first
             logits = logits[batch.prompt_of]
             cache.batch_select_indices(batch.prompt_of)
         for step in range(batch.max_steps):
