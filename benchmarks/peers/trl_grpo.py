@@ -128,10 +128,13 @@ def reuse_or_warm_start(config: AsyncFlowConfig, out_dir: Path, threads: int) ->
     """The warm-start saved in `out_dir` by an earlier run of the same size and seed, or a new one
     there (the large model's warm-start takes minutes: before/after runs of a change share one)."""
     stamp = Path(out_dir, "warm_start.json")
-    wanted = {"model": config.model.model_dump(), "task": config.task.model_dump(mode="json"),
-              "warmup": config.warmup.model_dump(), "seed": config.seed}  # fmt: skip
+    task = config.task.model_dump(mode="json", exclude={"eval_prompts"})  # the eval does not touch it
+    wanted = {"model": config.model.model_dump(), "task": task, "warmup": config.warmup.model_dump(),
+              "seed": config.seed}  # fmt: skip
     if stamp.exists():
-        if json.loads(stamp.read_text()) != wanted:
+        saved = json.loads(stamp.read_text())
+        saved.get("task", {}).pop("eval_prompts", None)  # stamps written before it was left out
+        if saved != wanted:
             raise ValueError(
                 f"--warm-start {out_dir}: saved for another size or seed ({stamp}); expected one made "
                 "with this --size and --seed. Fix: name a new directory, or remove that one"
@@ -397,7 +400,7 @@ def summarise(runs: dict[str, list[dict]], before: float) -> dict[str, dict]:
     return out
 
 
-def table(results: dict[str, dict], before: float, steps: int) -> str:
+def table(results: dict[str, dict], before: float, steps: int, prompts: int) -> str:
     base = results.get("trl")
     lines = [
         f"| system | samples/s | tokens/s | vs TRL | load avg (start -> end) | CPU ms per sample | vs TRL "
@@ -418,6 +421,10 @@ def table(results: dict[str, dict], before: float, steps: int) -> str:
         )
     lines.append("(CPU vs TRL: TRL's CPU per sample over this system's, so above 1x is cheaper than TRL)")
     lines.append(f"\neval before RL (the shared warm-start, every system): {before:.3f}")
+    lines.append(
+        f"eval: the mean reward of one sample per held-out prompt, {prompts} prompts: a standard error "
+        f"of at most {0.5 / math.sqrt(max(prompts, 1)):.3f} (a 0/1 reward) from sampling alone"
+    )
     return "\n".join(lines)
 
 
@@ -439,6 +446,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
             "+key=value config overrides (e.g. async-k1+dataplane.num_storage_units=1)"
         )
     base = example_config(args.size, args.seed)
+    base["task"]["eval_prompts"] = args.eval_prompts
     out = tempfile.mkdtemp(prefix="asyncflow-e2e-trl-")
     model_dir = str(
         reuse_or_warm_start(parse_config(base), args.warm_start or Path(out, "warm"), args.threads)
@@ -484,7 +492,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
 
             ray.shutdown()
     results = summarise(runs, before)
-    print(table(results, before, args.steps))
+    print(table(results, before, args.steps, args.eval_prompts))
     print("\nWhere an AsyncFlow step goes (from trace.json; the trainer's parts add up to its step):\n")
     print(breakdown_table({"": results}))
     print("\nCPU per step, every process of each system (load-proof, unlike wall time):\n")
@@ -504,6 +512,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="directory of the shared warm-start: made there on the first run, reused by later runs",
     )  # fmt: skip
     parser.add_argument("--snapshot-every", type=int, default=50, help="steps between evaluated snapshots")
+    parser.add_argument(
+        "--eval-prompts", type=int, default=1024,
+        help="held-out prompts each eval samples once: its standard error is at most 0.5/sqrt(N) "
+        "(the example's own 256 give up to 0.031, as much as the differences between systems)",
+    )  # fmt: skip
     parser.add_argument(
         "--bf16", action="store_true",
         help="bfloat16 mixed precision for training and generation: TRL's bf16 (accelerate wraps the "
@@ -537,8 +550,8 @@ def main(argv: list[str] | None = None) -> int:
         for payload in payloads:
             for system, per in payload["runs"].items():
                 runs.setdefault(system, []).extend(per)
-        steps = payloads[0]["args"]["steps"]
-        print(table(summarise(runs, payloads[0]["eval_before"]), payloads[0]["eval_before"], steps))
+        steps, prompts = payloads[0]["args"]["steps"], payloads[0]["args"].get("eval_prompts", 256)
+        print(table(summarise(runs, payloads[0]["eval_before"]), payloads[0]["eval_before"], steps, prompts))
         return 0
     compare(args)
     return 0

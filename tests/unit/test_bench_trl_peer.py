@@ -18,6 +18,11 @@ def test_a_saved_warm_start_is_reused_only_for_its_own_size_and_seed(tmp_path):
                                  "task": large.task.model_dump(mode="json"),
                                  "warmup": large.warmup.model_dump(), "seed": 0}))  # fmt: skip
     assert trl_grpo.reuse_or_warm_start(large, tmp_path, threads=1) == tmp_path  # no training
+    more_eval = parse_config(trl_grpo.example_config("large", seed=0) | {"task": {**large.task.model_dump(),
+                             "eval_prompts": 1024}})  # fmt: skip
+    assert (
+        trl_grpo.reuse_or_warm_start(more_eval, tmp_path, threads=1) == tmp_path
+    )  # the eval is not its stamp
     other = parse_config(trl_grpo.example_config("large", seed=1))
     with pytest.raises(ValueError, match="another size or seed") as e:
         trl_grpo.reuse_or_warm_start(other, tmp_path, threads=1)
@@ -38,7 +43,9 @@ def test_the_table_gives_cpu_per_sample_and_the_load_beside_samples_per_s():
     results = trl_grpo.summarise(runs, before=0.5)
     assert trl_grpo.cpu_per_sample(results["trl"]) == pytest.approx(20.0)  # 2560 ms / 128 samples
     assert trl_grpo.cpu_per_sample(results["sync"]) == pytest.approx(10.0)
-    rows = {line.split(" | ")[0].strip("| "): line for line in trl_grpo.table(results, 0.5, 10).splitlines()}
+    text = trl_grpo.table(results, 0.5, 10, prompts=1024)
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines()}
+    assert "1024 prompts: a standard error of at most 0.016" in text
     assert "| 1.50x | 4.0 -> 5.0 | 10.00 | 2.00x |" in rows["sync"]
     assert "| 1.00x | 3.0 -> 4.0 | 20.00 | 1.00x |" in rows["trl"]
 
