@@ -361,6 +361,13 @@ def at_time(run: dict, seconds: float) -> dict:
     return reached[-1] if reached else {"step": 0, "elapsed_s": 0.0, "eval": None}
 
 
+def tail_eval(run: dict) -> float:
+    """The mean eval of the snapshots in the last fifth of the run's steps (one checkpoint's eval
+    swings by a few hundredths from one snapshot to the next: --snapshot-every small averages that)."""
+    tail = [p["eval"] for p in run["curve"] if p["step"] > 0.8 * run["steps"]] or [run["curve"][-1]["eval"]]
+    return statistics.mean(tail)
+
+
 def summarise(runs: dict[str, list[dict]], before: float) -> dict[str, dict]:
     """Per system, medians over repeats; equal wall time is the shortest run's loop time in each repeat."""
     out: dict[str, dict] = {}
@@ -384,6 +391,7 @@ def summarise(runs: dict[str, list[dict]], before: float) -> dict[str, dict]:
             if all(key in r for r in per)
         } | {
             "eval_after": statistics.median(r["curve"][-1]["eval"] for r in per),
+            "eval_tail": statistics.median(tail_eval(r) for r in per),
             "equal_time_s": statistics.median(budget),
             "equal_time_step": statistics.median(p["step"] for p in equal),
             "equal_time_eval": statistics.median(evals_t),
@@ -405,8 +413,8 @@ def table(results: dict[str, dict], before: float, steps: int, prompts: int) -> 
     lines = [
         f"| system | samples/s | tokens/s | vs TRL | load avg (start -> end) | CPU ms per sample | vs TRL "
         f"| wall s ({steps} steps) | eval after {steps} steps | equal wall time: s | step reached | eval "
-        "| train reward, last 10% |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| train reward, last 10% | eval, mean of the last fifth's snapshots |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     per_sample = {s: cpu_per_sample(r) for s, r in results.items()}
     for system, r in results.items():
@@ -417,7 +425,8 @@ def table(results: dict[str, dict], before: float, steps: int, prompts: int) -> 
             f"| {system} | {r['samples_per_s']:.1f} | {r['tokens_per_s']:.0f} | {ratio} "
             f"| {r.get('load_before', 0):.1f} -> {r.get('load_after', 0):.1f} | {cpu or 0:.2f} | {cpu_ratio} "
             f"| {r['loop_s']:.1f} | {r['eval_after']:.3f} | {r['equal_time_s']:.1f} "
-            f"| {r['equal_time_step']:.0f} | {r['equal_time_eval']:.3f} | {r['reward_last_10pct']:.3f} |"
+            f"| {r['equal_time_step']:.0f} | {r['equal_time_eval']:.3f} | {r['reward_last_10pct']:.3f} "
+            f"| {r['eval_tail']:.3f} |"
         )
     lines.append("(CPU vs TRL: TRL's CPU per sample over this system's, so above 1x is cheaper than TRL)")
     lines.append(f"\neval before RL (the shared warm-start, every system): {before:.3f}")

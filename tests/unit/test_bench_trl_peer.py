@@ -50,6 +50,15 @@ def test_the_table_gives_cpu_per_sample_and_the_load_beside_samples_per_s():
     assert "| 1.00x | 3.0 -> 4.0 | 20.00 | 1.00x |" in rows["trl"]
 
 
+def test_the_tail_eval_averages_the_snapshots_of_the_last_fifth_of_the_steps():
+    curve = [
+        {"step": s, "elapsed_s": s / 10, "eval": e} for s, e in ((70, 0.1), (80, 0.3), (90, 0.5), (100, 0.7))
+    ]
+    assert trl_grpo.tail_eval({"steps": 100, "curve": curve}) == pytest.approx(0.6)  # steps 90 and 100
+    assert trl_grpo.tail_eval({"steps": 100, "curve": curve[-1:]}) == pytest.approx(0.7)
+    assert trl_grpo.tail_eval({"steps": 100, "curve": [{"step": 50, "eval": 0.2}]}) == pytest.approx(0.2)
+
+
 @pytest.mark.parametrize(
     "system, mode, engine",
     [("sync", "sync", "torch"), ("async-k1", "async", "torch"), ("async-k1-vllm", "async", "vllm")],
