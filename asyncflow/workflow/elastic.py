@@ -23,7 +23,7 @@ import ray
 from asyncflow.config import AsyncFlowConfig
 from asyncflow.config.pools import AutoscaleConfig
 from asyncflow.errors import AsyncFlowError, ControlError
-from asyncflow.workflow.runtime import free_cpus
+from asyncflow.workflow.runtime import cancel_all, free_cpus
 
 log = logging.getLogger("asyncflow")
 
@@ -145,8 +145,7 @@ async def resize(
         actor = actors.pop()
         task = loops.pop(actor, None)
         if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await cancel_all([task])
         await asyncio.wait([asyncio.ensure_future(actor.close.remote())], timeout=30)
         ray.kill(actor)
     return len(actors)

@@ -35,7 +35,7 @@ from asyncflow.workflow.hosts import (
     SourceHost,
     TrainerHost,
 )
-from asyncflow.workflow.runtime import free_cpus, names_free, not_started, placed
+from asyncflow.workflow.runtime import cancel_all, free_cpus, names_free, not_started, placed
 from asyncflow.workflow.traces import Traces
 from asyncflow.workflow.watchdog import Watchdog
 
@@ -270,10 +270,7 @@ class Pipeline:
         # beyond its cursor, and a later resume would admit those prompts again.
         probe_s = self.config.watchdog.probe_timeout_s
         await asyncio.gather(asyncio.wait_for(self.source.pause.remote(), probe_s), return_exceptions=True)
-        loops = list(self.loops.values())
-        for task in loops:
-            task.cancel()
-        await asyncio.gather(*loops, return_exceptions=True)
+        await cancel_all(self.loops.values())
         self.loops.clear()
 
     async def train_step(self) -> dict:

@@ -1,11 +1,13 @@
 """The Ray runtime a run needs: join the cluster named by RAY_ADDRESS, or start Ray here
-with enough logical CPUs for the run's actors; what to say when the cluster has no room."""
+with enough logical CPUs for the run's actors; what to say when the cluster has no room; and
+ending the driver's own loops for certain (`cancel_all`)."""
 
 from __future__ import annotations
 
 import asyncio
 import math
 import os
+from collections.abc import Iterable
 from typing import Any
 
 import ray
@@ -105,3 +107,17 @@ async def names_free(prefix: str, timeout_s: float = 30.0) -> None:
         if not any(n.startswith(prefix) for n in names):
             return
         await asyncio.sleep(0.1)
+
+
+async def cancel_all(tasks: Iterable[asyncio.Future], every_s: float = 1.0) -> None:
+    """Cancel `tasks` and return once every one has ended, cancelling again each `every_s` the
+    ones still running. Once is not always enough on Python 3.11: asyncio.wait_for swallows a
+    cancellation that arrives as the call it waits on completes (CPython gh-86296, fixed in 3.12),
+    so a loop caught there goes on, and a plain cancel-then-gather waits for it forever."""
+    tasks = list(tasks)
+    running = {t for t in tasks if not t.done()}
+    while running:
+        for task in running:
+            task.cancel()
+        _, running = await asyncio.wait(running, timeout=every_s)
+    await asyncio.gather(*tasks, return_exceptions=True)  # their errors, seen: none is logged later
