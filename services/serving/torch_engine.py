@@ -6,9 +6,9 @@ what it would alone), prefilled once per request (its n rows share the prompt: t
 prompt's cache and last logits are copied to each), then decoded one token per step,
 feeding only the new token against the cache. Rows that finish leave the forward (their
 rows of the cache are dropped) once an eighth of the rows still computed have finished,
-so a long-tailed batch does not pay for its short rows until its longest one ends. Every sampled token
-carries the log-prob it had under the distribution it was drawn from and the policy
-version of the weights that drew it.
+so a long-tailed batch does not pay for its short rows until its longest one ends. Every
+sampled token carries the log-prob it had under the distribution it was drawn from and
+the policy version of the weights that drew it.
 
 Between steps the loop yields to the event loop, so pause(), update_weights() and
 close() land on a step boundary. After a weight update the in-flight rows are

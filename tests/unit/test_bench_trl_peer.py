@@ -18,11 +18,8 @@ def test_a_saved_warm_start_is_reused_only_for_its_own_size_and_seed(tmp_path):
                                  "task": large.task.model_dump(mode="json"),
                                  "warmup": large.warmup.model_dump(), "seed": 0}))  # fmt: skip
     assert trl_grpo.reuse_or_warm_start(large, tmp_path, threads=1) == tmp_path  # no training
-    more_eval = parse_config(trl_grpo.example_config("large", seed=0) | {"task": {**large.task.model_dump(),
-                             "eval_prompts": 1024}})  # fmt: skip
-    assert (
-        trl_grpo.reuse_or_warm_start(more_eval, tmp_path, threads=1) == tmp_path
-    )  # the eval is not its stamp
+    more_eval = large.model_copy(update={"task": large.task.model_copy(update={"eval_prompts": 1024})})
+    assert trl_grpo.reuse_or_warm_start(more_eval, tmp_path, threads=1) == tmp_path  # the eval: not stamped
     other = parse_config(trl_grpo.example_config("large", seed=1))
     with pytest.raises(ValueError, match="another size or seed") as e:
         trl_grpo.reuse_or_warm_start(other, tmp_path, threads=1)
