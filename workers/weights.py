@@ -275,6 +275,8 @@ class WeightClient:
                 f"version {version} part {part[0]} of {part[1]}: {len(payload)} buckets arrived, the "
                 f"publisher sent {len(index.sizes)}; nothing was loaded, the current weights stay"
             )
+        if self.remote:  # awaited, not ray.get: a blocked loop would hold up the worker's other calls
+            payload = await asyncio.gather(*payload)
         k, size = index.channels, sum(index.sizes)
         got = await asyncio.gather(
             *(_off_loop(size, self._fetch, version, part, index, payload, c) for c in range(k))
@@ -287,14 +289,9 @@ class WeightClient:
     def _fetch(
         self, version: int, part: tuple[int, int], index: Index, payload: Sequence[Any], channel: int
     ) -> list[Bucket]:
-        """One channel, in a thread of its own: map its buckets and check each fingerprint."""
+        """One channel's buckets (in a thread of its own for a large version), each fingerprint checked."""
         mine = range(channel, len(payload), index.channels)
-        if self.remote:
-            import ray
-
-            buckets = ray.get([payload[b] for b in mine])
-        else:
-            buckets = [payload[b] for b in mine]
+        buckets = [payload[b] for b in mine]
         for b, bucket in zip(mine, buckets):
             size, got = sum(len(p) for p in bucket), fingerprint(bucket)
             if (size, got) != (index.sizes[b], index.sums[b]):
