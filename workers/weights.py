@@ -275,11 +275,12 @@ class WeightClient:
                 f"version {version} part {part[0]} of {part[1]}: {len(payload)} buckets arrived, the "
                 f"publisher sent {len(index.sizes)}; nothing was loaded, the current weights stay"
             )
-        if self.remote:  # awaited, not ray.get: a blocked loop would hold up the worker's other calls
-            payload = await asyncio.gather(*payload)
         k, size = index.channels, sum(index.sizes)
+        fetch = self.remote
+        if fetch and size <= INLINE_BYTES:  # awaited here: a ray.get would block the worker's loop
+            payload, fetch = await asyncio.gather(*payload), False
         got = await asyncio.gather(
-            *(_off_loop(size, self._fetch, version, part, index, payload, c) for c in range(k))
+            *(_off_loop(size, self._fetch, version, part, index, payload, c, fetch) for c in range(k))
         )
         buckets: list[Any] = [None] * len(payload)
         for c in range(k):
@@ -287,11 +288,18 @@ class WeightClient:
         return index, buckets
 
     def _fetch(
-        self, version: int, part: tuple[int, int], index: Index, payload: Sequence[Any], channel: int
-    ) -> list[Bucket]:
-        """One channel's buckets (in a thread of its own for a large version), each fingerprint checked."""
+        self, version: int, part: tuple[int, int], index: Index, payload: Sequence[Any], channel: int,
+        fetch: bool,
+    ) -> list[Bucket]:  # fmt: skip
+        """One channel's buckets, each fingerprint checked: mapped here from their object refs
+        (`fetch`: a large version, in a thread of its own), or already here."""
         mine = range(channel, len(payload), index.channels)
-        buckets = [payload[b] for b in mine]
+        if fetch:  # a ray.get in threads, one per channel: faster than awaiting each ref on the loop
+            import ray
+
+            buckets = ray.get([payload[b] for b in mine])
+        else:
+            buckets = [payload[b] for b in mine]
         for b, bucket in zip(mine, buckets):
             size, got = sum(len(p) for p in bucket), fingerprint(bucket)
             if (size, got) != (index.sizes[b], index.sums[b]):
