@@ -100,8 +100,9 @@ class FlowKind:
                 inject_layers=e.inject_layers,
             )  # fmt: skip
 
-    def engine(self, seed: int) -> FlowEngine:
-        """An engine with a fresh model; its weights come from the weight store (version -1 until then)."""
+    def engine(self, seed: int, device: str = "cpu") -> FlowEngine:
+        """An engine with a fresh model; its weights come from the weight store (version -1 until then).
+        Flow policies run on the CPU (the config refuses GPUs for them), so `device` is always "cpu"."""
         model: Any = self.model(0)  # a VelocityMLP, or an EncoderFlow (which has its interface)
         aug_dim = self.config.pfgm_aug_dim if self.config.source == "pfgm" else None
         return FlowEngine(

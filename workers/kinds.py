@@ -70,7 +70,7 @@ class Kind(Protocol):
 
     def reference_logprobs(self, model: torch.nn.Module, batch: Any) -> list[np.ndarray]: ...
 
-    def engine(self, seed: int) -> Any: ...  # the in-process engine, weights to come from the weight store
+    def engine(self, seed: int, device: str = "cpu") -> Any: ...  # in-process; weights from the weight store
 
     def trainer_reads(self, reference: bool) -> list[str]: ...  # the fields the trainer takes
 
@@ -230,16 +230,17 @@ class TokenKind:
     def reference_logprobs(self, model: torch.nn.Module, batch: Any) -> list[np.ndarray]:
         prompts = [p.tolist() for p in batch["prompt_ids"]]
         masks = [m.tolist() for m in batch["loss_mask"]] if self.multi_turn else None
-        ids, targets, mask = pack(prompts, [r.tolist() for r in batch["response_ids"]], loss_masks=masks)
+        packed = pack(prompts, [r.tolist() for r in batch["response_ids"]], loss_masks=masks)
+        ids, targets, mask = on_device(model, *packed)
         # (B, T-1): the sampler's distribution, so the KL is 0 at step 1
         lp = self._logprobs(model, ids, targets, mask, self.rollout)
-        return [row[m].numpy() for row, m in zip(lp, mask)]
+        return [row[m].cpu().numpy() for row, m in zip(lp, mask)]
 
-    def engine(self, seed: int) -> Any:
+    def engine(self, seed: int, device: str = "cpu") -> Any:
         from services.serving.torch_engine import TorchEngine
 
         tok = self.tokenizer
-        model: Any = self.model(0)  # a transformers model; its weights come from the weight store
+        model: Any = self.model(0).to(device)  # a transformers model; its weights come from the weight store
         return TorchEngine(
             model, eos_token_id=self.stop_ids[0], pad_token_id=tok.pad_token_id, version=-1, seed=seed,
             autocast=self.rollout.autocast,
@@ -271,7 +272,8 @@ class TokenKind:
 
     def logprobs(self, model: torch.nn.Module, rows: Sequence[TokenSample]) -> tuple[Tensor, Tensor]:
         masks = [r.mask or [] for r in rows] if self.multi_turn else None  # env tokens: no log-prob, no loss
-        ids, targets, mask = pack([r.prompt for r in rows], [r.response for r in rows], loss_masks=masks)
+        packed = pack([r.prompt for r in rows], [r.response for r in rows], loss_masks=masks)
+        ids, targets, mask = on_device(model, *packed)
         return self._logprobs(model, ids, targets, mask, self.rollout), mask  # (b, L-1) each
 
     def _logprobs(
@@ -318,7 +320,7 @@ class TokenKind:
             ]
             prompts = [self.prompt_ids(e.prompt) for e in examples]
             answers, masks = self._targets(task, examples)
-            ids, targets, mask = pack(prompts, answers, loss_masks=masks)
+            ids, targets, mask = on_device(model, *pack(prompts, answers, loss_masks=masks))
             loss = -self._logprobs(model, ids, targets, mask, None)[mask].mean()  # the cross-entropy
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -392,3 +394,9 @@ def decode_response(tokenizer: Any, ids: list[int], stop_ids: Sequence[int] = ()
     if ids and (ids[-1] == tokenizer.eos_token_id or ids[-1] in stop_ids):
         ids = ids[:-1]
     return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def on_device(model: torch.nn.Module, *tensors: Tensor) -> list[Tensor]:
+    """`tensors` where the model's parameters are (the same tensors on the CPU)."""
+    device = next(model.parameters()).device
+    return [t.to(device) for t in tensors]

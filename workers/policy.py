@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from asyncflow.config import ModelConfig, TaskConfig, import_string
+from asyncflow.errors import ConfigError
 from services.models import build_model, build_tokenizer
 
 
@@ -150,6 +151,25 @@ def eos_ids(tokenizer: Any, generation: Any = None) -> tuple[int, ...]:
     ids |= set(extra) if isinstance(extra, list) else {extra} if isinstance(extra, int) else set()
     first = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     return tuple(first + sorted(ids - set(first)))
+
+
+def device_for(role: str, num_gpus: float) -> str:
+    """Where this actor's models run: the GPU Ray assigned it when its role asks for some
+    (`<role>.num_gpus`; Ray's CUDA_VISIBLE_DEVICES shows it as cuda:0), else the CPU."""
+    if not num_gpus:
+        return "cpu"
+    if not torch.cuda.is_available():
+        import os
+
+        import ray
+
+        raise ConfigError(
+            f"{role}.num_gpus = {num_gpus:g}: Ray assigned this actor GPU {ray.get_gpu_ids()} "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}), but torch "
+            f"{torch.__version__} finds no CUDA device. Install a CUDA build of torch on the GPU nodes (the "
+            f"image's cuda target), or set {role}.num_gpus: 0 to run it on the CPU"
+        )
+    return "cuda:0"
 
 
 def set_threads(n: int) -> None:

@@ -369,7 +369,7 @@ class TrainerWorker:
         behavior = on_grid([r.behavior for r in batch], mask)
         prox = logprobs.detach() if proximal is None else on_grid([proximal[i].tolist() for i in micro], mask)
         ref = on_grid([r.ref or [] for r in batch], mask) if self.reference else None
-        adv, value_loss, figures = advantages[micro], None, dict[str, float]()
+        adv, value_loss, figures = advantages[micro].to(logprobs.device), None, dict[str, float]()
         if self.critic is not None:  # GAE: the KL to the reference is in the rewards, not the loss
             adv, value_loss, figures = self.critic.loss(batch, adv, max_tokens)
             ref = None

@@ -44,6 +44,6 @@ def pack(
 
 def on_grid(values: list[list[float]], mask: torch.Tensor) -> torch.Tensor:
     """Per-action values of each sample (B lists), placed at the mask's positions (B, T)."""
-    grid = torch.zeros(mask.shape, dtype=torch.float32)
-    grid[mask] = torch.tensor([v for row in values for v in row], dtype=torch.float32)
+    grid = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    grid[mask] = torch.tensor([v for row in values for v in row], dtype=torch.float32, device=mask.device)
     return grid

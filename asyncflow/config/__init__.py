@@ -250,8 +250,17 @@ class AsyncFlowConfig(Section):
             )
         return self
 
+    def role_sections(self) -> dict[str, Any]:
+        """The sections of the roles Ray places, by name."""
+        return {
+            "trainer": self.trainer,
+            "rollout": self.rollout,
+            "reward": self.reward,
+            "reference": self.reference,
+        }
+
     def _trainer_consistent(self) -> None:
-        """The trainer's ranks and critic against the rest of the run."""
+        """The trainer's ranks, critic and GPUs against the rest of the run."""
         if self.policy == "flow" and self.trainer.estimator == "gae":
             raise ValueError(
                 "trainer.estimator = 'gae' needs a value model of the policy's transformer; a flow "
@@ -262,6 +271,19 @@ class AsyncFlowConfig(Section):
             raise ValueError(
                 f"trainer.num_ranks = {t.num_ranks} ranks for trainer.batch_prompts = {t.batch_prompts} "
                 "groups: each rank reads whole groups from the store; raise batch_prompts or lower num_ranks"
+            )
+        gpus = {f"{role}.num_gpus = {s.num_gpus:g}" for role, s in self.role_sections().items() if s.num_gpus}
+        if gpus and self.policy == "flow":
+            raise ValueError(
+                f"{', '.join(sorted(gpus))}: flow policies run on the CPU (their models are small MLPs); "
+                "set num_gpus: 0"
+            )
+        if t.num_gpus and (t.num_ranks > 1 or t.estimator == "gae"):
+            what = f"trainer.num_ranks = {t.num_ranks}" if t.num_ranks > 1 else "trainer.estimator = 'gae'"
+            raise ValueError(
+                f"trainer.num_gpus = {t.num_gpus:g} with {what}: a trainer on a GPU runs as one rank "
+                "without a critic today (its ranks join by gloo, its critic stays on the CPU); set "
+                "trainer.num_ranks: 1 and a group estimator, or trainer.num_gpus: 0"
             )
         if t.num_ranks > 1 and t.parallel == "fsdp" and isinstance(t.trainable, Lora):
             raise ValueError(

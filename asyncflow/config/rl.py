@@ -17,6 +17,7 @@ from pydantic import Field, field_validator, model_validator
 from asyncflow.config._base import Section
 from asyncflow.config.critic import CriticConfig, check_critic
 from asyncflow.config.pools import AutoscaleConfig, HealthConfig
+from asyncflow.config.resources import RoleResources
 from asyncflow.config.scheduler import SchedulerConfig
 from asyncflow.config.trainable import Trainable
 
@@ -215,7 +216,7 @@ class VLLMConfig(Section):
     )
 
 
-class RolloutConfig(Section):
+class RolloutConfig(RoleResources):
     """Rollout workers: they generate `n` samples per prompt with their engine."""
 
     engine: Literal["torch", "vllm", "simulated"] = Field(
@@ -274,7 +275,7 @@ class RolloutConfig(Section):
         return self
 
 
-class RewardConfig(Section):
+class RewardConfig(RoleResources):
     """Reward workers: they call the task's reward function on each response."""
 
     num_workers: int = Field(1, ge=1, le=1024, description="Reward worker actors.")
@@ -313,7 +314,7 @@ class RewardConfig(Section):
     autoscale: AutoscaleConfig | None = Field(None, description="Elastic pool bounds (unset: fixed size).")
 
 
-class ReferenceConfig(Section):
+class ReferenceConfig(RoleResources):
     """The reference worker: log-probs of the initial policy, for a KL term."""
 
     enabled: bool = Field(False, description="Compute reference log-probs (needed when trainer.kl_coef > 0).")
@@ -321,7 +322,7 @@ class ReferenceConfig(Section):
     torch_threads: int = Field(1, ge=1, le=1024, description="torch intra-op threads.")
 
 
-class TrainerConfig(Section):
+class TrainerConfig(RoleResources):
     """The trainer: whole groups in, one optimizer step per batch, a new version out."""
 
     steps: int = Field(100, ge=1, le=10_000_000, description="RL optimizer steps (= versions published).")

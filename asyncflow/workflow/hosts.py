@@ -171,15 +171,16 @@ class TrainerHost(Host):
     def make(self, store: Any) -> Any:
         import torch
 
-        from workers.policy import set_threads
+        from workers.policy import device_for, set_threads
         from workers.ranks import Ranks
         from workers.trainer import TrainerWorker
 
         c = self.config
         set_threads(c.trainer.torch_threads)
         torch.manual_seed(c.seed)
+        model = self.kind.model(c.seed).to(device_for("trainer", c.trainer.num_gpus))
         return TrainerWorker(
-            self.kind.model(c.seed), store, self.weights(), c.trainer, self.kind, n=c.rollout.n,
+            model, store, self.weights(), c.trainer, self.kind, n=c.rollout.n,
             staleness=c.staleness, reference=c.reference.enabled, get_timeout_s=c.dataplane.get_timeout_s,
             ranks=Ranks(self.index, c.trainer.num_ranks, c.trainer.parallel),
         )  # fmt: skip
@@ -271,7 +272,13 @@ class RolloutHost(Host):
             return self._vllm(seed)
         if c.rollout.scheduler.policy != "off":
             return self._scheduled(seed)
-        return self.kind.engine(seed)  # the torch engine for tokens, the SDE sampler for a flow policy
+        return self.kind.engine(seed, self.device)  # the torch engine for tokens, a flow policy's SDE sampler
+
+    @property
+    def device(self) -> str:
+        from workers.policy import device_for
+
+        return device_for("rollout", self.config.rollout.num_gpus)
 
     def _scheduled(self, seed: int) -> Any:
         """The scheduled torch engine (rollout.scheduler): a token policy's model, weights to come."""
@@ -284,7 +291,7 @@ class RolloutHost(Host):
                 f"rollout.scheduler.policy={s.policy!r} schedules token policies; this run's policy kind is "
                 f"{type(kind).__name__}. Set rollout.scheduler.policy: off"
             )
-        model: Any = kind.model(0)  # a transformers model; its weights come from the weight store
+        model: Any = kind.model(0).to(self.device)  # a transformers model; weights from the weight store
         policy: Any = s.policy  # fcfs or rl here
         return ScheduledTorchEngine(
             model, eos_token_id=kind.stop_ids[0], pad_token_id=kind.tokenizer.pad_token_id,
@@ -399,12 +406,13 @@ class ReferenceHost(Host):
     def make(self, store: Any) -> Any:
         from safetensors.torch import load_model
 
-        from workers.policy import set_threads
+        from workers.policy import device_for, set_threads
         from workers.reference import ReferenceWorker
 
         set_threads(self.config.reference.torch_threads)
         model = self.kind.model(self.config.seed)
         load_model(model, self.weights_path)
+        model = model.to(device_for("reference", self.config.reference.num_gpus))
         return ReferenceWorker(
             model, store, kind=self.kind, get_timeout_s=self.config.dataplane.get_timeout_s
         )

@@ -63,7 +63,7 @@ class Pipeline:
             .remote(config.weights.keep_versions)
         )
         r = config.rollout
-        self.source = self._spawn(SourceHost, "source", num_cpus=0.1, cursor=cursor, freed=freed)
+        self.source = self._spawn(SourceHost, "source", ask={"num_cpus": 0.1}, cursor=cursor, freed=freed)
         self.ranks_group = self._rank_bundles()
         self.trainers = [self._rank(i) for i in range(config.trainer.num_ranks)]
         self.trainer = self.trainers[0]  # rank 0: its step's metrics are the run's
@@ -83,16 +83,17 @@ class Pipeline:
         self.traces = Traces(config.trace, run)  # every actor's spans: trace.json
 
     def _spawn(
-        self, host: type, role: str, slot: int = 0, *, num_cpus: float, restarts: int = 0,
+        self, host: type, role: str, slot: int = 0, *, ask: dict, restarts: int = 0,
         options: dict | None = None, **kw: Any,
     ):  # fmt: skip
-        """A host actor named `<store>.<role><slot>`; Ray restarts it `restarts` (+ the watchdog's) times."""
+        """A host actor named `<store>.<role><slot>`, given the resources in `ask` (Ray's options:
+        num_cpus, num_gpus, memory, resources); Ray restarts it `restarts` (+ the watchdog's) times."""
         return (
             ray.remote(host)
             .options(
                 name=f"{self.config.dataplane.name}.{role}{slot}",
                 namespace=NAMESPACE,
-                num_cpus=num_cpus,
+                **ask,
                 max_restarts=restarts + (self.config.watchdog.max_restarts if restarts else 0),
                 max_concurrency=64,
                 **(options or {}),
@@ -108,7 +109,7 @@ class Pipeline:
         from ray.util.placement_group import placement_group
 
         return placement_group(
-            [{"CPU": t.num_cpus}] * t.num_ranks, strategy="PACK", name=f"{self.config.dataplane.name}.trainer"
+            [t.bundle()] * t.num_ranks, strategy="PACK", name=f"{self.config.dataplane.name}.trainer"
         )
 
     def _rank(self, rank: int) -> Any:
@@ -119,7 +120,7 @@ class Pipeline:
             strategy = PlacementGroupSchedulingStrategy(self.ranks_group, placement_group_bundle_index=rank)
             options = {"scheduling_strategy": strategy}
         return self._spawn(
-            TrainerHost, "trainer", rank, num_cpus=self.config.trainer.num_cpus, options=options, index=rank
+            TrainerHost, "trainer", rank, ask=self.config.trainer.ray_options(), options=options, index=rank
         )
 
     async def _ranks(self, call: Any, grace_s: float = 10.0) -> Any:
@@ -153,7 +154,7 @@ class Pipeline:
     def _rollout(self, index: int) -> Any:
         r = self.config.rollout
         return self._spawn(
-            RolloutHost, "rollout", index, num_cpus=r.num_cpus, restarts=r.max_restarts, index=index
+            RolloutHost, "rollout", index, ask=r.ray_options(), restarts=r.max_restarts, index=index
         )
 
     @property
@@ -170,7 +171,7 @@ class Pipeline:
             done, _ = await asyncio.wait([asyncio.ensure_future(self.ranks_group.ready())], timeout=timeout_s)
             if not done:
                 raise ConfigError(
-                    f"trainer.num_ranks = {t.num_ranks} ranks of {t.num_cpus} CPUs each found no room within "
+                    f"trainer.num_ranks = {t.num_ranks} ranks of {t.asks()} each found no room within "
                     f"{timeout_s:.0f} s (start_timeout_s; {free_cpus()}); add nodes, or lower them"
                 )
         actors = [self.source, *self.trainers, *self.streamers]
@@ -245,7 +246,7 @@ class Pipeline:
                 self._spawn(
                     ReferenceHost,
                     "reference",
-                    num_cpus=self.config.reference.num_cpus,
+                    ask=self.config.reference.ray_options(),
                     weights_path=str(self.run.reference_weights),
                     restarts=RESTARTS,
                 )  # fmt: skip
@@ -387,7 +388,7 @@ class Pipeline:
     def _reward(self) -> Any:
         self.next_reward += 1
         r = self.config.reward
-        return self._spawn(RewardHost, "reward", self.next_reward - 1, num_cpus=r.num_cpus, restarts=RESTARTS)
+        return self._spawn(RewardHost, "reward", self.next_reward - 1, ask=r.ray_options(), restarts=RESTARTS)
 
     async def checkpoint(self, step: int) -> Path:
         """Model, optimizer, version, every row in the store and the prompt cursor, consistently: the

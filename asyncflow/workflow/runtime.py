@@ -16,18 +16,43 @@ from asyncflow.config import AsyncFlowConfig
 from asyncflow.errors import ConfigError
 
 
+def resources_needed(config: AsyncFlowConfig) -> dict[str, float]:
+    """Ray resources the run's actors reserve, summed over them: CPU, and GPU, memory (bytes) and
+    custom resources where a role asks for them (Ray must offer at least this much)."""
+    d = config.dataplane
+    need = {
+        "CPU": 0.2 + d.controller_num_cpus + d.storage_num_cpus * d.num_storage_units
+    }  # + source, weights
+    for section, count in roles(config):
+        for name, amount in section.bundle().items():
+            need[name] = need.get(name, 0.0) + amount * count
+    return need
+
+
+def roles(config: AsyncFlowConfig) -> list[tuple[Any, int]]:
+    """Each role's config section (its resources per actor) and how many actors it runs."""
+    reference = [(config.reference, 1)] if config.reference.enabled else []
+    return [(config.trainer, config.trainer.num_ranks), (config.rollout, config.rollout.num_workers),
+            (config.reward, config.reward.num_workers), *reference]  # fmt: skip
+
+
 def cpus_needed(config: AsyncFlowConfig) -> float:
     """Logical CPUs the run's actors reserve (Ray must offer at least this many)."""
-    d = config.dataplane
-    return (
-        config.trainer.num_cpus * config.trainer.num_ranks
-        + config.rollout.num_cpus * config.rollout.num_workers
-        + config.reward.num_cpus * config.reward.num_workers
-        + (config.reference.num_cpus if config.reference.enabled else 0)
-        + 0.2  # source and weight store
-        + d.controller_num_cpus
-        + d.storage_num_cpus * d.num_storage_units
-    )
+    return resources_needed(config)["CPU"]
+
+
+def missing_here(config: AsyncFlowConfig, have: dict[str, float]) -> str:
+    """What the run asks for that a Ray of `have` (its total resources) cannot give, as a message
+    says it, naming the fields; "" when nothing is missing. CPUs are left out: Ray started here
+    offers as many as the run needs."""
+    names = {role: s for role, s in config.role_sections().items() if role != "reference" or s.enabled}
+    short = []
+    for name, amount in resources_needed(config).items():
+        if name != "CPU" and amount > have.get(name, 0.0):
+            fields = [f"{role}: {s.asks()}" for role, s in names.items() if name in s.bundle()]
+            shown = f"{amount / 2**30:g} GiB of memory" if name == "memory" else f"{amount:g} {name}"
+            short.append(f"{shown} (asked by {'; '.join(fields)}; this machine has {have.get(name, 0.0):g})")
+    return "; ".join(short)
 
 
 def init_ray(config: AsyncFlowConfig) -> None:
@@ -55,12 +80,23 @@ def init_ray(config: AsyncFlowConfig) -> None:
     # anything else on a shared machine starves them.
     os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    missing = missing_here(config, ray.cluster_resources())
+    if missing:  # nothing will add a node here: waiting for start_timeout_s would only delay this
+        ray.shutdown()
+        raise ConfigError(
+            f"the run needs {missing}. Lower those fields (num_gpus: 0 runs a role on "
+            "the CPU), or run where they exist: on a Ray cluster with such nodes (RAY_ADDRESS, or "
+            "`asyncflow submit`)"
+        )
 
 
 def free_cpus() -> str:
-    """The cluster's free and total CPUs, as a message says them."""
-    free, total = ray.available_resources().get("CPU", 0.0), ray.cluster_resources().get("CPU", 0.0)
-    return f"the cluster has {free:g} of its {total:g} CPUs free"
+    """The cluster's free and total CPUs (and GPUs, where it has any), as a message says them."""
+    free, total = ray.available_resources(), ray.cluster_resources()
+    kinds = ["CPU", "GPU"] if total.get("GPU") else ["CPU"]
+    return "the cluster has " + ", ".join(
+        f"{free.get(k, 0.0):g} of its {total.get(k, 0.0):g} {k}s free" for k in kinds
+    )
 
 
 def placed(actor: Any) -> bool:
@@ -78,12 +114,20 @@ def placed(actor: Any) -> bool:
 
 def not_started(config: AsyncFlowConfig, unplaced: list[str], starting: list[str], timeout_s: float) -> str:
     """Why the run fails when actors did not start within timeout_s: those Ray could not place
-    (roles: "the trainer", "rollout worker 1", ...) with the CPUs each asked for and what the
+    (roles: "the trainer", "rollout worker 1", ...) with what each asked for and what the
     cluster has free, and those placed but still starting."""
-    cpus = {"the prompt source": 0.1, "the trainer": config.trainer.num_cpus,
-            "trainer rank": config.trainer.num_cpus, "rollout worker": config.rollout.num_cpus,
-            "reward worker": config.reward.num_cpus}  # fmt: skip
-    asks = ", ".join(f"{role} ({cpus.get(role.rstrip('0123456789 '), 0):g} CPUs)" for role in unplaced)
+    sections = {"the trainer": "trainer", "trainer rank": "trainer", "rollout worker": "rollout",
+                "reward worker": "reward"}  # fmt: skip
+    kinds = [role.rstrip("0123456789 ") for role in unplaced]
+    asks = ", ".join(
+        f"{role} ({getattr(config, sections[k]).asks() if k in sections else '0.1 CPUs'})"
+        for role, k in zip(unplaced, kinds)
+    )
+    fields = "; ".join(
+        f"{s}.num_cpus / num_gpus / memory_gb / resources"
+        + (f" or {s}.num_workers" if s != "trainer" else "")
+        for s in dict.fromkeys(sections[k] for k in kinds if k in sections)
+    )
     slow = f"still starting: {', '.join(starting)}" if starting else ""
     if not unplaced:
         return (
@@ -93,8 +137,8 @@ def not_started(config: AsyncFlowConfig, unplaced: list[str], starting: list[str
         )
     return (
         f"the cluster found no room within {timeout_s:.0f} s (start_timeout_s) for {asks}; {free_cpus()}"
-        f"{'; ' + slow if slow else ''}. Add nodes (or let the autoscaler), or lower trainer.num_cpus, "
-        "rollout.num_workers / rollout.num_cpus, reward.num_workers / reward.num_cpus"
+        f"{'; ' + slow if slow else ''}. Add nodes (or let the autoscaler), or lower what they ask for: "
+        f"{fields or 'the roles named'}"
     )
 
 

@@ -110,6 +110,37 @@ def test_actors_the_cluster_has_no_room_for_fail_the_run_by_name(ray_session, tm
     assert "CPUs free" in message and "rollout.num_cpus" in message
 
 
+def test_a_role_asking_for_a_resource_no_node_has_fails_the_run_naming_it(ray_session, tmp_path):
+    """The ask reaches Ray: the reward worker waits for a custom resource and memory the session's
+    Ray lacks, and the run's error names both with the role and the fields to change."""
+    config = load_config(
+        EXAMPLE,
+        [f"output_dir={tmp_path}", f"dataplane.name=room-{uuid.uuid4().hex[:6]}", "start_timeout_s=20",
+         "task.eval_prompts=0", "reward.resources={accelerator_x: 1}", "reward.memory_gb=0.5"],
+    )  # fmt: skip
+    with pytest.raises(ConfigError) as failed:
+        train(config, display=False)
+    message = str(failed.value)
+    assert "for reward worker 0 (0.25 CPUs, 0.5 GiB, accelerator_x: 1);" in message, message
+    assert "reward.num_cpus / num_gpus / memory_gb / resources or reward.num_workers" in message, message
+    assert "trainer.num_cpus" not in message, message  # only the role that found no room
+
+
+def test_a_role_given_a_gpu_without_cuda_fails_with_the_fix(ray_session, tmp_path):
+    """Ray places the trainer on the session's one logical GPU; torch here has no CUDA, so the
+    trainer refuses to start instead of training on the CPU while holding a GPU."""
+    config = load_config(
+        EXAMPLE,
+        [f"output_dir={tmp_path}", f"dataplane.name=gpu-{uuid.uuid4().hex[:6]}", "task.eval_prompts=0",
+         "trainer.num_gpus=1"],
+    )  # fmt: skip
+    with pytest.raises(ConfigError) as failed:
+        train(config, display=False)
+    message = str(failed.value)
+    assert "trainer.num_gpus = 1: Ray assigned this actor GPU [0]" in message, message
+    assert "finds no CUDA device" in message and "or set trainer.num_gpus: 0" in message, message
+
+
 def test_sigterm_past_its_grace_period_exits_without_a_checkpoint_and_says_so(tmp_path):
     args = [str(EXAMPLE), "--quiet"] + [
         arg for s in (f"output_dir={tmp_path}", "trainer.steps=100000", "task.eval_prompts=0",

@@ -1,0 +1,87 @@
+"""Each role's resources from config (asyncflow.config.resources): what Ray is asked for per
+actor, the run's sum, what a machine lacks, and the combinations refused at load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from asyncflow.config import load_config
+from asyncflow.errors import ConfigError
+from asyncflow.workflow.runtime import cpus_needed, missing_here, resources_needed
+
+EXAMPLES = Path(__file__).parents[3] / "examples"
+
+
+def _sort(*overrides: str):
+    return load_config(EXAMPLES / "sort.yaml", list(overrides))
+
+
+def test_a_role_asks_ray_for_what_its_section_says():
+    config = _sort(
+        "trainer.num_gpus=1", "trainer.memory_gb=16", "trainer.resources={H100: 1}", "rollout.num_gpus=0.5"
+    )
+    assert config.trainer.ray_options() == {
+        "num_cpus": 1.0, "num_gpus": 1.0, "memory": 16 * 2**30, "resources": {"H100": 1.0}
+    }  # fmt: skip
+    assert config.trainer.bundle() == {"CPU": 1.0, "GPU": 1.0, "memory": 16 * 2**30, "H100": 1.0}
+    assert config.trainer.asks() == "1 CPU, 1 GPU, 16 GiB, H100: 1"
+    assert config.rollout.ray_options() == {"num_cpus": 0.5, "num_gpus": 0.5}
+    assert config.reward.ray_options() == {"num_cpus": 0.25}  # nothing beyond CPUs unless asked
+
+
+def test_the_runs_sum_counts_every_actor_of_every_role():
+    config = _sort("trainer.num_gpus=1", "rollout.num_workers=3", "rollout.num_gpus=0.5",
+                   "reward.resources={sandbox: 2}", "reward.num_workers=2")  # fmt: skip
+    need = resources_needed(config)
+    assert need["GPU"] == 1 + 3 * 0.5 and need["sandbox"] == 2 * 2
+    d = config.dataplane
+    cpus = 1.0 + 3 * 0.5 + 2 * 0.25 + 0.2 + d.controller_num_cpus + d.storage_num_cpus * d.num_storage_units
+    assert need["CPU"] == pytest.approx(cpus) and cpus_needed(config) == need["CPU"]
+
+
+def test_a_machine_without_what_the_run_asks_for_is_named_with_the_fields():
+    config = _sort("trainer.num_gpus=1", "rollout.resources={H100: 1}", "reward.memory_gb=2")
+    message = missing_here(config, {"CPU": 2.0, "memory": 2**31})
+    assert "1 GPU (asked by trainer: 1 CPU, 1 GPU; this machine has 0)" in message, message
+    assert "1 H100 (asked by rollout: 0.5 CPUs, H100: 1; this machine has 0)" in message, message
+    assert "memory" not in message  # 2 GiB asked, 2 GiB there
+    assert missing_here(_sort(), {"CPU": 1.0}) == ""  # CPUs: Ray started here offers what the run needs
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["trainer.resources={GPU: 1}"], "resources names Ray's own 'GPU'; set num_gpus instead"),
+        (["reward.resources={memory: 1}"], "resources names Ray's own 'memory'; set memory_gb instead"),
+        (["rollout.resources={H100: 0}"], "resources['H100'] = 0.0; a custom resource is a positive amount"),
+        (["rollout.num_gpus=-1"], "rollout.num_gpus"),
+        (["trainer.num_gpus=1", "trainer.num_ranks=2"], "trainer.num_gpus = 1 with trainer.num_ranks = 2"),
+        (
+            ["trainer.num_gpus=1", "trainer.estimator=gae", "trainer.critic={}"],
+            "trainer.num_gpus = 1 with trainer.estimator = 'gae'",
+        ),
+    ],
+)
+def test_bad_resource_settings_are_refused_with_the_fix(overrides, expected):
+    with pytest.raises(ConfigError, match=expected.replace("[", r"\[").replace("(", r"\(")):
+        _sort(*overrides)
+
+
+def test_flow_policies_refuse_gpus():
+    with pytest.raises(ConfigError, match="rollout.num_gpus = 1: flow policies run on the CPU"):
+        load_config(EXAMPLES / "flow-2d.yaml", ["rollout.num_gpus=1"])
+
+
+def test_a_role_without_gpus_runs_on_the_cpu_and_one_with_gpus_needs_cuda(ray_session):
+    import torch
+
+    from workers.policy import device_for
+
+    assert device_for("rollout", 0) == "cpu"
+    if torch.cuda.is_available():
+        assert device_for("rollout", 1) == "cuda:0"
+    else:
+        with pytest.raises(ConfigError, match=r"rollout.num_gpus = 1: Ray assigned this actor GPU \[\]"):
+            device_for("rollout", 1)  # the driver holds no GPU: the message still says what Ray gave
