@@ -32,7 +32,11 @@ from asyncflow.errors import AsyncFlowError, ConfigError, RunStopped
 def _validate(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.set)
     print(yaml.safe_dump(config.public(), sort_keys=False), end="")  # a password stays out
-    print(f"# {args.config}: valid", file=sys.stderr)
+    need = config.resources_needed()
+    plural = {"CPU": "CPUs", "GPU": "GPUs"}
+    asks = [f"{v / 2**30:g} GiB" if k == "memory" else f"{v:g} {plural.get(k, k) if v != 1 else k}"
+            for k, v in need.items()]  # fmt: skip
+    print(f"# {args.config}: valid; its actors reserve {', '.join(asks)} on Ray", file=sys.stderr)
     return 0
 
 

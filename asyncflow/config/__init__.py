@@ -18,6 +18,7 @@ from asyncflow.config.deploy import DeployConfig
 from asyncflow.config.env import EnvConfig
 from asyncflow.config.flow import AFMConfig, EncoderConfig, FlowConfig, PMRFConfig
 from asyncflow.config.observe import LoggingConfig
+from asyncflow.config.resources import RoleResources
 from asyncflow.config.rl import (
     CriticConfig,
     ModelConfig,
@@ -250,14 +251,24 @@ class AsyncFlowConfig(Section):
             )
         return self
 
-    def role_sections(self) -> dict[str, Any]:
-        """The sections of the roles Ray places, by name."""
-        return {
-            "trainer": self.trainer,
-            "rollout": self.rollout,
-            "reward": self.reward,
-            "reference": self.reference,
-        }
+    def roles(self) -> dict[str, tuple[RoleResources, int]]:
+        """The roles this run places on Ray, by name: each one's section (its resources per actor)
+        and how many actors it runs."""
+        roles = {"trainer": (self.trainer, self.trainer.num_ranks),
+                 "rollout": (self.rollout, self.rollout.num_workers),
+                 "reward": (self.reward, self.reward.num_workers)}  # fmt: skip
+        return roles | ({"reference": (self.reference, 1)} if self.reference.enabled else {})
+
+    def resources_needed(self) -> dict[str, float]:
+        """Ray resources the run's actors reserve, summed over them: CPU, and GPU, memory (bytes)
+        and custom resources where a role asks for them (Ray must offer at least this much)."""
+        d = self.dataplane
+        # the prompt source and the weight store: 0.1 CPUs each
+        need = {"CPU": 0.2 + d.controller_num_cpus + d.storage_num_cpus * d.num_storage_units}
+        for section, actors in self.roles().values():
+            for name, amount in section.bundle().items():
+                need[name] = need.get(name, 0.0) + amount * actors
+        return need
 
     def _trainer_consistent(self) -> None:
         """The trainer's ranks, critic and GPUs against the rest of the run."""
@@ -272,7 +283,7 @@ class AsyncFlowConfig(Section):
                 f"trainer.num_ranks = {t.num_ranks} ranks for trainer.batch_prompts = {t.batch_prompts} "
                 "groups: each rank reads whole groups from the store; raise batch_prompts or lower num_ranks"
             )
-        gpus = {f"{role}.num_gpus = {s.num_gpus:g}" for role, s in self.role_sections().items() if s.num_gpus}
+        gpus = {f"{role}.num_gpus = {s.num_gpus:g}" for role, (s, _) in self.roles().items() if s.num_gpus}
         if gpus and self.policy == "flow":
             raise ValueError(
                 f"{', '.join(sorted(gpus))}: flow policies run on the CPU (their models are small MLPs); "

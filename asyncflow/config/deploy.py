@@ -115,6 +115,10 @@ class WorkerGroupConfig(PodConfig):
     replicas: int = Field(1, ge=0, le=10_000, description="Pods at start.")
     min_replicas: int = Field(0, ge=0, le=10_000, description="Fewest pods (with autoscaling).")
     max_replicas: int = Field(8, ge=1, le=10_000, description="Most pods (with autoscaling).")
+    ray_resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources each pod offers (`ray start --resources`), "
+        "for roles that ask for them (e.g. trainer.resources: {H100: 1}).",
+    )  # fmt: skip
 
 
 class RedisDeployConfig(Section):

@@ -68,3 +68,9 @@ class RoleResources(Section):
         parts += [f"{self.num_gpus:g} GPU{'s' * (self.num_gpus != 1)}"] if self.num_gpus else []
         parts += [f"{self.memory_gb:g} GiB"] if self.memory_gb else []
         return ", ".join(parts + [f"{k}: {v:g}" for k, v in self.resources.items()])
+
+
+def asked_by(roles: dict[str, tuple[RoleResources, int]], resource: str) -> str:
+    """The roles that ask for `resource` (Ray's name: CPU, GPU, memory, a custom one), as a
+    message says them: "trainer 1 x (1 CPU, 1 GPU); rollout 2 x (0.5 CPUs, 0.5 GPUs)"."""
+    return "; ".join(f"{role} {n} x ({s.asks()})" for role, (s, n) in roles.items() if resource in s.bundle())

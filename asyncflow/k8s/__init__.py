@@ -37,7 +37,7 @@ import yaml
 from asyncflow.config import AsyncFlowConfig, parse_config
 from asyncflow.config.deploy import K8sConfig, k8s_name
 from asyncflow.errors import ConfigError
-from asyncflow.k8s.cluster import cluster_spec, submitter_template
+from asyncflow.k8s.cluster import check_capacity, cluster_spec, submitter_template
 from asyncflow.k8s.objects import CONFIG_DIR, DASHBOARD_PORT, PASSWORD_ENV, meta, password_env, secret
 from asyncflow.k8s.redis_store import REDIS_PORT, redis_address, redis_objects, redis_secret
 
@@ -64,6 +64,7 @@ def render(
             f"dataplane.backend = {config.dataplane.backend!r} renders no Redis; set dataplane.backend: "
             "redis, or deploy.k8s.gcs_fault_tolerance: false"
         )
+    check_capacity(config)
     files: dict[str, list[dict]] = {
         "namespace": [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": k8s.namespace}}],
         "secret": [],

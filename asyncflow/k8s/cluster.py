@@ -4,9 +4,13 @@ RayJob's submitter pod. Every pod is restricted, with emptyDirs where Ray writes
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+from asyncflow.config import AsyncFlowConfig
 from asyncflow.config.deploy import K8sConfig, PodConfig, WorkerGroupConfig
+from asyncflow.config.resources import asked_by
+from asyncflow.errors import ConfigError
 from asyncflow.k8s.objects import (
     CONFIG_DIR,
     DASHBOARD_PORT,
@@ -90,7 +94,10 @@ def worker_group(k8s: K8sConfig, name: str, group: WorkerGroupConfig, redis: boo
         "replicas": group.replicas,
         "minReplicas": group.min_replicas,
         "maxReplicas": group.max_replicas,
-        "rayStartParams": {},
+        # the CLI's --resources takes JSON; KubeRay pastes the value into a shell command line
+        "rayStartParams": {"resources": '"' + json.dumps(group.ray_resources).replace('"', '\\"') + '"'}
+        if group.ray_resources
+        else {},
         "template": pod_template(k8s, name, group, "ray-worker", redis, []),
     }
 
@@ -134,3 +141,44 @@ def cluster_spec(k8s: K8sConfig, name: str, redis: bool, metrics_port: int = 0) 
         }
     spec["workerGroupSpecs"] = [worker_group(k8s, name, g, redis) for g in k8s.worker_groups]
     return spec
+
+
+def check_capacity(config: AsyncFlowConfig) -> None:
+    """Refuse worker groups that do not match what the run asks Ray for: too few CPUs, GPUs or
+    custom resources for every role's actors (counting `replicas` pods, `max_replicas` with
+    autoscaling, and the head's ray_cpus), or GPU pods while no role asks for a GPU (they would
+    sit idle, and the run would train on the CPU)."""
+    k8s, need = config.deploy.k8s, config.resources_needed()
+    pods = {g.name: g.max_replicas if k8s.autoscaling else g.replicas for g in k8s.worker_groups}
+    offer = {"CPU": float(k8s.head.ray_cpus)}
+    for g in k8s.worker_groups:
+        for key, amount in {"CPU": cores(g.cpu), "GPU": float(g.gpus), **g.ray_resources}.items():
+            offer[key] = offer.get(key, 0.0) + amount * pods[g.name]
+    idle = [g.name for g in k8s.worker_groups if g.gpus]
+    if idle and not need.get("GPU"):
+        raise ConfigError(
+            f"deploy.k8s.worker_groups {idle} have GPUs, but no role asks for one: their GPUs would sit "
+            "idle while the run trains on the CPU. Give the roles that should use them GPUs "
+            "(trainer.num_gpus, rollout.num_gpus), or drop those groups"
+        )
+    counted = "max_replicas" if k8s.autoscaling else "replicas"
+    for key, amount in need.items():
+        if key != "memory" and amount > offer.get(key, 0.0) + 1e-9:
+            asked = asked_by(config.roles(), key) + (", and the store" if key == "CPU" else "")
+            raise ConfigError(
+                f"the run asks Ray for {amount:g} {key} in all ({asked}), but deploy.k8s offers "
+                f"{offer.get(key, 0.0):g} (the head's ray_cpus and each worker group's pods x {counted}). "
+                f"Raise a worker group's {counted} or its pods' {key_field(key)}, or ask for less"
+            )
+
+
+def key_field(key: str) -> str:
+    return {"CPU": "cpu", "GPU": "gpus"}.get(key, f"ray_resources[{key!r}]")
+
+
+def cores(quantity: str) -> float:
+    """A Kubernetes quantity (deploy.QUANTITY) as a number: "4" -> 4.0, "500m" -> 0.5, "2k" -> 2000."""
+    units = {"m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18}
+    units |= {f"{u}i": 1024.0 ** (n + 1) for n, u in enumerate("KMGTPE")}
+    suffix = next((u for u in sorted(units, key=len, reverse=True) if quantity.endswith(u)), "")
+    return float(quantity[: len(quantity) - len(suffix)]) * units.get(suffix, 1.0)

@@ -13,45 +13,25 @@ from typing import Any
 import ray
 
 from asyncflow.config import AsyncFlowConfig
+from asyncflow.config.resources import asked_by
 from asyncflow.errors import ConfigError
-
-
-def resources_needed(config: AsyncFlowConfig) -> dict[str, float]:
-    """Ray resources the run's actors reserve, summed over them: CPU, and GPU, memory (bytes) and
-    custom resources where a role asks for them (Ray must offer at least this much)."""
-    d = config.dataplane
-    need = {
-        "CPU": 0.2 + d.controller_num_cpus + d.storage_num_cpus * d.num_storage_units
-    }  # + source, weights
-    for section, count in roles(config):
-        for name, amount in section.bundle().items():
-            need[name] = need.get(name, 0.0) + amount * count
-    return need
-
-
-def roles(config: AsyncFlowConfig) -> list[tuple[Any, int]]:
-    """Each role's config section (its resources per actor) and how many actors it runs."""
-    reference = [(config.reference, 1)] if config.reference.enabled else []
-    return [(config.trainer, config.trainer.num_ranks), (config.rollout, config.rollout.num_workers),
-            (config.reward, config.reward.num_workers), *reference]  # fmt: skip
 
 
 def cpus_needed(config: AsyncFlowConfig) -> float:
     """Logical CPUs the run's actors reserve (Ray must offer at least this many)."""
-    return resources_needed(config)["CPU"]
+    return config.resources_needed()["CPU"]
 
 
 def missing_here(config: AsyncFlowConfig, have: dict[str, float]) -> str:
     """What the run asks for that a Ray of `have` (its total resources) cannot give, as a message
     says it, naming the fields; "" when nothing is missing. CPUs are left out: Ray started here
     offers as many as the run needs."""
-    names = {role: s for role, s in config.role_sections().items() if role != "reference" or s.enabled}
     short = []
-    for name, amount in resources_needed(config).items():
+    for name, amount in config.resources_needed().items():
         if name != "CPU" and amount > have.get(name, 0.0):
-            fields = [f"{role}: {s.asks()}" for role, s in names.items() if name in s.bundle()]
             shown = f"{amount / 2**30:g} GiB of memory" if name == "memory" else f"{amount:g} {name}"
-            short.append(f"{shown} (asked by {'; '.join(fields)}; this machine has {have.get(name, 0.0):g})")
+            asked = asked_by(config.roles(), name)
+            short.append(f"{shown} (asked by {asked}; this machine has {have.get(name, 0.0):g})")
     return "; ".join(short)
 
 

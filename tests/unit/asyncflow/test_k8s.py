@@ -580,3 +580,86 @@ def test_the_image_installs_what_pyproject_names(tmp_path):
     assert out.stdout.split() == ["torch==2.13.0", "vllm", "redis>=5"]
     out = subprocess.run([sys.executable, script, pyproject, "nope"], capture_output=True, text=True)
     assert out.returncode != 0 and "no extra 'nope'" in out.stderr
+
+
+def _offered(spec: dict) -> dict[str, float]:
+    """What the rendered cluster offers Ray, read back from the manifests alone: each worker
+    group's pods (replicas; max with autoscaling) x their CPU and GPU limits and the custom
+    resources of their `ray start`, plus the head's num-cpus."""
+    from asyncflow.k8s.cluster import cores
+
+    offer = {"CPU": float(spec["headGroupSpec"]["rayStartParams"]["num-cpus"])}
+    for group in spec["workerGroupSpecs"]:
+        pods = group["maxReplicas"] if spec["enableInTreeAutoscaling"] else group["replicas"]
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        custom = group["rayStartParams"].get("resources", '"{}"')
+        per_pod = {"CPU": cores(limits["cpu"]), "GPU": float(limits.get("nvidia.com/gpu", 0)),
+                   **json.loads(custom[1:-1].replace('\\"', '"'))}  # fmt: skip
+        for key, amount in per_pod.items():
+            offer[key] = offer.get(key, 0.0) + amount * pods
+    return offer
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_the_rendered_worker_groups_hold_what_the_run_asks_for(variant):
+    """The sum: every resource the run's roles reserve on Ray fits in what the rendered cluster
+    offers, and no GPU is rendered that no role asks for."""
+    config = load(variant)
+    spec = k8s.render(config)["rayjob.yaml"][0]["spec"]["rayClusterSpec"]
+    offer, need = _offered(spec), config.resources_needed()
+    for key, amount in need.items():
+        if key != "memory":
+            assert amount <= offer.get(key, 0.0), (key, amount, offer)
+    assert (offer.get("GPU", 0.0) > 0) == (need.get("GPU", 0.0) > 0), (offer, need)
+
+
+def _cluster_with(*groups: dict, **sets: object):
+    data = yaml.safe_load((ROOT / "examples" / "cluster.yaml").read_text())
+    data["deploy"]["k8s"]["worker_groups"] = list(groups)
+    for path, value in sets.items():
+        section, field = path.split("__")
+        data.setdefault(section, {})[field] = value
+    return parse_config(data)
+
+
+CPU8 = {"name": "cpu", "cpu": "8", "replicas": 1}
+GPU1 = {"name": "gpu", "cpu": "4", "replicas": 1, "gpus": 1}
+
+
+@pytest.mark.parametrize(
+    ("groups", "sets", "expected"),
+    [
+        ((CPU8, GPU1), {"trainer__num_gpus": 0}, "worker_groups ['gpu'] have GPUs, but no role asks for one"),
+        ((CPU8,), {}, "asks Ray for 1 GPU in all (trainer 1 x (1 CPU, 1 GPU)), but deploy.k8s offers 0"),
+        (
+            (CPU8, GPU1),
+            {"rollout__num_workers": 30},
+            "asks Ray for 17 CPU in all (trainer 1 x (1 CPU, 1 GPU); rollout 30 x (0.5 CPUs); "
+            "reward 2 x (0.25 CPUs), and the store), but deploy.k8s offers 12",
+        ),
+        (
+            (CPU8, GPU1),
+            {"trainer__resources": {"H100": 1}},
+            "Raise a worker group's replicas or its pods' ray_resources['H100']",
+        ),  # fmt: skip
+    ],
+)
+def test_worker_groups_that_do_not_match_the_run_are_refused(groups, sets, expected):
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        k8s.render(_cluster_with(*groups, **sets))
+
+
+def test_custom_resources_reach_ray_start_and_satisfy_the_roles_that_ask():
+    group = {**GPU1, "ray_resources": {"H100": 1}}
+    config = _cluster_with(CPU8, group, trainer__resources={"H100": 1})
+    spec = k8s.render(config)["raycluster.yaml"][0]["spec"]
+    (gpu,) = [g for g in spec["workerGroupSpecs"] if g["groupName"] == "gpu"]
+    assert gpu["rayStartParams"] == {"resources": '"{\\"H100\\": 1.0}"'}  # as KubeRay's docs write it
+    assert _offered(spec)["H100"] == 1.0
+    # with the autoscaler, max_replicas pods count
+    scaled = _cluster_with(CPU8, {**GPU1, "max_replicas": 2}, trainer__num_gpus=2)
+    with pytest.raises(ConfigError, match="offers 1 "):
+        k8s.render(scaled)
+    data = scaled.model_dump(mode="json")
+    data["deploy"]["k8s"]["autoscaling"] = True
+    assert k8s.render(parse_config(data))

@@ -9,7 +9,7 @@ import pytest
 
 from asyncflow.config import load_config
 from asyncflow.errors import ConfigError
-from asyncflow.workflow.runtime import cpus_needed, missing_here, resources_needed
+from asyncflow.workflow.runtime import cpus_needed, missing_here
 
 EXAMPLES = Path(__file__).parents[3] / "examples"
 
@@ -34,7 +34,7 @@ def test_a_role_asks_ray_for_what_its_section_says():
 def test_the_runs_sum_counts_every_actor_of_every_role():
     config = _sort("trainer.num_gpus=1", "rollout.num_workers=3", "rollout.num_gpus=0.5",
                    "reward.resources={sandbox: 2}", "reward.num_workers=2")  # fmt: skip
-    need = resources_needed(config)
+    need = config.resources_needed()
     assert need["GPU"] == 1 + 3 * 0.5 and need["sandbox"] == 2 * 2
     d = config.dataplane
     cpus = 1.0 + 3 * 0.5 + 2 * 0.25 + 0.2 + d.controller_num_cpus + d.storage_num_cpus * d.num_storage_units
@@ -44,8 +44,8 @@ def test_the_runs_sum_counts_every_actor_of_every_role():
 def test_a_machine_without_what_the_run_asks_for_is_named_with_the_fields():
     config = _sort("trainer.num_gpus=1", "rollout.resources={H100: 1}", "reward.memory_gb=2")
     message = missing_here(config, {"CPU": 2.0, "memory": 2**31})
-    assert "1 GPU (asked by trainer: 1 CPU, 1 GPU; this machine has 0)" in message, message
-    assert "1 H100 (asked by rollout: 0.5 CPUs, H100: 1; this machine has 0)" in message, message
+    assert "1 GPU (asked by trainer 1 x (1 CPU, 1 GPU); this machine has 0)" in message, message
+    assert "1 H100 (asked by rollout 1 x (0.5 CPUs, H100: 1); this machine has 0)" in message, message
     assert "memory" not in message  # 2 GiB asked, 2 GiB there
     assert missing_here(_sort(), {"CPU": 1.0}) == ""  # CPUs: Ray started here offers what the run needs
 
