@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import torch
 
 from asyncflow.config import load_config
 from asyncflow.errors import ConfigError
@@ -126,6 +127,7 @@ def test_a_role_asking_for_a_resource_no_node_has_fails_the_run_naming_it(ray_se
     assert "trainer.num_cpus" not in message, message  # only the role that found no room
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="torch here has CUDA: test_the_example_trains_on_a_gpu")
 def test_a_role_given_a_gpu_without_cuda_fails_with_the_fix(ray_session, tmp_path):
     """Ray places the trainer on the session's one logical GPU; torch here has no CUDA, so the
     trainer refuses to start instead of training on the CPU while holding a GPU."""
@@ -156,3 +158,18 @@ def test_sigterm_past_its_grace_period_exits_without_a_checkpoint_and_says_so(tm
     assert "stopped by SIGTERM without a final checkpoint (none within sigterm_grace_s = 0 s)" in err, err
     assert f"from the start (no checkpoint yet) with: asyncflow run --resume {run_dir}" in err
     assert RunDir(run_dir).latest_checkpoint() is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_example_trains_on_a_gpu(ray_session, tmp_path):
+    """The trainer and the rollout engine share the session's one GPU (half each): the run trains,
+    every sample exactly once."""
+    config = load_config(
+        EXAMPLE,
+        [f"output_dir={tmp_path}", f"dataplane.name=gpu-{uuid.uuid4().hex[:6]}", "task.eval_prompts=0",
+         "trainer.steps=6", "trainer.num_gpus=0.5", "rollout.num_gpus=0.5"],
+    )  # fmt: skip
+    summary = train(config, display=False)
+    assert summary["steps"] == 6, summary
+    assert_exactly_once(summary)
