@@ -257,7 +257,11 @@ class AsyncFlowConfig(Section):
         roles = {"trainer": (self.trainer, self.trainer.num_ranks),
                  "rollout": (self.rollout, self.rollout.num_workers),
                  "reward": (self.reward, self.reward.num_workers)}  # fmt: skip
-        return roles | ({"reference": (self.reference, 1)} if self.reference.enabled else {})
+        if self.reference.enabled:
+            roles["reference"] = (self.reference, 1)
+        if self.env.source is not None:  # environment actors: env.num_workers per rollout worker
+            roles["env"] = (self.env, self.env.num_workers * self.rollout.num_workers)
+        return roles
 
     def resources_needed(self) -> dict[str, float]:
         """Ray resources the run's actors reserve, summed over them: CPU, and GPU, memory (bytes)

@@ -7,10 +7,10 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from asyncflow.config._base import Section
+from asyncflow.config.resources import RoleResources
 
 
-class EnvConfig(Section):
+class EnvConfig(RoleResources):
     """Environments of multi-turn rollouts (asyncflow.envs); they run in their own Ray actors."""
 
     source: str | None = Field(

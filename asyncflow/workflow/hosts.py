@@ -248,7 +248,7 @@ class RolloutHost(Host):
 
         from workers.episodes import EnvHost, EnvPool, Episodes, RemoteEnvHost
 
-        actor = ray.remote(num_cpus=e.num_cpus, max_restarts=1)(EnvHost)
+        actor = ray.remote(max_restarts=1, **e.ray_options())(EnvHost)
         pool = EnvPool([RemoteEnvHost(actor.remote(e.source, e.options)) for _ in range(e.num_workers)])
         kind: Any = self.kind  # a TokenKind: env.source needs policy: token
         episodes = Episodes(

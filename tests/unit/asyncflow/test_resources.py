@@ -85,3 +85,12 @@ def test_a_role_without_gpus_runs_on_the_cpu_and_one_with_gpus_needs_cuda(ray_se
     else:
         with pytest.raises(ConfigError, match=r"rollout.num_gpus = 1: Ray assigned this actor GPU \[\]"):
             device_for("rollout", 1)  # the driver holds no GPU: the message still says what Ray gave
+
+
+def test_environment_actors_are_counted_per_rollout_worker():
+    config = load_config(EXAMPLES / "calculator.yaml", ["rollout.num_workers=2", "env.num_workers=3"])
+    plain = load_config(EXAMPLES / "calculator.yaml", ["rollout.num_workers=2", "env.source=null"])
+    e = config.env
+    assert config.roles()["env"] == (e, 6) and "env" not in plain.roles()
+    assert cpus_needed(config) == pytest.approx(cpus_needed(plain) + 6 * e.num_cpus)
+    assert config.env.ray_options() == {"num_cpus": e.num_cpus}
