@@ -1,9 +1,10 @@
 """What Ray reserves for each actor of a role: CPUs, GPUs, memory and custom resources.
 
-The trainer (per rank), rollout, reward and reference sections inherit these fields; the
-pipeline passes them to Ray as the actor's options (and the trainer ranks' placement group as
-its bundles), so a role lands only on a node that has them free. A role given GPUs runs its
-model on CUDA (`workers.policy.device_for`).
+The trainer (per rank), rollout, reward, reference and environment sections inherit these
+fields; the pipeline passes them to Ray as each actor's options (and the trainer ranks'
+placement group as its bundles), so an actor lands only on a node that has them free. A role
+given GPUs runs its model on CUDA (`workers.policy.device_for`). `AsyncFlowConfig.roles` and
+`resources_needed` count the actors and sum what they reserve.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ RESERVED = {"CPU", "GPU", "memory", "object_store_memory"}  # Ray's own: set by 
 
 
 class RoleResources(Section):
+    """What Ray reserves for each actor of a role (a section that runs actors inherits it)."""
+
     num_cpus: float = Field(1.0, gt=0, le=1024, description="Ray CPUs reserved per actor.")
     num_gpus: float = Field(
         0.0, ge=0, le=64, description="Ray GPUs reserved per actor (a fraction shares one GPU). Above 0 the "

@@ -268,11 +268,12 @@ class RolloutHost(Host):
                 vocab_size=len(tok), eos_token_id=tok.eos_token_id, version=-1, seed=seed,
                 **c.rollout.simulated.model_dump(),
             )  # fmt: skip
+        device = self.device  # a GPU asked for and no CUDA: refused here, whatever the engine
         if c.rollout.engine == "vllm":
             return self._vllm(seed)
         if c.rollout.scheduler.policy != "off":
             return self._scheduled(seed)
-        return self.kind.engine(seed, self.device)  # the torch engine for tokens, a flow policy's SDE sampler
+        return self.kind.engine(seed, device)  # the torch engine for tokens, a flow policy's SDE sampler
 
     @property
     def device(self) -> str:

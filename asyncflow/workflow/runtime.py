@@ -29,9 +29,12 @@ def missing_here(config: AsyncFlowConfig, have: dict[str, float]) -> str:
     short = []
     for name, amount in config.resources_needed().items():
         if name != "CPU" and amount > have.get(name, 0.0):
-            shown = f"{amount / 2**30:g} GiB of memory" if name == "memory" else f"{amount:g} {name}"
+            scale, unit = (2**30, " GiB") if name == "memory" else (1, "")
+            shown = f"{amount / scale:g}{unit} {name}"
             asked = asked_by(config.roles(), name)
-            short.append(f"{shown} (asked by {asked}; this machine has {have.get(name, 0.0):g})")
+            short.append(
+                f"{shown} (asked by {asked}; this machine has {have.get(name, 0.0) / scale:.3g}{unit})"
+            )
     return "; ".join(short)
 
 
