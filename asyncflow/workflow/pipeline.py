@@ -35,7 +35,7 @@ from asyncflow.workflow.hosts import (
     SourceHost,
     TrainerHost,
 )
-from asyncflow.workflow.runtime import cancel_all, free_cpus, names_free, not_started, placed
+from asyncflow.workflow.runtime import cancel_all, free_cpus, names_free, no_room, not_started, placed
 from asyncflow.workflow.traces import Traces
 from asyncflow.workflow.watchdog import Watchdog
 
@@ -183,8 +183,10 @@ class Pipeline:
             task.result()  # one that failed to start raises its own error
         if pending:
             late = {self.role_of(starts[t]._actor_id.hex()): starts[t] for t in pending}
-            unplaced = [role for role, actor in late.items() if not placed(actor)]
-            for role in unplaced:  # so that the shutdown does not wait for their close()
+            waiting = [role for role, actor in late.items() if not placed(actor)]
+            # a waiting actor whose ask some node has free is only slow to start (its worker process)
+            unplaced = [role for role in waiting if no_room(self.config, role)]
+            for role in waiting:  # so that the shutdown does not wait for their close()
                 ray.kill(late[role])
             starting = [role for role in late if role not in unplaced]
             raise ConfigError(not_started(self.config, unplaced, starting, timeout_s))

@@ -95,21 +95,45 @@ def placed(actor: Any) -> bool:
     return not info or info.get("State") not in ("PENDING_CREATION", "DEPENDENCIES_UNREADY")
 
 
+ROLE_SECTIONS = {"the trainer": "trainer", "trainer rank": "trainer", "rollout worker": "rollout",
+                 "reward worker": "reward"}  # fmt: skip
+
+
+def asks_of(config: AsyncFlowConfig, role: str) -> Any:
+    """The config section whose resources a role's actor ("rollout worker 1", ...) asked for
+    (None: the prompt source's 0.1 CPUs)."""
+    section = ROLE_SECTIONS.get(role.rstrip("0123456789 "))
+    return getattr(config, section) if section else None
+
+
+def no_room(config: AsyncFlowConfig, role: str) -> bool:
+    """Whether no node has free what the role's actor asks for. An actor Ray has not placed yet
+    may only be waiting for its worker process (slow on a loaded machine) while its ask fits."""
+    section = asks_of(config, role)
+    ask = section.bundle() if section is not None else {"CPU": 0.1}
+    try:
+        from ray._private.state import available_resources_per_node
+
+        nodes = list(available_resources_per_node().values())
+    except Exception:  # an internal API: if it changes, judge by the whole cluster's free resources
+        nodes = [ray.available_resources()]
+    return not any(all(node.get(k, 0.0) >= v for k, v in ask.items()) for node in nodes)
+
+
 def not_started(config: AsyncFlowConfig, unplaced: list[str], starting: list[str], timeout_s: float) -> str:
     """Why the run fails when actors did not start within timeout_s: those Ray could not place
     (roles: "the trainer", "rollout worker 1", ...) with what each asked for and what the
     cluster has free, and those placed but still starting."""
-    sections = {"the trainer": "trainer", "trainer rank": "trainer", "rollout worker": "rollout",
-                "reward worker": "reward"}  # fmt: skip
-    kinds = [role.rstrip("0123456789 ") for role in unplaced]
     asks = ", ".join(
-        f"{role} ({getattr(config, sections[k]).asks() if k in sections else '0.1 CPUs'})"
-        for role, k in zip(unplaced, kinds)
+        f"{role} ({s.asks() if (s := asks_of(config, role)) is not None else '0.1 CPUs'})"
+        for role in unplaced
     )
+    kinds = [role.rstrip("0123456789 ") for role in unplaced]
+    sections = dict.fromkeys(ROLE_SECTIONS[k] for k in kinds if k in ROLE_SECTIONS)
     fields = "; ".join(
         f"{s}.num_cpus / num_gpus / memory_gb / resources"
         + (f" or {s}.num_workers" if s != "trainer" else "")
-        for s in dict.fromkeys(sections[k] for k in kinds if k in sections)
+        for s in sections
     )
     slow = f"still starting: {', '.join(starting)}" if starting else ""
     if not unplaced:
