@@ -133,8 +133,10 @@ def test_a_role_given_a_gpu_without_cuda_fails_with_the_fix(ray_session, tmp_pat
     trainer refuses to start instead of training on the CPU while holding a GPU."""
     config = load_config(
         EXAMPLE,
+        # a small CPU ask, so that the GPU is the only thing the trainer waits for; a start timeout
+        # that ends a placement problem with a message naming what the cluster has free
         [f"output_dir={tmp_path}", f"dataplane.name=gpu-{uuid.uuid4().hex[:6]}", "task.eval_prompts=0",
-         "trainer.num_gpus=1"],
+         "trainer.num_gpus=1", "trainer.num_cpus=0.1", "start_timeout_s=120"],
     )  # fmt: skip
     with pytest.raises(ConfigError) as failed:
         train(config, display=False)
