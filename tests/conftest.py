@@ -62,8 +62,7 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        # one logical GPU (none is there): a role that asks for one is placed, then finds no CUDA
-        ray.init(address="local", num_cpus=8, num_gpus=1, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -127,24 +127,6 @@ def test_a_role_asking_for_a_resource_no_node_has_fails_the_run_naming_it(ray_se
     assert "trainer.num_cpus" not in message, message  # only the role that found no room
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="torch here has CUDA: test_the_example_trains_on_a_gpu")
-def test_a_role_given_a_gpu_without_cuda_fails_with_the_fix(ray_session, tmp_path):
-    """Ray places the trainer on the session's one logical GPU; torch here has no CUDA, so the
-    trainer refuses to start instead of training on the CPU while holding a GPU."""
-    config = load_config(
-        EXAMPLE,
-        # a small CPU ask, so that the GPU is the only thing the trainer waits for; a start timeout
-        # that ends a placement problem with a message naming what the cluster has free
-        [f"output_dir={tmp_path}", f"dataplane.name=gpu-{uuid.uuid4().hex[:6]}", "task.eval_prompts=0",
-         "trainer.num_gpus=1", "trainer.num_cpus=0.1", "start_timeout_s=120"],
-    )  # fmt: skip
-    with pytest.raises(ConfigError) as failed:
-        train(config, display=False)
-    message = str(failed.value)
-    assert "trainer.num_gpus = 1: Ray assigned this actor GPU [0]" in message, message
-    assert "finds no CUDA device" in message and "or set trainer.num_gpus: 0" in message, message
-
-
 def test_sigterm_past_its_grace_period_exits_without_a_checkpoint_and_says_so(tmp_path):
     args = [str(EXAMPLE), "--quiet"] + [
         arg for s in (f"output_dir={tmp_path}", "trainer.steps=100000", "task.eval_prompts=0",
