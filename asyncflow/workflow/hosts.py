@@ -272,7 +272,7 @@ class RolloutHost(Host):
         if c.rollout.engine == "vllm":
             return self._vllm(seed)
         if c.rollout.scheduler.policy != "off":
-            return self._scheduled(seed)
+            return self._scheduled(seed, device)
         return self.kind.engine(seed, device)  # the torch engine for tokens, a flow policy's SDE sampler
 
     @property
@@ -281,7 +281,7 @@ class RolloutHost(Host):
 
         return device_for("rollout", self.config.rollout.num_gpus)
 
-    def _scheduled(self, seed: int) -> Any:
+    def _scheduled(self, seed: int, device: str) -> Any:
         """The scheduled torch engine (rollout.scheduler): a token policy's model, weights to come."""
         from asyncflow.errors import ConfigError
         from services.serving.torch_scheduled import ScheduledTorchEngine
@@ -292,7 +292,7 @@ class RolloutHost(Host):
                 f"rollout.scheduler.policy={s.policy!r} schedules token policies; this run's policy kind is "
                 f"{type(kind).__name__}. Set rollout.scheduler.policy: off"
             )
-        model: Any = kind.model(0).to(self.device)  # a transformers model; weights from the weight store
+        model: Any = kind.model(0).to(device)  # a transformers model; weights from the weight store
         policy: Any = s.policy  # fcfs or rl here
         return ScheduledTorchEngine(
             model, eos_token_id=kind.stop_ids[0], pad_token_id=kind.tokenizer.pad_token_id,

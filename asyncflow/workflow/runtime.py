@@ -73,10 +73,11 @@ def init_ray(config: AsyncFlowConfig) -> None:
         )
 
 
-def free_cpus() -> str:
-    """The cluster's free and total CPUs (and GPUs, where it has any), as a message says them."""
+def free_cpus(asked: Iterable[str] = ()) -> str:
+    """The cluster's free and total CPUs, and of the other resources `asked` for (and GPUs, where
+    it has any), as a message says them: a GPU asked of a cluster without one shows as 0 of 0."""
     free, total = ray.available_resources(), ray.cluster_resources()
-    kinds = ["CPU", "GPU"] if total.get("GPU") else ["CPU"]
+    kinds = list(dict.fromkeys(["CPU", *(["GPU"] if total.get("GPU") else []), *asked]))
     return "the cluster has " + ", ".join(
         f"{free.get(k, 0.0):g} of its {total.get(k, 0.0):g} {k}s free" for k in kinds
     )
@@ -129,6 +130,9 @@ def not_started(config: AsyncFlowConfig, unplaced: list[str], starting: list[str
         for role in unplaced
     )
     kinds = [role.rstrip("0123456789 ") for role in unplaced]
+    asked = [
+        k for r in unplaced if (s := asks_of(config, r)) is not None for k in s.bundle() if k != "memory"
+    ]
     sections = dict.fromkeys(ROLE_SECTIONS[k] for k in kinds if k in ROLE_SECTIONS)
     fields = "; ".join(
         f"{s}.num_cpus / num_gpus / memory_gb / resources"
@@ -143,7 +147,7 @@ def not_started(config: AsyncFlowConfig, unplaced: list[str], starting: list[str
             "look at their logs"
         )
     return (
-        f"the cluster found no room within {timeout_s:.0f} s (start_timeout_s) for {asks}; {free_cpus()}"
+        f"the cluster found no room within {timeout_s:.0f} s (start_timeout_s) for {asks}; {free_cpus(asked)}"
         f"{'; ' + slow if slow else ''}. Add nodes (or let the autoscaler), or lower what they ask for: "
         f"{fields or 'the roles named'}"
     )
