@@ -57,14 +57,43 @@ def redis_url():
     shutil.rmtree(directory, ignore_errors=True)
 
 
+def start_session_ray():
+    import ray
+
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
+    _session_ray["up"] = True
+
+
+_session_ray = {"up": False}
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
+    if ray.is_initialized():  # a test started one of its own (see one_ray): not the session's
+        ray.shutdown()
+    start_session_ray()
     yield ray
+    _session_ray["up"] = False
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def one_ray():
+    """Every test that uses Ray uses the session's: a test that starts Ray itself (a benchmark's
+    main, a `train()` without `ray_session`) has its Ray shut down after it, so the fixture never
+    reuses one with other resources; one that shut the session's Ray down has it started again."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and _session_ray["up"] and not ray.is_initialized():
+        start_session_ray()
+    was_up = ray is not None and ray.is_initialized()
+    yield
+    ray = sys.modules.get("ray")
+    if ray is not None and not was_up and not _session_ray["up"] and ray.is_initialized():
+        ray.shutdown()
 
 
 @pytest.fixture(scope="session", params=["memory", "redis"])

@@ -18,7 +18,7 @@ from asyncflow.config.deploy import DeployConfig
 from asyncflow.config.env import EnvConfig
 from asyncflow.config.flow import AFMConfig, EncoderConfig, FlowConfig, PMRFConfig
 from asyncflow.config.observe import LoggingConfig
-from asyncflow.config.resources import RoleResources
+from asyncflow.config.resources import RoleResources, summed
 from asyncflow.config.rl import (
     CriticConfig,
     ModelConfig,
@@ -100,6 +100,13 @@ class AsyncFlowConfig(Section):
         le=3600,
         description="On SIGTERM (job stop, eviction, node drain) the run stops at the next step boundary "
         "with a checkpoint; after this many seconds it exits without one.",
+    )
+    placement: Literal["split", "colocated"] = Field(
+        "split",
+        description="split: Ray places each actor wherever its resources are free. colocated: trainer "
+        "rank i and rollout worker i share one placement-group bundle, so each pair runs on one node "
+        "(sharing its GPU where their num_gpus add up to 1) and weights move within the node's shared "
+        "memory; workers added later by scaling are placed freely.",
     )
     mode: Literal["async", "sync"] = Field(
         "async",
@@ -274,6 +281,16 @@ class AsyncFlowConfig(Section):
                 need[name] = need.get(name, 0.0) + amount * actors
         return need
 
+    def bundles(self) -> list[dict[str, float]]:
+        """The run's placement-group bundles (Ray's resource names): placement: colocated, bundle i
+        holds trainer rank i and rollout worker i (where each exists); split, one per trainer rank
+        when there are several (packed onto few nodes); else none."""
+        t, r = self.trainer, self.rollout
+        if self.placement == "split":
+            return [t.bundle()] * t.num_ranks if t.num_ranks > 1 else []
+        pairs = range(max(t.num_ranks, r.num_workers))
+        return [summed([t.bundle()] * (i < t.num_ranks) + [r.bundle()] * (i < r.num_workers)) for i in pairs]
+
     def _trainer_consistent(self) -> None:
         """The trainer's ranks, critic and GPUs against the rest of the run."""
         if self.policy == "flow" and self.trainer.estimator == "gae":
@@ -287,6 +304,13 @@ class AsyncFlowConfig(Section):
                 f"trainer.num_ranks = {t.num_ranks} ranks for trainer.batch_prompts = {t.batch_prompts} "
                 "groups: each rank reads whole groups from the store; raise batch_prompts or lower num_ranks"
             )
+        for bundle in self.bundles():
+            if bundle.get("GPU", 0) > 1 and bundle["GPU"] % 1:
+                raise ValueError(
+                    f"placement = 'colocated' puts trainer.num_gpus = {t.num_gpus:g} and rollout.num_gpus = "
+                    f"{self.rollout.num_gpus:g} on one bundle, {bundle['GPU']:g} GPUs: Ray gives a bundle a "
+                    "fraction of one GPU or whole GPUs; make their sum at most 1 or a whole number"
+                )
         gpus = {f"{role}.num_gpus = {s.num_gpus:g}" for role, (s, _) in self.roles().items() if s.num_gpus}
         if gpus and self.policy == "flow":
             raise ValueError(

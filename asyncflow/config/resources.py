@@ -9,6 +9,8 @@ given GPUs runs its model on CUDA (`workers.policy.device_for`). `AsyncFlowConfi
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from pydantic import Field, field_validator
 
 from asyncflow.config._base import Section
@@ -32,6 +34,16 @@ class RoleResources(Section):
         default_factory=dict, description="Custom Ray resources per actor, e.g. {H100: 1} for nodes started "
         "with `ray start --resources '{\"H100\": 8}'` (a KubeRay worker group's rayStartParams).",
     )  # fmt: skip
+
+    @field_validator("num_gpus")
+    @classmethod
+    def _whole_above_one(cls, num_gpus: float) -> float:
+        if num_gpus > 1 and num_gpus % 1:
+            raise ValueError(
+                f"num_gpus = {num_gpus:g}: Ray gives an actor a fraction of one GPU or whole GPUs; "
+                f"use at most 1, or {int(num_gpus)} or {int(num_gpus) + 1}"
+            )
+        return num_gpus
 
     @field_validator("resources")
     @classmethod
@@ -77,3 +89,20 @@ def asked_by(roles: dict[str, tuple[RoleResources, int]], resource: str) -> str:
     """The roles that ask for `resource` (Ray's name: CPU, GPU, memory, a custom one), as a
     message says them: "trainer 1 x (1 CPU, 1 GPU); rollout 2 x (0.5 CPUs, 0.5 GPUs)"."""
     return "; ".join(f"{role} {n} x ({s.asks()})" for role, (s, n) in roles.items() if resource in s.bundle())
+
+
+def summed(bundles: Iterable[dict[str, float]]) -> dict[str, float]:
+    """Bundles added up, resource by resource (what actors sharing one bundle need together)."""
+    total: dict[str, float] = {}
+    for bundle in bundles:
+        for name, amount in bundle.items():
+            total[name] = total.get(name, 0.0) + amount
+    return total
+
+
+def said(bundle: dict[str, float]) -> str:
+    """A bundle as a message says it: "1.5 CPUs, 1 GPU"."""
+    names = {"CPU": "CPU", "GPU": "GPU"}
+    parts = [f"{v:g} {names[k]}{'s' * (v != 1)}" for k, v in bundle.items() if k in names]
+    parts += [f"{v / 2**30:g} GiB" for k, v in bundle.items() if k == "memory"]
+    return ", ".join(parts + [f"{k}: {v:g}" for k, v in bundle.items() if k not in names and k != "memory"])

@@ -9,7 +9,7 @@ from typing import Any
 
 from asyncflow.config import AsyncFlowConfig
 from asyncflow.config.deploy import K8sConfig, PodConfig, WorkerGroupConfig
-from asyncflow.config.resources import asked_by
+from asyncflow.config.resources import asked_by, said
 from asyncflow.errors import ConfigError
 from asyncflow.k8s.objects import (
     CONFIG_DIR,
@@ -161,6 +161,7 @@ def check_capacity(config: AsyncFlowConfig) -> None:
             "idle while the run trains on the CPU. Give the roles that should use them GPUs "
             "(trainer.num_gpus, rollout.num_gpus), or drop those groups"
         )
+    bundles_fit(config)
     counted = "max_replicas" if k8s.autoscaling else "replicas"
     for key, amount in need.items():
         if key != "memory" and amount > offer.get(key, 0.0) + 1e-9:
@@ -169,6 +170,24 @@ def check_capacity(config: AsyncFlowConfig) -> None:
                 f"the run asks Ray for {amount:g} {key} in all ({asked}), but deploy.k8s offers "
                 f"{offer.get(key, 0.0):g} (the head's ray_cpus and each worker group's pods x {counted}). "
                 f"Raise a worker group's {counted} or its pods' {key_field(key)}, or ask for less"
+            )
+
+
+def bundles_fit(config: AsyncFlowConfig) -> None:
+    """Refuse a placement group bundle no single pod can hold (a bundle lands on one node)."""
+    k8s = config.deploy.k8s
+    pods = [{"CPU": cores(g.cpu), "GPU": float(g.gpus), **g.ray_resources} for g in k8s.worker_groups]
+    pods.append({"CPU": float(k8s.head.ray_cpus)})
+    colocated = config.placement == "colocated"
+    for bundle in config.bundles():
+        if not any(
+            all(pod.get(k, 0.0) >= v - 1e-9 for k, v in bundle.items() if k != "memory") for pod in pods
+        ):
+            raise ConfigError(
+                f"placement = {config.placement!r} puts {said(bundle)} on one node (a trainer rank"
+                f"{' and a rollout worker' * colocated}), but no pod of deploy.k8s offers that much. Raise "
+                "a worker group's cpu or gpus per pod, or ask for less"
+                + (" (trainer, rollout), or set placement: split" if colocated else " per rank")
             )
 
 

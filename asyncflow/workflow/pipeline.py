@@ -35,7 +35,16 @@ from asyncflow.workflow.hosts import (
     SourceHost,
     TrainerHost,
 )
-from asyncflow.workflow.runtime import cancel_all, free_cpus, names_free, no_room, not_started, placed
+from asyncflow.workflow.runtime import (
+    cancel_all,
+    group_found_no_room,
+    in_bundle,
+    names_free,
+    no_room,
+    not_started,
+    placed,
+    placement_group,
+)
 from asyncflow.workflow.traces import Traces
 from asyncflow.workflow.watchdog import Watchdog
 
@@ -64,7 +73,7 @@ class Pipeline:
         )
         r = config.rollout
         self.source = self._spawn(SourceHost, "source", ask={"num_cpus": 0.1}, cursor=cursor, freed=freed)
-        self.ranks_group = self._rank_bundles()
+        self.group = placement_group(config)  # trainer ranks, and rollout workers colocated with them
         self.trainers = [self._rank(i) for i in range(config.trainer.num_ranks)]
         self.trainer = self.trainers[0]  # rank 0: its step's metrics are the run's
         self.rollouts = [self._rollout(i) for i in range(r.num_workers)]
@@ -101,24 +110,8 @@ class Pipeline:
             .remote(self.config.model_dump(mode="json"), self.store.address, **kw)
         )
 
-    def _rank_bundles(self) -> Any:
-        """Several trainer ranks: one placement group, a bundle per rank, packed onto few nodes."""
-        t = self.config.trainer
-        if t.num_ranks == 1:
-            return None
-        from ray.util.placement_group import placement_group
-
-        return placement_group(
-            [t.bundle()] * t.num_ranks, strategy="PACK", name=f"{self.config.dataplane.name}.trainer"
-        )
-
     def _rank(self, rank: int) -> Any:
-        options = None
-        if self.ranks_group is not None:
-            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-            strategy = PlacementGroupSchedulingStrategy(self.ranks_group, placement_group_bundle_index=rank)
-            options = {"scheduling_strategy": strategy}
+        options = in_bundle(self.group, rank) if self.group is not None else None
         return self._spawn(
             TrainerHost, "trainer", rank, ask=self.config.trainer.ray_options(), options=options, index=rank
         )
@@ -153,9 +146,11 @@ class Pipeline:
 
     def _rollout(self, index: int) -> Any:
         r = self.config.rollout
+        paired = self.config.placement == "colocated" and index < r.num_workers  # not one added later
         return self._spawn(
-            RolloutHost, "rollout", index, ask=r.ray_options(), restarts=r.max_restarts, index=index
-        )
+            RolloutHost, "rollout", index, ask=r.ray_options(), restarts=r.max_restarts,
+            options=in_bundle(self.group, index) if paired else None, index=index,
+        )  # fmt: skip
 
     @property
     def streamers(self) -> list[Any]:
@@ -166,14 +161,13 @@ class Pipeline:
         """Wait until every worker actor is built and connected (they start in parallel) and the
         trainer ranks have joined their group; or fail after start_timeout_s, naming the laggards."""
         timeout_s = self.config.start_timeout_s
-        if self.ranks_group is not None:
-            t = self.config.trainer
-            done, _ = await asyncio.wait([asyncio.ensure_future(self.ranks_group.ready())], timeout=timeout_s)
+        if self.group is not None:
+            done, _ = await asyncio.wait([asyncio.ensure_future(self.group.ready())], timeout=timeout_s)
             if not done:
-                raise ConfigError(
-                    f"trainer.num_ranks = {t.num_ranks} ranks of {t.asks()} each found no room within "
-                    f"{timeout_s:.0f} s (start_timeout_s; {free_cpus()}); add nodes, or lower them"
-                )
+                for actor in [*self.trainers, *self.rollouts]:  # so that the shutdown does not wait for
+                    if not placed(actor):  # the close() of actors waiting for the group
+                        ray.kill(actor)
+                raise ConfigError(group_found_no_room(self.config, timeout_s))
         actors = [self.source, *self.trainers, *self.streamers]
         starts = {asyncio.ensure_future(self._ask(a.start.remote())): a for a in actors}
         done, pending = await asyncio.wait(starts, timeout=timeout_s, return_when=asyncio.FIRST_EXCEPTION)
@@ -441,8 +435,8 @@ class Pipeline:
             task.cancel()
         for actor in [*workers, self.weights]:
             ray.kill(actor)
-        if self.ranks_group is not None:
-            ray.util.remove_placement_group(self.ranks_group)
+        if self.group is not None:
+            ray.util.remove_placement_group(self.group)
         self.store.shutdown()
         await names_free(f"{self.config.dataplane.name}.")
 

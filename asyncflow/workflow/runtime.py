@@ -1,10 +1,12 @@
 """The Ray runtime a run needs: join the cluster named by RAY_ADDRESS, or start Ray here
-with enough logical CPUs for the run's actors; what to say when the cluster has no room; and
+with enough logical CPUs for the run's actors; the run's placement group (trainer ranks, and
+rollout workers colocated with them); what to say when the cluster has no room; and
 ending the driver's own loops for certain (`cancel_all`)."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import math
 import os
 from collections.abc import Iterable
@@ -13,7 +15,7 @@ from typing import Any
 import ray
 
 from asyncflow.config import AsyncFlowConfig
-from asyncflow.config.resources import asked_by
+from asyncflow.config.resources import asked_by, said
 from asyncflow.errors import ConfigError
 
 
@@ -81,6 +83,44 @@ def free_cpus(asked: Iterable[str] = ()) -> str:
     return "the cluster has " + ", ".join(
         f"{free.get(k, 0.0):g} of its {total.get(k, 0.0):g} {k}s free" for k in kinds
     )
+
+
+def placement_group(config: AsyncFlowConfig) -> Any:
+    """The run's placement group (`AsyncFlowConfig.bundles`: the trainer ranks, and the rollout
+    workers colocated with them), its bundles packed onto few nodes; None where it has none."""
+    bundles = config.bundles()
+    if not bundles:
+        return None
+    from ray.util.placement_group import placement_group as make
+
+    return make(bundles, strategy="PACK", name=f"{config.dataplane.name}.placement")
+
+
+def in_bundle(group: Any, index: int) -> dict:
+    """The actor options that place an actor in bundle `index` of `group`."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return {
+        "scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index)
+    }
+
+
+def group_found_no_room(config: AsyncFlowConfig, timeout_s: float) -> str:
+    """Why the run fails when its placement group (`AsyncFlowConfig.bundles`) was not placed in
+    time: its bundles, what the cluster has free, and the fields to change."""
+    bundles, t = config.bundles(), config.trainer
+    asked = dict.fromkeys(k for b in bundles for k in b if k != "memory")
+    if config.placement == "split":
+        what, fix = f"trainer.num_ranks = {t.num_ranks} ranks of {t.asks()} each", "add nodes, or lower them"
+    else:
+        kinds = collections.Counter(said(b) for b in bundles)
+        what = "placement = 'colocated': bundles of a trainer rank and a rollout worker together, " + (
+            ", ".join(f"{n} x ({b})" for b, n in kinds.items())
+        )
+        fix = (
+            "add nodes with room for a whole bundle, ask for less (trainer, rollout), or set placement: split"
+        )
+    return f"{what} found no room within {timeout_s:.0f} s (start_timeout_s; {free_cpus(asked)}); {fix}"
 
 
 def placed(actor: Any) -> bool:

@@ -37,15 +37,65 @@ def test_two_ranks_train_on_policy_in_sync_mode(ray_session, tmp_path, parallel)
 def test_a_killed_rank_restarts_the_run_from_its_checkpoint(ray_session, tmp_path):
     import ray
 
+    # Many more steps than can run between the checkpoint and the kill: with 10 steps, a CI run
+    # finished its last 7 steps within the second the test slept, and the kill met a run already closing.
     config = _config(
-        tmp_path, "trainer.steps=10", "task.eval_prompts=0", "trainer.num_ranks=2",
+        tmp_path, "trainer.steps=20", "task.eval_prompts=0", "trainer.num_ranks=2",
         "trainer.checkpoint_every=3", "trainer.num_cpus=0.5",
     )  # fmt: skip
     runner, result = train_in_thread(config)
     wait_for_checkpoint(tmp_path, 3)
-    time.sleep(1.0)  # into a later step
+    time.sleep(0.3)  # into a later step
     ray.kill(ray.get_actor(f"{config.dataplane.name}.trainer1", namespace="asyncflow"))
     runner.join(timeout=300)
     assert "error" not in result, result.get("error")
-    assert result["restarts"] == 1 and result["steps"] == 10
+    assert result["restarts"] == 1 and result["steps"] == 20
     assert_exactly_once(result)  # the steps after the checkpoint were trained again, from its rows
+
+
+def bundles_in_use(name: str) -> dict[int, tuple[float, float]]:
+    """Bundle index -> (free, total) CPUs of the run's placement group, as Ray accounts them."""
+    import ray
+
+    (group,) = [g for g in ray.util.placement_group_table().values() if g["name"] == f"{name}.placement"]
+    total, free = ray.cluster_resources(), ray.available_resources()
+    keys = {i: f"CPU_group_{i}_{group['placement_group_id']}" for i in group["bundles"]}
+    return {i: (free.get(key, 0.0), total.get(key, 0.0)) for i, key in keys.items()}
+
+
+def test_colocated_ranks_and_rollout_workers_share_their_bundles(ray_session, tmp_path):
+    config = _config(
+        tmp_path, "placement=colocated", "mode=sync", "trainer.steps=4", "task.eval_prompts=0",
+        "trainer.num_ranks=2", "rollout.num_workers=2", "trainer.num_cpus=0.5",
+    )  # fmt: skip
+    runner, result = train_in_thread(config)
+    seen: dict = {}
+    while runner.is_alive() and not seen:
+        try:
+            use = bundles_in_use(config.dataplane.name)
+        except ValueError:  # not made yet, or already removed
+            use = {}
+        if use and all(total > 0 and free == 0.0 for free, total in use.values()):  # placed, then taken
+            seen = use
+        time.sleep(0.05)
+    runner.join(timeout=300)
+    assert "error" not in result, result.get("error")
+    assert result["steps"] == 4
+    # rank i (0.5 CPUs) and rollout worker i (0.5) hold bundle i together, and nothing else does
+    assert seen == {0: (0.0, 1.0), 1: (0.0, 1.0)}, seen
+
+
+def test_a_colocated_pair_no_node_can_hold_is_named_with_the_fix(ray_session, tmp_path):
+    from asyncflow.errors import ConfigError
+    from asyncflow.recipes.grpo import train
+
+    config = _config(
+        tmp_path, "placement=colocated", "start_timeout_s=3", "task.eval_prompts=0",
+        "rollout.resources={sandbox: 1}",
+    )  # fmt: skip
+    with pytest.raises(ConfigError) as e:
+        train(config, display=False)
+    message = str(e.value)
+    assert "placement = 'colocated': bundles of a trainer rank and a rollout worker together, " in message
+    assert "1 x (1.5 CPUs, sandbox: 1)" in message and "0 of its 0 sandbox" in message, message
+    assert "or set placement: split" in message

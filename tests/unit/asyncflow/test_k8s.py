@@ -617,8 +617,8 @@ def _cluster_with(*groups: dict, **sets: object):
     data = yaml.safe_load((ROOT / "examples" / "cluster.yaml").read_text())
     data["deploy"]["k8s"]["worker_groups"] = list(groups)
     for path, value in sets.items():
-        section, field = path.split("__")
-        data.setdefault(section, {})[field] = value
+        section, _, field = path.rpartition("__")
+        (data.setdefault(section, {}) if section else data)[field] = value
     return parse_config(data)
 
 
@@ -642,11 +642,24 @@ GPU1 = {"name": "gpu", "cpu": "4", "replicas": 1, "gpus": 1}
             {"trainer__resources": {"H100": 1}},
             "Raise a worker group's replicas or its pods' ray_resources['H100']",
         ),  # fmt: skip
+        (
+            (CPU8, GPU1),
+            {"placement": "colocated", "rollout__num_cpus": 4},
+            "placement = 'colocated' puts 5 CPUs, 1 GPU on one node (a trainer rank and a rollout "
+            "worker), but no pod of deploy.k8s offers that much",
+        ),
     ],
 )
 def test_worker_groups_that_do_not_match_the_run_are_refused(groups, sets, expected):
     with pytest.raises(ConfigError, match=re.escape(expected)):
         k8s.render(_cluster_with(*groups, **sets))
+
+
+def test_a_colocated_pair_fits_one_pod_of_the_gpu_group():
+    config = _cluster_with(CPU8, GPU1, placement="colocated")
+    # the trainer's GPU pod holds its rollout worker too; the second worker has no rank beside it
+    assert config.bundles() == [{"CPU": 1.5, "GPU": 1.0}, {"CPU": 0.5}]
+    assert k8s.render(config)
 
 
 def test_custom_resources_reach_ray_start_and_satisfy_the_roles_that_ask():

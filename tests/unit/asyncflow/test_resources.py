@@ -58,6 +58,11 @@ def test_a_machine_without_what_the_run_asks_for_is_named_with_the_fields():
         (["rollout.resources={H100: 0}"], "resources['H100'] = 0.0; a custom resource is a positive amount"),
         (["rollout.num_gpus=-1"], "rollout.num_gpus"),
         (["trainer.num_gpus=1", "trainer.num_ranks=2"], "trainer.num_gpus = 1 with trainer.num_ranks = 2"),
+        (["rollout.num_gpus=1.5"], "num_gpus = 1.5: Ray gives an actor a fraction of one GPU or whole GPUs"),
+        (
+            ["placement=colocated", "trainer.num_gpus=1", "rollout.num_gpus=0.5"],
+            "puts trainer.num_gpus = 1 and rollout.num_gpus = 0.5 on one bundle, 1.5 GPUs",
+        ),
         (
             ["trainer.num_gpus=1", "trainer.estimator=gae", "trainer.critic={}"],
             "trainer.num_gpus = 1 with trainer.estimator = 'gae'",
@@ -94,3 +99,19 @@ def test_environment_actors_are_counted_per_rollout_worker():
     assert config.roles()["env"] == (e, 6) and "env" not in plain.roles()
     assert cpus_needed(config) == pytest.approx(cpus_needed(plain) + 6 * e.num_cpus)
     assert config.env.ray_options() == {"num_cpus": e.num_cpus}
+
+
+def test_colocated_pairs_each_trainer_rank_with_a_rollout_worker_in_one_bundle():
+    config = _sort(
+        "placement=colocated", "trainer.num_ranks=2", "rollout.num_workers=3", "trainer.num_cpus=0.5"
+    )
+    pair, alone = {"CPU": 0.5 + 0.5}, {"CPU": 0.5}
+    assert config.bundles() == [pair, pair, alone]  # the third worker has no rank beside it
+    assert config.resources_needed() == _sort("trainer.num_ranks=2", "rollout.num_workers=3",
+                                              "trainer.num_cpus=0.5").resources_needed()  # fmt: skip
+    shared = _sort(
+        "placement=colocated", "trainer.num_gpus=0.5", "rollout.num_gpus=0.5", "rollout.num_workers=2"
+    )
+    assert shared.bundles() == [{"CPU": 1.5, "GPU": 1.0}, {"CPU": 0.5, "GPU": 0.5}]  # one GPU, shared
+    assert _sort("trainer.num_ranks=2").bundles() == [{"CPU": 1.0}] * 2  # split: the ranks' own group
+    assert _sort().bundles() == []  # split, one rank: Ray places every actor freely
