@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import math
 import os
 from collections.abc import Iterable
@@ -18,31 +19,32 @@ from asyncflow.config import AsyncFlowConfig
 from asyncflow.config.resources import asked_by, said
 from asyncflow.errors import ConfigError
 
+log = logging.getLogger("asyncflow")
+
 
 def cpus_needed(config: AsyncFlowConfig) -> float:
     """Logical CPUs the run's actors reserve (Ray must offer at least this many)."""
     return config.resources_needed()["CPU"]
 
 
-def missing_here(config: AsyncFlowConfig, have: dict[str, float]) -> str:
+def missing_here(config: AsyncFlowConfig, have: dict[str, float], where: str = "this machine") -> str:
     """What the run asks for that a Ray of `have` (its total resources) cannot give, as a message
-    says it, naming the fields; "" when nothing is missing. CPUs are left out: Ray started here
-    offers as many as the run needs."""
+    says it, naming the fields; "" when nothing is missing. CPUs are left out where `where` is
+    this machine: Ray started here offers as many as the run needs."""
     short = []
     for name, amount in config.resources_needed().items():
-        if name != "CPU" and amount > have.get(name, 0.0):
+        if (name != "CPU" or where != "this machine") and amount > have.get(name, 0.0) + 1e-9:
             scale, unit = (2**30, " GiB") if name == "memory" else (1, "")
             shown = f"{amount / scale:g}{unit} {name}"
             asked = asked_by(config.roles(), name)
-            short.append(
-                f"{shown} (asked by {asked}; this machine has {have.get(name, 0.0) / scale:.3g}{unit})"
-            )
+            short.append(f"{shown} (asked by {asked}; {where} has {have.get(name, 0.0) / scale:.3g}{unit})")
     return "; ".join(short)
 
 
 def init_ray(config: AsyncFlowConfig) -> None:
     """Join RAY_ADDRESS if set, else start Ray here with enough logical CPUs for the run."""
     if ray.is_initialized():
+        warn_if_missing(config)
         return
     if os.environ.get("RAY_ADDRESS"):
         address = os.environ["RAY_ADDRESS"]
@@ -59,6 +61,7 @@ def init_ray(config: AsyncFlowConfig) -> None:
                 f"cannot join the Ray cluster at RAY_ADDRESS={address} ({e}); check the address and that "
                 "the cluster runs, or unset RAY_ADDRESS to start Ray on this machine"
             ) from None
+        warn_if_missing(config)
         return
     cpus = max(os.cpu_count() or 1, math.ceil(cpus_needed(config)))
     # Ray starts workers at niceness 15; here they are the job, not background work, and at 15
@@ -73,6 +76,18 @@ def init_ray(config: AsyncFlowConfig) -> None:
             "the CPU), or run where they exist: on a Ray cluster with such nodes (RAY_ADDRESS, or "
             "`asyncflow submit`)"
         )
+
+
+def warn_if_missing(config: AsyncFlowConfig) -> None:
+    """On a Ray this process joined, what the cluster lacks now is not refused (an autoscaler may
+    add a node), but said at once rather than after start_timeout_s."""
+    missing = missing_here(config, ray.cluster_resources(), where="the cluster")
+    if missing:
+        log.warning(
+            "the run needs %s. It waits up to start_timeout_s = %g s for nodes that have them (an "
+            "autoscaler adding some), then fails; lower those fields, or add such nodes",
+            missing, config.start_timeout_s,
+        )  # fmt: skip
 
 
 def free_cpus(asked: Iterable[str] = ()) -> str:

@@ -115,3 +115,20 @@ def test_colocated_pairs_each_trainer_rank_with_a_rollout_worker_in_one_bundle()
     assert shared.bundles() == [{"CPU": 1.5, "GPU": 1.0}, {"CPU": 0.5, "GPU": 0.5}]  # one GPU, shared
     assert _sort("trainer.num_ranks=2").bundles() == [{"CPU": 1.0}] * 2  # split: the ranks' own group
     assert _sort().bundles() == []  # split, one rank: Ray places every actor freely
+
+
+def test_joining_a_cluster_that_lacks_what_the_run_asks_for_says_so_at_once(ray_session, caplog):
+    from asyncflow.workflow.runtime import warn_if_missing
+
+    have = ray_session.cluster_resources()  # the session's Ray: 8 CPUs, no GPU
+    caplog.set_level("WARNING", logger="asyncflow")
+    warn_if_missing(_sort())
+    assert not caplog.records  # everything there
+    config = _sort("trainer.num_gpus=1", "rollout.num_workers=20")
+    warn_if_missing(config)
+    (record,) = caplog.records
+    message = record.getMessage()
+    assert "1 GPU (asked by trainer 1 x (1 CPU, 1 GPU); the cluster has 0)" in message, message
+    assert f"{cpus_needed(config):g} CPU (asked by " in message  # 20 workers' CPUs: more than it has
+    assert f"the cluster has {have['CPU']:g})" in message
+    assert "waits up to start_timeout_s = 600 s" in message
