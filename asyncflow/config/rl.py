@@ -214,6 +214,12 @@ class VLLMConfig(Section):
         description="Weights and activations. float32 matches the trainer's log-probs; bfloat16 is the "
         "GPU choice (CPUs without AVX-512 bf16 run it slower than float32).",
     )
+    tensor_parallel_size: int = Field(
+        1, ge=1, le=64, description="vLLM tensor parallelism: the model's layers split over this many "
+        "worker processes of the rollout worker's engine. On GPUs each takes one of the GPUs the rollout "
+        "worker reserves (rollout.num_gpus must equal it); on CPUs each is bound to its share of the "
+        "worker's cores (VLLM_CPU_OMP_THREADS_BIND, unless set).",
+    )  # fmt: skip
 
 
 class RolloutConfig(RoleResources):
@@ -266,6 +272,17 @@ class RolloutConfig(RoleResources):
             raise ValueError(
                 f"rollout.autocast={self.autocast!r} is for the torch engines, got engine={self.engine!r}; "
                 "with vllm set rollout.vllm.dtype instead, and leave rollout.autocast: off"
+            )
+        tp = self.vllm.tensor_parallel_size
+        if tp > 1 and self.engine != "vllm":
+            raise ValueError(
+                f"rollout.vllm.tensor_parallel_size = {tp} splits vLLM's model, but engine={self.engine!r}; "
+                "set rollout.engine: vllm, or tensor_parallel_size: 1"
+            )
+        if tp > 1 and self.num_gpus and self.num_gpus != tp:
+            raise ValueError(
+                f"rollout.vllm.tensor_parallel_size = {tp} runs a vLLM worker per GPU, but rollout.num_gpus "
+                f"= {self.num_gpus:g} GPUs are reserved per rollout worker; set rollout.num_gpus: {tp}"
             )
         if self.partial_rollout == "abort" and self.engine != "vllm":
             raise ValueError(

@@ -313,6 +313,7 @@ class RolloutHost(Host):
             VLLMEngine, eos_token_id=kind.stop_ids[0], version=-1, seed=seed,
             on_update="abort" if r.partial_rollout == "abort" else "keep",
             max_num_seqs=r.vllm.max_num_seqs, kv_cache_gib=r.vllm.kv_cache_gib, dtype=r.vllm.dtype,
+            tensor_parallel_size=r.vllm.tensor_parallel_size,
             partial_updates=self.config.trainer.trainable != "all",  # a model trained in part
             policy="rl" if r.scheduler.policy == "rl" else "fcfs",
         )  # fmt: skip

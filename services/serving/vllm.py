@@ -6,7 +6,9 @@ them, one scheduler step at a time, yielding to the event loop between steps. (v
 `AsyncLLM` always starts its engine core in a child process: ~18-30 s to start on CPU,
 and weights would cross a socket. In process it starts in ~3 s and takes weights as
 tensors.) Because the loop yields only between steps, every pause, weight update and
-close lands on a step boundary.
+close lands on a step boundary. With tensor parallelism (`tensor_parallel_size` > 1) the
+engine core stays here and the model's shards run in vLLM's worker processes, one per GPU
+(or per share of the CPU cores); weight updates reach each through collective_rpc.
 
 - Sampling: each of a request's n samples is one vLLM request (vLLM fans `n` out the same
   way); prefix caching shares the prompt's KV between them, and the requests of concurrent
@@ -100,6 +102,7 @@ class VLLMEngine:
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         partial_updates: bool = False,
         policy: Policy = "fcfs",
+        tensor_parallel_size: int = 1,
     ) -> None:
         _check_policy(policy)
         if on_update not in ("keep", "abort"):
@@ -124,7 +127,14 @@ class VLLMEngine:
         if getattr(config, "tie_word_embeddings", False) and embedding is not None:
             self._shapes.setdefault("lm_head.weight", self._shapes[embedding])  # saved once, as the embedding
         self._engine: Any = _start_vllm(
-            model_dir, dtype, seed, self._max_positions, max_num_seqs, kv_cache_gib, policy
+            model_dir,
+            dtype,
+            seed,
+            self._max_positions,
+            max_num_seqs,
+            kv_cache_gib,
+            policy,
+            tensor_parallel_size,
         )
         self.policy = policy
         self._engine.set_weight_version(str(version))
@@ -396,12 +406,16 @@ def _bound(shapes: Mapping[str, tuple[int, ...]], dtype: str) -> float:
 
 def _start_vllm(
     model_dir: Path, dtype: Literal["float32", "bfloat16", "float16"], seed: int, max_positions: int,
-    max_num_seqs: int, kv_cache_gib: float, policy: Policy,
+    max_num_seqs: int, kv_cache_gib: float, policy: Policy, tensor_parallel_size: int = 1,
 ) -> Any:  # fmt: skip
-    """vLLM's engine in this process, token ids in and out, log-probs of what it sampled from."""
+    """vLLM's engine in this process, token ids in and out, log-probs of what it sampled from;
+    with tensor parallelism its model runs in that many worker processes (vLLM's multiprocessing
+    executor), which take the weight updates through collective_rpc like the in-process one."""
     # In process, or the weights could not be handed over as tensors (see the module doc).
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never ask the hub
+    if tensor_parallel_size > 1 and not torch.cuda.is_available():
+        bind_cores(tensor_parallel_size)
     from vllm.engine.arg_utils import EngineArgs
     from vllm.v1.engine.llm_engine import LLMEngine
 
@@ -425,5 +439,25 @@ def _start_vllm(
         else None,  # per-step Prometheus bookkeeping; self.stats counts what we report
         # CPU: no compile step, start in seconds. GPU: vLLM's default torch.compile + CUDA graphs.
         enforce_eager=not torch.cuda.is_available(),
+        tensor_parallel_size=tensor_parallel_size,
+        distributed_executor_backend="mp" if tensor_parallel_size > 1 else None,  # None: in this process
     )
     return LLMEngine.from_engine_args(args)
+
+
+def bind_cores(workers: int) -> None:
+    """vLLM's CPU workers bound to this process's cores, split evenly ("0|1" for two workers on
+    two cores), unless VLLM_CPU_OMP_THREADS_BIND says otherwise (vLLM's own choice needs a NUMA
+    node per worker)."""
+    if os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < workers:
+        raise ValueError(
+            f"rollout.vllm.tensor_parallel_size = {workers} binds a vLLM worker to at least one core each, "
+            f"but this process may run on {len(cores)} ({cores}); lower it, or give the rollout worker "
+            "more cores"
+        )
+    share = len(cores) // workers
+    groups = [cores[i * share : (i + 1) * share] for i in range(workers)]
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(",".join(map(str, g)) for g in groups)

@@ -46,3 +46,23 @@ def test_async_run_with_vllm_learns_with_partial_rollout(ray_session, tmp_path):
     metrics = RunDir(summary["run_dir"]).metrics()
     assert metrics[-1]["workers"]["rollout"]["mid_call_syncs"] > 0  # weights were swapped mid-call
     assert all("mismatch_kl" in m for m in metrics)
+
+
+def test_tensor_parallel_vllm_samples_with_the_trainers_logprobs(ray_session, tmp_path):
+    """rollout.vllm.tensor_parallel_size = 2: vLLM's model split over two worker processes (here
+    each bound to one core) takes every weight update through them and samples what the trainer
+    computes; closing the run ends the workers."""
+    config = _config(
+        tmp_path, "rollout.engine=vllm", "rollout.vllm.tensor_parallel_size=2", "staleness=0",
+        "trainer.steps=3", "task.eval_prompts=0",
+    )  # fmt: skip
+    summary = train(config, display=False)
+    assert summary["steps"] == 3
+    assert_exactly_once(summary)
+    assert summary["staleness_histogram"] == {"0": 3 * 16 * 8}
+    # on-policy each step: every update reached both workers' shards, or steps 2 and 3 would sample
+    # from the weights before the trainer's last step
+    metrics = RunDir(summary["run_dir"]).metrics()
+    assert all(0 <= m["mismatch_kl"] < 1e-5 for m in metrics), [m["mismatch_kl"] for m in metrics]
+    workers = [p for p in psutil.process_iter(["cmdline"]) if "VLLM" in " ".join(p.info["cmdline"] or [])]
+    assert workers == []

@@ -58,6 +58,11 @@ def test_a_machine_without_what_the_run_asks_for_is_named_with_the_fields():
         (["rollout.resources={H100: 0}"], "resources['H100'] = 0.0; a custom resource is a positive amount"),
         (["rollout.num_gpus=-1"], "rollout.num_gpus"),
         (["trainer.num_gpus=1", "trainer.num_ranks=2"], "trainer.num_gpus = 1 with trainer.num_ranks = 2"),
+        (
+            ["rollout.engine=vllm", "rollout.vllm.tensor_parallel_size=2", "rollout.num_gpus=1"],
+            "tensor_parallel_size = 2 runs a vLLM worker per GPU, but rollout.num_gpus = 1",
+        ),
+        (["rollout.vllm.tensor_parallel_size=2"], "splits vLLM's model, but engine='torch'"),
         (["rollout.num_gpus=1.5"], "num_gpus = 1.5: Ray gives an actor a fraction of one GPU or whole GPUs"),
         (
             ["placement=colocated", "trainer.num_gpus=1", "rollout.num_gpus=0.5"],
