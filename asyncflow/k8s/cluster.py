@@ -161,7 +161,6 @@ def check_capacity(config: AsyncFlowConfig) -> None:
             "idle while the run trains on the CPU. Give the roles that should use them GPUs "
             "(trainer.num_gpus, rollout.num_gpus), or drop those groups"
         )
-    bundles_fit(config)
     counted = "max_replicas" if k8s.autoscaling else "replicas"
     for key, amount in need.items():
         if key != "memory" and amount > offer.get(key, 0.0) + 1e-9:
@@ -171,23 +170,34 @@ def check_capacity(config: AsyncFlowConfig) -> None:
                 f"{offer.get(key, 0.0):g} (the head's ray_cpus and each worker group's pods x {counted}). "
                 f"Raise a worker group's {counted} or its pods' {key_field(key)}, or ask for less"
             )
+    bundles_fit(config)
 
 
 def bundles_fit(config: AsyncFlowConfig) -> None:
-    """Refuse a placement group bundle no single pod can hold (a bundle lands on one node)."""
+    """Refuse an actor, or a placement-group bundle, that no single pod can hold (each lands on
+    one node)."""
     k8s = config.deploy.k8s
     pods = [{"CPU": cores(g.cpu), "GPU": float(g.gpus), **g.ray_resources} for g in k8s.worker_groups]
     pods.append({"CPU": float(k8s.head.ray_cpus)})
     colocated = config.placement == "colocated"
-    for bundle in config.bundles():
+    whole = [(f"one {role} actor", s.bundle(), role) for role, (s, _) in config.roles().items()]
+    pairs = " and a rollout worker" * colocated
+    whole += [
+        (
+            f"placement = {config.placement!r}: a trainer rank{pairs}",
+            b,
+            "trainer, rollout" if colocated else "trainer",
+        )
+        for b in config.bundles()
+    ]
+    for what, bundle, fields in whole:
         if not any(
             all(pod.get(k, 0.0) >= v - 1e-9 for k, v in bundle.items() if k != "memory") for pod in pods
         ):
             raise ConfigError(
-                f"placement = {config.placement!r} puts {said(bundle)} on one node (a trainer rank"
-                f"{' and a rollout worker' * colocated}), but no pod of deploy.k8s offers that much. Raise "
-                "a worker group's cpu or gpus per pod, or ask for less"
-                + (" (trainer, rollout), or set placement: split" if colocated else " per rank")
+                f"{what} needs {said(bundle)} on one node, but no pod of deploy.k8s offers that much. Raise "
+                f"a worker group's cpu or gpus per pod, or ask for less ({fields})"
+                + (", or set placement: split" if colocated and what.startswith("placement") else "")
             )
 
 

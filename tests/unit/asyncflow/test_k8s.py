@@ -645,8 +645,14 @@ GPU1 = {"name": "gpu", "cpu": "4", "replicas": 1, "gpus": 1}
         (
             (CPU8, GPU1),
             {"placement": "colocated", "rollout__num_cpus": 4},
-            "placement = 'colocated' puts 5 CPUs, 1 GPU on one node (a trainer rank and a rollout "
-            "worker), but no pod of deploy.k8s offers that much",
+            "placement = 'colocated': a trainer rank and a rollout worker needs 5 CPUs, 1 GPU on one "
+            "node, but no pod of deploy.k8s offers that much. Raise a worker group's cpu or gpus per pod, "
+            "or ask for less (trainer, rollout), or set placement: split",
+        ),
+        (
+            (CPU8, {**GPU1, "replicas": 3}),
+            {"rollout__num_gpus": 2, "rollout__num_workers": 1},  # 3 GPUs in all, but 2 on one pod
+            "one rollout actor needs 0.5 CPUs, 2 GPUs on one node, but no pod of deploy.k8s offers that much",
         ),
     ],
 )
@@ -670,7 +676,7 @@ def test_custom_resources_reach_ray_start_and_satisfy_the_roles_that_ask():
     assert gpu["rayStartParams"] == {"resources": '"{\\"H100\\": 1.0}"'}  # as KubeRay's docs write it
     assert _offered(spec)["H100"] == 1.0
     # with the autoscaler, max_replicas pods count
-    scaled = _cluster_with(CPU8, {**GPU1, "max_replicas": 2}, trainer__num_gpus=2)
+    scaled = _cluster_with(CPU8, {**GPU1, "max_replicas": 3}, rollout__num_gpus=1)  # 1 + 2 x 1 GPUs
     with pytest.raises(ConfigError, match="offers 1 "):
         k8s.render(scaled)
     data = scaled.model_dump(mode="json")
