@@ -96,7 +96,8 @@ def free_cpus(asked: Iterable[str] = ()) -> str:
     free, total = ray.available_resources(), ray.cluster_resources()
     kinds = list(dict.fromkeys(["CPU", *(["GPU"] if total.get("GPU") else []), *asked]))
     return "the cluster has " + ", ".join(
-        f"{free.get(k, 0.0):g} of its {total.get(k, 0.0):g} {k}s free" for k in kinds
+        f"{free.get(k, 0.0):g} of its {total.get(k, 0.0):g} {k}{'s' * (k in ('CPU', 'GPU'))} free"
+        for k in kinds
     )
 
 

@@ -97,5 +97,5 @@ def test_a_colocated_pair_no_node_can_hold_is_named_with_the_fix(ray_session, tm
         train(config, display=False)
     message = str(e.value)
     assert "placement = 'colocated': bundles of a trainer rank and a rollout worker together, " in message
-    assert "1 x (1.5 CPUs, sandbox: 1)" in message and "0 of its 0 sandbox" in message, message
+    assert "1 x (1.5 CPUs, sandbox: 1)" in message and "0 of its 0 sandbox free" in message, message
     assert "or set placement: split" in message
