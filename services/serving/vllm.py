@@ -104,18 +104,7 @@ class VLLMEngine:
         policy: Policy = "fcfs",
         tensor_parallel_size: int = 1,
     ) -> None:
-        _check_policy(policy)
-        if on_update not in ("keep", "abort"):
-            raise ValueError(
-                f"VLLMEngine: on_update={on_update!r}, expected 'keep' (pause, swap, resume) or 'abort' "
-                "(abort and requeue the requests in flight)"
-            )
-        model_dir = Path(model_dir)
-        if not (model_dir / "config.json").is_file():
-            raise ValueError(
-                f"VLLMEngine: {model_dir} has no config.json; pass a Hugging Face model directory "
-                "(services.models.save_model writes one)"
-            )
+        model_dir = _check_args(model_dir, on_update, policy)
         from transformers import AutoConfig
 
         # transformers maps each architecture's names (GPT-2's n_positions is max_position_embeddings)
@@ -127,15 +116,9 @@ class VLLMEngine:
         if getattr(config, "tie_word_embeddings", False) and embedding is not None:
             self._shapes.setdefault("lm_head.weight", self._shapes[embedding])  # saved once, as the embedding
         self._engine: Any = _start_vllm(
-            model_dir,
-            dtype,
-            seed,
-            self._max_positions,
-            max_num_seqs,
-            kv_cache_gib,
-            policy,
+            model_dir, dtype, seed, self._max_positions, max_num_seqs, kv_cache_gib, policy,
             tensor_parallel_size,
-        )
+        )  # fmt: skip
         self.policy = policy
         self._engine.set_weight_version(str(version))
         mapping = self._engine.collective_rpc(
@@ -388,6 +371,23 @@ def _read_tensors(model_dir: Path, names: Mapping[str, Any]) -> dict[str, torch.
         with safe_open(str(path), framework="pt") as f:
             out.update({name: f.get_tensor(name) for name in f.keys() if name in names})
     return out
+
+
+def _check_args(model_dir: str | Path, on_update: str, policy: str) -> Path:
+    """The engine's arguments checked: each wrong one named with what is expected."""
+    _check_policy(policy)
+    if on_update not in ("keep", "abort"):
+        raise ValueError(
+            f"VLLMEngine: on_update={on_update!r}, expected 'keep' (pause, swap, resume) or 'abort' "
+            "(abort and requeue the requests in flight)"
+        )
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise ValueError(
+            f"VLLMEngine: {model_dir} has no config.json; pass a Hugging Face model directory "
+            "(services.models.save_model writes one)"
+        )
+    return model_dir
 
 
 def _check_policy(policy: str) -> None:
