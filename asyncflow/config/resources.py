@@ -79,10 +79,7 @@ class RoleResources(Section):
 
     def asks(self) -> str:
         """What one actor asks for, as a message says it: "2 CPUs, 1 GPU, 16 GiB, H100: 1"."""
-        parts = [f"{self.num_cpus:g} CPU{'s' * (self.num_cpus != 1)}"]
-        parts += [f"{self.num_gpus:g} GPU{'s' * (self.num_gpus != 1)}"] if self.num_gpus else []
-        parts += [f"{self.memory_gb:g} GiB"] if self.memory_gb else []
-        return ", ".join(parts + [f"{k}: {v:g}" for k, v in self.resources.items()])
+        return said(self.bundle())
 
 
 def asked_by(roles: dict[str, tuple[RoleResources, int]], resource: str) -> str:
@@ -101,8 +98,11 @@ def summed(bundles: Iterable[dict[str, float]]) -> dict[str, float]:
 
 
 def said(bundle: dict[str, float]) -> str:
-    """A bundle as a message says it: "1.5 CPUs, 1 GPU"."""
-    names = {"CPU": "CPU", "GPU": "GPU"}
-    parts = [f"{v:g} {names[k]}{'s' * (v != 1)}" for k, v in bundle.items() if k in names]
-    parts += [f"{v / 2**30:g} GiB" for k, v in bundle.items() if k == "memory"]
-    return ", ".join(parts + [f"{k}: {v:g}" for k, v in bundle.items() if k not in names and k != "memory"])
+    """A bundle (Ray's resource names) as a message says it: "1.5 CPUs, 1 GPU, 16 GiB, H100: 1"."""
+
+    def one(name: str, amount: float) -> str:
+        if name in ("CPU", "GPU"):
+            return f"{amount:g} {name}{'s' * (amount != 1)}"
+        return f"{amount / 2**30:g} GiB" if name == "memory" else f"{name}: {amount:g}"
+
+    return ", ".join(one(name, amount) for name, amount in bundle.items())

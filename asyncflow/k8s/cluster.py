@@ -152,7 +152,7 @@ def check_capacity(config: AsyncFlowConfig) -> None:
     pods = {g.name: g.max_replicas if k8s.autoscaling else g.replicas for g in k8s.worker_groups}
     offer = {"CPU": float(k8s.head.ray_cpus)}
     for g in k8s.worker_groups:
-        for key, amount in {"CPU": cores(g.cpu), "GPU": float(g.gpus), **g.ray_resources}.items():
+        for key, amount in per_pod(g).items():
             offer[key] = offer.get(key, 0.0) + amount * pods[g.name]
     idle = [g.name for g in k8s.worker_groups if g.gpus]
     if idle and not need.get("GPU"):
@@ -170,34 +170,34 @@ def check_capacity(config: AsyncFlowConfig) -> None:
                 f"{offer.get(key, 0.0):g} (the head's ray_cpus and each worker group's pods x {counted}). "
                 f"Raise a worker group's {counted} or its pods' {key_field(key)}, or ask for less"
             )
-    bundles_fit(config)
+    each_fits_a_pod(config)
 
 
-def bundles_fit(config: AsyncFlowConfig) -> None:
+def per_pod(group: WorkerGroupConfig) -> dict[str, float]:
+    """The Ray resources one pod of a worker group offers."""
+    return {"CPU": cores(group.cpu), "GPU": float(group.gpus), **group.ray_resources}
+
+
+def each_fits_a_pod(config: AsyncFlowConfig) -> None:
     """Refuse an actor, or a placement-group bundle, that no single pod can hold (each lands on
     one node)."""
     k8s = config.deploy.k8s
-    pods = [{"CPU": cores(g.cpu), "GPU": float(g.gpus), **g.ray_resources} for g in k8s.worker_groups]
-    pods.append({"CPU": float(k8s.head.ray_cpus)})
-    colocated = config.placement == "colocated"
-    whole = [(f"one {role} actor", s.bundle(), role) for role, (s, _) in config.roles().items()]
-    pairs = " and a rollout worker" * colocated
-    whole += [
-        (
-            f"placement = {config.placement!r}: a trainer rank{pairs}",
-            b,
-            "trainer, rollout" if colocated else "trainer",
-        )
-        for b in config.bundles()
+    pods = [per_pod(g) for g in k8s.worker_groups] + [{"CPU": float(k8s.head.ray_cpus)}]
+    asks = [
+        (f"one {role} actor", s.bundle(), f"ask for less ({role})") for role, (s, _) in config.roles().items()
     ]
-    for what, bundle, fields in whole:
+    if config.placement == "colocated":  # split: a rank's bundle is the trainer's ask, checked above
+        fix = "ask for less (trainer, rollout), or set placement: split"
+        asks += [
+            ("placement = 'colocated': a trainer rank and a rollout worker", b, fix) for b in config.bundles()
+        ]
+    for what, bundle, fix in asks:
         if not any(
             all(pod.get(k, 0.0) >= v - 1e-9 for k, v in bundle.items() if k != "memory") for pod in pods
         ):
             raise ConfigError(
                 f"{what} needs {said(bundle)} on one node, but no pod of deploy.k8s offers that much. Raise "
-                f"a worker group's cpu or gpus per pod, or ask for less ({fields})"
-                + (", or set placement: split" if colocated and what.startswith("placement") else "")
+                f"a worker group's cpu or gpus per pod, or {fix}"
             )
 
 

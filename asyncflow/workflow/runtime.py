@@ -27,13 +27,15 @@ def cpus_needed(config: AsyncFlowConfig) -> float:
     return config.resources_needed()["CPU"]
 
 
-def missing_here(config: AsyncFlowConfig, have: dict[str, float], where: str = "this machine") -> str:
+def missing_here(
+    config: AsyncFlowConfig, have: dict[str, float], where: str = "this machine", cpus: bool = False
+) -> str:
     """What the run asks for that a Ray of `have` (its total resources) cannot give, as a message
-    says it, naming the fields; "" when nothing is missing. CPUs are left out where `where` is
-    this machine: Ray started here offers as many as the run needs."""
+    says it, naming the fields; "" when nothing is missing. CPUs count only with `cpus`: a Ray
+    started here offers as many as the run needs."""
     short = []
     for name, amount in config.resources_needed().items():
-        if (name != "CPU" or where != "this machine") and amount > have.get(name, 0.0) + 1e-9:
+        if (name != "CPU" or cpus) and amount > have.get(name, 0.0) + 1e-9:
             scale, unit = (2**30, " GiB") if name == "memory" else (1, "")
             shown = f"{amount / scale:g}{unit} {name}"
             asked = asked_by(config.roles(), name)
@@ -81,7 +83,7 @@ def init_ray(config: AsyncFlowConfig) -> None:
 def warn_if_missing(config: AsyncFlowConfig) -> None:
     """On a Ray this process joined, what the cluster lacks now is not refused (an autoscaler may
     add a node), but said at once rather than after start_timeout_s."""
-    missing = missing_here(config, ray.cluster_resources(), where="the cluster")
+    missing = missing_here(config, ray.cluster_resources(), where="the cluster", cpus=True)
     if missing:
         log.warning(
             "the run needs %s. It waits up to start_timeout_s = %g s for nodes that have them (an "
