@@ -132,14 +132,15 @@ class PromptSource:
         """With admit_ahead: whether rollout is short of work (fewer than backlog_rows untaken)
         and the trainer has fewer than admit_ahead batches waiting (rows it has not read whose
         every field is ready)."""
-        if self.admit_ahead is None:
+        admit_ahead = self.admit_ahead  # read once: it may be changed while the stats are awaited
+        if admit_ahead is None:
             return True
         stats = await self.store.store_stats()
         consumers = stats["partitions"].get(PARTITION, {}).get("consumers", {})
         queued = consumers.get(ROLLOUT, {}).get("pending", 0)  # admitted, not yet taken by a worker
         waiting = consumers.get(TRAINER, {}).get("ready", 0)
         batch = self.batch_prompts * self.n
-        return queued < (self.backlog_rows or batch) and waiting < self.admit_ahead * batch
+        return queued < (self.backlog_rows or batch) and waiting < admit_ahead * batch
 
     async def _wait_changed(self, watchers: Sequence[asyncio.Future], timeout_s: float | None = None) -> None:
         """Until the version or the freed slots change (or timeout_s); a watcher's error is raised here."""

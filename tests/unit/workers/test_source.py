@@ -31,7 +31,7 @@ async def store():
 
 async def settle(source: PromptSource, expect: int) -> None:
     """Wait until the source admitted `expect` prompts, then check it admits no more meanwhile."""
-    for _ in range(2000):  # up to 20 s: a loaded CI machine took more than 2 s to admit 15 prompts
+    for _ in range(2000):  # up to 20 s on a loaded machine; returns as soon as the count is reached
         if source.cursor >= expect:
             break
         await asyncio.sleep(0.01)
