@@ -14,11 +14,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
+
+if TYPE_CHECKING:  # the model classes load on first use: a role that only tokenizes never pays for them
+    from transformers import LlamaForCausalLM, PreTrainedModel
 
 __all__ = [
     "BOS_ID",
@@ -114,6 +117,8 @@ def build_model(
             f"but vLLM supports head_dim in {SUPPORTED_HEAD_DIMS}; change num_heads or hidden_size "
             f"(e.g. num_heads={max(1, hidden_size // 32)} for head_dim 32)"
         )
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     kv_heads = num_heads if num_kv_heads is None else num_kv_heads
     if kv_heads < 1 or num_heads % kv_heads:
         raise ValueError(
@@ -188,7 +193,7 @@ def build_checkpoint(
     """A tiny randomly initialised checkpoint of architecture `arch` ("llama", "qwen2" or "gpt2")
     with `tokenizer`, saved as a Hugging Face directory that transformers and vLLM load.
     `eos_token_ids` go into its generation config (a chat model's end-of-turn token)."""
-    from transformers import AutoModelForCausalLM, GenerationConfig, GPT2Config, Qwen2Config
+    from transformers import AutoModelForCausalLM, GenerationConfig, GPT2Config, LlamaConfig, Qwen2Config
 
     vocab = len(tokenizer)
     common: dict[str, Any] = {
