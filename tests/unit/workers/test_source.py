@@ -140,3 +140,28 @@ async def test_admit_ahead_pauses_admission_while_the_trainer_has_batches_waitin
     finally:
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
+
+
+async def test_admit_ahead_turned_off_while_the_stats_are_read_admits_on(store):
+    """Setting admit_ahead to None while the source awaits the store's stats (the race
+    that once ended the source's task with a TypeError) leaves it admitting up to the bound."""
+    task = SortDigits()
+    kind = TokenKind(make_tokenizer(task), ModelConfig(), RolloutConfig(n=2))
+    weights = WeightClient(WeightStore(), remote=False)
+    source = PromptSource(task, kind, store, weights, n=2, batch_prompts=3, staleness=0, admit_ahead=1)
+    read_stats = store.store_stats
+
+    async def stats_then_turn_off() -> dict:
+        stats = await read_stats()
+        source.admit_ahead = None  # lands while _wanted awaits these stats
+        return stats
+
+    store.store_stats = stats_then_turn_off
+    await weights.publish(0, {"w": torch.zeros(2)})
+    running = asyncio.ensure_future(source.run())
+    try:
+        await settle(source, 3)  # (0 + 0 + 1) x 3: the bound, reached with admit_ahead off
+        assert not running.done()
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
